@@ -1,0 +1,57 @@
+"""The command line: argument parsing and printing only; every subcommand calls one Python API function.
+
+Each subcommand lives in its own module here, exposing ``register(subparsers)``; the module imports heavy
+libraries (torch) inside its handler, so ``mobilenet cost`` never pays for them. A :class:`MobileNetError`
+(a user's mistake) becomes a one-line message on stderr and exit code 2; anything else is a bug and keeps its
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from mobilenet import __version__
+from mobilenet.errors import MobileNetError
+
+#: Subcommand modules, in the order ``mobilenet --help`` lists them. A module that is missing is skipped, so a
+#: command can be developed without breaking the others.
+COMMANDS = ("models", "cost", "demo", "train", "eval", "predict", "convert", "export", "quantize", "bench", "reproduce")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line and exit 2, as argparse does, without the usage block
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog="mobilenet", description="MobileNet V1/V2: models, costs, training and deployment.")
+    parser.add_argument("--version", action="version", version=f"mobilenet {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
+    for command in COMMANDS:
+        try:
+            module = importlib.import_module(f"mobilenet.cli.{command}_cmd")
+        except ModuleNotFoundError as error:
+            if error.name == f"mobilenet.cli.{command}_cmd":
+                continue
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except MobileNetError as error:
+        print(f"mobilenet {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mobilenet {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,20 @@
+"""``mobilenet models [PATTERN]``: the registered model names."""
+
+from __future__ import annotations
+
+import argparse
+
+from mobilenet.spec import list_models, model_config
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("models", help="list the registered model names")
+    parser.add_argument("pattern", nargs="?", default="", help="substring or glob, e.g. 'mobilenet_v2_*_224'")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    for name in list_models(args.pattern):
+        config = model_config(name)
+        print(f"{name:32s} {config.family}  alpha={config.alpha:<5g} resolution={config.resolution} {config.variant}")
+    return 0

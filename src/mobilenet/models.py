@@ -1,0 +1,137 @@
+"""Layer list -> nn.Module, the registry of named models, and the backbone API.
+
+``create_model("mobilenet_v2_1.0_224")`` builds the network the V2 paper's Table 2 describes; every channel
+count, stride and kernel comes from :func:`mobilenet.spec.build_network`, which the cost model reads too.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from torch import nn
+
+from mobilenet.errors import MobileNetError
+from mobilenet.layers import build_block
+from mobilenet.spec import FeatureInfo, ModelConfig, Network, build_network, list_models, model_config
+
+__all__ = ["Backbone", "MobileNet", "create_backbone", "create_model", "list_models", "model_from_config"]
+
+
+class MobileNet(nn.Module):
+    """A MobileNet classifier: ``features`` (the table's blocks), global average pool, dropout, ``classifier``.
+
+    The forward pass returns logits; the papers' softmax is applied at inference (``predict``), not here, so the
+    model trains with cross-entropy on logits.
+    """
+
+    def __init__(self, network: Network) -> None:
+        super().__init__()
+        self.network = network
+        self.config = network.config
+        self.name = network.name
+        self.features = nn.Sequential(*(build_block(block) for block in network.blocks))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(p=network.config.dropout)
+        fc = network.classifier
+        self.classifier = nn.Linear(fc.in_channels, fc.out_channels, bias=fc.bias)
+        init_weights(self)
+
+    @property
+    def num_features(self) -> int:
+        return self.network.features_out
+
+    @property
+    def feature_info(self) -> tuple[FeatureInfo, ...]:
+        return self.network.feature_info
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(torch.flatten(self.pool(features), 1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the classifier for fine-tuning on ``num_classes`` classes (the config is updated too)."""
+        config = ModelConfig(**{**self.config.to_dict(), "num_classes": num_classes})
+        self.network = build_network(config, name=self.name)
+        self.config = config
+        self.classifier = nn.Linear(self.num_features, num_classes)
+        nn.init.normal_(self.classifier.weight, 0.0, 0.01)
+        nn.init.zeros_(self.classifier.bias)
+
+
+def init_weights(model: nn.Module) -> None:
+    """Initialise as the reference implementations do (torchvision, timm): He normal with fan-out for convs,
+    BatchNorm weight 1 and bias 0, classifier weights normal(0, 0.01) and bias 0."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d | nn.GroupNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, 0.0, 0.01)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
+def model_from_config(config: ModelConfig, name: str = "") -> MobileNet:
+    """Build a model from a :class:`ModelConfig` (as stored in a checkpoint)."""
+    return MobileNet(build_network(config, name=name))
+
+
+def create_model(name: str, **overrides: Any) -> MobileNet:
+    """Build a registered model, e.g. ``create_model("mobilenet_v1_0.5_160", num_classes=10)``.
+
+    Overrides: ``alpha``, ``resolution``, ``num_classes``, ``dropout``, ``small_input``, ``in_channels``.
+    An unknown name raises :class:`MobileNetError` that suggests the closest registered names.
+    """
+    return model_from_config(model_config(name, **overrides), name=name)
+
+
+class Backbone(nn.Module):
+    """The ``features`` of a MobileNet returning named stage outputs, for detection and segmentation heads.
+
+    ``feature_info`` lists each output's name, channels and reduction (stride relative to the input), as timm's
+    ``features_only`` models do. Stages end at the last block before the stride doubles.
+    """
+
+    def __init__(self, model: MobileNet, out_stages: tuple[str, ...] | None = None) -> None:
+        super().__init__()
+        available = {info.name: info for info in model.feature_info}
+        wanted = tuple(available) if out_stages is None else tuple(out_stages)
+        unknown = [stage for stage in wanted if stage not in available]
+        if unknown:
+            raise MobileNetError(f"unknown stage(s) {', '.join(unknown)}; this model has {', '.join(available)}")
+        self.feature_info = tuple(available[stage] for stage in wanted)
+        last = max(info.block_index for info in self.feature_info)
+        self.features = nn.Sequential(*list(model.features.children())[: last + 1])
+        self._taps = {info.block_index: info.name for info in self.feature_info}
+
+    @property
+    def channels(self) -> dict[str, int]:
+        return {info.name: info.channels for info in self.feature_info}
+
+    @property
+    def reductions(self) -> dict[str, int]:
+        return {info.name: info.reduction for info in self.feature_info}
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        outputs: OrderedDict[str, torch.Tensor] = OrderedDict()
+        for index, block in enumerate(self.features):
+            x = block(x)
+            if index in self._taps:
+                outputs[self._taps[index]] = x
+        return outputs
+
+
+def create_backbone(name: str, out_stages: tuple[str, ...] | None = None, **overrides: Any) -> Backbone:
+    """A registered model as a backbone returning ``{"stage1": ..., "stage5": ...}`` feature maps."""
+    return Backbone(create_model(name, **overrides), out_stages=out_stages)

@@ -1,0 +1,534 @@
+"""The papers' architecture tables as data, and the one step that turns them into a list of layers.
+
+Everything downstream (the nn.Module builder in :mod:`mobilenet.models`, the analytic cost model in
+:mod:`mobilenet.cost`, the backbone's stage outputs) reads the :class:`Network` built here; nothing else works
+out a channel count, a stride or a feature-map size. This module imports nothing from torch so that
+``mobilenet cost`` answers instantly.
+
+Sources:
+- V1: Howard et al. 2017, "MobileNets", arXiv 1704.04861, Table 1 (body), Table 5 (shallow), Table 4 (Conv
+  MobileNet); channel rounding as TF-slim's ``mobilenet_v1.py`` (``max(int(d * depth_multiplier), min_depth)``).
+- V2: Sandler et al. 2018, "MobileNetV2", arXiv 1801.04381, Table 2 (rows of t, c, n, s) and Table 1 (the
+  bottleneck block); channel rounding as TF-slim's ``_make_divisible`` / torchvision's ``mobilenetv2.py``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Literal
+
+from mobilenet.errors import MobileNetError
+
+Family = Literal["v1", "v2"]
+Variant = Literal["separable", "conv", "shallow"]
+Op = Literal["conv", "depthwise", "pointwise", "fc"]
+Activation = Literal["relu", "relu6"] | None
+BlockKind = Literal["conv", "separable", "inverted_residual"]
+
+VARIANTS: tuple[str, ...] = ("separable", "conv", "shallow")
+MIN_RESOLUTION = 32
+
+# --------------------------------------------------------------------------------------------------------------
+# The papers' tables
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class V1Row:
+    """One row of the V1 paper's Table 1: a standard 3x3 conv or a depthwise separable block.
+
+    ``channels`` is the output channel count at alpha = 1 and ``stride`` the stride of the 3x3 filter (for a
+    separable block, the depthwise conv carries the stride and the pointwise conv is always stride 1).
+    """
+
+    kind: Literal["conv", "separable"]
+    channels: int
+    stride: int
+
+
+#: V1 paper, Table 1. The paper prints the last depthwise conv as "Conv dw / s2" on a 7x7 input, which would
+#: make a 4x4 map that the following 7x7 average pool cannot cover; every implementation (TF-slim, timm,
+#: Keras) uses stride 1 there, as the feature-map column of the same table implies.
+V1_TABLE1: tuple[V1Row, ...] = (
+    V1Row("conv", 32, 2),
+    V1Row("separable", 64, 1),
+    V1Row("separable", 128, 2),
+    V1Row("separable", 128, 1),
+    V1Row("separable", 256, 2),
+    V1Row("separable", 256, 1),
+    V1Row("separable", 512, 2),
+    *(V1Row("separable", 512, 1) for _ in range(5)),
+    V1Row("separable", 1024, 2),
+    V1Row("separable", 1024, 1),
+)
+
+#: Rows of Table 1 that the V1 paper's "Shallow MobileNet" (Table 5) removes: the five separable blocks at
+#: 14x14x512 (indices into :data:`V1_TABLE1`).
+V1_SHALLOW_REMOVED: tuple[int, ...] = (7, 8, 9, 10, 11)
+
+
+@dataclass(frozen=True)
+class V2Row:
+    """One row of the V2 paper's Table 2: ``n`` bottleneck blocks with expansion ``t`` and ``c`` output channels;
+    the first block of the row has stride ``s``, the others stride 1."""
+
+    t: int
+    c: int
+    n: int
+    s: int
+
+
+#: V2 paper, Table 2: the stem conv2d 3x3 with 32 channels at stride 2.
+V2_STEM_CHANNELS = 32
+#: V2 paper, Table 2: the bottleneck rows (t, c, n, s).
+V2_TABLE2: tuple[V2Row, ...] = (
+    V2Row(1, 16, 1, 1),
+    V2Row(6, 24, 2, 2),
+    V2Row(6, 32, 3, 2),
+    V2Row(6, 64, 4, 2),
+    V2Row(6, 96, 3, 1),
+    V2Row(6, 160, 3, 2),
+    V2Row(6, 320, 1, 1),
+)
+#: V2 paper, Table 2: the conv2d 1x1 to 1280 channels before the pool.
+V2_HEAD_CHANNELS = 1280
+
+# --------------------------------------------------------------------------------------------------------------
+# Channel rounding rules
+# --------------------------------------------------------------------------------------------------------------
+
+V1_MIN_DEPTH = 8
+
+
+def v1_channels(channels: int, alpha: float) -> int:
+    """V1 width multiplier (paper section 4.2): ``alpha * channels``, truncated, at least 8.
+
+    This is TF-slim's ``depth = lambda d: max(int(d * depth_multiplier), min_depth)`` with ``min_depth = 8``,
+    the rule behind the published V1 checkpoints and the paper's Table 6.
+    """
+    return max(int(channels * alpha), V1_MIN_DEPTH)
+
+
+def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
+    """Round ``value`` to the nearest multiple of ``divisor``, never losing more than 10% of it.
+
+    The rule of TF-slim's V2 (``_make_divisible``), torchvision and timm. Multiples of 8 keep vectorised kernels
+    busy on every target; rounding to the nearest multiple could lose up to half a divisor, which for small layers
+    is a large fraction of the channels (e.g. 11.2 -> 8 loses 29%), so when the rounded value is below 90% of the
+    request one more divisor is added back (11.2 -> 16).
+    """
+    floor_value = divisor if min_value is None else min_value
+    rounded = max(floor_value, int(value + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * value:
+        rounded += divisor
+    return rounded
+
+
+def v2_channels(channels: int, alpha: float) -> int:
+    """V2 width multiplier: :func:`make_divisible` of ``alpha * channels`` to a multiple of 8."""
+    return make_divisible(channels * alpha, 8)
+
+
+def v2_head_channels(alpha: float) -> int:
+    """The last 1x1 conv of V2 (1280 channels) is not narrowed for alpha < 1 (V2 paper section 6.1: "we apply
+    width multiplier to all layers except the very last convolutional layer"), and is widened for alpha > 1."""
+    return make_divisible(V2_HEAD_CHANNELS * max(1.0, alpha), 8)
+
+
+def v2_expanded_channels(in_channels: int, t: int) -> int:
+    """The hidden width of an inverted residual block: input channels times the expansion factor t."""
+    return int(round(in_channels * t))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Options
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything that defines a network: the family's table plus the options applied to it.
+
+    Attributes:
+        family: ``"v1"`` (Howard et al. 2017) or ``"v2"`` (Sandler et al. 2018).
+        alpha: width multiplier (V1 section 4.2); any finite float > 0.
+        resolution: input side in pixels (the resolution multiplier rho of V1 section 4.3 is
+            ``resolution / 224``); any int >= 32. The network runs at any size; this one sizes the cost table.
+        num_classes: classifier outputs.
+        dropout: dropout before the classifier. Defaults: V1 0.001 (TF-slim's keep_prob 0.999), V2 0.2
+            (torchvision, TF-slim).
+        variant: V1 only: ``"separable"`` (the paper's MobileNet), ``"conv"`` (Table 4's "Conv MobileNet": every
+            separable block replaced by a full 3x3 conv with the same output channels and stride) or
+            ``"shallow"`` (Table 5: without the five separable blocks at 14x14x512).
+        small_input: for 32x32 images (CIFAR): the stem conv and the first stride-2 block run at stride 1, so the
+            network's total stride is 8 instead of 32 and a 32x32 input ends on a 4x4 map instead of 1x1.
+        in_channels: image channels.
+    """
+
+    family: Family
+    alpha: float = 1.0
+    resolution: int = 224
+    num_classes: int = 1000
+    dropout: float | None = None
+    variant: Variant = "separable"
+    small_input: bool = False
+    in_channels: int = 3
+
+    def __post_init__(self) -> None:
+        if self.family not in ("v1", "v2"):
+            raise MobileNetError(f"family must be 'v1' or 'v2', got {self.family!r}")
+        alpha = self.alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha) or alpha <= 0:
+            raise MobileNetError(f"alpha (width multiplier) must be a finite number > 0, got {alpha!r}")
+        if isinstance(self.resolution, bool) or not isinstance(self.resolution, int):
+            raise MobileNetError(f"resolution must be an integer >= {MIN_RESOLUTION}, got {self.resolution!r}")
+        if self.resolution < MIN_RESOLUTION:
+            raise MobileNetError(f"resolution must be an integer >= {MIN_RESOLUTION}, got {self.resolution}")
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 1:
+            raise MobileNetError(f"num_classes must be an integer >= 1, got {self.num_classes!r}")
+        if self.dropout is None:
+            object.__setattr__(self, "dropout", 0.001 if self.family == "v1" else 0.2)
+        dropout = self.dropout
+        if not isinstance(dropout, int | float) or not math.isfinite(dropout) or not 0.0 <= dropout < 1.0:
+            raise MobileNetError(f"dropout must be a number in [0, 1), got {dropout!r}")
+        if self.variant not in VARIANTS:
+            raise MobileNetError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        if self.family == "v2" and self.variant != "separable":
+            raise MobileNetError(f"variant {self.variant!r} exists only for V1 (the V1 paper's baselines)")
+        if isinstance(self.in_channels, bool) or not isinstance(self.in_channels, int) or self.in_channels < 1:
+            raise MobileNetError(f"in_channels must be an integer >= 1, got {self.in_channels!r}")
+        object.__setattr__(self, "alpha", float(alpha))
+        object.__setattr__(self, "dropout", float(dropout))
+        object.__setattr__(self, "small_input", bool(self.small_input))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise MobileNetError(f"unknown model option(s) {', '.join(unknown)}; expected some of {sorted(known)}")
+        return cls(**data)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The layer list
+# --------------------------------------------------------------------------------------------------------------
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    """Output side of a convolution: floor((size + 2 * padding - kernel) / stride) + 1."""
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One convolution or fully connected layer, with every shape worked out.
+
+    ``name`` is the dotted path of the conv/linear module in the built network (``features.3.depthwise.conv``),
+    so a count over the module can be matched to this row. ``op`` classifies it as the V1 paper's Table 2 does:
+    a standard conv (kernel > 1, groups 1), a depthwise conv (one filter per channel), a pointwise 1x1 conv or
+    the fully connected classifier.
+    """
+
+    name: str
+    op: Op
+    in_channels: int
+    out_channels: int
+    kernel: int
+    stride: int
+    groups: int
+    in_size: tuple[int, int]
+    out_size: tuple[int, int]
+    batchnorm: bool
+    activation: Activation
+    bias: bool
+
+    @property
+    def padding(self) -> int:
+        return self.kernel // 2
+
+
+@dataclass(frozen=True)
+class Block:
+    """A unit of the network's ``features``: a conv-BN-activation, a V1 depthwise separable block, or a V2
+    inverted residual block (with a shortcut only where stride is 1 and input channels equal output channels)."""
+
+    name: str
+    kind: BlockKind
+    layers: tuple[Layer, ...]
+    residual: bool = False
+    label: str = ""
+
+    @property
+    def in_channels(self) -> int:
+        return self.layers[0].in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.layers[-1].out_channels
+
+    @property
+    def stride(self) -> int:
+        return math.prod(layer.stride for layer in self.layers)
+
+    @property
+    def in_size(self) -> tuple[int, int]:
+        return self.layers[0].in_size
+
+    @property
+    def out_size(self) -> tuple[int, int]:
+        return self.layers[-1].out_size
+
+
+@dataclass(frozen=True)
+class FeatureInfo:
+    """One stage output of the backbone: the last block before the stride doubles (as timm's ``feature_info``)."""
+
+    name: str
+    block_index: int
+    channels: int
+    reduction: int
+
+
+@dataclass(frozen=True)
+class Network:
+    """A network as a list of blocks plus the pool and classifier: the single source of every shape."""
+
+    config: ModelConfig
+    blocks: tuple[Block, ...]
+    classifier: Layer
+    name: str = ""
+    features_out: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "features_out", self.blocks[-1].out_channels)
+
+    @property
+    def layers(self) -> tuple[Layer, ...]:
+        """Every conv and fully connected layer, in execution order."""
+        return (*(layer for block in self.blocks for layer in block.layers), self.classifier)
+
+    @property
+    def pool_size(self) -> tuple[int, int]:
+        """The feature map that the global average pool covers (7x7 at 224 for the papers' networks)."""
+        return self.blocks[-1].out_size
+
+    @property
+    def total_stride(self) -> int:
+        return math.prod(block.stride for block in self.blocks)
+
+    @property
+    def feature_info(self) -> tuple[FeatureInfo, ...]:
+        """The backbone's stage outputs: the last block at each total stride (reductions 2, 4, 8, 16, 32, or
+        fewer with ``small_input``), named ``stage{k}`` by increasing reduction."""
+        infos: list[FeatureInfo] = []
+        reduction = 1
+        for index, block in enumerate(self.blocks):
+            reduction *= block.stride
+            following = self.blocks[index + 1] if index + 1 < len(self.blocks) else None
+            if following is None or following.stride > 1:
+                infos.append(FeatureInfo(f"stage{len(infos) + 1}", index, block.out_channels, reduction))
+        return tuple(infos)
+
+
+def _conv_layer(
+    name: str,
+    op: Op,
+    in_channels: int,
+    out_channels: int,
+    kernel: int,
+    stride: int,
+    size: tuple[int, int],
+    activation: Activation,
+) -> Layer:
+    groups = in_channels if op == "depthwise" else 1
+    if op == "depthwise" and out_channels != in_channels:
+        raise AssertionError("a depthwise conv keeps the channel count")
+    padding = kernel // 2
+    out_size = (
+        conv_output_size(size[0], kernel, stride, padding),
+        conv_output_size(size[1], kernel, stride, padding),
+    )
+    return Layer(
+        name=f"{name}.conv",
+        op=op,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        kernel=kernel,
+        stride=stride,
+        groups=groups,
+        in_size=size,
+        out_size=out_size,
+        batchnorm=True,
+        activation=activation,
+        bias=False,
+    )
+
+
+def _strides_with_small_input(strides: list[int], small_input: bool) -> list[int]:
+    """Drop the first two stride-2 steps (the stem's and the first body block's) for 32x32 inputs, as the common
+    CIFAR adaptations of MobileNet do, so the total stride goes from 32 to 8."""
+    if not small_input:
+        return strides
+    strides = list(strides)
+    removed = 0
+    for index, stride in enumerate(strides):
+        if stride > 1 and removed < 2:
+            strides[index] = 1
+            removed += 1
+    return strides
+
+
+def _build_v1(config: ModelConfig) -> tuple[Block, ...]:
+    rows = [
+        row for index, row in enumerate(V1_TABLE1) if not (config.variant == "shallow" and index in V1_SHALLOW_REMOVED)
+    ]
+    strides = _strides_with_small_input([row.stride for row in rows], config.small_input)
+    blocks: list[Block] = []
+    channels = config.in_channels
+    size = (config.resolution, config.resolution)
+    for index, (row, stride) in enumerate(zip(rows, strides, strict=True)):
+        name = f"features.{index}"
+        out_channels = v1_channels(row.channels, config.alpha)
+        if row.kind == "conv" or config.variant == "conv":
+            layer = _conv_layer(name, "conv", channels, out_channels, 3, stride, size, "relu")
+            label = f"Conv / s{stride}" if row.kind == "conv" else f"Conv (for dw+pw) / s{stride}"
+            blocks.append(Block(name, "conv", (layer,), label=label))
+        else:
+            depthwise = _conv_layer(f"{name}.depthwise", "depthwise", channels, channels, 3, stride, size, "relu")
+            pointwise = _conv_layer(
+                f"{name}.pointwise", "pointwise", channels, out_channels, 1, 1, depthwise.out_size, "relu"
+            )
+            blocks.append(Block(name, "separable", (depthwise, pointwise), label=f"Conv dw / s{stride} + Conv 1x1"))
+        channels = out_channels
+        size = blocks[-1].out_size
+    return tuple(blocks)
+
+
+def _build_v2(config: ModelConfig) -> tuple[Block, ...]:
+    # One stride per unit of Table 2 (the stem, each bottleneck, the 1x1 head) so small_input can edit them.
+    strides = [2]
+    for row in V2_TABLE2:
+        strides += [row.s] + [1] * (row.n - 1)
+    strides.append(1)
+    strides = _strides_with_small_input(strides, config.small_input)
+
+    size = (config.resolution, config.resolution)
+    stem_channels = v2_channels(V2_STEM_CHANNELS, config.alpha)
+    stem = _conv_layer("features.0", "conv", config.in_channels, stem_channels, 3, strides[0], size, "relu6")
+    blocks: list[Block] = [Block("features.0", "conv", (stem,), label=f"conv2d 3x3 / s{strides[0]}")]
+    channels, size = stem_channels, stem.out_size
+    unit = 1
+    for row in V2_TABLE2:
+        out_channels = v2_channels(row.c, config.alpha)
+        for _ in range(row.n):
+            stride = strides[unit]
+            name = f"features.{unit}"
+            hidden = v2_expanded_channels(channels, row.t)
+            layers: list[Layer] = []
+            if row.t != 1:
+                layers.append(_conv_layer(f"{name}.expand", "pointwise", channels, hidden, 1, 1, size, "relu6"))
+            layers.append(_conv_layer(f"{name}.depthwise", "depthwise", hidden, hidden, 3, stride, size, "relu6"))
+            layers.append(
+                _conv_layer(f"{name}.project", "pointwise", hidden, out_channels, 1, 1, layers[-1].out_size, None)
+            )
+            residual = stride == 1 and channels == out_channels
+            label = f"bottleneck t={row.t} / s{stride}" + (" + shortcut" if residual else "")
+            blocks.append(Block(name, "inverted_residual", tuple(layers), residual=residual, label=label))
+            channels, size = out_channels, layers[-1].out_size
+            unit += 1
+    head_channels = v2_head_channels(config.alpha)
+    name = f"features.{unit}"
+    head = _conv_layer(name, "pointwise", channels, head_channels, 1, strides[unit], size, "relu6")
+    blocks.append(Block(name, "conv", (head,), label="conv2d 1x1"))
+    return tuple(blocks)
+
+
+def build_network(config: ModelConfig, name: str = "") -> Network:
+    """Turn a :class:`ModelConfig` into the full list of layers (V1 Table 1 or V2 Table 2 with its options)."""
+    blocks = _build_v1(config) if config.family == "v1" else _build_v2(config)
+    features = blocks[-1].out_channels
+    classifier = Layer(
+        name="classifier",
+        op="fc",
+        in_channels=features,
+        out_channels=config.num_classes,
+        kernel=1,
+        stride=1,
+        groups=1,
+        in_size=(1, 1),
+        out_size=(1, 1),
+        batchnorm=False,
+        activation=None,
+        bias=True,
+    )
+    return Network(config=config, blocks=blocks, classifier=classifier, name=name)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The registry of named models
+# --------------------------------------------------------------------------------------------------------------
+
+V1_ALPHAS = (1.0, 0.75, 0.5, 0.25)
+V1_RESOLUTIONS = (224, 192, 160, 128)
+V2_ALPHAS = (1.4, 1.3, 1.0, 0.75, 0.5, 0.35)
+V2_RESOLUTIONS = (224, 192, 160, 128, 96)
+
+
+def _registry() -> dict[str, ModelConfig]:
+    models: dict[str, ModelConfig] = {}
+    for alpha in V1_ALPHAS:
+        for resolution in V1_RESOLUTIONS:
+            models[f"mobilenet_v1_{alpha}_{resolution}"] = ModelConfig("v1", alpha, resolution)
+        for variant in ("conv", "shallow"):
+            models[f"mobilenet_v1_{variant}_{alpha}_224"] = ModelConfig("v1", alpha, 224, variant=variant)
+    for alpha in V2_ALPHAS:
+        for resolution in V2_RESOLUTIONS:
+            models[f"mobilenet_v2_{alpha}_{resolution}"] = ModelConfig("v2", alpha, resolution)
+    return models
+
+
+MODELS: dict[str, ModelConfig] = _registry()
+
+
+def list_models(pattern: str = "") -> list[str]:
+    """The registered model names, optionally those containing ``pattern`` or matching it as a glob."""
+    names = list(MODELS)
+    if not pattern:
+        return names
+    if any(char in pattern for char in "*?["):
+        regex = re.compile(
+            "^"
+            + re.escape(pattern).replace(r"\*", ".*").replace(r"\?", ".").replace(r"\[", "[").replace(r"\]", "]")
+            + "$"
+        )
+        return [name for name in names if regex.match(name)]
+    return [name for name in names if pattern in name]
+
+
+OVERRIDABLE = ("alpha", "resolution", "num_classes", "dropout", "small_input", "in_channels")
+
+
+def model_config(name: str, **overrides: Any) -> ModelConfig:
+    """The :class:`ModelConfig` of a registered name, with options replaced (any alpha or resolution, a new
+    num_classes, ...). An unknown name raises :class:`MobileNetError` that suggests the closest names."""
+    if name not in MODELS:
+        close = difflib.get_close_matches(name, MODELS, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; `mobilenet models` lists them"
+        raise MobileNetError(f"unknown model {name!r}{hint}")
+    bad = sorted(set(overrides) - set(OVERRIDABLE))
+    if bad:
+        raise MobileNetError(f"cannot override {', '.join(bad)}; options that can be set: {', '.join(OVERRIDABLE)}")
+    given = {key: value for key, value in overrides.items() if value is not None}
+    return replace(MODELS[name], **given)
+
+
+def network_for(name: str, **overrides: Any) -> Network:
+    """The layer list of a registered model with options replaced."""
+    return build_network(model_config(name, **overrides), name=name)

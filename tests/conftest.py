@@ -1,0 +1,23 @@
+"""Shared test helpers: where the real CIFAR-10 lives (../shared/data/cifar10 or $MOBILENET_CIFAR10)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def cifar10_root() -> Path | None:
+    candidate = Path(os.environ.get("MOBILENET_CIFAR10", PROJECT_ROOT.parent / "shared" / "data" / "cifar10"))
+    return candidate if (candidate / "train").is_dir() and (candidate / "test").is_dir() else None
+
+
+@pytest.fixture
+def cifar10() -> Path:
+    root = cifar10_root()
+    if root is None:
+        pytest.skip("real CIFAR-10 not found at ../shared/data/cifar10 (set MOBILENET_CIFAR10 to point elsewhere)")
+    return root
