@@ -140,7 +140,7 @@ def v2_head_channels(alpha: float) -> int:
 
 def v2_expanded_channels(in_channels: int, t: int) -> int:
     """The hidden width of an inverted residual block: input channels times the expansion factor t."""
-    return int(round(in_channels * t))
+    return in_channels * t
 
 
 # --------------------------------------------------------------------------------------------------------------
