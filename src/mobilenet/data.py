@@ -1,0 +1,637 @@
+"""Data: where images come from, how they are transformed, and the preprocessing a checkpoint carries.
+
+Sources (:func:`load_data`):
+
+- an ImageFolder directory: ``DIR/train/<class>/*`` with ``DIR/val/`` or ``DIR/test/`` beside it, or a single
+  ``DIR/<class>/*`` tree split into train and validation by a seeded fraction;
+- ``cifar10`` / ``cifar100``: the real CIFAR-10 JPEG tree (``$MOBILENET_CIFAR10`` or ``../shared/data/cifar10``)
+  when present, otherwise torchvision's dataset (downloaded when the network is there; otherwise a clear error
+  that says where to put the files);
+- ``digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 real scans, Alpaydin & Kaynak 1998, UCI), no
+  download, upsampled to the model's resolution; the demo and the tests use it.
+
+Transforms (torchvision.transforms.v2) are chosen by resolution, as the papers and the CIFAR literature do:
+
+- "imagenet" style (input > 64 px): training uses RandomResizedCrop + horizontal flip (the Inception-style
+  augmentation the V1 paper says it trained with, "less data augmentation" aside); evaluation resizes the short
+  side to ``round(input / 0.875)`` and center-crops ``input`` (the 87.5% central crop of the TF-slim and
+  torchvision evaluation of MobileNets);
+- "small" style (input <= 64 px, e.g. CIFAR at 32x32): training pads by 1/8 of the side, randomly crops back and
+  flips (He et al. 2016's CIFAR augmentation); evaluation only resizes to ``input`` (a no-op for CIFAR).
+
+The :class:`Preprocessing` record (size, resize, mean, std, interpolation, style) is stored in every checkpoint, so
+``predict``/``eval``/``export`` apply exactly what training used.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch.utils.data import Dataset
+
+from mobilenet.errors import MobileNetError
+
+__all__ = [
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "IMAGE_EXTENSIONS",
+    "DataBundle",
+    "ImageFolderDataset",
+    "Preprocessing",
+    "TensorImageDataset",
+    "TransformedDataset",
+    "build_eval_transform",
+    "build_train_transform",
+    "cifar10_folder",
+    "load_data",
+    "load_digits",
+    "style_for_resolution",
+]
+
+Style = Literal["imagenet", "small"]
+OnBadImage = Literal["skip", "error"]
+
+#: ImageNet channel statistics (RGB, 0-1 scale), as used by torchvision and timm for every ImageNet model.
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+#: CIFAR-10 training-set channel statistics (RGB, 0-1 scale), the values the CIFAR literature uses.
+CIFAR10_MEAN: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
+#: CIFAR-100 training-set channel statistics.
+CIFAR100_MEAN: tuple[float, float, float] = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD: tuple[float, float, float] = (0.2673, 0.2564, 0.2762)
+
+#: Images at or below this side use the small-image style (pad-and-crop); above it, the ImageNet style.
+SMALL_IMAGE_MAX = 64
+#: The central crop fraction of ImageNet evaluation (TF-slim ``central_fraction=0.875``, torchvision 224/256).
+CROP_FRACTION = 0.875
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+
+
+def style_for_resolution(input_size: int) -> Style:
+    """ "small" for inputs of at most 64 px (CIFAR-like), "imagenet" above."""
+    return "small" if input_size <= SMALL_IMAGE_MAX else "imagenet"
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What turns an image into the model's input: stored with the checkpoint (key ``"preprocessing"``).
+
+    ``input_size``: the square side the model sees. ``resize_size``: the short side is resized to this before the
+    center crop at evaluation (``round(input_size / 0.875)`` for ImageNet style, ``input_size`` for small images).
+    ``mean``/``std``: per-channel normalisation on the 0-1 scale. ``interpolation``: the resize filter.
+    ``style``: "imagenet" or "small" (which training augmentation produced the weights).
+    """
+
+    input_size: int
+    resize_size: int
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    interpolation: str = "bilinear"
+    style: Style = "imagenet"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.input_size, int) or isinstance(self.input_size, bool) or self.input_size < 1:
+            raise MobileNetError(f"preprocessing input_size must be a positive integer, got {self.input_size!r}")
+        if not isinstance(self.resize_size, int) or isinstance(self.resize_size, bool) or self.resize_size < 1:
+            raise MobileNetError(f"preprocessing resize_size must be a positive integer, got {self.resize_size!r}")
+        if self.resize_size < self.input_size:
+            raise MobileNetError(
+                f"preprocessing resize_size ({self.resize_size}) must be at least input_size ({self.input_size}): "
+                "the center crop cannot be larger than the resized image"
+            )
+        for key in ("mean", "std"):
+            values = getattr(self, key)
+            try:
+                values = tuple(float(v) for v in values)
+            except (TypeError, ValueError):
+                raise MobileNetError(f"preprocessing {key} must be a list of numbers, got {values!r}") from None
+            if len(values) not in (1, 3) or not all(math.isfinite(v) for v in values):
+                raise MobileNetError(f"preprocessing {key} must be 1 or 3 finite numbers, got {list(values)}")
+            if key == "std" and any(v <= 0 for v in values):
+                raise MobileNetError(f"preprocessing std must be positive, got {list(values)}")
+            object.__setattr__(self, key, values)
+        if self.interpolation not in INTERPOLATIONS:
+            raise MobileNetError(
+                f"preprocessing interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}"
+            )
+        if self.style not in ("imagenet", "small"):
+            raise MobileNetError(f"preprocessing style must be 'imagenet' or 'small', got {self.style!r}")
+
+    @classmethod
+    def for_resolution(
+        cls,
+        input_size: int,
+        *,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        style: Style | None = None,
+    ) -> Preprocessing:
+        """The default preprocessing for a model input of ``input_size`` px (style chosen by resolution)."""
+        style = style or style_for_resolution(input_size)
+        resize = round(input_size / CROP_FRACTION) if style == "imagenet" else input_size
+        return cls(
+            input_size=input_size,
+            resize_size=resize,
+            mean=tuple(mean) if mean is not None else IMAGENET_MEAN,
+            std=tuple(std) if std is not None else IMAGENET_STD,
+            style=style,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["mean"] = list(self.mean)
+        data["std"] = list(self.std)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
+        if not isinstance(data, dict):
+            raise MobileNetError(f"preprocessing must be a JSON object, got {type(data).__name__}")
+        known = {"input_size", "resize_size", "mean", "std", "interpolation", "style"}
+        missing = {"input_size", "resize_size"} - set(data)
+        if missing:
+            raise MobileNetError(
+                f"preprocessing is missing {', '.join(sorted(missing))}; expected keys {sorted(known)}"
+            )
+        unknown = set(data) - known
+        if unknown:
+            raise MobileNetError(f"preprocessing has unknown key(s) {sorted(unknown)}; expected {sorted(known)}")
+        return cls(**data)
+
+
+def _as_preprocessing(preprocessing: Preprocessing | dict[str, Any]) -> Preprocessing:
+    return preprocessing if isinstance(preprocessing, Preprocessing) else Preprocessing.from_dict(preprocessing)
+
+
+def _interpolation(name: str) -> Any:
+    from torchvision.transforms import InterpolationMode
+
+    return InterpolationMode(name)
+
+
+def _normalize_tail(p: Preprocessing) -> list[Any]:
+    from torchvision.transforms import v2
+
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(p.mean), std=list(p.std)), v2.ToPureTensor()]
+
+
+def build_eval_transform(preprocessing: Preprocessing | dict[str, Any]) -> Callable[[Any], torch.Tensor]:
+    """The evaluation transform: uint8 CHW tensor (or PIL image) -> normalised float32 CHW tensor.
+
+    Resize the short side to ``resize_size``, center-crop ``input_size``, scale to 0-1, normalise. For ImageNet
+    style that is the 87.5% central crop the MobileNet papers' numbers are measured with (TF-slim's
+    ``preprocess_for_eval``; torchvision's ``ImageClassification`` with resize 256 / crop 224).
+    """
+    from torchvision.transforms import v2
+
+    p = _as_preprocessing(preprocessing)
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(p.resize_size, interpolation=_interpolation(p.interpolation), antialias=True),
+            v2.CenterCrop(p.input_size),
+            *_normalize_tail(p),
+        ]
+    )
+
+
+def build_train_transform(
+    preprocessing: Preprocessing | dict[str, Any],
+    *,
+    flip: bool = True,
+    scale: tuple[float, float] = (0.08, 1.0),
+) -> Callable[[Any], torch.Tensor]:
+    """The training transform for the preprocessing's style (uint8 CHW tensor or PIL -> float32 CHW tensor).
+
+    - "imagenet": RandomResizedCrop(input, scale) + horizontal flip. ``scale`` defaults to Inception's
+      (0.08, 1); the V1 paper notes small models overfit less and need "less data augmentation", so a larger lower
+      bound (e.g. 0.25 or 0.35 for the smallest widths, as timm's recipes do) is a reasonable override.
+    - "small": resize to input (no-op for CIFAR), pad by input/8 with reflection, random crop, horizontal flip
+      (He et al. 2016, section 4.2: "4 pixels are padded on each side, and a 32x32 crop is randomly sampled").
+    """
+    from torchvision.transforms import v2
+
+    p = _as_preprocessing(preprocessing)
+    steps: list[Any] = [v2.ToImage()]
+    if p.style == "imagenet":
+        steps.append(
+            v2.RandomResizedCrop(
+                p.input_size, scale=scale, interpolation=_interpolation(p.interpolation), antialias=True
+            )
+        )
+    else:
+        steps += [
+            v2.Resize(p.input_size, interpolation=_interpolation(p.interpolation), antialias=True),
+            v2.CenterCrop(p.input_size),
+            v2.RandomCrop(p.input_size, padding=max(1, p.input_size // 8), padding_mode="reflect"),
+        ]
+    if flip:
+        steps.append(v2.RandomHorizontalFlip())
+    return v2.Compose([*steps, *_normalize_tail(p)])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Datasets
+# --------------------------------------------------------------------------------------------------------------
+
+
+class TensorImageDataset(Dataset):
+    """Images held in memory as one uint8 tensor ``N x C x H x W`` with integer labels."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: Sequence[str]) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"images must be uint8 NCHW, got {images.dtype} {tuple(images.shape)}")
+        self.images = images
+        self.labels = labels.long()
+        self.classes = list(classes)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.labels[index])
+
+    @property
+    def targets(self) -> list[int]:
+        return self.labels.tolist()
+
+
+class BadImageError(MobileNetError):
+    """An image file could not be decoded (corrupt, truncated, or not an image)."""
+
+
+def decode_image_file(path: Path) -> torch.Tensor:
+    """Decode an image file to a uint8 RGB CHW tensor; a corrupt or truncated file raises :class:`BadImageError`."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    try:
+        data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+        if data.numel() == 0:
+            raise RuntimeError("the file is empty")
+        return decode_image(data, mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError, OSError) as error:
+        # libjpeg/libpng report truncation as RuntimeError; the message is the library's own reason.
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise BadImageError(
+            f"cannot decode image {path}: {reason}; fix or remove the file, or pass --on-bad-image skip"
+        ) from None
+
+
+class ImageFolderDataset(Dataset):
+    """``root/<class>/<image>`` files, decoded with torchvision.io (no PIL needed), as uint8 RGB CHW tensors.
+
+    ``on_bad_image="error"`` raises :class:`BadImageError` naming the file; ``"skip"`` drops the file (it is
+    recorded in ``bad_files``) and returns the next good image, so one bad file does not stop a long run.
+    ``in_memory=True`` decodes everything once (with a progress bar): worth it for small images such as CIFAR,
+    where decoding each epoch costs more than the model on 2 cores.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        classes: Sequence[str] | None = None,
+        on_bad_image: OnBadImage = "error",
+        in_memory: bool = False,
+        files: Sequence[tuple[Path, int]] | None = None,
+    ) -> None:
+        if on_bad_image not in ("skip", "error"):
+            raise MobileNetError(f"on_bad_image must be 'skip' or 'error', got {on_bad_image!r}")
+        self.root = Path(root)
+        self.on_bad_image = on_bad_image
+        self.bad_files: list[Path] = []
+        found = scan_class_folders(self.root)
+        if classes is not None and list(classes) != list(found):
+            raise MobileNetError(_class_mismatch_message(self.root, list(classes), list(found)))
+        self.classes = list(found)
+        self.samples: list[tuple[Path, int]] = (
+            list(files)
+            if files is not None
+            else [(path, label) for label, name in enumerate(self.classes) for path in found[name]]
+        )
+        self._cache: list[torch.Tensor | None] | None = None
+        if in_memory:
+            self._load_all()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def targets(self) -> list[int]:
+        return [label for _, label in self.samples]
+
+    def subset(self, indices: Sequence[int]) -> ImageFolderDataset:
+        clone = ImageFolderDataset.__new__(ImageFolderDataset)
+        clone.root, clone.on_bad_image, clone.bad_files, clone.classes = (
+            self.root,
+            self.on_bad_image,
+            self.bad_files,
+            self.classes,
+        )
+        clone.samples = [self.samples[i] for i in indices]
+        clone._cache = None if self._cache is None else [self._cache[i] for i in indices]
+        return clone
+
+    def _load_all(self) -> None:
+        from rich.progress import Progress
+
+        cache: list[torch.Tensor | None] = []
+        with Progress(*_progress_columns(), transient=True) as progress:
+            task = progress.add_task(f"decoding {self.root}", total=len(self.samples))
+            for path, _ in self.samples:
+                cache.append(self._decode(path))
+                progress.advance(task)
+        self._cache = cache
+
+    def _decode(self, path: Path) -> torch.Tensor | None:
+        try:
+            return decode_image_file(path)
+        except BadImageError:
+            if self.on_bad_image == "error":
+                raise
+            self.bad_files.append(path)
+            return None
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        # With "skip", a bad file is replaced by the next good one so batch shapes stay fixed.
+        for offset in range(len(self.samples)):
+            i = (index + offset) % len(self.samples)
+            path, label = self.samples[i]
+            image = self._cache[i] if self._cache is not None else self._decode(path)
+            if image is not None:
+                return image, label
+        raise MobileNetError(f"no image under {self.root} could be decoded; expected JPEG/PNG files")
+
+
+def _progress_columns() -> list[Any]:
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+    return [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+
+
+def scan_class_folders(root: Path) -> dict[str, list[Path]]:
+    """``{class name: sorted image paths}`` for ``root/<class>/*``; raises a clear error for every way it can fail."""
+    if not root.exists():
+        raise MobileNetError(f"data directory {root} does not exist; expected a folder of class sub-folders")
+    if not root.is_dir():
+        raise MobileNetError(f"data path {root} is not a directory; expected a folder of class sub-folders")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        if any(root.iterdir()):
+            raise MobileNetError(
+                f"no class folders in {root}; expected one sub-folder per class, e.g. {root}/cat/*.jpg"
+            )
+        raise MobileNetError(
+            f"data directory {root} is empty; expected one sub-folder per class, e.g. {root}/cat/*.jpg"
+        )
+    found: dict[str, list[Path]] = {}
+    for class_dir in class_dirs:
+        files = sorted(p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise MobileNetError(
+                f"class folder {class_dir} has no images; expected files ending in {', '.join(IMAGE_EXTENSIONS[:4])}..."
+            )
+        found[class_dir.name] = files
+    if len(found) < 2:
+        raise MobileNetError(f"{root} has only one class folder ({class_dirs[0].name}); a classifier needs at least 2")
+    return found
+
+
+def _class_mismatch_message(root: Path, expected: list[str], found: list[str]) -> str:
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    parts = []
+    if missing:
+        parts.append(f"missing {', '.join(missing)}")
+    if extra:
+        parts.append(f"extra {', '.join(extra)}")
+    return (
+        f"the classes in {root} differ from the training classes ({'; '.join(parts) or 'different order'}); "
+        f"expected exactly: {', '.join(expected)}"
+    )
+
+
+class TransformedDataset(Dataset):
+    """A dataset of ``(uint8 image, label)`` with a transform applied to the image."""
+
+    def __init__(self, base: Dataset, transform: Callable[[Any], torch.Tensor]) -> None:
+        self.base = base
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.base[index]
+        return self.transform(image), label
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sources
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataBundle:
+    """What :func:`load_data` returns: raw (uint8) train and validation sets, class names, and statistics.
+
+    ``train``/``val`` yield uint8 CHW tensors; :meth:`preprocessing` picks the transforms' parameters for a model
+    input size, and :meth:`train_dataset`/:meth:`val_dataset` wrap the sets with the transforms.
+    """
+
+    name: str
+    train: Dataset
+    val: Dataset
+    classes: list[str]
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    native_size: int | None = None  # the images' own side when all are the same (32 for CIFAR)
+    val_name: str = "val"
+    notes: list[str] = field(default_factory=list)
+
+    def preprocessing(self, input_size: int) -> Preprocessing:
+        return Preprocessing.for_resolution(input_size, mean=self.mean, std=self.std)
+
+    def train_dataset(self, preprocessing: Preprocessing, **kwargs: Any) -> TransformedDataset:
+        return TransformedDataset(self.train, build_train_transform(preprocessing, **kwargs))
+
+    def val_dataset(self, preprocessing: Preprocessing) -> TransformedDataset:
+        return TransformedDataset(self.val, build_eval_transform(preprocessing))
+
+
+def cifar10_folder() -> Path | None:
+    """The real CIFAR-10 ImageFolder tree: ``$MOBILENET_CIFAR10``, else ``../shared/data/cifar10`` next to the
+    project checkout or the current directory; ``None`` when absent."""
+    env = os.environ.get("MOBILENET_CIFAR10")
+    candidates = [Path(env)] if env else []
+    candidates += [
+        Path(__file__).resolve().parents[3] / "shared" / "data" / "cifar10",
+        Path.cwd().parent / "shared" / "data" / "cifar10",
+    ]
+    for candidate in candidates:
+        if (candidate / "train").is_dir() and (candidate / "test").is_dir():
+            return candidate
+    return None
+
+
+def data_root() -> Path:
+    """Where torchvision datasets are downloaded: ``$MOBILENET_DATA`` or ``~/.cache/mobilenet/data``."""
+    return Path(os.environ.get("MOBILENET_DATA", Path.home() / ".cache" / "mobilenet" / "data"))
+
+
+def load_digits(*, size: int = 32, val_fraction: float = 0.2, seed: int = 0) -> DataBundle:
+    """scikit-learn's bundled handwritten digits (1,797 real 8x8 scans with 17 grey levels, 10 classes), upsampled
+    bilinearly to ``size`` px and repeated to 3 channels so every RGB model and tool applies unchanged.
+
+    Split per class by a seeded fraction (stratified, so the small validation set has every digit).
+    """
+    try:
+        from sklearn.datasets import load_digits as sk_load_digits
+    except ImportError:
+        raise MobileNetError(
+            "the built-in 'digits' dataset needs scikit-learn; install it with: pip install 'mobilenet[demo]'"
+        ) from None
+    raw = sk_load_digits()
+    images = torch.as_tensor(raw.images, dtype=torch.float32).unsqueeze(1) / 16.0  # grey levels 0..16
+    images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+    images = (images.clamp(0, 1) * 255).round().to(torch.uint8).repeat(1, 3, 1, 1)
+    labels = torch.as_tensor(raw.target, dtype=torch.long)
+    train_idx, val_idx = stratified_split(labels.tolist(), val_fraction, seed)
+    classes = [str(d) for d in range(10)]
+    train = TensorImageDataset(images[train_idx], labels[train_idx], classes)
+    val = TensorImageDataset(images[val_idx], labels[val_idx], classes)
+    mean, std = channel_stats(train.images)
+    return DataBundle("digits", train, val, classes, mean=mean, std=std, native_size=size)
+
+
+def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std (0-1 scale) of a uint8 NCHW tensor."""
+    x = images.float().div_(255)
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    return tuple(round(float(v), 4) for v in mean), tuple(round(float(v), 4) for v in std)
+
+
+def stratified_split(labels: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Split indices per class: ``val_fraction`` of each class (at least one image) to validation, seeded."""
+    if not 0.0 < val_fraction < 1.0:
+        raise MobileNetError(f"validation fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    generator = torch.Generator().manual_seed(seed)
+    by_class: dict[int, list[int]] = {}
+    for index, label in enumerate(labels):
+        by_class.setdefault(label, []).append(index)
+    train: list[int] = []
+    val: list[int] = []
+    for label in sorted(by_class):
+        indices = by_class[label]
+        order = torch.randperm(len(indices), generator=generator).tolist()
+        n_val = max(1, round(len(indices) * val_fraction)) if len(indices) > 1 else 0
+        val += [indices[i] for i in order[:n_val]]
+        train += [indices[i] for i in order[n_val:]]
+    return sorted(train), sorted(val)
+
+
+def _load_folder(
+    root: Path, *, val_fraction: float, seed: int, on_bad_image: OnBadImage, in_memory: bool, name: str
+) -> DataBundle:
+    train_dir = root / "train"
+    if train_dir.is_dir():
+        val_dir = next((root / n for n in ("val", "test") if (root / n).is_dir()), None)
+        train = ImageFolderDataset(train_dir, on_bad_image=on_bad_image, in_memory=in_memory)
+        if val_dir is not None:
+            val = ImageFolderDataset(val_dir, classes=train.classes, on_bad_image=on_bad_image, in_memory=in_memory)
+            return DataBundle(name, train, val, train.classes, val_name=val_dir.name)
+        full = train
+    else:
+        full = ImageFolderDataset(root, on_bad_image=on_bad_image, in_memory=in_memory)
+    train_idx, val_idx = stratified_split(full.targets, val_fraction, seed)
+    note = f"no val/ or test/ folder: {val_fraction:.0%} of each class held out for validation (seed {seed})"
+    return DataBundle(
+        name, full.subset(train_idx), full.subset(val_idx), full.classes, val_name="val (held out)", notes=[note]
+    )
+
+
+def _load_torchvision_cifar(name: str, *, download: bool) -> DataBundle:
+    from torchvision import datasets
+
+    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    root = data_root()
+    try:
+        train_set = cls(str(root), train=True, download=download)
+        test_set = cls(str(root), train=False, download=download)
+    except (RuntimeError, OSError) as error:
+        archive = "cifar-10-python.tar.gz" if name == "cifar10" else "cifar-100-python.tar.gz"
+        raise MobileNetError(
+            f"{name} is not available and could not be downloaded ({str(error).splitlines()[0]}); put torchvision's "
+            f"{archive} (from https://www.cs.toronto.edu/~kriz/) extracted under {root} (or set MOBILENET_DATA), "
+            "or an ImageFolder tree with train/ and test/ and pass its path with --data"
+        ) from None
+
+    def to_tensor_set(ds: Any) -> TensorImageDataset:
+        images = torch.as_tensor(ds.data).permute(0, 3, 1, 2).contiguous()
+        return TensorImageDataset(images, torch.as_tensor(ds.targets), ds.classes)
+
+    mean, std = (CIFAR10_MEAN, CIFAR10_STD) if name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
+    train = to_tensor_set(train_set)
+    return DataBundle(name, train, to_tensor_set(test_set), train.classes, mean, std, native_size=32, val_name="test")
+
+
+def load_data(
+    source: str | os.PathLike[str],
+    *,
+    val_fraction: float | None = None,
+    seed: int = 0,
+    on_bad_image: OnBadImage = "error",
+    in_memory: bool | None = None,
+    download: bool = True,
+    digits_size: int = 32,
+) -> DataBundle:
+    """Open a data source: ``"digits"``, ``"cifar10"``, ``"cifar100"``, or an ImageFolder directory.
+
+    ``val_fraction`` (used only where no validation split exists) defaults to 0.1, and 0.2 for the small digits
+    set so its validation accuracy is not too noisy. ``in_memory`` (default: on for CIFAR, off for folders) decodes
+    every image once up front.
+    """
+    if on_bad_image not in ("skip", "error"):
+        raise MobileNetError(f"--on-bad-image must be 'skip' or 'error', got {on_bad_image!r}")
+    text = str(source)
+    if text == "digits":
+        return load_digits(size=digits_size, val_fraction=0.2 if val_fraction is None else val_fraction, seed=seed)
+    val_fraction = 0.1 if val_fraction is None else val_fraction
+    if text in ("cifar10", "cifar100"):
+        folder = cifar10_folder() if text == "cifar10" else None
+        if folder is None:
+            return _load_torchvision_cifar(text, download=download)
+        bundle = _load_folder(
+            folder,
+            val_fraction=val_fraction,
+            seed=seed,
+            on_bad_image=on_bad_image,
+            in_memory=True if in_memory is None else in_memory,
+            name="cifar10",
+        )
+        bundle.mean, bundle.std, bundle.native_size = CIFAR10_MEAN, CIFAR10_STD, 32
+        return bundle
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise MobileNetError(
+            f"data source {text!r} not found; expected 'digits', 'cifar10', 'cifar100' or a directory of class folders"
+        )
+    return _load_folder(
+        path,
+        val_fraction=val_fraction,
+        seed=seed,
+        on_bad_image=on_bad_image,
+        in_memory=bool(in_memory),
+        name=path.name,
+    )

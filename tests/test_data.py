@@ -1,0 +1,180 @@
+"""Data sources, transforms and the Preprocessing record (the checkpoint contract)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.io import encode_jpeg, encode_png
+
+from mobilenet.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageFolderDataset,
+    Preprocessing,
+    build_eval_transform,
+    build_train_transform,
+    load_data,
+    load_digits,
+    stratified_split,
+)
+from mobilenet.errors import MobileNetError
+
+
+def write_folder(root: Path, classes=("cat", "dog"), per_class: int = 4, size: int = 20, seed: int = 0) -> Path:
+    g = torch.Generator().manual_seed(seed)
+    for name in classes:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            image = torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=g)
+            data = encode_png(image) if i % 2 else encode_jpeg(image)
+            (root / name / f"{i}.{'png' if i % 2 else 'jpg'}").write_bytes(bytes(data.numpy()))
+    return root
+
+
+def test_preprocessing_round_trip_and_defaults():
+    p = Preprocessing.for_resolution(224)
+    # ImageNet evaluation: resize 256, center crop 224 (torchvision's MobileNet_V2_Weights transforms, TF-slim 0.875).
+    assert (p.input_size, p.resize_size, p.style) == (224, 256, "imagenet")
+    assert p.mean == IMAGENET_MEAN and p.std == IMAGENET_STD
+    small = Preprocessing.for_resolution(32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    assert (small.resize_size, small.style) == (32, "small")
+    data = small.to_dict()
+    assert set(data) == {"input_size", "resize_size", "mean", "std", "interpolation", "style"}
+    assert Preprocessing.from_dict(data) == small
+    import json
+
+    assert Preprocessing.from_dict(json.loads(json.dumps(data))) == small
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"input_size": 0, "resize_size": 32},
+        {"input_size": 32, "resize_size": 16},
+        {"input_size": 32, "resize_size": 32, "std": [0, 1, 1]},
+        {"input_size": 32, "resize_size": 32, "interpolation": "lanczos9"},
+        {"input_size": 32, "resize_size": 32, "style": "fancy"},
+        {"input_size": 32},
+        {"input_size": 32, "resize_size": 32, "extra": 1},
+    ],
+)
+def test_preprocessing_rejects_bad_values(bad):
+    with pytest.raises(MobileNetError):
+        Preprocessing.from_dict(bad)
+
+
+def test_eval_transform_matches_torchvision_reference():
+    # Reference: torchvision's own ImageNet eval preset (resize 256 bilinear antialiased, crop 224, normalise).
+    from torchvision.transforms._presets import ImageClassification
+
+    image = torch.randint(0, 256, (3, 300, 400), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    ours = build_eval_transform(Preprocessing.for_resolution(224).to_dict())(image)
+    reference = ImageClassification(crop_size=224, resize_size=256)(image)
+    assert ours.dtype == torch.float32 and ours.shape == (3, 224, 224)
+    assert type(ours) is torch.Tensor
+    # torchvision's v1 and v2 uint8 resize kernels round differently by at most one grey level (1/255).
+    one_level = 1.001 / 255 / min(IMAGENET_STD)
+    torch.testing.assert_close(ours, reference, atol=one_level, rtol=0)
+    assert (ours - reference).abs().mean() < 0.25 * one_level  # most pixels identical
+
+
+def test_small_eval_transform_is_normalisation_only():
+    p = Preprocessing.for_resolution(32, mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3))
+    image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    out = build_eval_transform(p)(image)
+    expected = (image.float() / 255 - torch.tensor([0.4, 0.5, 0.6])[:, None, None]) / torch.tensor([0.2, 0.25, 0.3])[
+        :, None, None
+    ]
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
+def test_train_transforms_shapes_and_randomness():
+    torch.manual_seed(0)
+    image = torch.randint(0, 256, (3, 48, 64), dtype=torch.uint8)
+    big = build_train_transform(Preprocessing.for_resolution(96))
+    assert big(image).shape == (3, 96, 96)
+    small = build_train_transform(Preprocessing.for_resolution(32))
+    cifar = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    outs = [small(cifar) for _ in range(8)]
+    assert all(o.shape == (3, 32, 32) for o in outs)
+    assert any(not torch.equal(outs[0], o) for o in outs[1:])  # pad-crop/flip actually vary
+
+
+def test_digits_dataset_is_real_and_split_stratified():
+    bundle = load_digits(size=32, val_fraction=0.2, seed=0)
+    assert bundle.classes == [str(i) for i in range(10)]
+    # scikit-learn's digits set has 1797 images (sklearn.datasets.load_digits documentation).
+    assert len(bundle.train) + len(bundle.val) == 1797
+    image, label = bundle.train[0]
+    assert image.dtype == torch.uint8 and image.shape == (3, 32, 32) and 0 <= label < 10
+    assert set(bundle.val.targets) == set(range(10))
+    again = load_digits(size=32, val_fraction=0.2, seed=0)
+    assert torch.equal(again.val.images, bundle.val.images)
+
+
+def test_stratified_split_is_disjoint_and_seeded():
+    labels = [i % 3 for i in range(30)]
+    train, val = stratified_split(labels, 0.2, seed=5)
+    assert not set(train) & set(val) and len(train) + len(val) == 30
+    assert sorted(labels[i] for i in val) == [0, 0, 1, 1, 2, 2]
+    assert stratified_split(labels, 0.2, seed=5) == (train, val)
+    assert stratified_split(labels, 0.2, seed=6) != (train, val)
+    with pytest.raises(MobileNetError, match="between 0 and 1"):
+        stratified_split(labels, 1.5, 0)
+
+
+def test_folder_with_train_and_val(tmp_path):
+    write_folder(tmp_path / "train")
+    write_folder(tmp_path / "val", per_class=2, seed=1)
+    bundle = load_data(tmp_path)
+    assert bundle.classes == ["cat", "dog"] and len(bundle.train) == 8 and len(bundle.val) == 4
+    p = bundle.preprocessing(32)
+    x, y = bundle.val_dataset(p)[0]
+    assert x.shape == (3, 32, 32) and y == 0
+
+
+def test_single_tree_is_split_by_fraction(tmp_path):
+    write_folder(tmp_path, per_class=10)
+    bundle = load_data(tmp_path, val_fraction=0.2, seed=0)
+    assert len(bundle.train) == 16 and len(bundle.val) == 4
+    assert bundle.notes and "held out" in bundle.notes[0]
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(MobileNetError, match="not found"):
+        load_data(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MobileNetError, match="is empty"):
+        load_data(tmp_path / "empty")
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "a.jpg").write_bytes(b"x")
+    with pytest.raises(MobileNetError, match="no class folders"):
+        load_data(flat)
+    write_folder(tmp_path / "mismatch" / "train", classes=("cat", "dog"))
+    write_folder(tmp_path / "mismatch" / "val", classes=("cat", "bird"))
+    with pytest.raises(MobileNetError, match=r"missing dog.*extra bird"):
+        load_data(tmp_path / "mismatch")
+
+
+def test_corrupt_image_error_names_the_path_or_is_skipped(tmp_path):
+    root = write_folder(tmp_path / "data", per_class=3)
+    good = (root / "cat" / "0.jpg").read_bytes()
+    bad = root / "cat" / "0.jpg"
+    bad.write_bytes(good[: len(good) // 3])  # truncated JPEG
+    with pytest.raises(MobileNetError, match=r"cannot decode image .*0\.jpg"):
+        ImageFolderDataset(root)[0]
+    skipping = ImageFolderDataset(root, on_bad_image="skip")
+    image, _ = skipping[0]
+    assert image.shape == (3, 20, 20) and skipping.bad_files == [bad]
+    with pytest.raises(MobileNetError, match="on_bad_image"):
+        ImageFolderDataset(root, on_bad_image="ignore")
+
+
+def test_real_cifar10_folder(cifar10):
+    dataset = ImageFolderDataset(cifar10 / "test")
+    assert len(dataset.classes) == 10 and len(dataset) == 10000
+    image, _ = dataset[0]
+    assert image.shape == (3, 32, 32)
