@@ -234,3 +234,192 @@ def test_pytorch_pickles_are_refused_with_convert_hint(tmp_path, small_model):
             load(path)
         with pytest.raises(MobileNetError, match="never loaded"):
             read_header(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Import from torchvision / timm
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _logit_gap(ours: torch.nn.Module, theirs: torch.nn.Module, size: int = 96) -> tuple[float, float]:
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = ours.eval()(x), theirs.eval()(x)
+    return (a - b).abs().max().item(), b.abs().max().item()
+
+
+def _params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("width", [0.5, 0.75, 1.0, 1.4])
+def test_torchvision_v2_weights_give_same_logits(width):
+    """Our mobilenet_v2_{w}_224 with torchvision's mobilenet_v2(width_mult=w) weights: same logits (randomised BN
+    statistics and affine parameters, else logits are ~1e-9 and any two networks agree) and same parameter count."""
+    torchvision = pytest.importorskip("torchvision")
+    from mobilenet.weights import import_weights
+
+    torch.manual_seed(0)
+    reference = torchvision.models.mobilenet_v2(width_mult=width)
+    _randomize_bn(reference, seed=int(width * 100))
+    ours = import_weights(create_model(f"mobilenet_v2_{width}_224"), reference.state_dict(), source="torchvision")
+    gap, scale = _logit_gap(ours, reference)
+    assert scale > 1e-3  # the comparison is not between two near-zero outputs
+    assert gap <= 1e-5 * scale  # the issue's tolerance
+    assert _params(ours) == _params(reference)
+
+
+@pytest.mark.parametrize(
+    ("timm_name", "ours_name"),
+    [("mobilenetv1_100", "mobilenet_v1_1.0_224"), ("mobilenetv2_100", "mobilenet_v2_1.0_224")],
+)
+def test_timm_weights_give_same_logits(timm_name, ours_name):
+    timm = pytest.importorskip("timm")
+    from mobilenet.weights import import_weights
+
+    torch.manual_seed(0)
+    reference = timm.create_model(timm_name, pretrained=False)
+    _randomize_bn(reference, seed=3)
+    ours = import_weights(create_model(ours_name), reference.state_dict(), source="timm")
+    gap, scale = _logit_gap(ours, reference)
+    assert scale > 1e-3
+    assert gap <= 1e-5 * scale
+    assert _params(ours) == _params(reference)
+
+
+def test_timm_v1_uses_relu6_and_checkpoint_keeps_it(tmp_path):
+    """timm's (and TF-slim's) V1 clips at 6 where the paper's Figure 3 says ReLU: imported V1 weights switch our
+    model to ReLU6, which matters once activations exceed 6, and the checkpoint rebuilds it."""
+    timm = pytest.importorskip("timm")
+    from mobilenet.weights import import_weights
+
+    torch.manual_seed(0)
+    reference = timm.create_model("mobilenetv1_100", pretrained=False)
+    _randomize_bn(reference, seed=4)
+    with torch.no_grad():
+        reference.bn1.bias.add_(8.0)  # push the stem's activations above 6
+    plain = create_model("mobilenet_v1_1.0_224")
+    renamed = {k: v for k, v in reference.state_dict().items()}
+    imported = import_weights(create_model("mobilenet_v1_1.0_224"), renamed, source="timm")
+    from mobilenet.weights import map_state_dict
+
+    plain.load_state_dict(map_state_dict(plain, renamed, "timm")[0])
+    gap_plain, scale = _logit_gap(plain, reference)
+    gap_relu6, _ = _logit_gap(imported, reference)
+    assert gap_plain > 1e-3 * scale
+    assert gap_relu6 <= 1e-5 * scale
+    path = save(imported, tmp_path / "v1.safetensors")
+    assert read_header(path)["activation"] == "relu6"
+    restored = load(path)
+    assert _logit_gap(restored, reference)[0] <= 1e-5 * scale
+
+
+def test_wrong_architecture_lists_keys():
+    torchvision = pytest.importorskip("torchvision")
+    from mobilenet.weights import import_weights
+
+    state = torchvision.models.mobilenet_v2().state_dict()
+    with pytest.raises(MobileNetError) as info:
+        import_weights(create_model("mobilenet_v1_1.0_224"), state, source="torchvision")
+    message = str(info.value)
+    assert "missing keys" in message and "unexpected keys" in message and "mis-shaped keys" in message
+    assert "features.1.conv.1.weight (16, 32, 1, 1) vs features.1.pointwise.conv.weight (64, 32, 1, 1)" in message
+    assert "and 205 more" in message  # long lists are cut
+    with pytest.raises(MobileNetError, match=r"mis-shaped keys .*features\.0\.0\.weight \(32, 3, 3, 3\) vs"):
+        import_weights(create_model("mobilenet_v2_0.5_224"), state, source="torchvision")
+    with pytest.raises(MobileNetError, match="unknown weight source 'tf'"):
+        import_weights(create_model("mobilenet_v2_1.0_224"), state, source="tf")
+    with pytest.raises(MobileNetError, match="missing keys"):
+        import_weights(create_model("mobilenet_v2_1.0_224"), state, source="timm")
+
+
+def test_tf_style_1001_class_head():
+    """A head with a background class first (TF-slim's 1001 outputs): row 0 is dropped for a 1000-class model."""
+    torchvision = pytest.importorskip("torchvision")
+    from mobilenet.weights import import_weights
+
+    reference = torchvision.models.mobilenet_v2(width_mult=0.5, num_classes=1001)
+    _randomize_bn(reference)
+    ours = import_weights(create_model("mobilenet_v2_0.5_96"), reference.state_dict(), source="torchvision")
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        ours_logits, their_logits = ours.eval()(x), reference.eval()(x)
+    assert torch.allclose(ours_logits, their_logits[:, 1:], rtol=0, atol=1e-5 * their_logits.abs().max().item())
+    kept = import_weights(create_model("mobilenet_v2_0.5_96", num_classes=1001), reference.state_dict())
+    assert kept.classifier.weight.shape[0] == 1001
+    with pytest.raises(MobileNetError, match=r"classifier\.1\.weight \(1001, 1280\) vs classifier\.weight"):
+        import_weights(create_model("mobilenet_v2_0.5_96"), reference.state_dict(), drop_background=False)
+
+
+def test_timm_module_map_follows_timm_stages():
+    """Stage/block positions for timm come from the tables; compare with a timm model's own module names."""
+    timm = pytest.importorskip("timm")
+    from mobilenet.spec import network_for
+    from mobilenet.weights import timm_module_map
+
+    for timm_name, ours_name in (
+        ("mobilenetv1_100", "mobilenet_v1_1.0_224"),
+        ("mobilenetv2_140", "mobilenet_v2_1.4_224"),
+    ):
+        theirs = {name for name, _ in timm.create_model(timm_name).named_modules()}
+        mapping = timm_module_map(network_for(ours_name))
+        assert set(mapping.values()) <= theirs
+        assert len(set(mapping.values())) == len(mapping)
+
+
+def test_imagenet_classes_equal_torchvision():
+    torchvision = pytest.importorskip("torchvision")
+    from mobilenet.weights import imagenet_classes
+
+    names = imagenet_classes()
+    assert names == torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1.meta["categories"]
+    assert len(names) == 1000 and names[0] == "tench"
+
+
+def test_pretrained_offline_is_a_clear_error(monkeypatch):
+    import urllib.error
+
+    from mobilenet.weights import pretrained
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(MobileNetError, match=r"network unreachable.*mobilenet convert --from torchvision FILE"):
+        pretrained("mobilenet_v2_1.0_224", source="torchvision")
+    with pytest.raises(MobileNetError, match=r"V2 alpha 1\.0 only"):
+        pretrained("mobilenet_v1_1.0_224", source="torchvision")
+
+
+def test_pretrained_converts_the_downloaded_weights(monkeypatch):
+    """The conversion part of `pretrained`, with torch.hub answering from a local state_dict (no network)."""
+    torchvision = pytest.importorskip("torchvision")
+    from mobilenet.weights import pretrained
+
+    reference = torchvision.models.mobilenet_v2()
+    _randomize_bn(reference, seed=5)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda *a, **k: reference.state_dict())
+    model = pretrained("mobilenet_v2_1.0_96", source="torchvision")  # checked at 96 px to keep the test fast
+    gap, scale = _logit_gap(model, reference)
+    assert gap <= 1e-5 * scale
+    assert model.classes[:2] == ["tench", "goldfish"]
+    # torchvision's DEFAULT (IMAGENET1K_V2) weights are evaluated at a 232 px resize, 224 crop.
+    assert model.preprocessing["resize_size"] == 232 and model.preprocessing["input_size"] == 224
+    assert model.conversion.max_abs_diff <= 1e-5 * model.conversion.max_abs_reference
+
+
+def test_compare_logits_fails_loudly():
+    torchvision = pytest.importorskip("torchvision")
+    from mobilenet.weights import compare_logits, import_weights
+
+    reference = torchvision.models.mobilenet_v2(width_mult=0.5)
+    _randomize_bn(reference)
+    ours = import_weights(create_model("mobilenet_v2_0.5_96"), reference.state_dict())
+    compare_logits(ours, reference, 96)
+    with torch.no_grad():  # a mapping slip: one BN's weight and bias exchanged
+        bn = ours.features[5].project.bn
+        weight = bn.weight.clone()
+        bn.weight.copy_(bn.bias)
+        bn.bias.copy_(weight)
+    with pytest.raises(MobileNetError, match="disagrees with the reference"):
+        compare_logits(ours, reference, 96)

@@ -24,6 +24,9 @@ _LAZY = {
     "import_weights": "mobilenet.weights",
     "save": "mobilenet.weights",
     "load": "mobilenet.weights",
+    "load_checkpoint": "mobilenet.weights",
+    "pretrained": "mobilenet.weights",
+    "imagenet_classes": "mobilenet.weights",
     "count_costs": "mobilenet.cost",
     "layer_cost": "mobilenet.cost",
 }
