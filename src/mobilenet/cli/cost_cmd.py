@@ -1,0 +1,314 @@
+"""``mobilenet cost``: the analytic cost model on the command line (no torch is imported).
+
+- ``mobilenet cost NAME [--alpha A] [--resolution R] [--format table|json|csv|markdown]``: every layer with its
+  input/output shape (the effective channels after the width multiplier), multiply-adds, parameters and
+  activations; the totals; the breakdown by layer type as the V1 paper's Table 2.
+- ``mobilenet cost --layer 416x416x50 --out 10 --kernel 3``: one layer, standard vs depthwise separable
+  (V1 paper section 3.1, equations 2, 4 and 5).
+- ``mobilenet cost --paper``: the papers' Tables 1-7 (V1), the V2 headline figures and TF-slim's checkpoint
+  tables, each published figure beside ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+from typing import Any
+
+from mobilenet.errors import MobileNetError
+
+FORMATS = ("table", "json", "csv", "markdown")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "cost",
+        help="multiply-adds, parameters and shapes of a model, a layer, or the papers' tables (no torch needed)",
+        description=(
+            "Analytic cost model (papers' convention: 1 MAC = 1 multiply-add = 2 FLOPs; conv and FC layers only). "
+            "Give a model NAME, or --layer HxWxM --out N, or --paper."
+        ),
+    )
+    parser.add_argument("name", nargs="?", help="registered model name (see `mobilenet models`)")
+    parser.add_argument("--alpha", type=float, help="width multiplier (any finite number > 0)")
+    parser.add_argument("--resolution", type=int, help="input side in pixels (>= 32)")
+    parser.add_argument("--num-classes", type=int, dest="num_classes", help="classifier outputs (>= 1)")
+    parser.add_argument("--small-input", action="store_true", default=None, help="CIFAR-style stem (total stride 8)")
+    parser.add_argument("--format", choices=FORMATS, default="table", help="output format (default: table)")
+    parser.add_argument("--layer", metavar="HxWxM", help="one layer's input, e.g. 416x416x50: standard vs separable")
+    parser.add_argument("--out", type=int, metavar="N", help="output channels of the --layer")
+    parser.add_argument("--kernel", type=int, default=3, metavar="DK", help="kernel side of the --layer (default 3)")
+    parser.add_argument("--stride", type=int, default=1, help="stride of the --layer (default 1)")
+    parser.add_argument("--paper", action="store_true", help="reproduce the papers' tables, published vs ours")
+    parser.add_argument("--output", "-o", metavar="FILE", help="write to FILE (atomically) instead of stdout")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    modes = [mode for mode, given in (("NAME", args.name), ("--layer", args.layer), ("--paper", args.paper)) if given]
+    if len(modes) != 1:
+        got = " and ".join(modes) if modes else "none"
+        raise MobileNetError(f"give exactly one of a model NAME, --layer HxWxM or --paper (got {got})")
+    if not args.layer and args.out is not None:
+        raise MobileNetError("--out is the output channel count of --layer; give --layer HxWxM too")
+    if args.name is None:
+        model_options = {"alpha": args.alpha, "resolution": args.resolution, "num_classes": args.num_classes}
+        given = [f"--{key.replace('_', '-')}" for key, value in model_options.items() if value is not None]
+        if args.small_input:
+            given.append("--small-input")
+        if given:
+            raise MobileNetError(f"{', '.join(given)} apply to a model NAME, not to --layer or --paper")
+    if args.layer:
+        text = _layer(args)
+    elif args.paper:
+        text = _paper(args.format)
+    else:
+        text = _model(args)
+    _emit(text, args.output)
+    return 0
+
+
+def _emit(text: str, output: str | None) -> None:
+    if output:
+        from mobilenet.io import atomic_write_text
+
+        atomic_write_text(output, text)
+        print(f"wrote {output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+
+
+def _console(buffer: io.StringIO) -> Any:
+    from rich.console import Console
+
+    # Rendered into a buffer so that --output gets the same text; wide enough for the notes, colour only on a tty.
+    terminal = sys.stdout.isatty()
+    return Console(
+        file=buffer, width=160, highlight=False, force_terminal=terminal, color_system="auto" if terminal else None
+    )
+
+
+def _millions(value: int) -> str:
+    return f"{value / 1e6:,.2f}M"
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _model(args: argparse.Namespace) -> str:
+    from mobilenet.cost import count_costs
+
+    table = count_costs(
+        args.name,
+        alpha=args.alpha,
+        resolution=args.resolution,
+        num_classes=args.num_classes,
+        small_input=args.small_input,
+    )
+    if args.format == "json":
+        return table.to_json() + "\n"
+    if args.format == "csv":
+        return table.to_csv()
+    if args.format == "markdown":
+        return table.to_markdown()
+    return _model_table(table)
+
+
+def _model_table(table: Any) -> str:
+    from rich.table import Table
+    from rich.text import Text
+
+    from mobilenet.cost import MAC_CONVENTION, format_shape
+
+    config = table.config
+    buffer = io.StringIO()
+    console = _console(buffer)
+    title = (
+        f"{table.name}: {config.family.upper()}, alpha {config.alpha:g}, resolution {config.resolution}, "
+        f"{config.num_classes} classes" + (", small input" if config.small_input else "")
+    )
+    layers = Table(title=title, caption=MAC_CONVENTION, show_lines=False)
+    for header, justify in (
+        ("#", "right"),
+        ("layer", "left"),
+        ("type", "left"),
+        ("input HxWxC", "right"),
+        ("output HxWxC", "right"),
+        ("s", "right"),
+        ("MACs", "right"),
+        ("params", "right"),
+        ("activations", "right"),
+    ):
+        layers.add_column(header, justify=justify)  # type: ignore[arg-type]
+    for index, row in enumerate(table.rows):
+        layers.add_row(
+            str(index),
+            Text(row.name),
+            row.label,
+            format_shape(row.in_shape),
+            format_shape(row.out_shape),
+            str(row.stride),
+            f"{row.macs:,}",
+            f"{row.params:,}",
+            f"{row.activations:,}",
+        )
+    layers.add_section()
+    layers.add_row(
+        "", "total", "", "", "", "", f"{table.macs:,}", f"{table.params:,}", f"{table.activations:,}", style="bold"
+    )
+    console.print(layers)
+
+    breakdown = Table(title="By layer type (the form of the V1 paper's Table 2)")
+    for header in ("type", "MACs", "share", "params", "share"):
+        breakdown.add_column(header, justify="left" if header == "type" else "right")
+    for share in table.by_op():
+        breakdown.add_row(
+            share.label,
+            f"{share.macs:,}",
+            f"{100 * share.macs_share:.2f}%",
+            f"{share.params:,}",
+            f"{100 * share.params_share:.2f}%",
+        )
+    console.print(breakdown)
+
+    totals = Table(title="Totals", show_header=False)
+    totals.add_column("what")
+    totals.add_column("value", justify="right")
+    totals.add_row(
+        "multiply-adds (MACs)", f"{table.macs:,}  ({_millions(table.macs)}, {2 * table.macs / 1e9:.3f} GFLOPs)"
+    )
+    totals.add_row(
+        "parameters, papers' convention (conv + FC weights)", f"{table.params:,}  ({_millions(table.params)})"
+    )
+    totals.add_row("parameters with the FC bias (TF-slim's V2 convention)", f"{table.params_with_bias:,}")
+    totals.add_row("trainable parameters (+ biases, BatchNorm) = sum(p.numel())", f"{table.trainable_params:,}")
+    totals.add_row("activations (output elements of every layer, one image)", f"{table.activations:,}")
+    totals.add_row("peak activations (largest input + output of one layer)", f"{table.peak_activations:,}")
+    console.print(totals)
+    return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _layer(args: argparse.Namespace) -> str:
+    from mobilenet.cost import MAC_CONVENTION, layer_cost, parse_shape
+
+    if args.out is None:
+        raise MobileNetError("--layer needs --out N, the number of output channels (filters)")
+    height, width, channels = parse_shape(args.layer)
+    cost = layer_cost(height, width, channels, args.out, kernel=args.kernel, stride=args.stride)
+    if args.format == "json":
+        import json
+
+        return json.dumps(cost.to_dict(), indent=2) + "\n"
+    rows = [
+        ("standard conv", cost.standard_macs, cost.standard_params),
+        ("depthwise", cost.depthwise_macs, cost.depthwise_params),
+        ("pointwise", cost.pointwise_macs, cost.pointwise_params),
+        ("depthwise separable", cost.separable_macs, cost.separable_params),
+    ]
+    ratio_line = (
+        f"separable / standard: MACs {cost.macs_ratio:.4f} (1/N + 1/Dk^2 = 1/{cost.out_channels} + "
+        f"1/{cost.kernel**2} = {cost.formula_ratio:.4f}; {1 / cost.macs_ratio:.2f}x fewer), "
+        f"params {cost.params_ratio:.4f} ({1 / cost.params_ratio:.2f}x fewer)"
+    )
+    shape = f"{cost.height}x{cost.width}x{cost.in_channels} -> {cost.out_height}x{cost.out_width}x{cost.out_channels}"
+    title = f"One layer {shape}, Dk = {cost.kernel}, stride {cost.stride} (V1 paper section 3.1, equations 2, 4, 5)"
+    if args.format == "csv":
+        lines = ["layer,macs,params"] + [f"{name},{macs},{params}" for name, macs, params in rows]
+        lines += [f"ratio,{cost.macs_ratio},{cost.params_ratio}"]
+        return "\n".join(lines) + "\n"
+    if args.format == "markdown":
+        lines = [f"### {title}", "", f"_{MAC_CONVENTION}._", "", "| | MACs | params |", "|---|--:|--:|"]
+        lines += [f"| {name} | {macs:,} | {params:,} |" for name, macs, params in rows]
+        lines += ["", ratio_line]
+        return "\n".join(lines) + "\n"
+    from rich.table import Table
+
+    buffer = io.StringIO()
+    console = _console(buffer)
+    console.print(title, markup=False)
+    table = Table()
+    for header in ("", "MACs", "params"):
+        table.add_column(header, justify="left" if not header else "right")
+    for name, macs, params in rows:
+        table.add_row(name, f"{macs:,}", f"{params:,}", style="bold" if name == "depthwise separable" else None)
+    console.print(table)
+    console.print(ratio_line, markup=False)
+    console.print(MAC_CONVENTION, markup=False)
+    return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _paper(fmt: str) -> str:
+    from mobilenet.paper import reproduce, tables_to_json, tables_to_markdown
+
+    tables = reproduce()
+    if fmt == "json":
+        return tables_to_json(tables) + "\n"
+    if fmt == "markdown":
+        return tables_to_markdown(tables)
+    if fmt == "csv":
+        import csv
+
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["table", "item", "quantity", "published", "ours", "difference", "status", "note"])
+        for table in tables:
+            for row in table.rows:
+                writer.writerow(
+                    [table.key, row.item, row.quantity, row.published, row.ours, row.difference, row.status, row.note]
+                )
+        return buffer.getvalue()
+    return _paper_rich(tables)
+
+
+def _paper_rich(tables: Any) -> str:
+    from rich.table import Table
+    from rich.text import Text
+
+    from mobilenet.cost import MAC_CONVENTION
+
+    styles = {"match": "green", "match (truncated)": "yellow", "differs": "red"}
+    buffer = io.StringIO()
+    console = _console(buffer)
+    console.print(Text("The MobileNet papers' figures, reproduced by the analytic cost model", style="bold"))
+    console.print(Text(MAC_CONVENTION))
+    total = matched = 0
+    for paper_table in tables:
+        table = Table(
+            title=paper_table.title, caption=f"{paper_table.source}. {paper_table.note}".strip(), expand=False
+        )
+        table.add_column("item")
+        table.add_column("quantity")
+        table.add_column("published", justify="right", no_wrap=True)
+        table.add_column("ours", justify="right", no_wrap=True)
+        table.add_column("difference", justify="right")
+        table.add_column("status")
+        table.add_column("note", max_width=60)
+        for row in paper_table.rows:
+            table.add_row(
+                Text(row.item),
+                row.quantity,
+                Text(row.format_published()),
+                Text(row.format_ours()),
+                row.format_difference(),
+                Text(row.status, style=styles[row.status]),
+                Text(row.note),
+            )
+        console.print()
+        console.print(table)
+        total += len(paper_table.rows)
+        matched += paper_table.matches
+    console.print()
+    console.print(
+        Text(
+            f"{matched} of {total} published figures match our count (rounded or truncated as the source prints "
+            f"them); each of the other {total - matched} has a note saying why."
+        )
+    )
+    return buffer.getvalue()

@@ -1,0 +1,508 @@
+"""The analytic cost model: multiply-adds, parameters and activation sizes from the layer list alone.
+
+No forward pass and no torch: every figure comes from :func:`mobilenet.spec.build_network`'s layer list, so
+``mobilenet cost`` answers instantly for any alpha, resolution or variant. (:func:`measure_costs` is the one
+function here that imports torch: a second, independent count over a built ``nn.Module`` that the tests compare
+with this table.)
+
+Counting convention (the papers'): 1 MAC = 1 multiply-add = 2 FLOPs.
+
+- A convolution costs ``K * K * (Cin / groups) * Cout * Hout * Wout`` multiply-adds (V1 paper, equations 1-3:
+  standard ``Dk*Dk*M*N*Df*Df``; depthwise, groups = M = N, ``Dk*Dk*M*Df*Df``; pointwise ``M*N*Df*Df``), the fully
+  connected layer ``Cin * Cout``.
+- Nothing is counted for BatchNorm, activations, biases, residual adds or pooling: the V1 paper's Table 2 and the
+  V2 paper's Table 4 count convolutions and the fully connected layer only.
+- The papers' parameter column counts conv and FC *weights* (``params``). The V2 paper's 3.4M is that count;
+  TF-slim prints 3.47M, which adds the FC bias (``params + bias_params``, at 1001 classes). The full trainable
+  count (weights, biases and BatchNorm's scale and shift: what ``sum(p.numel() for p in model.parameters())``
+  gives) is ``trainable_params``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from mobilenet.errors import MobileNetError
+from mobilenet.spec import Layer, ModelConfig, Network, build_network, network_for
+
+__all__ = [
+    "MAC_CONVENTION",
+    "CostTable",
+    "LayerCost",
+    "LayerRow",
+    "OpShare",
+    "count_costs",
+    "layer_cost",
+    "measure_costs",
+    "parse_shape",
+]
+
+#: Printed wherever a figure is: the papers' unit.
+MAC_CONVENTION = (
+    "1 MAC = 1 multiply-add = 2 FLOPs; papers' convention: conv and FC only (no BN, activation, bias, add, pool)"
+)
+
+#: V1 paper Table 2's layer types, in its row order.
+TABLE2_ORDER = ("Conv 1x1", "Conv DW 3x3", "Conv 3x3", "Fully Connected")
+
+
+def op_label(op: str, kernel: int) -> str:
+    """The layer type as the V1 paper's Table 2 names it ("Conv 1x1", "Conv DW 3x3", "Conv 3x3", ...)."""
+    if op == "fc":
+        return "Fully Connected"
+    if op == "depthwise":
+        return f"Conv DW {kernel}x{kernel}"
+    return f"Conv {kernel}x{kernel}"
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One conv or FC layer's cost. Shapes are (height, width, channels), as the V1 paper's Table 1 writes them.
+
+    ``macs`` and ``params`` follow the papers' convention (see the module docstring); ``bias_params`` and
+    ``bn_params`` (BatchNorm's scale and shift, 2 per output channel) complete the trainable count;
+    ``activations`` is the number of output elements for one image.
+    """
+
+    name: str
+    op: str
+    kernel: int
+    stride: int
+    groups: int
+    in_shape: tuple[int, int, int]
+    out_shape: tuple[int, int, int]
+    macs: int
+    params: int
+    bias_params: int
+    bn_params: int
+    activations: int
+
+    @property
+    def label(self) -> str:
+        return op_label(self.op, self.kernel)
+
+    @property
+    def trainable_params(self) -> int:
+        return self.params + self.bias_params + self.bn_params
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "op": self.op,
+            "type": self.label,
+            "kernel": self.kernel,
+            "stride": self.stride,
+            "groups": self.groups,
+            "in_shape": list(self.in_shape),
+            "out_shape": list(self.out_shape),
+            "macs": self.macs,
+            "params": self.params,
+            "bias_params": self.bias_params,
+            "bn_params": self.bn_params,
+            "trainable_params": self.trainable_params,
+            "activations": self.activations,
+        }
+
+
+def row_for(layer: Layer) -> LayerRow:
+    """The cost of one layer of the list (V1 paper equations 1-3 for convs; ``Cin * Cout`` for the FC layer)."""
+    out_h, out_w = layer.out_size
+    weights = layer.kernel * layer.kernel * (layer.in_channels // layer.groups) * layer.out_channels
+    return LayerRow(
+        name=layer.name,
+        op=layer.op,
+        kernel=layer.kernel,
+        stride=layer.stride,
+        groups=layer.groups,
+        in_shape=(*layer.in_size, layer.in_channels),
+        out_shape=(out_h, out_w, layer.out_channels),
+        macs=weights * out_h * out_w,
+        params=weights,
+        bias_params=layer.out_channels if layer.bias else 0,
+        bn_params=2 * layer.out_channels if layer.batchnorm else 0,
+        activations=out_h * out_w * layer.out_channels,
+    )
+
+
+@dataclass(frozen=True)
+class OpShare:
+    """One row of the V1 paper's Table 2: a layer type's multiply-adds and parameters and their shares."""
+
+    label: str
+    macs: int
+    params: int
+    macs_share: float
+    params_share: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": self.label,
+            "macs": self.macs,
+            "params": self.params,
+            "macs_percent": round(100 * self.macs_share, 4),
+            "params_percent": round(100 * self.params_share, 4),
+        }
+
+
+@dataclass(frozen=True)
+class CostTable:
+    """The per-layer cost of a network with its totals (see the module docstring for the convention)."""
+
+    name: str
+    config: ModelConfig
+    rows: tuple[LayerRow, ...]
+    macs: int = field(init=False)
+    params: int = field(init=False)
+    bias_params: int = field(init=False)
+    bn_params: int = field(init=False)
+    activations: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        for key in ("macs", "params", "bias_params", "bn_params", "activations"):
+            object.__setattr__(self, key, sum(getattr(row, key) for row in self.rows))
+
+    @property
+    def trainable_params(self) -> int:
+        """Weights, biases and BatchNorm scale/shift: equals ``sum(p.numel() for p in model.parameters())``."""
+        return self.params + self.bias_params + self.bn_params
+
+    @property
+    def params_with_bias(self) -> int:
+        """Conv and FC weights plus the FC bias: the convention of TF-slim's V2 table (3.47M for V2 1.0)."""
+        return self.params + self.bias_params
+
+    @property
+    def peak_activations(self) -> int:
+        """The largest input + output of one layer (elements per image): a lower bound on the activation memory
+        an inference runtime needs when it frees each tensor as soon as it is consumed."""
+        return max(math.prod(row.in_shape) + row.activations for row in self.rows)
+
+    def by_op(self) -> tuple[OpShare, ...]:
+        """The breakdown by layer type in the form of the V1 paper's Table 2 ("Resource per layer type")."""
+        totals: dict[str, list[int]] = {}
+        for row in self.rows:
+            entry = totals.setdefault(row.label, [0, 0])
+            entry[0] += row.macs
+            entry[1] += row.params
+        order = {label: index for index, label in enumerate(TABLE2_ORDER)}
+        labels = sorted(totals, key=lambda label: (order.get(label, len(order)), label))
+        return tuple(
+            OpShare(
+                label,
+                totals[label][0],
+                totals[label][1],
+                totals[label][0] / self.macs if self.macs else 0.0,
+                totals[label][1] / self.params if self.params else 0.0,
+            )
+            for label in labels
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "config": self.config.to_dict(),
+            "convention": MAC_CONVENTION,
+            "macs": self.macs,
+            "flops": 2 * self.macs,
+            "params": self.params,
+            "params_with_bias": self.params_with_bias,
+            "trainable_params": self.trainable_params,
+            "activations": self.activations,
+            "peak_activations": self.peak_activations,
+            "by_op": [share.to_dict() for share in self.by_op()],
+            "layers": [row.to_dict() for row in self.rows],
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def to_csv(self) -> str:
+        """One line per layer, then a ``total`` line; shapes as ``HxWxC``."""
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(
+            [
+                *("name", "op", "type", "in_shape", "out_shape", "kernel", "stride", "groups"),
+                *("macs", "params", "bias_params", "bn_params", "trainable_params", "activations"),
+            ]
+        )
+        for row in self.rows:
+            writer.writerow(
+                [
+                    *(row.name, row.op, row.label, format_shape(row.in_shape), format_shape(row.out_shape)),
+                    *(row.kernel, row.stride, row.groups, row.macs, row.params, row.bias_params, row.bn_params),
+                    *(row.trainable_params, row.activations),
+                ]
+            )
+        writer.writerow(
+            [
+                *("total", "", "", "", "", "", "", ""),
+                *(self.macs, self.params, self.bias_params, self.bn_params, self.trainable_params, self.activations),
+            ]
+        )
+        return buffer.getvalue()
+
+    def to_markdown(self) -> str:
+        """The layer table, the totals and the Table 2 breakdown as GitHub markdown."""
+        title = self.name or self.config.family
+        lines = [
+            f"### {title}: alpha {self.config.alpha:g}, resolution {self.config.resolution}",
+            "",
+            f"_{MAC_CONVENTION}._",
+            "",
+            "| # | layer | type | input | output | stride | MACs | params | activations |",
+            "|--:|---|---|---|---|--:|--:|--:|--:|",
+        ]
+        for index, row in enumerate(self.rows):
+            lines.append(
+                f"| {index} | `{row.name}` | {row.label} | {format_shape(row.in_shape)} | "
+                f"{format_shape(row.out_shape)} | {row.stride} | {row.macs:,} | {row.params:,} | {row.activations:,} |"
+            )
+        lines.append(f"| | **total** | | | | | **{self.macs:,}** | **{self.params:,}** | **{self.activations:,}** |")
+        lines += [
+            "",
+            f"- multiply-adds: {self.macs:,} ({self.macs / 1e6:.2f}M MACs = {2 * self.macs / 1e9:.3f} GFLOPs)",
+            f"- parameters, papers' convention (conv + FC weights): {self.params:,} ({self.params / 1e6:.3f}M)",
+            f"- with the FC bias: {self.params_with_bias:,}",
+            f"- trainable (weights, biases, BatchNorm), = sum(p.numel()): {self.trainable_params:,}",
+            "",
+            "| type (V1 Table 2) | MACs | share | params | share |",
+            "|---|--:|--:|--:|--:|",
+        ]
+        for share in self.by_op():
+            lines.append(
+                f"| {share.label} | {share.macs:,} | {100 * share.macs_share:.2f}% | {share.params:,} | "
+                f"{100 * share.params_share:.2f}% |"
+            )
+        return "\n".join(lines) + "\n"
+
+
+def count_costs(network_or_name: Network | ModelConfig | str | Any, **overrides: Any) -> CostTable:
+    """The cost table of a network: a registered name (with ``alpha=``, ``resolution=``, ... overrides), a
+    :class:`ModelConfig`, a :class:`Network`, or a built ``MobileNet`` (its ``.network``).
+
+    >>> table = count_costs("mobilenet_v1_1.0_224")
+    >>> round(table.macs / 1e6), round(table.params / 1e6, 1)   # V1 paper Table 4: 569M, 4.2M
+    (569, 4.2)
+    """
+    if isinstance(network_or_name, str):
+        network = network_for(network_or_name, **overrides)
+    else:
+        if overrides:
+            raise MobileNetError("options (alpha=, resolution=, ...) can be given only with a registered model name")
+        if isinstance(network_or_name, ModelConfig):
+            network = build_network(network_or_name)
+        elif isinstance(network_or_name, Network):
+            network = network_or_name
+        elif isinstance(getattr(network_or_name, "network", None), Network):
+            network = network_or_name.network
+        else:
+            raise MobileNetError(
+                f"cannot count the cost of a {type(network_or_name).__name__}; expected a model name, a "
+                "ModelConfig, a Network or a MobileNet"
+            )
+    return CostTable(network.name, network.config, tuple(row_for(layer) for layer in network.layers))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One layer: standard vs depthwise separable (V1 paper section 3.1)
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """A standard convolution against its depthwise separable factorisation (V1 paper section 3.1).
+
+    Standard: ``Dk*Dk*M*N*Df*Df`` multiply-adds (equation 2) and ``Dk*Dk*M*N`` parameters. Separable: a depthwise
+    ``Dk*Dk*M*Df*Df`` plus a pointwise ``M*N*Df*Df`` (equation 4); the ratio is ``1/N + 1/Dk^2`` (equation 5).
+    ``Df`` is the output side: the input side for stride 1, ``ceil(side / stride)`` with 'same' padding.
+    """
+
+    height: int
+    width: int
+    in_channels: int
+    out_channels: int
+    kernel: int
+    stride: int
+    out_height: int
+    out_width: int
+    standard_macs: int
+    depthwise_macs: int
+    pointwise_macs: int
+    standard_params: int
+    depthwise_params: int
+    pointwise_params: int
+
+    @property
+    def separable_macs(self) -> int:
+        return self.depthwise_macs + self.pointwise_macs
+
+    @property
+    def separable_params(self) -> int:
+        return self.depthwise_params + self.pointwise_params
+
+    @property
+    def macs_ratio(self) -> float:
+        """Separable / standard multiply-adds; equals ``1/N + 1/Dk^2`` (V1 equation 5)."""
+        return self.separable_macs / self.standard_macs
+
+    @property
+    def params_ratio(self) -> float:
+        return self.separable_params / self.standard_params
+
+    @property
+    def formula_ratio(self) -> float:
+        """V1 equation 5 evaluated directly: ``1/N + 1/Dk^2``."""
+        return 1 / self.out_channels + 1 / self.kernel**2
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "input": [self.height, self.width, self.in_channels],
+            "output": [self.out_height, self.out_width, self.out_channels],
+            "kernel": self.kernel,
+            "stride": self.stride,
+            "convention": MAC_CONVENTION,
+            "standard": {"macs": self.standard_macs, "params": self.standard_params},
+            "depthwise": {"macs": self.depthwise_macs, "params": self.depthwise_params},
+            "pointwise": {"macs": self.pointwise_macs, "params": self.pointwise_params},
+            "separable": {"macs": self.separable_macs, "params": self.separable_params},
+            "macs_ratio": self.macs_ratio,
+            "params_ratio": self.params_ratio,
+            "formula_ratio": self.formula_ratio,
+        }
+
+
+def _positive_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise MobileNetError(f"{what} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def layer_cost(
+    height: int, width: int, in_channels: int, out_channels: int, kernel: int = 3, stride: int = 1
+) -> LayerCost:
+    """One layer's cost as a standard conv and as a depthwise separable conv (V1 paper equations 2, 4, 5).
+
+    >>> c = layer_cost(416, 416, 50, 10, kernel=3)
+    >>> round(c.macs_ratio, 3)        # 1/10 + 1/9
+    0.211
+    >>> layer_cost(3, 3, 3, 3).standard_params, layer_cost(3, 3, 3, 3).separable_params
+    (81, 36)
+    """
+    height, width = _positive_int(height, "height"), _positive_int(width, "width")
+    in_channels = _positive_int(in_channels, "input channels (M)")
+    out_channels = _positive_int(out_channels, "output channels (N)")
+    kernel, stride = _positive_int(kernel, "kernel (Dk)"), _positive_int(stride, "stride")
+    # 'same' padding: the paper's Df is the input side at stride 1; a stride s keeps ceil(side / s).
+    out_h, out_w = -(-height // stride), -(-width // stride)
+    area = out_h * out_w
+    return LayerCost(
+        height=height,
+        width=width,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        kernel=kernel,
+        stride=stride,
+        out_height=out_h,
+        out_width=out_w,
+        standard_macs=kernel * kernel * in_channels * out_channels * area,
+        depthwise_macs=kernel * kernel * in_channels * area,
+        pointwise_macs=in_channels * out_channels * area,
+        standard_params=kernel * kernel * in_channels * out_channels,
+        depthwise_params=kernel * kernel * in_channels,
+        pointwise_params=in_channels * out_channels,
+    )
+
+
+_SHAPE = re.compile(r"^\s*(\d+)\s*[xX×*]\s*(\d+)\s*[xX×*]\s*(\d+)\s*$")
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+    """Parse ``"416x416x50"`` (height x width x channels, as the V1 paper writes Df x Df x M)."""
+    match = _SHAPE.match(text or "")
+    if not match:
+        raise MobileNetError(
+            f"layer input must be HEIGHTxWIDTHxCHANNELS with positive integers, e.g. 416x416x50; got {text!r}"
+        )
+    values = tuple(int(group) for group in match.groups())
+    if min(values) < 1:
+        raise MobileNetError(f"layer input must have positive height, width and channels, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def format_shape(shape: Iterable[int]) -> str:
+    return "x".join(str(value) for value in shape)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The independent count over a built nn.Module
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MeasuredLayer:
+    """What a forward hook saw for one ``nn.Conv2d`` or ``nn.Linear``: its multiply-adds for one image, computed
+    from the module's own attributes and the output tensor's shape, and its weight count."""
+
+    name: str
+    kind: str
+    macs: int
+    params: int
+    out_shape: tuple[int, ...]
+
+
+def measure_costs(model: Any, resolution: int | None = None, device: Any = None) -> list[MeasuredLayer]:
+    """Count multiply-adds and weights by running ``model`` once on one image and hooking every conv and linear
+    layer: independent of the layer list, it reads kernel sizes, groups and channel counts from the modules and
+    output sizes from the tensors the forward pass produces.
+
+    ``device="meta"`` (or a model on the meta device) runs without allocating memory or computing anything, so
+    every registered model can be checked in milliseconds.
+    """
+    import torch
+    from torch import nn
+
+    config = getattr(model, "config", None)
+    side = resolution or (config.resolution if config is not None else 224)
+    in_channels = config.in_channels if config is not None else 3
+    if device is None:
+        first = next(model.parameters(), None)
+        device = first.device if first is not None else "cpu"
+    measured: list[MeasuredLayer] = []
+    handles = []
+
+    def hook(name: str):
+        def record(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            batch = output.shape[0]
+            if isinstance(module, nn.Conv2d):
+                kh, kw = module.kernel_size
+                per_output = kh * kw * (module.in_channels // module.groups)
+                macs = per_output * output.numel() // batch
+                kind = "conv"
+            else:
+                macs = module.in_features * output.numel() // batch
+                kind = "linear"
+            measured.append(MeasuredLayer(name, kind, macs, module.weight.numel(), tuple(output.shape[1:])))
+
+        return record
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            handles.append(module.register_forward_hook(hook(name)))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, in_channels, side, side, device=device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return measured
