@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     if args.layer:
         text = _layer(args)
     elif args.paper:
-        text = _paper(args.format)
+        text = paper_report(args.format)
     else:
         text = _model(args)
     _emit(text, args.output)
@@ -244,7 +244,9 @@ def _layer(args: argparse.Namespace) -> str:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _paper(fmt: str) -> str:
+def paper_report(fmt: str = "table") -> str:
+    """The reproduction of the papers' tables as text in ``fmt`` (table, json, csv or markdown), for `cost --paper`
+    and for a demo that wants to print it."""
     from mobilenet.paper import reproduce, tables_to_json, tables_to_markdown
 
     tables = reproduce()
