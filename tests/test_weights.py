@@ -423,3 +423,18 @@ def test_compare_logits_fails_loudly():
         bn.bias.copy_(weight)
     with pytest.raises(MobileNetError, match="disagrees with the reference"):
         compare_logits(ours, reference, 96)
+
+
+def test_save_unwraps_compiled_and_keeps_loaded_attributes(tmp_path, small_model):
+    """torch.compile prefixes state_dict keys with "_orig_mod."; the checkpoint must hold the plain model's keys.
+    A model from load() keeps its classes and preprocessing when saved again (e.g. after fine-tuning)."""
+    compiled = torch.compile(small_model)  # compilation is lazy: nothing runs until the first call
+    assert next(iter(compiled.state_dict())).startswith("_orig_mod.")
+    first = save(compiled, tmp_path / "a.safetensors", classes=CLASSES, preprocessing=PREPROCESSING)
+    model = load(first)
+    second = save(model, tmp_path / "b.safetensors")
+    header = read_header(second)
+    assert header["classes"] == CLASSES and header["preprocessing"] == PREPROCESSING
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(load(second)(x), small_model(x))

@@ -126,11 +126,13 @@ def save(
     """Write ``model`` as one ``.safetensors`` checkpoint, atomically (a crash leaves the previous file intact).
 
     Args:
-        model: a :class:`~mobilenet.models.MobileNet` (anything with ``.config``, ``.name`` and a ``state_dict``).
+        model: a :class:`~mobilenet.models.MobileNet`, possibly wrapped by ``torch.compile`` or
+            DistributedDataParallel (the wrapper's key prefixes are not stored).
         path: the file to write; its directory is created.
-        classes: class names, one per output of the classifier.
+        classes: class names, one per output of the classifier (default: ``model.classes`` if set, as
+            :func:`load` sets it).
         preprocessing: the eval preprocessing as a dict, or an object with ``to_dict()`` (``mobilenet.data``'s
-            ``Preprocessing``).
+            ``Preprocessing``); default ``model.preprocessing`` if set.
         metadata: free-form JSON-serialisable dict stored as is.
 
     Returns:
@@ -138,12 +140,18 @@ def save(
     """
     from safetensors.torch import save_file
 
+    model = _unwrap(model)
     config = getattr(model, "config", None)
     if not isinstance(config, ModelConfig):
         raise MobileNetError(
             f"can only save a mobilenet model (with a ModelConfig in .config), got {type(model).__name__}; "
             "build it with mobilenet.create_model(...)"
         )
+    # A model from load() carries its classes and preprocessing: saving it again (after fine-tuning) keeps them.
+    if classes is None:
+        classes = getattr(model, "classes", None)
+    if preprocessing is None:
+        preprocessing = getattr(model, "preprocessing", None)
     class_list = _validate_classes(classes, config.num_classes)
     preprocessing_dict = _preprocessing_dict(preprocessing)
     header = {
@@ -171,6 +179,19 @@ def save(
     with atomic_path(target) as tmp:
         save_file(tensors, str(tmp), metadata={HEADER_KEY: text})
     return target
+
+
+def _unwrap(model: Any) -> Any:
+    """The MobileNet inside ``torch.compile`` (``_orig_mod``) or DistributedDataParallel / DataParallel
+    (``module``) wrappers, whose state_dict keys carry a prefix that would not fit the rebuilt model."""
+    for _ in range(4):
+        if isinstance(getattr(model, "config", None), ModelConfig) and not hasattr(model, "_orig_mod"):
+            return model
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if inner is None:
+            return model
+        model = inner
+    return model
 
 
 def _validate_classes(classes: Sequence[str] | None, num_classes: int) -> list[str] | None:
