@@ -1,0 +1,70 @@
+"""``mobilenet eval CHECKPOINT --data SRC``: top-1, top-5, per-class accuracy and a confusion-matrix plot."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("eval", help="evaluate a checkpoint: top-1/top-5, per-class, confusion matrix")
+    parser.add_argument("checkpoint", help="a .safetensors checkpoint written by mobilenet")
+    parser.add_argument("--data", required=True, help="digits | cifar10 | cifar100 | DIR (its val/ or test/ split)")
+    parser.add_argument("--split", choices=("val", "train"), default="val")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--on-bad-image", choices=("skip", "error"), default="error")
+    parser.add_argument("--val-fraction", type=float, help="held-out fraction for a single-tree DIR (as in training)")
+    parser.add_argument("--seed", type=int, default=0, help="the split seed used in training")
+    parser.add_argument("--format", choices=("table", "json"), default="table")
+    parser.add_argument("--plot", help="confusion-matrix PNG path (default: beside the checkpoint)")
+    parser.add_argument("--no-plot", action="store_true")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mobilenet.evaluate import evaluate_checkpoint
+    from mobilenet.plots import plot_confusion
+
+    result = evaluate_checkpoint(
+        args.checkpoint,
+        args.data,
+        split=args.split,
+        batch_size=args.batch_size,
+        device=args.device,
+        num_workers=args.num_workers,
+        on_bad_image=args.on_bad_image,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        progress=args.format == "table",
+    )
+    if not args.no_plot:
+        plot_path = Path(args.plot) if args.plot else Path(args.checkpoint).with_suffix(".confusion.png")
+        plot_confusion(
+            result["confusion"],
+            result["classes"],
+            plot_path,
+            title=f"{result['model']} on {result['data']} ({result['split']}): top-1 {result['top1']:.2%}",
+        )
+        result["confusion_plot"] = str(plot_path)
+    if args.format == "json":
+        print(json.dumps(result, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(
+        f"[bold]{result['model']}[/bold] on {result['data']} ({result['split']}, {result['images']} images): "
+        f"top-1 [bold]{result['top1']:.2%}[/bold]  top-5 {result['top5']:.2%}  loss {result['loss']:.4f}"
+    )
+    table = Table("class", "images", "accuracy")
+    for name, accuracy in result["per_class"].items():
+        table.add_row(name, str(result["per_class_count"][name]), "-" if accuracy is None else f"{accuracy:.2%}")
+    console.print(table)
+    if "confusion_plot" in result:
+        console.print(f"confusion matrix: {result['confusion_plot']}")
+    return 0

@@ -1,0 +1,105 @@
+"""``mobilenet train --model NAME --data SRC --out RUN_DIR``: train or resume a run (see docs/training.md)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train a MobileNet on an image folder, CIFAR or the built-in digits",
+        description="Train a MobileNet. Distributed: torchrun --nproc_per_node=N -m mobilenet train ...",
+    )
+    parser.add_argument("--model", required=True, help="registered model name (see `mobilenet models`)")
+    parser.add_argument(
+        "--data", required=True, help="digits | cifar10 | cifar100 | DIR (DIR/train + DIR/val, or DIR/<class>)"
+    )
+    parser.add_argument("--out", required=True, help="run directory (checkpoints, metrics, curves)")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=128, help="global batch (split across processes)")
+    parser.add_argument(
+        "--recipe",
+        choices=("modern", "paper"),
+        default="modern",
+        help="modern: SGD nesterov + cosine + warmup + label smoothing; paper: RMSprop (TF) 0.045, x0.98/epoch",
+    )
+    parser.add_argument("--optimizer", choices=("sgd", "rmsprop", "adamw"), help="override the recipe's optimizer")
+    parser.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's, scaled by batch size)")
+    parser.add_argument("--schedule", choices=("cosine", "exponential", "step", "constant"))
+    parser.add_argument("--warmup-epochs", type=float)
+    parser.add_argument("--weight-decay", type=float)
+    parser.add_argument("--decay-depthwise", action="store_true", help="also decay depthwise filters (V1 paper: don't)")
+    parser.add_argument("--label-smoothing", type=float)
+    parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--ema-decay", type=float, default=0.0, help="EMA of weights, e.g. 0.999 (0: off)")
+    parser.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm (0: off)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--resolution", type=int, help="input size (default: the data's image size, else the model's)")
+    parser.add_argument("--alpha", type=float, help="width multiplier override")
+    parser.add_argument(
+        "--small-input",
+        dest="small_input",
+        action="store_true",
+        default=None,
+        help="stride-8 network for tiny images (default: on at <= 64 px)",
+    )
+    parser.add_argument("--no-small-input", dest="small_input", action="store_false")
+    parser.add_argument("--dropout", type=float)
+    parser.add_argument("--val-fraction", type=float, help="held-out fraction when the data has no val/ or test/")
+    parser.add_argument("--on-bad-image", choices=("skip", "error"), default="error")
+    parser.add_argument("--limit-train-batches", type=int, help="batches per epoch (quick experiments)")
+    parser.add_argument("--crop-scale-min", type=float, default=0.08, help="RandomResizedCrop lower scale bound")
+    parser.add_argument("--no-sync-bn", dest="sync_bn", action="store_false", help="no SyncBatchNorm under DDP on GPU")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last state")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mobilenet.train import TrainConfig, train
+
+    fields = {
+        key: getattr(args, key)
+        for key in (
+            "model",
+            "data",
+            "out",
+            "epochs",
+            "batch_size",
+            "recipe",
+            "optimizer",
+            "lr",
+            "schedule",
+            "warmup_epochs",
+            "weight_decay",
+            "decay_depthwise",
+            "label_smoothing",
+            "momentum",
+            "ema_decay",
+            "amp",
+            "channels_last",
+            "grad_clip",
+            "device",
+            "seed",
+            "num_workers",
+            "resolution",
+            "alpha",
+            "small_input",
+            "dropout",
+            "val_fraction",
+            "on_bad_image",
+            "resume",
+            "sync_bn",
+            "limit_train_batches",
+            "crop_scale_min",
+        )
+    }
+    result = train(TrainConfig(**fields), progress=args.progress)
+    if result.interrupted:
+        return 130
+    return 0

@@ -1,0 +1,203 @@
+"""Evaluation: top-1, top-5, per-class accuracy and the confusion matrix of a checkpoint on a data source.
+
+``evaluate_checkpoint("runs/c10/best.safetensors", "cifar10")`` is what ``mobilenet eval`` calls. The checkpoint
+is read with :func:`mobilenet.weights.load_checkpoint` (safetensors + JSON header; nothing is unpickled) and the
+images are transformed with the preprocessing stored in it, so evaluation sees exactly what training validated on.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from mobilenet.errors import MobileNetError
+
+__all__ = ["EvalCounts", "accumulate", "evaluate_checkpoint", "summarize"]
+
+
+@dataclass
+class EvalCounts:
+    """Sufficient statistics of an evaluation: the confusion matrix (rows: true class, columns: predicted), the
+    number of top-5 hits and the summed cross-entropy; they add up across batches and processes."""
+
+    confusion: torch.Tensor  # int64 [C, C]
+    top5_correct: int
+    loss_sum: float
+
+    @property
+    def total(self) -> int:
+        return int(self.confusion.sum())
+
+    def all_reduce(self, dist_ctx: Any) -> EvalCounts:
+        if not getattr(dist_ctx, "enabled", False):
+            return self
+        import torch.distributed as dist
+
+        packed = torch.cat([self.confusion.flatten().double(), torch.tensor([float(self.top5_correct), self.loss_sum])])
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+        n = self.confusion.numel()
+        return EvalCounts(
+            packed[:n].round().long().reshape(self.confusion.shape), round(float(packed[n])), float(packed[n + 1])
+        )
+
+
+@torch.no_grad()
+def accumulate(
+    model: nn.Module,
+    loader: DataLoader,
+    *,
+    num_classes: int,
+    device: torch.device | str = "cpu",
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    progress: Any = None,
+) -> EvalCounts:
+    """Run ``model`` (in eval mode) over ``loader`` of ``(images, labels)`` and count."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    top5 = 0
+    loss_sum = 0.0
+    k = min(5, num_classes)
+    try:
+        for images, labels in loader:
+            images = images.to(device, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            labels = labels.to(device)
+            context = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+            with context:
+                logits = model(images)
+            logits = logits.float()
+            loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+            predicted = logits.argmax(1)
+            index = (labels * num_classes + predicted).cpu()
+            confusion += torch.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+            top5 += int((logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1).sum())
+            if progress is not None:
+                progress(labels.shape[0])
+    finally:
+        model.train(was_training)
+    return EvalCounts(confusion, top5, loss_sum)
+
+
+def summarize(counts: EvalCounts, classes: list[str]) -> dict[str, Any]:
+    """Top-1, top-5, mean loss, per-class accuracy (recall) and the confusion matrix as plain Python values."""
+    total = counts.total
+    if total == 0:
+        raise MobileNetError("the evaluation set is empty; expected at least one image")
+    confusion = counts.confusion
+    per_class_total = confusion.sum(1)
+    diagonal = confusion.diagonal()
+    per_class = {
+        name: (float(diagonal[i]) / float(per_class_total[i]) if per_class_total[i] > 0 else None)
+        for i, name in enumerate(classes)
+    }
+    return {
+        "images": total,
+        "top1": float(diagonal.sum()) / total,
+        "top5": counts.top5_correct / total,
+        "loss": counts.loss_sum / total,
+        "per_class": per_class,
+        "per_class_count": {name: int(per_class_total[i]) for i, name in enumerate(classes)},
+        "confusion": confusion.tolist(),
+        "classes": list(classes),
+    }
+
+
+def evaluate_checkpoint(
+    checkpoint: str | os.PathLike[str],
+    data: str | os.PathLike[str],
+    *,
+    split: str = "val",
+    batch_size: int = 256,
+    device: str = "auto",
+    num_workers: int = 0,
+    on_bad_image: str = "error",
+    val_fraction: float | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate a checkpoint on a data source's validation (or ``split="train"``) images.
+
+    The data's classes must be the checkpoint's (same names, same order), otherwise the labels would mean
+    different things; the error lists the difference.
+    """
+    from mobilenet.data import Preprocessing, TransformedDataset, build_eval_transform, load_data
+    from mobilenet.train import resolve_device
+    from mobilenet.weights import load_checkpoint
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise MobileNetError(f"--batch-size must be an integer >= 1, got {batch_size!r}")
+    if split not in ("val", "train"):
+        raise MobileNetError(f"split must be 'val' or 'train', got {split!r}")
+    torch_device = resolve_device(device)
+    ckpt = load_checkpoint(checkpoint, map_location=torch_device)
+    bundle = load_data(data, val_fraction=val_fraction, seed=seed, on_bad_image=on_bad_image)  # type: ignore[arg-type]
+    classes = ckpt.classes
+    if classes is None:
+        if len(bundle.classes) != ckpt.config.num_classes:
+            raise MobileNetError(
+                f"{checkpoint} has {ckpt.config.num_classes} outputs but {data} has {len(bundle.classes)} classes"
+            )
+        classes = bundle.classes
+    elif list(classes) != list(bundle.classes):
+        missing = sorted(set(classes) - set(bundle.classes))
+        extra = sorted(set(bundle.classes) - set(classes))
+        detail = (
+            "; ".join(
+                part
+                for part in (
+                    f"missing {', '.join(missing)}" if missing else "",
+                    f"extra {', '.join(extra)}" if extra else "",
+                )
+                if part
+            )
+            or "same names in a different order"
+        )
+        raise MobileNetError(
+            f"the classes of {data} differ from the checkpoint's ({detail}); expected: {', '.join(classes)}"
+        )
+    if ckpt.preprocessing is not None:
+        preprocessing = Preprocessing.from_dict(ckpt.preprocessing)
+    else:
+        preprocessing = Preprocessing.for_resolution(ckpt.config.resolution)
+    dataset = TransformedDataset(bundle.val if split == "val" else bundle.train, build_eval_transform(preprocessing))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(
+        TextColumn("evaluating"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        disable=not progress,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("eval", total=len(dataset))
+        counts = accumulate(
+            ckpt.model,
+            loader,
+            num_classes=len(classes),
+            device=torch_device,
+            progress=lambda n: bar.advance(task, n),
+        )
+    result = summarize(counts, list(classes))
+    result.update(
+        {
+            "checkpoint": str(Path(checkpoint)),
+            "model": ckpt.name,
+            "data": str(data),
+            "split": bundle.val_name if split == "val" else "train",
+            "preprocessing": preprocessing.to_dict(),
+        }
+    )
+    return result
