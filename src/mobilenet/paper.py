@@ -114,6 +114,25 @@ V2_TABLE4: tuple[tuple[str, str, float, float], ...] = (
     ("MobileNetV2 (1.4)", "mobilenet_v2_1.4_224", 585, 6.9),
 )
 
+#: V2 paper Table 2: (input, operator, t, c, n, s) per row, "-" where the paper leaves a cell empty. The classifier
+#: row ("conv2d 1x1", k outputs) is the FC layer here.
+V2_TABLE2: tuple[tuple[str, str, str, str, str, str], ...] = (
+    ("224x224x3", "conv2d", "-", "32", "1", "2"),
+    ("112x112x32", "bottleneck", "1", "16", "1", "1"),
+    ("112x112x16", "bottleneck", "6", "24", "2", "2"),
+    ("56x56x24", "bottleneck", "6", "32", "3", "2"),
+    ("28x28x32", "bottleneck", "6", "64", "4", "2"),
+    ("14x14x64", "bottleneck", "6", "96", "3", "1"),
+    ("14x14x96", "bottleneck", "6", "160", "3", "2"),
+    ("7x7x160", "bottleneck", "6", "320", "1", "1"),
+    ("7x7x320", "conv2d 1x1", "-", "1280", "1", "1"),
+    ("7x7x1280", "avgpool 7x7", "-", "-", "1", "-"),
+    ("1x1x1280", "conv2d 1x1", "-", "k", "-", "-"),
+)
+
+#: V2 paper section 4 ("Model Architecture"): "followed by 19 residual bottleneck layers described in Table 2".
+V2_TEXT_BOTTLENECKS = 19
+
 #: torchvision's documented trainable parameter count of ``mobilenet_v2`` (IMAGENET1K_V1 weights' meta).
 TORCHVISION_V2_PARAMS = 3_504_872
 
@@ -389,6 +408,69 @@ def _table3() -> PaperTable:
     )
 
 
+def _v2_table2_ours() -> tuple[list[tuple[str, str, str, str, str, str]], int]:
+    """V2 1.0-224's blocks regrouped into Table 2's rows (consecutive bottlenecks with the same output channels),
+    and the number of bottleneck blocks."""
+    network = network_for("mobilenet_v2_1.0_224")
+    stem, *bottlenecks, head = network.blocks
+    rows = []
+    h, w = stem.in_size
+    rows.append((f"{h}x{w}x{stem.in_channels}", "conv2d", "-", str(stem.out_channels), "1", str(stem.stride)))
+    groups: list[list[Any]] = []
+    for block in bottlenecks:
+        if groups and groups[-1][-1].out_channels == block.out_channels:
+            groups[-1].append(block)
+        else:
+            groups.append([block])
+    for group in groups:
+        first = group[0]
+        hidden = first.layers[0].out_channels
+        h, w = first.in_size
+        rows.append(
+            (
+                f"{h}x{w}x{first.in_channels}",
+                "bottleneck",
+                str(hidden // first.in_channels),
+                str(first.out_channels),
+                str(len(group)),
+                str(first.stride),
+            )
+        )
+    h, w = head.in_size
+    rows.append((f"{h}x{w}x{head.in_channels}", "conv2d 1x1", "-", str(head.out_channels), "1", str(head.stride)))
+    ph, pw = network.pool_size
+    rows.append((f"{ph}x{pw}x{network.features_out}", f"avgpool {ph}x{pw}", "-", "-", "1", "-"))
+    rows.append((f"1x1x{network.classifier.in_channels}", "conv2d 1x1", "-", "k", "-", "-"))
+    return rows, len(bottlenecks)
+
+
+def _v2_table2() -> PaperTable:
+    ours, bottlenecks = _v2_table2_ours()
+    rows = []
+    for index, (published, mine) in enumerate(zip(V2_TABLE2, ours, strict=True)):
+        text = [f"{published[0]} {published[1]} t={published[2]} c={published[3]} n={published[4]} s={published[5]}"]
+        text.append(f"{mine[0]} {mine[1]} t={mine[2]} c={mine[3]} n={mine[4]} s={mine[5]}")
+        rows.append(Comparison(f"{index + 1}", "row", text[0], text[1]))
+    rows.append(
+        Comparison(
+            "bottleneck blocks",
+            "count",
+            V2_TEXT_BOTTLENECKS,
+            bottlenecks,
+            "the paper's text says 19 bottleneck layers; its own Table 2 sums to 1+2+3+4+3+3+1 = 17, as do "
+            "TF-slim, torchvision and timm",
+        )
+    )
+    return PaperTable(
+        "v2-table2",
+        "V2 Table 2: MobileNetV2 body (alpha 1.0, 224)",
+        "Sandler et al. 2018, Table 2 and section 4",
+        tuple(rows),
+        "Each row: input, operator, t, c, n, s. Our rows are regrouped from the built blocks (consecutive "
+        "bottlenecks with equal output channels); t = expanded / input channels.",
+    )
+
+
 def _model_rows(
     entries: tuple[tuple[str, str, float, float], ...], notes: dict[tuple[str, str], str] | None = None
 ) -> tuple[Comparison, ...]:
@@ -550,7 +632,8 @@ def _tf_slim_v2() -> PaperTable:
 
 
 def reproduce() -> tuple[PaperTable, ...]:
-    """Every published table beside our count: V1 Tables 1-7, the V2 headline figures, TF-slim's checkpoints."""
+    """Every published table beside our count: V1 Tables 1-7, V2 Table 2 and its headline figures (Table 4),
+    TF-slim's checkpoint tables."""
     v1 = count_costs("mobilenet_v1_1.0_224")
     return (
         _table1(),
@@ -560,6 +643,7 @@ def reproduce() -> tuple[PaperTable, ...]:
         _table5(),
         _table6(),
         _table7(),
+        _v2_table2(),
         _v2_headline(),
         _tf_slim_v1(),
         _tf_slim_v2(),
