@@ -741,8 +741,10 @@ def read_foreign_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Ten
         raise MobileNetError(f"checkpoint {file} is a directory; expected a .pth or .safetensors file")
     with open(file, "rb") as handle:
         prefix = handle.read(9)
+    # Decide by content, not by name: a .pth renamed .safetensors is still a pickle.
+    is_pytorch = prefix.startswith(_ZIP_MAGIC) or prefix.startswith(_PICKLE_PROTO)
     is_safetensors = len(prefix) == 9 and prefix[8:9] == b"{"
-    if is_safetensors or file.suffix == ".safetensors":
+    if is_safetensors or (file.suffix == ".safetensors" and not is_pytorch):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -754,7 +756,7 @@ def read_foreign_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Ten
             data: Any = load_file(str(file), device="cpu")
         except SafetensorError as error:
             raise MobileNetError(f"{file} could not be read as safetensors ({error})") from None
-    elif prefix.startswith(_ZIP_MAGIC) or prefix.startswith(_PICKLE_PROTO):
+    elif is_pytorch:
         try:
             data = torch.load(file, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as error:
