@@ -29,7 +29,12 @@ def _meta_model(config_or_name, **overrides):
 
 def _assert_matches_module(model) -> None:
     table = count_costs(model)
-    measured = measure_costs(model)
+    # One forward pass feeds both independent counts: the forward hooks of measure_costs (module attributes and
+    # output shapes) and torch's own FLOP counter (2 FLOPs per multiply-add for conv and addmm; BN, ReLU, adds and
+    # pooling are not counted), which sees the dispatched aten ops rather than the modules.
+    with FlopCounterMode(display=False) as counter:
+        measured = measure_costs(model)
+    assert counter.get_total_flops() == 2 * table.macs
     # Layer by layer: the same modules in the same order, each with the same multiply-adds and weights.
     assert [m.name for m in measured] == [row.name for row in table.rows]
     for row, seen in zip(table.rows, measured, strict=True):
@@ -39,13 +44,6 @@ def _assert_matches_module(model) -> None:
             assert tuple(seen.out_shape[1:]) == row.out_shape[:2], row.name
     # Trainable parameters: weights, biases and BatchNorm scale/shift, as sum(p.numel()) counts them.
     assert table.trainable_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
-    # torch's own FLOP counter (2 FLOPs per multiply-add for conv and addmm; BN, ReLU, adds, pooling not counted).
-    # In eval mode: BatchNorm in training mode refuses a batch of one 1x1 map (small resolutions end on 1x1).
-    model.eval()
-    resolution, channels = model.config.resolution, model.config.in_channels
-    with FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, channels, resolution, resolution, device="meta"))
-    assert counter.get_total_flops() == 2 * table.macs
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -104,7 +102,7 @@ def test_every_registered_model_matches_its_module(name):
     _assert_matches_module(_meta_model(name))
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     family=st.sampled_from(["v1", "v2"]),
     alpha=st.floats(min_value=0.05, max_value=2.0, allow_nan=False),
