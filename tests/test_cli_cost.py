@@ -102,6 +102,8 @@ def test_output_file(capsys, tmp_path):
         ([], "exactly one of"),
         (["mobilenet_v1_1.0_224", "--paper"], "exactly one of"),
         (["--paper", "--alpha", "0.5"], "apply to a model NAME"),
+        (["mobilenet_v1_1.0_224", "--kernel", "5"], "give --layer too"),
+        (["--layer", "8x8x4", "--out", "4", "--stride", "0"], "stride must be an integer >= 1"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, expected):

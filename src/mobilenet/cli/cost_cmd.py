@@ -38,8 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--format", choices=FORMATS, default="table", help="output format (default: table)")
     parser.add_argument("--layer", metavar="HxWxM", help="one layer's input, e.g. 416x416x50: standard vs separable")
     parser.add_argument("--out", type=int, metavar="N", help="output channels of the --layer")
-    parser.add_argument("--kernel", type=int, default=3, metavar="DK", help="kernel side of the --layer (default 3)")
-    parser.add_argument("--stride", type=int, default=1, help="stride of the --layer (default 1)")
+    parser.add_argument("--kernel", type=int, metavar="DK", help="kernel side of the --layer (default 3)")
+    parser.add_argument("--stride", type=int, help="stride of the --layer (default 1)")
     parser.add_argument("--paper", action="store_true", help="reproduce the papers' tables, published vs ours")
     parser.add_argument("--output", "-o", metavar="FILE", help="write to FILE (atomically) instead of stdout")
     parser.set_defaults(handler=run)
@@ -50,8 +50,11 @@ def run(args: argparse.Namespace) -> int:
     if len(modes) != 1:
         got = " and ".join(modes) if modes else "none"
         raise MobileNetError(f"give exactly one of a model NAME, --layer HxWxM or --paper (got {got})")
-    if not args.layer and args.out is not None:
-        raise MobileNetError("--out is the output channel count of --layer; give --layer HxWxM too")
+    if not args.layer:
+        layer_only = [flag for flag in ("out", "kernel", "stride") if getattr(args, flag) is not None]
+        if layer_only:
+            flags = ", ".join(f"--{flag}" for flag in layer_only)
+            raise MobileNetError(f"{flags} describe the one layer of --layer HxWxM; give --layer too")
     if args.name is None:
         model_options = {"alpha": args.alpha, "resolution": args.resolution, "num_classes": args.num_classes}
         given = [f"--{key.replace('_', '-')}" for key, value in model_options.items() if value is not None]
@@ -198,7 +201,9 @@ def _layer(args: argparse.Namespace) -> str:
     if args.out is None:
         raise MobileNetError("--layer needs --out N, the number of output channels (filters)")
     height, width, channels = parse_shape(args.layer)
-    cost = layer_cost(height, width, channels, args.out, kernel=args.kernel, stride=args.stride)
+    kernel = 3 if args.kernel is None else args.kernel
+    stride = 1 if args.stride is None else args.stride
+    cost = layer_cost(height, width, channels, args.out, kernel=kernel, stride=stride)
     if args.format == "json":
         import json
 
