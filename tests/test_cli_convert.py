@@ -95,10 +95,9 @@ def test_tf_style_1001_head(files, tmp_path, capsys):
     assert gap <= 1e-5 * scale
     assert read_header(dropped)["metadata"]["dropped_background"] is True
 
-    assert (
-        _convert("--from", "torchvision", src, "--model", "mobilenet_v2_0.5_96", "--out", kept, "--keep-background")
-        == 0
-    )
+    # The reference check ran above; here the kept head's logits are compared directly.
+    args = ("--from", "torchvision", src, "--model", "mobilenet_v2_0.5_96", "--out", kept, "--keep-background")
+    assert _convert(*args, "--no-check") == 0
     model = load(kept)
     assert model.config.num_classes == 1001 and model.classes[:2] == ["background", "tench"]
     gap, scale = _gap(model, files["tv1001"], 96)

@@ -241,7 +241,7 @@ def test_pytorch_pickles_are_refused_with_convert_hint(tmp_path, small_model):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _logit_gap(ours: torch.nn.Module, theirs: torch.nn.Module, size: int = 96) -> tuple[float, float]:
+def _logit_gap(ours: torch.nn.Module, theirs: torch.nn.Module, size: int = 64) -> tuple[float, float]:
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         a, b = ours.eval()(x), theirs.eval()(x)
