@@ -93,7 +93,20 @@ def test_file_is_plain_safetensors(tmp_path, small_model):
         "classes": None,
         "preprocessing": None,
         "metadata": {},
+        "weights_sha256": info["weights_sha256"],
     }
+    assert len(info["weights_sha256"]) == 64
+
+
+def test_flipped_data_byte_is_refused(tmp_path, small_model):
+    """safetensors itself has no checksum; the stored SHA-256 of the tensors catches a changed byte."""
+    path = save(small_model, tmp_path / "c.safetensors")
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0x01  # inside the last tensor's bytes
+    bad = tmp_path / "flipped.safetensors"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(MobileNetError, match="does not match the checksum"):
+        load(bad)
 
 
 def test_preprocessing_object_with_to_dict(tmp_path, small_model):

@@ -175,10 +175,29 @@ def save(
         ) from None
     # safetensors wants contiguous tensors that share no storage; clone() breaks any sharing a user introduced.
     tensors = {key: value.detach().contiguous().clone() for key, value in model.state_dict().items()}
+    # safetensors has no checksum: a flipped or overwritten byte in the data would load silently as a wrong
+    # weight. The digest of the tensors lets load_checkpoint refuse such a file.
+    header["weights_sha256"] = tensors_digest(tensors)
+    text = json.dumps(header, allow_nan=False)
     target = Path(path)
     with atomic_path(target) as tmp:
         save_file(tensors, str(tmp), metadata={HEADER_KEY: text})
     return target
+
+
+def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over the names, dtypes, shapes and raw bytes of ``tensors`` in sorted name order."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().contiguous().cpu()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        # view as bytes: works for every dtype, including bfloat16 that NumPy lacks.
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _unwrap(model: Any) -> Any:
@@ -187,7 +206,9 @@ def _unwrap(model: Any) -> Any:
     for _ in range(4):
         if isinstance(getattr(model, "config", None), ModelConfig) and not hasattr(model, "_orig_mod"):
             return model
-        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None:
+            inner = getattr(model, "module", None)
         if inner is None:
             return model
         model = inner
@@ -408,6 +429,11 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: str | Any = "
         state_dict = load_file(str(file), device=device)
     except SafetensorError as error:
         raise MobileNetError(f"{file} could not be read as safetensors ({error}); write it again") from None
+    expected_digest = info.get("weights_sha256")
+    if expected_digest is not None and tensors_digest(state_dict) != expected_digest:
+        raise MobileNetError(
+            f"{file} is corrupt: its tensor data does not match the checksum written with it; write it again"
+        )
     model = model_from_config(config, name=name)
     check_state_dict(model, state_dict, what=str(file))
     model.load_state_dict(state_dict, strict=True)
