@@ -44,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mobilenet.errors import MobileNetError
-    from mobilenet.weights import convert, pretrained, save
+    from mobilenet.weights import LOGIT_RTOL, convert, pretrained, save
 
     if args.download == (args.file is not None):
         raise MobileNetError("give either FILE or --download (not both, not neither)")
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(
             f"logit check vs {report.reference}: max |ours - theirs| = {report.max_abs_diff:.3g} "
-            f"(max |theirs| = {report.max_abs_reference:.3g}, tolerance {report.max_abs_reference * 1e-5:.3g})"
+            f"(max |theirs| = {report.max_abs_reference:.3g}, tolerance {report.max_abs_reference * LOGIT_RTOL:.3g})"
         )
     print(f"wrote {args.out}")
     return 0
