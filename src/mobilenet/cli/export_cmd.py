@@ -1,0 +1,90 @@
+"""``mobilenet export CHECKPOINT --format onnx|torchscript|pt2|pte [--out FILE]``: a verified deployment file."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+FORMATS = ("onnx", "torchscript", "pt2", "pte")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="export a checkpoint to ONNX, TorchScript, torch.export (.pt2) or ExecuTorch (.pte), verified",
+        description=(
+            "Export with BatchNorm folded into the convs, a dynamic batch dimension, input 'image' and output "
+            "'logits', the preprocessing and class names in the file's metadata. Every file is checked after "
+            "writing (ONNX: onnx.checker and ONNX Runtime; others: their own loader/runtime) against PyTorch's "
+            "logits before it replaces OUT."
+        ),
+    )
+    parser.add_argument("checkpoint", help="a .safetensors checkpoint (or a registered model name: random weights)")
+    parser.add_argument("--format", "-f", choices=FORMATS, default="onnx", help="output format (default: onnx)")
+    parser.add_argument("--out", "-o", default=None, help="output file (default: CHECKPOINT with the format's suffix)")
+    parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
+    parser.add_argument(
+        "--onnx-exporter",
+        choices=("torchscript", "dynamo"),
+        default="torchscript",
+        help="torch.onnx exporter: the tracer (fast, default) or dynamo (torch.export + onnxscript)",
+    )
+    parser.add_argument(
+        "--max-batch", type=int, default=None, help="pte only: largest batch the program accepts (3..15, default 8)"
+    )
+    parser.add_argument(
+        "--atol", type=float, default=1e-4, help="largest allowed |logit difference| against PyTorch (default 1e-4)"
+    )
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mobilenet.errors import MobileNetError
+    from mobilenet.export import EXPORT_FORMATS, export_model
+    from mobilenet.predict import RandomWeightsWarning, load_source
+
+    if args.opset < 11:
+        raise MobileNetError(f"--opset must be at least 11 (Clip with min/max inputs), got {args.opset}")
+    if not args.atol > 0:
+        raise MobileNetError(f"--atol must be a positive number, got {args.atol}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RandomWeightsWarning)
+        source = load_source(args.checkpoint)
+    for warning in caught:
+        print(f"mobilenet export: warning: {warning.message}", file=sys.stderr)
+    if source.model is None:
+        raise MobileNetError(f"{args.checkpoint} is already an ONNX file; export takes a .safetensors checkpoint")
+    out = Path(args.out) if args.out else _default_out(args.checkpoint, source.name, EXPORT_FORMATS[args.format])
+    options: dict[str, object] = {"atol": args.atol}
+    if args.format == "onnx":
+        options.update(opset=args.opset, exporter=args.onnx_exporter)
+    if args.format == "pte" and args.max_batch is not None:
+        options["max_batch"] = args.max_batch
+    elif args.max_batch is not None:
+        raise MobileNetError("--max-batch applies to --format pte only (the other formats take any batch size)")
+    result = export_model(
+        source.model,
+        out,
+        format=args.format,
+        classes=source.classes,
+        preprocessing=source.preprocessing,
+        **options,
+    )
+    print(f"wrote {result.path} ({result.path.stat().st_size / 1e6:.2f} MB, {result.format})")
+    for extra in result.extra_files:
+        print(f"wrote {extra} (metadata)")
+    for check in result.checks:
+        print(f"  ok: {check}")
+    return 0
+
+
+def _default_out(checkpoint: str, name: str, suffix: str):
+    from pathlib import Path
+
+    path = Path(checkpoint)
+    if path.is_file():
+        return path.with_suffix(suffix)
+    return Path((name or "mobilenet") + suffix)

@@ -1,0 +1,575 @@
+"""Export a MobileNet for deployment: ONNX, TorchScript, ``torch.export`` (``.pt2``) and ExecuTorch (``.pte``).
+
+Every exporter works on a copy of the model with BatchNorm folded into the preceding convolution
+(:func:`fold_batchnorm`): at inference a BatchNorm is an affine map per channel, so it disappears into the conv's
+weights and bias, and the exported graph is the papers' "conv, ReLU" stack with no normalisation node (the V1
+paper, section 3.1, counts BN with its conv; the V2 paper's Table 1 block is conv, ReLU6, dwise conv, ReLU6, linear
+conv). ReLU6 (V2 paper section 3.1: "ReLU6 as the non-linearity because of its robustness when used with
+low-precision computation") becomes one ONNX ``Clip(0, 6)`` node.
+
+Every file is written to a temporary path and checked there before it replaces the target (:mod:`mobilenet.io`):
+ONNX with ``onnx.checker`` and ONNX Runtime, the others with their own loader/runtime, each run on a batch of two
+inputs (the batch dimension is dynamic) and compared with PyTorch's logits (max abs diff <= ``atol``, 1e-4 by
+default). A file that fails the check is never left at the target path.
+
+The model's name, config, class names and eval preprocessing travel with the file: ONNX ``metadata_props``,
+TorchScript and ``.pt2`` extra files, and a ``.json`` file beside an ExecuTorch ``.pte`` (that format has no
+free-form metadata section).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import itertools
+import json
+import os
+import warnings
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mobilenet.errors import MobileNetError
+from mobilenet.io import atomic_path, atomic_write_text
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+__all__ = [
+    "EXPORT_FORMATS",
+    "INPUT_NAME",
+    "OUTPUT_NAME",
+    "ExportResult",
+    "export_executorch",
+    "export_model",
+    "export_onnx",
+    "export_pt2",
+    "export_torchscript",
+    "fold_batchnorm",
+    "metadata_for",
+    "read_onnx_metadata",
+]
+
+#: Formats :func:`export_model` writes, with their file suffix.
+EXPORT_FORMATS: dict[str, str] = {"onnx": ".onnx", "torchscript": ".ts", "pt2": ".pt2", "pte": ".pte"}
+#: The graph's input (float32 NCHW, preprocessed as the metadata says) and output (logits, before softmax).
+INPUT_NAME = "image"
+OUTPUT_NAME = "logits"
+#: Name of the JSON with name/config/classes/preprocessing inside TorchScript and .pt2 archives.
+METADATA_FILE = "mobilenet.json"
+#: The largest batch an ExecuTorch program accepts: its memory plan is sized for an upper bound of the dynamic
+#: batch dim. (ExecuTorch 1.5 plans at most 15 however large the bound, so a bound above that fails at run time;
+#: a phone runs batch 1 anyway.)
+PTE_MAX_BATCH = 8
+DEFAULT_ATOL = 1e-4
+
+ONNX_EXTRA_HINT = "install the onnx extra: pip install 'mobilenet[onnx]'"
+PTE_EXTRA_HINT = "install the mobile extra: pip install 'mobilenet[mobile]' (ExecuTorch with the XNNPACK delegate)"
+
+
+@dataclass
+class ExportResult:
+    """What an export wrote and how it was checked.
+
+    Attributes:
+        path: the exported file.
+        format: one of :data:`EXPORT_FORMATS`.
+        max_abs_diff: the largest |logit difference| between the exported program (run in its own runtime) and
+            the PyTorch model, over the check batch.
+        checks: what was verified, in words (for the CLI and logs).
+        extra_files: other files written beside ``path`` (the ``.json`` metadata of a ``.pte``).
+    """
+
+    path: Path
+    format: str
+    max_abs_diff: float
+    checks: list[str] = field(default_factory=list)
+    extra_files: list[Path] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# BatchNorm folding
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in eval mode with every BatchNorm folded into the conv before it.
+
+    With running mean mu, variance var, scale gamma, shift beta and eps, BN(conv(x)) = gamma * (W x + b - mu) /
+    sqrt(var + eps) + beta, which is a conv with W' = W * gamma / sqrt(var + eps) and b' = (b - mu) * gamma /
+    sqrt(var + eps) + beta (``torch.nn.utils.fusion.fuse_conv_bn_eval``). Each folded BN is replaced by
+    ``nn.Identity`` so the module tree (and every parameter name but the new conv biases) is unchanged.
+
+    A conv-BN pair is a module with ``.conv`` (``nn.Conv2d``) and ``.bn`` (``nn.BatchNorm2d``) attributes, as
+    :class:`mobilenet.layers.ConvBNAct`, or two consecutive children of an ``nn.Sequential``. The input model is
+    not modified.
+    """
+    from torch import nn
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    folded = copy.deepcopy(model).eval()
+    for module in list(folded.modules()):
+        conv, bn = getattr(module, "conv", None), getattr(module, "bn", None)
+        if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+            module.conv = fuse_conv_bn_eval(conv, bn)
+            module.bn = nn.Identity()
+        if isinstance(module, nn.Sequential):
+            names = list(module._modules)
+            for first, second in itertools.pairwise(names):
+                conv, bn = module._modules[first], module._modules[second]
+                if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                    module._modules[first] = fuse_conv_bn_eval(conv, bn)
+                    module._modules[second] = nn.Identity()
+    return folded
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metadata
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def metadata_for(
+    model: nn.Module,
+    *,
+    classes: Sequence[str] | None = None,
+    preprocessing: dict[str, Any] | Any | None = None,
+) -> dict[str, Any]:
+    """The JSON that travels with an exported file: the checkpoint header's fields (format_version, name, config,
+    classes, preprocessing) plus the graph's input/output names and layout.
+
+    ``classes`` and ``preprocessing`` default to the model's ``.classes`` / ``.preprocessing`` (set by
+    :func:`mobilenet.weights.load`); without either, the preprocessing is the default for the model's config
+    (:func:`mobilenet.predict.default_preprocessing`).
+    """
+    from mobilenet.predict import default_preprocessing
+
+    config = getattr(model, "config", None)
+    if config is None:
+        raise MobileNetError(
+            f"can only export a mobilenet model (with .config), got {type(model).__name__}; "
+            "build it with mobilenet.create_model(...) or load a checkpoint"
+        )
+    if classes is None:
+        classes = getattr(model, "classes", None)
+    if preprocessing is None:
+        preprocessing = getattr(model, "preprocessing", None)
+    if preprocessing is None:
+        preprocessing = default_preprocessing(config)
+    if hasattr(preprocessing, "to_dict"):
+        preprocessing = preprocessing.to_dict()
+    if classes is not None and len(classes) != config.num_classes:
+        raise MobileNetError(
+            f"got {len(classes)} class names for {config.num_classes} outputs; expected one per output"
+        )
+    return {
+        "format_version": 1,
+        "name": str(getattr(model, "name", "") or ""),
+        "config": config.to_dict(),
+        "classes": list(classes) if classes is not None else None,
+        "preprocessing": json.loads(json.dumps(dict(preprocessing))),
+        "input": {"name": INPUT_NAME, "layout": "NCHW", "dtype": "float32", "batch": "dynamic"},
+        "output": {"name": OUTPUT_NAME, "meaning": "logits (apply softmax for probabilities)"},
+    }
+
+
+def _input_size(metadata: dict[str, Any]) -> int:
+    return int(metadata["preprocessing"].get("input_size") or metadata["config"]["resolution"])
+
+
+def _check_input(metadata: dict[str, Any], batch: int, seed: int = 0) -> torch.Tensor:
+    """A fixed pseudo-random batch shaped as the model's input (normalised images are roughly N(0, 1))."""
+    import torch
+
+    size = _input_size(metadata)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, int(metadata["config"]["in_channels"]), size, size, generator=generator)
+
+
+def _compare(reference: torch.Tensor, got: Any, what: str, atol: float) -> float:
+    import numpy as np
+
+    got_array = np.asarray(got.detach().cpu().numpy() if hasattr(got, "detach") else got, dtype=np.float64)
+    ref_array = reference.detach().cpu().double().numpy()
+    if got_array.shape != ref_array.shape:
+        raise MobileNetError(f"{what}: output shape {got_array.shape} differs from PyTorch's {ref_array.shape}")
+    diff = float(np.max(np.abs(got_array - ref_array))) if ref_array.size else 0.0
+    if not diff <= atol:
+        raise MobileNetError(
+            f"{what}: logits differ from PyTorch's by up to {diff:.3g} (allowed {atol:g}); the file was not written"
+        )
+    return diff
+
+
+def _reference(model: nn.Module, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    import torch
+
+    with torch.inference_mode():
+        return [model(x) for x in inputs]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ONNX
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _require_onnx() -> tuple[Any, Any]:
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as error:
+        raise MobileNetError(
+            f"ONNX export needs onnx and onnxruntime ({error.name} is missing); {ONNX_EXTRA_HINT}"
+        ) from None
+    return onnx, onnxruntime
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    classes: Sequence[str] | None = None,
+    preprocessing: dict[str, Any] | Any | None = None,
+    opset: int = 18,
+    exporter: str = "torchscript",
+    atol: float = DEFAULT_ATOL,
+) -> ExportResult:
+    """Write ``model`` as an ONNX file with BatchNorm folded, a dynamic batch dimension, input ``image`` and output
+    ``logits``, and check it with ``onnx.checker`` and ONNX Runtime against PyTorch.
+
+    Args:
+        model: a :class:`~mobilenet.models.MobileNet` (any mode; it is copied and put in eval mode).
+        path: the ``.onnx`` file to write.
+        classes, preprocessing: stored in ``metadata_props`` (default: the model's own, see :func:`metadata_for`).
+        opset: the ONNX opset (Clip takes min/max as inputs from opset 11).
+        exporter: ``"torchscript"`` (``torch.onnx.export(dynamo=False)``: the tracer, fast, deprecated upstream
+            but still shipped) or ``"dynamo"`` (``torch.export`` + onnxscript; slower to run). Both produce the same
+            graph of Conv, Clip, Add, pooling and Gemm nodes; ``"torchscript"`` falls back to ``"dynamo"`` where the
+            tracer is gone.
+        atol: the largest allowed |logit difference| between ONNX Runtime and PyTorch.
+
+    ``metadata_props`` holds ``mobilenet`` (the whole JSON of :func:`metadata_for`) and, for readers that want
+    one field, ``name``, ``config``, ``classes`` and ``preprocessing`` (each JSON).
+    """
+    import torch
+
+    onnx, _ = _require_onnx()
+    if exporter not in ("torchscript", "dynamo"):
+        raise MobileNetError(f"unknown ONNX exporter {exporter!r}; expected 'torchscript' or 'dynamo'")
+    metadata = metadata_for(model, classes=classes, preprocessing=preprocessing)
+    folded = fold_batchnorm(model).float().cpu()
+    example = _check_input(metadata, 2)
+    target = Path(path)
+    with atomic_path(target) as tmp:
+        _torch_onnx_export(torch, folded, example, tmp, opset=opset, exporter=exporter)
+        graph = onnx.load(str(tmp))
+        _onnx_set_metadata(graph, metadata)
+        onnx.save(graph, str(tmp))
+        onnx.checker.check_model(str(tmp), full_check=True)
+        diff, checks = _verify_onnx(tmp, model, metadata, atol)
+    checks.insert(0, "onnx.checker (full_check) passed")
+    return ExportResult(target, "onnx", diff, checks)
+
+
+def _torch_onnx_export(torch: Any, model: nn.Module, example: torch.Tensor, path: Path, *, opset: int, exporter: str):
+    common = {"input_names": [INPUT_NAME], "output_names": [OUTPUT_NAME], "opset_version": opset}
+    if exporter == "torchscript":
+        try:
+            with warnings.catch_warnings():
+                # The tracer-based exporter is deprecated in favour of dynamo; it still writes the same graph faster.
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    model,
+                    (example,),
+                    str(path),
+                    dynamo=False,
+                    dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                    do_constant_folding=True,
+                    **common,
+                )
+            return
+        except (TypeError, RuntimeError, AttributeError) as error:
+            if "dynamo" not in str(error) and "TorchScript" not in str(error):
+                raise
+    try:
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise MobileNetError(f"the dynamo ONNX exporter needs onnxscript; {ONNX_EXTRA_HINT}") from None
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings(), _quiet():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model, (example,), dynamo=True, dynamic_shapes=({0: batch},), optimize=True, verbose=False, **common
+        )
+    program.save(str(path), external_data=False)
+
+
+class _quiet:
+    """Silence the dynamo exporter's progress lines on stdout (the CLI prints its own)."""
+
+    def __enter__(self) -> None:
+        import contextlib
+
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+
+def _onnx_set_metadata(graph: Any, metadata: dict[str, Any]) -> None:
+    props = {
+        "mobilenet": json.dumps(metadata),
+        "name": metadata["name"],
+        "config": json.dumps(metadata["config"]),
+        "classes": json.dumps(metadata["classes"]),
+        "preprocessing": json.dumps(metadata["preprocessing"]),
+    }
+    del graph.metadata_props[:]
+    for key, value in props.items():
+        entry = graph.metadata_props.add()
+        entry.key, entry.value = key, value
+    graph.producer_name = "mobilenet"
+    graph.doc_string = (
+        f"{metadata['name'] or 'MobileNet'}: input {INPUT_NAME!r} float32 NCHW preprocessed as metadata "
+        f"'preprocessing' says; output {OUTPUT_NAME!r} = logits."
+    )
+
+
+def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``mobilenet`` JSON stored in an ONNX file's ``metadata_props`` (by :func:`export_onnx` or
+    :func:`mobilenet.quantize.quantize_onnx`)."""
+    onnx, _ = _require_onnx()
+    file = Path(path)
+    if not file.is_file():
+        raise MobileNetError(f"ONNX file {file} does not exist")
+    try:
+        graph = onnx.load(str(file), load_external_data=False)
+    except Exception as error:  # onnx raises DecodeError/ValueError/...: any failure means "not an ONNX model"
+        raise MobileNetError(f"{file} is not a readable ONNX model ({type(error).__name__}: {error})") from None
+    props = {entry.key: entry.value for entry in graph.metadata_props}
+    if "mobilenet" not in props:
+        raise MobileNetError(f"{file} has no mobilenet metadata; expected a file written by `mobilenet export`")
+    return json.loads(props["mobilenet"])
+
+
+def _ort_session(path: Path | str, num_threads: int | None = None) -> Any:
+    _, ort = _require_onnx()
+    options = ort.SessionOptions()
+    if num_threads:
+        options.intra_op_num_threads = num_threads
+        options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def _verify_onnx(path: Path, model: nn.Module, metadata: dict[str, Any], atol: float) -> tuple[float, list[str]]:
+    session = _ort_session(path)
+    inputs = [_check_input(metadata, 2, seed=1), _check_input(metadata, 3, seed=2)]
+    references = _reference(model.eval(), inputs)
+    diff = max(
+        _compare(ref, session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0], "ONNX Runtime", atol)
+        for x, ref in zip(inputs, references, strict=True)
+    )
+    return diff, [f"ONNX Runtime logits equal PyTorch's at batch 2 and 3 (max abs diff {diff:.2e} <= {atol:g})"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TorchScript and torch.export
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def export_torchscript(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    classes: Sequence[str] | None = None,
+    preprocessing: dict[str, Any] | Any | None = None,
+    atol: float = DEFAULT_ATOL,
+) -> ExportResult:
+    """Write a traced TorchScript module (BatchNorm folded; loads with ``torch.jit.load`` without this library)
+    with ``mobilenet.json`` among its extra files, then reload it and compare logits at batch 2 and 3."""
+    import torch
+
+    metadata = metadata_for(model, classes=classes, preprocessing=preprocessing)
+    folded = fold_batchnorm(model).float().cpu()
+    target = Path(path)
+    with atomic_path(target) as tmp:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # torch.jit is deprecated upstream in favour of torch.export
+            traced = torch.jit.trace(folded, _check_input(metadata, 2))
+            traced = torch.jit.freeze(traced.eval())
+            torch.jit.save(traced, str(tmp), _extra_files={METADATA_FILE: json.dumps(metadata)})
+            extra = {METADATA_FILE: ""}
+            loaded = torch.jit.load(str(tmp), map_location="cpu", _extra_files=extra)
+        if json.loads(extra[METADATA_FILE]) != metadata:
+            raise MobileNetError("TorchScript export: the metadata read back differs from the one written")
+        diff = _verify_callable(loaded, model, metadata, atol, "TorchScript")
+    return ExportResult(
+        target, "torchscript", diff, [f"torch.jit.load + run equals PyTorch at batch 2 and 3 (max abs diff {diff:.2e})"]
+    )
+
+
+def _verify_callable(run: Callable[[Any], Any], model: nn.Module, metadata: dict[str, Any], atol: float, what: str):
+    import torch
+
+    inputs = [_check_input(metadata, 2, seed=1), _check_input(metadata, 3, seed=2)]
+    references = _reference(model.eval(), inputs)
+    with torch.inference_mode():
+        return max(_compare(ref, run(x), what, atol) for x, ref in zip(inputs, references, strict=True))
+
+
+def _exported_program(model: nn.Module, metadata: dict[str, Any], max_batch: int) -> Any:
+    import torch
+
+    folded = fold_batchnorm(model).float().cpu()
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    return torch.export.export(folded, (_check_input(metadata, 2),), dynamic_shapes=({0: batch},), strict=False)
+
+
+def export_pt2(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    classes: Sequence[str] | None = None,
+    preprocessing: dict[str, Any] | Any | None = None,
+    atol: float = DEFAULT_ATOL,
+) -> ExportResult:
+    """Write a ``torch.export`` ExportedProgram (``.pt2``, BatchNorm folded, dynamic batch 1..4096) with
+    ``mobilenet.json`` among its extra files; reload it with ``torch.export.load`` and compare logits."""
+    import torch
+
+    metadata = metadata_for(model, classes=classes, preprocessing=preprocessing)
+    program = _exported_program(model, metadata, max_batch=4096)
+    target = Path(path)
+    # torch.export wants a file name ending in .pt2 or a buffer: save to a buffer, then write it atomically.
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer, extra_files={METADATA_FILE: json.dumps(metadata)})
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(buffer.getvalue())
+        extra = {METADATA_FILE: ""}
+        loaded = torch.export.load(io.BytesIO(tmp.read_bytes()), extra_files=extra)
+        if json.loads(extra[METADATA_FILE]) != metadata:
+            raise MobileNetError(".pt2 export: the metadata read back differs from the one written")
+        diff = _verify_callable(loaded.module(), model, metadata, atol, "torch.export (.pt2)")
+    return ExportResult(
+        target, "pt2", diff, [f"torch.export.load + run equals PyTorch at batch 2 and 3 (max abs diff {diff:.2e})"]
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ExecuTorch (phone runtime)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _require_executorch() -> None:
+    try:
+        import executorch  # noqa: F401
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner  # noqa: F401
+        from executorch.runtime import Runtime  # noqa: F401
+    except ImportError as error:
+        raise MobileNetError(
+            f"ExecuTorch export needs executorch ({error.name} is missing); {PTE_EXTRA_HINT}"
+        ) from None
+
+
+def export_executorch(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    classes: Sequence[str] | None = None,
+    preprocessing: dict[str, Any] | Any | None = None,
+    max_batch: int = PTE_MAX_BATCH,
+    atol: float = DEFAULT_ATOL,
+) -> ExportResult:
+    """Write an ExecuTorch program (``.pte``) for phones, with the whole graph delegated to XNNPACK (the CPU
+    backend ExecuTorch ships for Android and iOS), and its metadata as ``<path>.json``; then load the ``.pte`` in
+    ExecuTorch's Python runtime and compare its logits with PyTorch's.
+
+    The batch dimension is dynamic from 1 to ``max_batch`` (the memory plan is sized for the upper bound; runs at
+    batch 2, 3 and ``max_batch`` are checked).
+    """
+    _require_executorch()
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    if not isinstance(max_batch, int) or not 3 <= max_batch <= 15:
+        raise MobileNetError(f"max_batch must be an integer from 3 to 15 for ExecuTorch, got {max_batch!r}")
+
+    metadata = metadata_for(model, classes=classes, preprocessing=preprocessing)
+    metadata = {**metadata, "input": {**metadata["input"], "max_batch": max_batch}}
+    program = _exported_program(model, metadata, max_batch=max_batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
+    target = Path(path)
+    sidecar = target.with_name(target.name + ".json")
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(lowered.buffer)
+        runner = _pte_runner(tmp)
+        diff = _verify_callable(runner, model, metadata, atol, "ExecuTorch (XNNPACK)")
+        largest = runner(_check_input(metadata, max_batch))
+        if tuple(largest.shape) != (max_batch, metadata["config"]["num_classes"]):
+            raise MobileNetError(f"ExecuTorch export: batch {max_batch} gave logits of shape {tuple(largest.shape)}")
+    atomic_write_text(sidecar, json.dumps(metadata, indent=2) + "\n")
+    return ExportResult(
+        target,
+        "pte",
+        diff,
+        [f"ExecuTorch runtime (XNNPACK delegate) equals PyTorch at batch 2 and 3 (max abs diff {diff:.2e})"],
+        [sidecar],
+    )
+
+
+def _pte_runner(path: Path | str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A callable that runs a ``.pte``'s ``forward`` in ExecuTorch's Python runtime."""
+    _require_executorch()
+    from executorch.runtime import Runtime
+
+    # The method borrows from the program (and the program from the buffer): keep all three alive together.
+    data = Path(path).read_bytes()
+    program = Runtime.get().load_program(data)
+    method = program.load_method("forward")
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        run.keep = (data, program)  # type: ignore[attr-defined]
+        return method.execute([x.contiguous()])[0]
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dispatch
+# ---------------------------------------------------------------------------------------------------------------
+
+_EXPORTERS: dict[str, Callable[..., ExportResult]] = {
+    "onnx": export_onnx,
+    "torchscript": export_torchscript,
+    "pt2": export_pt2,
+    "pte": export_executorch,
+}
+
+
+def export_model(
+    model: nn.Module,
+    path: str | os.PathLike[str] | None = None,
+    *,
+    format: str = "onnx",
+    classes: Sequence[str] | None = None,
+    preprocessing: dict[str, Any] | Any | None = None,
+    **options: Any,
+) -> ExportResult:
+    """Export ``model`` in ``format`` (one of :data:`EXPORT_FORMATS`) to ``path`` (default: the model's name with
+    the format's suffix, in the current directory) and verify the written file; see the ``export_*`` functions."""
+    if format not in _EXPORTERS:
+        raise MobileNetError(f"unknown export format {format!r}; expected one of {', '.join(EXPORT_FORMATS)}")
+    if path is None:
+        path = Path((getattr(model, "name", "") or "mobilenet") + EXPORT_FORMATS[format])
+    return _EXPORTERS[format](model, path, classes=classes, preprocessing=preprocessing, **options)
+
+
+def is_zip(path: Path) -> bool:
+    """TorchScript and ``.pt2`` files are zip archives (used to recognise them by content, not by suffix)."""
+    return zipfile.is_zipfile(path)

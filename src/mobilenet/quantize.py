@@ -1,0 +1,321 @@
+"""int8 post-training static quantization with ONNX Runtime (QDQ), calibrated on real images.
+
+The flow (``quantize_onnx``):
+
+1. export the fp32 model to ONNX (:func:`mobilenet.export.export_onnx`: BatchNorm folded, checked against PyTorch);
+2. ONNX Runtime's pre-processing (``quant_pre_process``: symbolic shape inference and graph optimisation, which the
+   quantizer needs to know every tensor's shape);
+3. calibration: real images, decoded and preprocessed exactly as evaluation does
+   (:func:`mobilenet.data.build_eval_transform` with the checkpoint's preprocessing), run through the fp32 graph
+   while the calibrator records each activation's range (min/max by default, or entropy / percentile);
+4. ``quantize_static`` in QDQ format: weights int8 (per output channel by default: depthwise convs have one
+   3x3 filter per channel whose ranges differ by orders of magnitude, so one scale per tensor wastes most of the
+   int8 range on them; this is the failure mode Krishnamoorthi 2018, "Quantizing deep convolutional networks for
+   efficient inference", section 3.1, reports for MobileNets), activations int8.
+
+ReLU6 helps here by design: the V2 paper (section 3.1) picks ReLU6 "because of its robustness when used with
+low-precision computation"; its output range [0, 6] is known before calibration.
+
+The result is an ordinary ONNX file that :class:`mobilenet.predict.Predictor` runs (``backend="onnxruntime"`` or
+``"auto"``); its ``metadata_props`` keep the name, config, classes and preprocessing of the fp32 export plus a
+``quantization`` entry describing how it was made.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mobilenet.errors import MobileNetError
+from mobilenet.io import atomic_path
+
+if TYPE_CHECKING:
+    import numpy as np
+
+__all__ = ["CALIBRATION_METHODS", "QuantizeResult", "calibration_batches", "quantize_onnx"]
+
+#: Calibration methods of ONNX Runtime's static quantizer, by the name the CLI takes.
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+#: Backends :func:`quantize_onnx` can target (the CLI's ``--backend``).
+QUANTIZE_BACKENDS = ("onnxruntime",)
+
+
+@dataclass
+class QuantizeResult:
+    """What :func:`quantize_onnx` wrote.
+
+    Attributes:
+        path: the int8 ONNX file.
+        fp32_path: the fp32 ONNX export it was quantized from, if kept (``keep_fp32``), else None.
+        calibration_images: how many images the calibration ran on.
+        skipped: calibration files that could not be decoded (path: reason).
+        settings: the quantization settings, as stored in the file's ``quantization`` metadata.
+        int8_agreement: fraction of calibration images whose top-1 class is the same in the int8 and fp32 graphs
+            (a quick sanity check; accuracy needs labelled data, see ``benchmarks/quantize_cifar10.py``).
+    """
+
+    path: Path
+    fp32_path: Path | None
+    calibration_images: int
+    skipped: list[str] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    int8_agreement: float | None = None
+
+
+def _require_ort() -> Any:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime.quantization as quantization
+    except ImportError as error:
+        raise MobileNetError(
+            f"quantization needs onnx and onnxruntime ({error.name} is missing); install the onnx extra: "
+            "pip install 'mobilenet[onnx]'"
+        ) from None
+    return quantization
+
+
+def calibration_files(directory: str | os.PathLike[str], limit: int | None, seed: int = 0) -> list[Path]:
+    """Up to ``limit`` image files under ``directory`` (recursively), a seeded random sample so that every class
+    of an ImageFolder tree is represented, in sorted order for reproducibility."""
+    from mobilenet.predict import find_images
+
+    root = Path(directory)
+    if not root.exists():
+        raise MobileNetError(f"calibration directory {root} does not exist; expected a directory of real images")
+    if not root.is_dir():
+        raise MobileNetError(f"--calibration must be a directory of images, got the file {root}")
+    files = find_images([root])
+    if limit is not None and len(files) > limit:
+        files = sorted(random.Random(seed).sample(files, limit))
+    return files
+
+
+def calibration_batches(
+    files: Sequence[Path],
+    preprocessing: dict[str, Any],
+    *,
+    batch_size: int = 32,
+    in_channels: int = 3,
+    skipped: list[str] | None = None,
+) -> Iterator[np.ndarray]:
+    """Float32 NCHW batches of ``files`` preprocessed with the eval transform (undecodable files are skipped and
+    recorded in ``skipped``)."""
+    import torch
+
+    from mobilenet.data import build_eval_transform
+    from mobilenet.predict import BadImageError, decode_image
+
+    transform = build_eval_transform(preprocessing)
+    batch: list[torch.Tensor] = []
+    for path in files:
+        try:
+            rgb = decode_image(path)
+        except BadImageError as error:
+            if skipped is not None:
+                skipped.append(str(error))
+            continue
+        if in_channels == 1:
+            from torchvision.transforms.v2.functional import rgb_to_grayscale
+
+            rgb = rgb_to_grayscale(rgb)
+        batch.append(transform(rgb))
+        if len(batch) == batch_size:
+            yield torch.stack(batch).numpy()
+            batch = []
+    if batch:
+        yield torch.stack(batch).numpy()
+
+
+def quantize_onnx(
+    model_or_checkpoint: Any,
+    out: str | os.PathLike[str],
+    calibration: str | os.PathLike[str] | Sequence[Any],
+    *,
+    per_channel: bool = True,
+    num_calibration: int | None = 512,
+    calibrate_method: str = "minmax",
+    activation_type: str = "int8",
+    batch_size: int = 32,
+    keep_fp32: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> QuantizeResult:
+    """Quantize a checkpoint (or model) to an int8 ONNX file with ONNX Runtime static QDQ quantization.
+
+    Args:
+        model_or_checkpoint: a ``.safetensors`` checkpoint path, a MobileNet, a Checkpoint (see
+            :func:`mobilenet.predict.load_source`).
+        out: the int8 ``.onnx`` file to write (atomically).
+        calibration: a directory of real images (searched recursively; an ImageFolder train split is ideal) or a
+            list of image files.
+        per_channel: one weight scale per output channel (default) or one per tensor.
+        num_calibration: images to calibrate on (a seeded random sample; None = all).
+        calibrate_method: ``"minmax"``, ``"entropy"`` or ``"percentile"`` (ONNX Runtime's calibrators).
+        activation_type: ``"int8"`` (signed, ORT's default for QDQ) or ``"uint8"``.
+        batch_size: calibration batch size.
+        keep_fp32: where to also keep the fp32 ONNX export (for comparison), or None.
+        seed: seed of the calibration sample.
+        progress: show a progress bar over the calibration images.
+    """
+    quantization = _require_ort()
+    import onnx
+
+    from mobilenet.export import _ort_session, export_onnx
+    from mobilenet.predict import load_source
+
+    if calibrate_method not in CALIBRATION_METHODS:
+        raise MobileNetError(
+            f"unknown calibration method {calibrate_method!r}; expected one of {', '.join(CALIBRATION_METHODS)}"
+        )
+    if activation_type not in ("int8", "uint8"):
+        raise MobileNetError(f"activation type must be 'int8' or 'uint8', got {activation_type!r}")
+    if num_calibration is not None and num_calibration < 1:
+        raise MobileNetError(f"the number of calibration images must be at least 1, got {num_calibration}")
+    if isinstance(calibration, str | os.PathLike):
+        files = calibration_files(calibration, num_calibration, seed)
+    else:
+        files = [Path(f) for f in calibration][:num_calibration]
+        if not files:
+            raise MobileNetError("no calibration images given; expected a directory or a list of image files")
+    source = load_source(model_or_checkpoint)
+    if source.model is None:
+        raise MobileNetError(
+            f"{source.onnx_path} is an ONNX file; quantize takes the .safetensors checkpoint (fp32 weights)"
+        )
+
+    settings = {
+        "method": "onnxruntime static QDQ (post-training)",
+        "onnxruntime": __import__("onnxruntime").__version__,
+        "weights": "int8 symmetric, " + ("per channel" if per_channel else "per tensor"),
+        "activations": activation_type,
+        "calibrate_method": calibrate_method,
+    }
+    with tempfile.TemporaryDirectory(prefix="mobilenet-quantize-") as tmpdir:
+        fp32 = Path(tmpdir) / "fp32.onnx"
+        export_onnx(source.model, fp32, classes=source.classes, preprocessing=source.preprocessing)
+        prepared = Path(tmpdir) / "fp32-prepared.onnx"
+        quantization.quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=False)
+
+        def make_batches(skipped: list[str] | None = None) -> Iterator[np.ndarray]:
+            # Decoded lazily on each pass, so calibrating on many large images does not hold them all in memory.
+            return calibration_batches(
+                files,
+                source.preprocessing,
+                batch_size=batch_size,
+                in_channels=source.config.in_channels,
+                skipped=skipped,
+            )
+
+        counter = _Counter()
+        reader = _Reader(lambda: counter.count(_with_progress(make_batches(counter.reset()), len(files), progress)))
+        target = Path(out)
+        with atomic_path(target) as tmp:
+            quantization.quantize_static(
+                str(prepared),
+                str(tmp),
+                reader,
+                quant_format=quantization.QuantFormat.QDQ,
+                per_channel=per_channel,
+                activation_type=quantization.QuantType.QInt8
+                if activation_type == "int8"
+                else quantization.QuantType.QUInt8,
+                weight_type=quantization.QuantType.QInt8,
+                calibrate_method={
+                    "minmax": quantization.CalibrationMethod.MinMax,
+                    "entropy": quantization.CalibrationMethod.Entropy,
+                    "percentile": quantization.CalibrationMethod.Percentile,
+                }[calibrate_method],
+                # Symmetric activations in int8 keep zero points at 0 (what int8 GEMM kernels are fastest with).
+                extra_options={"ActivationSymmetric": activation_type == "int8", "WeightSymmetric": True},
+            )
+            if counter.images == 0:
+                raise MobileNetError(
+                    f"none of the {len(files)} calibration file(s) could be decoded; expected real images "
+                    f"(first error: {counter.skipped[0] if counter.skipped else 'unknown'})"
+                )
+            count = counter.images
+            settings["calibration_images"] = count
+            quantized = onnx.load(str(tmp))
+            original = {p.key: p.value for p in onnx.load(str(fp32), load_external_data=False).metadata_props}
+            metadata = json.loads(original["mobilenet"])
+            metadata["quantization"] = settings
+            original["mobilenet"] = json.dumps(metadata)
+            original["quantization"] = json.dumps(settings)
+            del quantized.metadata_props[:]
+            for key, value in original.items():
+                entry = quantized.metadata_props.add()
+                entry.key, entry.value = key, value
+            quantized.producer_name = "mobilenet"
+            onnx.save(quantized, str(tmp))
+            onnx.checker.check_model(str(tmp))
+            agreement = _agreement(_ort_session(fp32), _ort_session(tmp), make_batches())
+        fp32_kept = None
+        if keep_fp32 is not None:
+            fp32_kept = Path(keep_fp32)
+            with atomic_path(fp32_kept) as tmp_fp32:
+                tmp_fp32.write_bytes(fp32.read_bytes())
+    return QuantizeResult(target, fp32_kept, count, counter.skipped, settings, agreement)
+
+
+class _Counter:
+    """Counts the images (and records the undecodable files) of the calibration pass."""
+
+    def __init__(self) -> None:
+        self.images = 0
+        self.skipped: list[str] = []
+
+    def reset(self) -> list[str]:
+        """Start a new pass; returns the list the pass records undecodable files in."""
+        self.images = 0
+        self.skipped = []
+        return self.skipped
+
+    def count(self, batches: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+        for batch in batches:
+            self.images += len(batch)
+            yield batch
+
+
+class _Reader:
+    """ONNX Runtime's CalibrationDataReader protocol over lazily decoded, preprocessed batches."""
+
+    def __init__(self, make_batches: Callable[[], Iterator[np.ndarray]]) -> None:
+        from mobilenet.export import INPUT_NAME
+
+        self._make = make_batches
+        self._iter = make_batches()
+        self._input = INPUT_NAME
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._iter, None)
+        return None if batch is None else {self._input: batch}
+
+    def rewind(self) -> None:
+        self._iter = self._make()
+
+
+def _with_progress(batches: Iterator[np.ndarray], total: int, enabled: bool) -> Iterator[np.ndarray]:
+    from mobilenet.predict import _progress
+
+    with _progress(total, enabled, "calibrating") as advance:
+        for batch in batches:
+            advance(len(batch))
+            yield batch
+
+
+def _agreement(fp32_session: Any, int8_session: Any, batches: list[np.ndarray]) -> float:
+    from mobilenet.export import INPUT_NAME, OUTPUT_NAME
+
+    same = total = 0
+    for batch in batches:
+        a = fp32_session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0].argmax(1)
+        b = int8_session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0].argmax(1)
+        same += int((a == b).sum())
+        total += len(batch)
+    return same / total if total else float("nan")
