@@ -53,6 +53,9 @@ __all__ = [
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 
 
+_FILE_SUFFIXES = (".safetensors", ".onnx", ".pth", ".pt", ".bin", ".ckpt", ".pte", ".pt2", ".ts")
+
+
 class BadImageError(MobileNetError):
     """An input that is not a decodable image (the message names the file and why)."""
 
@@ -180,7 +183,8 @@ def _array_to_rgb(array: np.ndarray, label: str) -> torch.Tensor:
         tensor = torch.from_numpy(array.astype(np.int32))
         tensor = (tensor.to(torch.float64) * (255.0 / 65535.0)).round().to(torch.uint8)
     elif array.dtype == np.uint8:
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        # PIL's arrays are read-only; torch wants a writable buffer.
+        tensor = torch.from_numpy(np.array(array, dtype=np.uint8, copy=True, order="C"))
     elif np.issubdtype(array.dtype, np.floating):
         tensor = torch.from_numpy((np.clip(array, 0.0, 1.0) * 255.0).round().astype(np.uint8))
     else:
@@ -328,7 +332,8 @@ def load_source(source: Any, *, device: str = "cpu") -> ModelSource:
             model=model,
             random_weights=True,
         )
-    looks_like_file = path.suffix != "" or os.sep in str(source)
+    # "mobilenet_v2_1.0_224" has a "suffix" too: only a file-like suffix or a directory part means a path.
+    looks_like_file = path.suffix.lower() in _FILE_SUFFIXES or os.sep in str(source) or "/" in str(source)
     if looks_like_file:
         raise MobileNetError(f"checkpoint {path} does not exist; expected a .safetensors checkpoint or an .onnx file")
     from mobilenet.spec import model_config

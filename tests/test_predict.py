@@ -1,0 +1,197 @@
+"""Predict: decoding every kind of image a user has, preprocessing exactly as evaluation does, top-k, backends,
+bad files reported without stopping the others, and the CLI's exit codes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mobilenet.cli import main
+from mobilenet.data import build_eval_transform, decode_image_file
+from mobilenet.errors import MobileNetError
+from mobilenet.models import create_model
+from mobilenet.predict import BadImageError, Predictor, RandomWeightsWarning, decode_image
+
+PREPROCESSING = {
+    "input_size": 32,
+    "resize_size": 32,
+    "mean": [0.5, 0.5, 0.5],
+    "std": [0.25, 0.25, 0.25],
+    "interpolation": "bilinear",
+    "style": "small",
+}
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+@pytest.fixture(scope="module")
+def rgb() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def images(rgb, tmp_path_factory) -> dict[str, object]:
+    """One file per kind a user throws at predict, written with PIL."""
+    root = tmp_path_factory.mktemp("images")
+    img = Image.fromarray(rgb)
+    gray16 = (rgb[..., 0].astype(np.uint16) * 257 + 3).clip(0, 65535)  # spans the full 16-bit range
+    files = {
+        "jpeg": (img, "a.jpg", {}),
+        "png": (img, "b.png", {}),
+        "webp": (img, "c.webp", {"lossless": True}),
+        "gray": (img.convert("L"), "d.png", {}),
+        "rgba": (img.convert("RGBA"), "e.png", {}),
+        "cmyk": (img.convert("CMYK"), "f.jpg", {"quality": 95}),
+        "palette": (img.convert("P"), "g.png", {}),
+        "16bit": (Image.fromarray(gray16.astype(np.uint16)), "h.png", {}),
+        "bmp": (img, "i.bmp", {}),
+        "tiff": (img, "j.tiff", {}),
+    }
+    paths = {}
+    for kind, (image, name, options) in files.items():
+        image.save(root / name, **options)
+        paths[kind] = root / name
+    paths["gray16_values"] = gray16
+    return paths
+
+
+def test_decode_every_kind(images, rgb):
+    for kind in ("jpeg", "png", "webp", "gray", "rgba", "cmyk", "palette", "16bit", "bmp", "tiff"):
+        tensor = decode_image(images[kind])
+        assert tensor.dtype == torch.uint8 and tuple(tensor.shape) == (3, 24, 40), kind
+    hwc = lambda t: t.permute(1, 2, 0).numpy()  # noqa: E731
+    # Lossless formats decode to the exact pixels; grayscale to three equal channels.
+    for kind in ("png", "webp", "rgba", "bmp", "tiff"):
+        np.testing.assert_array_equal(hwc(decode_image(images[kind])), rgb, err_msg=kind)
+    gray = np.asarray(Image.open(images["gray"]))
+    np.testing.assert_array_equal(hwc(decode_image(images["gray"])), np.repeat(gray[..., None], 3, axis=2))
+    palette = np.asarray(Image.open(images["palette"]).convert("RGB"))
+    np.testing.assert_array_equal(hwc(decode_image(images["palette"])), palette)
+    # 16-bit: scaled (v * 255 / 65535), not clipped at 255 as PIL's convert("RGB") would.
+    expected16 = np.round(images["gray16_values"] * 255.0 / 65535.0).astype(np.uint8)
+    np.testing.assert_array_equal(decode_image(images["16bit"])[0].numpy(), expected16)
+    # CMYK JPEG: lossy, but close to the source colours.
+    assert np.abs(hwc(decode_image(images["cmyk"])).astype(int) - rgb.astype(int)).mean() < 12
+
+
+def test_decode_in_memory_inputs(rgb):
+    chw = torch.from_numpy(rgb).permute(2, 0, 1)
+    for value in (Image.fromarray(rgb), rgb, chw, rgb.astype(np.float32) / 255.0):
+        np.testing.assert_array_equal(decode_image(value).numpy(), chw.numpy())
+
+
+def test_decode_bad_inputs(tmp_path):
+    text = tmp_path / "notes.jpg"
+    text.write_text("this is not an image")
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    for path, reason in ((text, "not an image"), (empty, "empty"), (tmp_path / "nope.png", "does not exist")):
+        with pytest.raises(BadImageError, match=reason) as info:
+            decode_image(path)
+        assert str(path) in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    model = create_model("mobilenet_v1_0.25_128", resolution=32, small_input=True, num_classes=10).eval()
+    torch.nn.init.normal_(model.classifier.weight, 0.0, 0.5)  # spread the probabilities
+    return model
+
+
+@pytest.fixture(scope="module")
+def checkpoint(model, tmp_path_factory):
+    from mobilenet.weights import save
+
+    return save(model, tmp_path_factory.mktemp("ckpt") / "m.safetensors", classes=CLASSES, preprocessing=PREPROCESSING)
+
+
+def test_predictor_preprocesses_exactly_as_evaluation(checkpoint, model, images):
+    predictor = Predictor(checkpoint)
+    assert predictor.classes == CLASSES and predictor.preprocessing == PREPROCESSING
+    transform = build_eval_transform(PREPROCESSING)
+    for kind in ("jpeg", "png"):
+        # The evaluation pipeline: mobilenet.data's decoder and eval transform.
+        expected = transform(decode_image_file(images[kind]))
+        torch.testing.assert_close(predictor.preprocess(images[kind]), expected, atol=0, rtol=0)
+    (prediction,) = predictor.predict(images["png"], topk=10)
+    with torch.no_grad():
+        probabilities = torch.softmax(model(transform(decode_image_file(images["png"]))[None]).double(), 1)[0]
+    assert prediction.indices[0] == int(probabilities.argmax())
+    assert prediction.label == CLASSES[prediction.indices[0]]
+    np.testing.assert_allclose(prediction.probabilities, probabilities.sort(descending=True).values, atol=1e-6)
+    assert abs(sum(prediction.probabilities) - 1.0) < 1e-6
+
+
+def test_predict_reports_bad_files_and_continues(checkpoint, images, tmp_path, rgb):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)  # a PNG signature and nothing else
+    inputs = [images["jpeg"], bad, Image.fromarray(rgb), images["cmyk"]]
+    results = Predictor(checkpoint, batch_size=2).predict(inputs, topk=3)
+    assert [r.ok for r in results] == [True, False, True, True]
+    assert str(bad) in results[1].error and results[1].indices == []
+    assert all(
+        len(r.indices) == 3 and r.probabilities == sorted(r.probabilities, reverse=True) for r in results if r.ok
+    )
+    assert results[2].source == "<image 2>"
+
+
+def test_onnxruntime_backend_matches_torch(checkpoint, images):
+    pytest.importorskip("onnxruntime")
+    files = [images["jpeg"], images["palette"], images["tiff"]]
+    torch_results = Predictor(checkpoint, backend="torch").predict(files, topk=3)
+    ort_results = Predictor(checkpoint, backend="onnxruntime", num_threads=1).predict(files, topk=3)
+    for a, b in zip(torch_results, ort_results, strict=True):
+        assert a.indices == b.indices
+        np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-5)
+
+
+def test_predictor_argument_errors(checkpoint, tmp_path):
+    with pytest.raises(MobileNetError, match="unknown backend"):
+        Predictor(checkpoint, backend="tensorrt")
+    with pytest.raises(MobileNetError, match="did you mean"):
+        Predictor("mobilenet_v2_1.0_23")
+    with pytest.raises(MobileNetError, match="does not exist"):
+        Predictor(tmp_path / "missing.safetensors")
+    with pytest.warns(RandomWeightsWarning, match="random"):
+        Predictor("mobilenet_v1_0.25_128")
+
+
+def test_cli_predict(checkpoint, images, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for kind in ("jpeg", "rgba", "16bit"):
+        (folder / images[kind].name).write_bytes(images[kind].read_bytes())
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    code = main(["predict", str(checkpoint), str(folder), "--format", "json", "--topk", "2", "--batch-size", "2"])
+    captured = capsys.readouterr()
+    assert code == 1  # some failed
+    records = json.loads(captured.out)
+    assert len(records) == 4
+    assert sum(r["error"] is None for r in records) == 3
+    assert all(len(r["topk"]) == 2 and r["topk"][0]["label"] in CLASSES for r in records if r["error"] is None)
+    assert "corrupt.jpg" in captured.err
+
+    assert main(["predict", str(checkpoint), str(images["png"])]) == 0
+    assert "probability" in capsys.readouterr().out
+
+
+def test_cli_predict_errors(checkpoint, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        ([str(checkpoint), str(empty)], "no image files"),
+        ([str(checkpoint), str(tmp_path / "missing.jpg")], "does not exist"),
+        ([str(tmp_path / "none.safetensors"), str(empty)], "no image files"),
+        (["mobilenet_v9", str(checkpoint)], "unknown model"),
+    ]
+    notimage = tmp_path / "model.safetensors"
+    notimage.write_text("hello")
+    cases.append(([str(notimage), str(checkpoint)], "not a safetensors"))
+    for argv, message in cases:
+        assert main(["predict", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("mobilenet predict: error:") and message in err and "\n" not in err, err
