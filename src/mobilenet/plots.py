@@ -118,7 +118,7 @@ def plot_comparison(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str]
         bars = ax.bar(range(len(rows)), values, color=colors)
         ax.set_xticks(range(len(rows)), labels=names, fontsize=8)
         ax.set_title(label, fontsize=10)
-        ax.bar_label(bars, labels=[f"{v:.3g}" for v in values], fontsize=8, padding=2)
+        ax.bar_label(bars, labels=[f"{v:,.0f}" if v >= 100 else f"{v:.3g}" for v in values], fontsize=8, padding=2)
         ax.set_ylim(0, max(values) * 1.2 if max(values) > 0 else 1)
         if key == "accuracy":
             ax.set_ylim(0, 110)

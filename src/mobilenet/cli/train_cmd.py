@@ -54,6 +54,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--on-bad-image", choices=("skip", "error"), default="error")
     parser.add_argument("--limit-train-batches", type=int, help="batches per epoch (quick experiments)")
     parser.add_argument("--crop-scale-min", type=float, default=0.08, help="RandomResizedCrop lower scale bound")
+    parser.add_argument("--no-hflip", dest="hflip", action="store_false", help="no horizontal flips (digits, text)")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
     parser.add_argument("--no-sync-bn", dest="sync_bn", action="store_false", help="no SyncBatchNorm under DDP on GPU")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last state")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")

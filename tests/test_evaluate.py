@@ -1,0 +1,102 @@
+"""Evaluation numbers against scikit-learn, and the eval/train/demo CLIs' error handling (exit 2, one line)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.io import encode_png
+
+from mobilenet.cli import main
+from mobilenet.data import build_eval_transform, load_data
+from mobilenet.errors import MobileNetError
+from mobilenet.evaluate import evaluate_checkpoint
+from mobilenet.models import create_model
+from mobilenet.weights import save
+
+
+def folder(root: Path, classes=("a", "b", "c", "d", "e", "f"), per_class: int = 3) -> Path:
+    g = torch.Generator().manual_seed(0)
+    for name in classes:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=g)
+            (root / name / f"{i}.png").write_bytes(bytes(encode_png(image).numpy()))
+    return root
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    data = folder(root / "data" / "train")
+    folder(root / "data" / "val")
+    torch.manual_seed(0)
+    model = create_model("mobilenet_v1_0.25_128", resolution=32, small_input=True, num_classes=6).eval()
+    with torch.no_grad():  # a non-trivial classifier so predictions vary across classes
+        model.classifier.weight.normal_(0, 1.0)
+    bundle = load_data(root / "data")
+    preprocessing = bundle.preprocessing(32)
+    checkpoint = save(model, root / "model.safetensors", classes=bundle.classes, preprocessing=preprocessing)
+    return root, data.parent, checkpoint, model, preprocessing
+
+
+def test_metrics_match_sklearn(setup):
+    from sklearn.metrics import confusion_matrix, top_k_accuracy_score
+
+    _root, data, checkpoint, model, preprocessing = setup
+    result = evaluate_checkpoint(checkpoint, data, batch_size=5, progress=False)
+    bundle = load_data(data)
+    transform = build_eval_transform(preprocessing)
+    images = torch.stack([transform(bundle.val[i][0]) for i in range(len(bundle.val))])
+    labels = [bundle.val[i][1] for i in range(len(bundle.val))]
+    with torch.no_grad():
+        logits = model(images)
+    predicted = logits.argmax(1).tolist()
+    # Independent reference: scikit-learn's confusion_matrix and top_k_accuracy_score.
+    assert result["confusion"] == confusion_matrix(labels, predicted, labels=list(range(6))).tolist()
+    assert result["top1"] == pytest.approx(sum(p == t for p, t in zip(predicted, labels, strict=True)) / len(labels))
+    assert result["top5"] == pytest.approx(top_k_accuracy_score(labels, logits.numpy(), k=5, labels=list(range(6))))
+    assert result["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, torch.tensor(labels))), 1e-5)
+    assert set(result["per_class"]) == set(bundle.classes) and result["images"] == 18
+
+
+def test_eval_cli_json_and_plot(setup, capsys):
+    root, data, checkpoint, _, _ = setup
+    plot = root / "confusion.png"
+    assert main(["eval", str(checkpoint), "--data", str(data), "--format", "json", "--plot", str(plot)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {"top1", "top5", "per_class", "confusion", "confusion_plot"} <= set(result)
+    assert plot.stat().st_size > 1000
+
+
+def test_eval_rejects_other_classes(setup, tmp_path, capsys):
+    _, _, checkpoint, _, _ = setup
+    other = folder(tmp_path / "other", classes=("a", "b", "c", "d", "e", "zebra"))
+    with pytest.raises(MobileNetError, match=r"missing f.*extra zebra"):
+        evaluate_checkpoint(checkpoint, other, progress=False)
+    assert main(["eval", str(checkpoint), "--data", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mobilenet eval: error:") and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["train", "--model", "mobilenet_v1_0.25_128", "--data", "/nonexistent/dir", "--out", "OUT"], "not found"),
+        (
+            ["train", "--model", "mobilenet_v1_0.25_128", "--data", "digits", "--out", "OUT", "--batch-size", "0"],
+            "batch",
+        ),
+        (["train", "--model", "mobilenet_v1_0.25_128", "--data", "digits", "--out", "OUT", "--lr", "-1"], "--lr"),
+        (["train", "--model", "mobilenet_v9", "--data", "digits", "--out", "OUT"], "mobilenet_v9"),
+        (["eval", "/nonexistent.safetensors", "--data", "digits"], "does not exist"),
+        (["demo", "--epochs", "0"], "--epochs"),
+    ],
+)
+def test_cli_errors_are_one_line_exit_2(argv, needle, tmp_path, capsys):
+    argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err and "Traceback" not in err
