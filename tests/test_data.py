@@ -178,3 +178,17 @@ def test_real_cifar10_folder(cifar10):
     assert len(dataset.classes) == 10 and len(dataset) == 10000
     image, _ = dataset[0]
     assert image.shape == (3, 32, 32)
+
+
+def test_worker_errors_come_back_as_one_line(tmp_path):
+    from torch.utils.data import DataLoader
+
+    from mobilenet.data import iterate_loader
+
+    root = write_folder(tmp_path / "data", per_class=2)
+    (root / "cat" / "0.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    loader = DataLoader(ImageFolderDataset(root), batch_size=4, num_workers=1)
+    with pytest.raises(MobileNetError) as caught:
+        list(iterate_loader(loader))
+    message = str(caught.value)
+    assert len(message.splitlines()) == 1 and "0.jpg" in message and "Traceback" not in message

@@ -29,6 +29,7 @@ _LAZY = {
     "imagenet_classes": "mobilenet.weights",
     "count_costs": "mobilenet.cost",
     "layer_cost": "mobilenet.cost",
+    "TrainConfig": "mobilenet.train",
     "Predictor": "mobilenet.predict",
 }
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -282,6 +282,8 @@ def decode_image_file(path: Path) -> torch.Tensor:
     except (RuntimeError, ValueError, OSError) as error:
         # libjpeg/libpng report truncation as RuntimeError; the message is the library's own reason.
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if ".cpp:" in reason:  # torchvision prefixes "decode_jpeg, /path/file.cpp:171, " to libjpeg's reason
+            reason = reason.split(", ")[-1]
         raise BadImageError(
             f"cannot decode image {path}: {reason}; fix or remove the file, or pass --on-bad-image skip"
         ) from None
@@ -635,3 +637,21 @@ def load_data(
         in_memory=bool(in_memory),
         name=path.name,
     )
+
+
+def iterate_loader(loader: Any) -> Iterator[Any]:
+    """Iterate ``loader``; a user error raised in a worker process (a corrupt image) comes back from PyTorch as a
+    multi-line message with the worker's traceback: keep only the original one-line message."""
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except MobileNetError as error:
+            text = str(error)
+            if "Original Traceback" not in text:
+                raise
+            last = [line for line in text.splitlines() if line.strip()][-1]
+            raise type(error)(last.split(": ", 1)[1] if ": " in last else last) from None
+        yield batch

@@ -67,8 +67,10 @@ def accumulate(
     top5 = 0
     loss_sum = 0.0
     k = min(5, num_classes)
+    from mobilenet.data import iterate_loader
+
     try:
-        for images, labels in loader:
+        for images, labels in iterate_loader(loader):
             images = images.to(device, non_blocking=True)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)

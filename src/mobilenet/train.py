@@ -636,7 +636,7 @@ def train(
     Raises :class:`TrainingDiverged` when the loss turns NaN/inf (the last good checkpoint stays in place) and
     :class:`MobileNetError` for any mistake in the inputs.
     """
-    from mobilenet.data import load_data
+    from mobilenet.data import iterate_loader, load_data
     from mobilenet.evaluate import accumulate, summarize
     from mobilenet.models import create_model
     from mobilenet.weights import save as save_weights
@@ -862,7 +862,7 @@ def train(
             )
             train_model.train()
             started = time.perf_counter()
-            for images, labels in loader:
+            for images, labels in iterate_loader(loader):
                 if step_in_epoch >= steps_per_epoch:
                     break
                 lr = lr_at(global_step, recipe=recipe, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
