@@ -100,3 +100,15 @@ def test_cli_errors_are_one_line_exit_2(argv, needle, tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err and "Traceback" not in err
+
+
+def test_train_cli_runs_and_writes_a_run(setup, tmp_path, capsys):
+    _, data, _, _, _ = setup
+    out = tmp_path / "run"
+    argv = ["train", "--model", "mobilenet_v1_0.25_128", "--data", str(data), "--out", str(out), "--epochs", "1"]
+    argv += ["--batch-size", "6", "--resolution", "32", "--num-workers", "0", "--no-progress", "--recipe", "paper"]
+    assert main(argv) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["recipe"]["optimizer"] == "rmsprop" and config["train_config"]["batch_size"] == 6
+    assert (out / "best.safetensors").exists() and (out / "metrics.csv").exists()
+    assert "epoch 1/1" in capsys.readouterr().out

@@ -143,7 +143,8 @@ def evaluate_checkpoint(
         raise MobileNetError(f"split must be 'val' or 'train', got {split!r}")
     torch_device = resolve_device(device)
     ckpt = load_checkpoint(checkpoint, map_location=torch_device)
-    bundle = load_data(data, val_fraction=val_fraction, seed=seed, on_bad_image=on_bad_image)  # type: ignore[arg-type]
+    # in_memory=False: only the evaluated split is decoded, once, as the loader reads it.
+    bundle = load_data(data, val_fraction=val_fraction, seed=seed, on_bad_image=on_bad_image, in_memory=False)  # type: ignore[arg-type]
     classes = ckpt.classes
     if classes is None:
         if len(bundle.classes) != ckpt.config.num_classes:
