@@ -285,3 +285,20 @@ def test_ddp_averaged_step_equals_single_process_step(tmp_path):
             not torch.equal(value, create_model(TINY, resolution=32, small_input=True, num_classes=3).state_dict()[key])
         )
     assert changed > 0
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes_end_to_end(data_dir, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "mobilenet", "train"]
+    command += ["--model", TINY, "--data", str(data_dir), "--out", str(out), "--epochs", "1", "--batch-size", "6"]
+    command += ["--resolution", "32", "--num-workers", "0", "--val-fraction", "0.25", "--threads", "1", "--no-progress"]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["epoch"] == 1
+    _, info = read_state(out / "train_state.safetensors")
+    assert info["world_size"] == 2

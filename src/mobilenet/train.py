@@ -942,11 +942,18 @@ def train(
             )
             counts = counts.all_reduce(dist_ctx)
             val = summarize(counts, bundle.classes)
-            seen_total = partial["seen"] * dist_ctx.world_size
+            # Training loss/accuracy over all processes' images, not rank 0's share only.
+            totals = _all_reduce_sum(
+                torch.tensor(
+                    [partial["loss_sum"], float(partial["correct"]), float(partial["seen"])], dtype=torch.float64
+                ),
+                dist_ctx,
+            ).tolist()
+            seen_total = totals[2]
             row = {
                 "epoch": epoch + 1,
-                "train_loss": partial["loss_sum"] / max(1, partial["seen"]),
-                "train_top1": partial["correct"] / max(1, partial["seen"]),
+                "train_loss": totals[0] / max(1.0, seen_total),
+                "train_top1": totals[1] / max(1.0, seen_total),
                 "val_loss": val["loss"],
                 "val_top1": val["top1"],
                 "val_top5": val["top5"],
