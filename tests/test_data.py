@@ -192,3 +192,24 @@ def test_worker_errors_come_back_as_one_line(tmp_path):
         list(iterate_loader(loader))
     message = str(caught.value)
     assert len(message.splitlines()) == 1 and "0.jpg" in message and "Traceback" not in message
+
+
+def test_batch_small_augment_crops_flips_and_normalises():
+    from mobilenet.data import BatchSmallAugment
+
+    p = Preprocessing.for_resolution(32, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    out = BatchSmallAugment(p)(images, generator=torch.Generator().manual_seed(1))
+    assert out.shape == (16, 3, 32, 32) and out.dtype == torch.float32
+    # Each output is one of the (2*4+1)^2 crops of the reflect-padded image, possibly mirrored, then normalised
+    # exactly as the evaluation transform normalises (checked against build_eval_transform's output).
+    normalised = torch.stack([build_eval_transform(p)(img) for img in images])
+    padded = torch.nn.functional.pad(normalised, (4, 4, 4, 4), mode="reflect")
+    flips = 0
+    for k in range(16):
+        candidates = [padded[k, :, i : i + 32, j : j + 32] for i in range(9) for j in range(9)]
+        match = [c for c in candidates if torch.allclose(c, out[k], atol=1e-5)]
+        mirrored = [c for c in candidates if torch.allclose(c.flip(2), out[k], atol=1e-5)]
+        assert match or mirrored
+        flips += bool(mirrored and not match)
+    assert 0 < flips < 16  # both mirrored and unmirrored images occur

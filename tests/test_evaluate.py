@@ -112,3 +112,15 @@ def test_train_cli_runs_and_writes_a_run(setup, tmp_path, capsys):
     assert config["recipe"]["optimizer"] == "rmsprop" and config["train_config"]["batch_size"] == 6
     assert (out / "best.safetensors").exists() and (out / "metrics.csv").exists()
     assert "epoch 1/1" in capsys.readouterr().out
+
+
+def test_every_train_config_field_has_a_cli_option():
+    from dataclasses import fields
+
+    from mobilenet.cli import build_parser
+    from mobilenet.train import TrainConfig
+
+    args = build_parser().parse_args(["train", "--model", "m", "--data", "d", "--out", "o", "--threads", "1"])
+    missing = [f.name for f in fields(TrainConfig) if not hasattr(args, f.name)]
+    assert missing == []
+    assert args.threads == 1 and args.hflip is True and args.batch_augment is True

@@ -43,6 +43,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
+    "BatchSmallAugment",
     "DataBundle",
     "ImageFolderDataset",
     "Preprocessing",
@@ -238,6 +239,43 @@ def build_train_transform(
     if flip:
         steps.append(v2.RandomHorizontalFlip())
     return v2.Compose([*steps, *_normalize_tail(p)])
+
+
+class BatchSmallAugment:
+    """The small-image training augmentation on a whole uint8 batch at once (``N x C x H x W`` -> float32).
+
+    The same distribution as :func:`build_train_transform` in "small" style for images already at the input size:
+    reflect-pad by ``input/8``, take a random ``input x input`` crop per image, flip half of them, normalise. One
+    vectorised pass per batch instead of a per-image pipeline: on CIFAR on 2 CPU cores the per-image pipeline costs
+    about as much as a small model's training step, and a data-loading worker would take one of the two cores.
+    """
+
+    def __init__(self, preprocessing: Preprocessing | dict[str, Any], *, flip: bool = True) -> None:
+        self.p = _as_preprocessing(preprocessing)
+        if self.p.style != "small":
+            raise ValueError("BatchSmallAugment is the small-image style only")
+        self.flip = flip
+        self.pad = max(1, self.p.input_size // 8)
+        self.mean = torch.tensor(self.p.mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(self.p.std).view(1, -1, 1, 1)
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        n, _, h, w = images.shape
+        size, pad = self.p.input_size, self.pad
+        if (h, w) != (size, size):
+            raise ValueError(f"BatchSmallAugment expects {size}x{size} images, got {h}x{w}")
+        x = torch.nn.functional.pad(images.float(), (pad, pad, pad, pad), mode="reflect")
+        top = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+        left = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+        # Gather every image's crop with one advanced-indexing op: rows[i] = top[i] + 0..size-1, likewise columns.
+        steps = torch.arange(size)
+        rows = (top[:, None] + steps)[:, None, :, None]
+        cols = (left[:, None] + steps)[:, None, None, :]
+        x = x[torch.arange(n)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None], rows, cols]
+        if self.flip:
+            mirror = torch.rand(n, generator=generator) < 0.5
+            x = torch.where(mirror[:, None, None, None], x.flip(3), x)
+        return (x / 255.0 - self.mean) / self.std
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -55,6 +55,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--limit-train-batches", type=int, help="batches per epoch (quick experiments)")
     parser.add_argument("--crop-scale-min", type=float, default=0.08, help="RandomResizedCrop lower scale bound")
     parser.add_argument("--no-hflip", dest="hflip", action="store_false", help="no horizontal flips (digits, text)")
+    parser.add_argument(
+        "--no-batch-augment",
+        dest="batch_augment",
+        action="store_false",
+        help="per-image augmentation pipeline even where the per-batch one applies",
+    )
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
     parser.add_argument("--no-sync-bn", dest="sync_bn", action="store_false", help="no SyncBatchNorm under DDP on GPU")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last state")
@@ -63,45 +69,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
     from mobilenet.train import TrainConfig, train
 
-    fields = {
-        key: getattr(args, key)
-        for key in (
-            "model",
-            "data",
-            "out",
-            "epochs",
-            "batch_size",
-            "recipe",
-            "optimizer",
-            "lr",
-            "schedule",
-            "warmup_epochs",
-            "weight_decay",
-            "decay_depthwise",
-            "label_smoothing",
-            "momentum",
-            "ema_decay",
-            "amp",
-            "channels_last",
-            "grad_clip",
-            "device",
-            "seed",
-            "num_workers",
-            "resolution",
-            "alpha",
-            "small_input",
-            "dropout",
-            "val_fraction",
-            "on_bad_image",
-            "resume",
-            "sync_bn",
-            "limit_train_batches",
-            "crop_scale_min",
-        )
-    }
-    result = train(TrainConfig(**fields), progress=args.progress)
-    if result.interrupted:
-        return 130
-    return 0
+    # Every TrainConfig field has an option of the same name (tests/test_evaluate.py checks it).
+    options = {field.name: getattr(args, field.name) for field in fields(TrainConfig) if hasattr(args, field.name)}
+    result = train(TrainConfig(**options), progress=args.progress)
+    return 130 if result.interrupted else 0
