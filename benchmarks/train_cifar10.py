@@ -28,7 +28,7 @@ RECIPES = {
         batch_size=128,
         lr=0.1,
         channels_last=True,
-        num_workers=1,
+        num_workers=0,  # images are decoded once into memory and augmented per batch in the training process
         threads=2,
         device="cpu",
     ),

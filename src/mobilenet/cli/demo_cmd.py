@@ -10,7 +10,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "demo", help="train separable vs standard-conv MobileNet on built-in digits and compare (about a minute)"
     )
     parser.add_argument("--out", default="runs/demo", help="where the runs and the plot go")
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     parser.set_defaults(handler=run)
