@@ -1,0 +1,139 @@
+"""int8 post-training quantization (ONNX Runtime QDQ): a save -> quantize -> load -> evaluate round trip on real
+images (scikit-learn's handwritten digits written as PNG files), metadata kept, and the CLI's errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from mobilenet.cli import main
+from mobilenet.models import create_model
+from mobilenet.predict import Predictor
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("sklearn")
+
+STEPS = 90  # training steps (~80% held-out accuracy; chance is 10%)
+CALIBRATION = 128  # training images that calibrate the int8 model
+
+
+def _train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: int = STEPS) -> None:
+    """A short real training run (Adam, batches of 64): enough to classify digits well above chance. A network
+    with random or only partly fitted weights is no test of quantization: its decisions hang on feature
+    differences far below int8 resolution, which no trained network has."""
+    generator = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        index = torch.randint(0, len(images), (64,), generator=generator)
+        loss = nn.functional.cross_entropy(model(images[index]), labels[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from mobilenet.data import build_eval_transform, load_digits
+    from mobilenet.weights import save
+
+    root = tmp_path_factory.mktemp("quantize")
+    bundle = load_digits(size=32)
+    preprocessing = bundle.preprocessing(32)
+    transform = build_eval_transform(preprocessing)
+    torch.manual_seed(0)
+    # Stride 32 on 32x32 digits keeps training cheap; the graph is V2's whole (52 convs, 35 ReLU6, 10 residuals).
+    model = create_model("mobilenet_v2_0.35_96", resolution=32, num_classes=10, dropout=0.0)
+    _train(model, torch.stack([transform(img) for img in bundle.train.images]), bundle.train.labels)
+    checkpoint = save(model, root / "digits.safetensors", classes=bundle.classes, preprocessing=preprocessing)
+
+    def write(dataset, folder, indices):
+        files, labels = [], []
+        for i in indices:
+            label = int(dataset.labels[i])
+            path = root / folder / str(label) / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(dataset.images[i].permute(1, 2, 0).numpy()).save(path)
+            files.append(path)
+            labels.append(label)
+        return files, labels
+
+    write(bundle.train, "calibration", range(CALIBRATION))
+    files, labels = write(bundle.val, "val", range(200))  # held out from training and calibration
+    return {"root": root, "checkpoint": checkpoint, "val": (files, labels), "classes": bundle.classes}
+
+
+def _accuracy(predictor: Predictor, files, labels) -> tuple[float, list[int]]:
+    predictions = predictor.predict(files, topk=1)
+    assert all(p.ok for p in predictions)
+    top1 = [p.index for p in predictions]
+    return sum(int(a == b) for a, b in zip(top1, labels, strict=True)) / len(labels), top1
+
+
+def test_quantize_save_load_evaluate_round_trip(setup, capsys):
+    root, checkpoint = setup["root"], setup["checkpoint"]
+    out = root / "digits.int8.onnx"
+    code = main(["quantize", str(checkpoint), "--calibration", str(root / "calibration"), "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert f"calibrated on {CALIBRATION} image(s)" in capsys.readouterr().out
+
+    # Load the int8 file back from disk, as a user would, and evaluate it on held-out images.
+    files, labels = setup["val"]
+    fp32_accuracy, fp32_top1 = _accuracy(Predictor(checkpoint), files, labels)
+    int8 = Predictor(out)
+    assert int8.backend_name == "onnxruntime"
+    assert int8.classes == setup["classes"]
+    int8_accuracy, int8_top1 = _accuracy(int8, files, labels)
+    assert fp32_accuracy > 0.6  # the model classifies (chance is 0.1), so agreement below means something
+    agreement = sum(int(a == b) for a, b in zip(fp32_top1, int8_top1, strict=True)) / len(files)
+    assert agreement >= 0.9, (agreement, fp32_accuracy, int8_accuracy)
+    assert int8_accuracy >= fp32_accuracy - 0.05
+
+    import onnx
+
+    graph = onnx.load(str(out))
+    ops = {node.op_type for node in graph.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # really quantized (QDQ)
+    int8_weights = [i for i in graph.graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    assert len(int8_weights) >= 52  # every conv weight of V2 (52 convs) is stored as int8
+    props = {p.key: json.loads(p.value) for p in graph.metadata_props if p.key in ("preprocessing", "quantization")}
+    assert props["preprocessing"] == Predictor(checkpoint).preprocessing
+    assert props["quantization"]["weights"].endswith("per channel")
+
+
+def test_quantize_per_tensor_api(setup):
+    from mobilenet.quantize import quantize_onnx
+
+    root = setup["root"]
+    result = quantize_onnx(
+        setup["checkpoint"], root / "pt.int8.onnx", root / "calibration", per_channel=False, num_calibration=64
+    )
+    assert result.calibration_images == 64 and result.settings["weights"].endswith("per tensor")
+    assert result.int8_agreement is not None and 0.0 <= result.int8_agreement <= 1.0
+    (prediction,) = Predictor(result.path).predict(setup["val"][0][:1])
+    assert prediction.ok
+
+
+def test_quantize_cli_errors(setup, tmp_path, capsys):
+    checkpoint = setup["checkpoint"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    (garbage / "a.jpg").write_text("not a jpeg")
+    cases = [
+        ([str(checkpoint), "--calibration", str(tmp_path / "missing")], "does not exist"),
+        ([str(checkpoint), "--calibration", str(empty)], "no image files"),
+        ([str(checkpoint), "--calibration", str(garbage), "--out", str(tmp_path / "g.onnx")], "could be decoded"),
+        ([str(tmp_path / "none.safetensors"), "--calibration", str(empty)], "does not exist"),
+    ]
+    for argv, message in cases:
+        assert main(["quantize", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("mobilenet quantize: error:") and message in err and "\n" not in err, err
+    assert not (tmp_path / "g.onnx").exists()
