@@ -25,7 +25,6 @@ import itertools
 import json
 import os
 import warnings
-import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -575,8 +574,3 @@ def export_model(
     if path is None:
         path = Path((getattr(model, "name", "") or "mobilenet") + EXPORT_FORMATS[format])
     return _EXPORTERS[format](model, path, classes=classes, preprocessing=preprocessing, **options)
-
-
-def is_zip(path: Path) -> bool:
-    """TorchScript and ``.pt2`` files are zip archives (used to recognise them by content, not by suffix)."""
-    return zipfile.is_zipfile(path)
