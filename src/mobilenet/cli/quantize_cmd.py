@@ -39,6 +39,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--method", choices=("minmax", "entropy", "percentile"), default="minmax", help="calibration (default minmax)"
     )
+    parser.add_argument(
+        "--full-range",
+        dest="reduce_range",
+        action="store_false",
+        help="use all 8 bits of the weights (for VNNI/ARM targets; the default 7 bits avoid int16 saturation in "
+        "x86 AVX2 int8 kernels)",
+    )
     parser.add_argument("--activations", choices=("int8", "uint8"), default="int8", help="activation type")
     parser.add_argument("--keep-fp32", default=None, metavar="FILE", help="also keep the fp32 ONNX export here")
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
@@ -65,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
             out,
             args.calibration,
             per_channel=args.per_channel,
+            reduce_range=args.reduce_range,
             num_calibration=args.num_calibration,
             calibrate_method=args.method,
             activation_type=args.activations,
