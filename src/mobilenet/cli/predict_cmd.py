@@ -26,9 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", "-b", type=int, default=32, help="images per forward pass (default: 32)")
     parser.add_argument(
         "--backend",
-        choices=("auto", "torch", "onnxruntime"),
+        choices=("auto", "torch", "torch-jit", "onnxruntime"),
         default="auto",
-        help="runtime (default auto: ONNX files in ONNX Runtime, checkpoints in PyTorch)",
+        help="runtime (default auto: the fastest installed; ONNX Runtime on the CPU when installed, else torch-jit)",
     )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for the backend")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda:0 (default: cpu)")

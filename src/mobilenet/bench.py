@@ -1,0 +1,752 @@
+"""Latency and throughput of MobileNets across runtimes, against the analytic cost and the CPU's measured peak.
+
+``bench(["mobilenet_v2_1.0_224"], backends=..., batch_sizes=(1, 32))`` is what ``mobilenet bench`` calls. How it
+measures (the issue's protocol, so that machine drift hits every candidate alike):
+
+1. every candidate (a backend prepared for one model) is built and checked against the eager PyTorch model
+   (max abs logit difference, reported as ``max_abs_diff``; int8 differs by design);
+2. each runs ``warmup`` untimed forwards per batch size;
+3. ``rounds`` rounds follow, each timing one forward of every candidate, in an order rotated every round;
+4. per candidate: median, p90 and min latency; throughput = batch / median.
+
+Every figure sits next to the model's analytic multiply-adds (:func:`mobilenet.cost.count_costs`; 1 MAC = 2 FLOPs)
+and the achieved GFLOP/s = 2 * MACs * batch / median latency. The reference line is the CPU's float32
+matrix-multiply peak measured in the same run (:func:`gemm_peak`: ``torch.mm`` on square matrices with the same
+threads): no float32 network can run faster than ``2 * MACs * batch / peak`` (``flop_limit_ms``).
+
+Backends (:data:`BENCH_BACKENDS`): PyTorch eager as built, eager in channels_last, ``torch.jit`` (BatchNorm folded,
+traced, frozen, ``optimize_for_inference``), ``torch.compile`` (inductor; slow to compile, so only when asked),
+ONNX Runtime float32 and int8 (static QDQ of :mod:`mobilenet.quantize`), and ``auto``: what
+``mobilenet.Predictor(backend="auto")`` runs.
+
+The module also holds the two benchmarks of ``benchmarks/``: :func:`scaling` (latency across width multipliers and
+resolutions against MACs) and :func:`separable_layers` (the V1 paper's standard vs depthwise separable conv on
+its Table 1 layers).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import math
+import os
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mobilenet.errors import MobileNetError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+__all__ = [
+    "BENCH_BACKENDS",
+    "DEFAULT_BACKENDS",
+    "BenchReport",
+    "Candidate",
+    "bench",
+    "describe_machine",
+    "gemm_peak",
+    "parse_batch_sizes",
+    "scaling",
+    "separable_layers",
+    "time_interleaved",
+]
+
+#: Backend name -> what it runs.
+BENCH_BACKENDS: dict[str, str] = {
+    "eager": "PyTorch eager, the model as built (NCHW, BatchNorm kept)",
+    "channels_last": "PyTorch eager, channels_last (NHWC) weights and input",
+    "jit": "torch.jit trace + freeze + optimize_for_inference, BatchNorm folded",
+    "compile": "torch.compile (inductor), BatchNorm folded (compiles per batch size: slow to start)",
+    "onnxruntime": "ONNX Runtime float32, BatchNorm folded, graph optimisations on",
+    "onnxruntime-int8": "ONNX Runtime int8 static QDQ (per-channel 7-bit weights, int8 activations)",
+    "auto": "mobilenet.Predictor(backend='auto'): the library's default path",
+}
+#: What runs when no --backends are given (``--int8`` adds onnxruntime-int8; compile only when named).
+DEFAULT_BACKENDS = ("eager", "channels_last", "jit", "onnxruntime", "auto")
+#: CPU flags worth knowing for these kernels (AVX-512 VNNI / AVX-VNNI are int8 dot products).
+SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_tile")
+#: Images the int8 model is calibrated on when no directory is given (uniform noise: measures speed, not accuracy).
+RANDOM_CALIBRATION_IMAGES = 16
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def parse_batch_sizes(text: str | Sequence[int]) -> tuple[int, ...]:
+    """``"1,32"`` -> ``(1, 32)``; each an integer >= 1, no duplicates (else :class:`MobileNetError`)."""
+    items = [s.strip() for s in text.split(",")] if isinstance(text, str) else list(text)
+    sizes: list[int] = []
+    for item in items:
+        try:
+            size = int(item)
+            if isinstance(item, bool) or str(size) != str(item).strip():
+                raise ValueError
+        except (TypeError, ValueError):
+            raise MobileNetError(
+                f"batch sizes must be integers >= 1 separated by commas (e.g. 1,32), got {text!r}"
+            ) from None
+        if size < 1:
+            raise MobileNetError(f"batch sizes must be integers >= 1, got {size} in {text!r}")
+        if size in sizes:
+            raise MobileNetError(f"batch size {size} is given twice in {text!r}")
+        sizes.append(size)
+    if not sizes:
+        raise MobileNetError("no batch sizes given; expected e.g. 1,32")
+    return tuple(sizes)
+
+
+def parse_backends(names: str | Sequence[str] | None, *, int8: bool = False, compile: bool = False) -> tuple[str, ...]:
+    """The backends to run: ``names`` (comma-separated or a list; ``"all"`` = every one) or the defaults, plus
+    onnxruntime-int8 with ``int8`` and compile with ``compile``. Unknown names raise :class:`MobileNetError`."""
+    if names is None or names == "" or names == []:
+        chosen = list(DEFAULT_BACKENDS)
+    else:
+        items = [n.strip() for n in names.split(",")] if isinstance(names, str) else [str(n).strip() for n in names]
+        chosen = []
+        for name in items:
+            if name == "all":
+                chosen.extend(BENCH_BACKENDS)
+                continue
+            if name not in BENCH_BACKENDS:
+                raise MobileNetError(f"unknown backend {name!r}; expected some of {', '.join(BENCH_BACKENDS)}")
+            chosen.append(name)
+    if int8:
+        chosen.append("onnxruntime-int8")
+    if compile:
+        chosen.append("compile")
+    return tuple(dict.fromkeys(chosen))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The machine and its peak
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _cpuinfo() -> dict[str, str]:
+    info: dict[str, str] = {}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    for line in text.splitlines():
+        if ":" in line:
+            key, value = (part.strip() for part in line.split(":", 1))
+            info.setdefault(key, value)
+    return info
+
+
+def describe_machine(threads: int | None = None) -> dict[str, Any]:
+    """CPU model, logical CPUs usable by this process, the SIMD flags that matter (:data:`SIMD_FLAGS`), torch's
+    threads and CPU capability, library versions, the allocator setting and the load average at the start (a
+    loaded machine makes every figure slower: compare ratios measured in one run)."""
+    import torch
+
+    from mobilenet.runtime import allocator_state
+
+    info = _cpuinfo()
+    flags = set(info.get("flags", "").split())
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        usable = os.cpu_count() or 1
+    try:
+        import onnxruntime
+
+        ort_version: str | None = onnxruntime.__version__
+    except ImportError:
+        ort_version = None
+    return {
+        "cpu": info.get("model name") or platform.processor() or platform.machine(),
+        "logical_cpus": usable,
+        "simd": [flag for flag in SIMD_FLAGS if flag in flags],
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": threads if threads is not None else torch.get_num_threads(),
+        "torch": torch.__version__,
+        "onnxruntime": ort_version,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "allocator": allocator_state().to_dict(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def gemm_peak(size: int = 1024, *, repeats: int = 8) -> dict[str, float]:
+    """The float32 matrix-multiply peak of this CPU with torch's current threads: ``torch.mm`` of two ``size`` x
+    ``size`` matrices (2 * size^3 FLOPs), best of ``repeats`` after one warm-up. Returns ``{"size", "gflops",
+    "seconds"}`` (seconds of the best run)."""
+    import torch
+
+    if size < 16:
+        raise MobileNetError(f"the GEMM size must be >= 16, got {size}")
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=generator)
+    b = torch.randn(size, size, generator=generator)
+    out = torch.empty(size, size)
+    torch.mm(a, b, out=out)
+    best = math.inf
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best = min(best, time.perf_counter() - start)
+    return {"size": size, "gflops": 2 * size**3 / best / 1e9, "seconds": best}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Candidates and the timing protocol
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Candidate:
+    """One thing to time: ``run(x)`` on a float32 NCHW batch (conversions a user would do are part of it)."""
+
+    name: str
+    description: str
+    run: Callable[[Any], Any]
+    max_abs_diff: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def time_interleaved(candidates: Sequence[Candidate], x: Any, *, rounds: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds per forward of each candidate on ``x``: ``warmup`` untimed calls each, then ``rounds`` rounds that
+    time one call of every candidate, in an order rotated by one each round (so drift in the machine's speed
+    reaches every candidate alike)."""
+    if rounds < 1:
+        raise MobileNetError(f"rounds must be >= 1, got {rounds}")
+    if warmup < 0:
+        raise MobileNetError(f"warmup must be >= 0, got {warmup}")
+    import torch
+
+    times: dict[str, list[float]] = {c.name: [] for c in candidates}
+    with torch.inference_mode():
+        for candidate in candidates:
+            for _ in range(warmup):
+                candidate.run(x)
+        for round_index in range(rounds):
+            shift = round_index % max(1, len(candidates))
+            for candidate in [*candidates[shift:], *candidates[:shift]]:
+                start = time.perf_counter()
+                candidate.run(x)
+                times[candidate.name].append(time.perf_counter() - start)
+    return times
+
+
+def summarize(seconds: Sequence[float]) -> dict[str, float]:
+    """Median, p90 (nearest rank), min and mean in milliseconds."""
+    ordered = sorted(seconds)
+    p90 = ordered[min(len(ordered) - 1, max(0, math.ceil(0.9 * len(ordered)) - 1))]
+    return {
+        "median": 1e3 * statistics.median(ordered),
+        "p90": 1e3 * p90,
+        "min": 1e3 * ordered[0],
+        "mean": 1e3 * statistics.fmean(ordered),
+    }
+
+
+def _max_abs_diff(run: Callable[[Any], Any], reference: nn.Module, shape: tuple[int, ...]) -> float:
+    import numpy as np
+    import torch
+
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = reference(x).double().numpy()
+        got = run(x)
+    got = got.detach().double().numpy() if hasattr(got, "detach") else np.asarray(got, dtype=np.float64)
+    return float(np.max(np.abs(got - expected)))
+
+
+def _ort_runner(path: Path, threads: int | None) -> Callable[[Any], Any]:
+    from mobilenet.export import INPUT_NAME, OUTPUT_NAME, _ort_session
+
+    session = _ort_session(path, threads)
+
+    def run(x: torch.Tensor) -> Any:
+        return session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+
+    return run
+
+
+def build_candidate(
+    backend: str,
+    model: nn.Module,
+    shape: tuple[int, int, int, int],
+    *,
+    threads: int | None = None,
+    calibration: str | os.PathLike[str] | None = None,
+    workdir: Path | None = None,
+) -> Candidate:
+    """Prepare ``backend`` (one of :data:`BENCH_BACKENDS`) for ``model`` at input ``shape`` (its batch is only the
+    tracing example; every backend takes any batch). ONNX files go to ``workdir`` (a temporary directory).
+    Raises :class:`MobileNetError` when the backend's package is missing."""
+    import torch
+
+    from mobilenet.export import export_onnx, fold_batchnorm
+    from mobilenet.predict import Predictor, jit_optimize, onnxruntime_available
+
+    if backend not in BENCH_BACKENDS:
+        raise MobileNetError(f"unknown backend {backend!r}; expected some of {', '.join(BENCH_BACKENDS)}")
+    description = BENCH_BACKENDS[backend]
+    model = model.eval()
+    if backend == "eager":
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                return model(x)
+
+        return Candidate(backend, description, run, 0.0)
+    if backend == "channels_last":
+        nhwc = copy.deepcopy(model).to(memory_format=torch.channels_last)
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                return nhwc(x.contiguous(memory_format=torch.channels_last))
+
+        return Candidate(backend, description, run, _max_abs_diff(run, model, (2, *shape[1:])))
+    if backend == "jit":
+        frozen = jit_optimize(model, (2, *shape[1:]))
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                return frozen(x)
+
+        return Candidate(backend, description, run, _max_abs_diff(run, model, (2, *shape[1:])))
+    if backend == "compile":
+        compiled = torch.compile(fold_batchnorm(model), dynamic=False)
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                return compiled(x)
+
+        return Candidate(backend, description, run, None, ["compiled per batch size during warm-up"])
+    if backend == "auto":
+        predictor = Predictor(model, backend="auto", num_threads=threads)
+        return Candidate(
+            backend,
+            f"{description} -> {predictor.backend_name}",
+            predictor.logits,
+            _max_abs_diff(predictor.logits, model, (2, *shape[1:])),
+            [f"auto picked {predictor.backend_name}"],
+        )
+    if not onnxruntime_available():
+        raise MobileNetError(f"backend {backend} needs onnx and onnxruntime; pip install 'mobilenet[onnx]'")
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="mobilenet-bench-"))
+    if backend == "onnxruntime":
+        exported = export_onnx(model, workdir / f"{id(model)}-fp32.onnx", rtol=1e-5)
+        return Candidate(backend, description, _ort_runner(exported.path, threads), exported.max_abs_diff)
+    # onnxruntime-int8
+    from mobilenet.quantize import quantize_onnx
+
+    calibration_note = f"calibrated on the images in {calibration}"
+    if calibration is None:
+        calibration = _random_images(workdir / "calibration", shape[-1], RANDOM_CALIBRATION_IMAGES)
+        calibration_note = (
+            f"calibrated on {RANDOM_CALIBRATION_IMAGES} random-noise images: a speed figure only (accuracy needs "
+            "real calibration images, see docs/deploy.md)"
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = quantize_onnx(model, workdir / f"{id(model)}-int8.onnx", calibration, num_calibration=None)
+    run = _ort_runner(result.path, threads)
+    return Candidate(
+        backend,
+        description,
+        run,
+        _max_abs_diff(run, model, (2, *shape[1:])),
+        [calibration_note, f"weights {result.settings['weights']}"],
+    )
+
+
+def _random_images(directory: Path, size: int, count: int) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(directory / f"{index}.png")
+    return directory
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# mobilenet bench
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchReport:
+    """Everything a bench run measured (``to_dict`` is the CLI's JSON)."""
+
+    machine: dict[str, Any]
+    settings: dict[str, Any]
+    gemm: list[dict[str, float]]
+    results: list[dict[str, Any]]
+    models: list[dict[str, Any]]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak_gflops(self) -> float:
+        """The float32 GEMM peak: the best of the measurements at the start and the end of the run."""
+        return max(entry["gflops"] for entry in self.gemm)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "convention": "1 MAC = 1 multiply-add = 2 FLOPs; GFLOP/s = 2 * MACs * batch / median latency",
+            "machine": self.machine,
+            "settings": self.settings,
+            "gemm_peak": {"gflops": self.peak_gflops, "measurements": self.gemm},
+            "models": self.models,
+            "results": self.results,
+            "notes": self.notes,
+        }
+
+
+def _load_model(model: Any, resolution: int | None) -> tuple[str, nn.Module, Any]:
+    """(name, eval-mode model, config at the benchmark resolution) for a name, checkpoint path or MobileNet."""
+    from mobilenet.predict import RandomWeightsWarning, load_source
+    from mobilenet.spec import MODELS
+
+    if isinstance(model, str) and model in MODELS:
+        from mobilenet.models import create_model
+
+        overrides = {"resolution": resolution} if resolution else {}
+        built = create_model(model, **overrides).eval()
+        return model, built, built.config
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RandomWeightsWarning)
+        source = load_source(model)
+    if source.model is None:
+        raise MobileNetError(f"bench takes model names or .safetensors checkpoints; got the ONNX file {model}")
+    config = source.config
+    if resolution:
+        config = dataclasses.replace(config, resolution=resolution)
+    return source.name or str(model), source.model.float().cpu().eval(), config
+
+
+def bench(
+    models: Sequence[Any],
+    *,
+    backends: str | Sequence[str] | None = None,
+    batch_sizes: str | Sequence[int] = (1, 32),
+    threads: int | None = None,
+    int8: bool = False,
+    resolution: int | None = None,
+    rounds: int = 30,
+    warmup: int = 5,
+    gemm_size: int = 1024,
+    calibration: str | os.PathLike[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> BenchReport:
+    """Benchmark ``models`` (registered names, random weights, or checkpoints) on ``backends`` (default
+    :data:`DEFAULT_BACKENDS`) at each batch size; see the module docstring for the protocol.
+
+    Args:
+        threads: intra-op threads for torch and ONNX Runtime (default: torch's current count).
+        int8: add ``onnxruntime-int8`` (calibrated on ``calibration``, a directory of images, or random noise).
+        resolution: input side (default: each model's resolution).
+        rounds, warmup: timed rounds and untimed forwards per candidate and batch size.
+        gemm_size: side of the square matrices of the GEMM peak (measured at the start and the end).
+        progress: called with a line of text as each stage starts (the CLI prints it on stderr).
+
+    A backend that cannot be built (a missing package, a failing compile) is left out with a note; asking only
+    for unavailable backends raises :class:`MobileNetError`.
+    """
+    import torch
+
+    from mobilenet.cost import count_costs
+    from mobilenet.runtime import set_threads
+
+    say = progress or (lambda _line: None)
+    names = parse_backends(backends, int8=int8)
+    sizes = parse_batch_sizes(batch_sizes)
+    if not models:
+        raise MobileNetError("no model given; expected a registered name (see `mobilenet models`) or a checkpoint")
+    for value, what in ((rounds, "rounds"), (gemm_size, "gemm size")):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise MobileNetError(f"{what} must be an integer >= 1, got {value!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise MobileNetError(f"warmup must be an integer >= 0, got {warmup!r}")
+    if resolution is not None and (not isinstance(resolution, int) or resolution < 32):
+        raise MobileNetError(f"resolution must be an integer >= 32, got {resolution!r}")
+    threads = set_threads(threads)
+    loaded = [_load_model(m, resolution) for m in models]  # every model name is checked before anything runs
+    machine = describe_machine(threads)
+    say(f"GEMM peak ({gemm_size}x{gemm_size} float32, {threads} threads)")
+    gemm = [gemm_peak(gemm_size)]
+    results: list[dict[str, Any]] = []
+    model_rows: list[dict[str, Any]] = []
+    notes: list[str] = []
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory(prefix="mobilenet-bench-") as tmp:
+        for index, (name, model, config) in enumerate(loaded):
+            macs = count_costs(config).macs
+            size = int(config.resolution)
+            shape = (1, int(config.in_channels), size, size)
+            model_rows.append({"model": name, "resolution": size, "macs_per_image": macs, "config": config.to_dict()})
+            candidates: list[Candidate] = []
+            for backend in names:
+                say(f"{name}: preparing {backend}")
+                try:
+                    candidate = build_candidate(
+                        backend,
+                        model,
+                        shape,
+                        threads=threads,
+                        calibration=calibration,
+                        workdir=Path(tmp) / str(index),
+                    )
+                except MobileNetError as error:
+                    if len(names) == 1:
+                        raise
+                    notes.append(f"{name}: {backend} left out: {error}")
+                    continue
+                except Exception as error:  # a compiler or runtime failing on this machine is a finding, not a crash
+                    if backend not in ("compile", "onnxruntime-int8") or len(names) == 1:
+                        raise
+                    notes.append(f"{name}: {backend} left out: {type(error).__name__}: {str(error)[:200]}")
+                    continue
+                candidates.append(candidate)
+                notes.extend(f"{name}: {backend}: {note}" for note in candidate.notes)
+            if not candidates:
+                raise MobileNetError(f"none of the backends {', '.join(names)} could run {name}")
+            for batch in sizes:
+                say(f"{name}: batch {batch}, {warmup} warm-up + {rounds} interleaved rounds x {len(candidates)}")
+                x = torch.randn(batch, *shape[1:], generator=torch.Generator().manual_seed(batch))
+                times = time_interleaved(candidates, x, rounds=rounds, warmup=warmup)
+                group: list[dict[str, Any]] = []
+                for candidate in candidates:
+                    latency = summarize(times[candidate.name])
+                    seconds = latency["median"] / 1e3
+                    flops = 2 * macs * batch
+                    group.append(
+                        {
+                            "model": name,
+                            "backend": candidate.name,
+                            "description": candidate.description,
+                            "batch_size": batch,
+                            "latency_ms": latency,
+                            "throughput_ips": batch / seconds,
+                            "macs_per_image": macs,
+                            "gflops": flops / seconds / 1e9,
+                            "max_abs_diff": candidate.max_abs_diff,
+                            "samples_ms": [1e3 * t for t in times[candidate.name]],
+                        }
+                    )
+                results.extend(group)
+    say("GEMM peak again (end of run)")
+    gemm.append(gemm_peak(gemm_size))
+    report = BenchReport(
+        machine=machine,
+        settings={
+            "backends": list(names),
+            "batch_sizes": list(sizes),
+            "threads": threads,
+            "rounds": rounds,
+            "warmup": warmup,
+            "resolution": resolution,
+            "gemm_size": gemm_size,
+            "int8_calibration": str(calibration) if calibration else ("random noise" if int8 else None),
+        },
+        gemm=gemm,
+        results=results,
+        models=model_rows,
+        notes=notes,
+    )
+    _add_ratios(report)
+    return report
+
+
+def _add_ratios(report: BenchReport) -> None:
+    """Per result: the FLOP-limit latency at the run's GEMM peak, latency / that limit, latency / the fastest
+    float32 backend in the same (model, batch) group, and its fraction of the peak."""
+    peak = report.peak_gflops
+    for row in report.results:
+        limit_ms = 2 * row["macs_per_image"] * row["batch_size"] / (peak * 1e9) * 1e3
+        row["flop_limit_ms"] = limit_ms
+        row["x_flop_limit"] = row["latency_ms"]["median"] / limit_ms
+        row["fraction_of_peak"] = row["gflops"] / peak
+        group = [
+            r
+            for r in report.results
+            if r["model"] == row["model"]
+            and r["batch_size"] == row["batch_size"]
+            and r["backend"] != "auto"
+            and not r["backend"].endswith("int8")
+        ]
+        fastest = min((r["latency_ms"]["median"] for r in group), default=math.nan)
+        row["x_fastest_fp32_runtime"] = row["latency_ms"]["median"] / fastest if group else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# benchmarks/scaling.py and benchmarks/separable_layers.py
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def scaling(
+    model: str = "mobilenet_v2_1.0_224",
+    *,
+    alphas: Sequence[float] = (0.35, 0.5, 0.75, 1.0, 1.4),
+    resolutions: Sequence[int] = (96, 128, 160, 192, 224),
+    backends: Sequence[str] = ("eager", "onnxruntime"),
+    batch_size: int = 1,
+    threads: int | None = None,
+    rounds: int = 10,
+    warmup: int = 3,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Median latency of ``model`` at every (alpha, resolution) on each backend, next to its analytic MACs (V1
+    paper section 4: cost scales with alpha^2 and rho^2), so one can see where MACs predict latency and where
+    they do not. Candidates of one configuration are timed interleaved."""
+    import torch
+
+    from mobilenet.cost import count_costs
+    from mobilenet.models import create_model
+    from mobilenet.runtime import set_threads
+
+    say = progress or (lambda _line: None)
+    threads = set_threads(threads)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="mobilenet-scaling-") as tmp:
+        for alpha in alphas:
+            for size in resolutions:
+                say(f"alpha {alpha:g}, {size}px")
+                built = create_model(model, alpha=alpha, resolution=size).eval()
+                shape = (batch_size, 3, size, size)
+                candidates = [build_candidate(b, built, shape, threads=threads, workdir=Path(tmp)) for b in backends]
+                x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+                times = time_interleaved(candidates, x, rounds=rounds, warmup=warmup)
+                macs = count_costs(built.config).macs
+                for candidate in candidates:
+                    median = statistics.median(times[candidate.name])
+                    rows.append(
+                        {
+                            "alpha": alpha,
+                            "resolution": size,
+                            "backend": candidate.name,
+                            "macs": macs,
+                            "latency_ms": 1e3 * median,
+                            "gflops": 2 * macs * batch_size / median / 1e9,
+                        }
+                    )
+    peak = gemm_peak(1024)
+    return {
+        "model": model,
+        "batch_size": batch_size,
+        "threads": threads,
+        "machine": describe_machine(threads),
+        "gemm_peak_gflops": peak["gflops"],
+        "rows": rows,
+    }
+
+
+def v1_table1_separable_layers(resolution: int = 224, alpha: float = 1.0) -> list[dict[str, int]]:
+    """The depthwise + pointwise pairs of the V1 paper's Table 1 (MobileNet V1 1.0 at 224 by default): input side
+    Df (of the depthwise input), M input channels, N output channels, stride, from the spec's layer list."""
+    from mobilenet.spec import network_for
+
+    network = network_for("mobilenet_v1_1.0_224", alpha=alpha, resolution=resolution)
+    layers = list(network.layers)
+    pairs: list[dict[str, int]] = []
+    for first, second in itertools.pairwise(layers):
+        if first.op == "depthwise" and second.op == "pointwise":
+            pairs.append(
+                {
+                    "size": int(first.in_size[0]),
+                    "in_channels": int(first.in_channels),
+                    "out_channels": int(second.out_channels),
+                    "stride": int(first.stride),
+                }
+            )
+    return pairs
+
+
+def separable_layers(
+    *,
+    resolution: int = 224,
+    batch_size: int = 1,
+    threads: int | None = None,
+    rounds: int = 10,
+    warmup: int = 3,
+    channels_last: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """The V1 paper's core claim, layer by layer (section 3.1, equations 1-5): on each depthwise separable layer of
+    Table 1, time a standard 3x3 conv (Dk*Dk*M*N*Df*Df MACs) against a 3x3 depthwise conv followed by a 1x1
+    pointwise conv (Dk*Dk*M*Df*Df + M*N*Df*Df MACs), interleaved, and compare the measured speedup with the
+    theoretical 1 / (1/N + 1/Dk^2). Convs only (no BN or ReLU: the equations count neither)."""
+    import torch
+    from torch import nn
+
+    from mobilenet.runtime import set_threads
+
+    say = progress or (lambda _line: None)
+    threads = set_threads(threads)
+    rows: list[dict[str, Any]] = []
+    seen: set[tuple[int, int, int, int]] = set()
+    for layer in v1_table1_separable_layers(resolution):
+        key = (layer["size"], layer["in_channels"], layer["out_channels"], layer["stride"])
+        if key in seen:
+            continue  # Table 1 repeats the 14x14x512 layer five times
+        seen.add(key)
+        size, m, n, stride = key
+        say(f"{size}x{size}x{m} -> {n}, stride {stride}")
+        standard = nn.Conv2d(m, n, 3, stride, 1, bias=False).eval()
+        depthwise = nn.Conv2d(m, m, 3, stride, 1, groups=m, bias=False).eval()
+        pointwise = nn.Conv2d(m, n, 1, bias=False).eval()
+        separable = nn.Sequential(depthwise, pointwise).eval()
+        if channels_last:
+            for module in (standard, separable):
+                module.to(memory_format=torch.channels_last)
+        memory = torch.channels_last if channels_last else torch.contiguous_format
+        x = torch.randn(batch_size, m, size, size).contiguous(memory_format=memory)
+        candidates = [
+            Candidate("standard", "3x3 conv", standard),
+            Candidate("separable", "3x3 depthwise + 1x1 pointwise", separable),
+            Candidate("depthwise", "3x3 depthwise alone", depthwise),
+        ]
+        times = time_interleaved(candidates, x, rounds=rounds, warmup=warmup)
+        out = (size + stride - 1) // stride
+        macs_standard = 9 * m * n * out * out
+        macs_depthwise = 9 * m * out * out
+        macs_pointwise = m * n * out * out
+        median = {name: statistics.median(values) for name, values in times.items()}
+        rows.append(
+            {
+                "size": size,
+                "in_channels": m,
+                "out_channels": n,
+                "stride": stride,
+                "macs_standard": macs_standard,
+                "macs_separable": macs_depthwise + macs_pointwise,
+                "standard_ms": 1e3 * median["standard"],
+                "separable_ms": 1e3 * median["separable"],
+                "depthwise_ms": 1e3 * median["depthwise"],
+                "theoretical_speedup": 1 / (1 / n + 1 / 9),
+                "mac_ratio_speedup": macs_standard / (macs_depthwise + macs_pointwise),
+                "measured_speedup": median["standard"] / median["separable"],
+                "standard_gflops": 2 * macs_standard * batch_size / median["standard"] / 1e9,
+                "depthwise_gflops": 2 * macs_depthwise * batch_size / median["depthwise"] / 1e9,
+                "depthwise_time_share": median["depthwise"] / median["separable"],
+                "depthwise_mac_share": macs_depthwise / (macs_depthwise + macs_pointwise),
+            }
+        )
+    return {
+        "resolution": resolution,
+        "batch_size": batch_size,
+        "threads": threads,
+        "channels_last": channels_last,
+        "machine": describe_machine(threads),
+        "gemm_peak_gflops": gemm_peak(1024)["gflops"],
+        "rows": rows,
+    }

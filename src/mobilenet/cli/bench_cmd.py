@@ -1,0 +1,150 @@
+"""``mobilenet bench [MODEL...] [--backends ...] [--batch-sizes 1,32] [--int8] [--format table|json] [--plot FILE]``:
+latency and throughput across runtimes, next to the analytic MACs and the CPU's measured GEMM peak."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="latency/throughput of models across runtimes (torch, jit, ONNX Runtime, int8) vs the FLOP limit",
+        description=(
+            "Warm-up, then interleaved rounds across every backend so machine drift hits them alike; median, p90 "
+            "and min latency, throughput, achieved GFLOP/s (2 * MACs / latency) and the ratio to the FLOP limit "
+            "set by the float32 GEMM peak measured in the same run. Backends: eager, channels_last, jit, "
+            "compile, onnxruntime, onnxruntime-int8, auto (default: eager, channels_last, jit, onnxruntime, auto)."
+        ),
+    )
+    parser.add_argument(
+        "models",
+        metavar="MODEL",
+        nargs="*",
+        default=["mobilenet_v2_1.0_224"],
+        help="registered model names (random weights) or .safetensors checkpoints (default: mobilenet_v2_1.0_224)",
+    )
+    parser.add_argument("--backends", help="comma-separated backends, or 'all' (default: see above)")
+    parser.add_argument("--batch-sizes", default="1,32", help="comma-separated batch sizes (default: 1,32)")
+    parser.add_argument("--threads", type=int, help="intra-op threads for torch and ONNX Runtime (default: torch's)")
+    parser.add_argument("--int8", action="store_true", help="add ONNX Runtime int8 (static QDQ)")
+    parser.add_argument("--compile", action="store_true", help="add torch.compile (compiles per batch size: slow)")
+    parser.add_argument(
+        "--calibration", help="directory of images to calibrate int8 on (default: random noise, speed only)"
+    )
+    parser.add_argument("--resolution", type=int, help="input side in pixels (default: each model's)")
+    parser.add_argument("--rounds", type=int, default=30, help="timed interleaved rounds (default: 30)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed forwards per backend first (default: 5)")
+    parser.add_argument("--gemm-size", type=int, default=1024, help="side of the GEMM-peak matrices (default: 1024)")
+    parser.add_argument("--format", choices=("table", "json"), default="table", help="output format")
+    parser.add_argument("--plot", help="write a PNG of the latencies against the FLOP limit")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from mobilenet.bench import bench, parse_backends, parse_batch_sizes
+    from mobilenet.errors import MobileNetError
+    from mobilenet.runtime import tune_allocator
+
+    tune_allocator()
+    # Argument mistakes stop here, before any model is built.
+    parse_batch_sizes(args.batch_sizes)
+    parse_backends(args.backends, int8=args.int8, compile=args.compile)
+    if args.threads is not None and args.threads < 1:
+        raise MobileNetError(f"--threads must be at least 1, got {args.threads}")
+    if args.rounds < 1:
+        raise MobileNetError(f"--rounds must be at least 1, got {args.rounds}")
+    if args.warmup < 0:
+        raise MobileNetError(f"--warmup must be at least 0, got {args.warmup}")
+    backends = args.backends
+    if args.compile:
+        backends = ",".join(parse_backends(args.backends, compile=True))
+
+    def say(line: str) -> None:
+        if not args.quiet:
+            print(f"mobilenet bench: {line}", file=sys.stderr, flush=True)
+
+    report = bench(
+        args.models,
+        backends=backends,
+        batch_sizes=args.batch_sizes,
+        threads=args.threads,
+        int8=args.int8,
+        resolution=args.resolution,
+        rounds=args.rounds,
+        warmup=args.warmup,
+        gemm_size=args.gemm_size,
+        calibration=args.calibration,
+        progress=say,
+    )
+    data = report.to_dict()
+    if args.plot:
+        from mobilenet.plots import plot_bench
+
+        data["plot"] = str(plot_bench(data, args.plot))
+    if args.format == "json":
+        print(json.dumps(data, indent=2))
+    else:
+        _print_table(data)
+    return 0
+
+
+def _print_table(data: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 150)
+    machine = data["machine"]
+    console.print(
+        f"[bold]{machine['cpu']}[/bold], {machine['logical_cpus']} logical CPUs, SIMD {' '.join(machine['simd'])}, "
+        f"{machine['threads']} threads; torch {machine['torch']} ({machine['torch_cpu_capability']}), onnxruntime "
+        f"{machine['onnxruntime'] or '-'}; allocator: {machine['allocator']['reason']}; load average at start "
+        f"{' '.join(f'{v:.2f}' for v in machine['load_average'] or [])}"
+    )
+    console.print(
+        f"float32 GEMM peak (torch.mm {data['settings']['gemm_size']}^2, same run): "
+        f"[bold]{data['gemm_peak']['gflops']:.1f} GFLOP/s[/bold]; {data['convention']}"
+    )
+    for model in data["models"]:
+        rows = [r for r in data["results"] if r["model"] == model["model"]]
+        limits = ", ".join(
+            f"batch {batch}: {next(r['flop_limit_ms'] for r in rows if r['batch_size'] == batch):.2f} ms"
+            for batch in dict.fromkeys(r["batch_size"] for r in rows)
+        )
+        table = Table(
+            title=f"{model['model']} at {model['resolution']}px: {model['macs_per_image'] / 1e6:.1f}M MACs per image",
+            caption=f"FLOP limit (2 * MACs * batch / GEMM peak): {limits}",
+        )
+        table.add_column("batch", justify="right")
+        table.add_column("backend", no_wrap=True)
+        for column in ("median ms", "p90 ms", "min ms", "img/s", "GFLOP/s", "x FLOP limit", "x fastest fp32"):
+            table.add_column(column, justify="right")
+        table.add_column("max |diff|", justify="right")
+        for batch in dict.fromkeys(r["batch_size"] for r in rows):
+            group = sorted((r for r in rows if r["batch_size"] == batch), key=lambda r: r["latency_ms"]["median"])
+            for index, row in enumerate(group):
+                latency = row["latency_ms"]
+                diff = row["max_abs_diff"]
+                ratio = row["x_fastest_fp32_runtime"]
+                table.add_row(
+                    str(batch) if index == 0 else "",
+                    row["backend"],
+                    f"{latency['median']:.2f}",
+                    f"{latency['p90']:.2f}",
+                    f"{latency['min']:.2f}",
+                    f"{row['throughput_ips']:.1f}",
+                    f"{row['gflops']:.1f}",
+                    f"{row['x_flop_limit']:.2f}",
+                    "-" if ratio is None else f"{ratio:.2f}",
+                    "-" if diff is None else f"{diff:.1e}",
+                    end_section=index == len(group) - 1,
+                )
+        console.print(table)
+    for note in data["notes"]:
+        console.print(f"note: {note}")
+    if data.get("plot"):
+        console.print(f"plot: {data['plot']}")

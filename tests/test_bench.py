@@ -1,0 +1,135 @@
+"""``mobilenet bench`` and the speed benchmarks' API: the JSON holds every figure and its figures agree with each
+other (GFLOP/s = 2 * MACs * batch / latency, the FLOP limit from the GEMM peak); argument mistakes exit 2 with one
+line. No timed assertions: the machine's speed is not the code's correctness."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from mobilenet.bench import (
+    Candidate,
+    parse_backends,
+    parse_batch_sizes,
+    separable_layers,
+    summarize,
+    time_interleaved,
+    v1_table1_separable_layers,
+)
+from mobilenet.cli import main
+from mobilenet.cost import count_costs
+from mobilenet.errors import MobileNetError
+
+TINY = ["mobilenet_v2_0.35_96", "--resolution", "32", "--rounds", "2", "--warmup", "1", "--gemm-size", "64"]
+
+
+def test_cli_bench_json_figures_are_consistent(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    plot = tmp_path / "bench.png"
+    argv = ["bench", *TINY, "--backends", "eager,jit,onnxruntime,auto", "--batch-sizes", "1,2"]
+    code = main([*argv, "--threads", "1", "--format", "json", "--quiet", "--plot", str(plot)])
+    assert code == 0
+    data = json.loads(capsys.readouterr().out)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    machine = data["machine"]
+    assert machine["threads"] == 1 and machine["logical_cpus"] >= 1 and isinstance(machine["simd"], list)
+    assert {"cpu", "torch", "onnxruntime", "allocator", "load_average"} <= set(machine)
+    assert data["settings"]["batch_sizes"] == [1, 2] and data["settings"]["rounds"] == 2
+    peak = data["gemm_peak"]["gflops"]
+    assert peak == max(m["gflops"] for m in data["gemm_peak"]["measurements"]) > 0
+    macs = count_costs("mobilenet_v2_0.35_96", resolution=32).macs
+    assert data["models"] == [
+        {
+            "model": "mobilenet_v2_0.35_96",
+            "resolution": 32,
+            "macs_per_image": macs,
+            "config": data["models"][0]["config"],
+        }
+    ]
+    results = data["results"]
+    assert sorted((r["backend"], r["batch_size"]) for r in results) == sorted(
+        (b, n) for b in ("eager", "jit", "onnxruntime", "auto") for n in (1, 2)
+    )
+    for row in results:
+        latency = row["latency_ms"]
+        seconds = latency["median"] / 1e3
+        assert len(row["samples_ms"]) == 2
+        assert latency["min"] == min(row["samples_ms"]) <= latency["median"] <= latency["p90"]
+        assert row["macs_per_image"] == macs
+        assert math.isclose(row["gflops"], 2 * macs * row["batch_size"] / seconds / 1e9, rel_tol=1e-9)
+        assert math.isclose(row["throughput_ips"], row["batch_size"] / seconds, rel_tol=1e-9)
+        assert math.isclose(row["flop_limit_ms"], 2 * macs * row["batch_size"] / peak / 1e6, rel_tol=1e-9)
+        assert math.isclose(row["x_flop_limit"], latency["median"] / row["flop_limit_ms"], rel_tol=1e-9)
+        assert math.isclose(row["fraction_of_peak"], row["gflops"] / peak, rel_tol=1e-9)
+        assert row["max_abs_diff"] is not None and row["max_abs_diff"] <= 1e-4
+    for batch in (1, 2):
+        ratios = [r["x_fastest_fp32_runtime"] for r in results if r["batch_size"] == batch and r["backend"] != "auto"]
+        assert min(ratios) == 1.0 and all(r >= 1.0 for r in ratios)
+    assert any("auto picked onnxruntime" in note for note in data["notes"])
+
+
+def test_cli_bench_table(capsys):
+    assert main(["bench", *TINY, "--backends", "eager", "--batch-sizes", "1", "--threads", "1", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "GEMM peak" in out and "FLOP limit" in out and "eager" in out and "MACs per image" in out
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--backends", "tensorrt"], "unknown backend 'tensorrt'"),
+        (["--batch-sizes", "1,x"], "batch sizes must be integers"),
+        (["--batch-sizes", "0"], "batch sizes must be integers >= 1"),
+        (["--batch-sizes", "4,4"], "given twice"),
+        (["--rounds", "0"], "--rounds must be at least 1"),
+        (["--threads", "0"], "--threads must be at least 1"),
+    ],
+)
+def test_cli_bench_argument_errors(extra, message, capsys):
+    assert main(["bench", "mobilenet_v2_0.35_96", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mobilenet bench: error:") and message in err and "\n" not in err, err
+
+
+def test_cli_bench_unknown_model(capsys):
+    assert main(["bench", "mobilenet_v2_1.0_23", "--batch-sizes", "1", "--gemm-size", "64", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mobilenet bench: error:") and "mobilenet_v2_1.0_23" in err and "\n" not in err
+
+
+def test_parsers():
+    assert parse_batch_sizes("1, 32") == (1, 32)
+    assert parse_batch_sizes([8]) == (8,)
+    with pytest.raises(MobileNetError, match="no batch sizes"):
+        parse_batch_sizes([])
+    assert parse_backends(None) == ("eager", "channels_last", "jit", "onnxruntime", "auto")
+    assert parse_backends("jit", int8=True, compile=True) == ("jit", "onnxruntime-int8", "compile")
+    assert parse_backends("all")[-1] == "auto" and len(parse_backends("all")) == 7
+
+
+def test_time_interleaved_rotates_and_counts():
+    calls: list[str] = []
+    candidates = [Candidate(name, name, lambda x, n=name: calls.append(n)) for name in "abc"]
+    times = time_interleaved(candidates, None, rounds=3, warmup=1)
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
+    assert calls == list("abc") + list("abc") + list("bca") + list("cab")
+    stats = summarize([0.004, 0.001, 0.002, 0.003, 0.010])
+    assert stats == {"median": 3.0, "p90": 10.0, "min": 1.0, "mean": 4.0}
+
+
+def test_separable_layers_follow_v1_table1():
+    pairs = v1_table1_separable_layers()
+    # V1 paper Table 1: 13 depthwise separable layers, from 112x112x32 -> 64 to 7x7x1024 -> 1024.
+    assert len(pairs) == 13
+    assert pairs[0] == {"size": 112, "in_channels": 32, "out_channels": 64, "stride": 1}
+    assert pairs[-1] == {"size": 7, "in_channels": 1024, "out_channels": 1024, "stride": 1}
+    result = separable_layers(resolution=32, rounds=1, warmup=0, threads=1)
+    assert len(result["rows"]) == 9  # the five 14x14x512 layers (here 2x2) are one distinct shape
+    for row in result["rows"]:
+        n = row["out_channels"]
+        # The MAC ratio of equations (1) and (3) is exactly the paper's 1 / (1/N + 1/Dk^2).
+        assert math.isclose(row["mac_ratio_speedup"], 1 / (1 / n + 1 / 9), rel_tol=1e-12)
+        assert math.isclose(row["theoretical_speedup"], row["mac_ratio_speedup"], rel_tol=1e-12)
+        assert row["measured_speedup"] > 0 and 0 < row["depthwise_mac_share"] < 1

@@ -1,0 +1,149 @@
+"""Runtime settings (allocator tuning, threads) and the Predictor's fast backends: what ``auto`` picks and that
+every converted backend gives the eager PyTorch model's logits (max abs diff <= 1e-4)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mobilenet.errors import MobileNetError
+from mobilenet.models import create_model
+from mobilenet.predict import Predictor
+from mobilenet.runtime import NO_TUNING_ENV, AllocatorTuning, set_threads, tune_allocator
+
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+# Repeated forwards of a small model at a batch whose activations are a few MB each: with glibc's defaults the
+# freed top of the heap is trimmed (or the block was mmap'ed), so every forward touches fresh zero-filled pages.
+FAULTS_SCRIPT = """
+import torch
+torch.set_num_threads(1)
+from mobilenet.runtime import minor_faults, tune_allocator
+state = tune_allocator()
+from mobilenet.models import create_model
+model = create_model("mobilenet_v2_0.35_96").eval()
+x = torch.randn(8, 3, 96, 96)
+with torch.inference_mode():
+    for _ in range(2):
+        model(x)
+    before = minor_faults()
+    for _ in range(3):
+        model(x)
+print(int(state.applied), (minor_faults() - before) // 3)
+"""
+
+
+def _faults(env_extra: dict[str, str]) -> tuple[bool, int]:
+    env = {
+        k: v for k, v in os.environ.items() if k not in (NO_TUNING_ENV, "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")
+    }
+    env.update(env_extra)
+    out = subprocess.run(
+        [sys.executable, "-c", FAULTS_SCRIPT], env=env, capture_output=True, text=True, check=True, timeout=120
+    ).stdout.split()
+    return bool(int(out[0])), int(out[1])
+
+
+@pytest.mark.skipif(not GLIBC, reason="mallopt tuning exists only with glibc")
+def test_tune_allocator_reports_what_it_did():
+    state = tune_allocator()
+    assert isinstance(state, AllocatorTuning) and state.applied and bool(state)
+    assert "M_MMAP_MAX=0" in state.reason
+    assert tune_allocator() is state  # idempotent: decided once per process
+    assert state.to_dict() == {"applied": True, "reason": state.reason}
+
+
+@pytest.mark.skipif(not GLIBC, reason="mallopt tuning exists only with glibc")
+def test_allocator_tuning_removes_page_faults_of_repeated_forwards():
+    tuned_applied, tuned = _faults({})
+    plain_applied, plain = _faults({NO_TUNING_ENV: "1"})
+    assert tuned_applied and not plain_applied
+    # Counts, not times: measured 1024 faults per forward with glibc's defaults, 0 when tuned.
+    assert plain >= 100, plain
+    assert tuned * 10 <= plain, (tuned, plain)
+
+
+def test_opt_out_variable_is_respected(monkeypatch):
+    monkeypatch.setenv(NO_TUNING_ENV, "1")
+    state = tune_allocator(force=True)
+    assert not state.applied and NO_TUNING_ENV in state.reason
+    monkeypatch.delenv(NO_TUNING_ENV)
+    assert tune_allocator(force=True).applied == GLIBC
+
+
+def test_set_threads():
+    before = torch.get_num_threads()
+    try:
+        assert set_threads(1) == 1 == torch.get_num_threads()
+        assert set_threads(None) == 1
+    finally:
+        torch.set_num_threads(before)
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(MobileNetError, match="threads must be an integer >= 1"):
+            set_threads(bad)
+
+
+@pytest.fixture(scope="module")
+def trained_like_model() -> torch.nn.Module:
+    """A small V2 with non-trivial BatchNorm statistics (so folding them changes the weights) and logits of a
+    trained model's size (so a parity check at 1e-4 means something)."""
+    torch.manual_seed(0)
+    model = create_model("mobilenet_v2_0.35_96", resolution=64, num_classes=10)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    torch.nn.init.normal_(model.classifier.weight, 0.0, 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("backend", ["torch-jit", "onnxruntime", "auto"])
+def test_fast_backends_match_pytorch(trained_like_model, backend):
+    if backend != "torch-jit":
+        pytest.importorskip("onnxruntime")
+    predictor = Predictor(trained_like_model, backend=backend, num_threads=1)
+    x = torch.randn(5, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        expected = trained_like_model(x)
+    assert expected.abs().max() > 1.0  # logits of a useful size: the check below can fail
+    got = predictor.logits(x)
+    assert got.shape == expected.shape
+    assert float((got - expected).abs().max()) <= 1e-4
+    assert predictor.max_abs_diff is not None and predictor.max_abs_diff <= 1e-4
+    # Any batch size works after conversion (the batch dimension stays dynamic).
+    assert predictor.logits(x[:1]).shape == (1, 10)
+
+
+def test_auto_picks_the_fastest_installed_backend(trained_like_model, monkeypatch, tmp_path):
+    import mobilenet.predict as predict
+
+    if predict.onnxruntime_available():
+        assert Predictor(trained_like_model).backend_name == "onnxruntime"
+        from mobilenet.export import export_onnx
+
+        onnx_file = export_onnx(trained_like_model, tmp_path / "m.onnx").path
+        assert Predictor(onnx_file).backend_name == "onnxruntime"
+    monkeypatch.setattr(predict, "onnxruntime_available", lambda: False)
+    assert Predictor(trained_like_model).backend_name == "torch-jit"
+    assert Predictor(trained_like_model, backend="torch").backend_name == "torch"
+
+
+def test_auto_falls_back_when_a_conversion_fails(trained_like_model, monkeypatch):
+    import mobilenet.predict as predict
+
+    class Broken:
+        def __init__(self, *args, **kwargs):
+            raise MobileNetError("conversion failed")
+
+    monkeypatch.setattr(predict, "onnxruntime_available", lambda: True)
+    monkeypatch.setitem(predict.BACKENDS, "onnxruntime", Broken)
+    assert Predictor(trained_like_model).backend_name == "torch-jit"
+    with pytest.raises(MobileNetError, match="conversion failed"):
+        Predictor(trained_like_model, backend="onnxruntime")
