@@ -133,3 +133,14 @@ def test_overrides_and_round_trip():
     assert ModelConfig.from_dict(config.to_dict()) == config
     with pytest.raises(MobileNetError, match="cannot override"):
         model_config("mobilenet_v2_1.0_224", family="v1")
+
+
+def test_small_input_allows_the_cifar_resolution_multiplier():
+    # V1 paper Table 7 on CIFAR: 32x32 images resized to 28, 24, 20 px need the stride-8 network (src: spec.py).
+    for resolution in (28, 24, 20, 8):
+        network = build_network(ModelConfig("v1", resolution=resolution, small_input=True))
+        assert network.pool_size[0] >= 1
+    with pytest.raises(MobileNetError, match=r"resolution must be an integer >= 8, got 7"):
+        ModelConfig("v1", resolution=7, small_input=True)
+    with pytest.raises(MobileNetError, match=r">= 32 \(>= 8 with small_input\), got 20"):
+        ModelConfig("v1", resolution=20)

@@ -29,7 +29,11 @@ Activation = Literal["relu", "relu6"] | None
 BlockKind = Literal["conv", "separable", "inverted_residual"]
 
 VARIANTS: tuple[str, ...] = ("separable", "conv", "shallow")
+#: The smallest input side: the total stride of the ImageNet network (32), so the last feature map is at least
+#: 1x1; with ``small_input`` (total stride 8) the smallest is 8, which the CIFAR resolution multiplier needs
+#: (32x32 images resized to 28, 24 or 20 px: V1 paper section 4.3, Table 7).
 MIN_RESOLUTION = 32
+MIN_RESOLUTION_SMALL_INPUT = 8
 
 # --------------------------------------------------------------------------------------------------------------
 # The papers' tables
@@ -156,7 +160,8 @@ class ModelConfig:
         family: ``"v1"`` (Howard et al. 2017) or ``"v2"`` (Sandler et al. 2018).
         alpha: width multiplier (V1 section 4.2); any finite float > 0.
         resolution: input side in pixels (the resolution multiplier rho of V1 section 4.3 is
-            ``resolution / 224``); any int >= 32. The network runs at any size; this one sizes the cost table.
+            ``resolution / 224``); any int >= 32 (>= 8 with ``small_input``). The network runs at any size; this
+            one sizes the cost table.
         num_classes: classifier outputs.
         dropout: dropout before the classifier. Defaults: V1 0.001 (TF-slim's keep_prob 0.999), V2 0.2
             (torchvision, TF-slim).
@@ -183,10 +188,15 @@ class ModelConfig:
         alpha = self.alpha
         if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha) or alpha <= 0:
             raise MobileNetError(f"alpha (width multiplier) must be a finite number > 0, got {alpha!r}")
+        minimum = MIN_RESOLUTION_SMALL_INPUT if self.small_input else MIN_RESOLUTION
         if isinstance(self.resolution, bool) or not isinstance(self.resolution, int):
-            raise MobileNetError(f"resolution must be an integer >= {MIN_RESOLUTION}, got {self.resolution!r}")
-        if self.resolution < MIN_RESOLUTION:
-            raise MobileNetError(f"resolution must be an integer >= {MIN_RESOLUTION}, got {self.resolution}")
+            raise MobileNetError(f"resolution must be an integer >= {minimum}, got {self.resolution!r}")
+        if self.resolution < minimum:
+            raise MobileNetError(
+                f"resolution must be an integer >= {minimum}"
+                + ("" if self.small_input else f" (>= {MIN_RESOLUTION_SMALL_INPUT} with small_input)")
+                + f", got {self.resolution}"
+            )
         if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 1:
             raise MobileNetError(f"num_classes must be an integer >= 1, got {self.num_classes!r}")
         if self.dropout is None:

@@ -633,8 +633,12 @@ def train(
     progress: bool = True,
     log: Callable[[str], None] | None = print,
     on_step: Callable[[int], None] | None = None,
+    data: Any = None,
 ) -> TrainResult:
     """Train (or resume) a run described by ``config``; returns when done or after a SIGINT/SIGTERM checkpoint.
+
+    ``data``: an already loaded :class:`mobilenet.data.DataBundle` to use instead of loading ``config.data`` (which
+    is then only recorded): :mod:`mobilenet.reproduce` trains many models on one dataset and decodes it once.
 
     Raises :class:`TrainingDiverged` when the loss turns NaN/inf (the last good checkpoint stays in place) and
     :class:`MobileNetError` for any mistake in the inputs.
@@ -660,8 +664,12 @@ def train(
         raise MobileNetError(f"--resume: no {STATE_FILE} in {run_dir}; start a run there first (without --resume)")
 
     torch.manual_seed(config.seed)
-    bundle = load_data(
-        config.data, val_fraction=config.val_fraction, seed=config.seed, on_bad_image=config.on_bad_image
+    bundle = (
+        data
+        if data is not None
+        else load_data(
+            config.data, val_fraction=config.val_fraction, seed=config.seed, on_bad_image=config.on_bad_image
+        )
     )
     for note in bundle.notes:
         say(f"note: {note}")

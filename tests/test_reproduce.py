@@ -1,0 +1,256 @@
+"""The reproduction of the papers' trade-offs: experiments as data, shared and finished runs, resume, report, errors.
+
+Training runs use the built-in digits with a tiny budget and narrow models, so the whole file takes seconds; the
+structure of the real experiments (V1 Tables 4-7, V2 Table 4) is checked without training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.io import decode_png, read_file
+
+from mobilenet.cli import main
+from mobilenet.cost import count_costs
+from mobilenet.errors import MobileNetError
+from mobilenet.reproduce import (
+    EXPERIMENT_NAMES,
+    PAPER_TOP1,
+    Budget,
+    Experiment,
+    PaperRow,
+    ReproduceConfig,
+    Row,
+    RunSpec,
+    matched_v2_alpha,
+    plan_runs,
+    run_reproduce,
+    select_experiments,
+)
+from mobilenet.weights import load
+
+SMOKE = Budget("smoke", epochs=1, batches_per_epoch=2, batch_size=16, device="cpu", threads=1, latency_runs=2)
+A = RunSpec("a_v1_0.25_32px", "V1 0.25", "mobilenet_v1_1.0_224", 0.25, 32)
+B = RunSpec("b_v1_0.25_24px", "V1 0.25 @24", "mobilenet_v1_1.0_224", 0.25, 24)  # the resized-data path
+C = RunSpec("c_v2_0.35_32px", "V2 0.35", "mobilenet_v2_1.0_224", 0.35, 32)
+ONE = Experiment(
+    "one",
+    "resolution",
+    "test",
+    (Row(A, PaperRow("p-a", 70.0, 100, 1.0)), Row(B, PaperRow("p-b", 68.0, 60, 1.0))),
+    "smaller inputs lose accuracy",
+    "tiny budget",
+    series=True,
+)
+TWO = Experiment(
+    "two",
+    "v1 vs v2",
+    "test",
+    (Row(A, PaperRow("p-a", 70.0, 100, 1.0)), Row(C, PaperRow("p-c", 72.0, 50, 1.0))),
+    "v2 wins",
+    "tiny budget",
+)
+
+
+class CountingTrain:
+    """Wraps the real :func:`mobilenet.train.train`, recording which runs it was asked for (and with resume?);
+    ``interrupt`` names a run whose first step sends SIGINT to this process, as Ctrl-C would."""
+
+    def __init__(self, real, interrupt: str | None = None) -> None:
+        self.calls: list[tuple[str, bool]] = []
+        self.interrupt = interrupt
+        self.real = real
+
+    def __call__(self, config, **kwargs):
+        key = Path(config.out).name
+        self.calls.append((key, config.resume))
+        if key == self.interrupt:
+            inner = kwargs.get("on_step")
+
+            def on_step(step: int) -> None:
+                if inner is not None:
+                    inner(step)
+                if step == 1:
+                    os.kill(os.getpid(), signal.SIGINT)
+
+            kwargs["on_step"] = on_step
+        return self.real(config, **kwargs)
+
+
+@pytest.fixture
+def counting(monkeypatch):
+    import mobilenet.train
+
+    real = mobilenet.train.train
+
+    def install(interrupt: str | None = None) -> CountingTrain:
+        counter = CountingTrain(real, interrupt)
+        monkeypatch.setattr("mobilenet.train.train", counter)
+        return counter
+
+    return install
+
+
+def is_png(path: Path) -> bool:
+    data = path.read_bytes()
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return False
+    image = decode_png(read_file(str(path)))
+    return image.ndim == 3 and image.shape[1] > 100 and image.shape[2] > 100
+
+
+def test_shared_model_trained_once_finished_runs_reused_and_report_written(tmp_path, counting):
+    counter = counting()
+    out = tmp_path / "rep"
+    config = ReproduceConfig(data="digits", out=str(out), experiments=[ONE, TWO], budget=SMOKE)
+    result = run_reproduce(config, progress=False, log=None)
+    # A is in both experiments and is trained once; the runs go in first-appearance order.
+    assert [key for key, _ in counter.calls] == [A.key, B.key, C.key]
+    assert result.trained == [A.key, B.key, C.key] and not result.pending and not result.interrupted
+
+    document = json.loads((out / "results.json").read_text())
+    assert document["finished"] == document["total"] == 3
+    for spec in (A, B, C):
+        record = document["models"][spec.key]
+        expected = count_costs(
+            spec.model, alpha=spec.alpha, resolution=spec.resolution, small_input=True, num_classes=10
+        )
+        assert (record["macs"], record["params"]) == (expected.macs, expected.params)
+        # ... and the checkpoint that was trained is that very network.
+        trained = load(out / spec.key / "last.safetensors")
+        assert trained.config.resolution == spec.resolution and trained.config.small_input
+        assert count_costs(trained.network).macs == record["macs"]
+        assert 0.0 <= record["test_top1"] <= 1.0 and record["latency_ms"] > 0
+    # The resolution multiplier: the 24 px run is cheaper than the 32 px one, as the cost model says.
+    assert document["models"][B.key]["macs"] < document["models"][A.key]["macs"]
+    comparisons = {c["model"]: c for e in document["experiments"] for c in e["comparisons"]}
+    assert comparisons[B.key]["paper_delta_points"] == -2.0
+    assert comparisons[B.key]["verdict"] in ("agrees", "tie", "disagrees")
+
+    for name in ("accuracy_vs_macs.png", "accuracy_vs_params.png", "macs_by_operator.png"):
+        assert is_png(out / name), name
+    markdown = (out / "results.md").read_text()
+    assert "paper: -2.0 points for 0.60x MACs; here:" in markdown
+    assert "3 of 3 models finished" in markdown and "smoke" in markdown
+
+    # A second call trains nothing and touches no run.
+    stamps = {spec.key: (out / spec.key / "result.json").stat().st_mtime_ns for spec in (A, B, C)}
+    weights = {spec.key: (out / spec.key / "last.safetensors").stat().st_mtime_ns for spec in (A, B, C)}
+    again = run_reproduce(config, progress=False, log=None)
+    assert len(counter.calls) == 3
+    assert again.trained == [] and again.reused == [A.key, B.key, C.key]
+    assert stamps == {spec.key: (out / spec.key / "result.json").stat().st_mtime_ns for spec in (A, B, C)}
+    assert weights == {spec.key: (out / spec.key / "last.safetensors").stat().st_mtime_ns for spec in (A, B, C)}
+
+    # Another recipe in the same directory is refused rather than mixed with these runs.
+    with pytest.raises(MobileNetError, match="another --out"):
+        run_reproduce(
+            ReproduceConfig(data="digits", out=str(out), experiments=[ONE], budget=Budget("other", 2, 2, 16)),
+            progress=False,
+            log=None,
+        )
+
+
+def test_an_interrupted_set_resumes_where_it_stopped(tmp_path, counting):
+    budget = Budget("smoke2", epochs=2, batches_per_epoch=2, batch_size=16, device="cpu", threads=1, latency_runs=2)
+    out = tmp_path / "rep"
+    config = ReproduceConfig(data="digits", out=str(out), experiments=[ONE, TWO], budget=budget)
+    first = counting(interrupt=B.key)
+    stopped = run_reproduce(config, progress=False, log=None)
+    assert stopped.interrupted and stopped.trained == [A.key] and stopped.pending == [B.key, C.key]
+    assert (out / A.key / "result.json").exists()
+    assert (out / B.key / "train_state.safetensors").exists() and not (out / B.key / "result.json").exists()
+    assert not (out / C.key).exists()
+    partial = json.loads((out / "results.json").read_text())  # the partial report is already there
+    assert partial["finished"] == 1 and partial["models"][B.key]["status"] == "pending"
+    assert is_png(out / "accuracy_vs_macs.png")
+    assert first.calls == [(A.key, False), (B.key, False)]
+
+    second = counting()
+    resumed = run_reproduce(config, progress=False, log=None)
+    # A is not retrained; B continues from its saved state; C starts.
+    assert second.calls == [(B.key, True), (C.key, False)]
+    assert resumed.trained == [B.key, C.key] and resumed.reused == [A.key] and not resumed.interrupted
+    history = [json.loads(line) for line in (out / B.key / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in history] == [1, 2]
+    assert json.loads((out / "results.json").read_text())["finished"] == 3
+
+
+def test_report_only_trains_nothing(tmp_path, counting):
+    counter = counting()
+    out = tmp_path / "rep"
+    result = run_reproduce(
+        ReproduceConfig(data="digits", out=str(out), experiments=[ONE], budget=SMOKE),
+        progress=False,
+        log=None,
+        report_only=True,
+    )
+    assert counter.calls == [] and result.pending == [A.key, B.key]
+    document = json.loads((out / "results.json").read_text())
+    assert document["finished"] == 0 and document["models"][A.key]["test_top1"] is None
+    assert is_png(out / "accuracy_vs_macs.png") and is_png(out / "macs_by_operator.png")
+
+
+def test_the_papers_experiments_as_data():
+    chosen = select_experiments(None)
+    assert [e.name for e in chosen] == list(EXPERIMENT_NAMES)
+    runs = plan_runs(chosen)
+    keys = [spec.key for spec in runs]
+    assert len(keys) == len(set(keys)) == 11
+    # V1 1.0 at 32 px is in Tables 4, 6, 7 and the V2 comparison, and is one run, trained first.
+    assert keys[0] == "v1_1.0_32px"
+    assert sum(row.run.key == keys[0] for e in chosen for row in e.rows) == 4
+    by_name = {e.name: e for e in chosen}
+    # Table 4 first; the published figures are the papers' (V1 Table 4: 71.7% / 4866M vs 70.6% / 569M).
+    conv = by_name["table4"].rows[1].paper
+    assert (conv.top1, conv.macs_m, conv.params_m) == (71.7, 4866, 29.3)
+    assert [row.paper.top1 for row in by_name["table6"].rows] == [70.6, 68.4, 63.7, 50.6]
+    assert [row.paper.top1 for row in by_name["table7"].rows] == [70.6, 69.1, 67.2, 64.4]
+    assert [row.run.resolution for row in by_name["table7"].rows] == [32, 28, 24, 20]
+    assert [row.paper.top1 for row in by_name["table5"].rows] == [68.4, 65.3]
+    assert set(PAPER_TOP1) >= {row.paper.label for e in chosen for row in e.rows}
+    # V2 at V1's cost: the cost model's closest width, not a hand-picked one.
+    v1_macs = by_name["v1-vs-v2"].rows[0].run.cost().macs
+    matched = by_name["v1-vs-v2"].rows[2].run
+    assert matched.alpha == matched_v2_alpha(v1_macs)
+    gap = abs(matched.cost().macs - v1_macs)
+    for other in (matched.alpha - 0.05, matched.alpha + 0.05):
+        assert abs(count_costs(matched.model, **{**matched.options(), "alpha": other}).macs - v1_macs) > gap
+    assert gap < 0.05 * v1_macs
+    # Every model builds at its input size with small_input, and the conv twin costs several times V1's MACs.
+    assert by_name["table4"].rows[1].run.cost().macs > 8 * v1_macs
+    assert select_experiments("table7, table4") == [by_name["table7"], by_name["table4"]]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--experiments", "table4,table9"], "unknown experiment 'table9'"),
+        (["--budget", "huge"], "unknown budget 'huge'"),
+        (["--data", "/nonexistent/cifar10"], "data directory /nonexistent/cifar10 does not exist"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    args = ["reproduce", "--data", "digits", "--out", str(tmp_path / "o"), *argv]
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_report_only(tmp_path, capsys):
+    code = main(
+        ["reproduce", "--data", "digits", "--out", str(tmp_path / "o"), "--experiments", "table5", "--report-only"]
+    )
+    assert code == 0
+    assert "0 finished, 2 pending" in capsys.readouterr().out
+    document = json.loads((tmp_path / "o" / "results.json").read_text())
+    expected = count_costs("mobilenet_v1_shallow_1.0_224", resolution=32, small_input=True, num_classes=10)
+    assert document["models"]["v1_shallow_1.0_32px"]["macs"] == expected.macs
+    assert torch.is_tensor(decode_png(read_file(str(tmp_path / "o" / "macs_by_operator.png"))))
