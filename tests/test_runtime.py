@@ -147,3 +147,17 @@ def test_auto_falls_back_when_a_conversion_fails(trained_like_model, monkeypatch
     assert Predictor(trained_like_model).backend_name == "torch-jit"
     with pytest.raises(MobileNetError, match="conversion failed"):
         Predictor(trained_like_model, backend="onnxruntime")
+
+
+def test_cli_tunes_the_allocator_only_for_commands_that_run_models(monkeypatch, capsys):
+    import mobilenet.runtime as runtime
+    from mobilenet.cli import MODEL_COMMANDS, main
+
+    calls: list[int] = []
+    monkeypatch.setattr(runtime, "tune_allocator", lambda: calls.append(1))
+    assert main(["cost", "mobilenet_v2_1.0_224", "--format", "json"]) == 0
+    assert calls == []
+    assert main(["bench", "mobilenet_v2_0.35_96", "--rounds", "0"]) == 2  # stops at the argument check
+    assert calls == [1]
+    capsys.readouterr()
+    assert set(MODEL_COMMANDS) == {"demo", "train", "eval", "predict", "bench", "reproduce"}

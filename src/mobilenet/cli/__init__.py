@@ -19,6 +19,9 @@ from mobilenet.errors import MobileNetError
 #: Subcommand modules, in the order ``mobilenet --help`` lists them. A module that is missing is skipped, so a
 #: command can be developed without breaking the others.
 COMMANDS = ("models", "cost", "demo", "train", "eval", "predict", "convert", "export", "quantize", "bench", "reproduce")
+#: Commands that run models: they start with glibc's allocator tuned (:func:`mobilenet.runtime.tune_allocator`;
+#: MOBILENET_NO_MALLOC_TUNING=1 opts out), which removes most page faults of eager PyTorch at large activations.
+MODEL_COMMANDS = ("demo", "train", "eval", "predict", "bench", "reproduce")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -47,6 +50,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
+    if args.command in MODEL_COMMANDS:
+        from mobilenet.runtime import tune_allocator
+
+        tune_allocator()
     try:
         return int(args.handler(args) or 0)
     except MobileNetError as error:

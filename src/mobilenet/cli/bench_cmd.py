@@ -48,9 +48,8 @@ def run(args: argparse.Namespace) -> int:
 
     from mobilenet.bench import bench, parse_backends, parse_batch_sizes
     from mobilenet.errors import MobileNetError
-    from mobilenet.runtime import tune_allocator
 
-    tune_allocator()
+    # (The allocator is tuned at start-up by mobilenet.cli.main for every command that runs models.)
     # Argument mistakes stop here, before any model is built.
     parse_batch_sizes(args.batch_sizes)
     parse_backends(args.backends, int8=args.int8, compile=args.compile)
