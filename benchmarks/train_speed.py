@@ -1,102 +1,173 @@
 """Training throughput: this library's training step vs torchvision's ``mobilenet_v2`` in a plain loop.
 
 Both train MobileNet V2 1.0 (the same architecture: torchvision's is the reference implementation of Table 2) at
-the same batch size and resolution, on random data (so data loading is not measured), with SGD + momentum and
-cross-entropy. Ours goes through the library's own pieces: ``create_model``, ``build_optimizer`` (parameter groups
-without decay on BN/bias/depthwise, Nesterov), label-smoothed loss, optional channels_last and autocast as
-``mobilenet train`` sets them. Rounds are interleaved (ours, theirs, ours, ...) so that other load on the machine
-hits both alike; the median images/s of each is reported with the ratio.
+the same batch size and resolution, on the same random data (so data loading is not measured), with SGD +
+momentum and cross-entropy.
 
-    python benchmarks/train_speed.py --batch-size 32 --resolution 96 --steps 5 --rounds 3
+- ``torchvision``: what a user writes: ``torchvision.models.mobilenet_v2()``, ``torch.optim.SGD``, a plain eager
+  loop, glibc's default allocator. It runs in its own process, which never imports this library.
+- ``mobilenet``: the step ``mobilenet train`` runs, with its settings (:func:`mobilenet.train.speed_settings`): the
+  allocator tuned (:func:`mobilenet.runtime.tune_allocator`), ``create_model``, ``build_optimizer`` (parameter
+  groups without decay on BN/bias/depthwise, Nesterov, the multi-tensor update), label-smoothed loss, and the
+  memory layout ``mobilenet train`` picks for the device.
+- ``torchvision+tuned`` (with ``--tuned-baseline``): torchvision's loop in a process with the allocator tuned, to
+  show how much of the difference is the allocator alone.
+
+Each runs in a separate worker process (the allocator setting is per process); rounds alternate between the
+workers (ours, theirs, ours, ...) so that other load on the machine hits both alike. The median images/s of each
+is reported with the ratio.
+
+    python benchmarks/train_speed.py --batch-size 32 --resolution 224 --steps 3 --rounds 3 --threads 2
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
-import time
+import subprocess
+import sys
+
+WORKER = r"""
+import json, sys, time
+import torch
+args = json.loads(sys.argv[1])
+kind = args["kind"]
+if args["threads"]:
+    torch.set_num_threads(args["threads"])
+torch.manual_seed(0)
+x = torch.randn(args["batch_size"], 3, args["resolution"], args["resolution"])
+y = torch.randint(0, 1000, (args["batch_size"],))
+if kind == "mobilenet":
+    from mobilenet.models import create_model
+    from mobilenet.train import TrainConfig, build_optimizer, resolve_recipe, speed_settings
+
+    config = TrainConfig(model="mobilenet_v2_1.0_224", data="-", out="-", batch_size=args["batch_size"])
+    if args["channels_last"] != "auto":
+        config.channels_last = args["channels_last"] == "on"
+    settings = speed_settings(config, torch.device("cpu"))
+    model = create_model("mobilenet_v2_1.0_224", resolution=args["resolution"])
+    recipe = resolve_recipe(config, small_images=False)
+    optimizer = build_optimizer(model, recipe)
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+    channels_last = settings["channels_last"]
+    note = json.dumps(settings)
+else:
+    import torchvision
+
+    if kind == "torchvision+tuned":
+        from mobilenet.runtime import tune_allocator
+
+        tune_allocator()
+    model = torchvision.models.mobilenet_v2()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=4e-5)
+    criterion = torch.nn.CrossEntropyLoss()
+    channels_last = False
+    note = "plain loop" + (", allocator tuned" if kind == "torchvision+tuned" else "")
+if channels_last:
+    model = model.to(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
+model.train()
+
+
+def step():
+    bf16 = args["amp"] == "bf16"
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = criterion(model(x).float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+for _ in range(args["warmup"]):
+    step()
+print(json.dumps({"ready": note}), flush=True)
+for line in sys.stdin:
+    start = time.perf_counter()
+    for _ in range(args["steps"]):
+        step()
+    print(json.dumps({"rate": args["steps"] * args["batch_size"] / (time.perf_counter() - start)}), flush=True)
+"""
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--resolution", type=int, default=96)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
+    parser.add_argument("--resolution", type=int, default=224)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--channels-last", action="store_true", help="NHWC for both")
-    parser.add_argument("--amp", choices=("off", "bf16"), default="off", help="autocast for both")
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per worker first")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads in every worker")
+    parser.add_argument("--amp", choices=("off", "bf16"), default="off", help="autocast for all")
+    parser.add_argument(
+        "--channels-last",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="our memory layout (auto: what mobilenet train picks); torchvision's loop stays NCHW",
+    )
+    parser.add_argument("--tuned-baseline", action="store_true", help="also torchvision with the allocator tuned")
+    parser.add_argument("--json", help="write the figures here too")
     args = parser.parse_args()
 
-    import torch
-    import torchvision
-
-    from mobilenet.models import create_model
-    from mobilenet.train import TrainConfig, build_optimizer, resolve_device, resolve_recipe
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    torch.manual_seed(0)
-    x = torch.randn(args.batch_size, 3, args.resolution, args.resolution, device=device)
-    y = torch.randint(0, 1000, (args.batch_size,), device=device)
-    if args.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-
-    ours = create_model("mobilenet_v2_1.0_224", resolution=args.resolution).to(device)
-    recipe = resolve_recipe(
-        TrainConfig(model="mobilenet_v2_1.0_224", data="-", out="-", batch_size=args.batch_size), small_images=False
-    )
-    ours_opt = build_optimizer(ours, recipe)
-    theirs = torchvision.models.mobilenet_v2().to(device)
-    theirs_opt = torch.optim.SGD(theirs.parameters(), lr=0.01, momentum=0.9, weight_decay=4e-5)
-    if args.channels_last:
-        ours.to(memory_format=torch.channels_last)
-        theirs.to(memory_format=torch.channels_last)
-    ours_loss = torch.nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
-    plain_loss = torch.nn.CrossEntropyLoss()
-
-    def step(model, optimizer, criterion) -> None:
-        context = (
-            torch.autocast(device.type, dtype=torch.bfloat16)
-            if args.amp == "bf16"
-            else torch.autocast(device.type, enabled=False)
+    kinds = ["mobilenet", "torchvision"] + (["torchvision+tuned"] if args.tuned_baseline else [])
+    workers: dict[str, subprocess.Popen] = {}
+    notes: dict[str, str] = {}
+    for kind in kinds:
+        env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")}
+        env.pop("MOBILENET_NO_MALLOC_TUNING", None)
+        settings = {
+            "kind": kind,
+            "batch_size": args.batch_size,
+            "resolution": args.resolution,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "threads": args.threads,
+            "amp": args.amp,
+            "channels_last": args.channels_last,
+        }
+        workers[kind] = subprocess.Popen(
+            [sys.executable, "-c", WORKER, json.dumps(settings)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
         )
-        with context:
-            loss = criterion(model(x).float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    def timed(model, optimizer, criterion) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            step(model, optimizer, criterion)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return args.steps * args.batch_size / (time.perf_counter() - start)
-
-    ours.train()
-    theirs.train()
-    for _ in range(2):  # warm-up
-        step(ours, ours_opt, ours_loss)
-        step(theirs, theirs_opt, plain_loss)
-    rates: dict[str, list[float]] = {"mobilenet": [], "torchvision": []}
-    for _ in range(args.rounds):
-        rates["mobilenet"].append(timed(ours, ours_opt, ours_loss))
-        rates["torchvision"].append(timed(theirs, theirs_opt, plain_loss))
-    ours_rate = statistics.median(rates["mobilenet"])
-    theirs_rate = statistics.median(rates["torchvision"])
+    # Warm-ups run one worker at a time, so none is timed against another's start-up.
+    for kind, worker in workers.items():
+        notes[kind] = json.loads(worker.stdout.readline())["ready"]
+    rates: dict[str, list[float]] = {kind: [] for kind in kinds}
+    for round_index in range(args.rounds):
+        order = kinds[round_index % len(kinds) :] + kinds[: round_index % len(kinds)]
+        for kind in order:
+            worker = workers[kind]
+            worker.stdin.write("go\n")
+            worker.stdin.flush()
+            rates[kind].append(json.loads(worker.stdout.readline())["rate"])
+    for worker in workers.values():
+        worker.stdin.close()
+        worker.wait()
+    medians = {kind: statistics.median(values) for kind, values in rates.items()}
     print(
-        f"device {device}, threads {torch.get_num_threads()}, batch {args.batch_size}, {args.resolution}px, "
-        f"channels_last={args.channels_last}, amp={args.amp}"
+        f"MobileNetV2 1.0, batch {args.batch_size}, {args.resolution}px, {args.threads} threads, amp={args.amp}; "
+        f"{args.rounds} interleaved rounds x {args.steps} steps (after {args.warmup} warm-up steps); load average "
+        f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}"
     )
-    print(f"mobilenet (create_model + build_optimizer) : {ours_rate:8.1f} images/s  rounds {rates['mobilenet']}")
-    print(f"torchvision mobilenet_v2, plain SGD loop   : {theirs_rate:8.1f} images/s  rounds {rates['torchvision']}")
-    print(f"ratio ours / torchvision: {ours_rate / theirs_rate:.2f}")
+    labels = {
+        "mobilenet": "mobilenet (mobilenet train's step)",
+        "torchvision": "torchvision mobilenet_v2, plain loop",
+        "torchvision+tuned": "torchvision, plain loop + tuned allocator",
+    }
+    for kind in kinds:
+        shown = ", ".join(f"{v:.1f}" for v in rates[kind])
+        print(f"{labels[kind]:42}: {medians[kind]:7.1f} images/s  (rounds {shown})  [{notes[kind]}]")
+    print(f"ratio mobilenet / torchvision plain loop: {medians['mobilenet'] / medians['torchvision']:.2f}")
+    if args.tuned_baseline:
+        ratio = medians["mobilenet"] / medians["torchvision+tuned"]
+        print(f"ratio mobilenet / torchvision with the same allocator tuning: {ratio:.2f}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"settings": vars(args), "rates": rates, "medians": medians, "notes": notes}, handle, indent=2)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ __all__ = [
     "lr_at",
     "parameter_groups",
     "resolve_device",
+    "speed_settings",
     "train",
 ]
 
@@ -323,12 +324,31 @@ class RMSpropTF(torch.optim.Optimizer):
 
 
 def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    """The recipe's optimizer over :func:`parameter_groups`. SGD and AdamW use PyTorch's multi-tensor
+    (``foreach``) update on every device (PyTorch picks it only on GPUs by default): one kernel per group instead
+    of one per parameter, the same arithmetic."""
     groups = parameter_groups(model, recipe.weight_decay, decay_depthwise=recipe.decay_depthwise)
     if recipe.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.momentum > 0)
+        return torch.optim.SGD(
+            groups, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.momentum > 0, foreach=True
+        )
     if recipe.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=recipe.lr)
+        return torch.optim.AdamW(groups, lr=recipe.lr, foreach=True)
     return RMSpropTF(groups, lr=recipe.lr, rho=0.9, momentum=recipe.momentum, eps=1.0)
+
+
+def speed_settings(config: TrainConfig, device: torch.device) -> dict[str, Any]:
+    """Apply and describe the speed settings :func:`train` uses (issue 5; measured in benchmarks/train_speed.py,
+    figures in docs/speed.md): on the CPU, glibc's allocator keeps activation pages instead of mapping and zeroing
+    them again every step (:func:`mobilenet.runtime.tune_allocator`; ``MOBILENET_NO_MALLOC_TUNING=1`` opts out);
+    the memory layout is ``config.channels_last``."""
+    from mobilenet.runtime import tune_allocator
+
+    allocator = tune_allocator() if device.type == "cpu" else None
+    return {
+        "allocator": allocator.to_dict() if allocator is not None else None,
+        "channels_last": bool(config.channels_last),
+    }
 
 
 def lr_at(step: int, *, recipe: Recipe, steps_per_epoch: int, total_steps: int) -> float:
@@ -652,6 +672,7 @@ def train(
         torch.set_num_threads(config.threads)
     dist_ctx = DistContext.from_env()
     device = resolve_device(config.device, dist_ctx.local_rank)
+    speed_settings(config, device)
     setup_distributed(dist_ctx, device)
     say = log if dist_ctx.is_main and log is not None else (lambda _message: None)
     run_dir = Path(config.out)
