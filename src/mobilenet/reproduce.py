@@ -33,7 +33,7 @@ from typing import Any
 from mobilenet.cost import MAC_CONVENTION, CostTable, count_costs
 from mobilenet.errors import MobileNetError
 from mobilenet.io import atomic_write_text
-from mobilenet.paper import V1_TABLE4, V1_TABLE5, V1_TABLE6, V1_TABLE7, V2_TABLE4
+from mobilenet.paper import V1_TABLE2, V1_TABLE4, V1_TABLE5, V1_TABLE6, V1_TABLE7, V2_TABLE4
 
 __all__ = [
     "BUDGETS",
@@ -204,10 +204,6 @@ def experiments() -> dict[str, Experiment]:
     )
 
     t4, t5, t6, t7, v2t = (_paper_rows(t) for t in (V1_TABLE4, V1_TABLE5, V1_TABLE6, V1_TABLE7, V2_TABLE4))
-    few_epochs = (
-        "the quick budget trains for well under one pass over the training set, where a model's speed of learning "
-        "per step matters more than its final capacity; "
-    )
     found = [
         Experiment(
             "table4",
@@ -215,7 +211,7 @@ def experiments() -> dict[str, Experiment]:
             "V1 paper Table 4",
             (Row(v1_base, t4["MobileNet"]), Row(conv, t4["Conv MobileNet"])),
             "full convolutions buy about 1 point of top-1 for 8.6x the multiply-adds and 7x the parameters",
-            few_epochs + "CIFAR-10 is small, so the 28M-parameter Conv MobileNet may overfit where ImageNet rewards it",
+            "CIFAR-10 is small, so the 28M-parameter Conv MobileNet may overfit where ImageNet rewards it",
         ),
         Experiment(
             "v1-vs-v2",
@@ -227,7 +223,7 @@ def experiments() -> dict[str, Experiment]:
                 Row(v2_matched, v2t["MobileNetV2 (1.4)"]),
             ),
             "V2 1.0 beats V1 with about half the multiply-adds; V2 at V1's cost (1.4) is clearly better",
-            few_epochs + "V2 is deeper (53 layers vs 28) with residual bottlenecks, which can need more steps to "
+            "V2 is deeper (53 layers vs 28) with residual bottlenecks, which can need more steps to "
             "converge; and with small_input its feature maps are larger relative to V1's than at 224 px",
         ),
         Experiment(
@@ -239,7 +235,7 @@ def experiments() -> dict[str, Experiment]:
                 for a, label in ((1.0, "1.0"), (0.75, "0.75"), (0.5, "0.5"), (0.25, "0.25"))
             ),
             "accuracy drops off smoothly as alpha shrinks, steeply only at 0.25",
-            few_epochs + "10 classes need less capacity than 1000, so narrow networks lose less than on ImageNet",
+            "10 classes need less capacity than 1000, so narrow networks lose less than on ImageNet",
             series=True,
         ),
         Experiment(
@@ -248,7 +244,7 @@ def experiments() -> dict[str, Experiment]:
             "V1 paper Table 5",
             (Row(v1(0.75), t5["0.75 MobileNet"]), Row(shallow, t5["Shallow MobileNet"])),
             "making MobileNet thinner is 3 points better than making it shallower at about the same cost",
-            few_epochs + "a shallower network trains faster per step, and on 32x32 inputs the removed 512-wide blocks "
+            "a shallower network trains faster per step, and on 32x32 inputs the removed 512-wide blocks "
             "run on 4x4 maps instead of 14x14",
         ),
         Experiment(
@@ -260,7 +256,7 @@ def experiments() -> dict[str, Experiment]:
                 for r, paper in zip(CIFAR_RESOLUTIONS, (224, 192, 160, 128), strict=True)
             ),
             "accuracy drops off smoothly with resolution",
-            few_epochs + "32x32 CIFAR images carry little detail to lose, and resizing them down blurs a 3x3 filter's "
+            "32x32 CIFAR images carry little detail to lose, and resizing them down blurs a 3x3 filter's "
             "whole receptive field, unlike 224 -> 128 px",
             series=True,
         ),
@@ -628,6 +624,7 @@ def run_reproduce(
     total_work = sum(_weight(spec) * steps_per_run for spec in runs)
     done_work = sum(_weight(spec) * steps_per_run for spec in runs if spec.key in finished)
 
+    session_start, session_work = time.perf_counter(), 0.0
     with _progress_display(progress) as display:
         overall = display.add_task(f"all runs: {len(finished)}/{len(runs)} done", total=total_work, completed=done_work)
         current = display.add_task("", total=steps_per_run, visible=False)
@@ -646,7 +643,7 @@ def run_reproduce(
                 weight: float = weight,
                 base: float = base_work,
             ) -> None:
-                epoch = min(budget.epochs, step // max(1, steps_per_epoch) + 1)
+                epoch = min(budget.epochs, max(0, step - 1) // max(1, steps_per_epoch) + 1)
                 display.update(
                     current,
                     completed=step,
@@ -699,6 +696,12 @@ def run_reproduce(
                 f"[{position}/{len(runs)}] {spec.key}: test top-1 {record['test_top1']:.2%}, "
                 f"{record['macs'] / 1e6:.1f}M MACs, {record['params'] / 1e6:.2f}M params, "
                 f"{record['latency_ms']:.2f} ms batch-1 CPU latency"
+            )
+            session_work += weight * steps_per_run
+            left = (total_work - done_work) * (time.perf_counter() - session_start) / session_work
+            say(
+                f"set: {len(finished)}/{len(runs)} models, {done_work / total_work:.0%} of the estimated work done; "
+                f"about {left / 60:.0f} min left at this session's speed"
             )
             write_report(out, chosen, budget, finished)
         display.update(current, visible=False)
@@ -882,10 +885,19 @@ def write_report(
     files["accuracy_vs_params"] = plot_accuracy_vs_cost(
         points, series, out / "accuracy_vs_params.png", x="params", title=f"Accuracy vs parameters: {subtitle}"
     )
+    paper_total = count_costs("mobilenet_v1_1.0_224").macs  # V1 Table 2 is MobileNet 1.0 at 224 px
+    paper_row = {
+        "label": "V1 paper Table 2 (1.0 @224px, ImageNet)",
+        "macs": paper_total,
+        "by_op": [{"type": kind, "macs": share / 100 * paper_total} for kind, (share, _) in V1_TABLE2.items()],
+    }
     files["macs_by_operator"] = plot_macs_by_operator(
         [
-            {"label": r["label"], "by_op": r["by_op"], "macs": r["macs"]}
-            for r in sorted(models.values(), key=lambda r: r["macs"])
+            paper_row,
+            *(
+                {"label": r["label"], "by_op": r["by_op"], "macs": r["macs"]}
+                for r in sorted(models.values(), key=lambda r: r["macs"])
+            ),
         ],
         out / "macs_by_operator.png",
         title="Where the multiply-adds go, by operator type (V1 paper Table 2), CIFAR-10 inputs",
@@ -914,7 +926,7 @@ def _markdown(document: dict[str, Any], chosen: Sequence[Experiment], files: dic
         "",
         f"Budget **{budget['name']}**: {budget['epochs']} epochs of {per_epoch} of {budget['batch_size']} images"
         f"{seen}, recipe `{budget['recipe']}`, seed {budget['seed']}, EMA {budget['ema_decay']:g}: the same for "
-        f"every model. {budget['sizing']}.",
+        f"every model. Sizing: {budget['sizing']}.",
         "",
         f"Hardware: {hw['cpu']} ({hw['cpu_cores']} cores), torch {hw['torch']}, {hw['torch_threads']} threads"
         + (f", GPU {hw['gpu']}" if hw["gpu"] else "")
@@ -964,6 +976,12 @@ def _markdown(document: dict[str, Any], chosen: Sequence[Experiment], files: dic
         for comparison in entry["comparisons"]:
             lines.append(f"- {comparison['text']}.")
         if any(c["verdict"] == "disagrees" for c in entry["comparisons"]):
-            lines.append(f"- Where CIFAR-10 disagrees, the likely reasons: {entry['caveat']}.")
+            short = (
+                f"only {budget['images_per_run'] / budget['train_images']:.2f} passes over the training set, where "
+                "how fast a model learns per step matters more than its final capacity; "
+                if budget["images_per_run"] and budget["images_per_run"] < 5 * budget["train_images"]
+                else ""
+            )
+            lines.append(f"- Where CIFAR-10 disagrees, the likely reasons: {short}{entry['caveat']}.")
         lines.append("")
     return "\n".join(lines)
