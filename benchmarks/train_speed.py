@@ -102,29 +102,34 @@ def main() -> None:
     parser.add_argument("--amp", choices=("off", "bf16"), default="off", help="autocast for all")
     parser.add_argument(
         "--channels-last",
-        choices=("auto", "on", "off"),
         default="auto",
-        help="our memory layout (auto: what mobilenet train picks); torchvision's loop stays NCHW",
+        help="our memory layout: auto (what mobilenet train picks), on or off; a comma-separated list runs one worker "
+        "per value, side by side (torchvision's loop stays NCHW)",
     )
     parser.add_argument("--tuned-baseline", action="store_true", help="also torchvision with the allocator tuned")
     parser.add_argument("--json", help="write the figures here too")
     args = parser.parse_args()
 
-    kinds = ["mobilenet", "torchvision"] + (["torchvision+tuned"] if args.tuned_baseline else [])
+    layouts = [value.strip() for value in args.channels_last.split(",")]
+    if any(value not in ("auto", "on", "off") for value in layouts):
+        parser.error(f"--channels-last takes auto, on, off or a list of them, got {args.channels_last!r}")
+    ours = ["mobilenet"] if layouts == ["auto"] else [f"mobilenet[channels_last={value}]" for value in layouts]
+    kinds = [*ours, "torchvision"] + (["torchvision+tuned"] if args.tuned_baseline else [])
     workers: dict[str, subprocess.Popen] = {}
     notes: dict[str, str] = {}
     for kind in kinds:
+        layout = kind.partition("=")[2].rstrip("]") or "auto"
         env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")}
         env.pop("MOBILENET_NO_MALLOC_TUNING", None)
         settings = {
-            "kind": kind,
+            "kind": "mobilenet" if kind.startswith("mobilenet") else kind,
             "batch_size": args.batch_size,
             "resolution": args.resolution,
             "steps": args.steps,
             "warmup": args.warmup,
             "threads": args.threads,
             "amp": args.amp,
-            "channels_last": args.channels_last,
+            "channels_last": layout,
         }
         workers[kind] = subprocess.Popen(
             [sys.executable, "-c", WORKER, json.dumps(settings)],
@@ -160,11 +165,12 @@ def main() -> None:
     }
     for kind in kinds:
         shown = ", ".join(f"{v:.1f}" for v in rates[kind])
-        print(f"{labels[kind]:42}: {medians[kind]:7.1f} images/s  (rounds {shown})  [{notes[kind]}]")
-    print(f"ratio mobilenet / torchvision plain loop: {medians['mobilenet'] / medians['torchvision']:.2f}")
-    if args.tuned_baseline:
-        ratio = medians["mobilenet"] / medians["torchvision+tuned"]
-        print(f"ratio mobilenet / torchvision with the same allocator tuning: {ratio:.2f}")
+        print(f"{labels.get(kind, kind):42}: {medians[kind]:7.1f} images/s  (rounds {shown})  [{notes[kind]}]")
+    for kind in ours:
+        print(f"ratio {kind} / torchvision plain loop: {medians[kind] / medians['torchvision']:.2f}")
+        if args.tuned_baseline:
+            ratio = medians[kind] / medians["torchvision+tuned"]
+            print(f"ratio {kind} / torchvision with the same allocator tuning: {ratio:.2f}")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"settings": vars(args), "rates": rates, "medians": medians, "notes": notes}, handle, indent=2)
