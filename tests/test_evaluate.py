@@ -124,3 +124,13 @@ def test_every_train_config_field_has_a_cli_option():
     missing = [f.name for f in fields(TrainConfig) if not hasattr(args, f.name)]
     assert missing == []
     assert args.threads == 1 and args.hflip is True and args.batch_augment is True
+
+
+@pytest.mark.parametrize("backend", ["torch-jit", "auto"])
+def test_fast_backends_evaluate_alike(setup, backend):
+    _root, data, checkpoint, _model, _preprocessing = setup
+    reference = evaluate_checkpoint(checkpoint, data, batch_size=5, progress=False, device="cpu")
+    fast = evaluate_checkpoint(checkpoint, data, batch_size=5, progress=False, device="cpu", backend=backend)
+    assert reference["backend"] == "torch" and fast["backend"] == backend
+    assert fast["confusion"] == reference["confusion"] and fast["top5"] == reference["top5"]
+    assert fast["loss"] == pytest.approx(reference["loss"], abs=1e-4)
