@@ -133,3 +133,50 @@ def test_separable_layers_follow_v1_table1():
         assert math.isclose(row["mac_ratio_speedup"], 1 / (1 / n + 1 / 9), rel_tol=1e-12)
         assert math.isclose(row["theoretical_speedup"], row["mac_ratio_speedup"], rel_tol=1e-12)
         assert row["measured_speedup"] > 0 and 0 < row["depthwise_mac_share"] < 1
+
+
+def test_bench_int8_says_how_it_was_calibrated():
+    pytest.importorskip("onnxruntime")
+    from mobilenet.bench import bench
+
+    report = bench(
+        ["mobilenet_v2_0.35_96"],
+        backends="onnxruntime",
+        int8=True,
+        batch_sizes="1",
+        resolution=32,
+        rounds=1,
+        warmup=0,
+        gemm_size=64,
+        threads=1,
+    )
+    assert [r["backend"] for r in report.results] == ["onnxruntime", "onnxruntime-int8"]
+    assert report.to_dict()["settings"]["int8_calibration"] == "random noise"
+    assert any("random-noise images: a speed figure only" in note for note in report.notes)
+    int8 = report.results[1]
+    assert int8["x_fastest_fp32_runtime"] > 0 and int8["max_abs_diff"] is not None
+
+
+def test_bench_leaves_out_a_backend_that_fails_to_build(monkeypatch):
+    import torch
+
+    from mobilenet.bench import bench
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    report = bench(
+        ["mobilenet_v2_0.35_96"],
+        backends="eager,compile",
+        batch_sizes=[1],
+        resolution=32,
+        rounds=1,
+        warmup=0,
+        gemm_size=64,
+        threads=1,
+    )
+    assert [r["backend"] for r in report.results] == ["eager"]
+    assert any("compile left out: RuntimeError: no C++ compiler" in note for note in report.notes)
+    with pytest.raises(MobileNetError, match="no model given"):
+        bench([], batch_sizes=[1])
