@@ -302,3 +302,41 @@ def test_torchrun_two_cpu_processes_end_to_end(data_dir, tmp_path):
     assert len(rows) == 1 and rows[0]["epoch"] == 1
     _, info = read_state(out / "train_state.safetensors")
     assert info["world_size"] == 2
+
+
+def test_init_fine_tunes_from_a_checkpoint(data_dir, tmp_path):
+    from mobilenet.train import initialise_from
+    from mobilenet.weights import save
+
+    # A donor with 5 classes: its body is copied, its head is not (the tiny data has 3 classes).
+    torch.manual_seed(1)
+    donor = create_model(TINY, num_classes=5, resolution=64)
+    with torch.no_grad():
+        for p in donor.parameters():
+            p.add_(torch.randn_like(p))
+    path = save(donor, tmp_path / "donor.safetensors")
+    model = create_model(TINY, num_classes=3, resolution=32, small_input=True)
+    fresh_head = model.classifier.weight.clone()
+    notes = initialise_from(model, str(path))
+    assert "classifier starts fresh" in notes[-1]
+    assert torch.equal(model.features[3].depthwise.conv.weight, donor.features[3].depthwise.conv.weight)
+    assert torch.equal(model.classifier.weight, fresh_head)
+
+    # Same classes: the head is copied too.
+    same = create_model(TINY, num_classes=5)
+    initialise_from(same, str(path))
+    assert torch.equal(same.classifier.weight, donor.classifier.weight)
+
+    # Another width does not fit, and the error names a mis-shaped tensor.
+    with pytest.raises(MobileNetError, match="does not fit"):
+        initialise_from(create_model("mobilenet_v1_0.5_128", num_classes=3), str(path))
+    with pytest.raises(MobileNetError, match="is not a file"):
+        initialise_from(create_model(TINY), str(tmp_path / "missing.safetensors"))
+
+    # Through train(): the first epoch starts from the donor's body, so its first-layer weights are not the
+    # random initialisation's (which a run without --init gets from the same seed).
+    run = train(tiny_config(data_dir, tmp_path / "ft", epochs=1, init=str(path)), progress=False, log=None)
+    scratch = train(tiny_config(data_dir, tmp_path / "scratch", epochs=1), progress=False, log=None)
+    tuned = load_file(run.last_checkpoint)["features.0.conv.weight"]
+    baseline = load_file(scratch.last_checkpoint)["features.0.conv.weight"]
+    assert (tuned - donor.features[0].conv.weight).abs().max() < (baseline - donor.features[0].conv.weight).abs().max()

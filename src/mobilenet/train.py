@@ -107,8 +107,10 @@ class TrainConfig:
     ema_decay: float = 0.0
     #: "auto": bf16 (or fp16 with loss scaling) on CUDA, off on CPU/MPS where it is slower or unsupported.
     amp: str = "auto"
-    #: NHWC memory layout: faster convolutions on recent GPUs (tensor cores), usually slower on CPU.
-    channels_last: bool = False
+    #: NHWC memory layout. None: on on the CPU, where oneDNN's NHWC convolutions made a MobileNetV2 training step
+    #: 1.5x faster (224 px, batch 32, 2 threads: docs/speed.md), off elsewhere (faster on recent GPUs with AMP
+    #: too, but not measured here: pass True).
+    channels_last: bool | None = None
     #: Max gradient L2 norm; 0 disables clipping (the papers do not clip).
     grad_clip: float = 0.0
     device: str = "auto"
@@ -124,6 +126,10 @@ class TrainConfig:
     val_fraction: float | None = None
     on_bad_image: str = "error"
     resume: bool = False
+    #: Fine-tuning: start from these weights instead of random ones: a checkpoint of this library (.safetensors) or
+    #: "torchvision"/"timm" for their published ImageNet weights. The classifier is kept only if its shape matches
+    #: (same number of classes); otherwise it starts fresh, as transfer learning needs.
+    init: str | None = None
     #: SyncBatchNorm under DDP on CUDA (per-GPU batches are small); CPU (gloo) cannot run it.
     sync_bn: bool = True
     #: Stop each epoch after this many batches (quick experiments and tests); None: the whole epoch.
@@ -340,14 +346,15 @@ def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
 def speed_settings(config: TrainConfig, device: torch.device) -> dict[str, Any]:
     """Apply and describe the speed settings :func:`train` uses (issue 5; measured in benchmarks/train_speed.py,
     figures in docs/speed.md): on the CPU, glibc's allocator keeps activation pages instead of mapping and zeroing
-    them again every step (:func:`mobilenet.runtime.tune_allocator`; ``MOBILENET_NO_MALLOC_TUNING=1`` opts out);
-    the memory layout is ``config.channels_last``."""
+    them again every step (:func:`mobilenet.runtime.tune_allocator`; ``MOBILENET_NO_MALLOC_TUNING=1`` opts out)
+    and the memory layout is channels_last unless ``config.channels_last`` is False (elsewhere: only when True)."""
     from mobilenet.runtime import tune_allocator
 
     allocator = tune_allocator() if device.type == "cpu" else None
+    channels_last = config.channels_last if config.channels_last is not None else device.type == "cpu"
     return {
         "allocator": allocator.to_dict() if allocator is not None else None,
-        "channels_last": bool(config.channels_last),
+        "channels_last": bool(channels_last),
     }
 
 
@@ -647,6 +654,52 @@ def _progress(enabled: bool) -> Any:
     )
 
 
+def initialise_from(model: nn.Module, source: str) -> list[str]:
+    """Copy weights into ``model`` from a checkpoint file or ``"torchvision"``/``"timm"`` published weights
+    (:func:`mobilenet.weights.pretrained`), for fine-tuning. Every body tensor must match in shape (same
+    architecture and width; the input resolution and ``small_input`` may differ, since they change no weight);
+    the classifier is copied only when it has the same number of classes. Returns what was done, as notes."""
+    from mobilenet.weights import load_checkpoint, pretrained
+
+    if source in ("torchvision", "timm"):
+        donor = pretrained(model.name or "", source)
+        origin = f"{source}'s ImageNet weights"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise MobileNetError(
+                f"--init: {source} is not a file; expected a .safetensors checkpoint of this library or "
+                "'torchvision'/'timm'"
+            )
+        donor = load_checkpoint(path).model
+        origin = str(path)
+    theirs = donor.state_dict()
+    ours = model.state_dict()
+    head = {key for key in ours if key.startswith("classifier.")}
+    missing = sorted(set(ours) - set(theirs) - head)
+    misshaped = sorted(k for k in set(ours) & set(theirs) - head if ours[k].shape != theirs[k].shape)
+    if missing or misshaped:
+        detail = "; ".join(
+            part
+            for part in (
+                f"missing {', '.join(missing[:5])}" if missing else "",
+                ", ".join(f"{k} {tuple(theirs[k].shape)} vs {tuple(ours[k].shape)}" for k in misshaped[:5]),
+            )
+            if part
+        )
+        raise MobileNetError(
+            f"--init: {origin} does not fit {model.name or 'this model'} ({detail}); expected weights of the same "
+            "architecture and width multiplier"
+        )
+    keep_head = all(k in theirs and theirs[k].shape == ours[k].shape for k in head)
+    selected = {k: v for k, v in theirs.items() if k in ours and (keep_head or k not in head)}
+    model.load_state_dict({**ours, **selected})
+    notes = [f"initialised {len(selected)} of {len(ours)} tensors from {origin}"]
+    if not keep_head:
+        notes.append("the classifier starts fresh: the number of classes differs from the initial weights'")
+    return notes
+
+
 def train(
     config: TrainConfig,
     *,
@@ -672,7 +725,7 @@ def train(
         torch.set_num_threads(config.threads)
     dist_ctx = DistContext.from_env()
     device = resolve_device(config.device, dist_ctx.local_rank)
-    speed_settings(config, device)
+    channels_last = speed_settings(config, device)["channels_last"]
     setup_distributed(dist_ctx, device)
     say = log if dist_ctx.is_main and log is not None else (lambda _message: None)
     run_dir = Path(config.out)
@@ -706,6 +759,9 @@ def train(
     if config.dropout is not None:
         overrides["dropout"] = config.dropout
     model = create_model(config.model, **overrides)
+    if config.init and not config.resume:
+        for note in initialise_from(model, config.init):
+            say(note)
     preprocessing = bundle.preprocessing(resolution)
     recipe = resolve_recipe(config, small_images=preprocessing.style == "small")
 
@@ -734,7 +790,7 @@ def train(
     total_steps = steps_per_epoch * config.epochs
 
     model.to(device)
-    if config.channels_last:
+    if channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, recipe)
     ema = ModelEMA(model, config.ema_decay) if config.ema_decay > 0 else None
@@ -911,7 +967,7 @@ def train(
                     images = batch_augment(images)
                 images = images.to(device, non_blocking=True)
                 labels = labels.to(device, non_blocking=True)
-                if config.channels_last:
+                if channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 with autocast():
                     logits = train_model(images)
@@ -979,7 +1035,7 @@ def train(
                 num_classes=len(bundle.classes),
                 device=device,
                 amp_dtype=amp_dtype,
-                channels_last=config.channels_last,
+                channels_last=channels_last,
             )
             counts = counts.all_reduce(dist_ctx)
             val = summarize(counts, bundle.classes)

@@ -34,7 +34,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--momentum", type=float, default=0.9)
     parser.add_argument("--ema-decay", type=float, default=0.0, help="EMA of weights, e.g. 0.999 (0: off)")
     parser.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto")
-    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument(
+        "--channels-last",
+        dest="channels_last",
+        action="store_true",
+        default=None,
+        help="NHWC memory layout (default: on on the CPU, where it is faster; off elsewhere)",
+    )
+    parser.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     parser.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm (0: off)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     parser.add_argument("--seed", type=int, default=0)
@@ -63,6 +70,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
     parser.add_argument("--no-sync-bn", dest="sync_bn", action="store_false", help="no SyncBatchNorm under DDP on GPU")
+    parser.add_argument(
+        "--init",
+        metavar="CHECKPOINT|torchvision|timm",
+        help="fine-tune: start from a checkpoint's weights or the published ImageNet weights (new classifier if "
+        "the classes differ)",
+    )
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last state")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     parser.set_defaults(handler=run)
