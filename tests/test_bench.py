@@ -112,7 +112,7 @@ def test_parsers():
 def test_time_interleaved_rotates_and_counts():
     calls: list[str] = []
     candidates = [Candidate(name, name, lambda x, n=name: calls.append(n)) for name in "abc"]
-    times = time_interleaved(candidates, None, rounds=3, warmup=1)
+    times = time_interleaved(candidates, None, rounds=3, warmup=1, pause=0)
     assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
     assert calls == list("abc") + list("abc") + list("bca") + list("cab")
     stats = summarize([0.004, 0.001, 0.002, 0.003, 0.010])

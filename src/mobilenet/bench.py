@@ -219,10 +219,16 @@ class Candidate:
     notes: list[str] = field(default_factory=list)
 
 
-def time_interleaved(candidates: Sequence[Candidate], x: Any, *, rounds: int, warmup: int) -> dict[str, list[float]]:
+def time_interleaved(
+    candidates: Sequence[Candidate], x: Any, *, rounds: int, warmup: int, pause: float = 0.02
+) -> dict[str, list[float]]:
     """Seconds per forward of each candidate on ``x``: ``warmup`` untimed calls each, then ``rounds`` rounds that
     time one call of every candidate, in an order rotated by one each round (so drift in the machine's speed
-    reaches every candidate alike)."""
+    reaches every candidate alike).
+
+    Each timed call starts ``pause`` seconds after the previous one ended: runtimes keep their worker threads
+    spinning for a while after a call (OpenMP in torch, ONNX Runtime's pool), and on a machine with few cores the
+    spinning threads of the previous candidate would otherwise steal the cores of the next one."""
     if rounds < 1:
         raise MobileNetError(f"rounds must be >= 1, got {rounds}")
     if warmup < 0:
@@ -237,6 +243,8 @@ def time_interleaved(candidates: Sequence[Candidate], x: Any, *, rounds: int, wa
         for round_index in range(rounds):
             shift = round_index % max(1, len(candidates))
             for candidate in [*candidates[shift:], *candidates[:shift]]:
+                if pause > 0:
+                    time.sleep(pause)
                 start = time.perf_counter()
                 candidate.run(x)
                 times[candidate.name].append(time.perf_counter() - start)
@@ -286,6 +294,7 @@ def build_candidate(
     threads: int | None = None,
     calibration: str | os.PathLike[str] | None = None,
     workdir: Path | None = None,
+    int8_activations: str = "int8",
 ) -> Candidate:
     """Prepare ``backend`` (one of :data:`BENCH_BACKENDS`) for ``model`` at input ``shape`` (its batch is only the
     tracing example; every backend takes any batch). ONNX files go to ``workdir`` (a temporary directory).
@@ -357,14 +366,20 @@ def build_candidate(
         )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = quantize_onnx(model, workdir / f"{id(model)}-int8.onnx", calibration, num_calibration=None)
+        result = quantize_onnx(
+            model,
+            workdir / f"{id(model)}-int8.onnx",
+            calibration,
+            num_calibration=None,
+            activation_type=int8_activations,
+        )
     run = _ort_runner(result.path, threads)
     return Candidate(
         backend,
         description,
         run,
         _max_abs_diff(run, model, (2, *shape[1:])),
-        [calibration_note, f"weights {result.settings['weights']}"],
+        [calibration_note, f"weights {result.settings['weights']}, activations {result.settings['activations']}"],
     )
 
 
@@ -446,6 +461,8 @@ def bench(
     warmup: int = 5,
     gemm_size: int = 1024,
     calibration: str | os.PathLike[str] | None = None,
+    pause: float = 0.02,
+    int8_activations: str = "int8",
     progress: Callable[[str], None] | None = None,
 ) -> BenchReport:
     """Benchmark ``models`` (registered names, random weights, or checkpoints) on ``backends`` (default
@@ -457,6 +474,8 @@ def bench(
         resolution: input side (default: each model's resolution).
         rounds, warmup: timed rounds and untimed forwards per candidate and batch size.
         gemm_size: side of the square matrices of the GEMM peak (measured at the start and the end).
+        pause: seconds between timed calls (see :func:`time_interleaved`).
+        int8_activations: ``"int8"`` (what ``mobilenet quantize`` writes by default) or ``"uint8"``.
         progress: called with a line of text as each stage starts (the CLI prints it on stderr).
 
     A backend that cannot be built (a missing package, a failing compile) is left out with a note; asking only
@@ -505,6 +524,7 @@ def bench(
                         threads=threads,
                         calibration=calibration,
                         workdir=Path(tmp) / str(index),
+                        int8_activations=int8_activations,
                     )
                 except MobileNetError as error:
                     if len(names) == 1:
@@ -523,7 +543,7 @@ def bench(
             for batch in sizes:
                 say(f"{name}: batch {batch}, {warmup} warm-up + {rounds} interleaved rounds x {len(candidates)}")
                 x = torch.randn(batch, *shape[1:], generator=torch.Generator().manual_seed(batch))
-                times = time_interleaved(candidates, x, rounds=rounds, warmup=warmup)
+                times = time_interleaved(candidates, x, rounds=rounds, warmup=warmup, pause=pause)
                 group: list[dict[str, Any]] = []
                 for candidate in candidates:
                     latency = summarize(times[candidate.name])
@@ -556,7 +576,9 @@ def bench(
             "warmup": warmup,
             "resolution": resolution,
             "gemm_size": gemm_size,
+            "pause_s": pause,
             "int8_calibration": str(calibration) if calibration else ("random noise" if int8 else None),
+            "int8_activations": int8_activations if "onnxruntime-int8" in names else None,
         },
         gemm=gemm,
         results=results,

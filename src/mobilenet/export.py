@@ -366,6 +366,10 @@ def _ort_session(path: Path | str, num_threads: int | None = None) -> Any:
         options.intra_op_num_threads = num_threads
         options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    # The intra-op threads spin while a Run() is in progress (fast hand-offs between ops) but stop when it ends:
+    # left spinning, they steal the cores from whatever runs next in the process (preprocessing in torch, another
+    # session), which `mobilenet bench` measured as a 2-3x slower next call on 2 cores (docs/speed.md).
+    options.add_session_config_entry("session.force_spinning_stop", "1")
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 

@@ -33,9 +33,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--calibration", help="directory of images to calibrate int8 on (default: random noise, speed only)"
     )
+    parser.add_argument(
+        "--int8-activations",
+        choices=("int8", "uint8"),
+        default="int8",
+        help="activation type of the int8 model (default int8, as mobilenet quantize writes)",
+    )
     parser.add_argument("--resolution", type=int, help="input side in pixels (default: each model's)")
     parser.add_argument("--rounds", type=int, default=30, help="timed interleaved rounds (default: 30)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed forwards per backend first (default: 5)")
+    parser.add_argument(
+        "--pause-ms",
+        type=float,
+        default=20.0,
+        help="idle time before each timed call, so the previous backend's spinning threads go to sleep (default: 20)",
+    )
     parser.add_argument("--gemm-size", type=int, default=1024, help="side of the GEMM-peak matrices (default: 1024)")
     parser.add_argument("--format", choices=("table", "json"), default="table", help="output format")
     parser.add_argument("--plot", help="write a PNG of the latencies against the FLOP limit")
@@ -78,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         gemm_size=args.gemm_size,
         calibration=args.calibration,
+        pause=max(0.0, args.pause_ms) / 1e3,
+        int8_activations=args.int8_activations,
         progress=say,
     )
     data = report.to_dict()
