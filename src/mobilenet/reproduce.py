@@ -342,14 +342,13 @@ class Budget:
 BUDGETS: dict[str, Budget] = {
     "quick": Budget(
         "quick",
-        epochs=3,
-        batches_per_epoch=80,
+        epochs=2,
+        batches_per_epoch=70,
         device="cpu",
         threads=2,
         sizing=(
-            "about 2 hours for all 11 models on 2 CPU cores: 3 epochs of 80 batches of 128 (30,720 training images "
-            "per model, 0.61 passes over CIFAR-10's 50,000) plus 3 evaluations of the 10,000 test images; sized "
-            "from each model's measured training images/s on this 2-core machine (docs/reproduce.md)"
+            "about 2 hours for the 11 models on 2 CPU cores, from each model's training and evaluation images/s "
+            "measured with benchmarks/reproduce_speed.py (docs/reproduce.md)"
         ),
     ),
     "full": Budget(
