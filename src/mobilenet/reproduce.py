@@ -723,17 +723,7 @@ def _finish_run(
     latency = measure_latency_ms(model, spec.resolution, budget.latency_runs)
     history = outcome.history
     record = {
-        "key": spec.key,
-        "label": spec.label,
-        "model": spec.model,
-        "alpha": spec.alpha,
-        "resolution": spec.resolution,
-        "small_input": True,
-        "num_classes": num_classes,
-        "macs": cost.macs,
-        "params": cost.params,
-        "trainable_params": cost.trainable_params,
-        "by_op": [share.to_dict() for share in cost.by_op()],
+        **_identity_and_cost(spec, cost, num_classes),
         # The last epoch's test top-1: picking the best epoch would select on the test set.
         "test_top1": history[-1]["val_top1"],
         "best_top1": outcome.best_top1,
@@ -795,10 +785,8 @@ def _direction(experiment: Experiment, row: Row, finished: dict[str, dict[str, A
     return comparison
 
 
-def _model_record(spec: RunSpec, finished: dict[str, dict[str, Any]], num_classes: int) -> dict[str, Any]:
-    if spec.key in finished:
-        return {**finished[spec.key], "status": "finished"}
-    cost = spec.cost(num_classes)
+def _identity_and_cost(spec: RunSpec, cost: Any, num_classes: int) -> dict[str, Any]:
+    """The fields a run's record has whether it is finished or pending: which model, and the cost model's figures."""
     return {
         "key": spec.key,
         "label": spec.label,
@@ -811,6 +799,15 @@ def _model_record(spec: RunSpec, finished: dict[str, dict[str, Any]], num_classe
         "params": cost.params,
         "trainable_params": cost.trainable_params,
         "by_op": [share.to_dict() for share in cost.by_op()],
+    }
+
+
+def _model_record(spec: RunSpec, finished: dict[str, dict[str, Any]], num_classes: int) -> dict[str, Any]:
+    if spec.key in finished:
+        return {**finished[spec.key], "status": "finished"}
+    cost = spec.cost(num_classes)
+    return {
+        **_identity_and_cost(spec, cost, num_classes),
         "test_top1": None,
         "latency_ms": None,
         "status": "pending",
