@@ -71,7 +71,12 @@ def main() -> int:
     parser.add_argument("--num-calibration", type=int, default=512)
     parser.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor (default: per channel)")
     parser.add_argument("--method", default="minmax", choices=("minmax", "entropy", "percentile"))
-    parser.add_argument("--activations", default="int8", choices=("int8", "uint8"), help="activation type")
+    parser.add_argument(
+        "--activations",
+        default="auto",
+        choices=("auto", "int8", "uint8"),
+        help="activation type (auto: see quantize.py)",
+    )
     parser.add_argument("--full-range", action="store_true", help="8-bit weights (default: 7-bit, see quantize.py)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--latency-runs", type=int, default=300)

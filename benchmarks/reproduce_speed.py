@@ -34,17 +34,22 @@ def main() -> None:
 
     from mobilenet.models import create_model
     from mobilenet.reproduce import plan_runs, select_experiments
+    from mobilenet.runtime import tune_allocator
     from mobilenet.train import TrainConfig, build_optimizer, resolve_recipe
 
+    # As mobilenet train on a CPU: the allocator tuned, the model and inputs channels_last.
+    tune_allocator()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows = []
     for spec in plan_runs(select_experiments(None)):
-        model = create_model(spec.model, **spec.options())
+        model = create_model(spec.model, **spec.options()).to(memory_format=torch.channels_last)
         config = TrainConfig(model=spec.model, data="-", out="-", batch_size=args.batch_size, epochs=args.epochs)
         optimizer = build_optimizer(model, resolve_recipe(config, small_images=True))
         criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
-        x = torch.randn(args.batch_size, 3, spec.resolution, spec.resolution)
+        x = torch.randn(args.batch_size, 3, spec.resolution, spec.resolution).contiguous(
+            memory_format=torch.channels_last
+        )
         y = torch.randint(0, 10, (args.batch_size,))
         times = []
         model.train()

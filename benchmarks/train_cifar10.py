@@ -24,7 +24,7 @@ import time
 RECIPES = {
     "cpu": dict(
         model="mobilenet_v1_0.5_224",
-        epochs=12,
+        epochs=16,
         batch_size=128,
         lr=0.1,
         channels_last=True,

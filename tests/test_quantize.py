@@ -104,6 +104,28 @@ def test_quantize_save_load_evaluate_round_trip(setup, capsys):
     props = {p.key: json.loads(p.value) for p in graph.metadata_props if p.key in ("preprocessing", "quantization")}
     assert props["preprocessing"] == Predictor(checkpoint).preprocessing
     assert props["quantization"]["weights"].endswith("per channel")
+    # The default activation type is the one this CPU's int8 kernels take natively (uint8 on x86).
+    from mobilenet.quantize import default_activation_type
+
+    expected = default_activation_type()
+    assert props["quantization"]["activations"] == expected
+    activation_zero_points = {
+        i.data_type
+        for node in graph.graph.node
+        if node.op_type == "QuantizeLinear" and len(node.input) > 2
+        for i in graph.graph.initializer
+        if i.name == node.input[2] and i.name not in {w.name for w in int8_weights}
+    }
+    type_of = {"uint8": onnx.TensorProto.UINT8, "int8": onnx.TensorProto.INT8}
+    assert activation_zero_points == {type_of[expected]}, activation_zero_points
+
+
+def test_default_activation_type_follows_the_cpu():
+    from mobilenet.quantize import default_activation_type
+
+    # x86's 8-bit multiplies are unsigned x signed; ARM's dot products signed x signed.
+    assert default_activation_type("x86_64") == default_activation_type("AMD64") == "uint8"
+    assert default_activation_type("aarch64") == default_activation_type("arm64") == "int8"
 
 
 def test_quantize_per_tensor_api(setup):
@@ -111,9 +133,15 @@ def test_quantize_per_tensor_api(setup):
 
     root = setup["root"]
     result = quantize_onnx(
-        setup["checkpoint"], root / "pt.int8.onnx", root / "calibration", per_channel=False, num_calibration=64
+        setup["checkpoint"],
+        root / "pt.int8.onnx",
+        root / "calibration",
+        per_channel=False,
+        num_calibration=64,
+        activation_type="int8",
     )
     assert result.calibration_images == 64 and result.settings["weights"].endswith("per tensor")
+    assert result.settings["activations"] == "int8"
     assert result.int8_agreement is not None and 0.0 <= result.int8_agreement <= 1.0
     (prediction,) = Predictor(result.path).predict(setup["val"][0][:1])
     assert prediction.ok

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mobilenet.errors import MobileNetError
+from mobilenet.quantize import default_activation_type
 
 if TYPE_CHECKING:
     import torch
@@ -68,7 +69,7 @@ BENCH_BACKENDS: dict[str, str] = {
     "jit": "torch.jit trace + freeze + optimize_for_inference, BatchNorm folded",
     "compile": "torch.compile (inductor), BatchNorm folded (compiles per batch size: slow to start)",
     "onnxruntime": "ONNX Runtime float32, BatchNorm folded, graph optimisations on",
-    "onnxruntime-int8": "ONNX Runtime int8 static QDQ (per-channel 7-bit weights, int8 activations)",
+    "onnxruntime-int8": "ONNX Runtime int8 static QDQ (per-channel 7-bit weights, 8-bit activations)",
     "auto": "mobilenet.Predictor(backend='auto'): the library's default path",
 }
 #: What runs when no --backends are given (``--int8`` adds onnxruntime-int8; compile only when named).
@@ -294,7 +295,7 @@ def build_candidate(
     threads: int | None = None,
     calibration: str | os.PathLike[str] | None = None,
     workdir: Path | None = None,
-    int8_activations: str = "int8",
+    int8_activations: str = "auto",
 ) -> Candidate:
     """Prepare ``backend`` (one of :data:`BENCH_BACKENDS`) for ``model`` at input ``shape`` (its batch is only the
     tracing example; every backend takes any batch). ONNX files go to ``workdir`` (a temporary directory).
@@ -462,7 +463,7 @@ def bench(
     gemm_size: int = 1024,
     calibration: str | os.PathLike[str] | None = None,
     pause: float = 0.02,
-    int8_activations: str = "int8",
+    int8_activations: str = "auto",
     progress: Callable[[str], None] | None = None,
 ) -> BenchReport:
     """Benchmark ``models`` (registered names, random weights, or checkpoints) on ``backends`` (default
@@ -475,7 +476,8 @@ def bench(
         rounds, warmup: timed rounds and untimed forwards per candidate and batch size.
         gemm_size: side of the square matrices of the GEMM peak (measured at the start and the end).
         pause: seconds between timed calls (see :func:`time_interleaved`).
-        int8_activations: ``"int8"`` (what ``mobilenet quantize`` writes by default) or ``"uint8"``.
+        int8_activations: ``"auto"`` (what ``mobilenet quantize`` writes by default: uint8 on x86, int8
+            elsewhere), ``"int8"`` or ``"uint8"``.
         progress: called with a line of text as each stage starts (the CLI prints it on stderr).
 
     A backend that cannot be built (a missing package, a failing compile) is left out with a note; asking only
@@ -578,7 +580,11 @@ def bench(
             "gemm_size": gemm_size,
             "pause_s": pause,
             "int8_calibration": str(calibration) if calibration else ("random noise" if int8 else None),
-            "int8_activations": int8_activations if "onnxruntime-int8" in names else None,
+            "int8_activations": (
+                (default_activation_type() if int8_activations == "auto" else int8_activations)
+                if "onnxruntime-int8" in names
+                else None
+            ),
         },
         gemm=gemm,
         results=results,

@@ -11,12 +11,20 @@ The flow (``quantize_onnx``):
 4. ``quantize_static`` in QDQ format: weights int8 (per output channel by default: depthwise convs have one
    3x3 filter per channel whose ranges differ by orders of magnitude, so one scale per tensor wastes most of the
    int8 range on them; this is the failure mode Krishnamoorthi 2018, "Quantizing deep convolutional networks for
-   efficient inference", section 3.1, reports for MobileNets), activations int8. Weights use 7 of the 8 bits by
+   efficient inference", section 3.1, reports for MobileNets), activations 8-bit. Weights use 7 of the 8 bits by
    default (``reduce_range``): x86 CPUs without VNNI (AVX2 only, like the machines this was measured on) multiply
    int8 with VPMADDUBSW, which sums pairs of products into int16 and saturates when both weights of a pair use the
    full int8 range. Per-channel scales make every channel use the full range, so saturation is common: on a trained
    MobileNetV2 (tests/test_quantize.py) full-range per-channel weights agreed with fp32 on 64% of images, 7-bit
    ones on 96%. ONNX Runtime documents the same remedy. Pass ``reduce_range=False`` for VNNI or ARM targets.
+
+   Activations are unsigned (uint8) on x86 and signed (int8) elsewhere (``activation_type="auto"``): x86's 8-bit
+   multiply instructions (VPMADDUBSW, and VNNI's VPDPBUSD) take one unsigned and one signed operand, so ONNX
+   Runtime's x86 kernels for uint8 activations x int8 weights run natively, while int8 x int8 has to be converted
+   first. Measured on MobileNetV2 1.0 at 224x224, batch 1, 2 threads (AMD EPYC, AVX2; docs/speed.md): int8
+   activations 1.54x *slower* than fp32, uint8 activations 0.79-0.85x fp32's time; the accuracy was the same
+   (CIFAR-10 MobileNetV2 0.35: fp32 74.36%, int8 74.48%, uint8 74.42%). ARM's dot-product instructions (SDOT)
+   are signed x signed, hence int8 there.
 
 ReLU6 helps here by design: the V2 paper (section 3.1) picks ReLU6 "because of its robustness when used with
 low-precision computation"; its output range [0, 6] is known before calibration.
@@ -43,12 +51,30 @@ from mobilenet.io import atomic_path
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = ["CALIBRATION_METHODS", "QuantizeResult", "calibration_batches", "quantize_onnx"]
+__all__ = [
+    "ACTIVATION_TYPES",
+    "CALIBRATION_METHODS",
+    "QuantizeResult",
+    "calibration_batches",
+    "default_activation_type",
+    "quantize_onnx",
+]
 
 #: Calibration methods of ONNX Runtime's static quantizer, by the name the CLI takes.
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 #: Backends :func:`quantize_onnx` can target (the CLI's ``--backend``).
 QUANTIZE_BACKENDS = ("onnxruntime",)
+#: Activation types :func:`quantize_onnx` takes; "auto" is :func:`default_activation_type` of this machine.
+ACTIVATION_TYPES = ("auto", "int8", "uint8")
+
+
+def default_activation_type(machine: str | None = None) -> str:
+    """The activation type whose int8 kernels are native on ``machine`` (default: this one's ``platform.machine()``):
+    ``"uint8"`` on x86 (u8 x s8 multiply instructions), ``"int8"`` elsewhere (ARM's s8 x s8 dot products)."""
+    import platform
+
+    name = (machine if machine is not None else platform.machine()).lower()
+    return "uint8" if name in ("x86_64", "amd64", "i386", "i686", "x86") else "int8"
 
 
 @dataclass
@@ -145,7 +171,7 @@ def quantize_onnx(
     per_channel: bool = True,
     num_calibration: int | None = 512,
     calibrate_method: str = "minmax",
-    activation_type: str = "int8",
+    activation_type: str = "auto",
     batch_size: int = 32,
     keep_fp32: str | os.PathLike[str] | None = None,
     seed: int = 0,
@@ -163,7 +189,8 @@ def quantize_onnx(
         per_channel: one weight scale per output channel (default) or one per tensor.
         num_calibration: images to calibrate on (a seeded random sample; None = all).
         calibrate_method: ``"minmax"``, ``"entropy"`` or ``"percentile"`` (ONNX Runtime's calibrators).
-        activation_type: ``"int8"`` (signed, ORT's default for QDQ) or ``"uint8"``.
+        activation_type: ``"auto"`` (default: :func:`default_activation_type`, uint8 on x86, int8 elsewhere),
+            ``"int8"`` or ``"uint8"``; see the module docstring for why it matters for speed.
         batch_size: calibration batch size.
         keep_fp32: where to also keep the fp32 ONNX export (for comparison), or None.
         seed: seed of the calibration sample.
@@ -181,8 +208,10 @@ def quantize_onnx(
         raise MobileNetError(
             f"unknown calibration method {calibrate_method!r}; expected one of {', '.join(CALIBRATION_METHODS)}"
         )
-    if activation_type not in ("int8", "uint8"):
-        raise MobileNetError(f"activation type must be 'int8' or 'uint8', got {activation_type!r}")
+    if activation_type not in ACTIVATION_TYPES:
+        raise MobileNetError(f"activation type must be one of {', '.join(ACTIVATION_TYPES)}, got {activation_type!r}")
+    if activation_type == "auto":
+        activation_type = default_activation_type()
     if num_calibration is not None and num_calibration < 1:
         raise MobileNetError(f"the number of calibration images must be at least 1, got {num_calibration}")
     if isinstance(calibration, str | os.PathLike):

@@ -35,9 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--int8-activations",
-        choices=("int8", "uint8"),
-        default="int8",
-        help="activation type of the int8 model (default int8, as mobilenet quantize writes)",
+        choices=("auto", "int8", "uint8"),
+        default="auto",
+        help="activation type of the int8 model (default auto, as mobilenet quantize: uint8 on x86, else int8)",
     )
     parser.add_argument("--resolution", type=int, help="input side in pixels (default: each model's)")
     parser.add_argument("--rounds", type=int, default=30, help="timed interleaved rounds (default: 30)")

@@ -46,7 +46,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="use all 8 bits of the weights (for VNNI/ARM targets; the default 7 bits avoid int16 saturation in "
         "x86 AVX2 int8 kernels)",
     )
-    parser.add_argument("--activations", choices=("int8", "uint8"), default="int8", help="activation type")
+    parser.add_argument(
+        "--activations",
+        choices=("auto", "int8", "uint8"),
+        default="auto",
+        help="activation type (default auto: uint8 on x86, whose int8 kernels are u8 x s8, int8 elsewhere)",
+    )
     parser.add_argument("--keep-fp32", default=None, metavar="FILE", help="also keep the fp32 ONNX export here")
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
     parser.set_defaults(handler=run)
