@@ -152,6 +152,11 @@ def test_bench_int8_says_how_it_was_calibrated():
     )
     assert [r["backend"] for r in report.results] == ["onnxruntime", "onnxruntime-int8"]
     assert report.to_dict()["settings"]["int8_calibration"] == "random noise"
+    # The int8 model is the quantizer's default: its activation type is resolved and reported, never "auto".
+    from mobilenet.quantize import default_activation_type
+
+    assert report.to_dict()["settings"]["int8_activations"] == default_activation_type()
+    assert any(f"activations {default_activation_type()}" in note for note in report.notes), report.notes
     assert any("random-noise images: a speed figure only" in note for note in report.notes)
     int8 = report.results[1]
     assert int8["x_fastest_fp32_runtime"] > 0 and int8["max_abs_diff"] is not None
