@@ -347,8 +347,8 @@ BUDGETS: dict[str, Budget] = {
         device="cpu",
         threads=2,
         sizing=(
-            "about 2 hours for the 11 models on 2 CPU cores, from each model's training and evaluation images/s "
-            "measured with benchmarks/reproduce_speed.py (docs/reproduce.md)"
+            "about 70 minutes for the 11 models on 2 idle CPU cores (65.5 of them training and evaluation, priced "
+            "from each model's images/s measured with benchmarks/reproduce_speed.py; docs/reproduce.md)"
         ),
     ),
     "full": Budget(
