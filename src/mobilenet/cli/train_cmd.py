@@ -36,12 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto")
     parser.add_argument(
         "--channels-last",
-        dest="channels_last",
-        action="store_true",
-        default=None,
+        action=argparse.BooleanOptionalAction,
         help="NHWC memory layout (default: on on the CPU, where it is faster; off elsewhere)",
     )
-    parser.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     parser.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm (0: off)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     parser.add_argument("--seed", type=int, default=0)
@@ -50,12 +47,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--alpha", type=float, help="width multiplier override")
     parser.add_argument(
         "--small-input",
-        dest="small_input",
-        action="store_true",
-        default=None,
+        action=argparse.BooleanOptionalAction,
         help="stride-8 network for tiny images (default: on at <= 64 px)",
     )
-    parser.add_argument("--no-small-input", dest="small_input", action="store_false")
     parser.add_argument("--dropout", type=float)
     parser.add_argument("--val-fraction", type=float, help="held-out fraction when the data has no val/ or test/")
     parser.add_argument("--on-bad-image", choices=("skip", "error"), default="error")
