@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mobilenet.errors import MobileNetError
-from mobilenet.quantize import default_activation_type
+from mobilenet.quantize import resolve_activation_type
 
 if TYPE_CHECKING:
     import torch
@@ -580,11 +580,7 @@ def bench(
             "gemm_size": gemm_size,
             "pause_s": pause,
             "int8_calibration": str(calibration) if calibration else ("random noise" if int8 else None),
-            "int8_activations": (
-                (default_activation_type() if int8_activations == "auto" else int8_activations)
-                if "onnxruntime-int8" in names
-                else None
-            ),
+            "int8_activations": resolve_activation_type(int8_activations) if "onnxruntime-int8" in names else None,
         },
         gemm=gemm,
         results=results,

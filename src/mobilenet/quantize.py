@@ -58,6 +58,7 @@ __all__ = [
     "calibration_batches",
     "default_activation_type",
     "quantize_onnx",
+    "resolve_activation_type",
 ]
 
 #: Calibration methods of ONNX Runtime's static quantizer, by the name the CLI takes.
@@ -75,6 +76,13 @@ def default_activation_type(machine: str | None = None) -> str:
 
     name = (machine if machine is not None else platform.machine()).lower()
     return "uint8" if name in ("x86_64", "amd64", "i386", "i686", "x86") else "int8"
+
+
+def resolve_activation_type(activation_type: str) -> str:
+    """``"int8"`` or ``"uint8"`` for one of :data:`ACTIVATION_TYPES` (``"auto"``: this machine's native type)."""
+    if activation_type not in ACTIVATION_TYPES:
+        raise MobileNetError(f"activation type must be one of {', '.join(ACTIVATION_TYPES)}, got {activation_type!r}")
+    return default_activation_type() if activation_type == "auto" else activation_type
 
 
 @dataclass
@@ -208,10 +216,7 @@ def quantize_onnx(
         raise MobileNetError(
             f"unknown calibration method {calibrate_method!r}; expected one of {', '.join(CALIBRATION_METHODS)}"
         )
-    if activation_type not in ACTIVATION_TYPES:
-        raise MobileNetError(f"activation type must be one of {', '.join(ACTIVATION_TYPES)}, got {activation_type!r}")
-    if activation_type == "auto":
-        activation_type = default_activation_type()
+    activation_type = resolve_activation_type(activation_type)
     if num_calibration is not None and num_calibration < 1:
         raise MobileNetError(f"the number of calibration images must be at least 1, got {num_calibration}")
     if isinstance(calibration, str | os.PathLike):
