@@ -43,7 +43,7 @@ if args["workload"] == "train":
 else:
     model.eval()
     if args["workload"] == "jit":
-        from mobilenet.predict import jit_optimize
+        from mobilenet.backends import jit_optimize
         model = jit_optimize(model, tuple(x.shape))
     def step():
         with torch.inference_mode():

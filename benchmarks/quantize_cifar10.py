@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from mobilenet.predict import Predictor, find_images
+from mobilenet.images import find_images
+from mobilenet.predict import Predictor
 from mobilenet.quantize import quantize_onnx
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from mobilenet.cli import main
-from mobilenet.weights import IMAGENET_PREPROCESSING, imagenet_classes, load, load_checkpoint, read_header
+from mobilenet.checkpoint import load, load_checkpoint, read_header
+from mobilenet.convert import IMAGENET_PREPROCESSING, imagenet_classes
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -131,7 +132,7 @@ def test_timm_training_checkpoint_v1(files, tmp_path):
         == 0
     )
     model = load(out)
-    assert model.activation == "relu6"  # timm's V1 activation, kept by the checkpoint
+    assert model.config.activation == "relu6"  # timm's V1 activation, kept by the checkpoint
     gap, scale = _gap(model, files["timm_v1"], 128)
     assert gap <= 1e-5 * scale
     assert model.preprocessing["mean"] == [0.5, 0.5, 0.5]  # timm mobilenetv1_100's default weights

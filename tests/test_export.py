@@ -188,7 +188,7 @@ def test_onnx_dynamo_exporter(model, tmp_path):
 
 @pytest.fixture(scope="module")
 def checkpoint(model, tmp_path_factory):
-    from mobilenet.weights import save
+    from mobilenet.checkpoint import save
 
     return save(model, tmp_path_factory.mktemp("ckpt") / "m.safetensors", classes=CLASSES, preprocessing=PREPROCESSING)
 

@@ -11,10 +11,12 @@ import torch
 from PIL import Image
 
 from mobilenet.cli import main
-from mobilenet.data import build_eval_transform, decode_image_file
+from mobilenet.data import build_eval_transform
 from mobilenet.errors import MobileNetError
 from mobilenet.models import create_model
-from mobilenet.predict import BadImageError, Predictor, RandomWeightsWarning, decode_image
+from mobilenet.backends import RandomWeightsWarning
+from mobilenet.images import BadImageError, decode_image
+from mobilenet.predict import Predictor
 
 PREPROCESSING = {
     "input_size": 32,
@@ -104,7 +106,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def checkpoint(model, tmp_path_factory):
-    from mobilenet.weights import save
+    from mobilenet.checkpoint import save
 
     return save(model, tmp_path_factory.mktemp("ckpt") / "m.safetensors", classes=CLASSES, preprocessing=PREPROCESSING)
 
@@ -115,11 +117,11 @@ def test_predictor_preprocesses_exactly_as_evaluation(checkpoint, model, images)
     transform = build_eval_transform(PREPROCESSING)
     for kind in ("jpeg", "png"):
         # The evaluation pipeline: mobilenet.data's decoder and eval transform.
-        expected = transform(decode_image_file(images[kind]))
+        expected = transform(decode_image(images[kind]))
         torch.testing.assert_close(predictor.preprocess(images[kind]), expected, atol=0, rtol=0)
     (prediction,) = predictor.predict(images["png"], topk=10)
     with torch.no_grad():
-        probabilities = torch.softmax(model(transform(decode_image_file(images["png"]))[None]).double(), 1)[0]
+        probabilities = torch.softmax(model(transform(decode_image(images["png"]))[None]).double(), 1)[0]
     assert prediction.indices[0] == int(probabilities.argmax())
     assert prediction.label == CLASSES[prediction.indices[0]]
     np.testing.assert_allclose(prediction.probabilities, probabilities.sort(descending=True).values, atol=1e-6)

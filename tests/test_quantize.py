@@ -40,7 +40,7 @@ def _train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from mobilenet.data import build_eval_transform, load_digits
-    from mobilenet.weights import save
+    from mobilenet.checkpoint import save
 
     root = tmp_path_factory.mktemp("quantize")
     bundle = load_digits(size=32)

@@ -32,7 +32,7 @@ from mobilenet.reproduce import (
     run_reproduce,
     select_experiments,
 )
-from mobilenet.weights import load
+from mobilenet.checkpoint import load
 
 SMOKE = Budget("smoke", epochs=1, batches_per_epoch=2, batch_size=16, device="cpu", threads=1, latency_runs=2)
 A = RunSpec("a_v1_0.25_32px", "V1 0.25", "mobilenet_v1_1.0_224", 0.25, 32)

@@ -174,7 +174,7 @@ def test_resume_after_sigint_matches_uninterrupted_run(data_dir, tmp_path):
 
 
 def test_checkpoint_is_loadable_with_classes_and_preprocessing(data_dir, tmp_path):
-    from mobilenet.weights import load
+    from mobilenet.checkpoint import load
 
     result = train(tiny_config(data_dir, tmp_path / "run", epochs=1), progress=False, log=None)
     model = load(result.best_checkpoint)
@@ -306,7 +306,7 @@ def test_torchrun_two_cpu_processes_end_to_end(data_dir, tmp_path):
 
 def test_init_fine_tunes_from_a_checkpoint(data_dir, tmp_path):
     from mobilenet.train import initialise_from
-    from mobilenet.weights import save
+    from mobilenet.checkpoint import save
 
     # A donor with 5 classes: its body is copied, its head is not (the tiny data has 3 classes).
     torch.manual_seed(1)

@@ -11,7 +11,7 @@ import torch
 
 from mobilenet.errors import MobileNetError
 from mobilenet.models import create_model
-from mobilenet.weights import Checkpoint, load, load_checkpoint, read_header, save
+from mobilenet.checkpoint import Checkpoint, load, load_checkpoint, read_header, save
 
 PREPROCESSING = {
     "input_size": 32,
@@ -120,7 +120,7 @@ def test_preprocessing_object_with_to_dict(tmp_path, small_model):
 
 def test_save_is_atomic(tmp_path, small_model, monkeypatch):
     """A failure while writing keeps the previous checkpoint and leaves no temporary file."""
-    import safetensors.torch
+    import mobilenet.checkpoint
 
     path = save(small_model, tmp_path / "c.safetensors", metadata={"v": 1})
     before = path.read_bytes()
@@ -130,7 +130,7 @@ def test_save_is_atomic(tmp_path, small_model, monkeypatch):
             handle.write(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", exploding_save)
+    monkeypatch.setattr(mobilenet.checkpoint, "save_file", exploding_save)
     with pytest.raises(OSError, match="disk full"):
         save(small_model, path, metadata={"v": 2})
     assert path.read_bytes() == before
@@ -270,7 +270,7 @@ def test_torchvision_v2_weights_give_same_logits(width):
     """Our mobilenet_v2_{w}_224 with torchvision's mobilenet_v2(width_mult=w) weights: same logits (randomised BN
     statistics and affine parameters, else logits are ~1e-9 and any two networks agree) and same parameter count."""
     torchvision = pytest.importorskip("torchvision")
-    from mobilenet.weights import import_weights
+    from mobilenet.convert import import_weights
 
     torch.manual_seed(0)
     reference = torchvision.models.mobilenet_v2(width_mult=width)
@@ -288,7 +288,7 @@ def test_torchvision_v2_weights_give_same_logits(width):
 )
 def test_timm_weights_give_same_logits(timm_name, ours_name):
     timm = pytest.importorskip("timm")
-    from mobilenet.weights import import_weights
+    from mobilenet.convert import import_weights
 
     torch.manual_seed(0)
     reference = timm.create_model(timm_name, pretrained=False)
@@ -304,7 +304,7 @@ def test_timm_v1_uses_relu6_and_checkpoint_keeps_it(tmp_path):
     """timm's (and TF-slim's) V1 clips at 6 where the paper's Figure 3 says ReLU: imported V1 weights switch our
     model to ReLU6, which matters once activations exceed 6, and the checkpoint rebuilds it."""
     timm = pytest.importorskip("timm")
-    from mobilenet.weights import import_weights
+    from mobilenet.convert import import_weights
 
     torch.manual_seed(0)
     reference = timm.create_model("mobilenetv1_100", pretrained=False)
@@ -314,7 +314,7 @@ def test_timm_v1_uses_relu6_and_checkpoint_keeps_it(tmp_path):
     plain = create_model("mobilenet_v1_1.0_224")
     renamed = {k: v for k, v in reference.state_dict().items()}
     imported = import_weights(create_model("mobilenet_v1_1.0_224"), renamed, source="timm")
-    from mobilenet.weights import map_state_dict
+    from mobilenet.convert import map_state_dict
 
     plain.load_state_dict(map_state_dict(plain, renamed, "timm")[0])
     gap_plain, scale = _logit_gap(plain, reference)
@@ -322,14 +322,14 @@ def test_timm_v1_uses_relu6_and_checkpoint_keeps_it(tmp_path):
     assert gap_plain > 1e-3 * scale
     assert gap_relu6 <= 1e-5 * scale
     path = save(imported, tmp_path / "v1.safetensors")
-    assert read_header(path)["activation"] == "relu6"
+    assert read_header(path)["config"]["activation"] == "relu6"
     restored = load(path)
     assert _logit_gap(restored, reference)[0] <= 1e-5 * scale
 
 
 def test_wrong_architecture_lists_keys():
     torchvision = pytest.importorskip("torchvision")
-    from mobilenet.weights import import_weights
+    from mobilenet.convert import import_weights
 
     state = torchvision.models.mobilenet_v2().state_dict()
     with pytest.raises(MobileNetError) as info:
@@ -349,7 +349,7 @@ def test_wrong_architecture_lists_keys():
 def test_tf_style_1001_class_head():
     """A head with a background class first (TF-slim's 1001 outputs): row 0 is dropped for a 1000-class model."""
     torchvision = pytest.importorskip("torchvision")
-    from mobilenet.weights import import_weights
+    from mobilenet.convert import import_weights
 
     reference = torchvision.models.mobilenet_v2(width_mult=0.5, num_classes=1001)
     _randomize_bn(reference)
@@ -368,7 +368,7 @@ def test_timm_module_map_follows_timm_stages():
     """Stage/block positions for timm come from the tables; compare with a timm model's own module names."""
     timm = pytest.importorskip("timm")
     from mobilenet.spec import network_for
-    from mobilenet.weights import timm_module_map
+    from mobilenet.convert import timm_module_map
 
     for timm_name, ours_name in (
         ("mobilenetv1_100", "mobilenet_v1_1.0_224"),
@@ -382,7 +382,7 @@ def test_timm_module_map_follows_timm_stages():
 
 def test_imagenet_classes_equal_torchvision():
     torchvision = pytest.importorskip("torchvision")
-    from mobilenet.weights import imagenet_classes
+    from mobilenet.convert import imagenet_classes
 
     names = imagenet_classes()
     assert names == torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1.meta["categories"]
@@ -392,7 +392,7 @@ def test_imagenet_classes_equal_torchvision():
 def test_pretrained_offline_is_a_clear_error(monkeypatch):
     import urllib.error
 
-    from mobilenet.weights import pretrained
+    from mobilenet.convert import pretrained
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError("[Errno -2] Name or service not known")
@@ -407,7 +407,7 @@ def test_pretrained_offline_is_a_clear_error(monkeypatch):
 def test_pretrained_converts_the_downloaded_weights(monkeypatch):
     """The conversion part of `pretrained`, with torch.hub answering from a local state_dict (no network)."""
     torchvision = pytest.importorskip("torchvision")
-    from mobilenet.weights import pretrained
+    from mobilenet.convert import pretrained
 
     reference = torchvision.models.mobilenet_v2()
     _randomize_bn(reference, seed=5)
@@ -418,12 +418,13 @@ def test_pretrained_converts_the_downloaded_weights(monkeypatch):
     assert model.classes[:2] == ["tench", "goldfish"]
     # torchvision's DEFAULT (IMAGENET1K_V2) weights are evaluated at a 232 px resize, 224 crop.
     assert model.preprocessing["resize_size"] == 232 and model.preprocessing["input_size"] == 224
-    assert model.conversion.max_abs_diff <= 1e-5 * model.conversion.max_abs_reference
+    check = model.info.origin["logit_check"]
+    assert check["max_abs_diff"] <= 1e-5 * check["max_abs_reference"]
 
 
 def test_compare_logits_fails_loudly():
     torchvision = pytest.importorskip("torchvision")
-    from mobilenet.weights import compare_logits, import_weights
+    from mobilenet.convert import compare_logits, import_weights
 
     reference = torchvision.models.mobilenet_v2(width_mult=0.5)
     _randomize_bn(reference)

@@ -277,9 +277,9 @@ def _max_abs_diff(run: Callable[[Any], Any], reference: nn.Module, shape: tuple[
 
 
 def _ort_runner(path: Path, threads: int | None) -> Callable[[Any], Any]:
-    from mobilenet.export import INPUT_NAME, OUTPUT_NAME, _ort_session
+    from mobilenet.export import INPUT_NAME, OUTPUT_NAME, ort_session
 
-    session = _ort_session(path, threads)
+    session = ort_session(path, threads)
 
     def run(x: torch.Tensor) -> Any:
         return session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
@@ -303,7 +303,8 @@ def build_candidate(
     import torch
 
     from mobilenet.export import export_onnx, fold_batchnorm
-    from mobilenet.predict import Predictor, jit_optimize, onnxruntime_available
+    from mobilenet.backends import jit_optimize, onnxruntime_available
+    from mobilenet.predict import Predictor
 
     if backend not in BENCH_BACKENDS:
         raise MobileNetError(f"unknown backend {backend!r}; expected some of {', '.join(BENCH_BACKENDS)}")
@@ -430,7 +431,7 @@ class BenchReport:
 
 def _load_model(model: Any, resolution: int | None) -> tuple[str, nn.Module, Any]:
     """(name, eval-mode model, config at the benchmark resolution) for a name, checkpoint path or MobileNet."""
-    from mobilenet.predict import RandomWeightsWarning, load_source
+    from mobilenet.backends import RandomWeightsWarning, load_source
     from mobilenet.spec import MODELS
 
     if isinstance(model, str) and model in MODELS:

@@ -36,13 +36,13 @@ import torch
 from torch.utils.data import Dataset
 
 from mobilenet.errors import MobileNetError
+from mobilenet.images import IMAGE_SUFFIXES, BadImageError, decode_image, image_files_under
 
 __all__ = [
     "CIFAR10_MEAN",
     "CIFAR10_STD",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
-    "IMAGE_EXTENSIONS",
     "BatchSmallAugment",
     "DataBundle",
     "ImageFolderDataset",
@@ -54,6 +54,7 @@ __all__ = [
     "cifar10_folder",
     "load_data",
     "load_digits",
+    "resolve_preprocessing",
     "style_for_resolution",
 ]
 
@@ -74,7 +75,6 @@ CIFAR100_STD: tuple[float, float, float] = (0.2673, 0.2564, 0.2762)
 SMALL_IMAGE_MAX = 64
 #: The central crop fraction of ImageNet evaluation (TF-slim ``central_fraction=0.875``, torchvision 224/256).
 CROP_FRACTION = 0.875
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 
@@ -168,6 +168,18 @@ class Preprocessing:
         if unknown:
             raise MobileNetError(f"preprocessing has unknown key(s) {sorted(unknown)}; expected {sorted(known)}")
         return cls(**data)
+
+
+def resolve_preprocessing(preprocessing: Preprocessing | dict[str, Any] | None, resolution: int) -> Preprocessing:
+    """The preprocessing a model carries (validated), or, when it carries none, the default for its input
+    resolution (:meth:`Preprocessing.for_resolution`). Prediction, evaluation and export all fall back here."""
+    if preprocessing is None:
+        return Preprocessing.for_resolution(int(resolution))
+    if isinstance(preprocessing, Preprocessing):
+        return preprocessing
+    if hasattr(preprocessing, "to_dict"):
+        preprocessing = preprocessing.to_dict()
+    return Preprocessing.from_dict(dict(preprocessing))
 
 
 def _as_preprocessing(preprocessing: Preprocessing | dict[str, Any]) -> Preprocessing:
@@ -304,29 +316,6 @@ class TensorImageDataset(Dataset):
         return self.labels.tolist()
 
 
-class BadImageError(MobileNetError):
-    """An image file could not be decoded (corrupt, truncated, or not an image)."""
-
-
-def decode_image_file(path: Path) -> torch.Tensor:
-    """Decode an image file to a uint8 RGB CHW tensor; a corrupt or truncated file raises :class:`BadImageError`."""
-    from torchvision.io import ImageReadMode, decode_image
-
-    try:
-        data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
-        if data.numel() == 0:
-            raise RuntimeError("the file is empty")
-        return decode_image(data, mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError, OSError) as error:
-        # libjpeg/libpng report truncation as RuntimeError; the message is the library's own reason.
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        if ".cpp:" in reason:  # torchvision prefixes "decode_jpeg, /path/file.cpp:171, " to libjpeg's reason
-            reason = reason.split(", ")[-1]
-        raise BadImageError(
-            f"cannot decode image {path}: {reason}; fix or remove the file, or pass --on-bad-image skip"
-        ) from None
-
-
 class ImageFolderDataset(Dataset):
     """``root/<class>/<image>`` files, decoded with torchvision.io (no PIL needed), as uint8 RGB CHW tensors.
 
@@ -395,10 +384,10 @@ class ImageFolderDataset(Dataset):
 
     def _decode(self, path: Path) -> torch.Tensor | None:
         try:
-            return decode_image_file(path)
-        except BadImageError:
+            return decode_image(path)
+        except BadImageError as error:
             if self.on_bad_image == "error":
-                raise
+                raise BadImageError(f"{error}; fix or remove the file, or pass --on-bad-image skip") from None
             self.bad_files.append(path)
             return None
 
@@ -436,10 +425,10 @@ def scan_class_folders(root: Path) -> dict[str, list[Path]]:
         )
     found: dict[str, list[Path]] = {}
     for class_dir in class_dirs:
-        files = sorted(p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        files = image_files_under(class_dir)
         if not files:
             raise MobileNetError(
-                f"class folder {class_dir} has no images; expected files ending in {', '.join(IMAGE_EXTENSIONS[:4])}..."
+                f"class folder {class_dir} has no images; expected files ending in {', '.join(IMAGE_SUFFIXES[:4])}..."
             )
         found[class_dir.name] = files
     if len(found) < 2:

@@ -78,7 +78,7 @@ def run_demo(config: DemoConfig | None = None, *, progress: bool = True, log: An
     from mobilenet.cost import count_costs
     from mobilenet.plots import plot_comparison
     from mobilenet.train import TrainConfig, train
-    from mobilenet.weights import load
+    from mobilenet.checkpoint import load
 
     out = Path(config.out)
     started = time.perf_counter()

@@ -1,7 +1,7 @@
 """Evaluation: top-1, top-5, per-class accuracy and the confusion matrix of a checkpoint on a data source.
 
 ``evaluate_checkpoint("runs/c10/best.safetensors", "cifar10")`` is what ``mobilenet eval`` calls. The checkpoint
-is read with :func:`mobilenet.weights.load_checkpoint` (safetensors + JSON header; nothing is unpickled) and the
+is read with :func:`mobilenet.checkpoint.load_checkpoint` (safetensors + JSON header; nothing is unpickled) and the
 images are transformed with the preprocessing stored in it, so evaluation sees exactly what training validated on.
 """
 
@@ -140,7 +140,7 @@ def evaluate_checkpoint(
     """
     from mobilenet.data import Preprocessing, TransformedDataset, build_eval_transform, load_data
     from mobilenet.train import resolve_device
-    from mobilenet.weights import load_checkpoint
+    from mobilenet.checkpoint import load_checkpoint
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise MobileNetError(f"--batch-size must be an integer >= 1, got {batch_size!r}")

@@ -19,6 +19,7 @@ free-form metadata section).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import itertools
@@ -28,14 +29,16 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from mobilenet.data import resolve_preprocessing
 from mobilenet.errors import MobileNetError
 from mobilenet.io import atomic_path, atomic_write_text
-
-if TYPE_CHECKING:
-    import torch
-    from torch import nn
+from mobilenet.parity import compare_to_reference, seeded_batch
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -49,6 +52,7 @@ __all__ = [
     "export_torchscript",
     "fold_batchnorm",
     "metadata_for",
+    "ort_session",
     "read_onnx_metadata",
 ]
 
@@ -106,9 +110,6 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     :class:`mobilenet.layers.ConvBNAct`, or two consecutive children of an ``nn.Sequential``. The input model is
     not modified.
     """
-    from torch import nn
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
     folded = copy.deepcopy(model).eval()
     for module in list(folded.modules()):
         conv, bn = getattr(module, "conv", None), getattr(module, "bn", None)
@@ -139,26 +140,22 @@ def metadata_for(
     """The JSON that travels with an exported file: the checkpoint header's fields (format_version, name, config,
     classes, preprocessing) plus the graph's input/output names and layout.
 
-    ``classes`` and ``preprocessing`` default to the model's ``.classes`` / ``.preprocessing`` (set by
-    :func:`mobilenet.weights.load`); without either, the preprocessing is the default for the model's config
-    (:func:`mobilenet.predict.default_preprocessing`).
+    ``classes`` and ``preprocessing`` default to the model's ``.info`` (set by
+    :func:`mobilenet.checkpoint.load`); without either, the preprocessing is the default for the model's config
+    (:func:`mobilenet.data.resolve_preprocessing`).
     """
-    from mobilenet.predict import default_preprocessing
-
     config = getattr(model, "config", None)
     if config is None:
         raise MobileNetError(
             f"can only export a mobilenet model (with .config), got {type(model).__name__}; "
             "build it with mobilenet.create_model(...) or load a checkpoint"
         )
-    if classes is None:
-        classes = getattr(model, "classes", None)
-    if preprocessing is None:
-        preprocessing = getattr(model, "preprocessing", None)
-    if preprocessing is None:
-        preprocessing = default_preprocessing(config)
-    if hasattr(preprocessing, "to_dict"):
-        preprocessing = preprocessing.to_dict()
+    info = getattr(model, "info", None)
+    if classes is None and info is not None:
+        classes = info.classes
+    if preprocessing is None and info is not None:
+        preprocessing = info.preprocessing
+    preprocessing = resolve_preprocessing(preprocessing, config.resolution).to_dict()
     if classes is not None and len(classes) != config.num_classes:
         raise MobileNetError(
             f"got {len(classes)} class names for {config.num_classes} outputs; expected one per output"
@@ -180,35 +177,19 @@ def _input_size(metadata: dict[str, Any]) -> int:
 
 def _check_input(metadata: dict[str, Any], batch: int, seed: int = 0) -> torch.Tensor:
     """A fixed pseudo-random batch shaped as the model's input (normalised images are roughly N(0, 1))."""
-    import torch
-
     size = _input_size(metadata)
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, int(metadata["config"]["in_channels"]), size, size, generator=generator)
+    return seeded_batch((batch, int(metadata["config"]["in_channels"]), size, size), seed)
 
 
-def _compare(reference: torch.Tensor, got: Any, what: str, atol: float, rtol: float = 0.0) -> float:
-    import numpy as np
-
-    got_array = np.asarray(got.detach().cpu().numpy() if hasattr(got, "detach") else got, dtype=np.float64)
-    ref_array = reference.detach().cpu().double().numpy()
-    if got_array.shape != ref_array.shape:
-        raise MobileNetError(f"{what}: output shape {got_array.shape} differs from PyTorch's {ref_array.shape}")
-    diff = float(np.max(np.abs(got_array - ref_array))) if ref_array.size else 0.0
-    allowed = atol + rtol * (float(np.max(np.abs(ref_array))) if ref_array.size else 0.0)
-    if not diff <= allowed:
-        raise MobileNetError(
-            f"{what}: logits differ from PyTorch's by up to {diff:.3g} (allowed {allowed:.3g}); the file was not "
-            "written"
-        )
-    return diff
-
-
-def _reference(model: nn.Module, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    import torch
-
-    with torch.inference_mode():
-        return [model(x) for x in inputs]
+def _verify_callable(
+    run: Callable[[Any], Any], model: nn.Module, metadata: dict[str, Any], atol: float, what: str, rtol: float = 0.0
+) -> float:
+    """The largest |logit difference| from PyTorch at batch 2 and 3; above ``atol + rtol * max |logit|`` the
+    export fails (:func:`mobilenet.parity.compare_to_reference`) and its file is not written."""
+    inputs = [_check_input(metadata, 2, seed=1), _check_input(metadata, 3, seed=2)]
+    return compare_to_reference(
+        run, model, inputs, what=what, atol=atol, rtol=rtol, consequence="the file was not written"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -257,8 +238,6 @@ def export_onnx(
     ``metadata_props`` holds ``mobilenet`` (the whole JSON of :func:`metadata_for`) and, for readers that want
     one field, ``name``, ``config``, ``classes`` and ``preprocessing`` (each JSON).
     """
-    import torch
-
     onnx, _ = _require_onnx()
     if exporter not in ("torchscript", "dynamo"):
         raise MobileNetError(f"unknown ONNX exporter {exporter!r}; expected 'torchscript' or 'dynamo'")
@@ -314,7 +293,6 @@ class _quiet:
     """Silence the dynamo exporter's progress lines on stdout (the CLI prints its own)."""
 
     def __enter__(self) -> None:
-        import contextlib
 
         self._stack = contextlib.ExitStack()
         self._stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
@@ -359,7 +337,7 @@ def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     return json.loads(props["mobilenet"])
 
 
-def _ort_session(path: Path | str, num_threads: int | None = None) -> Any:
+def ort_session(path: Path | str, num_threads: int | None = None) -> Any:
     _, ort = _require_onnx()
     options = ort.SessionOptions()
     if num_threads:
@@ -376,12 +354,9 @@ def _ort_session(path: Path | str, num_threads: int | None = None) -> Any:
 def _verify_onnx(
     path: Path, model: nn.Module, metadata: dict[str, Any], atol: float, rtol: float = 0.0
 ) -> tuple[float, list[str]]:
-    session = _ort_session(path)
-    inputs = [_check_input(metadata, 2, seed=1), _check_input(metadata, 3, seed=2)]
-    references = _reference(model.eval(), inputs)
-    diff = max(
-        _compare(ref, session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0], "ONNX Runtime", atol, rtol)
-        for x, ref in zip(inputs, references, strict=True)
+    session = ort_session(path)
+    diff = _verify_callable(
+        lambda x: session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0], model, metadata, atol, "ONNX Runtime", rtol
     )
     return diff, [f"ONNX Runtime logits equal PyTorch's at batch 2 and 3 (max abs diff {diff:.2e})"]
 
@@ -401,8 +376,6 @@ def export_torchscript(
 ) -> ExportResult:
     """Write a traced TorchScript module (BatchNorm folded; loads with ``torch.jit.load`` without this library)
     with ``mobilenet.json`` among its extra files, then reload it and compare logits at batch 2 and 3."""
-    import torch
-
     metadata = metadata_for(model, classes=classes, preprocessing=preprocessing)
     folded = fold_batchnorm(model).float().cpu()
     target = Path(path)
@@ -422,18 +395,7 @@ def export_torchscript(
     )
 
 
-def _verify_callable(run: Callable[[Any], Any], model: nn.Module, metadata: dict[str, Any], atol: float, what: str):
-    import torch
-
-    inputs = [_check_input(metadata, 2, seed=1), _check_input(metadata, 3, seed=2)]
-    references = _reference(model.eval(), inputs)
-    with torch.inference_mode():
-        return max(_compare(ref, run(x), what, atol) for x, ref in zip(inputs, references, strict=True))
-
-
 def _exported_program(model: nn.Module, metadata: dict[str, Any], max_batch: int) -> Any:
-    import torch
-
     folded = fold_batchnorm(model).float().cpu()
     batch = torch.export.Dim("batch", min=1, max=max_batch)
     return torch.export.export(folded, (_check_input(metadata, 2),), dynamic_shapes=({0: batch},), strict=False)
@@ -449,8 +411,6 @@ def export_pt2(
 ) -> ExportResult:
     """Write a ``torch.export`` ExportedProgram (``.pt2``, BatchNorm folded, dynamic batch 1..4096) with
     ``mobilenet.json`` among its extra files; reload it with ``torch.export.load`` and compare logits."""
-    import torch
-
     metadata = metadata_for(model, classes=classes, preprocessing=preprocessing)
     program = _exported_program(model, metadata, max_batch=4096)
     target = Path(path)

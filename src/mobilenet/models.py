@@ -7,6 +7,7 @@ count, stride and kernel comes from :func:`mobilenet.spec.build_network`, which 
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -16,7 +17,31 @@ from mobilenet.errors import MobileNetError
 from mobilenet.layers import build_block
 from mobilenet.spec import FeatureInfo, ModelConfig, Network, build_network, list_models, model_config
 
-__all__ = ["Backbone", "MobileNet", "create_backbone", "create_model", "list_models", "model_from_config"]
+__all__ = [
+    "Backbone",
+    "MobileNet",
+    "ModelInfo",
+    "create_backbone",
+    "create_model",
+    "list_models",
+    "model_from_config",
+]
+
+
+@dataclass
+class ModelInfo:
+    """What a model carries besides its architecture, saved and exported with its weights.
+
+    Attributes:
+        classes: class names, index = logit index, or None.
+        preprocessing: the eval preprocessing dict (``input_size``, ``resize_size``, ``mean``, ``std``,
+            ``interpolation``, ``style``; see :mod:`mobilenet.data`), or None for the config's default.
+        origin: where the weights came from (a conversion report, a training run), as JSON-ready data.
+    """
+
+    classes: list[str] | None = None
+    preprocessing: dict[str, Any] | None = None
+    origin: dict[str, Any] = field(default_factory=dict)
 
 
 class MobileNet(nn.Module):
@@ -31,12 +56,31 @@ class MobileNet(nn.Module):
         self.network = network
         self.config = network.config
         self.name = network.name
+        self.info = ModelInfo()
         self.features = nn.Sequential(*(build_block(block) for block in network.blocks))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(p=network.config.dropout)
         fc = network.classifier
         self.classifier = nn.Linear(fc.in_channels, fc.out_channels, bias=fc.bias)
         init_weights(self)
+
+    @property
+    def classes(self) -> list[str] | None:
+        """Class names (``info.classes``)."""
+        return self.info.classes
+
+    @classes.setter
+    def classes(self, names: list[str] | None) -> None:
+        self.info.classes = None if names is None else list(names)
+
+    @property
+    def preprocessing(self) -> dict[str, Any] | None:
+        """The eval preprocessing (``info.preprocessing``)."""
+        return self.info.preprocessing
+
+    @preprocessing.setter
+    def preprocessing(self, value: dict[str, Any] | None) -> None:
+        self.info.preprocessing = None if value is None else dict(value)
 
     @property
     def num_features(self) -> int:
@@ -55,11 +99,24 @@ class MobileNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    def set_activation(self, activation: str | None) -> None:
+        """Rebuild the blocks from the layer plan with another activation (``"relu6"`` for V1 weights trained with
+        it), keeping every weight: the config and the plan then describe the model that runs."""
+        config = replace(self.config, activation=activation)
+        network = build_network(config, name=self.name)
+        state = self.features.state_dict()
+        reference = next(self.parameters())
+        features = nn.Sequential(*(build_block(block) for block in network.blocks))
+        features.load_state_dict(state)
+        self.features = features.to(device=reference.device, dtype=reference.dtype)
+        self.network, self.config = network, config
+
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the classifier for fine-tuning on ``num_classes`` classes (the config is updated too)."""
-        config = ModelConfig(**{**self.config.to_dict(), "num_classes": num_classes})
+        config = replace(self.config, num_classes=num_classes)
         self.network = build_network(config, name=self.name)
         self.config = config
+        self.info.classes = None
         self.classifier = nn.Linear(self.num_features, num_classes)
         nn.init.normal_(self.classifier.weight, 0.0, 0.01)
         nn.init.zeros_(self.classifier.bias)

@@ -122,7 +122,7 @@ def _require_ort() -> Any:
 def calibration_files(directory: str | os.PathLike[str], limit: int | None, seed: int = 0) -> list[Path]:
     """Up to ``limit`` image files under ``directory`` (recursively), a seeded random sample so that every class
     of an ImageFolder tree is represented, in sorted order for reproducibility."""
-    from mobilenet.predict import find_images
+    from mobilenet.images import find_images
 
     root = Path(directory)
     if not root.exists():
@@ -148,7 +148,7 @@ def calibration_batches(
     import torch
 
     from mobilenet.data import build_eval_transform
-    from mobilenet.predict import BadImageError, decode_image
+    from mobilenet.images import BadImageError, decode_image
 
     transform = build_eval_transform(preprocessing)
     batch: list[torch.Tensor] = []
@@ -209,8 +209,8 @@ def quantize_onnx(
     quantization = _require_ort()
     import onnx
 
-    from mobilenet.export import _ort_session, export_onnx
-    from mobilenet.predict import load_source
+    from mobilenet.export import export_onnx, ort_session
+    from mobilenet.backends import load_source
 
     if calibrate_method not in CALIBRATION_METHODS:
         raise MobileNetError(
@@ -301,7 +301,7 @@ def quantize_onnx(
             quantized.producer_name = "mobilenet"
             onnx.save(quantized, str(tmp))
             onnx.checker.check_model(str(tmp))
-            agreement = _agreement(_ort_session(fp32), _ort_session(tmp), make_batches())
+            agreement = _agreement(ort_session(fp32), ort_session(tmp), make_batches())
         fp32_kept = None
         if keep_fp32 is not None:
             fp32_kept = Path(keep_fp32)
@@ -366,9 +366,9 @@ class _Reader:
 
 
 def _with_progress(batches: Iterator[np.ndarray], total: int, enabled: bool) -> Iterator[np.ndarray]:
-    from mobilenet.predict import _progress
+    from mobilenet.progress import progress_bar
 
-    with _progress(total, enabled, "calibrating") as advance:
+    with progress_bar(total, "calibrating", enabled=enabled) as advance:
         for batch in batches:
             advance(len(batch))
             yield batch

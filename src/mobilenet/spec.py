@@ -171,6 +171,10 @@ class ModelConfig:
         small_input: for 32x32 images (CIFAR): the stem conv and the first stride-2 block run at stride 1, so the
             network's total stride is 8 instead of 32 and a 32x32 input ends on a 4x4 map instead of 1x1.
         in_channels: image channels.
+        activation: the activation after every conv but V2's linear projections: ``None`` for the paper's (V1
+            section 3, Figure 3: ReLU; V2 Table 1: ReLU6), or ``"relu6"`` / ``"relu"`` explicitly. V1 weights
+            trained with ReLU6 (TF-slim's ``mobilenet_v1.py``, Keras, timm's ``mobilenetv1_*``) need ``"relu6"``:
+            their activations rely on the clipping.
     """
 
     family: Family
@@ -181,6 +185,7 @@ class ModelConfig:
     variant: Variant = "separable"
     small_input: bool = False
     in_channels: int = 3
+    activation: Activation = None
 
     def __post_init__(self) -> None:
         if self.family not in ("v1", "v2"):
@@ -210,6 +215,8 @@ class ModelConfig:
             raise MobileNetError(f"variant {self.variant!r} exists only for V1 (the V1 paper's baselines)")
         if isinstance(self.in_channels, bool) or not isinstance(self.in_channels, int) or self.in_channels < 1:
             raise MobileNetError(f"in_channels must be an integer >= 1, got {self.in_channels!r}")
+        if self.activation not in (None, "relu", "relu6"):
+            raise MobileNetError(f"activation must be 'relu', 'relu6' or None (the paper's), got {self.activation!r}")
         object.__setattr__(self, "alpha", float(alpha))
         object.__setattr__(self, "dropout", float(dropout))
         object.__setattr__(self, "small_input", bool(self.small_input))
@@ -400,6 +407,7 @@ def _build_v1(config: ModelConfig) -> tuple[Block, ...]:
         row for index, row in enumerate(V1_TABLE1) if not (config.variant == "shallow" and index in V1_SHALLOW_REMOVED)
     ]
     strides = _strides_with_small_input([row.stride for row in rows], config.small_input)
+    act = config.activation or "relu"
     blocks: list[Block] = []
     channels = config.in_channels
     size = (config.resolution, config.resolution)
@@ -407,13 +415,13 @@ def _build_v1(config: ModelConfig) -> tuple[Block, ...]:
         name = f"features.{index}"
         out_channels = v1_channels(row.channels, config.alpha)
         if row.kind == "conv" or config.variant == "conv":
-            layer = _conv_layer(name, "conv", channels, out_channels, 3, stride, size, "relu")
+            layer = _conv_layer(name, "conv", channels, out_channels, 3, stride, size, act)
             label = f"Conv / s{stride}" if row.kind == "conv" else f"Conv (for dw+pw) / s{stride}"
             blocks.append(Block(name, "conv", (layer,), label=label))
         else:
-            depthwise = _conv_layer(f"{name}.depthwise", "depthwise", channels, channels, 3, stride, size, "relu")
+            depthwise = _conv_layer(f"{name}.depthwise", "depthwise", channels, channels, 3, stride, size, act)
             pointwise = _conv_layer(
-                f"{name}.pointwise", "pointwise", channels, out_channels, 1, 1, depthwise.out_size, "relu"
+                f"{name}.pointwise", "pointwise", channels, out_channels, 1, 1, depthwise.out_size, act
             )
             blocks.append(Block(name, "separable", (depthwise, pointwise), label=f"Conv dw / s{stride} + Conv 1x1"))
         channels = out_channels
@@ -429,9 +437,10 @@ def _build_v2(config: ModelConfig) -> tuple[Block, ...]:
     strides.append(1)
     strides = _strides_with_small_input(strides, config.small_input)
 
+    act = config.activation or "relu6"
     size = (config.resolution, config.resolution)
     stem_channels = v2_channels(V2_STEM_CHANNELS, config.alpha)
-    stem = _conv_layer("features.0", "conv", config.in_channels, stem_channels, 3, strides[0], size, "relu6")
+    stem = _conv_layer("features.0", "conv", config.in_channels, stem_channels, 3, strides[0], size, act)
     blocks: list[Block] = [Block("features.0", "conv", (stem,), label=f"conv2d 3x3 / s{strides[0]}")]
     channels, size = stem_channels, stem.out_size
     unit = 1
@@ -443,8 +452,8 @@ def _build_v2(config: ModelConfig) -> tuple[Block, ...]:
             hidden = v2_expanded_channels(channels, row.t)
             layers: list[Layer] = []
             if row.t != 1:
-                layers.append(_conv_layer(f"{name}.expand", "pointwise", channels, hidden, 1, 1, size, "relu6"))
-            layers.append(_conv_layer(f"{name}.depthwise", "depthwise", hidden, hidden, 3, stride, size, "relu6"))
+                layers.append(_conv_layer(f"{name}.expand", "pointwise", channels, hidden, 1, 1, size, act))
+            layers.append(_conv_layer(f"{name}.depthwise", "depthwise", hidden, hidden, 3, stride, size, act))
             layers.append(
                 _conv_layer(f"{name}.project", "pointwise", hidden, out_channels, 1, 1, layers[-1].out_size, None)
             )
@@ -455,7 +464,7 @@ def _build_v2(config: ModelConfig) -> tuple[Block, ...]:
             unit += 1
     head_channels = v2_head_channels(config.alpha)
     name = f"features.{unit}"
-    head = _conv_layer(name, "pointwise", channels, head_channels, 1, strides[unit], size, "relu6")
+    head = _conv_layer(name, "pointwise", channels, head_channels, 1, strides[unit], size, act)
     blocks.append(Block(name, "conv", (head,), label="conv2d 1x1"))
     return tuple(blocks)
 
@@ -522,7 +531,7 @@ def list_models(pattern: str = "") -> list[str]:
     return [name for name in names if pattern in name]
 
 
-OVERRIDABLE = ("alpha", "resolution", "num_classes", "dropout", "small_input", "in_channels")
+OVERRIDABLE = ("alpha", "resolution", "num_classes", "dropout", "small_input", "in_channels", "activation")
 
 
 def model_config(name: str, **overrides: Any) -> ModelConfig:

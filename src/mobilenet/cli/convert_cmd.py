@@ -44,13 +44,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mobilenet.errors import MobileNetError
-    from mobilenet.weights import LOGIT_RTOL, convert, pretrained, save
+    from mobilenet.checkpoint import save
+    from mobilenet.convert import LOGIT_RTOL, convert, pretrained_with_report
 
     if args.download == (args.file is not None):
         raise MobileNetError("give either FILE or --download (not both, not neither)")
     if args.download:
-        model = pretrained(args.model, args.source, check=args.check)
-        report = model.conversion
+        model, report = pretrained_with_report(args.model, args.source, check=args.check)
         metadata = {"converted_from": f"{args.source} pretrained", **report.to_dict()}
         save(model, args.out, classes=model.classes, preprocessing=model.preprocessing, metadata=metadata)
     else:

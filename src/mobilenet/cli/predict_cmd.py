@@ -40,7 +40,9 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from mobilenet.errors import MobileNetError
-    from mobilenet.predict import Predictor, RandomWeightsWarning, find_images
+    from mobilenet.backends import RandomWeightsWarning
+    from mobilenet.images import find_images
+    from mobilenet.predict import Predictor
 
     if args.topk < 1:
         raise MobileNetError(f"--topk must be at least 1, got {args.topk}")

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from mobilenet.errors import MobileNetError
-    from mobilenet.predict import RandomWeightsWarning
+    from mobilenet.backends import RandomWeightsWarning
     from mobilenet.quantize import quantize_onnx
 
     if args.num_calibration < 1:

@@ -1,0 +1,289 @@
+"""What to run and how: the model sources (checkpoint, model, ONNX file, registered name) and the inference
+backends, one table (:data:`BACKENDS`) that prediction, evaluation and benchmarks all draw from.
+
+A backend runs the network on a float NCHW batch and returns logits. ``"torch"`` runs the PyTorch model as it is
+(eager); ``"torch-jit"`` a BatchNorm-folded, traced, frozen and ``optimize_for_inference``-d copy; ``"onnxruntime"``
+an ONNX file (an export, or the int8 model of :mod:`mobilenet.quantize`). ``"auto"`` (:func:`pick_backend`) picks
+ONNX Runtime for an ONNX file and, on the CPU, for a PyTorch model too (exported in memory with BatchNorm folded),
+else ``"torch-jit"``; on a GPU, ``"torch"``. Every converted backend is checked against the PyTorch model when it
+is built (``max_abs_diff``). Torch backends also tune the C allocator (:func:`mobilenet.runtime.tune_allocator`;
+opt out with ``MOBILENET_NO_MALLOC_TUNING=1``). A new backend is one class with ``__call__(batch) -> logits``
+registered in :data:`BACKENDS`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mobilenet.checkpoint import Checkpoint, load_checkpoint
+from mobilenet.data import resolve_preprocessing
+from mobilenet.errors import MobileNetError
+from mobilenet.export import INPUT_NAME, OUTPUT_NAME, export_onnx, fold_batchnorm, ort_session, read_onnx_metadata
+from mobilenet.models import create_model
+from mobilenet.parity import compare_to_reference, seeded_batch
+from mobilenet.runtime import set_threads, tune_allocator
+from mobilenet.spec import MODELS, ModelConfig, model_config
+
+__all__ = [
+    "BACKENDS",
+    "ModelSource",
+    "OnnxRuntimeBackend",
+    "RandomWeightsWarning",
+    "TorchBackend",
+    "TorchJitBackend",
+    "check_parity",
+    "jit_optimize",
+    "load_source",
+    "onnxruntime_available",
+    "pick_backend",
+]
+
+# Suffixes that mark a model argument as a file path (a model name like "mobilenet_v2_1.0_224" has a "suffix" too).
+_FILE_SUFFIXES = (".safetensors", ".onnx", ".pth", ".pt", ".bin", ".ckpt", ".pte", ".pt2", ".ts")
+
+
+class RandomWeightsWarning(UserWarning):
+    """A registered model name was given where a checkpoint was expected: its weights are random."""
+
+
+@dataclass
+class ModelSource:
+    """A model to run and what travels with it.
+
+    Exactly one of ``model`` (PyTorch) and ``onnx_path`` is set.
+    """
+
+    name: str
+    config: ModelConfig
+    classes: list[str] | None
+    preprocessing: dict[str, Any]
+    model: torch.nn.Module | None = None
+    onnx_path: Path | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    random_weights: bool = False
+
+
+def load_source(source: Any, *, device: str = "cpu") -> ModelSource:
+    """Resolve what the user gave: a :class:`~mobilenet.models.MobileNet`, a :class:`mobilenet.checkpoint.Checkpoint`,
+    a ``.safetensors`` checkpoint path, an ``.onnx`` file written by ``mobilenet export``/``quantize``, or a
+    registered model name (random weights: a :class:`RandomWeightsWarning` says so)."""
+    if isinstance(source, ModelSource):
+        return source
+    if isinstance(source, Checkpoint):
+        return ModelSource(
+            name=source.name,
+            config=source.config,
+            classes=source.classes,
+            preprocessing=_preprocessing_or_default(source.preprocessing, source.config),
+            model=source.model.to(device).eval(),
+            metadata=source.metadata,
+        )
+    if isinstance(source, nn.Module):
+        config = getattr(source, "config", None)
+        if not isinstance(config, ModelConfig):
+            raise MobileNetError(
+                f"expected a mobilenet model (with a ModelConfig in .config), got {type(source).__name__}"
+            )
+        return ModelSource(
+            name=str(getattr(source, "name", "") or ""),
+            config=config,
+            classes=getattr(source, "classes", None),
+            preprocessing=_preprocessing_or_default(getattr(source, "preprocessing", None), config),
+            model=source.to(device).eval(),
+        )
+    if not isinstance(source, str | os.PathLike):
+        raise MobileNetError(
+            f"cannot predict with a {type(source).__name__}; expected a checkpoint path, an .onnx file, a model "
+            "name or a MobileNet"
+        )
+    path = Path(source)
+    if path.is_file():
+        if path.suffix.lower() == ".onnx":
+            return _onnx_source(path)
+        checkpoint = load_checkpoint(path, map_location=device)
+        return load_source(checkpoint, device=device)
+    if path.is_dir():
+        raise MobileNetError(
+            f"{path} is a directory; expected a .safetensors checkpoint, an .onnx file or a model name"
+        )
+    if str(source) in MODELS:
+        warnings.warn(
+            f"{source} is a model name, not a checkpoint: its weights are random, so its predictions mean nothing; "
+            "pass a trained .safetensors checkpoint",
+            RandomWeightsWarning,
+            stacklevel=2,
+        )
+        model = create_model(str(source)).to(device).eval()
+        return ModelSource(
+            name=str(source),
+            config=model.config,
+            classes=None,
+            preprocessing=_preprocessing_or_default(None, model.config),
+            model=model,
+            random_weights=True,
+        )
+    # "mobilenet_v2_1.0_224" has a "suffix" too: only a file-like suffix or a directory part means a path.
+    looks_like_file = path.suffix.lower() in _FILE_SUFFIXES or os.sep in str(source) or "/" in str(source)
+    if looks_like_file:
+        raise MobileNetError(f"checkpoint {path} does not exist; expected a .safetensors checkpoint or an .onnx file")
+    model_config(str(source))  # raises with the closest registered names
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _preprocessing_or_default(preprocessing: Any, config: ModelConfig) -> dict[str, Any]:
+    return resolve_preprocessing(preprocessing, config.resolution).to_dict()
+
+
+def _onnx_source(path: Path) -> ModelSource:
+    metadata = read_onnx_metadata(path)
+    config = ModelConfig.from_dict(metadata["config"])
+    return ModelSource(
+        name=str(metadata.get("name") or ""),
+        config=config,
+        classes=metadata.get("classes"),
+        preprocessing=_preprocessing_or_default(metadata.get("preprocessing"), config),
+        onnx_path=path,
+        metadata=metadata,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backends
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class TorchBackend:
+    """Runs the PyTorch model as it is (fp32, eval mode, eager, no autograd) on ``device``."""
+
+    name = "torch"
+
+    def __init__(self, source: ModelSource, *, device: str = "cpu", num_threads: int | None = None) -> None:
+        if source.model is None:
+            raise MobileNetError(
+                f"{source.onnx_path} is an ONNX file; run it with backend='onnxruntime' (or 'auto'), or pass the "
+                ".safetensors checkpoint for the torch backend"
+            )
+        if num_threads:
+            set_threads(num_threads)
+        self.device = torch.device(device)
+        if self.device.type == "cpu":
+            tune_allocator()
+        self.model = source.model.to(self.device).eval()
+        self.max_abs_diff = 0.0
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model(batch.to(self.device)).float().cpu()
+
+
+class TorchJitBackend(TorchBackend):
+    """The fastest pure-PyTorch CPU path: BatchNorm folded into the convs (:func:`mobilenet.export.fold_batchnorm`),
+    then ``torch.jit.trace`` + ``torch.jit.freeze`` + ``torch.jit.optimize_for_inference`` (which fuses conv + ReLU
+    and picks oneDNN kernels), with the allocator tuned. Checked against the eager model when built: max abs
+    logit difference <= 1e-4 + 1e-5 * max |logit|, else :class:`MobileNetError`."""
+
+    name = "torch-jit"
+
+    def __init__(self, source: ModelSource, *, device: str = "cpu", num_threads: int | None = None) -> None:
+        super().__init__(source, device=device, num_threads=num_threads)
+        self.reference = self.model
+        self.model = jit_optimize(self.model, _input_shape(source, 2), device=self.device)
+        self.max_abs_diff = check_parity(self, self.reference, _input_shape(source, 3), what="torch-jit")
+
+
+def jit_optimize(model: torch.nn.Module, example_shape: tuple[int, ...], *, device: Any = "cpu") -> Any:
+    """``model`` with BatchNorm folded, traced on a random input of ``example_shape``, frozen and optimized for
+    inference (the batch dimension stays dynamic). The input model is not modified."""
+    folded = fold_batchnorm(model).to(device).eval()
+    example = torch.randn(*example_shape, device=device)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated upstream (in favour of torch.export/compile)
+        traced = torch.jit.trace(folded, example)
+        frozen = torch.jit.freeze(traced.eval())
+        if torch.device(device).type == "cpu":
+            frozen = torch.jit.optimize_for_inference(frozen)
+        for _ in range(2):  # the profiling executor specialises on the first runs
+            frozen(example)
+    return frozen
+
+
+def _input_shape(source: ModelSource, batch: int) -> tuple[int, int, int, int]:
+    size = int(source.preprocessing.get("input_size") or source.config.resolution)
+    return (batch, int(source.config.in_channels), size, size)
+
+
+def check_parity(
+    run: Callable[[Any], Any], reference: torch.nn.Module, shape: tuple[int, ...], *, what: str, atol: float = 1e-4
+) -> float:
+    """Max abs difference between ``run``'s logits and the eager ``reference`` model's on a seeded random batch
+    of ``shape`` (:func:`mobilenet.parity.compare_to_reference`, allowed ``atol + 1e-5 * max |logit|``)."""
+    return compare_to_reference(run, reference, [seeded_batch(shape)], what=what, atol=atol, rtol=1e-5)
+
+
+class OnnxRuntimeBackend:
+    """Runs an ONNX file (fp32 export or int8 QDQ model) in ONNX Runtime on the CPU, graph optimisations on. A
+    PyTorch model is exported first (BatchNorm folded, to a temporary file, verified against PyTorch by
+    :func:`mobilenet.export.export_onnx`)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, source: ModelSource, *, device: str = "cpu", num_threads: int | None = None) -> None:
+        if str(device) != "cpu":
+            raise MobileNetError(f"the onnxruntime backend runs on the CPU here; got device={device!r}")
+        path = source.onnx_path
+        self.max_abs_diff: float | None = None
+        if path is None:
+            with tempfile.TemporaryDirectory(prefix="mobilenet-ort-") as tmp:
+                # Checked relative to the logits' scale (large logits differ by more than 1e-4 in any two runtimes).
+                exported = export_onnx(
+                    source.model,
+                    Path(tmp) / "model.onnx",
+                    classes=source.classes,
+                    preprocessing=source.preprocessing,
+                    rtol=1e-5,
+                )
+                self.session = ort_session(exported.path, num_threads)
+                self.max_abs_diff = exported.max_abs_diff
+        else:
+            self.session = ort_session(path, num_threads)
+        self.input_name, self.output_name = INPUT_NAME, OUTPUT_NAME
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        array = batch.detach().cpu().float().contiguous().numpy()
+        return torch.from_numpy(self.session.run([self.output_name], {self.input_name: array})[0])
+
+
+#: Backend name -> class taking (ModelSource, device=, num_threads=) and mapping a float NCHW batch to logits.
+BACKENDS: dict[str, Callable[..., Callable[[Any], Any]]] = {
+    "torch": TorchBackend,
+    "torch-jit": TorchJitBackend,
+    "onnxruntime": OnnxRuntimeBackend,
+}
+
+
+def onnxruntime_available() -> bool:
+    """Whether the onnx extra (onnx + onnxruntime) is installed."""
+    return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
+
+
+def pick_backend(backend: str, source: ModelSource, device: str = "cpu") -> str:
+    """``"auto"``: the fastest backend installed for this input (see the module docstring); else ``backend``."""
+    if backend == "auto":
+        if source.model is None:
+            return "onnxruntime"  # an ONNX file runs only there
+        if str(device).split(":")[0] != "cpu":
+            return "torch"
+        return "onnxruntime" if onnxruntime_available() else "torch-jit"
+    if backend not in BACKENDS:
+        raise MobileNetError(f"unknown backend {backend!r}; expected one of auto, {', '.join(BACKENDS)}")
+    return backend

@@ -1,0 +1,64 @@
+"""The one progress display: a rich bar with count, rate and ETA, on stderr so stdout stays clean for JSON.
+
+Every long job (decoding a dataset, training, evaluation, prediction, calibration, reproduce) shows progress
+through :func:`progress_bar` (one bar) or :func:`new_progress` (a display holding several bars).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+__all__ = ["new_progress", "progress_bar"]
+
+
+def progress_columns(*extra: ProgressColumn) -> list[ProgressColumn]:
+    """Description, bar, done/total, percent, ``extra`` (e.g. a metrics column), elapsed and remaining time."""
+    return [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[rate]}"),
+        *extra,
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ]
+
+
+def new_progress(*extra: ProgressColumn, enabled: bool = True, transient: bool = False) -> Progress:
+    """A rich :class:`~rich.progress.Progress` with :func:`progress_columns`; tasks need a ``rate`` field."""
+    return Progress(*progress_columns(*extra), console=Console(stderr=True), disable=not enabled, transient=transient)
+
+
+@contextmanager
+def progress_bar(
+    total: int, description: str, *, enabled: bool = True, unit: str = "img", transient: bool = False
+) -> Iterator[Callable[[int], None]]:
+    """One bar over ``total`` items; yields ``advance(n)``, which also updates the rate (``unit``/s)."""
+    if not enabled:
+        yield lambda _n: None
+        return
+    with new_progress(transient=transient) as bar:
+        task = bar.add_task(description, total=total, rate="")
+        started = time.perf_counter()
+
+        def advance(n: int) -> None:
+            done = bar.tasks[0].completed + n
+            elapsed = max(time.perf_counter() - started, 1e-9)
+            bar.update(task, advance=n, rate=f"{done / elapsed:.1f} {unit}/s")
+
+        yield advance
