@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from mobilenet.cli import main
 from mobilenet.checkpoint import load, load_checkpoint, read_header
+from mobilenet.cli import main
 from mobilenet.convert import IMAGENET_PREPROCESSING, imagenet_classes
 
 torchvision = pytest.importorskip("torchvision")

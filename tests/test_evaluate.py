@@ -9,12 +9,12 @@ import pytest
 import torch
 from torchvision.io import encode_png
 
+from mobilenet.checkpoint import save
 from mobilenet.cli import main
 from mobilenet.data import build_eval_transform, load_data
 from mobilenet.errors import MobileNetError
 from mobilenet.evaluate import evaluate_checkpoint
 from mobilenet.models import create_model
-from mobilenet.checkpoint import save
 
 
 def folder(root: Path, classes=("a", "b", "c", "d", "e", "f"), per_class: int = 3) -> Path:

@@ -10,12 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
+from mobilenet.backends import RandomWeightsWarning
 from mobilenet.cli import main
 from mobilenet.data import build_eval_transform
 from mobilenet.errors import MobileNetError
-from mobilenet.models import create_model
-from mobilenet.backends import RandomWeightsWarning
 from mobilenet.images import BadImageError, decode_image
+from mobilenet.models import create_model
 from mobilenet.predict import Predictor
 
 PREPROCESSING = {

@@ -39,8 +39,8 @@ def _train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from mobilenet.data import build_eval_transform, load_digits
     from mobilenet.checkpoint import save
+    from mobilenet.data import build_eval_transform, load_digits
 
     root = tmp_path_factory.mktemp("quantize")
     bundle = load_digits(size=32)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from torchvision.io import decode_png, read_file
 
+from mobilenet.checkpoint import load
 from mobilenet.cli import main
 from mobilenet.cost import count_costs
 from mobilenet.errors import MobileNetError
@@ -32,7 +33,6 @@ from mobilenet.reproduce import (
     run_reproduce,
     select_experiments,
 )
-from mobilenet.checkpoint import load
 
 SMOKE = Budget("smoke", epochs=1, batches_per_epoch=2, batch_size=16, device="cpu", threads=1, latency_runs=2)
 A = RunSpec("a_v1_0.25_32px", "V1 0.25", "mobilenet_v1_1.0_224", 0.25, 32)

@@ -305,8 +305,8 @@ def test_torchrun_two_cpu_processes_end_to_end(data_dir, tmp_path):
 
 
 def test_init_fine_tunes_from_a_checkpoint(data_dir, tmp_path):
-    from mobilenet.train import initialise_from
     from mobilenet.checkpoint import save
+    from mobilenet.train import initialise_from
 
     # A donor with 5 classes: its body is copied, its head is not (the tiny data has 3 classes).
     torch.manual_seed(1)

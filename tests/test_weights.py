@@ -9,9 +9,9 @@ import struct
 import pytest
 import torch
 
+from mobilenet.checkpoint import Checkpoint, load, load_checkpoint, read_header, save
 from mobilenet.errors import MobileNetError
 from mobilenet.models import create_model
-from mobilenet.checkpoint import Checkpoint, load, load_checkpoint, read_header, save
 
 PREPROCESSING = {
     "input_size": 32,
@@ -367,8 +367,8 @@ def test_tf_style_1001_class_head():
 def test_timm_module_map_follows_timm_stages():
     """Stage/block positions for timm come from the tables; compare with a timm model's own module names."""
     timm = pytest.importorskip("timm")
-    from mobilenet.spec import network_for
     from mobilenet.convert import timm_module_map
+    from mobilenet.spec import network_for
 
     for timm_name, ours_name in (
         ("mobilenetv1_100", "mobilenet_v1_1.0_224"),

@@ -302,8 +302,8 @@ def build_candidate(
     Raises :class:`MobileNetError` when the backend's package is missing."""
     import torch
 
-    from mobilenet.export import export_onnx, fold_batchnorm
     from mobilenet.backends import jit_optimize, onnxruntime_available
+    from mobilenet.export import export_onnx, fold_batchnorm
     from mobilenet.predict import Predictor
 
     if backend not in BENCH_BACKENDS:

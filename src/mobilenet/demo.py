@@ -75,10 +75,10 @@ def run_demo(config: DemoConfig | None = None, *, progress: bool = True, log: An
         raise MobileNetError(
             "the demo uses scikit-learn's bundled digits dataset; install it with: pip install 'mobilenet[demo]'"
         ) from None
+    from mobilenet.checkpoint import load
     from mobilenet.cost import count_costs
     from mobilenet.plots import plot_comparison
     from mobilenet.train import TrainConfig, train
-    from mobilenet.checkpoint import load
 
     out = Path(config.out)
     started = time.perf_counter()

@@ -138,9 +138,9 @@ def evaluate_checkpoint(
     The data's classes must be the checkpoint's (same names, same order), otherwise the labels would mean
     different things; the error lists the difference.
     """
+    from mobilenet.checkpoint import load_checkpoint
     from mobilenet.data import Preprocessing, TransformedDataset, build_eval_transform, load_data
     from mobilenet.train import resolve_device
-    from mobilenet.checkpoint import load_checkpoint
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise MobileNetError(f"--batch-size must be an integer >= 1, got {batch_size!r}")

@@ -209,8 +209,8 @@ def quantize_onnx(
     quantization = _require_ort()
     import onnx
 
-    from mobilenet.export import export_onnx, ort_session
     from mobilenet.backends import load_source
+    from mobilenet.export import export_onnx, ort_session
 
     if calibrate_method not in CALIBRATION_METHODS:
         raise MobileNetError(

@@ -43,9 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mobilenet.errors import MobileNetError
     from mobilenet.checkpoint import save
     from mobilenet.convert import LOGIT_RTOL, convert, pretrained_with_report
+    from mobilenet.errors import MobileNetError
 
     if args.download == (args.file is not None):
         raise MobileNetError("give either FILE or --download (not both, not neither)")

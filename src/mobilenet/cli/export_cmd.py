@@ -42,9 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from mobilenet.backends import RandomWeightsWarning, load_source
     from mobilenet.errors import MobileNetError
     from mobilenet.export import EXPORT_FORMATS, export_model
-    from mobilenet.backends import RandomWeightsWarning, load_source
 
     if args.opset < 11:
         raise MobileNetError(f"--opset must be at least 11 (Clip with min/max inputs), got {args.opset}")

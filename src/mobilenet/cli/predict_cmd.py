@@ -39,8 +39,8 @@ def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from mobilenet.errors import MobileNetError
     from mobilenet.backends import RandomWeightsWarning
+    from mobilenet.errors import MobileNetError
     from mobilenet.images import find_images
     from mobilenet.predict import Predictor
 

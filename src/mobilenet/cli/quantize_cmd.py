@@ -60,8 +60,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from mobilenet.errors import MobileNetError
     from mobilenet.backends import RandomWeightsWarning
+    from mobilenet.errors import MobileNetError
     from mobilenet.quantize import quantize_onnx
 
     if args.num_calibration < 1:
