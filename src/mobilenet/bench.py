@@ -432,25 +432,15 @@ def bench(
             size = int(config.resolution)
             shape = (1, int(config.in_channels), size, size)
             model_rows.append({"model": name, "resolution": size, "macs_per_image": macs, "config": config.to_dict()})
+            options = {"threads": threads, "calibration": calibration, "int8_activations": int8_activations}
             candidates = _prepare_candidates(
-                name,
-                model,
-                shape,
-                names,
-                notes,
-                say,
-                threads=threads,
-                calibration=calibration,
-                workdir=Path(tmp) / str(index),
-                int8_activations=int8_activations,
+                name, model, shape, names, notes, say, workdir=Path(tmp) / str(index), **options
             )
             for batch in sizes:
                 say(f"{name}: batch {batch}, {warmup} warm-up + {rounds} interleaved rounds x {len(candidates)}")
                 x = torch.randn(batch, *shape[1:], generator=torch.Generator().manual_seed(batch))
                 times = time_interleaved(candidates, x, rounds=rounds, warmup=warmup, pause=pause)
-                results.extend(
-                    _result_row(name, candidate, batch, macs, times[candidate.name]) for candidate in candidates
-                )
+                results.extend(_result_row(name, c, batch, macs, times[c.name]) for c in candidates)
     say("GEMM peak again (end of run)")
     gemm.append(gemm_peak(gemm_size))
     report = BenchReport(
