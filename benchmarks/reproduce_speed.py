@@ -33,7 +33,7 @@ def main() -> None:
     from torch import nn
 
     from mobilenet.models import create_model
-    from mobilenet.reproduce import plan_runs, select_experiments
+    from mobilenet.reproduce_experiments import plan_runs, select_experiments
     from mobilenet.runtime import tune_allocator
     from mobilenet.train import TrainConfig, build_optimizer, resolve_recipe
 

@@ -1,8 +1,8 @@
-"""Latency across width multipliers and resolutions against the cost model's multiply-adds (issue 5).
+"""Latency across width multipliers and resolutions against the cost model's multiply-adds.
 
 For every alpha in ``--alphas`` and resolution in ``--resolutions``, MobileNetV2 (or ``--model``) is built with
 random weights and timed at batch 1 on each backend (interleaved rounds per configuration, see
-:func:`mobilenet.bench.scaling`). The table shows MACs (V1 paper section 4: cost ~ alpha^2 * rho^2), latency,
+:func:`scaling`). The table shows MACs (V1 paper section 4: cost ~ alpha^2 * rho^2), latency,
 achieved GFLOP/s and latency per MAC relative to the full model: where that ratio stays flat, MACs predict latency;
 where it climbs (small alpha, small resolution) fixed per-layer overheads and memory-bound depthwise layers
 dominate. The plot (log-log latency vs MACs, with the FLOP-limit line of the measured GEMM peak) is written to
@@ -15,7 +15,71 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mobilenet.bench import build_candidate, gemm_peak, time_interleaved
+from mobilenet.cost import count_costs
+from mobilenet.models import create_model
+from mobilenet.plots import plot_scaling
+from mobilenet.runtime import describe_machine, set_threads, tune_allocator
+
+
+def scaling(
+    model: str = "mobilenet_v2_1.0_224",
+    *,
+    alphas: Sequence[float] = (0.35, 0.5, 0.75, 1.0, 1.4),
+    resolutions: Sequence[int] = (96, 128, 160, 192, 224),
+    backends: Sequence[str] = ("eager", "onnxruntime"),
+    batch_size: int = 1,
+    threads: int | None = None,
+    rounds: int = 10,
+    warmup: int = 3,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Median latency of ``model`` at every (alpha, resolution) on each backend, next to its analytic MACs (V1
+    paper section 4: cost scales with alpha^2 and rho^2), so one can see where MACs predict latency and where
+    they do not. Candidates of one configuration are timed interleaved."""
+    say = progress or (lambda _line: None)
+    threads = set_threads(threads)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="mobilenet-scaling-") as tmp:
+        for alpha in alphas:
+            for size in resolutions:
+                say(f"alpha {alpha:g}, {size}px")
+                built = create_model(model, alpha=alpha, resolution=size).eval()
+                shape = (batch_size, 3, size, size)
+                candidates = [build_candidate(b, built, shape, threads=threads, workdir=Path(tmp)) for b in backends]
+                x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+                times = time_interleaved(candidates, x, rounds=rounds, warmup=warmup)
+                macs = count_costs(built.config).macs
+                for candidate in candidates:
+                    median = statistics.median(times[candidate.name])
+                    rows.append(
+                        {
+                            "alpha": alpha,
+                            "resolution": size,
+                            "backend": candidate.name,
+                            "macs": macs,
+                            "latency_ms": 1e3 * median,
+                            "gflops": 2 * macs * batch_size / median / 1e9,
+                        }
+                    )
+    peak = gemm_peak(1024)
+    return {
+        "model": model,
+        "batch_size": batch_size,
+        "threads": threads,
+        "machine": describe_machine(threads),
+        "gemm_peak_gflops": peak["gflops"],
+        "rows": rows,
+    }
 
 
 def main() -> None:
@@ -31,10 +95,6 @@ def main() -> None:
     parser.add_argument("--plot", default="scaling.png")
     parser.add_argument("--json", help="write the figures here too")
     args = parser.parse_args()
-
-    from mobilenet.bench import scaling
-    from mobilenet.plots import plot_scaling
-    from mobilenet.runtime import tune_allocator
 
     tune_allocator()
     result = scaling(

@@ -1,6 +1,7 @@
-"""``mobilenet bench`` and the speed benchmarks' API: the JSON holds every figure and its figures agree with each
+"""``mobilenet bench`` and its timing tools: the JSON holds every figure and its figures agree with each
 other (GFLOP/s = 2 * MACs * batch / latency, the FLOP limit from the GEMM peak); argument mistakes exit 2 with one
-line. No timed assertions: the machine's speed is not the code's correctness."""
+line. No timed assertions: the machine's speed is not the code's correctness. The scripts of benchmarks/ are
+tested in test_benchmarks.py."""
 
 from __future__ import annotations
 
@@ -9,15 +10,7 @@ import math
 
 import pytest
 
-from mobilenet.bench import (
-    Candidate,
-    parse_backends,
-    parse_batch_sizes,
-    separable_layers,
-    summarize,
-    time_interleaved,
-    v1_table1_separable_layers,
-)
+from mobilenet.bench import Candidate, parse_backends, parse_batch_sizes, summarize_timings, time_interleaved
 from mobilenet.cli import main
 from mobilenet.cost import count_costs
 from mobilenet.errors import MobileNetError
@@ -115,24 +108,8 @@ def test_time_interleaved_rotates_and_counts():
     times = time_interleaved(candidates, None, rounds=3, warmup=1, pause=0)
     assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
     assert calls == list("abc") + list("abc") + list("bca") + list("cab")
-    stats = summarize([0.004, 0.001, 0.002, 0.003, 0.010])
+    stats = summarize_timings([0.004, 0.001, 0.002, 0.003, 0.010])
     assert stats == {"median": 3.0, "p90": 10.0, "min": 1.0, "mean": 4.0}
-
-
-def test_separable_layers_follow_v1_table1():
-    pairs = v1_table1_separable_layers()
-    # V1 paper Table 1: 13 depthwise separable layers, from 112x112x32 -> 64 to 7x7x1024 -> 1024.
-    assert len(pairs) == 13
-    assert pairs[0] == {"size": 112, "in_channels": 32, "out_channels": 64, "stride": 1}
-    assert pairs[-1] == {"size": 7, "in_channels": 1024, "out_channels": 1024, "stride": 1}
-    result = separable_layers(resolution=32, rounds=1, warmup=0, threads=1)
-    assert len(result["rows"]) == 9  # the five 14x14x512 layers (here 2x2) are one distinct shape
-    for row in result["rows"]:
-        n = row["out_channels"]
-        # The MAC ratio of equations (1) and (3) is exactly the paper's 1 / (1/N + 1/Dk^2).
-        assert math.isclose(row["mac_ratio_speedup"], 1 / (1 / n + 1 / 9), rel_tol=1e-12)
-        assert math.isclose(row["theoretical_speedup"], row["mac_ratio_speedup"], rel_tol=1e-12)
-        assert row["measured_speedup"] > 0 and 0 < row["depthwise_mac_share"] < 1
 
 
 def test_bench_int8_says_how_it_was_calibrated():

@@ -1,7 +1,7 @@
-"""The reproduction of the papers' trade-offs: experiments as data, shared and finished runs, resume, report, errors.
+"""Running the reproduction of the papers' trade-offs: shared and finished runs, resume, report only, CLI errors.
 
 Training runs use the built-in digits with a tiny budget and narrow models, so the whole file takes seconds; the
-structure of the real experiments (V1 Tables 4-7, V2 Table 4) is checked without training.
+experiments themselves are checked in test_reproduce_experiments.py, the report in test_reproduce_report.py.
 """
 
 from __future__ import annotations
@@ -19,20 +19,9 @@ from mobilenet.checkpoint import load
 from mobilenet.cli import main
 from mobilenet.cost import count_costs
 from mobilenet.errors import MobileNetError
-from mobilenet.reproduce import (
-    EXPERIMENT_NAMES,
-    PAPER_TOP1,
-    Budget,
-    Experiment,
-    PaperRow,
-    ReproduceConfig,
-    Row,
-    RunSpec,
-    matched_v2_alpha,
-    plan_runs,
-    run_reproduce,
-    select_experiments,
-)
+from mobilenet.paper import PaperRow
+from mobilenet.reproduce import ReproduceConfig, run_reproduce
+from mobilenet.reproduce_experiments import Budget, Experiment, Row, RunSpec
 
 SMOKE = Budget("smoke", epochs=1, batches_per_epoch=2, batch_size=16, device="cpu", threads=1, latency_runs=2)
 A = RunSpec("a_v1_0.25_32px", "V1 0.25", "mobilenet_v1_1.0_224", 0.25, 32)
@@ -90,7 +79,7 @@ def counting(monkeypatch):
 
     def install(interrupt: str | None = None) -> CountingTrain:
         counter = CountingTrain(real, interrupt)
-        monkeypatch.setattr("mobilenet.train.train", counter)
+        monkeypatch.setattr("mobilenet.reproduce.train", counter)  # the name run_reproduce calls
         return counter
 
     return install
@@ -194,37 +183,6 @@ def test_report_only_trains_nothing(tmp_path, counting):
     document = json.loads((out / "results.json").read_text())
     assert document["finished"] == 0 and document["models"][A.key]["test_top1"] is None
     assert is_png(out / "accuracy_vs_macs.png") and is_png(out / "macs_by_operator.png")
-
-
-def test_the_papers_experiments_as_data():
-    chosen = select_experiments(None)
-    assert [e.name for e in chosen] == list(EXPERIMENT_NAMES)
-    runs = plan_runs(chosen)
-    keys = [spec.key for spec in runs]
-    assert len(keys) == len(set(keys)) == 11
-    # V1 1.0 at 32 px is in Tables 4, 6, 7 and the V2 comparison, and is one run, trained first.
-    assert keys[0] == "v1_1.0_32px"
-    assert sum(row.run.key == keys[0] for e in chosen for row in e.rows) == 4
-    by_name = {e.name: e for e in chosen}
-    # Table 4 first; the published figures are the papers' (V1 Table 4: 71.7% / 4866M vs 70.6% / 569M).
-    conv = by_name["table4"].rows[1].paper
-    assert (conv.top1, conv.macs_m, conv.params_m) == (71.7, 4866, 29.3)
-    assert [row.paper.top1 for row in by_name["table6"].rows] == [70.6, 68.4, 63.7, 50.6]
-    assert [row.paper.top1 for row in by_name["table7"].rows] == [70.6, 69.1, 67.2, 64.4]
-    assert [row.run.resolution for row in by_name["table7"].rows] == [32, 28, 24, 20]
-    assert [row.paper.top1 for row in by_name["table5"].rows] == [68.4, 65.3]
-    assert set(PAPER_TOP1) >= {row.paper.label for e in chosen for row in e.rows}
-    # V2 at V1's cost: the cost model's closest width, not a hand-picked one.
-    v1_macs = by_name["v1-vs-v2"].rows[0].run.cost().macs
-    matched = by_name["v1-vs-v2"].rows[2].run
-    assert matched.alpha == matched_v2_alpha(v1_macs)
-    gap = abs(matched.cost().macs - v1_macs)
-    for other in (matched.alpha - 0.05, matched.alpha + 0.05):
-        assert abs(count_costs(matched.model, **{**matched.options(), "alpha": other}).macs - v1_macs) > gap
-    assert gap < 0.05 * v1_macs
-    # Every model builds at its input size with small_input, and the conv twin costs several times V1's MACs.
-    assert by_name["table4"].rows[1].run.cost().macs > 8 * v1_macs
-    assert select_experiments("table7, table4") == [by_name["table7"], by_name["table4"]]
 
 
 @pytest.mark.parametrize(

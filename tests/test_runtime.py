@@ -126,7 +126,7 @@ def test_fast_backends_match_pytorch(trained_like_model, backend):
 
 
 def test_auto_picks_the_fastest_installed_backend(trained_like_model, monkeypatch, tmp_path):
-    import mobilenet.predict as predict
+    import mobilenet.backends as predict
 
     if predict.onnxruntime_available():
         assert Predictor(trained_like_model).backend_name == "onnxruntime"
@@ -140,7 +140,7 @@ def test_auto_picks_the_fastest_installed_backend(trained_like_model, monkeypatc
 
 
 def test_auto_falls_back_when_a_conversion_fails(trained_like_model, monkeypatch):
-    import mobilenet.predict as predict
+    import mobilenet.backends as predict
 
     class Broken:
         def __init__(self, *args, **kwargs):

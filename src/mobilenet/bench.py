@@ -1,7 +1,7 @@
 """Latency and throughput of MobileNets across runtimes, against the analytic cost and the CPU's measured peak.
 
 ``bench(["mobilenet_v2_1.0_224"], backends=..., batch_sizes=(1, 32))`` is what ``mobilenet bench`` calls. How it
-measures (the issue's protocol, so that machine drift hits every candidate alike):
+measures (interleaved, so that drift in the machine's speed hits every candidate alike):
 
 1. every candidate (a backend prepared for one model) is built and checked against the eager PyTorch model
    (max abs logit difference, reported as ``max_abs_diff``; int8 differs by design);
@@ -19,19 +19,16 @@ traced, frozen, ``optimize_for_inference``), ``torch.compile`` (inductor; slow t
 ONNX Runtime float32 and int8 (static QDQ of :mod:`mobilenet.quantize`), and ``auto``: what
 ``mobilenet.Predictor(backend="auto")`` runs.
 
-The module also holds the two benchmarks of ``benchmarks/``: :func:`scaling` (latency across width multipliers and
-resolutions against MACs) and :func:`separable_layers` (the V1 paper's standard vs depthwise separable conv on
-its Table 1 layers).
+:class:`Candidate`, :func:`time_interleaved`, :func:`summarize_timings` and :func:`gemm_peak` are the timing tools
+the scripts of ``benchmarks/`` build on too.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import itertools
 import math
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -39,14 +36,22 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from mobilenet.backends import RandomWeightsWarning, jit_optimize, load_source, onnxruntime_available
+from mobilenet.cost import count_costs
 from mobilenet.errors import MobileNetError
-from mobilenet.quantize import resolve_activation_type
-
-if TYPE_CHECKING:
-    import torch
-    from torch import nn
+from mobilenet.export import INPUT_NAME, OUTPUT_NAME, export_onnx, fold_batchnorm, ort_session
+from mobilenet.models import create_model
+from mobilenet.predict import Predictor
+from mobilenet.quantize import quantize_onnx, resolve_activation_type
+from mobilenet.runtime import describe_machine, set_threads
+from mobilenet.spec import MODELS
 
 __all__ = [
     "BENCH_BACKENDS",
@@ -54,11 +59,11 @@ __all__ = [
     "BenchReport",
     "Candidate",
     "bench",
-    "describe_machine",
+    "build_candidate",
     "gemm_peak",
+    "parse_backends",
     "parse_batch_sizes",
-    "scaling",
-    "separable_layers",
+    "summarize_timings",
     "time_interleaved",
 ]
 
@@ -74,8 +79,6 @@ BENCH_BACKENDS: dict[str, str] = {
 }
 #: What runs when no --backends are given (``--int8`` adds onnxruntime-int8; compile only when named).
 DEFAULT_BACKENDS = ("eager", "channels_last", "jit", "onnxruntime", "auto")
-#: CPU flags worth knowing for these kernels (AVX-512 VNNI / AVX-VNNI are int8 dot products).
-SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_tile")
 #: Images the int8 model is calibrated on when no directory is given (uniform noise: measures speed, not accuracy).
 RANDOM_CALIBRATION_IMAGES = 16
 
@@ -131,64 +134,14 @@ def parse_backends(names: str | Sequence[str] | None, *, int8: bool = False, com
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The machine and its peak
+# The machine's peak
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _cpuinfo() -> dict[str, str]:
-    info: dict[str, str] = {}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return info
-    for line in text.splitlines():
-        if ":" in line:
-            key, value = (part.strip() for part in line.split(":", 1))
-            info.setdefault(key, value)
-    return info
-
-
-def describe_machine(threads: int | None = None) -> dict[str, Any]:
-    """CPU model, logical CPUs usable by this process, the SIMD flags that matter (:data:`SIMD_FLAGS`), torch's
-    threads and CPU capability, library versions, the allocator setting and the load average at the start (a
-    loaded machine makes every figure slower: compare ratios measured in one run)."""
-    import torch
-
-    from mobilenet.runtime import allocator_state
-
-    info = _cpuinfo()
-    flags = set(info.get("flags", "").split())
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        usable = os.cpu_count() or 1
-    try:
-        import onnxruntime
-
-        ort_version: str | None = onnxruntime.__version__
-    except ImportError:
-        ort_version = None
-    return {
-        "cpu": info.get("model name") or platform.processor() or platform.machine(),
-        "logical_cpus": usable,
-        "simd": [flag for flag in SIMD_FLAGS if flag in flags],
-        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "threads": threads if threads is not None else torch.get_num_threads(),
-        "torch": torch.__version__,
-        "onnxruntime": ort_version,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "allocator": allocator_state().to_dict(),
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
 
 
 def gemm_peak(size: int = 1024, *, repeats: int = 8) -> dict[str, float]:
     """The float32 matrix-multiply peak of this CPU with torch's current threads: ``torch.mm`` of two ``size`` x
     ``size`` matrices (2 * size^3 FLOPs), best of ``repeats`` after one warm-up. Returns ``{"size", "gflops",
     "seconds"}`` (seconds of the best run)."""
-    import torch
-
     if size < 16:
         raise MobileNetError(f"the GEMM size must be >= 16, got {size}")
     generator = torch.Generator().manual_seed(0)
@@ -234,8 +187,6 @@ def time_interleaved(
         raise MobileNetError(f"rounds must be >= 1, got {rounds}")
     if warmup < 0:
         raise MobileNetError(f"warmup must be >= 0, got {warmup}")
-    import torch
-
     times: dict[str, list[float]] = {c.name: [] for c in candidates}
     with torch.inference_mode():
         for candidate in candidates:
@@ -252,7 +203,7 @@ def time_interleaved(
     return times
 
 
-def summarize(seconds: Sequence[float]) -> dict[str, float]:
+def summarize_timings(seconds: Sequence[float]) -> dict[str, float]:
     """Median, p90 (nearest rank), min and mean in milliseconds."""
     ordered = sorted(seconds)
     p90 = ordered[min(len(ordered) - 1, max(0, math.ceil(0.9 * len(ordered)) - 1))]
@@ -265,9 +216,6 @@ def summarize(seconds: Sequence[float]) -> dict[str, float]:
 
 
 def _max_abs_diff(run: Callable[[Any], Any], reference: nn.Module, shape: tuple[int, ...]) -> float:
-    import numpy as np
-    import torch
-
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         expected = reference(x).double().numpy()
@@ -277,8 +225,6 @@ def _max_abs_diff(run: Callable[[Any], Any], reference: nn.Module, shape: tuple[
 
 
 def _ort_runner(path: Path, threads: int | None) -> Callable[[Any], Any]:
-    from mobilenet.export import INPUT_NAME, OUTPUT_NAME, ort_session
-
     session = ort_session(path, threads)
 
     def run(x: torch.Tensor) -> Any:
@@ -300,12 +246,6 @@ def build_candidate(
     """Prepare ``backend`` (one of :data:`BENCH_BACKENDS`) for ``model`` at input ``shape`` (its batch is only the
     tracing example; every backend takes any batch). ONNX files go to ``workdir`` (a temporary directory).
     Raises :class:`MobileNetError` when the backend's package is missing."""
-    import torch
-
-    from mobilenet.backends import jit_optimize, onnxruntime_available
-    from mobilenet.export import export_onnx, fold_batchnorm
-    from mobilenet.predict import Predictor
-
     if backend not in BENCH_BACKENDS:
         raise MobileNetError(f"unknown backend {backend!r}; expected some of {', '.join(BENCH_BACKENDS)}")
     description = BENCH_BACKENDS[backend]
@@ -357,8 +297,6 @@ def build_candidate(
         exported = export_onnx(model, workdir / f"{id(model)}-fp32.onnx", rtol=1e-5)
         return Candidate(backend, description, _ort_runner(exported.path, threads), exported.max_abs_diff)
     # onnxruntime-int8
-    from mobilenet.quantize import quantize_onnx
-
     calibration_note = f"calibrated on the images in {calibration}"
     if calibration is None:
         calibration = _random_images(workdir / "calibration", shape[-1], RANDOM_CALIBRATION_IMAGES)
@@ -386,9 +324,6 @@ def build_candidate(
 
 
 def _random_images(directory: Path, size: int, count: int) -> Path:
-    import numpy as np
-    from PIL import Image
-
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for index in range(count):
@@ -431,12 +366,7 @@ class BenchReport:
 
 def _load_model(model: Any, resolution: int | None) -> tuple[str, nn.Module, Any]:
     """(name, eval-mode model, config at the benchmark resolution) for a name, checkpoint path or MobileNet."""
-    from mobilenet.backends import RandomWeightsWarning, load_source
-    from mobilenet.spec import MODELS
-
     if isinstance(model, str) and model in MODELS:
-        from mobilenet.models import create_model
-
         overrides = {"resolution": resolution} if resolution else {}
         built = create_model(model, **overrides).eval()
         return model, built, built.config
@@ -484,23 +414,10 @@ def bench(
     A backend that cannot be built (a missing package, a failing compile) is left out with a note; asking only
     for unavailable backends raises :class:`MobileNetError`.
     """
-    import torch
-
-    from mobilenet.cost import count_costs
-    from mobilenet.runtime import set_threads
-
     say = progress or (lambda _line: None)
     names = parse_backends(backends, int8=int8)
     sizes = parse_batch_sizes(batch_sizes)
-    if not models:
-        raise MobileNetError("no model given; expected a registered name (see `mobilenet models`) or a checkpoint")
-    for value, what in ((rounds, "rounds"), (gemm_size, "gemm size")):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise MobileNetError(f"{what} must be an integer >= 1, got {value!r}")
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise MobileNetError(f"warmup must be an integer >= 0, got {warmup!r}")
-    if resolution is not None and (not isinstance(resolution, int) or resolution < 32):
-        raise MobileNetError(f"resolution must be an integer >= 32, got {resolution!r}")
+    _check_settings(models, rounds=rounds, warmup=warmup, gemm_size=gemm_size, resolution=resolution)
     threads = set_threads(threads)
     loaded = [_load_model(m, resolution) for m in models]  # every model name is checked before anything runs
     machine = describe_machine(threads)
@@ -516,57 +433,15 @@ def bench(
             size = int(config.resolution)
             shape = (1, int(config.in_channels), size, size)
             model_rows.append({"model": name, "resolution": size, "macs_per_image": macs, "config": config.to_dict()})
-            candidates: list[Candidate] = []
-            for backend in names:
-                say(f"{name}: preparing {backend}")
-                try:
-                    candidate = build_candidate(
-                        backend,
-                        model,
-                        shape,
-                        threads=threads,
-                        calibration=calibration,
-                        workdir=Path(tmp) / str(index),
-                        int8_activations=int8_activations,
-                    )
-                except MobileNetError as error:
-                    if len(names) == 1:
-                        raise
-                    notes.append(f"{name}: {backend} left out: {error}")
-                    continue
-                except Exception as error:  # a compiler or runtime failing on this machine is a finding, not a crash
-                    if backend not in ("compile", "onnxruntime-int8") or len(names) == 1:
-                        raise
-                    notes.append(f"{name}: {backend} left out: {type(error).__name__}: {str(error)[:200]}")
-                    continue
-                candidates.append(candidate)
-                notes.extend(f"{name}: {backend}: {note}" for note in candidate.notes)
-            if not candidates:
-                raise MobileNetError(f"none of the backends {', '.join(names)} could run {name}")
+            options = {"threads": threads, "calibration": calibration, "int8_activations": int8_activations}
+            candidates = _prepare_candidates(
+                name, model, shape, names, notes, say, workdir=Path(tmp) / str(index), **options
+            )
             for batch in sizes:
                 say(f"{name}: batch {batch}, {warmup} warm-up + {rounds} interleaved rounds x {len(candidates)}")
                 x = torch.randn(batch, *shape[1:], generator=torch.Generator().manual_seed(batch))
                 times = time_interleaved(candidates, x, rounds=rounds, warmup=warmup, pause=pause)
-                group: list[dict[str, Any]] = []
-                for candidate in candidates:
-                    latency = summarize(times[candidate.name])
-                    seconds = latency["median"] / 1e3
-                    flops = 2 * macs * batch
-                    group.append(
-                        {
-                            "model": name,
-                            "backend": candidate.name,
-                            "description": candidate.description,
-                            "batch_size": batch,
-                            "latency_ms": latency,
-                            "throughput_ips": batch / seconds,
-                            "macs_per_image": macs,
-                            "gflops": flops / seconds / 1e9,
-                            "max_abs_diff": candidate.max_abs_diff,
-                            "samples_ms": [1e3 * t for t in times[candidate.name]],
-                        }
-                    )
-                results.extend(group)
+                results.extend(_result_row(name, c, batch, macs, times[c.name]) for c in candidates)
     say("GEMM peak again (end of run)")
     gemm.append(gemm_peak(gemm_size))
     report = BenchReport(
@@ -592,6 +467,70 @@ def bench(
     return report
 
 
+def _check_settings(models: Sequence[Any], *, rounds: Any, warmup: Any, gemm_size: Any, resolution: Any) -> None:
+    """Refuse, before anything runs, what :func:`bench` cannot measure: no model, or a count out of range."""
+    if not models:
+        raise MobileNetError("no model given; expected a registered name (see `mobilenet models`) or a checkpoint")
+    for value, what in ((rounds, "rounds"), (gemm_size, "gemm size")):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise MobileNetError(f"{what} must be an integer >= 1, got {value!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise MobileNetError(f"warmup must be an integer >= 0, got {warmup!r}")
+    if resolution is not None and (not isinstance(resolution, int) or resolution < 32):
+        raise MobileNetError(f"resolution must be an integer >= 32, got {resolution!r}")
+
+
+def _prepare_candidates(
+    name: str,
+    model: nn.Module,
+    shape: tuple[int, int, int, int],
+    backends: Sequence[str],
+    notes: list[str],
+    say: Callable[[str], None],
+    **options: Any,
+) -> list[Candidate]:
+    """Every backend that builds for ``model`` (``options`` go to :func:`build_candidate`). One that does not is
+    left out with a line in ``notes``, unless it is the only one asked for; none at all raises."""
+    candidates: list[Candidate] = []
+    for backend in backends:
+        say(f"{name}: preparing {backend}")
+        try:
+            candidate = build_candidate(backend, model, shape, **options)
+        except MobileNetError as error:
+            if len(backends) == 1:
+                raise
+            notes.append(f"{name}: {backend} left out: {error}")
+            continue
+        except Exception as error:  # a compiler or runtime failing on this machine is a finding, not a crash
+            if backend not in ("compile", "onnxruntime-int8") or len(backends) == 1:
+                raise
+            notes.append(f"{name}: {backend} left out: {type(error).__name__}: {str(error)[:200]}")
+            continue
+        candidates.append(candidate)
+        notes.extend(f"{name}: {backend}: {note}" for note in candidate.notes)
+    if not candidates:
+        raise MobileNetError(f"none of the backends {', '.join(backends)} could run {name}")
+    return candidates
+
+
+def _result_row(name: str, candidate: Candidate, batch: int, macs: int, times: Sequence[float]) -> dict[str, Any]:
+    """One (model, backend, batch size) of the report: latency statistics, throughput and achieved GFLOP/s."""
+    latency = summarize_timings(times)
+    seconds = latency["median"] / 1e3
+    return {
+        "model": name,
+        "backend": candidate.name,
+        "description": candidate.description,
+        "batch_size": batch,
+        "latency_ms": latency,
+        "throughput_ips": batch / seconds,
+        "macs_per_image": macs,
+        "gflops": 2 * macs * batch / seconds / 1e9,
+        "max_abs_diff": candidate.max_abs_diff,
+        "samples_ms": [1e3 * t for t in times],
+    }
+
+
 def _add_ratios(report: BenchReport) -> None:
     """Per result: the FLOP-limit latency at the run's GEMM peak, latency / that limit, latency / the fastest
     float32 backend in the same (model, batch) group, and its fraction of the peak."""
@@ -611,167 +550,3 @@ def _add_ratios(report: BenchReport) -> None:
         ]
         fastest = min((r["latency_ms"]["median"] for r in group), default=math.nan)
         row["x_fastest_fp32_runtime"] = row["latency_ms"]["median"] / fastest if group else None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# benchmarks/scaling.py and benchmarks/separable_layers.py
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def scaling(
-    model: str = "mobilenet_v2_1.0_224",
-    *,
-    alphas: Sequence[float] = (0.35, 0.5, 0.75, 1.0, 1.4),
-    resolutions: Sequence[int] = (96, 128, 160, 192, 224),
-    backends: Sequence[str] = ("eager", "onnxruntime"),
-    batch_size: int = 1,
-    threads: int | None = None,
-    rounds: int = 10,
-    warmup: int = 3,
-    progress: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
-    """Median latency of ``model`` at every (alpha, resolution) on each backend, next to its analytic MACs (V1
-    paper section 4: cost scales with alpha^2 and rho^2), so one can see where MACs predict latency and where
-    they do not. Candidates of one configuration are timed interleaved."""
-    import torch
-
-    from mobilenet.cost import count_costs
-    from mobilenet.models import create_model
-    from mobilenet.runtime import set_threads
-
-    say = progress or (lambda _line: None)
-    threads = set_threads(threads)
-    rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="mobilenet-scaling-") as tmp:
-        for alpha in alphas:
-            for size in resolutions:
-                say(f"alpha {alpha:g}, {size}px")
-                built = create_model(model, alpha=alpha, resolution=size).eval()
-                shape = (batch_size, 3, size, size)
-                candidates = [build_candidate(b, built, shape, threads=threads, workdir=Path(tmp)) for b in backends]
-                x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
-                times = time_interleaved(candidates, x, rounds=rounds, warmup=warmup)
-                macs = count_costs(built.config).macs
-                for candidate in candidates:
-                    median = statistics.median(times[candidate.name])
-                    rows.append(
-                        {
-                            "alpha": alpha,
-                            "resolution": size,
-                            "backend": candidate.name,
-                            "macs": macs,
-                            "latency_ms": 1e3 * median,
-                            "gflops": 2 * macs * batch_size / median / 1e9,
-                        }
-                    )
-    peak = gemm_peak(1024)
-    return {
-        "model": model,
-        "batch_size": batch_size,
-        "threads": threads,
-        "machine": describe_machine(threads),
-        "gemm_peak_gflops": peak["gflops"],
-        "rows": rows,
-    }
-
-
-def v1_table1_separable_layers(resolution: int = 224, alpha: float = 1.0) -> list[dict[str, int]]:
-    """The depthwise + pointwise pairs of the V1 paper's Table 1 (MobileNet V1 1.0 at 224 by default): input side
-    Df (of the depthwise input), M input channels, N output channels, stride, from the spec's layer list."""
-    from mobilenet.spec import network_for
-
-    network = network_for("mobilenet_v1_1.0_224", alpha=alpha, resolution=resolution)
-    layers = list(network.layers)
-    pairs: list[dict[str, int]] = []
-    for first, second in itertools.pairwise(layers):
-        if first.op == "depthwise" and second.op == "pointwise":
-            pairs.append(
-                {
-                    "size": int(first.in_size[0]),
-                    "in_channels": int(first.in_channels),
-                    "out_channels": int(second.out_channels),
-                    "stride": int(first.stride),
-                }
-            )
-    return pairs
-
-
-def separable_layers(
-    *,
-    resolution: int = 224,
-    batch_size: int = 1,
-    threads: int | None = None,
-    rounds: int = 10,
-    warmup: int = 3,
-    channels_last: bool = False,
-    progress: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
-    """The V1 paper's core claim, layer by layer (section 3.1, equations 1-5): on each depthwise separable layer of
-    Table 1, time a standard 3x3 conv (Dk*Dk*M*N*Df*Df MACs) against a 3x3 depthwise conv followed by a 1x1
-    pointwise conv (Dk*Dk*M*Df*Df + M*N*Df*Df MACs), interleaved, and compare the measured speedup with the
-    theoretical 1 / (1/N + 1/Dk^2). Convs only (no BN or ReLU: the equations count neither)."""
-    import torch
-    from torch import nn
-
-    from mobilenet.runtime import set_threads
-
-    say = progress or (lambda _line: None)
-    threads = set_threads(threads)
-    rows: list[dict[str, Any]] = []
-    seen: set[tuple[int, int, int, int]] = set()
-    for layer in v1_table1_separable_layers(resolution):
-        key = (layer["size"], layer["in_channels"], layer["out_channels"], layer["stride"])
-        if key in seen:
-            continue  # Table 1 repeats the 14x14x512 layer five times
-        seen.add(key)
-        size, m, n, stride = key
-        say(f"{size}x{size}x{m} -> {n}, stride {stride}")
-        standard = nn.Conv2d(m, n, 3, stride, 1, bias=False).eval()
-        depthwise = nn.Conv2d(m, m, 3, stride, 1, groups=m, bias=False).eval()
-        pointwise = nn.Conv2d(m, n, 1, bias=False).eval()
-        separable = nn.Sequential(depthwise, pointwise).eval()
-        if channels_last:
-            for module in (standard, separable):
-                module.to(memory_format=torch.channels_last)
-        memory = torch.channels_last if channels_last else torch.contiguous_format
-        x = torch.randn(batch_size, m, size, size).contiguous(memory_format=memory)
-        candidates = [
-            Candidate("standard", "3x3 conv", standard),
-            Candidate("separable", "3x3 depthwise + 1x1 pointwise", separable),
-            Candidate("depthwise", "3x3 depthwise alone", depthwise),
-        ]
-        times = time_interleaved(candidates, x, rounds=rounds, warmup=warmup)
-        out = (size + stride - 1) // stride
-        macs_standard = 9 * m * n * out * out
-        macs_depthwise = 9 * m * out * out
-        macs_pointwise = m * n * out * out
-        median = {name: statistics.median(values) for name, values in times.items()}
-        rows.append(
-            {
-                "size": size,
-                "in_channels": m,
-                "out_channels": n,
-                "stride": stride,
-                "macs_standard": macs_standard,
-                "macs_separable": macs_depthwise + macs_pointwise,
-                "standard_ms": 1e3 * median["standard"],
-                "separable_ms": 1e3 * median["separable"],
-                "depthwise_ms": 1e3 * median["depthwise"],
-                "theoretical_speedup": 1 / (1 / n + 1 / 9),
-                "mac_ratio_speedup": macs_standard / (macs_depthwise + macs_pointwise),
-                "measured_speedup": median["standard"] / median["separable"],
-                "standard_gflops": 2 * macs_standard * batch_size / median["standard"] / 1e9,
-                "depthwise_gflops": 2 * macs_depthwise * batch_size / median["depthwise"] / 1e9,
-                "depthwise_time_share": median["depthwise"] / median["separable"],
-                "depthwise_mac_share": macs_depthwise / (macs_depthwise + macs_pointwise),
-            }
-        )
-    return {
-        "resolution": resolution,
-        "batch_size": batch_size,
-        "threads": threads,
-        "channels_last": channels_last,
-        "machine": describe_machine(threads),
-        "gemm_peak_gflops": gemm_peak(1024)["gflops"],
-        "rows": rows,
-    }

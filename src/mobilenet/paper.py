@@ -12,6 +12,9 @@ Sources:
   (the released ImageNet checkpoints: "Million MACs", "Million Parameters"; 1001 classes, with a background class).
 - torchvision: ``torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1.meta["num_params"]`` = 3,504,872.
 
+The model rows of V1 Tables 4-7 and V2 Table 4 (:class:`PaperRow`) carry the published ImageNet top-1 too: the
+cost comparison here does not use it; :mod:`mobilenet.reproduce_experiments` puts those rows beside CIFAR-10 runs.
+
 Import cost: :mod:`mobilenet.spec` and :mod:`mobilenet.cost` only (no torch), so ``mobilenet cost --paper`` is
 instant.
 """
@@ -26,15 +29,30 @@ from typing import Any
 from mobilenet.cost import MAC_CONVENTION, CostTable, count_costs, layer_cost
 from mobilenet.spec import network_for
 
-__all__ = ["Comparison", "PaperTable", "reproduce", "tables_to_dict", "tables_to_markdown"]
+__all__ = [
+    "V1_TABLE4",
+    "V1_TABLE5",
+    "V1_TABLE6",
+    "V1_TABLE7",
+    "V2_TABLE4",
+    "Comparison",
+    "PaperRow",
+    "PaperTable",
+    "reproduce",
+    "tables_to_dict",
+    "tables_to_markdown",
+]
 
 # --------------------------------------------------------------------------------------------------------------
 # Published figures
 # --------------------------------------------------------------------------------------------------------------
 
-#: V1 paper Table 1 ("MobileNet Body Architecture"): (type / stride, filter shape, input size), with the "5x" row
-#: written out five times. The paper prints the second-last depthwise conv as "Conv dw / s2" on a 7x7 input.
-V1_TABLE1: tuple[tuple[str, str, str], ...] = (
+#: V1 paper Table 1 ("MobileNet Body Architecture") as printed: (type / stride, filter shape, input size), with the
+#: "5x" row written out five times. This is not :data:`mobilenet.spec.V1_TABLE1` (the architecture we build, one
+#: row per block): it is the text the paper prints, sizes and misprint included, which :func:`reproduce` checks the
+#: built network against; derived from spec, the check would compare spec with itself. The paper prints the
+#: second-last depthwise conv as "Conv dw / s2" on a 7x7 input (spec uses stride 1 there).
+V1_TABLE1_PRINTED: tuple[tuple[str, str, str], ...] = (
     ("Conv / s2", "3x3x3x32", "224x224x3"),
     ("Conv dw / s1", "3x3x32 dw", "112x112x32"),
     ("Conv / s1", "1x1x32x64", "112x112x32"),
@@ -79,44 +97,61 @@ V1_TABLE3: tuple[tuple[str, float, float], ...] = (
     ("rho = 0.714", 15.1, 0.15),
 )
 
-#: V1 paper Table 4 ("Depthwise Separable vs Full Convolution MobileNet"): (model, M Mult-Adds, M parameters).
-V1_TABLE4: tuple[tuple[str, str, float, float], ...] = (
-    ("Conv MobileNet", "mobilenet_v1_conv_1.0_224", 4866, 29.3),
-    ("MobileNet", "mobilenet_v1_1.0_224", 569, 4.2),
+
+@dataclass(frozen=True)
+class PaperRow:
+    """A model row as a paper publishes it: ImageNet top-1 (%), million multiply-adds, million parameters.
+
+    ``model`` is the registered name whose analytic cost :func:`reproduce` puts beside the published figures (empty
+    for a row that is not one of the papers')."""
+
+    label: str
+    top1: float
+    macs_m: float
+    params_m: float
+    model: str = ""
+
+
+#: V1 paper Table 4 ("Depthwise Separable vs Full Convolution MobileNet").
+V1_TABLE4: tuple[PaperRow, ...] = (
+    PaperRow("Conv MobileNet", 71.7, 4866, 29.3, "mobilenet_v1_conv_1.0_224"),
+    PaperRow("MobileNet", 70.6, 569, 4.2, "mobilenet_v1_1.0_224"),
 )
 
 #: V1 paper Table 5 ("Narrow vs Shallow MobileNet").
-V1_TABLE5: tuple[tuple[str, str, float, float], ...] = (
-    ("0.75 MobileNet", "mobilenet_v1_0.75_224", 325, 2.6),
-    ("Shallow MobileNet", "mobilenet_v1_shallow_1.0_224", 307, 2.9),
+V1_TABLE5: tuple[PaperRow, ...] = (
+    PaperRow("0.75 MobileNet", 68.4, 325, 2.6, "mobilenet_v1_0.75_224"),
+    PaperRow("Shallow MobileNet", 65.3, 307, 2.9, "mobilenet_v1_shallow_1.0_224"),
 )
 
 #: V1 paper Table 6 ("MobileNet Width Multiplier"), all at 224.
-V1_TABLE6: tuple[tuple[str, str, float, float], ...] = (
-    ("1.0 MobileNet-224", "mobilenet_v1_1.0_224", 569, 4.2),
-    ("0.75 MobileNet-224", "mobilenet_v1_0.75_224", 325, 2.6),
-    ("0.5 MobileNet-224", "mobilenet_v1_0.5_224", 149, 1.3),
-    ("0.25 MobileNet-224", "mobilenet_v1_0.25_224", 41, 0.5),
+V1_TABLE6: tuple[PaperRow, ...] = (
+    PaperRow("1.0 MobileNet-224", 70.6, 569, 4.2, "mobilenet_v1_1.0_224"),
+    PaperRow("0.75 MobileNet-224", 68.4, 325, 2.6, "mobilenet_v1_0.75_224"),
+    PaperRow("0.5 MobileNet-224", 63.7, 149, 1.3, "mobilenet_v1_0.5_224"),
+    PaperRow("0.25 MobileNet-224", 50.6, 41, 0.5, "mobilenet_v1_0.25_224"),
 )
 
 #: V1 paper Table 7 ("MobileNet Resolution"), all at alpha 1.0.
-V1_TABLE7: tuple[tuple[str, str, float, float], ...] = (
-    ("1.0 MobileNet-224", "mobilenet_v1_1.0_224", 569, 4.2),
-    ("1.0 MobileNet-192", "mobilenet_v1_1.0_192", 418, 4.2),
-    ("1.0 MobileNet-160", "mobilenet_v1_1.0_160", 290, 4.2),
-    ("1.0 MobileNet-128", "mobilenet_v1_1.0_128", 186, 4.2),
+V1_TABLE7: tuple[PaperRow, ...] = (
+    PaperRow("1.0 MobileNet-224", 70.6, 569, 4.2, "mobilenet_v1_1.0_224"),
+    PaperRow("1.0 MobileNet-192", 69.1, 418, 4.2, "mobilenet_v1_1.0_192"),
+    PaperRow("1.0 MobileNet-160", 67.2, 290, 4.2, "mobilenet_v1_1.0_160"),
+    PaperRow("1.0 MobileNet-128", 64.4, 186, 4.2, "mobilenet_v1_1.0_128"),
 )
 
 #: V2 paper Table 4 ("Performance on ImageNet, comparison for different networks"): the MobileNet rows.
-V2_TABLE4: tuple[tuple[str, str, float, float], ...] = (
-    ("MobileNetV1", "mobilenet_v1_1.0_224", 575, 4.2),
-    ("MobileNetV2", "mobilenet_v2_1.0_224", 300, 3.4),
-    ("MobileNetV2 (1.4)", "mobilenet_v2_1.4_224", 585, 6.9),
+V2_TABLE4: tuple[PaperRow, ...] = (
+    PaperRow("MobileNetV1", 70.6, 575, 4.2, "mobilenet_v1_1.0_224"),
+    PaperRow("MobileNetV2", 72.0, 300, 3.4, "mobilenet_v2_1.0_224"),
+    PaperRow("MobileNetV2 (1.4)", 74.7, 585, 6.9, "mobilenet_v2_1.4_224"),
 )
 
-#: V2 paper Table 2: (input, operator, t, c, n, s) per row, "-" where the paper leaves a cell empty. The classifier
-#: row ("conv2d 1x1", k outputs) is the FC layer here.
-V2_TABLE2: tuple[tuple[str, str, str, str, str, str], ...] = (
+#: V2 paper Table 2 as printed: (input, operator, t, c, n, s) per row, "-" where the paper leaves a cell empty. The
+#: classifier row ("conv2d 1x1", k outputs) is the FC layer here. Not :data:`mobilenet.spec.V2_TABLE2` (the bottleneck
+#: rows we build from): the printed text with its input sizes and its stem, head and pool rows, which
+#: :func:`reproduce` checks the built network against.
+V2_TABLE2_PRINTED: tuple[tuple[str, str, str, str, str, str], ...] = (
     ("224x224x3", "conv2d", "-", "32", "1", "2"),
     ("112x112x32", "bottleneck", "1", "16", "1", "1"),
     ("112x112x16", "bottleneck", "6", "24", "2", "2"),
@@ -336,7 +371,7 @@ def _v1_table1_ours() -> list[tuple[str, str, str]]:
 def _table1() -> PaperTable:
     ours = _v1_table1_ours()
     rows = []
-    for index, (published, mine) in enumerate(zip(V1_TABLE1, ours, strict=True)):
+    for index, (published, mine) in enumerate(zip(V1_TABLE1_PRINTED, ours, strict=True)):
         note = ""
         if published != mine and published[0] == "Conv dw / s2" and published[2].startswith("7x7"):
             note = (
@@ -447,7 +482,7 @@ def _v2_table2_ours() -> tuple[list[tuple[str, str, str, str, str, str]], int]:
 def _v2_table2() -> PaperTable:
     ours, bottlenecks = _v2_table2_ours()
     rows = []
-    for index, (published, mine) in enumerate(zip(V2_TABLE2, ours, strict=True)):
+    for index, (published, mine) in enumerate(zip(V2_TABLE2_PRINTED, ours, strict=True)):
         text = [f"{published[0]} {published[1]} t={published[2]} c={published[3]} n={published[4]} s={published[5]}"]
         text.append(f"{mine[0]} {mine[1]} t={mine[2]} c={mine[3]} n={mine[4]} s={mine[5]}")
         rows.append(Comparison(f"{index + 1}", "row", text[0], text[1]))
@@ -472,15 +507,20 @@ def _v2_table2() -> PaperTable:
 
 
 def _model_rows(
-    entries: tuple[tuple[str, str, float, float], ...], notes: dict[tuple[str, str], str] | None = None
+    entries: tuple[PaperRow, ...], notes: dict[tuple[str, str], str] | None = None
 ) -> tuple[Comparison, ...]:
     notes = notes or {}
     rows = []
-    for label, name, macs, params in entries:
-        table = count_costs(name)
-        rows.append(Comparison(label, "Mult-Adds (M)", macs, _millions(table.macs), notes.get((label, "macs"), "")))
+    for entry in entries:
+        table = count_costs(entry.model)
+        label = entry.label
         rows.append(
-            Comparison(label, "Parameters (M)", params, _millions(table.params), notes.get((label, "params"), ""))
+            Comparison(label, "Mult-Adds (M)", entry.macs_m, _millions(table.macs), notes.get((label, "macs"), ""))
+        )
+        rows.append(
+            Comparison(
+                label, "Parameters (M)", entry.params_m, _millions(table.params), notes.get((label, "params"), "")
+            )
         )
     return tuple(rows)
 

@@ -1,10 +1,11 @@
-"""Process-wide runtime settings that make PyTorch on the CPU fast: the C allocator and the thread count.
+"""Process-wide runtime settings that make PyTorch on the CPU fast (the C allocator and the thread count), and the
+description of the machine that every timing is reported with.
 
 **The allocator** (:func:`tune_allocator`). glibc's ``malloc`` serves every request above its mmap threshold
 (128 KiB at start, adapting up to 32 MiB) with a fresh ``mmap`` and hands it back with ``munmap`` on ``free``. A
 MobileNet forward pass at 224x224 allocates and frees dozens of activation tensors of 1-50 MB, so every forward
-maps fresh pages, and the kernel zero-fills each 4 KiB page on first touch: measured on MobileNetV2 1.0 at batch
-32, about 500k minor page faults per forward, most of the time of eager inference and a large share of training.
+maps fresh pages, and the kernel zero-fills each 4 KiB page on first touch (docs/speed.md counts the page faults
+and the time they take).
 ``mallopt(M_MMAP_MAX, 0)`` keeps large blocks on the heap and ``mallopt(M_TRIM_THRESHOLD, <large>)`` stops
 ``free`` from giving the top of the heap back to the kernel, so the second forward reuses the first one's pages
 (the same as starting Python with ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<large>``; glibc manual,
@@ -15,6 +16,9 @@ Set ``MOBILENET_NO_MALLOC_TUNING=1`` to leave the allocator alone (the CLI and t
 
 **Threads** (:func:`set_threads`): intra-op threads for torch (and the same number for ONNX Runtime sessions built
 by this library); one inter-op thread, since a MobileNet is a chain of layers with nothing to run side by side.
+
+**The machine** (:func:`describe_machine`): CPU, SIMD flags, threads, GPU, library versions, allocator setting and
+load average, for ``mobilenet bench``, the benchmark scripts and ``mobilenet reproduce``'s report.
 """
 
 from __future__ import annotations
@@ -25,14 +29,25 @@ import ctypes.util
 import os
 import platform
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
 
 from mobilenet.errors import MobileNetError
 
+try:
+    import resource
+except ImportError:  # pragma: no cover - Windows
+    resource = None  # type: ignore[assignment]
+
 __all__ = [
     "NO_TUNING_ENV",
+    "SIMD_FLAGS",
     "TRIM_THRESHOLD",
     "AllocatorTuning",
     "allocator_state",
+    "describe_machine",
     "minor_faults",
     "set_threads",
     "tune_allocator",
@@ -45,6 +60,8 @@ TRIM_THRESHOLD = 2**31 - 1
 # mallopt parameter numbers from glibc's <malloc.h>.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
+#: CPU flags worth knowing for these kernels (AVX-512 VNNI / AVX-VNNI are int8 dot products).
+SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_tile")
 
 
 @dataclass(frozen=True)
@@ -129,9 +146,7 @@ def allocator_state() -> AllocatorTuning:
 
 def minor_faults() -> int:
     """Minor page faults of this process so far (``getrusage(RUSAGE_SELF).ru_minflt``; 0 where unavailable)."""
-    try:
-        import resource
-    except ImportError:  # pragma: no cover - Windows
+    if resource is None:  # pragma: no cover - Windows
         return 0
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
 
@@ -142,8 +157,6 @@ def set_threads(num_threads: int | None) -> int:
 
     Raises :class:`MobileNetError` for a count below 1.
     """
-    import torch
-
     if num_threads is not None:
         if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
             raise MobileNetError(f"threads must be an integer >= 1, got {num_threads!r}")
@@ -152,3 +165,57 @@ def set_threads(num_threads: int | None) -> int:
     with contextlib.suppress(RuntimeError):  # settable only before inter-op work starts; then it stays as it is
         torch.set_num_interop_threads(1)
     return torch.get_num_threads()
+
+
+def _cpuinfo() -> dict[str, str]:
+    """The first value of each key of ``/proc/cpuinfo`` (empty where there is none)."""
+    info: dict[str, str] = {}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    for line in text.splitlines():
+        if ":" in line:
+            key, value = (part.strip() for part in line.split(":", 1))
+            info.setdefault(key, value)
+    return info
+
+
+def _onnxruntime_version() -> str | None:
+    # onnxruntime is an optional extra: imported here, only to read its version, so importing this module never
+    # loads it.
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    return onnxruntime.__version__
+
+
+def describe_machine(threads: int | None = None) -> dict[str, Any]:
+    """The machine every figure was measured on: CPU model, logical CPUs usable by this process (``logical_cpus``)
+    and in the machine (``cpu_cores``), the SIMD flags that matter (:data:`SIMD_FLAGS`), torch's CPU capability,
+    ``threads`` (default: torch's intra-op count, also reported as ``torch_threads``), the GPU (None without CUDA),
+    library versions, the allocator setting and the load average now (a loaded machine makes every figure slower:
+    compare ratios measured in one run)."""
+    info = _cpuinfo()
+    flags = set(info.get("flags", "").split())
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        usable = os.cpu_count() or 1
+    return {
+        "cpu": info.get("model name") or platform.processor() or platform.machine(),
+        "logical_cpus": usable,
+        "cpu_cores": os.cpu_count(),
+        "simd": [flag for flag in SIMD_FLAGS if flag in flags],
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": threads if threads is not None else torch.get_num_threads(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "onnxruntime": _onnxruntime_version(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "allocator": allocator_state().to_dict(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
