@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from mobilenet.errors import MobileNetError
+from mobilenet.runtime import resolve_device
 
 __all__ = ["EvalCounts", "accumulate", "evaluate_checkpoint", "summarize"]
 
@@ -139,7 +140,6 @@ def evaluate_checkpoint(
     different things; the error lists the difference.
     """
     from mobilenet.data import Preprocessing, TransformedDataset, build_eval_transform, load_data
-    from mobilenet.train import resolve_device
     from mobilenet.weights import load_checkpoint
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

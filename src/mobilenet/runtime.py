@@ -15,6 +15,8 @@ Set ``MOBILENET_NO_MALLOC_TUNING=1`` to leave the allocator alone (the CLI and t
 
 **Threads** (:func:`set_threads`): intra-op threads for torch (and the same number for ONNX Runtime sessions built
 by this library); one inter-op thread, since a MobileNet is a chain of layers with nothing to run side by side.
+
+**The device** (:func:`resolve_device`): what ``--device`` names; ``auto`` picks CUDA, then Apple MPS, then the CPU.
 """
 
 from __future__ import annotations
@@ -25,8 +27,12 @@ import ctypes.util
 import os
 import platform
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from mobilenet.errors import MobileNetError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "NO_TUNING_ENV",
@@ -34,6 +40,7 @@ __all__ = [
     "AllocatorTuning",
     "allocator_state",
     "minor_faults",
+    "resolve_device",
     "set_threads",
     "tune_allocator",
 ]
@@ -152,3 +159,24 @@ def set_threads(num_threads: int | None) -> int:
     with contextlib.suppress(RuntimeError):  # settable only before inter-op work starts; then it stays as it is
         torch.set_num_interop_threads(1)
     return torch.get_num_threads()
+
+
+def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """``auto``: CUDA (this process's local rank), else Apple MPS, else CPU; an explicit name must exist."""
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise MobileNetError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MobileNetError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise MobileNetError("--device mps was asked for but MPS is not available; use --device cpu or auto")
+    return device
