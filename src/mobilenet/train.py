@@ -374,7 +374,7 @@ def train(
     """
     run = _prepare(config, log=log, data=data)
     state = _resume(run) if config.resume else _Progress()
-    if run.dist_ctx.enabled:  # after the resume, so every process starts from the same loaded weights
+    if run.dist_ctx.enabled:  # after the resume: DDP broadcasts rank 0's (loaded) weights when it is built
         run.train_model = wrap_distributed(run.model, run.device, sync_bn=config.sync_bn)
     _write_config(run)
     run.say(_describe(run))
@@ -869,7 +869,8 @@ def _finish(run: _Run, state: _Progress, *, interrupted: bool) -> TrainResult:
 
 def _epoch_loader(run: _Run, epoch: int, *, skip_batches: int) -> DataLoader:
     """This process's training batches of ``epoch``, from batch ``skip_batches`` on: the order is a function of
-    (seed, epoch, rank) only, so a resumed epoch sees the batches the uninterrupted one would have."""
+    (seed, epoch, rank, number of processes) only, so a resumed epoch sees the batches the uninterrupted one would
+    have."""
     sampler = EpochSampler(run.train_set, run.dist_ctx, run.config.seed, run.per_rank_batch)
     sampler.set_epoch(epoch, skip_batches=skip_batches)
     return DataLoader(
