@@ -33,9 +33,10 @@ def main() -> None:
     from torch import nn
 
     from mobilenet.models import create_model
+    from mobilenet.optim import build_optimizer, resolve_recipe
     from mobilenet.reproduce_experiments import plan_runs, select_experiments
     from mobilenet.runtime import tune_allocator
-    from mobilenet.train import TrainConfig, build_optimizer, resolve_recipe
+    from mobilenet.train import TrainConfig
 
     # As mobilenet train on a CPU: the allocator tuned, the model and inputs channels_last.
     tune_allocator()

@@ -41,7 +41,8 @@ x = torch.randn(args["batch_size"], 3, args["resolution"], args["resolution"])
 y = torch.randint(0, 1000, (args["batch_size"],))
 if kind == "mobilenet":
     from mobilenet.models import create_model
-    from mobilenet.train import TrainConfig, build_optimizer, resolve_recipe, speed_settings
+    from mobilenet.optim import build_optimizer, resolve_recipe
+    from mobilenet.train import TrainConfig, speed_settings
 
     config = TrainConfig(model="mobilenet_v2_1.0_224", data="-", out="-", batch_size=args["batch_size"])
     if args["channels_last"] != "auto":

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from mobilenet.data import Preprocessing
@@ -39,6 +39,7 @@ from mobilenet.spec import ModelConfig
 __all__ = [
     "FORMAT_VERSION",
     "HEADER_KEY",
+    "STATE_FILE",
     "Checkpoint",
     "check_state_dict",
     "describe_foreign",
@@ -47,11 +48,19 @@ __all__ = [
     "load_checkpoint",
     "read_header",
     "read_raw_header",
+    "read_state",
     "save",
     "state_dict_mismatch",
     "tensors_digest",
+    "write_state",
 ]
 
+#: The training state of a run directory (weights, optimizer, EMA, RNG, counters), beside last/best.safetensors.
+STATE_FILE = "train_state.safetensors"
+#: The safetensors metadata key of the training state's JSON.
+STATE_KEY = "mobilenet_train_state"
+#: Version of the training state's JSON: 2 added the tensors' checksum (1 is still read).
+STATE_FORMAT = 2
 #: Version of the JSON stored under the ``"mobilenet"`` header key; bumped on an incompatible change.
 FORMAT_VERSION = 1
 #: The safetensors header metadata key that holds this library's JSON.
@@ -508,3 +517,86 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: str | Any = "
 def load(path: str | os.PathLike[str], *, map_location: str | Any = "cpu") -> MobileNet:
     """The model stored in a checkpoint, in eval mode, with its classes and preprocessing in ``.info``."""
     return load_checkpoint(path, map_location=map_location).model
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The training-state file (safetensors + JSON; never pickle)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _split_tensors(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """Move every tensor of a nested dict/list into ``tensors`` (by path); return the JSON-able rest."""
+    if isinstance(obj, torch.Tensor):
+        key = prefix
+        tensors[key] = obj.detach().to("cpu").contiguous().clone()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        return {"__dict__": [[_json_key(k), _split_tensors(v, f"{prefix}.{k}", tensors)] for k, v in obj.items()]}
+    if isinstance(obj, list | tuple):
+        return [_split_tensors(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return {"__float__": repr(obj)}
+    return obj
+
+
+def _json_key(key: Any) -> Any:
+    return key if isinstance(key, str | int | float | bool) or key is None else str(key)
+
+
+def _join_tensors(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__float__" in obj:
+            return float(obj["__float__"])
+        return {k: _join_tensors(v, tensors) for k, v in obj["__dict__"]}
+    if isinstance(obj, list):
+        return [_join_tensors(v, tensors) for v in obj]
+    return obj
+
+
+def write_state(path: Path, tensors_tree: dict[str, Any], info: dict[str, Any]) -> None:
+    """One file: the tensors of ``tensors_tree`` in safetensors, its structure and ``info`` as JSON in the header."""
+    tensors: dict[str, torch.Tensor] = {}
+    structure = _split_tensors(tensors_tree, "s", tensors)
+    header = json.dumps(
+        {
+            "format_version": STATE_FORMAT,
+            "info": info,
+            "structure": structure,
+            "tensors_sha256": tensors_digest(tensors),
+        }
+    )
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={STATE_KEY: header})
+
+
+def read_state(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The tensors tree and ``info`` of :func:`write_state`'s file, after checking its checksum (format 2 on)."""
+    regular_file_size(Path(path), "training state", f"a {STATE_FILE} written by mobilenet train")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open API)
+    except Exception as error:  # safetensors raises its own error types for corrupt files
+        raise MobileNetError(
+            f"cannot read the training state {path} ({error}); it is corrupt or not a state file"
+        ) from None
+    if STATE_KEY not in metadata:
+        raise MobileNetError(f"{path} is not a mobilenet training state (no '{STATE_KEY}' metadata)")
+    try:
+        header = json.loads(metadata[STATE_KEY])
+        version, structure, info = header["format_version"], header["structure"], header["info"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise MobileNetError(f"{path} has a corrupt training-state header; it cannot be resumed") from None
+    if not isinstance(version, int) or version > STATE_FORMAT:
+        raise MobileNetError(f"{path} has state format {version!r}; this mobilenet reads up to {STATE_FORMAT}")
+    if version >= 2 and header.get("tensors_sha256") != tensors_digest(tensors):
+        raise MobileNetError(
+            f"{path} is corrupt: its tensors do not match the checksum written with them; it cannot be resumed "
+            "(start the run again, or resume from a copy)"
+        )
+    try:
+        return _join_tensors(structure, tensors), info
+    except (KeyError, TypeError, ValueError):
+        raise MobileNetError(f"{path} has a corrupt training-state structure; it cannot be resumed") from None

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from mobilenet.errors import MobileNetError
+from mobilenet.runtime import resolve_device
 
 __all__ = ["EvalCounts", "accumulate", "evaluate_checkpoint", "summarize"]
 
@@ -140,7 +141,6 @@ def evaluate_checkpoint(
     """
     from mobilenet.checkpoint import load_checkpoint
     from mobilenet.data import Preprocessing, TransformedDataset, build_eval_transform, load_data
-    from mobilenet.train import resolve_device
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise MobileNetError(f"--batch-size must be an integer >= 1, got {batch_size!r}")

@@ -27,7 +27,7 @@ import torch
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torchvision.transforms.v2 import functional as F
 
-from mobilenet.checkpoint import load
+from mobilenet.checkpoint import STATE_FILE, load
 from mobilenet.cost import count_costs
 from mobilenet.data import TensorImageDataset, channel_stats, load_data
 from mobilenet.errors import MobileNetError
@@ -48,7 +48,7 @@ from mobilenet.reproduce_experiments import (
     select_experiments,
 )
 from mobilenet.reproduce_report import base_record, write_report
-from mobilenet.train import STATE_FILE, TrainConfig, TrainResult, train
+from mobilenet.train import TrainConfig, TrainResult, train
 
 __all__ = [
     "BUDGETS",

@@ -19,6 +19,7 @@ by this library); one inter-op thread, since a MobileNet is a chain of layers wi
 
 **The machine** (:func:`describe_machine`): CPU, SIMD flags, threads, GPU, library versions, allocator setting and
 load average, for ``mobilenet bench``, the benchmark scripts and ``mobilenet reproduce``'s report.
+**The device** (:func:`resolve_device`): what ``--device`` names; ``auto`` picks CUDA, then Apple MPS, then the CPU.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ __all__ = [
     "allocator_state",
     "describe_machine",
     "minor_faults",
+    "resolve_device",
     "set_threads",
     "tune_allocator",
 ]
@@ -219,3 +221,23 @@ def describe_machine(threads: int | None = None) -> dict[str, Any]:
         "allocator": allocator_state().to_dict(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
+
+
+def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """``auto``: CUDA (this process's local rank), else Apple MPS, else CPU; an explicit name must exist."""
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise MobileNetError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MobileNetError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise MobileNetError("--device mps was asked for but MPS is not available; use --device cpu or auto")
+    return device
