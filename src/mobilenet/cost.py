@@ -8,10 +8,11 @@ with this table.)
 Counting convention (the papers'): 1 MAC = 1 multiply-add = 2 FLOPs.
 
 - A convolution costs ``K * K * (Cin / groups) * Cout * Hout * Wout`` multiply-adds (V1 paper, equations 1-3:
-  standard ``Dk*Dk*M*N*Df*Df``; depthwise, groups = M = N, ``Dk*Dk*M*Df*Df``; pointwise ``M*N*Df*Df``), the fully
-  connected layer ``Cin * Cout``.
+  standard ``Dk*Dk*M*N*Df*Df``; depthwise, groups = M = N, ``Dk*Dk*M*Df*Df``; pointwise ``M*N*Df*Df``), a fully
+  connected layer ``Cin * Cout`` (a factored classifier, features -> r -> classes, is two such layers).
 - Nothing is counted for BatchNorm, activations, biases, residual adds or pooling: the V1 paper's Table 2 and the
-  V2 paper's Table 4 count convolutions and the fully connected layer only.
+  V2 paper's Table 4 count convolutions and the fully connected layer only. (VGG's max pools are rows of the
+  table, with their shapes, at 0 multiply-adds and 0 parameters.)
 - The papers' parameter column counts conv and FC *weights* (``params``). The V2 paper's 3.4M is that count;
   TF-slim prints 3.47M, which adds the FC bias (``params + bias_params``, at 1001 classes). The full trainable
   count (weights, biases and BatchNorm's scale and shift: what ``sum(p.numel() for p in model.parameters())``
@@ -57,6 +58,8 @@ def op_label(op: str, kernel: int) -> str:
     """The layer type as the V1 paper's Table 2 names it ("Conv 1x1", "Conv DW 3x3", "Conv 3x3", ...)."""
     if op == "fc":
         return "Fully Connected"
+    if op == "maxpool":
+        return f"Max Pool {kernel}x{kernel}"
     if op == "depthwise":
         return f"Conv DW {kernel}x{kernel}"
     return f"Conv {kernel}x{kernel}"
@@ -112,9 +115,10 @@ class LayerRow:
 
 
 def row_for(layer: Layer) -> LayerRow:
-    """The cost of one layer of the list (V1 paper equations 1-3 for convs; ``Cin * Cout`` for the FC layer)."""
+    """The cost of one layer of the list (V1 paper equations 1-3 for convs; ``Cin * Cout`` for an FC layer; nothing
+    for a max pool)."""
     out_h, out_w = layer.out_size
-    weights = layer.kernel * layer.kernel * (layer.in_channels // layer.groups) * layer.out_channels
+    weights = 0 if layer.op == "maxpool" else layer.kernel**2 * (layer.in_channels // layer.groups) * layer.out_channels
     return LayerRow(
         name=layer.name,
         op=layer.op,
