@@ -36,12 +36,15 @@ from mobilenet.spec import Layer, ModelConfig, Network, build_network, network_f
 __all__ = [
     "MAC_CONVENTION",
     "CostTable",
+    "FactoredFcCost",
     "LayerCost",
     "LayerRow",
     "OpShare",
     "count_costs",
+    "factored_fc_cost",
     "layer_cost",
     "measure_costs",
+    "parse_fc",
     "parse_shape",
 ]
 
@@ -443,6 +446,96 @@ def parse_shape(text: str) -> tuple[int, int, int]:
 
 def format_shape(shape: Iterable[int]) -> str:
     return "x".join(str(value) for value in shape)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One fully connected layer: full vs truncated-SVD factorisation
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FactoredFcCost:
+    """A fully connected layer ``in -> out`` against its rank-``r`` factorisation ``in -> r -> out`` (a truncated
+    SVD of the weight matrix): ``in * out`` weights and multiply-adds per input vector against ``r * (in + out)``.
+    Weights only, as the papers count parameters (the bias is the same ``out`` values in both)."""
+
+    in_features: int
+    out_features: int
+    rank: int
+
+    @property
+    def params_full(self) -> int:
+        return self.in_features * self.out_features
+
+    @property
+    def params_factored(self) -> int:
+        return self.rank * (self.in_features + self.out_features)
+
+    @property
+    def macs_full(self) -> int:
+        return self.params_full
+
+    @property
+    def macs_factored(self) -> int:
+        return self.params_factored
+
+    @property
+    def ratio(self) -> float:
+        """Factored / full: ``r * (in + out) / (in * out)``."""
+        return self.params_factored / self.params_full
+
+    @property
+    def break_even_rank(self) -> float:
+        """The rank at which the two cost the same, ``in * out / (in + out)``: above it factoring costs more."""
+        return self.params_full / (self.in_features + self.out_features)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "rank": self.rank,
+            "convention": MAC_CONVENTION,
+            "params_full": self.params_full,
+            "params_factored": self.params_factored,
+            "macs_full": self.macs_full,
+            "macs_factored": self.macs_factored,
+            "ratio": self.ratio,
+            "break_even_rank": self.break_even_rank,
+        }
+
+
+def factored_fc_cost(in_features: int, out_features: int, rank: int) -> FactoredFcCost:
+    """The cost of an ``in -> out`` fully connected layer and of its rank-``rank`` factorisation.
+
+    >>> cost = factored_fc_cost(4096, 4096, 512)
+    >>> cost.params_full, cost.params_factored, cost.ratio
+    (16777216, 4194304, 0.25)
+    """
+    in_features = _positive_int(in_features, "FC input features")
+    out_features = _positive_int(out_features, "FC output features")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise MobileNetError(f"rank must be an integer >= 1, got {rank!r}")
+    full = min(in_features, out_features)
+    if rank > full:
+        raise MobileNetError(
+            f"rank {rank} exceeds the full rank of a {in_features}x{out_features} layer, min(in, out) = {full}; "
+            f"expected 1 <= rank <= {full}"
+        )
+    return FactoredFcCost(in_features, out_features, rank)
+
+
+_FC = re.compile(r"^\s*(\d+)\s*[xX×*]\s*(\d+)\s*$")
+
+
+def parse_fc(text: str) -> tuple[int, int]:
+    """Parse ``"4096x4096"`` (input features x output features of a fully connected layer)."""
+    match = _FC.match(text or "")
+    if not match or min(int(group) for group in match.groups()) < 1:
+        raise MobileNetError(
+            f"--fc must be INxOUT, the input and output features of a fully connected layer as positive integers, "
+            f"e.g. 4096x4096; got {text!r}"
+        )
+    return int(match.group(1)), int(match.group(2))
 
 
 # --------------------------------------------------------------------------------------------------------------
