@@ -132,3 +132,47 @@ def test_subprocess_does_not_import_torch_and_fails_cleanly():
         timeout=60,
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr and "--resolution" in result.stderr
+
+
+def test_vgg16_table8(capsys):
+    code, out, _ = run_cli(capsys, "vgg16_224")
+    assert code == 0
+    assert "15,470,264,320" in out and "138,344,128" in out and "15,346,630,656" in out  # total, weights, convs
+    assert "Max Pool 2x2" in out
+
+
+def test_fc_factorisation_example(capsys):
+    code, out, _ = run_cli(capsys, "--fc", "4096x4096", "--rank", "512")
+    assert code == 0 and "16,777,216" in out and "4,194,304" in out and "0.2500" in out
+    code, out, _ = run_cli(capsys, "--fc", "4096x4096", "--rank", "512", "--format", "json")
+    data = json.loads(out)
+    assert (data["params_full"], data["params_factored"]) == (16_777_216, 4_194_304)
+    assert (data["macs_full"], data["macs_factored"], data["ratio"]) == (16_777_216, 4_194_304, 0.25)
+
+
+def test_classifier_rank_reaches_the_table(capsys):
+    code, out, _ = run_cli(capsys, "mobilenet_v1_1.0_224", "--classifier-rank", "100", "--format", "json")
+    assert code == 0
+    assert json.loads(out)["params"] == 4_209_088 - 1024 * 1000 + 100 * (1024 + 1000)
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--fc", "4096x", "--rank", "5"], "--fc must be INxOUT"),
+        (["--fc", "0x10", "--rank", "1"], "--fc must be INxOUT"),
+        (["--fc", "4096x4096"], "--fc needs --rank"),
+        (["--fc", "10x20", "--rank", "0"], "rank must be an integer >= 1"),
+        (["--fc", "10x20", "--rank", "11"], "min(in, out) = 10"),
+        (["mobilenet_v1_1.0_224", "--rank", "4"], "give --fc too; for a model's classifier use --classifier-rank"),
+        (["--fc", "10x20", "--rank", "2", "--paper"], "exactly one of"),
+        (["--fc", "10x20", "--rank", "2", "--alpha", "0.5"], "apply to a model NAME"),
+        (["mobilenet_v1_1.0_224", "--classifier-rank", "1001"], "min(in features, classes)"),
+        (["vgg16_224", "--alpha", "0.5"], "no width multiplier"),
+    ],
+)
+def test_bad_fc_and_rank_input_exits_2(capsys, argv, expected):
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert err.startswith("mobilenet cost: error:") and expected in err
+    assert err.count("\n") == 1 and "Traceback" not in err

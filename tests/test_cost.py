@@ -287,3 +287,53 @@ def test_comparison_status():
     assert Comparison("x", "M", 3.4, 3.4698).status == "match (truncated)"
     assert Comparison("x", "M", 0.27, 0.2668).status == "match"
     assert Comparison("x", "M", 300, 300.78).difference == pytest.approx(0.78)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# VGG-16 (V1 paper Table 8: 15,300M multiply-adds, 138M parameters)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_vgg16_table8_figures():
+    table = count_costs("vgg16_224")
+    convs = sum(row.macs for row in table.rows if row.op == "conv")
+    fcs = sum(row.macs for row in table.rows if row.op == "fc")
+    # Table 8's 15,300M is the 13 convolutions (15,347M, "15.3 billion" to three figures); the three FC layers add
+    # 124M, so the total is 1.1% above the published figure.
+    assert convs == 15_346_630_656 and abs(convs - 15_300e6) / 15_300e6 < 0.01 and round(convs / 1e9, 1) == 15.3
+    assert fcs == 25088 * 4096 + 4096 * 4096 + 4096 * 1000
+    assert table.macs == convs + fcs == 15_470_264_320
+    # 138M parameters (conv + FC weights); with the biases, torchvision's count.
+    assert table.params == 138_344_128 and abs(table.params - 138e6) / 138e6 < 0.01
+    assert table.trainable_params == 138_357_544
+    assert [row.op for row in table.rows].count("maxpool") == 5
+    assert all(row.macs == row.params == 0 for row in table.rows if row.op == "maxpool")
+
+
+def test_vgg16_matches_its_module():
+    model = _meta_model("vgg16_224")
+    table = count_costs(model)
+    with FlopCounterMode(display=False) as counter:
+        measured = measure_costs(model)
+    assert counter.get_total_flops() == 2 * table.macs
+    weighted = [row for row in table.rows if row.op != "maxpool"]
+    assert [m.name for m in measured] == [row.name for row in weighted]
+    assert [(m.macs, m.params) for m in measured] == [(row.macs, row.params) for row in weighted]
+    assert table.trainable_params == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("resolution", [32, 100, 250])
+def test_vgg16_any_resolution(resolution):
+    table = count_costs("vgg16_224", resolution=resolution)
+    side = resolution
+    for _ in range(5):
+        side //= 2
+    assert table.rows[17].out_shape == (side, side, 512)
+    assert table.rows[18].in_shape == (1, 1, 25088)  # pooled to 7x7 at every resolution
+    _assert_matches_module_without_pools(_meta_model("vgg16_224", resolution=resolution))
+
+
+def _assert_matches_module_without_pools(model) -> None:
+    table = count_costs(model)
+    measured = measure_costs(model)
+    assert [(m.name, m.macs) for m in measured] == [(r.name, r.macs) for r in table.rows if r.op != "maxpool"]

@@ -71,3 +71,71 @@ def test_reset_classifier():
     model = create_model("mobilenet_v2_0.5_96")
     model.reset_classifier(5)
     assert model(torch.randn(1, 3, 96, 96)).shape == (1, 5) and model.config.num_classes == 5
+
+
+# --------------------------------------------------------------------------------------------------------------
+# VGG-16, the V1 paper's Table 8 baseline, from the same layer plan
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _torchvision_vgg16_key_map(ours, theirs) -> dict[str, str]:
+    """torchvision's vgg16 keys -> ours: its convs in order onto our conv layers, its classifier.0/3/6 onto our
+    hidden.0.linear, hidden.1.linear and classifier."""
+    their_convs = [f"features.{i}" for i, module in enumerate(theirs.features) if isinstance(module, nn.Conv2d)]
+    our_convs = [layer.name for layer in ours.network.layers if layer.op == "conv"]
+    pairs = [*zip(their_convs, our_convs, strict=True)]
+    pairs += [("classifier.0", "hidden.0.linear"), ("classifier.3", "hidden.1.linear"), ("classifier.6", "classifier")]
+    return {f"{t}.{p}": f"{o}.{p}" for t, o in pairs for p in ("weight", "bias")}
+
+
+def test_vgg16_equals_torchvision():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    theirs = torchvision.models.vgg16(weights=None).eval()
+    ours = create_model("vgg16_224").eval()
+    count = sum(p.numel() for p in ours.parameters())
+    assert count == sum(p.numel() for p in theirs.parameters()) == 138_357_544  # torchvision's model card
+    mapping = _torchvision_vgg16_key_map(ours, theirs)
+    state = theirs.state_dict()
+    assert sorted(mapping.values()) == sorted(ours.state_dict()) and sorted(mapping) == sorted(state)
+    ours.load_state_dict({mapping[key]: value for key, value in state.items()})
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(ours(images), theirs(images))
+        # Any resolution: both pool the last map to 7x7 before the first FC layer.
+        small = torch.randn(1, 3, 80, 80)
+        assert torch.equal(ours(small), theirs(small))
+
+
+def test_vgg16_plan_and_dropout():
+    model = create_model("vgg16_224", num_classes=7, resolution=32)
+    assert model.config.dropout == 0.5
+    assert sum(isinstance(m, nn.MaxPool2d) for m in model.features) == 5
+    assert sum(isinstance(m, nn.Conv2d) for m in model.modules()) == 13
+    # VGG drops out the outputs of its first two FC layers: the inputs of the second and of the classifier.
+    assert isinstance(model.hidden[0].dropout, nn.Identity) and model.hidden[1].dropout.p == 0.5
+    assert model.dropout.p == 0.5
+    assert [type(block.bn) for block in model.features if hasattr(block, "bn")] == [nn.Identity] * 13
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+    model.reset_classifier(3)
+    assert model.classifier.in_features == 4096 and model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+
+
+def test_vgg16_options_are_checked():
+    with pytest.raises(MobileNetError, match="no width multiplier"):
+        create_model("vgg16_224", alpha=0.5)
+    with pytest.raises(MobileNetError, match="small_input"):
+        create_model("vgg16_224", small_input=True)
+    assert "vgg16_224" not in list_models() and list_models("vgg", baselines=True) == ["vgg16_224"]
+
+
+def test_factored_classifier_model():
+    model = create_model("mobilenet_v2_0.5_96", num_classes=10, classifier_rank=4)
+    first, second = model.classifier
+    assert (first.in_features, first.out_features, first.bias) == (1280, 4, None)
+    assert (second.in_features, second.out_features) == (4, 10) and second.bias is not None
+    assert model(torch.randn(1, 3, 96, 96)).shape == (1, 10)
+    model.reset_classifier(5)
+    assert model.config.classifier_rank == 4 and model.classifier[1].out_features == 5

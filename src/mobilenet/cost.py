@@ -8,10 +8,11 @@ with this table.)
 Counting convention (the papers'): 1 MAC = 1 multiply-add = 2 FLOPs.
 
 - A convolution costs ``K * K * (Cin / groups) * Cout * Hout * Wout`` multiply-adds (V1 paper, equations 1-3:
-  standard ``Dk*Dk*M*N*Df*Df``; depthwise, groups = M = N, ``Dk*Dk*M*Df*Df``; pointwise ``M*N*Df*Df``), the fully
-  connected layer ``Cin * Cout``.
+  standard ``Dk*Dk*M*N*Df*Df``; depthwise, groups = M = N, ``Dk*Dk*M*Df*Df``; pointwise ``M*N*Df*Df``), a fully
+  connected layer ``Cin * Cout`` (a factored classifier, features -> r -> classes, is two such layers).
 - Nothing is counted for BatchNorm, activations, biases, residual adds or pooling: the V1 paper's Table 2 and the
-  V2 paper's Table 4 count convolutions and the fully connected layer only.
+  V2 paper's Table 4 count convolutions and the fully connected layer only. (VGG's max pools are rows of the
+  table, with their shapes, at 0 multiply-adds and 0 parameters.)
 - The papers' parameter column counts conv and FC *weights* (``params``). The V2 paper's 3.4M is that count;
   TF-slim prints 3.47M, which adds the FC bias (``params + bias_params``, at 1001 classes). The full trainable
   count (weights, biases and BatchNorm's scale and shift: what ``sum(p.numel() for p in model.parameters())``
@@ -35,12 +36,15 @@ from mobilenet.spec import Layer, ModelConfig, Network, build_network, network_f
 __all__ = [
     "MAC_CONVENTION",
     "CostTable",
+    "FactoredFcCost",
     "LayerCost",
     "LayerRow",
     "OpShare",
     "count_costs",
+    "factored_fc_cost",
     "layer_cost",
     "measure_costs",
+    "parse_fc",
     "parse_shape",
 ]
 
@@ -57,6 +61,8 @@ def op_label(op: str, kernel: int) -> str:
     """The layer type as the V1 paper's Table 2 names it ("Conv 1x1", "Conv DW 3x3", "Conv 3x3", ...)."""
     if op == "fc":
         return "Fully Connected"
+    if op == "maxpool":
+        return f"Max Pool {kernel}x{kernel}"
     if op == "depthwise":
         return f"Conv DW {kernel}x{kernel}"
     return f"Conv {kernel}x{kernel}"
@@ -112,9 +118,10 @@ class LayerRow:
 
 
 def row_for(layer: Layer) -> LayerRow:
-    """The cost of one layer of the list (V1 paper equations 1-3 for convs; ``Cin * Cout`` for the FC layer)."""
+    """The cost of one layer of the list (V1 paper equations 1-3 for convs; ``Cin * Cout`` for an FC layer; nothing
+    for a max pool)."""
     out_h, out_w = layer.out_size
-    weights = layer.kernel * layer.kernel * (layer.in_channels // layer.groups) * layer.out_channels
+    weights = 0 if layer.op == "maxpool" else layer.kernel**2 * (layer.in_channels // layer.groups) * layer.out_channels
     return LayerRow(
         name=layer.name,
         op=layer.op,
@@ -439,6 +446,96 @@ def parse_shape(text: str) -> tuple[int, int, int]:
 
 def format_shape(shape: Iterable[int]) -> str:
     return "x".join(str(value) for value in shape)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One fully connected layer: full vs truncated-SVD factorisation
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FactoredFcCost:
+    """A fully connected layer ``in -> out`` against its rank-``r`` factorisation ``in -> r -> out`` (a truncated
+    SVD of the weight matrix): ``in * out`` weights and multiply-adds per input vector against ``r * (in + out)``.
+    Weights only, as the papers count parameters (the bias is the same ``out`` values in both)."""
+
+    in_features: int
+    out_features: int
+    rank: int
+
+    @property
+    def params_full(self) -> int:
+        return self.in_features * self.out_features
+
+    @property
+    def params_factored(self) -> int:
+        return self.rank * (self.in_features + self.out_features)
+
+    @property
+    def macs_full(self) -> int:
+        return self.params_full
+
+    @property
+    def macs_factored(self) -> int:
+        return self.params_factored
+
+    @property
+    def ratio(self) -> float:
+        """Factored / full: ``r * (in + out) / (in * out)``."""
+        return self.params_factored / self.params_full
+
+    @property
+    def break_even_rank(self) -> float:
+        """The rank at which the two cost the same, ``in * out / (in + out)``: above it factoring costs more."""
+        return self.params_full / (self.in_features + self.out_features)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "rank": self.rank,
+            "convention": MAC_CONVENTION,
+            "params_full": self.params_full,
+            "params_factored": self.params_factored,
+            "macs_full": self.macs_full,
+            "macs_factored": self.macs_factored,
+            "ratio": self.ratio,
+            "break_even_rank": self.break_even_rank,
+        }
+
+
+def factored_fc_cost(in_features: int, out_features: int, rank: int) -> FactoredFcCost:
+    """The cost of an ``in -> out`` fully connected layer and of its rank-``rank`` factorisation.
+
+    >>> cost = factored_fc_cost(4096, 4096, 512)
+    >>> cost.params_full, cost.params_factored, cost.ratio
+    (16777216, 4194304, 0.25)
+    """
+    in_features = _positive_int(in_features, "FC input features")
+    out_features = _positive_int(out_features, "FC output features")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise MobileNetError(f"rank must be an integer >= 1, got {rank!r}")
+    full = min(in_features, out_features)
+    if rank > full:
+        raise MobileNetError(
+            f"rank {rank} exceeds the full rank of a {in_features}x{out_features} layer, min(in, out) = {full}; "
+            f"expected 1 <= rank <= {full}"
+        )
+    return FactoredFcCost(in_features, out_features, rank)
+
+
+_FC = re.compile(r"^\s*(\d+)\s*[xX×*]\s*(\d+)\s*$")
+
+
+def parse_fc(text: str) -> tuple[int, int]:
+    """Parse ``"4096x4096"`` (input features x output features of a fully connected layer)."""
+    match = _FC.match(text or "")
+    if not match or min(int(group) for group in match.groups()) < 1:
+        raise MobileNetError(
+            f"--fc must be INxOUT, the input and output features of a fully connected layer as positive integers, "
+            f"e.g. 4096x4096; got {text!r}"
+        )
+    return int(match.group(1)), int(match.group(2))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@
 - :class:`DepthwiseSeparable`: V1 paper Figure 3, right: 3x3 depthwise conv, BN, ReLU, 1x1 conv, BN, ReLU.
 - :class:`InvertedResidual`: V2 paper Table 1: 1x1 expansion with ReLU6, 3x3 depthwise with ReLU6, 1x1 linear
   projection with no activation, and a shortcut only where stride is 1 and input channels equal output channels.
+- a max pool (VGG paper section 2.1: 2x2, stride 2) and :class:`FullyConnected` (VGG's hidden FC layers);
+  :func:`build_classifier`: one linear layer, or the two of a factored (low-rank) classifier.
 """
 
 from __future__ import annotations
@@ -78,6 +80,30 @@ class InvertedResidual(nn.Module):
         return x + out if self.use_residual else out
 
 
+class FullyConnected(nn.Module):
+    """A hidden fully connected layer: dropout on its input (none for the first one after the pool), linear,
+    activation. VGG (paper section 3.1) drops out the outputs of its first two FC layers, which are the inputs of
+    the second and third."""
+
+    def __init__(self, layer: Layer, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
+        self.linear = nn.Linear(layer.in_channels, layer.out_channels, bias=layer.bias)
+        self.act = activation_module(layer.activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.linear(self.dropout(x)))
+
+
+def build_classifier(layers: tuple[Layer, ...]) -> nn.Module:
+    """One ``nn.Linear``, or for a factored classifier (``classifier_rank``) the two linear layers features -> r
+    -> classes in an ``nn.Sequential`` (keys ``classifier.0.weight``, ``classifier.1.weight``/``.bias``)."""
+    linears = [nn.Linear(layer.in_channels, layer.out_channels, bias=layer.bias) for layer in layers]
+    if len(linears) == 1:
+        return linears[0]
+    return nn.Sequential(*linears)
+
+
 def build_block(block: Block) -> nn.Module:
     if block.kind == "conv":
         (layer,) = block.layers
@@ -86,4 +112,7 @@ def build_block(block: Block) -> nn.Module:
         return DepthwiseSeparable(block)
     if block.kind == "inverted_residual":
         return InvertedResidual(block)
+    if block.kind == "maxpool":
+        (layer,) = block.layers
+        return nn.MaxPool2d(kernel_size=layer.kernel, stride=layer.stride, padding=layer.padding)
     raise ValueError(f"unknown block kind {block.kind!r}")

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from mobilenet.errors import MobileNetError
-from mobilenet.layers import build_block
+from mobilenet.layers import FullyConnected, build_block, build_classifier
 from mobilenet.spec import FeatureInfo, ModelConfig, Network, build_network, list_models, model_config
 
 __all__ = [
@@ -47,6 +47,10 @@ class ModelInfo:
 class MobileNet(nn.Module):
     """A MobileNet classifier: ``features`` (the table's blocks), global average pool, dropout, ``classifier``.
 
+    The same builder makes every registered network: VGG-16 (the V1 paper's Table 8 baseline) adds a 7x7 average
+    pool and two ``hidden`` fully connected layers before the classifier; a ``classifier_rank`` makes the
+    classifier two linear layers (:func:`mobilenet.layers.build_classifier`).
+
     The forward pass returns logits; the papers' softmax is applied at inference (``predict``), not here, so the
     model trains with cross-entropy on logits.
     """
@@ -58,10 +62,17 @@ class MobileNet(nn.Module):
         self.name = network.name
         self.info = ModelInfo()
         self.features = nn.Sequential(*(build_block(block) for block in network.blocks))
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.dropout = nn.Dropout(p=network.config.dropout)
-        fc = network.classifier
-        self.classifier = nn.Linear(fc.in_channels, fc.out_channels, bias=fc.bias)
+        self.pool = nn.AdaptiveAvgPool2d(network.pool_output)
+        dropout = network.config.dropout
+        self.hidden = (
+            nn.Sequential(
+                *(FullyConnected(layer, dropout if index else 0.0) for index, layer in enumerate(network.hidden))
+            )
+            if network.hidden
+            else None
+        )
+        self.dropout = nn.Dropout(p=dropout)
+        self.classifier = build_classifier(network.classifier_layers)
         init_weights(self)
 
     @property
@@ -94,7 +105,10 @@ class MobileNet(nn.Module):
         return self.features(x)
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.dropout(torch.flatten(self.pool(features), 1)))
+        pooled = torch.flatten(self.pool(features), 1)
+        if self.hidden is not None:
+            pooled = self.hidden(pooled)
+        return self.classifier(self.dropout(pooled))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -112,14 +126,14 @@ class MobileNet(nn.Module):
         self.network, self.config = network, config
 
     def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier for fine-tuning on ``num_classes`` classes (the config is updated too)."""
+        """Replace the classifier for fine-tuning on ``num_classes`` classes (the config is updated too; a
+        factored classifier stays factored at the same rank when that rank still fits)."""
         config = replace(self.config, num_classes=num_classes)
         self.network = build_network(config, name=self.name)
         self.config = config
         self.info.classes = None
-        self.classifier = nn.Linear(self.num_features, num_classes)
-        nn.init.normal_(self.classifier.weight, 0.0, 0.01)
-        nn.init.zeros_(self.classifier.bias)
+        self.classifier = build_classifier(self.network.classifier_layers)
+        init_weights(self.classifier)
 
 
 def init_weights(model: nn.Module) -> None:
@@ -147,7 +161,8 @@ def model_from_config(config: ModelConfig, name: str = "") -> MobileNet:
 def create_model(name: str, **overrides: Any) -> MobileNet:
     """Build a registered model, e.g. ``create_model("mobilenet_v1_0.5_160", num_classes=10)``.
 
-    Overrides: ``alpha``, ``resolution``, ``num_classes``, ``dropout``, ``small_input``, ``in_channels``.
+    Overrides: ``alpha``, ``resolution``, ``num_classes``, ``dropout``, ``small_input``, ``in_channels``,
+    ``classifier_rank`` (the classifier as two linear layers, features -> rank -> classes).
     An unknown name raises :class:`MobileNetError` that suggests the closest registered names.
     """
     return model_from_config(model_config(name, **overrides), name=name)

@@ -10,6 +10,9 @@ Sources:
   MobileNet); channel rounding as TF-slim's ``mobilenet_v1.py`` (``max(int(d * depth_multiplier), min_depth)``).
 - V2: Sandler et al. 2018, "MobileNetV2", arXiv 1801.04381, Table 2 (rows of t, c, n, s) and Table 1 (the
   bottleneck block); channel rounding as TF-slim's ``_make_divisible`` / torchvision's ``mobilenetv2.py``.
+- VGG-16, the V1 paper's Table 8 baseline: Simonyan & Zisserman 2015, "Very Deep Convolutional Networks",
+  arXiv 1409.1556, Table 1 column D (13 3x3 convs in 5 stages, each closed by a 2x2 max pool, then FC-4096,
+  FC-4096, FC-1000); the 7x7 pool before the first FC layer as torchvision's ``vgg.py`` (any input size).
 """
 
 from __future__ import annotations
@@ -22,13 +25,17 @@ from typing import Any, Literal
 
 from mobilenet.errors import MobileNetError
 
-Family = Literal["v1", "v2"]
+Family = Literal["v1", "v2", "vgg"]
+FAMILIES: tuple[str, ...] = ("v1", "v2", "vgg")
 Variant = Literal["separable", "conv", "shallow"]
-Op = Literal["conv", "depthwise", "pointwise", "fc"]
+Op = Literal["conv", "depthwise", "pointwise", "fc", "maxpool"]
 Activation = Literal["relu", "relu6"] | None
-BlockKind = Literal["conv", "separable", "inverted_residual"]
+BlockKind = Literal["conv", "separable", "inverted_residual", "maxpool"]
 
 VARIANTS: tuple[str, ...] = ("separable", "conv", "shallow")
+#: Dropout before the classifier by family: V1 0.001 (TF-slim's keep_prob 0.999), V2 0.2 (torchvision, TF-slim),
+#: VGG 0.5 (VGG paper section 3.1: the first two FC layers).
+DEFAULT_DROPOUT: dict[str, float] = {"v1": 0.001, "v2": 0.2, "vgg": 0.5}
 #: The smallest input side: the total stride of the ImageNet network (32), so the last feature map is at least
 #: 1x1; with ``small_input`` (total stride 8) the smallest is 8, which the CIFAR resolution multiplier needs
 #: (32x32 images resized to 28, 24 or 20 px: V1 paper section 4.3, Table 7).
@@ -99,6 +106,21 @@ V2_TABLE2: tuple[V2Row, ...] = (
 )
 #: V2 paper, Table 2: the conv2d 1x1 to 1280 channels before the pool.
 V2_HEAD_CHANNELS = 1280
+
+#: VGG paper, Table 1, column D (VGG-16): the output channels of each 3x3 conv (stride 1, padding 1, ReLU, with
+#: bias, no BatchNorm); ``"M"`` is a 2x2 max pool of stride 2.
+VGG16_FEATURES: tuple[int | str, ...] = (
+    *(64, 64, "M"),
+    *(128, 128, "M"),
+    *(256, 256, 256, "M"),
+    *(512, 512, 512, "M"),
+    *(512, 512, 512, "M"),
+)
+#: VGG paper, Table 1: the two hidden fully connected layers (FC-4096, ReLU, dropout 0.5) before the classifier.
+VGG16_HIDDEN: tuple[int, ...] = (4096, 4096)
+#: The map the first FC layer reads: 7x7x512 at 224 px (VGG paper section 2.1). torchvision's ``vgg16`` pools any
+#: other input to 7x7 (adaptive average pool), so the FC weights fit every resolution.
+VGG_POOL_OUTPUT = 7
 
 # --------------------------------------------------------------------------------------------------------------
 # Channel rounding rules
@@ -175,6 +197,12 @@ class ModelConfig:
             section 3, Figure 3: ReLU; V2 Table 1: ReLU6), or ``"relu6"`` / ``"relu"`` explicitly. V1 weights
             trained with ReLU6 (TF-slim's ``mobilenet_v1.py``, Keras, timm's ``mobilenetv1_*``) need ``"relu6"``:
             their activations rely on the clipping.
+        classifier_rank: ``None`` for the usual one-layer classifier; an int r builds it as two linear layers,
+            features -> r -> classes (a truncated-SVD factorisation of the classifier's weight matrix: r * (in +
+            out) weights instead of in * out). 1 <= r <= min(in, out), checked by :func:`build_network`.
+
+    The family ``"vgg"`` is VGG-16 (the V1 paper's Table 8 baseline): alpha 1, variant ``"separable"`` (unused)
+    and no ``small_input``; its dropout defaults to 0.5 (VGG paper section 3.1).
     """
 
     family: Family
@@ -186,10 +214,11 @@ class ModelConfig:
     small_input: bool = False
     in_channels: int = 3
     activation: Activation = None
+    classifier_rank: int | None = None
 
     def __post_init__(self) -> None:
-        if self.family not in ("v1", "v2"):
-            raise MobileNetError(f"family must be 'v1' or 'v2', got {self.family!r}")
+        if self.family not in FAMILIES:
+            raise MobileNetError(f"family must be one of {', '.join(map(repr, FAMILIES))}, got {self.family!r}")
         alpha = self.alpha
         if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha) or alpha <= 0:
             raise MobileNetError(f"alpha (width multiplier) must be a finite number > 0, got {alpha!r}")
@@ -205,24 +234,44 @@ class ModelConfig:
         if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 1:
             raise MobileNetError(f"num_classes must be an integer >= 1, got {self.num_classes!r}")
         if self.dropout is None:
-            object.__setattr__(self, "dropout", 0.001 if self.family == "v1" else 0.2)
+            object.__setattr__(self, "dropout", DEFAULT_DROPOUT[self.family])
         dropout = self.dropout
         if not isinstance(dropout, int | float) or not math.isfinite(dropout) or not 0.0 <= dropout < 1.0:
             raise MobileNetError(f"dropout must be a number in [0, 1), got {dropout!r}")
         if self.variant not in VARIANTS:
             raise MobileNetError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
-        if self.family == "v2" and self.variant != "separable":
+        if self.family != "v1" and self.variant != "separable":
             raise MobileNetError(f"variant {self.variant!r} exists only for V1 (the V1 paper's baselines)")
         if isinstance(self.in_channels, bool) or not isinstance(self.in_channels, int) or self.in_channels < 1:
             raise MobileNetError(f"in_channels must be an integer >= 1, got {self.in_channels!r}")
         if self.activation not in (None, "relu", "relu6"):
             raise MobileNetError(f"activation must be 'relu', 'relu6' or None (the paper's), got {self.activation!r}")
+        rank = self.classifier_rank
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+            raise MobileNetError(
+                f"classifier_rank must be an integer >= 1 (or None for an unfactored classifier), got {rank!r}"
+            )
+        if self.family == "vgg":
+            self._check_vgg_options()
         object.__setattr__(self, "alpha", float(alpha))
         object.__setattr__(self, "dropout", float(dropout))
         object.__setattr__(self, "small_input", bool(self.small_input))
 
+    def _check_vgg_options(self) -> None:
+        if self.alpha != 1.0:
+            raise MobileNetError(f"VGG-16 has no width multiplier: alpha must be 1, got {self.alpha!r}")
+        if self.small_input:
+            raise MobileNetError("small_input is a MobileNet option; VGG-16 has none (its total stride is 32)")
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The options as a dict; ``activation`` and ``classifier_rank`` only when set, so the config of a model with
+        the paper's activation and an unfactored classifier reads as it did before those options existed (and older
+        readers of a checkpoint's header still accept it)."""
+        data = asdict(self)
+        for optional in ("activation", "classifier_rank"):
+            if data[optional] is None:
+                del data[optional]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
@@ -245,12 +294,12 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
 
 @dataclass(frozen=True)
 class Layer:
-    """One convolution or fully connected layer, with every shape worked out.
+    """One convolution, fully connected or pooling layer, with every shape worked out.
 
-    ``name`` is the dotted path of the conv/linear module in the built network (``features.3.depthwise.conv``),
+    ``name`` is the dotted path of the conv/linear/pool module in the built network (``features.3.depthwise.conv``),
     so a count over the module can be matched to this row. ``op`` classifies it as the V1 paper's Table 2 does:
-    a standard conv (kernel > 1, groups 1), a depthwise conv (one filter per channel), a pointwise 1x1 conv or
-    the fully connected classifier.
+    a standard conv (kernel > 1, groups 1), a depthwise conv (one filter per channel), a pointwise 1x1 conv or a
+    fully connected layer; or ``"maxpool"``, a ``kernel`` x ``kernel`` max pool (no padding, no weights: VGG's).
     """
 
     name: str
@@ -268,13 +317,15 @@ class Layer:
 
     @property
     def padding(self) -> int:
-        return self.kernel // 2
+        """'Same' padding for a conv (``kernel // 2``); none for a max pool (VGG's 2x2 pools halve the side)."""
+        return 0 if self.op == "maxpool" else self.kernel // 2
 
 
 @dataclass(frozen=True)
 class Block:
-    """A unit of the network's ``features``: a conv-BN-activation, a V1 depthwise separable block, or a V2
-    inverted residual block (with a shortcut only where stride is 1 and input channels equal output channels)."""
+    """A unit of the network's ``features``: a conv-BN-activation, a V1 depthwise separable block, a V2 inverted
+    residual block (with a shortcut only where stride is 1 and input channels equal output channels), or a max
+    pool (VGG)."""
 
     name: str
     kind: BlockKind
@@ -315,21 +366,44 @@ class FeatureInfo:
 
 @dataclass(frozen=True)
 class Network:
-    """A network as a list of blocks plus the pool and classifier: the single source of every shape."""
+    """A network as a list of blocks plus the pool and the fully connected head: the single source of every shape.
+
+    ``head`` holds the fully connected layers after the pool, in order: any hidden layers (VGG's two FC-4096,
+    named ``hidden.{i}.linear``), then the classifier: one layer named ``classifier``, or, with a
+    ``classifier_rank``, two named ``classifier.0`` (features -> rank, no bias) and ``classifier.1`` (rank ->
+    classes). ``pool_output`` is the side of the average pool's output (1, a global pool, for the MobileNets; 7
+    for VGG).
+    """
 
     config: ModelConfig
     blocks: tuple[Block, ...]
-    classifier: Layer
+    head: tuple[Layer, ...]
     name: str = ""
+    pool_output: int = 1
     features_out: int = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "features_out", self.blocks[-1].out_channels)
 
     @property
+    def classifier(self) -> Layer:
+        """The layer that gives the logits (the last of the head)."""
+        return self.head[-1]
+
+    @property
+    def classifier_layers(self) -> tuple[Layer, ...]:
+        """The classifier: one layer, or two for a factored one (``classifier_rank``)."""
+        return tuple(layer for layer in self.head if layer.name.split(".")[0] == "classifier")
+
+    @property
+    def hidden(self) -> tuple[Layer, ...]:
+        """The fully connected layers between the pool and the classifier (none in the MobileNets)."""
+        return tuple(layer for layer in self.head if layer.name.split(".")[0] != "classifier")
+
+    @property
     def layers(self) -> tuple[Layer, ...]:
-        """Every conv and fully connected layer, in execution order."""
-        return (*(layer for block in self.blocks for layer in block.layers), self.classifier)
+        """Every conv, pooling and fully connected layer, in execution order."""
+        return (*(layer for block in self.blocks for layer in block.layers), *self.head)
 
     @property
     def pool_size(self) -> tuple[int, int]:
@@ -469,25 +543,69 @@ def _build_v2(config: ModelConfig) -> tuple[Block, ...]:
     return tuple(blocks)
 
 
-def build_network(config: ModelConfig, name: str = "") -> Network:
-    """Turn a :class:`ModelConfig` into the full list of layers (V1 Table 1 or V2 Table 2 with its options)."""
-    blocks = _build_v1(config) if config.family == "v1" else _build_v2(config)
-    features = blocks[-1].out_channels
-    classifier = Layer(
-        name="classifier",
-        op="fc",
-        in_channels=features,
-        out_channels=config.num_classes,
-        kernel=1,
-        stride=1,
-        groups=1,
-        in_size=(1, 1),
-        out_size=(1, 1),
-        batchnorm=False,
-        activation=None,
-        bias=True,
+def _build_vgg(config: ModelConfig) -> tuple[Block, ...]:
+    """VGG paper Table 1, column D: 3x3 convs (stride 1, bias, ReLU, no BatchNorm) and 2x2 max pools."""
+    blocks: list[Block] = []
+    channels = config.in_channels
+    size = (config.resolution, config.resolution)
+    for index, entry in enumerate(VGG16_FEATURES):
+        name = f"features.{index}"
+        if entry == "M":
+            blocks.append(Block(name, "maxpool", (_maxpool_layer(name, channels, size),), label="maxpool 2x2 / s2"))
+        else:
+            conv = _conv_layer(name, "conv", channels, int(entry), 3, 1, size, "relu")
+            blocks.append(Block(name, "conv", (replace(conv, batchnorm=False, bias=True),), label=f"conv3-{entry}"))
+            channels = int(entry)
+        size = blocks[-1].out_size
+    return tuple(blocks)
+
+
+def _maxpool_layer(name: str, channels: int, size: tuple[int, int], kernel: int = 2) -> Layer:
+    out_size = (conv_output_size(size[0], kernel, kernel, 0), conv_output_size(size[1], kernel, kernel, 0))
+    return Layer(name, "maxpool", channels, channels, kernel, kernel, 1, size, out_size, False, None, False)
+
+
+def _fc_layer(name: str, in_features: int, out_features: int, activation: Activation, bias: bool = True) -> Layer:
+    return Layer(name, "fc", in_features, out_features, 1, 1, 1, (1, 1), (1, 1), False, activation, bias)
+
+
+def _classifier_layers(config: ModelConfig, in_features: int) -> tuple[Layer, ...]:
+    """The classifier: one FC layer, or with ``classifier_rank`` r its truncated-SVD factorisation, features -> r
+    (no bias) -> classes (the bias stays on the last layer, so at full rank the two compute the same map)."""
+    rank, classes = config.classifier_rank, config.num_classes
+    if rank is None:
+        return (_fc_layer("classifier", in_features, classes, None),)
+    full = min(in_features, classes)
+    if rank > full:
+        raise MobileNetError(
+            f"classifier_rank {rank} exceeds the classifier's full rank min(in features, classes) = "
+            f"min({in_features}, {classes}) = {full}; expected 1 <= classifier_rank <= {full}"
+        )
+    return (
+        _fc_layer("classifier.0", in_features, rank, None, bias=False),
+        _fc_layer("classifier.1", rank, classes, None),
     )
-    return Network(config=config, blocks=blocks, classifier=classifier, name=name)
+
+
+def _head(config: ModelConfig, features: int, pool_output: int) -> tuple[Layer, ...]:
+    """The fully connected layers after the pool: VGG's hidden FC-4096 layers (none in a MobileNet), then the
+    classifier."""
+    width = features * pool_output * pool_output
+    hidden: list[Layer] = []
+    for index, out_features in enumerate(VGG16_HIDDEN if config.family == "vgg" else ()):
+        hidden.append(_fc_layer(f"hidden.{index}.linear", width, out_features, "relu"))
+        width = out_features
+    return (*hidden, *_classifier_layers(config, width))
+
+
+def build_network(config: ModelConfig, name: str = "") -> Network:
+    """Turn a :class:`ModelConfig` into the full list of layers (V1 Table 1, V2 Table 2 or VGG-16 with its
+    options)."""
+    builders = {"v1": _build_v1, "v2": _build_v2, "vgg": _build_vgg}
+    blocks = builders[config.family](config)
+    pool_output = VGG_POOL_OUTPUT if config.family == "vgg" else 1
+    head = _head(config, blocks[-1].out_channels, pool_output)
+    return Network(config=config, blocks=blocks, head=head, name=name, pool_output=pool_output)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -501,6 +619,7 @@ V2_RESOLUTIONS = (224, 192, 160, 128, 96)
 
 
 def _registry() -> dict[str, ModelConfig]:
+    """The MobileNets of the papers' tables (V1 Tables 4-7, V2 Table 3 and Figure 5)."""
     models: dict[str, ModelConfig] = {}
     for alpha in V1_ALPHAS:
         for resolution in V1_RESOLUTIONS:
@@ -513,12 +632,16 @@ def _registry() -> dict[str, ModelConfig]:
     return models
 
 
-MODELS: dict[str, ModelConfig] = _registry()
+#: The networks the V1 paper compares MobileNet with (Table 8), registered beside the MobileNets.
+BASELINES: dict[str, ModelConfig] = {"vgg16_224": ModelConfig("vgg", resolution=224)}
+
+MODELS: dict[str, ModelConfig] = {**_registry(), **BASELINES}
 
 
-def list_models(pattern: str = "") -> list[str]:
-    """The registered model names, optionally those containing ``pattern`` or matching it as a glob."""
-    names = list(MODELS)
+def list_models(pattern: str = "", *, baselines: bool = False) -> list[str]:
+    """The registered MobileNet names (with ``baselines=True`` also the V1 paper's comparison networks, VGG-16),
+    optionally those containing ``pattern`` or matching it as a glob."""
+    names = [name for name in MODELS if baselines or name not in BASELINES]
     if not pattern:
         return names
     if any(char in pattern for char in "*?["):
@@ -531,7 +654,16 @@ def list_models(pattern: str = "") -> list[str]:
     return [name for name in names if pattern in name]
 
 
-OVERRIDABLE = ("alpha", "resolution", "num_classes", "dropout", "small_input", "in_channels", "activation")
+OVERRIDABLE = (
+    "alpha",
+    "resolution",
+    "num_classes",
+    "dropout",
+    "small_input",
+    "in_channels",
+    "activation",
+    "classifier_rank",
+)
 
 
 def model_config(name: str, **overrides: Any) -> ModelConfig:

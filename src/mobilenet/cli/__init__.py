@@ -18,10 +18,23 @@ from mobilenet.errors import MobileNetError
 
 #: Subcommand modules, in the order ``mobilenet --help`` lists them. A module that is missing is skipped, so a
 #: command can be developed without breaking the others.
-COMMANDS = ("models", "cost", "demo", "train", "eval", "predict", "convert", "export", "quantize", "bench", "reproduce")
+COMMANDS = (
+    "models",
+    "cost",
+    "demo",
+    "train",
+    "eval",
+    "predict",
+    "convert",
+    "export",
+    "quantize",
+    "compress",
+    "bench",
+    "reproduce",
+)
 #: Commands that run models: they start with glibc's allocator tuned (:func:`mobilenet.runtime.tune_allocator`;
 #: MOBILENET_NO_MALLOC_TUNING=1 opts out), which removes most page faults of eager PyTorch at large activations.
-MODEL_COMMANDS = ("demo", "train", "eval", "predict", "bench", "reproduce")
+MODEL_COMMANDS = ("demo", "train", "eval", "predict", "compress", "bench", "reproduce")
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -7,6 +7,10 @@
   (V1 paper section 3.1, equations 2, 4 and 5).
 - ``mobilenet cost --paper``: the papers' Tables 1-7 (V1), the V2 headline figures and TF-slim's checkpoint
   tables, each published figure beside ours.
+- ``mobilenet cost --fc 4096x4096 --rank 512``: one fully connected layer, full vs its truncated-SVD
+  factorisation (``in -> rank -> out``).
+- ``mobilenet cost vgg16_224``: VGG-16, the V1 paper's Table 8 baseline; ``--classifier-rank R`` counts any model
+  with a factored classifier.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="multiply-adds, parameters and shapes of a model, a layer, or the papers' tables (no torch needed)",
         description=(
             "Analytic cost model (papers' convention: 1 MAC = 1 multiply-add = 2 FLOPs; conv and FC layers only). "
-            "Give a model NAME, or --layer HxWxM --out N, or --paper."
+            "Give a model NAME, or --layer HxWxM --out N, or --fc INxOUT --rank R, or --paper."
         ),
     )
     parser.add_argument("name", nargs="?", help="registered model name (see `mobilenet models`)")
@@ -35,41 +39,66 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--resolution", type=int, help="input side in pixels (>= 32)")
     parser.add_argument("--num-classes", type=int, dest="num_classes", help="classifier outputs (>= 1)")
     parser.add_argument("--small-input", action="store_true", default=None, help="CIFAR-style stem (total stride 8)")
+    parser.add_argument(
+        "--classifier-rank",
+        type=int,
+        dest="classifier_rank",
+        metavar="R",
+        help="count the model with its classifier factored as features -> R -> classes",
+    )
     parser.add_argument("--format", choices=FORMATS, default="table", help="output format (default: table)")
     parser.add_argument("--layer", metavar="HxWxM", help="one layer's input, e.g. 416x416x50: standard vs separable")
     parser.add_argument("--out", type=int, metavar="N", help="output channels of the --layer")
     parser.add_argument("--kernel", type=int, metavar="DK", help="kernel side of the --layer (default 3)")
     parser.add_argument("--stride", type=int, help="stride of the --layer (default 1)")
+    parser.add_argument("--fc", metavar="INxOUT", help="one fully connected layer, e.g. 4096x4096: full vs factored")
+    parser.add_argument("--rank", type=int, metavar="R", help="rank of the --fc layer's factorisation (in -> R -> out)")
     parser.add_argument("--paper", action="store_true", help="reproduce the papers' tables, published vs ours")
     parser.add_argument("--output", "-o", metavar="FILE", help="write to FILE (atomically) instead of stdout")
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    modes = [mode for mode, given in (("NAME", args.name), ("--layer", args.layer), ("--paper", args.paper)) if given]
-    if len(modes) != 1:
-        got = " and ".join(modes) if modes else "none"
-        raise MobileNetError(f"give exactly one of a model NAME, --layer HxWxM or --paper (got {got})")
-    if not args.layer:
-        layer_only = [flag for flag in ("out", "kernel", "stride") if getattr(args, flag) is not None]
-        if layer_only:
-            flags = ", ".join(f"--{flag}" for flag in layer_only)
-            raise MobileNetError(f"{flags} describe the one layer of --layer HxWxM; give --layer too")
-    if args.name is None:
-        model_options = {"alpha": args.alpha, "resolution": args.resolution, "num_classes": args.num_classes}
-        given = [f"--{key.replace('_', '-')}" for key, value in model_options.items() if value is not None]
-        if args.small_input:
-            given.append("--small-input")
-        if given:
-            raise MobileNetError(f"{', '.join(given)} apply to a model NAME, not to --layer or --paper")
+    _check_modes(args)
     if args.layer:
         text = _layer(args)
+    elif args.fc:
+        text = _fc(args)
     elif args.paper:
         text = paper_report(args.format)
     else:
         text = _model(args)
     _emit(text, args.output)
     return 0
+
+
+def _check_modes(args: argparse.Namespace) -> None:
+    """Exactly one mode, and each option only with the mode it belongs to."""
+    given_modes = (("NAME", args.name), ("--layer", args.layer), ("--fc", args.fc), ("--paper", args.paper))
+    modes = [mode for mode, given in given_modes if given]
+    if len(modes) != 1:
+        got = " and ".join(modes) if modes else "none"
+        raise MobileNetError(f"give exactly one of a model NAME, --layer HxWxM, --fc INxOUT or --paper (got {got})")
+    if not args.layer:
+        layer_only = [flag for flag in ("out", "kernel", "stride") if getattr(args, flag) is not None]
+        if layer_only:
+            flags = ", ".join(f"--{flag}" for flag in layer_only)
+            raise MobileNetError(f"{flags} describe the one layer of --layer HxWxM; give --layer too")
+    if not args.fc and args.rank is not None:
+        hint = "; for a model's classifier use --classifier-rank" if args.name else ""
+        raise MobileNetError(f"--rank is the rank of the --fc INxOUT layer's factorisation; give --fc too{hint}")
+    if args.name is None:
+        model_options = {
+            "alpha": args.alpha,
+            "resolution": args.resolution,
+            "num_classes": args.num_classes,
+            "classifier_rank": args.classifier_rank,
+        }
+        given = [f"--{key.replace('_', '-')}" for key, value in model_options.items() if value is not None]
+        if args.small_input:
+            given.append("--small-input")
+        if given:
+            raise MobileNetError(f"{', '.join(given)} apply to a model NAME, not to --layer, --fc or --paper")
 
 
 def _emit(text: str, output: str | None) -> None:
@@ -108,6 +137,7 @@ def _model(args: argparse.Namespace) -> str:
         resolution=args.resolution,
         num_classes=args.num_classes,
         small_input=args.small_input,
+        classifier_rank=args.classifier_rank,
     )
     if args.format == "json":
         return table.to_json() + "\n"
@@ -240,6 +270,57 @@ def _layer(args: argparse.Namespace) -> str:
         table.add_column(header, justify="left" if not header else "right")
     for name, macs, params in rows:
         table.add_row(name, f"{macs:,}", f"{params:,}", style="bold" if name == "depthwise separable" else None)
+    console.print(table)
+    console.print(ratio_line, markup=False)
+    console.print(MAC_CONVENTION, markup=False)
+    return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _fc(args: argparse.Namespace) -> str:
+    from mobilenet.cost import MAC_CONVENTION, factored_fc_cost, parse_fc
+
+    in_features, out_features = parse_fc(args.fc)
+    if args.rank is None:
+        raise MobileNetError("--fc needs --rank R, the inner width of the factorisation in -> R -> out")
+    cost = factored_fc_cost(in_features, out_features, args.rank)
+    if args.format == "json":
+        import json
+
+        return json.dumps(cost.to_dict(), indent=2) + "\n"
+    shape = f"{cost.in_features}x{cost.out_features}"
+    rows = [
+        (f"full {cost.in_features} -> {cost.out_features}", cost.params_full, cost.macs_full),
+        (
+            f"factored {cost.in_features} -> {cost.rank} -> {cost.out_features}",
+            cost.params_factored,
+            cost.macs_factored,
+        ),
+    ]
+    ratio_line = (
+        f"factored / full: {cost.ratio:.4f} ({1 / cost.ratio:.2f}x fewer parameters and multiply-adds); "
+        f"factoring saves only below rank {cost.break_even_rank:.1f} = in * out / (in + out)"
+    )
+    title = f"One fully connected layer {shape} and its rank-{cost.rank} truncated-SVD factorisation"
+    if args.format == "csv":
+        lines = ["layer,params,macs"] + [f"{name},{params},{macs}" for name, params, macs in rows]
+        return "\n".join([*lines, f"ratio,{cost.ratio},{cost.ratio}"]) + "\n"
+    if args.format == "markdown":
+        lines = [f"### {title}", "", f"_{MAC_CONVENTION}._", "", "| | params | MACs |", "|---|--:|--:|"]
+        lines += [f"| {name} | {params:,} | {macs:,} |" for name, params, macs in rows]
+        return "\n".join([*lines, "", ratio_line]) + "\n"
+    from rich.table import Table
+
+    buffer = io.StringIO()
+    console = _console(buffer)
+    console.print(title, markup=False)
+    table = Table()
+    for header in ("", "params (weights)", "MACs (one input)"):
+        table.add_column(header, justify="left" if not header else "right")
+    for name, params, macs in rows:
+        table.add_row(name, f"{params:,}", f"{macs:,}")
     console.print(table)
     console.print(ratio_line, markup=False)
     console.print(MAC_CONVENTION, markup=False)

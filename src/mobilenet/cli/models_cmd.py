@@ -1,4 +1,4 @@
-"""``mobilenet models [PATTERN]``: the registered model names."""
+"""``mobilenet models [PATTERN]``: the registered model names (the MobileNets, then the V1 paper's baselines)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    for name in list_models(args.pattern):
+    for name in list_models(args.pattern, baselines=True):
         config = model_config(name)
         print(f"{name:32s} {config.family}  alpha={config.alpha:<5g} resolution={config.resolution} {config.variant}")
     return 0
