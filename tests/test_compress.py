@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from mobilenet.checkpoint import load, load_checkpoint, read_header, save
 from safetensors.torch import load_file, save_file
 from torchvision.io import encode_png
 
+from mobilenet.checkpoint import load, load_checkpoint, read_header, save
 from mobilenet.cli import main
 from mobilenet.compress import classifier_matrix, compress_checkpoint, factor_classifier, truncated_svd
 from mobilenet.cost import count_costs, factored_fc_cost

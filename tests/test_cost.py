@@ -11,8 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
-from mobilenet.cost import count_costs, layer_cost, measure_costs, parse_shape
+from mobilenet.cost import count_costs, layer_cost, parse_shape
 from mobilenet.errors import MobileNetError
+from mobilenet.measure import measure_costs
 from mobilenet.models import create_model, model_from_config
 from mobilenet.paper import reproduce
 from mobilenet.spec import ModelConfig, list_models, network_for

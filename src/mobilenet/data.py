@@ -34,9 +34,12 @@ from typing import Any, Literal
 
 import torch
 from torch.utils.data import Dataset
+from torchvision import datasets
+from torchvision.transforms import InterpolationMode, v2
 
 from mobilenet.errors import MobileNetError
 from mobilenet.images import IMAGE_SUFFIXES, BadImageError, decode_image, image_files_under
+from mobilenet.progress import progress_bar
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -187,14 +190,11 @@ def _as_preprocessing(preprocessing: Preprocessing | dict[str, Any]) -> Preproce
 
 
 def _interpolation(name: str) -> Any:
-    from torchvision.transforms import InterpolationMode
 
     return InterpolationMode(name)
 
 
 def _normalize_tail(p: Preprocessing) -> list[Any]:
-    from torchvision.transforms import v2
-
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(p.mean), std=list(p.std)), v2.ToPureTensor()]
 
 
@@ -205,8 +205,6 @@ def build_eval_transform(preprocessing: Preprocessing | dict[str, Any]) -> Calla
     style that is the 87.5% central crop the MobileNet papers' numbers are measured with (TF-slim's
     ``preprocess_for_eval``; torchvision's ``ImageClassification`` with resize 256 / crop 224).
     """
-    from torchvision.transforms import v2
-
     p = _as_preprocessing(preprocessing)
     return v2.Compose(
         [
@@ -232,8 +230,6 @@ def build_train_transform(
     - "small": resize to input (no-op for CIFAR), pad by input/8 with reflection, random crop, horizontal flip
       (He et al. 2016, section 4.2: "4 pixels are padded on each side, and a 32x32 crop is randomly sampled").
     """
-    from torchvision.transforms import v2
-
     p = _as_preprocessing(preprocessing)
     steps: list[Any] = [v2.ToImage()]
     if p.style == "imagenet":
@@ -372,14 +368,11 @@ class ImageFolderDataset(Dataset):
         return clone
 
     def _load_all(self) -> None:
-        from rich.progress import Progress
-
         cache: list[torch.Tensor | None] = []
-        with Progress(*_progress_columns(), transient=True) as progress:
-            task = progress.add_task(f"decoding {self.root}", total=len(self.samples))
+        with progress_bar(len(self.samples), f"decoding {self.root}", transient=True) as advance:
             for path, _ in self.samples:
                 cache.append(self._decode(path))
-                progress.advance(task)
+                advance(1)
         self._cache = cache
 
     def _decode(self, path: Path) -> torch.Tensor | None:
@@ -400,12 +393,6 @@ class ImageFolderDataset(Dataset):
             if image is not None:
                 return image, label
         raise MobileNetError(f"no image under {self.root} could be decoded; expected JPEG/PNG files")
-
-
-def _progress_columns() -> list[Any]:
-    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
-
-    return [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
 
 
 def scan_class_folders(root: Path) -> dict[str, list[Path]]:
@@ -591,7 +578,6 @@ def _load_folder(
 
 
 def _load_torchvision_cifar(name: str, *, download: bool) -> DataBundle:
-    from torchvision import datasets
 
     cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
     root = data_root()

@@ -18,7 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from mobilenet.checkpoint import load
+from mobilenet.cost import count_costs
 from mobilenet.errors import MobileNetError
+from mobilenet.plots import plot_comparison
+from mobilenet.train import TrainConfig, train
 
 __all__ = ["DemoConfig", "run_demo"]
 
@@ -48,8 +56,6 @@ class DemoConfig:
 
 def _latency_ms(models: dict[str, Any], batch: int, resolution: int, runs: int) -> dict[str, float]:
     """Median forward time of each model, measured interleaved so that load from other processes hits both."""
-    import torch
-
     x = torch.randn(batch, 3, resolution, resolution)
     times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
@@ -75,11 +81,6 @@ def run_demo(config: DemoConfig | None = None, *, progress: bool = True, log: An
         raise MobileNetError(
             "the demo uses scikit-learn's bundled digits dataset; install it with: pip install 'mobilenet[demo]'"
         ) from None
-    from mobilenet.checkpoint import load
-    from mobilenet.cost import count_costs
-    from mobilenet.plots import plot_comparison
-    from mobilenet.train import TrainConfig, train
-
     out = Path(config.out)
     started = time.perf_counter()
     results: dict[str, Any] = {}
@@ -148,9 +149,6 @@ def run_demo(config: DemoConfig | None = None, *, progress: bool = True, log: An
 
 
 def _print_table(rows: list[dict[str, Any]], config: DemoConfig) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     separable, conv = rows
     table = Table(title="V1 paper Table 4 in miniature (digits, CPU)")
     table.add_column("model")

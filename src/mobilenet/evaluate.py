@@ -14,10 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
+from mobilenet.checkpoint import load_checkpoint
+from mobilenet.data import TransformedDataset, build_eval_transform, iterate_loader, load_data, resolve_preprocessing
 from mobilenet.errors import MobileNetError
+from mobilenet.predict import Predictor
+from mobilenet.progress import progress_bar
 from mobilenet.runtime import resolve_device
 
 __all__ = ["EvalCounts", "accumulate", "evaluate_checkpoint", "summarize"]
@@ -39,8 +44,6 @@ class EvalCounts:
     def all_reduce(self, dist_ctx: Any) -> EvalCounts:
         if not getattr(dist_ctx, "enabled", False):
             return self
-        import torch.distributed as dist
-
         packed = torch.cat([self.confusion.flatten().double(), torch.tensor([float(self.top5_correct), self.loss_sum])])
         dist.all_reduce(packed, op=dist.ReduceOp.SUM)
         n = self.confusion.numel()
@@ -68,8 +71,6 @@ def accumulate(
     top5 = 0
     loss_sum = 0.0
     k = min(5, num_classes)
-    from mobilenet.data import iterate_loader
-
     try:
         for images, labels in iterate_loader(loader):
             images = images.to(device, non_blocking=True)
@@ -139,9 +140,6 @@ def evaluate_checkpoint(
     The data's classes must be the checkpoint's (same names, same order), otherwise the labels would mean
     different things; the error lists the difference.
     """
-    from mobilenet.checkpoint import load_checkpoint
-    from mobilenet.data import Preprocessing, TransformedDataset, build_eval_transform, load_data
-
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise MobileNetError(f"--batch-size must be an integer >= 1, got {batch_size!r}")
     if split not in ("val", "train"):
@@ -174,29 +172,16 @@ def evaluate_checkpoint(
         raise MobileNetError(
             f"the classes of {data} differ from the checkpoint's ({detail}); expected: {', '.join(classes)}"
         )
-    if ckpt.preprocessing is not None:
-        preprocessing = Preprocessing.from_dict(ckpt.preprocessing)
-    else:
-        preprocessing = Preprocessing.for_resolution(ckpt.config.resolution)
+    preprocessing = resolve_preprocessing(ckpt.preprocessing, ckpt.config.resolution)
     dataset = TransformedDataset(bundle.val if split == "val" else bundle.train, build_eval_transform(preprocessing))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress(
-        TextColumn("evaluating"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        disable=not progress,
-        transient=True,
-    ) as bar:
-        task = bar.add_task("eval", total=len(dataset))
+    with progress_bar(len(dataset), "evaluating", enabled=progress, transient=True) as advance:
         counts = accumulate(
             _network(ckpt, backend, torch_device),
             loader,
             num_classes=len(classes),
             device=torch_device,
-            progress=lambda n: bar.advance(task, n),
+            progress=advance,
         )
     result = summarize(counts, list(classes))
     result.update(
@@ -225,11 +210,8 @@ class _Runner(nn.Module):
 
 def _network(checkpoint: Any, backend: str, device: torch.device) -> nn.Module:
     """The eager model for ``backend="torch"``, else the :class:`mobilenet.predict.Predictor` backend wrapped as a
-    module. (The Predictor module is imported here, lazily: the fast backends live there, and evaluation is one
-    more of their users.)"""
+    module."""
     if backend == "torch":
         return checkpoint.model
-    from mobilenet.predict import Predictor
-
     predictor = Predictor(checkpoint, backend=backend, device=str(device))
     return _Runner(predictor.logits)

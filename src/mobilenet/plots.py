@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from mobilenet.io import atomic_path
 
 __all__ = [
@@ -75,8 +77,6 @@ def plot_confusion(
     confusion: Sequence[Sequence[int]], classes: Sequence[str], path: str | os.PathLike[str], *, title: str = ""
 ) -> Path:
     """Row-normalised confusion matrix (each row: where the images of one true class went), with counts."""
-    import numpy as np
-
     plt = _pyplot()
     matrix = np.asarray(confusion, dtype=float)
     rows = matrix.sum(axis=1, keepdims=True)

@@ -38,18 +38,25 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import random
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import numpy as np
+import torch
+from torchvision.transforms.v2.functional import rgb_to_grayscale
+
+from mobilenet.backends import load_source
+from mobilenet.data import build_eval_transform
 from mobilenet.errors import MobileNetError
+from mobilenet.export import INPUT_NAME, OUTPUT_NAME, export_onnx, ort_session
+from mobilenet.images import BadImageError, decode_image, find_images
 from mobilenet.io import atomic_path
-
-if TYPE_CHECKING:
-    import numpy as np
+from mobilenet.progress import progress_bar
 
 __all__ = [
     "ACTIVATION_TYPES",
@@ -72,8 +79,6 @@ ACTIVATION_TYPES = ("auto", "int8", "uint8")
 def default_activation_type(machine: str | None = None) -> str:
     """The activation type whose int8 kernels are native on ``machine`` (default: this one's ``platform.machine()``):
     ``"uint8"`` on x86 (u8 x s8 multiply instructions), ``"int8"`` elsewhere (ARM's s8 x s8 dot products)."""
-    import platform
-
     name = (machine if machine is not None else platform.machine()).lower()
     return "uint8" if name in ("x86_64", "amd64", "i386", "i686", "x86") else "int8"
 
@@ -122,8 +127,6 @@ def _require_ort() -> Any:
 def calibration_files(directory: str | os.PathLike[str], limit: int | None, seed: int = 0) -> list[Path]:
     """Up to ``limit`` image files under ``directory`` (recursively), a seeded random sample so that every class
     of an ImageFolder tree is represented, in sorted order for reproducibility."""
-    from mobilenet.images import find_images
-
     root = Path(directory)
     if not root.exists():
         raise MobileNetError(f"calibration directory {root} does not exist; expected a directory of real images")
@@ -145,11 +148,6 @@ def calibration_batches(
 ) -> Iterator[np.ndarray]:
     """Float32 NCHW batches of ``files`` preprocessed with the eval transform (undecodable files are skipped and
     recorded in ``skipped``)."""
-    import torch
-
-    from mobilenet.data import build_eval_transform
-    from mobilenet.images import BadImageError, decode_image
-
     transform = build_eval_transform(preprocessing)
     batch: list[torch.Tensor] = []
     for path in files:
@@ -160,8 +158,6 @@ def calibration_batches(
                 skipped.append(str(error))
             continue
         if in_channels == 1:
-            from torchvision.transforms.v2.functional import rgb_to_grayscale
-
             rgb = rgb_to_grayscale(rgb)
         batch.append(transform(rgb))
         if len(batch) == batch_size:
@@ -208,9 +204,6 @@ def quantize_onnx(
     """
     quantization = _require_ort()
     import onnx
-
-    from mobilenet.backends import load_source
-    from mobilenet.export import export_onnx, ort_session
 
     if calibrate_method not in CALIBRATION_METHODS:
         raise MobileNetError(
@@ -351,8 +344,6 @@ class _Reader:
     """ONNX Runtime's CalibrationDataReader protocol over lazily decoded, preprocessed batches."""
 
     def __init__(self, make_batches: Callable[[], Iterator[np.ndarray]]) -> None:
-        from mobilenet.export import INPUT_NAME
-
         self._make = make_batches
         self._iter = make_batches()
         self._input = INPUT_NAME
@@ -366,8 +357,6 @@ class _Reader:
 
 
 def _with_progress(batches: Iterator[np.ndarray], total: int, enabled: bool) -> Iterator[np.ndarray]:
-    from mobilenet.progress import progress_bar
-
     with progress_bar(total, "calibrating", enabled=enabled) as advance:
         for batch in batches:
             advance(len(batch))
@@ -375,8 +364,6 @@ def _with_progress(batches: Iterator[np.ndarray], total: int, enabled: bool) -> 
 
 
 def _agreement(fp32_session: Any, int8_session: Any, batches: list[np.ndarray]) -> float:
-    from mobilenet.export import INPUT_NAME, OUTPUT_NAME
-
     same = total = 0
     for batch in batches:
         a = fp32_session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0].argmax(1)
