@@ -3,7 +3,7 @@
     python benchmarks/train_cifar10.py --recipe cpu   # 2 CPU cores, <= 60 min of training, target >= 85% test top-1
     python benchmarks/train_cifar10.py --recipe gpu   # one GPU, target >= 92% test top-1
 
-Data: the real CIFAR-10 (``$MOBILENET_CIFAR10`` or ``../shared/data/cifar10`` as an ImageFolder of JPEGs, else
+Data: the real CIFAR-10 (``--data``, default ``../shared/data/cifar10`` as an ImageFolder of JPEGs, else
 torchvision's download). Validation during training is the 10,000-image test split (CIFAR has no other), and the
 final figure is re-measured from the saved checkpoint with ``mobilenet eval``'s code path.
 
@@ -20,6 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 
 RECIPES = {
     "cpu": dict(
@@ -51,6 +54,11 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="run directory (default runs/cifar10_<recipe>)")
     parser.add_argument("--epochs", type=int, help="override the recipe's epochs")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument(
+        "--data",
+        default=str(DEFAULT_DATA),
+        help="the CIFAR-10 ImageFolder tree (train/, test/) (default: ../shared/data/cifar10 beside the checkout)",
+    )
     args = parser.parse_args()
 
     from mobilenet.evaluate import evaluate_checkpoint
@@ -60,12 +68,12 @@ def main() -> None:
     if args.epochs:
         options["epochs"] = args.epochs
     out = args.out or f"runs/cifar10_{args.recipe}"
-    config = TrainConfig(data="cifar10", out=out, resume=args.resume, **options)
+    config = TrainConfig(data=args.data, out=out, resume=args.resume, **options)
     started = time.perf_counter()
     result = train(config)
     wall = time.perf_counter() - started
     train_seconds = sum(row["epoch_seconds"] for row in result.history)
-    final = evaluate_checkpoint(result.last_checkpoint, "cifar10", device=options["device"], progress=False)
+    final = evaluate_checkpoint(result.last_checkpoint, args.data, device=options["device"], progress=False)
     report = {
         "recipe": args.recipe,
         "config": config.to_dict(),

@@ -4,8 +4,8 @@ Sources (:func:`load_data`):
 
 - an ImageFolder directory: ``DIR/train/<class>/*`` with ``DIR/val/`` or ``DIR/test/`` beside it, or a single
   ``DIR/<class>/*`` tree split into train and validation by a seeded fraction;
-- ``cifar10`` / ``cifar100``: the real CIFAR-10 JPEG tree (``$MOBILENET_CIFAR10`` or ``../shared/data/cifar10``)
-  when present, otherwise torchvision's dataset (downloaded when the network is there; otherwise a clear error
+- ``cifar10`` / ``cifar100``: the real CIFAR-10 JPEG tree (``$MOBILENET_CIFAR10``, else
+  ``~/.local/share/mobilenet/cifar10``) when present, otherwise torchvision's dataset (downloaded when the network is there; otherwise a clear error
   that says where to put the files);
 - ``digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 real scans, Alpaydin & Kaynak 1998, UCI), no
   download, upsampled to the model's resolution; the demo and the tests use it.
@@ -485,15 +485,18 @@ class DataBundle:
         return TransformedDataset(self.val, build_eval_transform(preprocessing))
 
 
+def user_data_dir() -> Path:
+    """The user's data directory for this library: ``$XDG_DATA_HOME/mobilenet`` (``~/.local/share/mobilenet``)."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "mobilenet"
+
+
 def cifar10_folder() -> Path | None:
-    """The real CIFAR-10 ImageFolder tree: ``$MOBILENET_CIFAR10``, else ``../shared/data/cifar10`` next to the
-    project checkout or the current directory; ``None`` when absent."""
+    """The real CIFAR-10 ImageFolder tree (``train/<class>/*.jpg``, ``test/<class>/*.jpg``): ``$MOBILENET_CIFAR10``,
+    else :func:`user_data_dir` ``/cifar10``; ``None`` when neither holds one."""
     env = os.environ.get("MOBILENET_CIFAR10")
     candidates = [Path(env)] if env else []
-    candidates += [
-        Path(__file__).resolve().parents[3] / "shared" / "data" / "cifar10",
-        Path.cwd().parent / "shared" / "data" / "cifar10",
-    ]
+    candidates.append(user_data_dir() / "cifar10")
     for candidate in candidates:
         if (candidate / "train").is_dir() and (candidate / "test").is_dir():
             return candidate
@@ -578,7 +581,6 @@ def _load_folder(
 
 
 def _load_torchvision_cifar(name: str, *, download: bool) -> DataBundle:
-
     cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
     root = data_root()
     try:
@@ -589,7 +591,7 @@ def _load_torchvision_cifar(name: str, *, download: bool) -> DataBundle:
         raise MobileNetError(
             f"{name} is not available and could not be downloaded ({str(error).splitlines()[0]}); put torchvision's "
             f"{archive} (from https://www.cs.toronto.edu/~kriz/) extracted under {root} (or set MOBILENET_DATA), "
-            "or an ImageFolder tree with train/ and test/ and pass its path with --data"
+            "or point MOBILENET_CIFAR10 at an ImageFolder tree with train/ and test/ (or pass that path as the data)"
         ) from None
 
     def to_tensor_set(ds: Any) -> TensorImageDataset:
