@@ -5,8 +5,8 @@ Sources (:func:`load_data`):
 - an ImageFolder directory: ``DIR/train/<class>/*`` with ``DIR/val/`` or ``DIR/test/`` beside it, or a single
   ``DIR/<class>/*`` tree split into train and validation by a seeded fraction;
 - ``cifar10`` / ``cifar100``: the real CIFAR-10 JPEG tree (``$MOBILENET_CIFAR10``, else
-  ``~/.local/share/mobilenet/cifar10``) when present, otherwise torchvision's dataset (downloaded when the network is there; otherwise a clear error
-  that says where to put the files);
+  ``~/.local/share/mobilenet/cifar10``) when present, otherwise torchvision's dataset (downloaded when the network
+  is there; otherwise a clear error that says where to put the files);
 - ``digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 real scans, Alpaydin & Kaynak 1998, UCI), no
   download, upsampled to the model's resolution; the demo and the tests use it.
 
