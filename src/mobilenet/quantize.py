@@ -203,27 +203,13 @@ def quantize_onnx(
             False uses all 8 bits, for targets with VNNI or ARM dot-product instructions.
     """
     quantization = _require_ort()
-    import onnx
-
-    if calibrate_method not in CALIBRATION_METHODS:
-        raise MobileNetError(
-            f"unknown calibration method {calibrate_method!r}; expected one of {', '.join(CALIBRATION_METHODS)}"
-        )
-    activation_type = resolve_activation_type(activation_type)
-    if num_calibration is not None and num_calibration < 1:
-        raise MobileNetError(f"the number of calibration images must be at least 1, got {num_calibration}")
-    if isinstance(calibration, str | os.PathLike):
-        files = calibration_files(calibration, num_calibration, seed)
-    else:
-        files = [Path(f) for f in calibration][:num_calibration]
-        if not files:
-            raise MobileNetError("no calibration images given; expected a directory or a list of image files")
+    activation_type = _check_options(calibrate_method, activation_type, num_calibration)
+    files = _calibration_list(calibration, num_calibration, seed)
     source = load_source(model_or_checkpoint)
     if source.model is None:
         raise MobileNetError(
             f"{source.onnx_path} is an ONNX file; quantize takes the .safetensors checkpoint (fp32 weights)"
         )
-
     settings = {
         "method": "onnxruntime static QDQ (post-training)",
         "onnxruntime": __import__("onnxruntime").__version__,
@@ -255,52 +241,94 @@ def quantize_onnx(
         reader = _Reader(lambda: counter.count(_with_progress(make_batches(counter.reset()), len(files), progress)))
         target = Path(out)
         with atomic_path(target) as tmp, _no_data_is_a_user_error(counter, len(files)):
-            quantization.quantize_static(
-                str(prepared),
-                str(tmp),
-                reader,
-                quant_format=quantization.QuantFormat.QDQ,
-                per_channel=per_channel,
-                reduce_range=reduce_range,
-                activation_type=quantization.QuantType.QInt8
-                if activation_type == "int8"
-                else quantization.QuantType.QUInt8,
-                weight_type=quantization.QuantType.QInt8,
-                calibrate_method={
-                    "minmax": quantization.CalibrationMethod.MinMax,
-                    "entropy": quantization.CalibrationMethod.Entropy,
-                    "percentile": quantization.CalibrationMethod.Percentile,
-                }[calibrate_method],
-                # Symmetric activations in int8 keep zero points at 0 (what int8 GEMM kernels are fastest with).
-                extra_options={"ActivationSymmetric": activation_type == "int8", "WeightSymmetric": True},
+            _quantize_static(
+                quantization, prepared, tmp, reader, per_channel, reduce_range, activation_type, calibrate_method
             )
             if counter.images == 0:
                 raise MobileNetError(
                     f"none of the {len(files)} calibration file(s) could be decoded; expected real images "
                     f"(first error: {counter.skipped[0] if counter.skipped else 'unknown'})"
                 )
-            count = counter.images
-            settings["calibration_images"] = count
-            quantized = onnx.load(str(tmp))
-            original = {p.key: p.value for p in onnx.load(str(fp32), load_external_data=False).metadata_props}
-            metadata = json.loads(original["mobilenet"])
-            metadata["quantization"] = settings
-            original["mobilenet"] = json.dumps(metadata)
-            original["quantization"] = json.dumps(settings)
-            del quantized.metadata_props[:]
-            for key, value in original.items():
-                entry = quantized.metadata_props.add()
-                entry.key, entry.value = key, value
-            quantized.producer_name = "mobilenet"
-            onnx.save(quantized, str(tmp))
-            onnx.checker.check_model(str(tmp))
+            settings["calibration_images"] = counter.images
+            _store_metadata(fp32, tmp, settings)
             agreement = _agreement(ort_session(fp32), ort_session(tmp), make_batches())
         fp32_kept = None
         if keep_fp32 is not None:
             fp32_kept = Path(keep_fp32)
             with atomic_path(fp32_kept) as tmp_fp32:
                 tmp_fp32.write_bytes(fp32.read_bytes())
-    return QuantizeResult(target, fp32_kept, count, counter.skipped, settings, agreement)
+    return QuantizeResult(target, fp32_kept, counter.images, counter.skipped, settings, agreement)
+
+
+def _check_options(calibrate_method: str, activation_type: str, num_calibration: int | None) -> str:
+    """Validate the options; the resolved activation type."""
+    if calibrate_method not in CALIBRATION_METHODS:
+        raise MobileNetError(
+            f"unknown calibration method {calibrate_method!r}; expected one of {', '.join(CALIBRATION_METHODS)}"
+        )
+    if num_calibration is not None and num_calibration < 1:
+        raise MobileNetError(f"the number of calibration images must be at least 1, got {num_calibration}")
+    return resolve_activation_type(activation_type)
+
+
+def _calibration_list(
+    calibration: str | os.PathLike[str] | Sequence[Any], num_calibration: int | None, seed: int
+) -> list[Path]:
+    if isinstance(calibration, str | os.PathLike):
+        return calibration_files(calibration, num_calibration, seed)
+    files = [Path(f) for f in calibration][:num_calibration]
+    if not files:
+        raise MobileNetError("no calibration images given; expected a directory or a list of image files")
+    return files
+
+
+def _quantize_static(
+    quantization: Any,
+    prepared: Path,
+    out: Path,
+    reader: Any,
+    per_channel: bool,
+    reduce_range: bool,
+    activation_type: str,
+    calibrate_method: str,
+) -> None:
+    quantization.quantize_static(
+        str(prepared),
+        str(out),
+        reader,
+        quant_format=quantization.QuantFormat.QDQ,
+        per_channel=per_channel,
+        reduce_range=reduce_range,
+        activation_type=quantization.QuantType.QInt8 if activation_type == "int8" else quantization.QuantType.QUInt8,
+        weight_type=quantization.QuantType.QInt8,
+        calibrate_method={
+            "minmax": quantization.CalibrationMethod.MinMax,
+            "entropy": quantization.CalibrationMethod.Entropy,
+            "percentile": quantization.CalibrationMethod.Percentile,
+        }[calibrate_method],
+        # Symmetric activations in int8 keep zero points at 0 (what int8 GEMM kernels are fastest with).
+        extra_options={"ActivationSymmetric": activation_type == "int8", "WeightSymmetric": True},
+    )
+
+
+def _store_metadata(fp32: Path, quantized_path: Path, settings: dict[str, Any]) -> None:
+    """Carry the fp32 export's metadata (name, config, classes, preprocessing) into the int8 file, with the
+    quantization settings added, then check the result."""
+    import onnx
+
+    quantized = onnx.load(str(quantized_path))
+    original = {p.key: p.value for p in onnx.load(str(fp32), load_external_data=False).metadata_props}
+    metadata = json.loads(original["mobilenet"])
+    metadata["quantization"] = settings
+    original["mobilenet"] = json.dumps(metadata)
+    original["quantization"] = json.dumps(settings)
+    del quantized.metadata_props[:]
+    for key, value in original.items():
+        entry = quantized.metadata_props.add()
+        entry.key, entry.value = key, value
+    quantized.producer_name = "mobilenet"
+    onnx.save(quantized, str(quantized_path))
+    onnx.checker.check_model(str(quantized_path))
 
 
 class _no_data_is_a_user_error:
