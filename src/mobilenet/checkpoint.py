@@ -41,6 +41,7 @@ __all__ = [
     "HEADER_KEY",
     "STATE_FILE",
     "Checkpoint",
+    "check_shapes",
     "check_state_dict",
     "describe_foreign",
     "is_pytorch_file",

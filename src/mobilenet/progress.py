@@ -25,23 +25,29 @@ from rich.progress import (
 __all__ = ["new_progress", "progress_bar"]
 
 
-def progress_columns(*extra: ProgressColumn) -> list[ProgressColumn]:
-    """Description, bar, done/total, percent, ``extra`` (e.g. a metrics column), elapsed and remaining time."""
+def progress_columns(*fields: str) -> list[ProgressColumn]:
+    """Description, bar, done/total, percent, the named per-task text ``fields`` (e.g. a rate, running metrics),
+    elapsed time and the ETA."""
     return [
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TaskProgressColumn(),
-        TextColumn("{task.fields[rate]}"),
-        *extra,
+        *(TextColumn(f"{{task.fields[{name}]}}") for name in fields),
         TimeElapsedColumn(),
+        TextColumn("ETA"),
         TimeRemainingColumn(),
     ]
 
 
-def new_progress(*extra: ProgressColumn, enabled: bool = True, transient: bool = False) -> Progress:
-    """A rich :class:`~rich.progress.Progress` with :func:`progress_columns`; tasks need a ``rate`` field."""
-    return Progress(*progress_columns(*extra), console=Console(stderr=True), disable=not enabled, transient=transient)
+def new_progress(*fields: str, enabled: bool = True, transient: bool = False, stderr: bool = True) -> Progress:
+    """A rich :class:`~rich.progress.Progress` with :func:`progress_columns`; each task sets the named ``fields``.
+
+    ``stderr`` (default) keeps stdout clean for ``--format json``; a job that logs lines to stdout while its bar
+    runs (training) passes False, so rich keeps the log above the bar.
+    """
+    console = Console(stderr=True) if stderr else None
+    return Progress(*progress_columns(*fields), console=console, disable=not enabled, transient=transient)
 
 
 @contextmanager
@@ -52,7 +58,7 @@ def progress_bar(
     if not enabled:
         yield lambda _n: None
         return
-    with new_progress(transient=transient) as bar:
+    with new_progress("rate", transient=transient) as bar:
         task = bar.add_task(description, total=total, rate="")
         started = time.perf_counter()
 

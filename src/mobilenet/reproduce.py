@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress
 from torchvision.transforms.v2 import functional as F
 
 from mobilenet.checkpoint import STATE_FILE, load
@@ -32,6 +32,7 @@ from mobilenet.cost import count_costs
 from mobilenet.data import TensorImageDataset, channel_stats, load_data
 from mobilenet.errors import MobileNetError
 from mobilenet.io import atomic_write_text
+from mobilenet.progress import new_progress
 from mobilenet.reproduce_experiments import (
     BASE_RESOLUTION,
     BUDGETS,
@@ -223,15 +224,7 @@ def _weight(spec: RunSpec) -> float:
 
 
 def _progress_display(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TaskProgressColumn(),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        disable=not enabled,
-    )
+    return new_progress(enabled=enabled, stderr=False)
 
 
 def _finished_runs(out: Path, runs: Sequence[RunSpec], budget: Budget) -> dict[str, dict[str, Any]]:

@@ -32,18 +32,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import Progress
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from mobilenet.checkpoint import STATE_FILE, load_checkpoint, read_state, write_state
+from mobilenet.checkpoint import STATE_FILE, check_shapes, load_checkpoint, read_state, write_state
 from mobilenet.checkpoint import save as save_weights
 from mobilenet.convert import pretrained
 from mobilenet.data import BatchSmallAugment, DataBundle, Preprocessing, iterate_loader, load_data
@@ -61,6 +54,7 @@ from mobilenet.io import atomic_write_text
 from mobilenet.models import MobileNet, create_model
 from mobilenet.optim import OPTIMIZERS, RECIPES, SCHEDULES, ModelEMA, Recipe, build_optimizer, lr_at, resolve_recipe
 from mobilenet.plots import plot_training_curves
+from mobilenet.progress import new_progress
 from mobilenet.runtime import resolve_device, tune_allocator
 from mobilenet.spec import model_config
 
@@ -881,16 +875,7 @@ def _signal_handlers(flag: _StopFlag) -> Iterator[None]:
 
 
 def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[stats]}"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        disable=not enabled,
-    )
+    return new_progress("stats", enabled=enabled, stderr=False)
 
 
 def _running_stats(partial: dict[str, Any], elapsed: float, run: _Run, lr: float) -> str:
@@ -931,21 +916,13 @@ def initialise_from(model: nn.Module, source: str) -> list[str]:
     theirs = donor.state_dict()
     ours = model.state_dict()
     head = {key for key in ours if key.startswith("classifier.")}
-    missing = sorted(set(ours) - set(theirs) - head)
-    misshaped = sorted(k for k in set(ours) & set(theirs) - head if ours[k].shape != theirs[k].shape)
-    if missing or misshaped:
-        detail = "; ".join(
-            part
-            for part in (
-                f"missing {', '.join(missing[:5])}" if missing else "",
-                ", ".join(f"{k} {tuple(theirs[k].shape)} vs {tuple(ours[k].shape)}" for k in misshaped[:5]),
-            )
-            if part
-        )
-        raise MobileNetError(
-            f"--init: {origin} does not fit {model.name or 'this model'} ({detail}); expected weights of the same "
-            "architecture and width multiplier"
-        )
+    body = {key: tuple(value.shape) for key, value in ours.items() if key not in head}
+    check_shapes(
+        body,
+        {key: tuple(value.shape) for key, value in theirs.items() if key not in head},
+        what=f"--init: {origin}",
+        target=model.name or "this model",
+    )
     keep_head = all(k in theirs and theirs[k].shape == ours[k].shape for k in head)
     selected = {k: v for k, v in theirs.items() if k in ours and (keep_head or k not in head)}
     model.load_state_dict({**ours, **selected})
