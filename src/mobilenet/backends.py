@@ -13,6 +13,7 @@ registered in :data:`BACKENDS`.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import tempfile
@@ -36,6 +37,8 @@ from mobilenet.spec import MODELS, ModelConfig, model_config
 
 __all__ = [
     "BACKENDS",
+    "ChannelsLastBackend",
+    "CompiledBackend",
     "ModelSource",
     "OnnxRuntimeBackend",
     "RandomWeightsWarning",
@@ -166,6 +169,7 @@ class TorchBackend:
     """Runs the PyTorch model as it is (fp32, eval mode, eager, no autograd) on ``device``."""
 
     name = "torch"
+    description = "PyTorch eager, the model as built (NCHW, BatchNorm kept)"
 
     def __init__(self, source: ModelSource, *, device: str = "cpu", num_threads: int | None = None) -> None:
         if source.model is None:
@@ -193,12 +197,43 @@ class TorchJitBackend(TorchBackend):
     logit difference <= 1e-4 + 1e-5 * max |logit|, else :class:`MobileNetError`."""
 
     name = "torch-jit"
+    description = "torch.jit trace + freeze + optimize_for_inference, BatchNorm folded"
 
     def __init__(self, source: ModelSource, *, device: str = "cpu", num_threads: int | None = None) -> None:
         super().__init__(source, device=device, num_threads=num_threads)
         self.reference = self.model
         self.model = jit_optimize(self.model, _input_shape(source, 2), device=self.device)
         self.max_abs_diff = check_parity(self, self.reference, _input_shape(source, 3), what="torch-jit")
+
+
+class ChannelsLastBackend(TorchBackend):
+    """PyTorch eager with weights and input in channels_last (NHWC), the layout oneDNN's convolutions prefer."""
+
+    name = "torch-channels-last"
+    description = "PyTorch eager, channels_last (NHWC) weights and input"
+
+    def __init__(self, source: ModelSource, *, device: str = "cpu", num_threads: int | None = None) -> None:
+        super().__init__(source, device=device, num_threads=num_threads)
+        self.reference = self.model
+        self.model = copy.deepcopy(self.model).to(memory_format=torch.channels_last)
+        self.max_abs_diff = check_parity(self, self.reference, _input_shape(source, 3), what=self.name)
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model(batch.to(self.device).contiguous(memory_format=torch.channels_last)).float().cpu()
+
+
+class CompiledBackend(TorchBackend):
+    """``torch.compile`` (inductor) of the BatchNorm-folded model; it compiles again for each new batch size, so
+    the first call at a size is slow. Not checked when built (that would compile once more)."""
+
+    name = "torch-compile"
+    description = "torch.compile (inductor), BatchNorm folded (compiles per batch size: slow to start)"
+
+    def __init__(self, source: ModelSource, *, device: str = "cpu", num_threads: int | None = None) -> None:
+        super().__init__(source, device=device, num_threads=num_threads)
+        self.model = torch.compile(fold_batchnorm(self.model), dynamic=False)
+        self.max_abs_diff = None
 
 
 def jit_optimize(model: torch.nn.Module, example_shape: tuple[int, ...], *, device: Any = "cpu") -> Any:
@@ -236,6 +271,7 @@ class OnnxRuntimeBackend:
     :func:`mobilenet.export.export_onnx`)."""
 
     name = "onnxruntime"
+    description = "ONNX Runtime float32, BatchNorm folded, graph optimisations on"
 
     def __init__(self, source: ModelSource, *, device: str = "cpu", num_threads: int | None = None) -> None:
         if str(device) != "cpu":
@@ -264,9 +300,11 @@ class OnnxRuntimeBackend:
 
 
 #: Backend name -> class taking (ModelSource, device=, num_threads=) and mapping a float NCHW batch to logits.
-BACKENDS: dict[str, Callable[..., Callable[[Any], Any]]] = {
+BACKENDS: dict[str, Any] = {
     "torch": TorchBackend,
+    "torch-channels-last": ChannelsLastBackend,
     "torch-jit": TorchJitBackend,
+    "torch-compile": CompiledBackend,
     "onnxruntime": OnnxRuntimeBackend,
 }
 
