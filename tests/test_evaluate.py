@@ -134,3 +134,60 @@ def test_fast_backends_evaluate_alike(setup, backend):
     assert reference["backend"] == "torch" and fast["backend"] == backend
     assert fast["confusion"] == reference["confusion"] and fast["top5"] == reference["top5"]
     assert fast["loss"] == pytest.approx(reference["loss"], abs=1e-4)
+
+
+def test_every_written_format_is_read_back_with_the_same_predictions(setup, tmp_path):
+    """eval and predict take every file export/quantize write (.ts, .pt2, .onnx fp32 and int8), reading classes and
+    preprocessing from its metadata: the fp32 formats give the same predictions as the PyTorch model, and eval of the
+    int8 file reports its difference from the fp32 checkpoint."""
+    pytest.importorskip("onnxruntime")
+    from mobilenet.checkpoint import load
+    from mobilenet.export import EXPORT_FORMATS, export_model
+    from mobilenet.predict import Predictor
+    from mobilenet.quantize import quantize_onnx
+
+    _root, data, checkpoint, _model, _preprocessing = setup
+    reference = evaluate_checkpoint(checkpoint, data, batch_size=6, progress=False)
+    images = sorted((data / "val").rglob("*.png"))
+    expected = [p.index for p in Predictor(checkpoint, backend="torch").predict(images, topk=1)]
+    for fmt in ("onnx", "torchscript", "pt2"):
+        exported = export_model(load(checkpoint), tmp_path / f"m{EXPORT_FORMATS[fmt]}", format=fmt).path
+        result = evaluate_checkpoint(exported, data, batch_size=6, progress=False)
+        assert result["confusion"] == reference["confusion"], fmt
+        assert result["classes"] == reference["classes"], fmt
+        predictor = Predictor(exported)
+        assert predictor.classes == reference["classes"]
+        assert [p.index for p in predictor.predict(images, topk=1)] == expected, fmt
+    int8 = quantize_onnx(checkpoint, tmp_path / "m.int8.onnx", data / "train").path
+    result = evaluate_checkpoint(int8, data, batch_size=6, progress=False, reference=checkpoint)
+    assert result["reference"]["top1"] == reference["top1"]
+    assert result["top1_difference"] == pytest.approx(result["top1"] - reference["top1"])
+    assert result["backend_used"] == "onnxruntime"
+
+
+def test_cli_eval_of_an_int8_onnx_prints_the_difference(setup, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    from mobilenet.quantize import quantize_onnx
+
+    _root, data, checkpoint, _model, _preprocessing = setup
+    int8 = quantize_onnx(checkpoint, tmp_path / "m.int8.onnx", data / "train").path
+    code = main(["eval", str(int8), "--data", str(data), "--reference", str(checkpoint), "--no-plot"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "reference" in out and "points" in out
+
+
+def test_an_export_under_another_name_is_named_for_what_it_is(setup, tmp_path):
+    """A .ts or .pt2 archive given under another suffix is recognised from its entries, and the message says to
+    give it its suffix (not to convert it, which is for torchvision/timm files)."""
+    from mobilenet.backends import load_source
+    from mobilenet.checkpoint import load
+    from mobilenet.export import export_model
+
+    _root, _data, checkpoint, _model, _preprocessing = setup
+    for fmt, suffix in (("torchscript", ".ts"), ("pt2", ".pt2")):
+        exported = export_model(load(checkpoint), tmp_path / f"m{suffix}", format=fmt).path
+        renamed = exported.rename(tmp_path / f"m-{fmt}.bin")
+        with pytest.raises(MobileNetError, match=rf"name it with the \{suffix} suffix") as info:
+            load_source(renamed)
+        assert "convert" not in str(info.value)

@@ -159,7 +159,7 @@ def test_executorch_pte_runs_in_its_runtime(tmp_path):
     """The phone runtime: ExecuTorch with the XNNPACK delegate, run in ExecuTorch's Python runtime (minutes on a
     busy 2-core machine, hence slow)."""
     pytest.importorskip("executorch")
-    from mobilenet.export import _pte_runner
+    from mobilenet.export import pte_runner
 
     model = _model("mobilenet_v1_0.25_128")
     result = export_model(model, tmp_path / "m.pte", format="pte", classes=CLASSES, preprocessing=PREPROCESSING)
@@ -168,7 +168,7 @@ def test_executorch_pte_runs_in_its_runtime(tmp_path):
     with torch.no_grad():
         expected = model(x)
     assert expected.abs().max() > 0.1
-    torch.testing.assert_close(_pte_runner(result.path)(x), expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(pte_runner(result.path)(x), expected, atol=1e-4, rtol=0)
 
 
 @pytest.mark.slow

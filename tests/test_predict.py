@@ -197,3 +197,10 @@ def test_cli_predict_errors(checkpoint, tmp_path, capsys):
         assert main(["predict", *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("mobilenet predict: error:") and message in err and "\n" not in err, err
+
+
+def test_cli_backend_choices_are_the_backend_table():
+    from mobilenet.backends import BACKENDS
+    from mobilenet.cli.predict_cmd import PREDICT_BACKENDS
+
+    assert ("auto", *BACKENDS) == PREDICT_BACKENDS

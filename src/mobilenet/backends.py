@@ -29,7 +29,15 @@ from torch import nn
 from mobilenet.checkpoint import Checkpoint, load_checkpoint
 from mobilenet.data import resolve_preprocessing
 from mobilenet.errors import MobileNetError
-from mobilenet.export import INPUT_NAME, OUTPUT_NAME, export_onnx, fold_batchnorm, ort_session, read_onnx_metadata
+from mobilenet.export import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    export_onnx,
+    fold_batchnorm,
+    load_export,
+    ort_session,
+    read_onnx_metadata,
+)
 from mobilenet.models import create_model
 from mobilenet.parity import compare_to_reference, seeded_batch
 from mobilenet.runtime import set_threads, tune_allocator
@@ -51,6 +59,8 @@ __all__ = [
     "pick_backend",
 ]
 
+#: Files written by ``mobilenet export`` other than ONNX, read back by :func:`mobilenet.export.load_export`.
+EXPORTED_SUFFIXES = (".ts", ".pt2", ".pte")
 # Suffixes that mark a model argument as a file path (a model name like "mobilenet_v2_1.0_224" has a "suffix" too).
 _FILE_SUFFIXES = (".safetensors", ".onnx", ".pth", ".pt", ".bin", ".ckpt", ".pte", ".pt2", ".ts")
 
@@ -63,7 +73,8 @@ class RandomWeightsWarning(UserWarning):
 class ModelSource:
     """A model to run and what travels with it.
 
-    Exactly one of ``model`` (PyTorch) and ``onnx_path`` is set.
+    Exactly one of ``model`` (PyTorch), ``onnx_path`` and ``program`` (a ``.ts``/``.pt2``/``.pte`` export read back
+    by :func:`mobilenet.export.load_export`) is set.
     """
 
     name: str
@@ -72,13 +83,16 @@ class ModelSource:
     preprocessing: dict[str, Any]
     model: torch.nn.Module | None = None
     onnx_path: Path | None = None
+    program: Callable[[torch.Tensor], torch.Tensor] | None = None
+    path: Path | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     random_weights: bool = False
 
 
 def load_source(source: Any, *, device: str = "cpu") -> ModelSource:
     """Resolve what the user gave: a :class:`~mobilenet.models.MobileNet`, a :class:`mobilenet.checkpoint.Checkpoint`,
-    a ``.safetensors`` checkpoint path, an ``.onnx`` file written by ``mobilenet export``/``quantize``, or a
+    a ``.safetensors`` checkpoint path, an ``.onnx`` file written by ``mobilenet export``/``quantize``, a ``.ts``,
+    ``.pt2`` or ``.pte`` file written by ``mobilenet export``, or a
     registered model name (random weights: a :class:`RandomWeightsWarning` says so)."""
     if isinstance(source, ModelSource):
         return source
@@ -113,6 +127,8 @@ def load_source(source: Any, *, device: str = "cpu") -> ModelSource:
     if path.is_file():
         if path.suffix.lower() == ".onnx":
             return _onnx_source(path)
+        if path.suffix.lower() in EXPORTED_SUFFIXES:
+            return _exported_source(path)
         checkpoint = load_checkpoint(path, map_location=device)
         return load_source(checkpoint, device=device)
     if path.is_dir():
@@ -147,6 +163,24 @@ def _preprocessing_or_default(preprocessing: Any, config: ModelConfig) -> dict[s
     return resolve_preprocessing(preprocessing, config.resolution).to_dict()
 
 
+def _exported_source(path: Path) -> ModelSource:
+    loaded = load_export(path)
+    metadata = loaded.metadata
+    try:
+        config = ModelConfig.from_dict(metadata["config"])
+    except (TypeError, MobileNetError) as error:
+        raise MobileNetError(f"{path} has an invalid model config in its metadata: {error}") from None
+    return ModelSource(
+        name=str(metadata.get("name") or ""),
+        config=config,
+        classes=metadata.get("classes"),
+        preprocessing=_preprocessing_or_default(metadata.get("preprocessing"), config),
+        program=loaded.run,
+        metadata=metadata,
+        path=path,
+    )
+
+
 def _onnx_source(path: Path) -> ModelSource:
     metadata = read_onnx_metadata(path)
     config = ModelConfig.from_dict(metadata["config"])
@@ -157,6 +191,7 @@ def _onnx_source(path: Path) -> ModelSource:
         preprocessing=_preprocessing_or_default(metadata.get("preprocessing"), config),
         onnx_path=path,
         metadata=metadata,
+        path=path,
     )
 
 
@@ -174,8 +209,8 @@ class TorchBackend:
     def __init__(self, source: ModelSource, *, device: str = "cpu", num_threads: int | None = None) -> None:
         if source.model is None:
             raise MobileNetError(
-                f"{source.onnx_path} is an ONNX file; run it with backend='onnxruntime' (or 'auto'), or pass the "
-                ".safetensors checkpoint for the torch backend"
+                f"{source.path} is an exported file; run it with backend='auto' (or 'onnxruntime' for .onnx, "
+                "'exported' for .ts/.pt2/.pte), or pass the .safetensors checkpoint for the torch backends"
             )
         if num_threads:
             set_threads(num_threads)
@@ -204,6 +239,28 @@ class TorchJitBackend(TorchBackend):
         self.reference = self.model
         self.model = jit_optimize(self.model, _input_shape(source, 2), device=self.device)
         self.max_abs_diff = check_parity(self, self.reference, _input_shape(source, 3), what="torch-jit")
+
+
+class ExportedBackend:
+    """Runs a ``.ts``, ``.pt2`` or ``.pte`` file as it was exported (TorchScript, ``torch.export``, or ExecuTorch
+    with XNNPACK); checked against PyTorch when it was written."""
+
+    name = "exported"
+    description = "the exported file itself (.ts TorchScript, .pt2 torch.export, .pte ExecuTorch)"
+
+    def __init__(self, source: ModelSource, *, device: str = "cpu", num_threads: int | None = None) -> None:
+        if source.program is None:
+            raise MobileNetError("the exported backend runs a .ts, .pt2 or .pte file; give one as the model")
+        if str(device) != "cpu":
+            raise MobileNetError(f"exported files run on the CPU here; got device={device!r}")
+        if num_threads:
+            set_threads(num_threads)
+        self.program = source.program
+        self.max_abs_diff: float | None = None
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.program(batch.detach().cpu().float().contiguous()).float()
 
 
 class ChannelsLastBackend(TorchBackend):
@@ -306,6 +363,7 @@ BACKENDS: dict[str, Any] = {
     "torch-jit": TorchJitBackend,
     "torch-compile": CompiledBackend,
     "onnxruntime": OnnxRuntimeBackend,
+    "exported": ExportedBackend,
 }
 
 
@@ -317,6 +375,8 @@ def onnxruntime_available() -> bool:
 def pick_backend(backend: str, source: ModelSource, device: str = "cpu") -> str:
     """``"auto"``: the fastest backend installed for this input (see the module docstring); else ``backend``."""
     if backend == "auto":
+        if source.program is not None:
+            return "exported"  # a .ts/.pt2/.pte file runs as it is
         if source.model is None:
             return "onnxruntime"  # an ONNX file runs only there
         if str(device).split(":")[0] != "cpu":

@@ -355,7 +355,7 @@ def _load_model(model: Any, resolution: int | None) -> tuple[str, nn.Module, Any
         warnings.simplefilter("ignore", RandomWeightsWarning)
         source = load_source(model)
     if source.model is None:
-        raise MobileNetError(f"bench takes model names or .safetensors checkpoints; got the ONNX file {model}")
+        raise MobileNetError(f"bench takes model names or .safetensors checkpoints; got the exported file {model}")
     config = source.config
     if resolution:
         config = dataclasses.replace(config, resolution=resolution)

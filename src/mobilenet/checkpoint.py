@@ -21,6 +21,7 @@ import math
 import os
 import stat
 import struct
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -247,8 +248,29 @@ def is_pytorch_file(first: bytes) -> bool:
     return first.startswith(_ZIP_MAGIC) or first.startswith(_PICKLE_PROTO)
 
 
+def _export_kind(path: Path) -> str | None:
+    """``".ts"`` or ``".pt2"`` when a zip file is a TorchScript or ``torch.export`` archive (by its entry names)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return None
+    if any("/code/" in name for name in names) and any(name.endswith("constants.pkl") for name in names):
+        return ".ts"
+    if any(name.endswith(("serialized_exported_program.json", "archive_format")) for name in names):
+        return ".pt2"
+    return None
+
+
 def describe_foreign(path: Path, first: bytes) -> str | None:
     """A message for a file that is a PyTorch pickle/zip rather than safetensors, else None."""
+    export = _export_kind(path) if first.startswith(_ZIP_MAGIC) else None
+    if export is not None:
+        return (
+            f"{path} is a {'TorchScript' if export == '.ts' else 'torch.export'} archive (as `mobilenet export` "
+            f"writes), not a .safetensors checkpoint; name it with the {export} suffix and give it to predict, eval "
+            "or bench as it is"
+        )
     if first.startswith(_ZIP_MAGIC):
         kind = "a PyTorch zip checkpoint (torch.save)"
     elif first.startswith(_PICKLE_PROTO):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from mobilenet.checkpoint import load_checkpoint
+from mobilenet.backends import load_source
 from mobilenet.data import TransformedDataset, build_eval_transform, iterate_loader, load_data, resolve_preprocessing
 from mobilenet.errors import MobileNetError
 from mobilenet.predict import Predictor
@@ -118,7 +117,7 @@ def summarize(counts: EvalCounts, classes: list[str]) -> dict[str, Any]:
 
 
 def evaluate_checkpoint(
-    checkpoint: str | os.PathLike[str],
+    checkpoint: str | os.PathLike[str] | Any,
     data: str | os.PathLike[str],
     *,
     split: str = "val",
@@ -130,88 +129,106 @@ def evaluate_checkpoint(
     seed: int = 0,
     progress: bool = True,
     backend: str = "torch",
+    reference: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a checkpoint on a data source's validation (or ``split="train"``) images.
+    """Evaluate a model on a data source's validation (or ``split="train"``) images.
 
+    ``checkpoint``: any file this library writes (a ``.safetensors`` checkpoint, an fp32 or int8 ``.onnx``, a
+    ``.ts``, ``.pt2`` or ``.pte`` export; see :func:`mobilenet.backends.load_source`), or a model object.
     ``backend`` runs the network: ``"torch"`` (default: the eager model, the numbers training's validation
-    reported) or any backend of :class:`mobilenet.predict.Predictor` (``"auto"``, ``"torch-jit"``,
-    ``"onnxruntime"``: faster on the CPU, logits equal to PyTorch's within 1e-4, checked when built).
+    reported; an exported file runs in its own runtime instead) or any backend of
+    :class:`mobilenet.predict.Predictor`. ``reference``: a second model (e.g. the fp32 checkpoint of an int8
+    ``.onnx``) evaluated on the same images; the result then holds its top-1 and ``top1_difference`` (this model's
+    top-1 minus the reference's).
 
-    The data's classes must be the checkpoint's (same names, same order), otherwise the labels would mean
-    different things; the error lists the difference.
+    The data's classes must be the model's (same names, same order), otherwise the labels would mean different
+    things; the error lists the difference.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise MobileNetError(f"--batch-size must be an integer >= 1, got {batch_size!r}")
     if split not in ("val", "train"):
         raise MobileNetError(f"split must be 'val' or 'train', got {split!r}")
     torch_device = resolve_device(device)
-    ckpt = load_checkpoint(checkpoint, map_location=torch_device)
+    source = load_source(checkpoint, device=str(torch_device))
     # in_memory=False: only the evaluated split is decoded, once, as the loader reads it.
     bundle = load_data(data, val_fraction=val_fraction, seed=seed, on_bad_image=on_bad_image, in_memory=False)  # type: ignore[arg-type]
-    classes = ckpt.classes
-    if classes is None:
-        if len(bundle.classes) != ckpt.config.num_classes:
-            raise MobileNetError(
-                f"{checkpoint} has {ckpt.config.num_classes} outputs but {data} has {len(bundle.classes)} classes"
-            )
-        classes = bundle.classes
-    elif list(classes) != list(bundle.classes):
-        missing = sorted(set(classes) - set(bundle.classes))
-        extra = sorted(set(bundle.classes) - set(classes))
-        detail = (
-            "; ".join(
-                part
-                for part in (
-                    f"missing {', '.join(missing)}" if missing else "",
-                    f"extra {', '.join(extra)}" if extra else "",
-                )
-                if part
-            )
-            or "same names in a different order"
-        )
-        raise MobileNetError(
-            f"the classes of {data} differ from the checkpoint's ({detail}); expected: {', '.join(classes)}"
-        )
-    preprocessing = resolve_preprocessing(ckpt.preprocessing, ckpt.config.resolution)
+    classes = _matching_classes(source, bundle.classes, checkpoint, data)
+    preprocessing = resolve_preprocessing(source.preprocessing, source.config.resolution)
     dataset = TransformedDataset(bundle.val if split == "val" else bundle.train, build_eval_transform(preprocessing))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    backend_used = backend if source.model is not None or backend != "torch" else "auto"
+    network = _network(source, backend_used, torch_device)
     with progress_bar(len(dataset), "evaluating", enabled=progress, transient=True) as advance:
-        counts = accumulate(
-            _network(ckpt, backend, torch_device),
-            loader,
-            num_classes=len(classes),
-            device=torch_device,
-            progress=advance,
-        )
+        counts = accumulate(network, loader, num_classes=len(classes), device=torch_device, progress=advance)
     result = summarize(counts, list(classes))
     result.update(
         {
-            "checkpoint": str(Path(checkpoint)),
-            "model": ckpt.name,
+            "checkpoint": str(checkpoint) if isinstance(checkpoint, str | os.PathLike) else source.name,
+            "model": source.name,
             "data": str(data),
             "split": bundle.val_name if split == "val" else "train",
             "preprocessing": preprocessing.to_dict(),
             "backend": backend,
+            "backend_used": _backend_name(network),
         }
     )
+    if reference is not None:
+        other = evaluate_checkpoint(
+            reference,
+            data,
+            split=split,
+            batch_size=batch_size,
+            device=device,
+            num_workers=num_workers,
+            on_bad_image=on_bad_image,
+            val_fraction=val_fraction,
+            seed=seed,
+            progress=progress,
+            backend="torch",
+        )
+        result["reference"] = {"checkpoint": str(reference), "top1": other["top1"], "top5": other["top5"]}
+        result["top1_difference"] = result["top1"] - other["top1"]
     return result
+
+
+def _matching_classes(source: Any, data_classes: list[str], checkpoint: Any, data: Any) -> list[str]:
+    """The model's class names, checked against the data's (or the data's, when the model stores none)."""
+    classes = source.classes
+    if classes is None:
+        if len(data_classes) != source.config.num_classes:
+            raise MobileNetError(
+                f"{checkpoint} has {source.config.num_classes} outputs but {data} has {len(data_classes)} classes"
+            )
+        return list(data_classes)
+    if list(classes) != list(data_classes):
+        missing = sorted(set(classes) - set(data_classes))
+        extra = sorted(set(data_classes) - set(classes))
+        parts = [f"missing {', '.join(missing)}" if missing else "", f"extra {', '.join(extra)}" if extra else ""]
+        detail = "; ".join(part for part in parts if part) or "same names in a different order"
+        raise MobileNetError(
+            f"the classes of {data} differ from the checkpoint's ({detail}); expected: {', '.join(classes)}"
+        )
+    return list(classes)
 
 
 class _Runner(nn.Module):
     """A Predictor backend (a callable from a float NCHW batch to logits) seen as a module by :func:`accumulate`."""
 
-    def __init__(self, run: Any) -> None:
+    def __init__(self, predictor: Predictor) -> None:
         super().__init__()
-        self.run = run
+        self.predictor = predictor
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.run(images)
+        return self.predictor.logits(images)
 
 
-def _network(checkpoint: Any, backend: str, device: torch.device) -> nn.Module:
+def _network(source: Any, backend: str, device: torch.device) -> nn.Module:
     """The eager model for ``backend="torch"``, else the :class:`mobilenet.predict.Predictor` backend wrapped as a
     module."""
     if backend == "torch":
-        return checkpoint.model
-    predictor = Predictor(checkpoint, backend=backend, device=str(device))
-    return _Runner(predictor.logits)
+        return source.model
+    return _Runner(Predictor(source, backend=backend, device=str(device)))
+
+
+def _backend_name(network: nn.Module) -> str:
+    return network.predictor.backend_name if isinstance(network, _Runner) else "torch"

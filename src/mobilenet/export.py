@@ -45,12 +45,14 @@ __all__ = [
     "INPUT_NAME",
     "OUTPUT_NAME",
     "ExportResult",
+    "LoadedExport",
     "export_executorch",
     "export_model",
     "export_onnx",
     "export_pt2",
     "export_torchscript",
     "fold_batchnorm",
+    "load_export",
     "metadata_for",
     "ort_session",
     "read_onnx_metadata",
@@ -478,7 +480,7 @@ def export_executorch(
     sidecar = target.with_name(target.name + ".json")
     with atomic_path(target) as tmp:
         tmp.write_bytes(lowered.buffer)
-        runner = _pte_runner(tmp)
+        runner = pte_runner(tmp)
         diff = _verify_callable(runner, model, metadata, atol, "ExecuTorch (XNNPACK)")
         largest = runner(_check_input(metadata, max_batch))
         if tuple(largest.shape) != (max_batch, metadata["config"]["num_classes"]):
@@ -493,7 +495,7 @@ def export_executorch(
     )
 
 
-def _pte_runner(path: Path | str) -> Callable[[torch.Tensor], torch.Tensor]:
+def pte_runner(path: Path | str) -> Callable[[torch.Tensor], torch.Tensor]:
     """A callable that runs a ``.pte``'s ``forward`` in ExecuTorch's Python runtime."""
     _require_executorch()
     from executorch.runtime import Runtime
@@ -508,6 +510,67 @@ def _pte_runner(path: Path | str) -> Callable[[torch.Tensor], torch.Tensor]:
         return method.execute([x.contiguous()])[0]
 
     return run
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading back what was written
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedExport:
+    """An exported file read back: its metadata (as :func:`metadata_for` wrote it) and a callable from a float32
+    NCHW batch to logits."""
+
+    path: Path
+    format: str
+    metadata: dict[str, Any]
+    run: Callable[[torch.Tensor], torch.Tensor]
+
+
+def load_export(path: str | os.PathLike[str]) -> LoadedExport:
+    """Read a ``.ts``, ``.pt2`` or ``.pte`` file written by :func:`export_model` (the ``.pte``'s metadata is its
+    ``<path>.json`` sidecar). TorchScript and ``torch.export`` archives hold graphs of torch operators and raw tensor
+    data, which these loaders run without unpickling Python objects."""
+    file = Path(path)
+    suffix = file.suffix.lower()
+    if not file.is_file():
+        raise MobileNetError(f"exported model {file} does not exist or is not a file")
+    try:
+        if suffix == ".ts":
+            extra = {METADATA_FILE: ""}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.jit is deprecated upstream
+                module = torch.jit.load(str(file), map_location="cpu", _extra_files=extra)
+            return LoadedExport(file, "torchscript", _metadata_text(file, extra[METADATA_FILE]), module)
+        if suffix == ".pt2":
+            extra = {METADATA_FILE: ""}
+            program = torch.export.load(str(file), extra_files=extra)
+            return LoadedExport(file, "pt2", _metadata_text(file, extra[METADATA_FILE]), program.module())
+    except (RuntimeError, ValueError, OSError, KeyError) as error:
+        raise MobileNetError(f"{file} is not a readable {suffix} export ({_first_line(error)})") from None
+    if suffix == ".pte":
+        sidecar = file.with_name(file.name + ".json")
+        if not sidecar.is_file():
+            raise MobileNetError(f"{file} has no metadata beside it; expected {sidecar.name} as mobilenet export wrote")
+        metadata = _metadata_text(sidecar, sidecar.read_text(encoding="utf-8", errors="replace"))
+        return LoadedExport(file, "pte", metadata, pte_runner(file))
+    raise MobileNetError(f"{file}: unknown export suffix {suffix!r}; expected .ts, .pt2 or .pte")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _metadata_text(file: Path, text: str) -> dict[str, Any]:
+    try:
+        metadata = json.loads(text) if text else None
+    except json.JSONDecodeError:
+        metadata = None
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("config"), dict):
+        raise MobileNetError(f"{file} has no mobilenet metadata; expected a file written by `mobilenet export`")
+    return metadata
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -208,7 +208,7 @@ def quantize_onnx(
     source = load_source(model_or_checkpoint)
     if source.model is None:
         raise MobileNetError(
-            f"{source.onnx_path} is an ONNX file; quantize takes the .safetensors checkpoint (fp32 weights)"
+            f"{source.path} is an exported file; quantize takes the .safetensors checkpoint (fp32 weights)"
         )
     settings = {
         "method": "onnxruntime static QDQ (post-training)",

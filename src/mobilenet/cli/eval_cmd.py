@@ -8,7 +8,10 @@ import json
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("eval", help="evaluate a checkpoint: top-1/top-5, per-class, confusion matrix")
-    parser.add_argument("checkpoint", help="a .safetensors checkpoint written by mobilenet")
+    parser.add_argument(
+        "checkpoint",
+        help="the model: a .safetensors checkpoint, an fp32 or int8 .onnx, or a .ts/.pt2/.pte export of mobilenet",
+    )
     parser.add_argument("--data", required=True, help="digits | cifar10 | cifar100 | DIR (its val/ or test/ split)")
     parser.add_argument("--split", choices=("val", "train"), default="val")
     parser.add_argument("--batch-size", type=int, default=256)
@@ -19,10 +22,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, help="the split seed used in training")
     parser.add_argument(
         "--backend",
-        choices=("torch", "auto", "torch-jit", "onnxruntime"),
+        choices=("torch", "auto", "torch-jit", "onnxruntime", "exported"),
         default="torch",
-        help="runtime (default torch: the eager model, as training validated; auto: the fastest installed, logits "
-        "within 1e-4 of PyTorch's)",
+        help="runtime (default torch: the eager model, as training validated, or an exported file's own runtime; "
+        "auto: the fastest installed, logits within 1e-4 of PyTorch's)",
+    )
+    parser.add_argument(
+        "--reference",
+        metavar="MODEL",
+        help="a second model evaluated on the same images, e.g. the fp32 checkpoint of an int8 .onnx: prints both "
+        "top-1s and the difference",
     )
     parser.add_argument("--format", choices=("table", "json"), default="table")
     parser.add_argument("--plot", help="confusion-matrix PNG path (default: beside the checkpoint)")
@@ -48,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=args.format == "table",
         backend=args.backend,
+        reference=args.reference,
     )
     if not args.no_plot:
         plot_path = Path(args.plot) if args.plot else Path(args.checkpoint).with_suffix(".confusion.png")
@@ -69,6 +79,11 @@ def run(args: argparse.Namespace) -> int:
         f"[bold]{result['model']}[/bold] on {result['data']} ({result['split']}, {result['images']} images): "
         f"top-1 [bold]{result['top1']:.2%}[/bold]  top-5 {result['top5']:.2%}  loss {result['loss']:.4f}"
     )
+    if "reference" in result:
+        console.print(
+            f"reference {result['reference']['checkpoint']}: top-1 {result['reference']['top1']:.2%}; "
+            f"difference {100 * result['top1_difference']:+.2f} points"
+        )
     table = Table("class", "images", "accuracy")
     for name, accuracy in result["per_class"].items():
         table.add_row(name, str(result["per_class_count"][name]), "-" if accuracy is None else f"{accuracy:.2%}")

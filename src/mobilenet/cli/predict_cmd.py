@@ -6,6 +6,9 @@ import argparse
 import sys
 import warnings
 
+#: ``auto`` and the names of :data:`mobilenet.backends.BACKENDS` (spelled out: the CLI starts without torch).
+PREDICT_BACKENDS = ("auto", "torch", "torch-channels-last", "torch-jit", "torch-compile", "onnxruntime", "exported")
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -18,7 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument(
-        "model", metavar="MODEL_OR_CHECKPOINT", help="a .safetensors checkpoint, an .onnx export or a model name"
+        "model",
+        metavar="MODEL_OR_CHECKPOINT",
+        help="a .safetensors checkpoint, an fp32 or int8 .onnx, a .ts/.pt2/.pte export, or a model name",
     )
     parser.add_argument("images", metavar="IMAGE_OR_DIR", nargs="+", help="image files and/or directories")
     parser.add_argument("--topk", "-k", type=int, default=5, help="classes to show per image (default: 5)")
@@ -26,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", "-b", type=int, default=32, help="images per forward pass (default: 32)")
     parser.add_argument(
         "--backend",
-        choices=("auto", "torch", "torch-jit", "onnxruntime"),
+        choices=PREDICT_BACKENDS,
         default="auto",
         help="runtime (default auto: the fastest installed; ONNX Runtime on the CPU when installed, else torch-jit)",
     )
