@@ -94,7 +94,7 @@ def test_output_file(capsys, tmp_path):
         (["mobilenet_v1_1.0_224", "--alpha", "nan"], "finite number > 0"),
         (["mobilenet_v1_1.0_224", "--alpha", "inf"], "finite number > 0"),
         (["mobilenet_v1_1.0_224", "--resolution", "16"], "resolution must be an integer >= 32"),
-        (["mobilenet_v1_1.0_224", "--num-classes", "0"], "num_classes must be an integer >= 1"),
+        (["mobilenet_v1_1.0_224", "--num-classes", "-1"], "num_classes must be an integer >= 1"),
         (["mobilenet_v9"], "unknown model"),
         (["--layer", "416x416", "--out", "10"], "HEIGHTxWIDTHxCHANNELS"),
         (["--layer", "416x416x50"], "--out"),

@@ -204,7 +204,7 @@ def test_count_costs_accepts_network_config_and_model():
         count_costs(42)
     with pytest.raises(MobileNetError, match="unknown model"):
         count_costs("mobilenet_v3")
-    for bad in ({"alpha": 0.0}, {"alpha": float("nan")}, {"resolution": 31}, {"num_classes": 0}):
+    for bad in ({"alpha": 0.0}, {"alpha": float("nan")}, {"resolution": 31}, {"num_classes": -1}):
         with pytest.raises(MobileNetError):
             count_costs("mobilenet_v1_1.0_224", **bad)
 

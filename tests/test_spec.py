@@ -103,7 +103,7 @@ def test_small_input_ends_on_4x4(family):
         ({"alpha": math.nan}, "alpha"),
         ({"resolution": 31}, "resolution"),
         ({"resolution": 224.0}, "resolution"),
-        ({"num_classes": 0}, "num_classes"),
+        ({"num_classes": -1}, "num_classes"),
         ({"dropout": 1.0}, "dropout"),
         ({"variant": "deep"}, "variant"),
     ],

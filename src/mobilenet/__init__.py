@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "MobileNet": "mobilenet.models",
     "Backbone": "mobilenet.models",
-    "create_model": "mobilenet.models",
+    "create_model": "mobilenet.hub",
     "create_backbone": "mobilenet.models",
     "model_from_config": "mobilenet.models",
     "ModelInfo": "mobilenet.models",

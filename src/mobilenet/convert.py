@@ -42,18 +42,21 @@ from mobilenet.spec import V1_SHALLOW_REMOVED, V1_TABLE1, V2_TABLE2, ModelConfig
 __all__ = [
     "IMAGENET_PREPROCESSING",
     "LOGIT_RTOL",
+    "PUBLISHED",
     "SOURCES",
     "TIMM_NAMES",
     "ConversionReport",
     "compare_logits",
     "convert",
     "convert_state_dict",
+    "default_source",
     "imagenet_classes",
     "import_weights",
     "map_state_dict",
     "module_map",
     "pretrained",
     "pretrained_with_report",
+    "published_sources",
     "read_foreign_state_dict",
     "reference_model",
     "source_preprocessing",
@@ -74,6 +77,39 @@ IMAGENET_PREPROCESSING: dict[str, Any] = {
     "interpolation": "bilinear",
     "style": "imagenet",
 }
+
+#: Who publishes ImageNet weights for which (family, alpha): torchvision's ``MobileNet_V2_Weights`` and timm's
+#: pretrained tags (``timm.list_pretrained("mobilenetv*")``; a test checks this table against both libraries).
+PUBLISHED: dict[str, frozenset[tuple[str, float]]] = {
+    "torchvision": frozenset({("v2", 1.0)}),
+    "timm": frozenset({("v1", 1.0), ("v1", 1.25), ("v2", 0.5), ("v2", 1.0), ("v2", 1.4)}),
+}
+
+
+def published_sources(config: ModelConfig) -> list[str]:
+    """The sources that publish ImageNet weights for ``config``'s family and width (separable variant only)."""
+    if config.variant != "separable":
+        return []
+    return [source for source in SOURCES if (config.family, config.alpha) in PUBLISHED[source]]
+
+
+def default_source(config: ModelConfig) -> str:
+    """Where ``pretrained=True`` takes weights from: torchvision where it publishes them, else timm."""
+    sources = published_sources(config)
+    if not sources:
+        raise MobileNetError(
+            f"no ImageNet weights are published for MobileNet {config.family} alpha {config.alpha:g} "
+            f"({config.variant}); published: {_published_text()}"
+        )
+    return sources[0]
+
+
+def _published_text() -> str:
+    return "; ".join(
+        f"{source}: " + ", ".join(f"{family} {alpha:g}" for family, alpha in sorted(PUBLISHED[source]))
+        for source in SOURCES
+    )
+
 
 #: timm's model names for our (family, alpha); timm builds them offline with ``pretrained=False``.
 TIMM_NAMES: dict[tuple[str, float], str] = {
@@ -580,6 +616,8 @@ def pretrained_with_report(
     """:func:`pretrained` and the :class:`ConversionReport` of its check."""
     _validate_source(source)
     config = model_config(name)
+    if source not in published_sources(config):
+        raise MobileNetError(f"{source} publishes no ImageNet weights for {name}; published: {_published_text()}")
     try:
         if source == "torchvision":
             state_dict, prep = _download_torchvision(config)

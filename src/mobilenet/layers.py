@@ -97,8 +97,11 @@ class FullyConnected(nn.Module):
 
 def build_classifier(layers: tuple[Layer, ...]) -> nn.Module:
     """One ``nn.Linear``, or for a factored classifier (``classifier_rank``) the two linear layers features -> r
-    -> classes in an ``nn.Sequential`` (keys ``classifier.0.weight``, ``classifier.1.weight``/``.bias``)."""
+    -> classes in an ``nn.Sequential`` (keys ``classifier.0.weight``, ``classifier.1.weight``/``.bias``); none for
+    a headless model (an identity: the pooled features come out)."""
     linears = [nn.Linear(layer.in_channels, layer.out_channels, bias=layer.bias) for layer in layers]
+    if not linears:
+        return nn.Identity()
     if len(linears) == 1:
         return linears[0]
     return nn.Sequential(*linears)

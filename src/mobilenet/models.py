@@ -15,7 +15,7 @@ from torch import nn
 
 from mobilenet.errors import MobileNetError
 from mobilenet.layers import FullyConnected, build_block, build_classifier
-from mobilenet.spec import FeatureInfo, ModelConfig, Network, build_network, list_models, model_config
+from mobilenet.spec import FeatureInfo, ModelConfig, Network, build_network, list_models, model_config, resolve_name
 
 __all__ = [
     "Backbone",
@@ -165,6 +165,7 @@ def create_model(name: str, **overrides: Any) -> MobileNet:
     ``classifier_rank`` (the classifier as two linear layers, features -> rank -> classes).
     An unknown name raises :class:`MobileNetError` that suggests the closest registered names.
     """
+    name = resolve_name(name)
     return model_from_config(model_config(name, **overrides), name=name)
 
 
@@ -175,9 +176,15 @@ class Backbone(nn.Module):
     ``features_only`` models do. Stages end at the last block before the stride doubles.
     """
 
-    def __init__(self, model: MobileNet, out_stages: tuple[str, ...] | None = None) -> None:
+    def __init__(
+        self,
+        model: MobileNet,
+        out_stages: tuple[str, ...] | None = None,
+        *,
+        feature_info: tuple[FeatureInfo, ...] | None = None,
+    ) -> None:
         super().__init__()
-        available = {info.name: info for info in model.feature_info}
+        available = {info.name: info for info in (feature_info or model.feature_info)}
         wanted = tuple(available) if out_stages is None else tuple(out_stages)
         unknown = [stage for stage in wanted if stage not in available]
         if unknown:

@@ -184,7 +184,8 @@ class ModelConfig:
         resolution: input side in pixels (the resolution multiplier rho of V1 section 4.3 is
             ``resolution / 224``); any int >= 32 (>= 8 with ``small_input``). The network runs at any size; this
             one sizes the cost table.
-        num_classes: classifier outputs.
+        num_classes: classifier outputs; 0 builds no classifier (headless: the model returns the pooled features,
+            as timm's ``num_classes=0``).
         dropout: dropout before the classifier. Defaults: V1 0.001 (TF-slim's keep_prob 0.999), V2 0.2
             (torchvision, TF-slim).
         variant: V1 only: ``"separable"`` (the paper's MobileNet), ``"conv"`` (Table 4's "Conv MobileNet": every
@@ -231,8 +232,11 @@ class ModelConfig:
                 + ("" if self.small_input else f" (>= {MIN_RESOLUTION_SMALL_INPUT} with small_input)")
                 + f", got {self.resolution}"
             )
-        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 1:
-            raise MobileNetError(f"num_classes must be an integer >= 1, got {self.num_classes!r}")
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 0:
+            raise MobileNetError(
+                f"num_classes must be an integer >= 1 (or 0 for a headless model returning pooled features), got "
+                f"{self.num_classes!r}"
+            )
         if self.dropout is None:
             object.__setattr__(self, "dropout", DEFAULT_DROPOUT[self.family])
         dropout = self.dropout
@@ -387,8 +391,10 @@ class Network:
 
     @property
     def classifier(self) -> Layer:
-        """The layer that gives the logits (the last of the head)."""
-        return self.head[-1]
+        """The layer that gives the logits (the last of the classifier layers)."""
+        if not self.classifier_layers:
+            raise MobileNetError(f"{self.name or 'this model'} is headless (num_classes 0): it has no classifier")
+        return self.classifier_layers[-1]
 
     @property
     def classifier_layers(self) -> tuple[Layer, ...]:
@@ -418,11 +424,19 @@ class Network:
     def feature_info(self) -> tuple[FeatureInfo, ...]:
         """The backbone's stage outputs: the last block at each total stride (reductions 2, 4, 8, 16, 32, or
         fewer with ``small_input``), named ``stage{k}`` by increasing reduction."""
+        return self.stages()
+
+    def stages(self, *, without_head_conv: bool = False) -> tuple[FeatureInfo, ...]:
+        """:attr:`feature_info`; ``without_head_conv`` leaves out V2's final 1x1 conv (Table 2's "conv2d 1x1" to
+        1280), which timm counts as part of the head (``conv_head``), so the last stage is the last bottleneck."""
+        blocks = self.blocks
+        if without_head_conv and self.config.family == "v2":
+            blocks = blocks[:-1]
         infos: list[FeatureInfo] = []
         reduction = 1
-        for index, block in enumerate(self.blocks):
+        for index, block in enumerate(blocks):
             reduction *= block.stride
-            following = self.blocks[index + 1] if index + 1 < len(self.blocks) else None
+            following = blocks[index + 1] if index + 1 < len(blocks) else None
             if following is None or following.stride > 1:
                 infos.append(FeatureInfo(f"stage{len(infos) + 1}", index, block.out_channels, reduction))
         return tuple(infos)
@@ -573,6 +587,10 @@ def _classifier_layers(config: ModelConfig, in_features: int) -> tuple[Layer, ..
     """The classifier: one FC layer, or with ``classifier_rank`` r its truncated-SVD factorisation, features -> r
     (no bias) -> classes (the bias stays on the last layer, so at full rank the two compute the same map)."""
     rank, classes = config.classifier_rank, config.num_classes
+    if classes == 0:
+        if rank is not None:
+            raise MobileNetError("a headless model (num_classes 0) has no classifier to factor; drop classifier_rank")
+        return ()
     if rank is None:
         return (_fc_layer("classifier", in_features, classes, None),)
     full = min(in_features, classes)
@@ -666,13 +684,43 @@ OVERRIDABLE = (
 )
 
 
+#: The names torchvision and timm give these models, and the short family names, for our registered names.
+ALIASES: dict[str, str] = {
+    "mobilenet_v1": "mobilenet_v1_1.0_224",
+    "mobilenet_v2": "mobilenet_v2_1.0_224",  # torchvision.models.mobilenet_v2
+    "mobilenetv1_100": "mobilenet_v1_1.0_224",  # timm
+    "mobilenetv2_035": "mobilenet_v2_0.35_224",
+    "mobilenetv2_050": "mobilenet_v2_0.5_224",
+    "mobilenetv2_075": "mobilenet_v2_0.75_224",
+    "mobilenetv2_100": "mobilenet_v2_1.0_224",
+    "mobilenetv2_140": "mobilenet_v2_1.4_224",
+    "vgg16": "vgg16_224",  # torchvision.models.vgg16
+}
+
+
+def resolve_name(name: Any) -> str:
+    """The registered name for ``name`` (itself, or the registered model a torchvision/timm name stands for).
+    An unknown name raises :class:`MobileNetError` that suggests the closest names (the 1.0-224 model first
+    where ``name`` is the start of several)."""
+    if not isinstance(name, str):
+        raise MobileNetError(
+            f"model name must be a string such as 'mobilenet_v2_1.0_224', got {type(name).__name__} {name!r}"
+        )
+    if name in MODELS:
+        return name
+    if name in ALIASES:
+        return ALIASES[name]
+    starting = sorted((n for n in MODELS if n.startswith(name)), key=lambda n: (not n.endswith("_1.0_224"), n))
+    close = starting[:3] or difflib.get_close_matches(name, MODELS, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; `mobilenet models` lists them"
+    raise MobileNetError(f"unknown model {name!r}{hint}")
+
+
 def model_config(name: str, **overrides: Any) -> ModelConfig:
-    """The :class:`ModelConfig` of a registered name, with options replaced (any alpha or resolution, a new
-    num_classes, ...). An unknown name raises :class:`MobileNetError` that suggests the closest names."""
-    if name not in MODELS:
-        close = difflib.get_close_matches(name, MODELS, n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(close)}?" if close else "; `mobilenet models` lists them"
-        raise MobileNetError(f"unknown model {name!r}{hint}")
+    """The :class:`ModelConfig` of a registered name (or an alias, :data:`ALIASES`), with options replaced (any
+    alpha or resolution, a new num_classes, ...). An unknown name raises :class:`MobileNetError` that suggests the
+    closest names."""
+    name = resolve_name(name)
     bad = sorted(set(overrides) - set(OVERRIDABLE))
     if bad:
         raise MobileNetError(f"cannot override {', '.join(bad)}; options that can be set: {', '.join(OVERRIDABLE)}")
