@@ -162,12 +162,17 @@ class Predictor:
     def predict(self, images: Any, topk: int = 5, *, progress: bool = False) -> list[Prediction]:
         """Top-k predictions for each image (a path, PIL image, array or tensor, or a list of them).
 
-        An image that cannot be decoded gets a :class:`Prediction` with ``error`` set; the others still run.
+        A path that does not exist raises :class:`MobileNetError` before anything runs (a typo, not a bad image);
+        an image that cannot be decoded gets a :class:`Prediction` with ``error`` set, and the others still run.
         ``progress=True`` shows a progress bar (rate, ETA).
         """
         if isinstance(images, str | os.PathLike | bytes | Image.Image) or hasattr(images, "shape"):
             images = [images]
         items = list(images)
+        missing = [str(item) for item in items if isinstance(item, str | os.PathLike) and not os.path.lexists(item)]
+        if missing:
+            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            raise MobileNetError(f"image file(s) {shown} do not exist; expected paths of image files")
         if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
             raise MobileNetError(f"topk must be an integer >= 1, got {topk!r}")
         topk = min(topk, self.num_classes)
