@@ -338,3 +338,16 @@ def _assert_matches_module_without_pools(model) -> None:
     table = count_costs(model)
     measured = measure_costs(model)
     assert [(m.name, m.macs) for m in measured] == [(r.name, r.macs) for r in table.rows if r.op != "maxpool"]
+
+
+def test_tables_8_and_9_put_vgg16_and_the_small_mobilenet_beside_the_paper():
+    """V1 Table 8 (VGG 16: 15,300M mult-adds, 138M parameters) and Table 9 (0.50 MobileNet-160: 76M, 1.32M)."""
+    tables = {table.key: table for table in reproduce()}
+    rows = {(row.item, row.quantity): row for row in tables["v1-table8"].rows}
+    assert rows[("VGG 16", "Parameters (M)")].status == "match"
+    macs = rows[("VGG 16", "Mult-Adds (M)")]
+    assert macs.status == "differs" and "convolutions only" in macs.note
+    # The paper's figure is the convolutions alone, to its three significant figures.
+    convolutions = sum(row.macs for row in count_costs("vgg16_224").rows if row.op == "conv")
+    assert round(convolutions / 1e9, 1) == 15.3
+    assert tables["v1-table9"].matches == len(tables["v1-table9"].rows)

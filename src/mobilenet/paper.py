@@ -124,6 +124,20 @@ V1_TABLE5: tuple[PaperRow, ...] = (
     PaperRow("Shallow MobileNet", 65.3, 307, 2.9, "mobilenet_v1_shallow_1.0_224"),
 )
 
+#: V1 paper Table 8 ("MobileNet Comparison to Popular Models"); GoogleNet is not built here.
+V1_TABLE8: tuple[PaperRow, ...] = (
+    PaperRow("1.0 MobileNet-224", 70.6, 569, 4.2, "mobilenet_v1_1.0_224"),
+    PaperRow("GoogleNet", 69.8, 1550, 6.8),
+    PaperRow("VGG 16", 71.5, 15300, 138, "vgg16_224"),
+)
+
+#: V1 paper Table 9 ("Smaller MobileNet Comparison to Popular Models"); SqueezeNet and AlexNet are not built here.
+V1_TABLE9: tuple[PaperRow, ...] = (
+    PaperRow("0.50 MobileNet-160", 60.2, 76, 1.32, "mobilenet_v1_0.5_160"),
+    PaperRow("Squeezenet", 57.5, 1700, 1.25),
+    PaperRow("AlexNet", 57.2, 720, 60),
+)
+
 #: V1 paper Table 6 ("MobileNet Width Multiplier"), all at 224.
 V1_TABLE6: tuple[PaperRow, ...] = (
     PaperRow("1.0 MobileNet-224", 70.6, 569, 4.2, "mobilenet_v1_1.0_224"),
@@ -512,6 +526,8 @@ def _model_rows(
     notes = notes or {}
     rows = []
     for entry in entries:
+        if not entry.model:
+            continue  # a model the paper compares with that is not built here: printed with the table's caption
         table = count_costs(entry.model)
         label = entry.label
         rows.append(
@@ -560,6 +576,34 @@ def _table6() -> PaperTable:
         "Howard et al. 2017, Table 6",
         _model_rows(V1_TABLE6),
         "Channels int(alpha * c), at least 8, as TF-slim's mobilenet_v1.py.",
+    )
+
+
+def _table8() -> PaperTable:
+    vgg = count_costs("vgg16_224")
+    convolutions = sum(row.macs for row in vgg.rows if row.op == "conv")
+    note = (
+        f"the 13 convolutions alone are {_millions(convolutions):,.1f}M (15.3 billion at the paper's three "
+        f"significant figures) and the three FC layers add {_millions(vgg.macs - convolutions):.1f}M: the paper's "
+        "15,300M counts the convolutions only, as its Table 4 leaves Conv MobileNet's FC out"
+    )
+    return PaperTable(
+        "v1-table8",
+        "V1 Table 8: MobileNet beside popular models (224)",
+        "Howard et al. 2017, Table 8",
+        _model_rows(V1_TABLE8, {("VGG 16", "macs"): note}),
+        "VGG-16 (Simonyan and Zisserman 2014, configuration D) is built from the same spec -> layer list path; "
+        "GoogleNet (69.8% top-1, 1550M, 6.8M) is not built here.",
+    )
+
+
+def _table9() -> PaperTable:
+    return PaperTable(
+        "v1-table9",
+        "V1 Table 9: a smaller MobileNet beside popular models",
+        "Howard et al. 2017, Table 9",
+        _model_rows(V1_TABLE9),
+        "SqueezeNet (57.5% top-1, 1700M, 1.25M) and AlexNet (57.2%, 720M, 60M) are not built here.",
     )
 
 
@@ -672,7 +716,7 @@ def _tf_slim_v2() -> PaperTable:
 
 
 def reproduce() -> tuple[PaperTable, ...]:
-    """Every published table beside our count: V1 Tables 1-7, V2 Table 2 and its headline figures (Table 4),
+    """Every published table beside our count: V1 Tables 1-9, V2 Table 2 and its headline figures (Table 4),
     TF-slim's checkpoint tables."""
     v1 = count_costs("mobilenet_v1_1.0_224")
     return (
@@ -683,6 +727,8 @@ def reproduce() -> tuple[PaperTable, ...]:
         _table5(),
         _table6(),
         _table7(),
+        _table8(),
+        _table9(),
         _v2_table2(),
         _v2_headline(),
         _tf_slim_v1(),
