@@ -164,10 +164,22 @@ def test_sigint_mid_epoch_with_per_image_augmentation_in_workers_resumes_exactly
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["last.safetensors", "best.safetensors", "train_state.safetensors", "metrics.csv"])
-@pytest.mark.parametrize("count", [1, 2])
-def test_killed_inside_each_write_of_each_file(killer, uninterrupted, tmp_path, name, count):
-    resume_through(killer, tmp_path / "run", [f"write:{name}:{count}"])
+@pytest.mark.parametrize(
+    "kill",
+    [
+        "write:config.json:1",
+        "write:last.safetensors:1",
+        "write:last.safetensors:2",
+        "write:best.safetensors:1",
+        "write:train_state.safetensors:1",
+        "write:train_state.safetensors:2",
+        "write:metrics.csv:1",
+        "write:metrics.csv:2",
+        "step:2",
+    ],
+)
+def test_killed_inside_each_write_of_each_file(killer, uninterrupted, tmp_path, kill):
+    resume_through(killer, tmp_path / "run", [kill])
     assert_same_run(tmp_path / "run", uninterrupted)
 
 

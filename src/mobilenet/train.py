@@ -708,7 +708,7 @@ def _stop_if_metrics_diverged(run: _Run, state: _Progress, row: dict[str, Any], 
     raise _diverged(
         run,
         state,
-        f"the {run.bundle.val_name} loss became {row['val_loss']} after epoch {state.epoch + 1} (training loss "
+        f"the validation loss became {row['val_loss']} after epoch {state.epoch + 1} (training loss "
         f"{row['train_loss']:.4g})",
     )
 
