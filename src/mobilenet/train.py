@@ -7,9 +7,11 @@ the processes of a ``torchrun`` job and their samplers are in :mod:`mobilenet.di
 The run directory holds ``last.safetensors`` and ``best.safetensors`` (weights + model config, classes and
 preprocessing, readable by :func:`mobilenet.checkpoint.load`), ``train_state.safetensors`` (everything needed to
 resume: weights, EMA, optimizer tensors, RNG states, with the structure and numbers as JSON in its header),
-``config.json``, ``metrics.jsonl``/``metrics.csv`` and ``curves.png``. Every file is written atomically. A resumed
-run ends with the same weights as an uninterrupted one: each epoch's shuffling and augmentation are seeded from
-(seed, epoch, rank), and an interruption mid-epoch stores the RNG state and the batch position.
+``config.json``, ``metrics.jsonl``/``metrics.csv`` and ``curves.png``. Every file is written atomically, the weights
+files before the state that records them, so a kill at any point leaves a state whose checkpoints exist (a resume
+repairs one that does not). A resumed run ends with the same weights as an uninterrupted one: each epoch's
+shuffling is seeded from (seed, epoch, rank), the augmentation from (seed, epoch, image) or (seed, epoch, rank,
+batch) whichever process runs it, and an interruption mid-epoch stores the RNG state and the batch position.
 
 :func:`train` reads as the run goes: prepare (device, data, model, optimizer), resume, write ``config.json``, then
 per epoch train, validate and save, and finally plot the curves.
@@ -396,14 +398,15 @@ def _silent(_message: str) -> None:
 
 
 def _check_run_dir(run_dir: Path, *, resume: bool) -> None:
-    """A new run needs a directory without a run in it; a resume needs one with a training state, or the
-    ``config.json`` of a run stopped before its first state was saved (which then starts from the beginning)."""
+    """A new run needs a directory without a run in it; a resume needs the directory of a run: with a training
+    state, or without one when the run stopped before its first state was saved (it then starts from the
+    beginning)."""
     state_path = run_dir / STATE_FILE
     if state_path.exists() and not resume:
         raise MobileNetError(
             f"{run_dir} already holds a run ({STATE_FILE}); pass --resume to continue it or choose another --out"
         )
-    if resume and not state_path.exists() and not (run_dir / "config.json").exists():
+    if resume and not run_dir.is_dir():
         raise MobileNetError(f"--resume: no {STATE_FILE} in {run_dir}; start a run there first (without --resume)")
 
 
