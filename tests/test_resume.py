@@ -120,16 +120,15 @@ def test_killed_at_every_kind_of_point_resumes_to_the_uninterrupted_weights(kill
     out = tmp_path / "run"
     kills = [
         "write:best.safetensors:1",  # epoch 1, inside the best checkpoint: no state yet
-        "write:train_state.safetensors:1",  # epoch 1 again, inside the state: its weights files are written
         "step:5",  # epoch 1 saved, then killed in the middle of epoch 2
         "write:last.safetensors:1",  # epoch 2 again, inside the last checkpoint
         "write:metrics.jsonl:1",  # epoch 2 saved, killed before its metrics
         "write:curves.png:1",  # the run is done, killed inside the plot
     ]
     said = resume_through(killer, out, kills)
-    assert "starting it from the beginning" in said[1] and "starting it from the beginning" in said[2]
+    assert "starting it from the beginning" in said[1]
     # Each kill inside a write left its temporary; the next process removed it.
-    for index in (1, 2, 4, 5, 6):
+    for index in (1, 3, 4, 5):
         assert "removed 1 temporary file" in said[index], said[index]
     assert_same_run(out, uninterrupted)
     _, info = read_state(out / "train_state.safetensors")
