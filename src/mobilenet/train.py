@@ -722,7 +722,7 @@ def _diverged(run: _Run, state: _Progress, what: str) -> TrainingDiverged:
     kept = (
         f"the last good checkpoint is kept at {last} (epoch {state.epoch})"
         if last.exists() and state.epoch > 0
-        else "no checkpoint was written yet (no epoch finished), so there is nothing to --resume"
+        else "no checkpoint was written yet (no epoch finished)"
     )
     return TrainingDiverged(
         f"training stopped: {what}; {kept}; try a lower --lr (now {run.recipe.lr:g}) or --grad-clip 5"
