@@ -213,3 +213,26 @@ def test_batch_small_augment_crops_flips_and_normalises():
         assert match or mirrored
         flips += bool(mirrored and not match)
     assert 0 < flips < 16  # both mirrored and unmirrored images occur
+
+
+def test_seeded_dataset_items_depend_on_seed_and_index_only():
+    from mobilenet.data import SeededDataset, derive_seed
+
+    class Noisy(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, index: int) -> torch.Tensor:
+            return torch.rand(3)
+
+    data = SeededDataset(Noisy(), seed=7)
+    forward = [data[i] for i in range(4)]
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    backward = [data[i] for i in reversed(range(4))][::-1]
+    assert all(torch.equal(a, b) for a, b in zip(forward, backward, strict=True))
+    assert not torch.equal(forward[0], forward[1])
+    assert not torch.equal(forward[0], SeededDataset(Noisy(), seed=8)[0])
+    # The caller's random stream is left where it was.
+    assert torch.equal(torch.get_rng_state(), before)
+    assert derive_seed(7, 0) != derive_seed(7, 1) != derive_seed(8, 0) and 0 <= derive_seed(1, 2) < 2**63

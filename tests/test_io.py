@@ -1,8 +1,16 @@
 from __future__ import annotations
 
-import pytest
+import json
+import os
+import stat
+import subprocess
+import sys
 
-from mobilenet.io import atomic_path, atomic_write_text
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mobilenet.io import atomic_path, atomic_write_text, json_safe, remove_stale_temporaries
 
 
 def test_atomic_write_replaces_whole_file(tmp_path):
@@ -21,3 +29,62 @@ def test_failed_write_keeps_old_file_and_leaves_no_temporary(tmp_path):
         raise RuntimeError("killed mid-write")
     assert target.read_text() == "good"
     assert [p.name for p in tmp_path.iterdir()] == ["file.json"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+@pytest.mark.parametrize(("umask", "expected"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_get_the_mode_open_gives_under_the_umask(tmp_path, umask, expected):
+    previous = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "text.json", "{}")
+        # safetensors creates its own file with mode 0o600: the mode is still the umask's.
+        with atomic_path(tmp_path / "weights.safetensors") as tmp:
+            save_file({"w": torch.zeros(2)}, str(tmp))
+        with open(tmp_path / "plain.txt", "w") as handle:
+            handle.write("x")
+    finally:
+        os.umask(previous)
+    for name in ("text.json", "weights.safetensors", "plain.txt"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == expected, name
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_stale_temporaries_of_a_killed_writer_are_removed(tmp_path):
+    target = tmp_path / "last.safetensors"
+    dead = _dead_pid()
+    stale = tmp_path / f".last.safetensors.{dead}-0a1b2c3d.tmp"
+    legacy = tmp_path / ".last.safetensors.k2_9xq0a.tmp"  # tempfile.mkstemp's naming, of earlier versions
+    other_file = tmp_path / f".best.safetensors.{dead}-0a1b2c3d.tmp"
+    live = tmp_path / f".last.safetensors.{os.getppid()}-0a1b2c3d.tmp"  # a writer that still runs
+    unrelated = tmp_path / ".notes.tmp"
+    for path in (stale, legacy, other_file, live, unrelated):
+        path.write_bytes(b"half")
+    atomic_write_text(target, "new")
+    # The write of last.safetensors removes its own dead temporaries only.
+    assert not stale.exists() and not legacy.exists()
+    assert other_file.exists() and live.exists() and unrelated.exists()
+    assert remove_stale_temporaries(tmp_path) == [other_file]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, live.name, unrelated.name])
+
+
+def test_a_temporary_being_written_is_not_stale(tmp_path):
+    with atomic_path(tmp_path / "file.json") as tmp:
+        tmp.write_text("in progress")
+        assert remove_stale_temporaries(tmp_path) == []
+        assert tmp.exists()
+    assert (tmp_path / "file.json").read_text() == "in progress"
+
+
+def test_json_safe_writes_null_for_non_finite_numbers():
+    row = {"loss": float("nan"), "top1": 0.5, "history": [float("inf"), -float("inf"), 1], "name": "x"}
+    assert json.loads(json.dumps(json_safe(row), allow_nan=False)) == {
+        "loss": None,
+        "top1": 0.5,
+        "history": [None, None, 1],
+        "name": "x",
+    }

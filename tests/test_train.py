@@ -205,3 +205,90 @@ def test_init_fine_tunes_from_a_checkpoint(data_dir, tmp_path):
     tuned = load_file(run.last_checkpoint)["features.0.conv.weight"]
     baseline = load_file(scratch.last_checkpoint)["features.0.conv.weight"]
     assert (tuned - donor.features[0].conv.weight).abs().max() < (baseline - donor.features[0].conv.weight).abs().max()
+
+
+def _capture_model(monkeypatch) -> dict:
+    """The model train() builds, for tests that tamper with it mid-run."""
+    import mobilenet.train as train_module
+
+    holder: dict = {}
+    original = train_module.build_optimizer
+
+    def capture(model, recipe):
+        holder["model"] = model
+        return original(model, recipe)
+
+    monkeypatch.setattr(train_module, "build_optimizer", capture)
+    return holder
+
+
+def test_nan_validation_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+    holder = _capture_model(monkeypatch)
+    run = tmp_path / "run"
+
+    def poison(step: int) -> None:
+        if step == 4:  # epoch 2: BatchNorm's running statistics turn NaN, the training losses stay finite
+            batch_norm = next(m for m in holder["model"].modules() if isinstance(m, torch.nn.BatchNorm2d))
+            batch_norm.running_var.fill_(float("nan"))
+
+    with pytest.raises(
+        TrainingDiverged, match=r"validation loss became nan after epoch 2.*last good checkpoint is kept.*1"
+    ):
+        train(tiny_config(data_dir, run, epochs=3), progress=False, log=None, on_step=poison)
+    weights = load_file(str(run / "last.safetensors"))
+    assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
+    _, info = read_state(run / "train_state.safetensors")
+    assert info["epoch"] == 1
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_weights_files_are_written_before_the_state_that_records_them(data_dir, tmp_path, monkeypatch):
+    import mobilenet.train as train_module
+
+    original = train_module.save_weights
+
+    def crash_on_best(model, path, **kwargs):
+        if Path(path).name == "best.safetensors":
+            raise RuntimeError("killed while writing best.safetensors")
+        return original(model, path, **kwargs)
+
+    monkeypatch.setattr(train_module, "save_weights", crash_on_best)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(tiny_config(data_dir, tmp_path / "run", epochs=1), progress=False, log=None)
+    # No state claims an epoch whose best checkpoint does not exist: a resume trains epoch 1 again.
+    assert not (tmp_path / "run" / "train_state.safetensors").exists()
+    assert not (tmp_path / "run" / "best.safetensors").exists()
+
+
+def test_resume_rewrites_a_missing_or_wrong_best_checkpoint_from_the_state(data_dir, tmp_path):
+    from mobilenet.checkpoint import save
+
+    run = tmp_path / "run"
+    train(tiny_config(data_dir, run, epochs=1), progress=False, log=None)
+    best = load_file(str(run / "best.safetensors"))
+    for damage in ("delete", "other weights"):
+        if damage == "delete":
+            (run / "best.safetensors").unlink()
+        else:
+            save(create_model(TINY, num_classes=3, resolution=32, small_input=True), run / "best.safetensors")
+        said: list[str] = []
+        result = train(tiny_config(data_dir, run, epochs=1, resume=True), progress=False, log=said.append)
+        assert result.best_checkpoint is not None
+        assert any(line.startswith(f"repaired {run / 'best.safetensors'}") for line in said), said
+        repaired = load_file(str(run / "best.safetensors"))
+        assert repaired.keys() == best.keys() and all(torch.equal(repaired[k], best[k]) for k in best)
+
+
+def test_resume_says_which_best_checkpoint_it_cannot_rebuild(data_dir, tmp_path):
+    run = tmp_path / "run"
+
+    def interrupt(step: int) -> None:
+        if step == 4:  # the middle of epoch 2: the state's weights are no longer epoch 1's
+            os.kill(os.getpid(), signal.SIGINT)
+
+    train(tiny_config(data_dir, run), progress=False, log=None, on_step=interrupt)
+    (run / "best.safetensors").unlink()
+    said: list[str] = []
+    train(tiny_config(data_dir, run, resume=True), progress=False, log=said.append)
+    warning = [line for line in said if line.startswith("warning:")]
+    assert len(warning) == 1 and "best.safetensors is missing: it should hold the weights of epoch 1" in warning[0]

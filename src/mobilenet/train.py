@@ -7,9 +7,11 @@ the processes of a ``torchrun`` job and their samplers are in :mod:`mobilenet.di
 The run directory holds ``last.safetensors`` and ``best.safetensors`` (weights + model config, classes and
 preprocessing, readable by :func:`mobilenet.checkpoint.load`), ``train_state.safetensors`` (everything needed to
 resume: weights, EMA, optimizer tensors, RNG states, with the structure and numbers as JSON in its header),
-``config.json``, ``metrics.jsonl``/``metrics.csv`` and ``curves.png``. Every file is written atomically. A resumed
-run ends with the same weights as an uninterrupted one: each epoch's shuffling and augmentation are seeded from
-(seed, epoch, rank), and an interruption mid-epoch stores the RNG state and the batch position.
+``config.json``, ``metrics.jsonl``/``metrics.csv`` and ``curves.png``. Every file is written atomically, the weights
+files before the state that records them, so a kill at any point leaves a state whose checkpoints exist (a resume
+repairs one that does not). A resumed run ends with the same weights as an uninterrupted one: each epoch's
+shuffling is seeded from (seed, epoch, rank), the augmentation from (seed, epoch, image) or (seed, epoch, rank,
+batch) whichever process runs it, and an interruption mid-epoch stores the RNG state and the batch position.
 
 :func:`train` reads as the run goes: prepare (device, data, model, optimizer), resume, write ``config.json``, then
 per epoch train, validate and save, and finally plot the curves.
@@ -36,10 +38,18 @@ from rich.progress import Progress
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from mobilenet.checkpoint import STATE_FILE, check_shapes, load_checkpoint, read_state, write_state
+from mobilenet.checkpoint import STATE_FILE, check_shapes, load_checkpoint, read_header, read_state, write_state
 from mobilenet.checkpoint import save as save_weights
 from mobilenet.convert import pretrained
-from mobilenet.data import BatchSmallAugment, DataBundle, Preprocessing, iterate_loader, load_data
+from mobilenet.data import (
+    BatchSmallAugment,
+    DataBundle,
+    Preprocessing,
+    SeededDataset,
+    derive_seed,
+    iterate_loader,
+    load_data,
+)
 from mobilenet.distributed import (
     DistContext,
     EpochSampler,
@@ -50,7 +60,7 @@ from mobilenet.distributed import (
 )
 from mobilenet.errors import MobileNetError
 from mobilenet.evaluate import accumulate, summarize
-from mobilenet.io import atomic_write_text
+from mobilenet.io import atomic_write_text, json_safe, remove_stale_temporaries
 from mobilenet.models import MobileNet, create_model
 from mobilenet.optim import OPTIMIZERS, RECIPES, SCHEDULES, ModelEMA, Recipe, build_optimizer, lr_at, resolve_recipe
 from mobilenet.plots import plot_training_curves
@@ -71,7 +81,7 @@ AMP_MODES = ("auto", "off", "bf16", "fp16")
 
 
 class TrainingDiverged(MobileNetError):
-    """The loss became NaN or infinite; the last good checkpoint was kept."""
+    """The training or validation loss became NaN or infinite; the last good checkpoint was kept."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -240,6 +250,8 @@ class _Progress:
     history: list[dict[str, Any]] = field(default_factory=list)
     #: The current epoch's running totals (loss sum, correct, seen, seconds), kept across an interruption.
     partial: dict[str, Any] = field(default_factory=_fresh_partial)
+    #: What ``last``/``best.safetensors`` hold: ``{"last": {"epoch": E, "sha256": digest}, "best": {...}}``.
+    checkpoints: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -302,6 +314,7 @@ def train(
     :class:`MobileNetError` for any mistake in the inputs.
     """
     run = _prepare(config, log=log, data=data)
+    _remove_stale_temporaries(run)
     state = _resume(run) if config.resume else _Progress()
     if run.dist_ctx.enabled:  # after the resume: DDP broadcasts rank 0's (loaded) weights when it is built
         run.train_model = wrap_distributed(run.model, run.device, sync_bn=config.sync_bn)
@@ -379,14 +392,25 @@ def _silent(_message: str) -> None:
 
 
 def _check_run_dir(run_dir: Path, *, resume: bool) -> None:
-    """A new run needs a directory without a run in it; a resume needs one with a training state."""
+    """A new run needs a directory without a run in it; a resume needs the directory of a run: with a training
+    state, or without one when the run stopped before its first state was saved (it then starts from the
+    beginning)."""
     state_path = run_dir / STATE_FILE
     if state_path.exists() and not resume:
         raise MobileNetError(
             f"{run_dir} already holds a run ({STATE_FILE}); pass --resume to continue it or choose another --out"
         )
-    if resume and not state_path.exists():
+    if resume and not run_dir.is_dir():
         raise MobileNetError(f"--resume: no {STATE_FILE} in {run_dir}; start a run there first (without --resume)")
+
+
+def _remove_stale_temporaries(run: _Run) -> None:
+    """Remove the temporary files a killed run left in its directory (a write interrupted before its rename)."""
+    if not run.dist_ctx.is_main:
+        return
+    removed = remove_stale_temporaries(run.run_dir)
+    if removed:
+        run.say(f"removed {len(removed)} temporary file(s) left by an interrupted write in {run.run_dir}")
 
 
 def _create_model(config: TrainConfig, bundle: DataBundle, say: Callable[[str], None]) -> tuple[MobileNet, int, bool]:
@@ -402,7 +426,7 @@ def _create_model(config: TrainConfig, bundle: DataBundle, say: Callable[[str], 
     if config.dropout is not None:
         overrides["dropout"] = config.dropout
     model = create_model(config.model, **overrides)
-    if config.init and not config.resume:
+    if config.init and not (config.resume and (Path(config.out) / STATE_FILE).exists()):
         for note in initialise_from(model, config.init):
             say(note)
     return model, resolution, small_input
@@ -437,7 +461,14 @@ def _batches(config: TrainConfig, dist_ctx: DistContext, train_size: int) -> tup
 
 def _resume(run: _Run) -> _Progress:
     """Load the training state: weights, optimizer, EMA, loss scale, the counters and (mid-epoch) this process's
-    RNG, so the run continues exactly where it stopped."""
+    RNG, so the run continues exactly where it stopped; then bring the checkpoints and metrics files in line
+    with the state."""
+    if not run.state_path.exists():
+        run.say(
+            f"--resume: {run.run_dir} has no {STATE_FILE}: the run stopped before its first epoch was saved; "
+            "starting it from the beginning"
+        )
+        return _Progress()
     tree, info = read_state(run.state_path)
     stored = info["model"]
     if stored["name"] != run.config.model or stored["config"] != run.model.config.to_dict():
@@ -460,10 +491,14 @@ def _resume(run: _Run) -> _Progress:
         best_top1=info["best_top1"],
         history=info["history"],
         partial=info["partial"],
+        checkpoints=info.get("checkpoints") or _legacy_checkpoints(info),
     )
     rng = tree["rng"][run.dist_ctx.rank] if run.dist_ctx.rank < len(tree["rng"]) else None
     if rng is not None and state.step_in_epoch:
         _restore_rng(rng, run.device)
+    _repair_checkpoints(run, state)
+    if run.dist_ctx.is_main:  # the state's epochs exactly: a kill may have come between the state and these files
+        _write_metrics(run.run_dir, state.history)
     run.say(
         f"resuming {run.run_dir} at epoch {state.epoch + 1}, batch {state.step_in_epoch} "
         f"(best val top-1 so far {state.best_top1:.2%})"
@@ -471,6 +506,60 @@ def _resume(run: _Run) -> _Progress:
     if state.epoch >= run.config.epochs:
         run.say(f"the run already finished its {state.epoch} epochs; pass a larger --epochs to continue")
     return state
+
+
+def _legacy_checkpoints(info: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """What a state written before the checkpoints' digests were recorded implies: ``last`` holds the state's
+    epoch, ``best`` the first epoch with the highest validation top-1 (no digest: only presence is checked)."""
+    files = {"last": {"epoch": info["epoch"], "sha256": None}}
+    history = info.get("history") or []
+    if history:
+        best_row = max(history, key=lambda row: row["val_top1"])  # max() keeps the first of equal rows
+        files["best"] = {"epoch": best_row["epoch"], "sha256": None}
+    return files
+
+
+def _repair_checkpoints(run: _Run, state: _Progress) -> None:
+    """Make ``last``/``best.safetensors`` what the training state records. The weights files are written before
+    the state, so after a kill they are the state's or newer ones (of an epoch the resumed run trains again and
+    rewrites). A file that is missing or holds other weights (deleted, or a kill between an older version's state
+    and weights writes) is written again from the state's weights when those are its weights, else reported."""
+    if not run.dist_ctx.is_main:
+        return
+    for name in ("last", "best"):
+        recorded = state.checkpoints.get(name)
+        path = run.run_dir / f"{name}.safetensors"
+        problem = None if recorded is None else _checkpoint_problem(path, recorded.get("sha256"), state.epoch)
+        if problem is None:
+            continue
+        state_is_best = state.step_in_epoch == 0 and state.checkpoints.get("best", {}).get("epoch") == state.epoch
+        if name == "last" or state_is_best:
+            digest = _write_checkpoint(run, state, name, is_best=state_is_best)
+            state.checkpoints[name] = {"epoch": state.epoch, "sha256": digest}
+            run.say(f"repaired {path}: it {problem}; wrote it again from the training state (epoch {state.epoch})")
+        else:
+            run.say(
+                f"warning: {path} {problem}: it should hold the weights of epoch {recorded['epoch']}, which the "
+                f"training state no longer has (it holds epoch {state.epoch}'s); {name}.safetensors is written "
+                f"again when an epoch improves on the best val top-1 ({state.best_top1:.2%})"
+            )
+
+
+def _checkpoint_problem(path: Path, sha256: str | None, state_epoch: int) -> str | None:
+    """Why ``path`` is not the checkpoint the state recorded with digest ``sha256``; None when it is, or when it
+    is from an epoch after the state's (which the resumed run trains again and writes again)."""
+    if not path.exists():
+        return "is missing"
+    try:
+        header = read_header(path)
+    except MobileNetError as error:
+        return f"cannot be read ({error})"
+    if sha256 is None or header.get("weights_sha256") == sha256:
+        return None
+    epoch = (header.get("metadata") or {}).get("epoch")
+    if isinstance(epoch, int) and epoch > state_epoch:
+        return None
+    return "holds other weights than the training state recorded for it"
 
 
 def _write_config(run: _Run) -> None:
@@ -513,7 +602,9 @@ def _run_epochs(run: _Run, state: _Progress, *, progress: bool, on_step: Callabl
         while state.epoch < run.config.epochs:
             if not _train_epoch(run, state, bar, stop, on_step):
                 return True
-            _end_epoch(run, state, _validate(run, state))
+            row = _validate(run, state)
+            _stop_if_metrics_diverged(run, state, row, bar)
+            _end_epoch(run, state, row)
             if stop.signal is not None and state.epoch < run.config.epochs:
                 run.say(f"interrupted after epoch {state.epoch}; continue with the same command plus --resume")
                 return True
@@ -547,7 +638,7 @@ def _train_epoch(
             on_step(state.global_step)
         if _stop_requested(stop, run.dist_ctx) and state.step_in_epoch < run.steps_per_epoch:
             state.partial["seconds"] += time.perf_counter() - started
-            _save(run, state, finished_epoch=False, val_metrics=None)
+            _save(run, state, best=False)
             run.say(
                 f"interrupted: saved the state at epoch {state.epoch + 1}, batch {state.step_in_epoch} in "
                 f"{run.state_path}; continue with the same command plus --resume"
@@ -566,7 +657,7 @@ def _train_step(run: _Run, state: _Progress, images: torch.Tensor, labels: torch
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     if run.batch_augment is not None:
-        images = run.batch_augment(images)
+        images = run.batch_augment(images, generator=_batch_generator(run, state))
     images = images.to(run.device, non_blocking=True)
     labels = labels.to(run.device, non_blocking=True)
     if run.channels_last:
@@ -599,15 +690,36 @@ def _stop_if_diverged(run: _Run, state: _Progress, loss: torch.Tensor, bar: Prog
     if bool(all_reduce_sum(finite, run.dist_ctx).item() == run.dist_ctx.world_size):
         return
     bar.stop()
+    raise _diverged(
+        run, state, f"the loss became {loss.item()} at epoch {state.epoch + 1}, batch {state.step_in_epoch + 1}"
+    )
+
+
+def _stop_if_metrics_diverged(run: _Run, state: _Progress, row: dict[str, Any], bar: Progress) -> None:
+    """Raise :class:`TrainingDiverged` before an epoch whose validation (or training) loss is NaN/inf is saved:
+    weights that blew up can give finite training losses and still turn BatchNorm's statistics non-finite. The
+    metrics are summed over all processes, so all stop together."""
+    if math.isfinite(row["val_loss"]) and math.isfinite(row["train_loss"]):
+        return
+    bar.stop()
+    raise _diverged(
+        run,
+        state,
+        f"the validation loss became {row['val_loss']} after epoch {state.epoch + 1} (training loss "
+        f"{row['train_loss']:.4g})",
+    )
+
+
+def _diverged(run: _Run, state: _Progress, what: str) -> TrainingDiverged:
+    """The error for a run whose loss became non-finite: what happened, which checkpoint is kept, what to try."""
     last = run.run_dir / "last.safetensors"
     kept = (
         f"the last good checkpoint is kept at {last} (epoch {state.epoch})"
         if last.exists() and state.epoch > 0
-        else "no checkpoint was written yet"
+        else "no checkpoint was written yet (no epoch finished)"
     )
-    raise TrainingDiverged(
-        f"training stopped: the loss became {loss.item()} at epoch {state.epoch + 1}, batch "
-        f"{state.step_in_epoch + 1}; {kept}; try a lower --lr (now {run.recipe.lr:g}) or --grad-clip 5"
+    return TrainingDiverged(
+        f"training stopped: {what}; {kept}; try a lower --lr (now {run.recipe.lr:g}) or --grad-clip 5"
     )
 
 
@@ -655,8 +767,7 @@ def _end_epoch(run: _Run, state: _Progress, row: dict[str, Any]) -> None:
     state.best_top1 = max(state.best_top1, row["val_top1"])
     state.epoch += 1
     state.step_in_epoch = 0
-    val_metrics = {"top1": row["val_top1"], "top5": row["val_top5"], "loss": row["val_loss"], "is_best": is_best}
-    _save(run, state, finished_epoch=True, val_metrics=val_metrics)
+    _save(run, state, best=is_best)
     if run.dist_ctx.is_main:
         _write_metrics(run.run_dir, state.history)
     run.say(
@@ -667,15 +778,18 @@ def _end_epoch(run: _Run, state: _Progress, row: dict[str, Any]) -> None:
     )
 
 
-def _save(run: _Run, state: _Progress, *, finished_epoch: bool, val_metrics: dict[str, Any] | None) -> None:
-    """Write the resumable state (every process's RNG), then the weights checkpoints: ``last`` always, ``best``
-    after an epoch that improved the validation top-1. Rank 0 writes the files."""
+def _save(run: _Run, state: _Progress, *, best: bool) -> None:
+    """Write the weights checkpoints, then the resumable state that records them (with every process's RNG):
+    ``last`` always, ``best`` after an epoch that improved the validation top-1. The state comes last, so a kill
+    at any point leaves a state whose files exist (or are newer, from the epoch a resume trains again). Rank 0
+    writes the files."""
     rng = _rng_states(run)
     if not run.dist_ctx.is_main:
         return
+    for name in ("last", "best") if best else ("last",):
+        digest = _write_checkpoint(run, state, name, is_best=best)
+        state.checkpoints[name] = {"epoch": state.epoch, "sha256": digest}
     write_state(run.state_path, _state_tensors(run, rng), _state_info(run, state))
-    is_best = finished_epoch and val_metrics is not None and bool(val_metrics.get("is_best"))
-    _save_checkpoints(run, state.epoch, val_metrics, best=is_best)
 
 
 def _rng_states(run: _Run) -> list[Any]:
@@ -722,26 +836,33 @@ def _state_info(run: _Run, state: _Progress) -> dict[str, Any]:
         "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
         "ema_updates": run.ema.updates if run.ema is not None else 0,
         "world_size": run.dist_ctx.world_size,
+        "checkpoints": state.checkpoints,
     }
 
 
-def _save_checkpoints(run: _Run, epoch: int, val_metrics: dict[str, Any] | None, *, best: bool) -> None:
-    """The deployable weights as ``last.safetensors`` (and ``best.safetensors`` when ``best``), with the classes,
-    preprocessing and what they are in their metadata."""
+def _write_checkpoint(run: _Run, state: _Progress, name: str, *, is_best: bool) -> str:
+    """The deployable weights as ``<name>.safetensors``, with the classes, preprocessing and what they are (epoch,
+    validation metrics of a finished epoch) in the metadata; returns the digest of the weights written."""
+    row = state.history[-1] if state.step_in_epoch == 0 and state.history else None
+    val = (
+        None
+        if row is None
+        else {"top1": row["val_top1"], "top5": row["val_top5"], "loss": row["val_loss"], "is_best": is_best}
+    )
     metadata = {
-        "epoch": epoch,
+        "epoch": state.epoch,
         "weights": "ema" if run.ema is not None else "raw",
-        "val": val_metrics,
+        "val": val,
         "train_config": run.config.to_dict(),
     }
-    for name in ("last.safetensors", "best.safetensors") if best else ("last.safetensors",):
-        save_weights(
-            run.deployable,
-            run.run_dir / name,
-            classes=run.bundle.classes,
-            preprocessing=run.preprocessing,
-            metadata=metadata,
-        )
+    path = save_weights(
+        run.deployable,
+        run.run_dir / f"{name}.safetensors",
+        classes=run.bundle.classes,
+        preprocessing=run.preprocessing,
+        metadata=json_safe(metadata),
+    )
+    return read_header(path)["weights_sha256"]
 
 
 METRIC_FIELDS = (
@@ -760,7 +881,7 @@ METRIC_FIELDS = (
 def _write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
     """Rewrite metrics.jsonl and metrics.csv from the run's history (kept in the training state, so a resumed run's
     files never hold a duplicated or missing epoch); one row per epoch, written atomically."""
-    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
+    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(json_safe(row)) + "\n" for row in history))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=METRIC_FIELDS, extrasaction="ignore")
     writer.writeheader()
@@ -802,8 +923,15 @@ def _epoch_loader(run: _Run, epoch: int, *, skip_batches: int) -> DataLoader:
     have."""
     sampler = EpochSampler(run.train_set, run.dist_ctx, run.config.seed, run.per_rank_batch)
     sampler.set_epoch(epoch, skip_batches=skip_batches)
+    # Per-image random transforms run in the workers: seeded per image, they do not depend on which worker
+    # produces which batch (which differs in a resumed epoch). The per-batch augmentation is seeded per batch.
+    dataset = (
+        run.train_set
+        if run.batch_augment is not None
+        else SeededDataset(run.train_set, derive_seed(run.config.seed, epoch))
+    )
     return DataLoader(
-        run.train_set,
+        dataset,
         batch_size=run.per_rank_batch,
         sampler=sampler,
         num_workers=run.config.num_workers,
@@ -836,6 +964,13 @@ def _val_loader(
 
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919 + rank * 104_729) % (2**63 - 1)
+
+
+def _batch_generator(run: _Run, state: _Progress) -> torch.Generator:
+    """The random stream of the batch augmentation of this process's batch ``state.step_in_epoch``: a function of
+    (seed, epoch, rank, batch) only, so a resumed epoch augments each batch as the uninterrupted one did."""
+    seed = derive_seed(run.config.seed, state.epoch, run.dist_ctx.rank, state.step_in_epoch)
+    return torch.Generator().manual_seed(seed)
 
 
 def _amp_settings(mode: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
