@@ -24,7 +24,7 @@ from mobilenet.spec import model_config
 
 def test_the_papers_experiments_as_data():
     chosen = select_experiments(None)
-    assert [e.name for e in chosen] == list(EXPERIMENT_NAMES)
+    assert [e.name for e in chosen] == list(EXPERIMENT_NAMES[:5])
     runs = plan_runs(chosen)
     keys = [spec.key for spec in runs]
     assert len(keys) == len(set(keys)) == 11
@@ -83,3 +83,16 @@ def test_a_run_key_naming_two_models_is_refused():
         plan_runs([clash])
     with pytest.raises(MobileNetError, match="unknown experiment 'table9'"):
         select_experiments("table4,table9")
+
+
+def test_table8_pairs_mobilenet_with_the_full_vgg16():
+    from mobilenet.paper import V1_TABLE8
+
+    (table8,) = select_experiments("table8")
+    mobilenet_row, vgg_row = table8.rows
+    assert (mobilenet_row.paper, vgg_row.paper) == (V1_TABLE8[0], V1_TABLE8[2])
+    assert vgg_row.run.model == "vgg16_224" and vgg_row.run.small_input is False
+    # The full VGG 16 (its 4096-4096 FC layers included), at CIFAR-10's 32 px with 10 classes.
+    cost = vgg_row.run.cost()
+    assert cost.params == count_costs("vgg16_224", num_classes=10).params > 100_000_000
+    assert [e.name for e in select_experiments("all")] == list(EXPERIMENT_NAMES)

@@ -319,7 +319,7 @@ def _train_one(
             num_workers=0,
             alpha=spec.alpha,
             resolution=spec.resolution,
-            small_input=True,
+            small_input=spec.small_input,
             limit_train_batches=budget.batches_per_epoch,
             hflip=str(config.data) != "digits",  # a mirrored 2 is not a digit
             threads=budget.threads,

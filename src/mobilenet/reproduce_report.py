@@ -40,7 +40,7 @@ def base_record(spec: RunSpec, cost: CostTable, num_classes: int) -> dict[str, A
         "model": spec.model,
         "alpha": spec.alpha,
         "resolution": spec.resolution,
-        "small_input": True,
+        "small_input": spec.small_input,
         "num_classes": num_classes,
         "macs": cost.macs,
         "params": cost.params,
