@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -200,7 +201,9 @@ def test_init_fine_tunes_from_a_checkpoint(data_dir, tmp_path):
 
     # Through train(): the first epoch starts from the donor's body, so its first-layer weights are not the
     # random initialisation's (which a run without --init gets from the same seed).
-    run = train(tiny_config(data_dir, tmp_path / "ft", epochs=1, init=str(path)), progress=False, log=None)
+    # The donor ran at the paper's strides: at 32 px the run must say whether to keep them.
+    config = tiny_config(data_dir, tmp_path / "ft", epochs=1, init=str(path), small_input=True)
+    run = train(config, progress=False, log=None)
     scratch = train(tiny_config(data_dir, tmp_path / "scratch", epochs=1), progress=False, log=None)
     tuned = load_file(run.last_checkpoint)["features.0.conv.weight"]
     baseline = load_file(scratch.last_checkpoint)["features.0.conv.weight"]
@@ -292,3 +295,54 @@ def test_resume_says_which_best_checkpoint_it_cannot_rebuild(data_dir, tmp_path)
     train(tiny_config(data_dir, run, resume=True), progress=False, log=said.append)
     warning = [line for line in said if line.startswith("warning:")]
     assert len(warning) == 1 and "best.safetensors is missing: it should hold the weights of epoch 1" in warning[0]
+
+
+def test_a_folder_of_32_px_images_trains_at_32_px(data_dir, tmp_path):
+    """Without --resolution, a folder whose images are all 32x32 trains at 32 px (not the model's 224) and says so;
+    a folder of mixed sizes falls back to the model's resolution."""
+    lines: list[str] = []
+    config = tiny_config(data_dir, tmp_path / "run", resolution=None, epochs=1)
+    train(config, progress=False, log=lines.append)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["model_config"]["resolution"] == 32 and saved["model_config"]["small_input"] is True
+    assert any("resolution: 32 px, the data's image size" in line for line in lines)
+
+    from mobilenet.data import uniform_small_size
+
+    files = sorted(data_dir.rglob("*.png"))
+    assert uniform_small_size(files) == 32
+    odd = tiny_folder(tmp_path / "odd" / "x", classes=("a",), per_class=1, size=40)
+    assert uniform_small_size([*files, *sorted(odd.rglob("*.png"))]) is None
+
+
+def test_fine_tuning_defaults(data_dir, tmp_path):
+    """--init: a tenth of the recipe's learning rate, never a silent small_input under published weights, and
+    --freeze-backbone trains the classifier only."""
+    from mobilenet.checkpoint import load
+
+    first = train(tiny_config(data_dir, tmp_path / "a", epochs=1), progress=False, log=None)
+    lines: list[str] = []
+    tuned = train(
+        tiny_config(data_dir, tmp_path / "b", epochs=1, init=str(first.last_checkpoint), freeze_backbone=True),
+        progress=False,
+        log=lines.append,
+    )
+    assert any("learning rate 0.00046875 (0.1 of the recipe's" in line for line in lines)  # 0.1 * 6 / 128 / 10
+    before, after = load(first.last_checkpoint), load(tuned.last_checkpoint)
+    for (name, a), b in zip(before.features.state_dict().items(), after.features.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert not torch.equal(before.classifier.weight, after.classifier.weight)
+    with pytest.raises(MobileNetError, match=r"pass --small-input .* or --no-small-input"):
+        train(tiny_config(data_dir, tmp_path / "c", init="torchvision", model="mobilenet_v2_1.0_224"), log=None)
+    with pytest.raises(MobileNetError, match="--freeze-backbone needs --init"):
+        tiny_config(data_dir, tmp_path / "d", freeze_backbone=True)
+
+
+def test_digits_are_not_flipped_by_default():
+    from mobilenet.data import load_digits
+    from mobilenet.train import _hflip
+
+    digits = load_digits()
+    assert _hflip(TrainConfig(model=TINY, data="digits", out="x"), digits) is False
+    assert _hflip(TrainConfig(model=TINY, data="digits", out="x", hflip=True), digits) is True
+    assert _hflip(TrainConfig(model=TINY, data="d", out="x"), dataclasses.replace(digits, name="folder")) is True

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets
 from torchvision.transforms import InterpolationMode, v2
@@ -593,6 +594,34 @@ def stratified_split(labels: Sequence[int], val_fraction: float, seed: int) -> t
     return sorted(train), sorted(val)
 
 
+def uniform_small_size(files: Sequence[Path]) -> int | None:
+    """The side of ``files``' images when every one is the same square of at most :data:`SMALL_IMAGE_MAX` px (as
+    CIFAR's 32x32), read from the headers alone; None otherwise. Files whose header cannot be read are left to the
+    decoder, which reports them."""
+    sizes: set[tuple[int, int]] = set()
+    for path in files:
+        try:
+            with Image.open(path) as header:
+                sizes.add(header.size)
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue
+        if len(sizes) > 1:
+            return None
+    if len(sizes) != 1:
+        return None
+    ((width, height),) = sizes
+    return width if width == height <= SMALL_IMAGE_MAX else None
+
+
+def _folder_bundle(name: str, train: Any, val: Any, classes: list[str], **fields: Any) -> DataBundle:
+    files = [path for dataset in (train, val) for path, _ in dataset.samples]
+    native = uniform_small_size(files)
+    notes = list(fields.pop("notes", []))
+    if native is not None:
+        notes.append(f"every image is {native}x{native} px: that is the default input resolution")
+    return DataBundle(name, train, val, classes, native_size=native, notes=notes, **fields)
+
+
 def _load_folder(
     root: Path, *, val_fraction: float, seed: int, on_bad_image: OnBadImage, in_memory: bool, name: str
 ) -> DataBundle:
@@ -602,13 +631,13 @@ def _load_folder(
         train = ImageFolderDataset(train_dir, on_bad_image=on_bad_image, in_memory=in_memory)
         if val_dir is not None:
             val = ImageFolderDataset(val_dir, classes=train.classes, on_bad_image=on_bad_image, in_memory=in_memory)
-            return DataBundle(name, train, val, train.classes, val_name=val_dir.name)
+            return _folder_bundle(name, train, val, train.classes, val_name=val_dir.name)
         full = train
     else:
         full = ImageFolderDataset(root, on_bad_image=on_bad_image, in_memory=in_memory)
     train_idx, val_idx = stratified_split(full.targets, val_fraction, seed)
     note = f"no val/ or test/ folder: {val_fraction:.0%} of each class held out for validation (seed {seed})"
-    return DataBundle(
+    return _folder_bundle(
         name, full.subset(train_idx), full.subset(val_idx), full.classes, val_name="val (held out)", notes=[note]
     )
 

@@ -330,3 +330,28 @@ def plot_macs_by_operator(rows: Sequence[dict[str, Any]], path: str | os.PathLik
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_rank_sweep(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str], *, title: str = "") -> Path:
+    """Top-1 against the whole model's parameters for classifiers factored at several ranks (``rows``: the
+    ``to_dict()`` of :class:`mobilenet.compress.CompressionReport` with a ``rank``), right after the truncated SVD
+    and after the short fine-tune, with the unfactored model as a line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ordered = sorted(rows, key=lambda row: row["params_after"])
+    params = [row["params_after"] / 1e6 for row in ordered]
+    for key, label, style in (("factored", "truncated SVD", "o-"), ("fine_tuned", "after the short fine-tune", "s--")):
+        values = [100 * row["top1"][key] for row in ordered if key in row["top1"]]
+        if len(values) == len(ordered):
+            ax.plot(params, values, style, label=label)
+    if ordered and "original" in ordered[0]["top1"]:
+        ax.axhline(100 * ordered[0]["top1"]["original"], color="grey", linestyle=":", label="unfactored classifier")
+    for row, x in zip(ordered, params, strict=True):
+        ax.annotate(f"r={row['rank']}", (x, 100 * row["top1"].get("factored", 0.0)), textcoords="offset points",
+                    xytext=(4, -12), fontsize=8)  # fmt: skip
+    ax.set_xlabel("parameters (M, conv + FC weights)")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title(title or "factored classifier: accuracy vs parameters")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)

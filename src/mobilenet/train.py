@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -141,14 +141,17 @@ class TrainConfig:
     #: "torchvision"/"timm" for their published ImageNet weights. The classifier is kept only if its shape matches
     #: (same number of classes); otherwise it starts fresh, as transfer learning needs.
     init: str | None = None
+    #: With ``init``: train the classifier only (the body's weights and BatchNorm statistics stay as loaded).
+    freeze_backbone: bool = False
     #: SyncBatchNorm under DDP on CUDA (per-GPU batches are small); CPU (gloo) cannot run it.
     sync_bn: bool = True
     #: Stop each epoch after this many batches (quick experiments and tests); None: the whole epoch.
     limit_train_batches: int | None = None
     #: RandomResizedCrop's lower scale bound for ImageNet-style inputs.
     crop_scale_min: float = 0.08
-    #: Horizontal flips; off for data where mirroring changes the class (digits, text).
-    hflip: bool = True
+    #: Horizontal flips. None: on, except for the built-in digits, where a mirrored digit is another digit (or none);
+    #: pass False for other data where mirroring changes the class (text).
+    hflip: bool | None = None
     #: Small-image augmentation on whole batches in the training process (when the images already have the input
     #: size, as CIFAR and digits do): one vectorised op per batch instead of a per-image pipeline.
     batch_augment: bool = True
@@ -195,6 +198,8 @@ class TrainConfig:
             positive_int("--threads", self.threads)
         if not 0.0 < self.crop_scale_min <= 1.0:
             raise MobileNetError(f"crop_scale_min must be in (0, 1], got {self.crop_scale_min!r}")
+        if self.freeze_backbone and not self.init:
+            raise MobileNetError("--freeze-backbone needs --init: a random body is not worth freezing")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -349,7 +354,7 @@ def _prepare(config: TrainConfig, *, log: Callable[[str], None] | None, data: An
         say(f"note: {note}")
     model, resolution, small_input = _create_model(config, bundle, say)
     preprocessing = bundle.preprocessing(resolution)
-    recipe = resolve_recipe(config, small_images=preprocessing.style == "small")
+    recipe = _fine_tuning(config, resolve_recipe(config, small_images=preprocessing.style == "small"), say)
     train_set, batch_augment = _train_set(config, bundle, preprocessing, resolution)
     val_set = bundle.val_dataset(preprocessing)
     per_rank_batch, steps_per_epoch = _batches(config, dist_ctx, len(train_set))
@@ -413,12 +418,64 @@ def _remove_stale_temporaries(run: _Run) -> None:
         run.say(f"removed {len(removed)} temporary file(s) left by an interrupted write in {run.run_dir}")
 
 
+#: Fine-tuning (``init``) starts at this fraction of the recipe's learning rate: the weights are already good, and
+#: the full rate of training from scratch would wreck them in the first steps.
+FINE_TUNE_LR_FACTOR = 0.1
+
+
+def _fine_tuning(config: TrainConfig, recipe: Recipe, say: Callable[[str], None]) -> Recipe:
+    """The recipe, with the fine-tuning learning rate when starting from other weights and no ``--lr`` is given."""
+    if not config.init or config.lr is not None:
+        return recipe
+    tuned = replace(recipe, lr=recipe.lr * FINE_TUNE_LR_FACTOR)
+    say(
+        f"fine-tuning from {config.init}: learning rate {tuned.lr:g} ({FINE_TUNE_LR_FACTOR:g} of the recipe's; "
+        "--lr sets it)"
+    )
+    return tuned
+
+
+def _resolution(config: TrainConfig, bundle: DataBundle, say: Callable[[str], None]) -> int:
+    if config.resolution is not None:
+        return config.resolution
+    if bundle.native_size is not None:
+        say(f"resolution: {bundle.native_size} px, the data's image size (--resolution sets another)")
+        return bundle.native_size
+    return model_config(config.model).resolution
+
+
+def _small_input(config: TrainConfig, resolution: int) -> bool:
+    """``small_input`` as given, else on at <= 64 px; but never switched on silently under pretrained weights,
+    whose early layers learnt the paper's strides."""
+    if config.small_input is not None:
+        return config.small_input
+    if config.init and resolution <= 64:
+        donor_small = _donor_small_input(config.init)
+        if donor_small is None:
+            raise MobileNetError(
+                f"--init {config.init} at {resolution} px: the pretrained weights were trained with the paper's "
+                "strides; pass --small-input to run the first layers at stride 1 anyway (more compute, features at "
+                "other scales than in pretraining) or --no-small-input to keep the strides (a 32-px image then ends "
+                "on a 1x1 map)"
+            )
+        return donor_small
+    return resolution <= 64
+
+
+def _donor_small_input(init: str) -> bool | None:
+    """The ``small_input`` of an ``--init`` checkpoint of this library (None for published ImageNet weights)."""
+    if init in ("torchvision", "timm"):
+        return None
+    header = read_header(init)
+    small = header["config"].get("small_input") if isinstance(header.get("config"), dict) else None
+    return bool(small) if small else None
+
+
 def _create_model(config: TrainConfig, bundle: DataBundle, say: Callable[[str], None]) -> tuple[MobileNet, int, bool]:
     """The model at the data's input size and number of classes (``--init`` weights unless resuming), with its
     resolution and ``small_input``."""
-    base = model_config(config.model)
-    resolution = config.resolution or bundle.native_size or base.resolution
-    small_input = config.small_input if config.small_input is not None else resolution <= 64
+    resolution = _resolution(config, bundle, say)
+    small_input = _small_input(config, resolution)
     overrides: dict[str, Any] = {"num_classes": len(bundle.classes), "resolution": resolution}
     overrides["small_input"] = small_input
     if config.alpha is not None:
@@ -429,6 +486,9 @@ def _create_model(config: TrainConfig, bundle: DataBundle, say: Callable[[str], 
     if config.init and not (config.resume and (Path(config.out) / STATE_FILE).exists()):
         for note in initialise_from(model, config.init):
             say(note)
+    if config.freeze_backbone:
+        model.features.requires_grad_(False)
+        say("--freeze-backbone: only the classifier trains")
     return model, resolution, small_input
 
 
@@ -438,8 +498,14 @@ def _train_set(
     """The training images and, when small images already have the input size, the augmentation applied to
     whole batches in this process (then the dataset yields the raw uint8 images)."""
     if config.batch_augment and preprocessing.style == "small" and bundle.native_size == resolution:
-        return bundle.train, BatchSmallAugment(preprocessing, flip=config.hflip)
-    return bundle.train_dataset(preprocessing, scale=(config.crop_scale_min, 1.0), flip=config.hflip), None
+        return bundle.train, BatchSmallAugment(preprocessing, flip=_hflip(config, bundle))
+    flip = _hflip(config, bundle)
+    return bundle.train_dataset(preprocessing, scale=(config.crop_scale_min, 1.0), flip=flip), None
+
+
+def _hflip(config: TrainConfig, bundle: DataBundle) -> bool:
+    """Horizontal flips as given; by default on, but off for the digits (a mirrored 2 is no digit)."""
+    return config.hflip if config.hflip is not None else bundle.name != "digits"
 
 
 def _batches(config: TrainConfig, dist_ctx: DistContext, train_size: int) -> tuple[int, int]:
@@ -627,6 +693,8 @@ def _train_epoch(
         stats="",
     )
     run.train_model.train()
+    if run.config.freeze_backbone:
+        run.model.features.eval()  # the frozen body keeps its BatchNorm statistics too
     started = time.perf_counter()
     for images, labels in iterate_loader(loader):
         if state.step_in_epoch >= run.steps_per_epoch:

@@ -55,7 +55,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--on-bad-image", choices=("skip", "error"), default="error")
     parser.add_argument("--limit-train-batches", type=int, help="batches per epoch (quick experiments)")
     parser.add_argument("--crop-scale-min", type=float, default=0.08, help="RandomResizedCrop lower scale bound")
-    parser.add_argument("--no-hflip", dest="hflip", action="store_false", help="no horizontal flips (digits, text)")
+    parser.add_argument(
+        "--hflip",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="random horizontal flips (default: on, off for the built-in digits; --no-hflip for text)",
+    )
     parser.add_argument(
         "--no-batch-augment",
         dest="batch_augment",
@@ -68,7 +73,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--init",
         metavar="CHECKPOINT|torchvision|timm",
         help="fine-tune: start from a checkpoint's weights or the published ImageNet weights (new classifier if "
-        "the classes differ)",
+        "the classes differ; the learning rate defaults to 1/10 of the recipe's)",
+    )
+    parser.add_argument(
+        "--freeze-backbone",
+        action="store_true",
+        help="with --init: train the classifier only (the body and its BatchNorm statistics stay as loaded)",
     )
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last state")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
