@@ -98,7 +98,7 @@ def test_adapt_input_conv_for_more_channels_repeats_and_rescales_as_timm():
 def test_pretrained_errors_name_what_is_published():
     with pytest.raises(MobileNetError, match=r"timm publishes no ImageNet weights for mobilenet_v2_0\.35_224"):
         create_model("mobilenet_v2_0.35_224", pretrained="timm")
-    with pytest.raises(MobileNetError, match=r"no ImageNet weights are published.*timm: v1 1, v1 1\.25"):
+    with pytest.raises(MobileNetError, match=r"no ImageNet weights are published.*timm: v1 1\.0, v1 1\.25"):
         create_model("mobilenet_v1_0.25_224", pretrained=True)
     with pytest.raises(MobileNetError, match="alpha changes the weights' shapes"):
         create_model("mobilenet_v2_1.0_224", pretrained=True, alpha=0.5)

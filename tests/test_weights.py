@@ -400,7 +400,7 @@ def test_pretrained_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     with pytest.raises(MobileNetError, match=r"network unreachable.*mobilenet convert --from torchvision FILE"):
         pretrained("mobilenet_v2_1.0_224", source="torchvision")
-    with pytest.raises(MobileNetError, match=r"V2 alpha 1\.0 only"):
+    with pytest.raises(MobileNetError, match=r"torchvision publishes no ImageNet weights for mobilenet_v1_1\.0_224"):
         pretrained("mobilenet_v1_1.0_224", source="torchvision")
 
 

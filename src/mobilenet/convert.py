@@ -104,9 +104,13 @@ def default_source(config: ModelConfig) -> str:
     return sources[0]
 
 
+def _alpha_text(alpha: float) -> str:
+    return f"{alpha:.1f}" if float(alpha).is_integer() else f"{alpha:g}"
+
+
 def _published_text() -> str:
     return "; ".join(
-        f"{source}: " + ", ".join(f"{family} {alpha:g}" for family, alpha in sorted(PUBLISHED[source]))
+        f"{source}: " + ", ".join(f"{family} {_alpha_text(alpha)}" for family, alpha in sorted(PUBLISHED[source]))
         for source in SOURCES
     )
 
