@@ -45,7 +45,7 @@ from torch import nn
 from mobilenet.backends import BACKENDS, ModelSource, RandomWeightsWarning, load_source, onnxruntime_available
 from mobilenet.cost import count_costs
 from mobilenet.data import resolve_preprocessing
-from mobilenet.errors import MobileNetError
+from mobilenet.errors import INSTALL_HINTS, MobileNetError
 from mobilenet.export import INPUT_NAME, OUTPUT_NAME, ort_session
 from mobilenet.models import create_model
 from mobilenet.parity import logit_difference, seeded_batch
@@ -275,7 +275,7 @@ def build_candidate(
             [f"auto picked {predictor.backend_name}"],
         )
     if not onnxruntime_available():
-        raise MobileNetError(f"backend {backend} needs onnx and onnxruntime; pip install 'mobilenet[onnx]'")
+        raise MobileNetError(f"backend {backend} needs onnx and onnxruntime; {INSTALL_HINTS['onnx']}")
     workdir = Path(workdir or tempfile.mkdtemp(prefix="mobilenet-bench-"))
     # onnxruntime-int8
     calibration_note = f"calibrated on the images in {calibration}"

@@ -39,7 +39,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets
 from torchvision.transforms import InterpolationMode, v2
 
-from mobilenet.errors import MobileNetError
+from mobilenet.errors import INSTALL_HINTS, MobileNetError
 from mobilenet.images import IMAGE_SUFFIXES, BadImageError, decode_image, image_files_under
 from mobilenet.progress import progress_bar
 
@@ -552,7 +552,7 @@ def load_digits(*, size: int = 32, val_fraction: float = 0.2, seed: int = 0) -> 
         from sklearn.datasets import load_digits as sk_load_digits
     except ImportError:
         raise MobileNetError(
-            "the built-in 'digits' dataset needs scikit-learn; install it with: pip install 'mobilenet[demo]'"
+            f"the built-in 'digits' dataset needs scikit-learn; install it with: {INSTALL_HINTS['demo']}"
         ) from None
     raw = sk_load_digits()
     images = torch.as_tensor(raw.images, dtype=torch.float32).unsqueeze(1) / 16.0  # grey levels 0..16

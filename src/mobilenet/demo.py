@@ -24,7 +24,7 @@ from rich.table import Table
 
 from mobilenet.checkpoint import load
 from mobilenet.cost import count_costs
-from mobilenet.errors import MobileNetError
+from mobilenet.errors import INSTALL_HINTS, MobileNetError
 from mobilenet.plots import plot_comparison
 from mobilenet.train import TrainConfig, train
 
@@ -79,7 +79,7 @@ def run_demo(config: DemoConfig | None = None, *, progress: bool = True, log: An
         import sklearn  # noqa: F401
     except ImportError:
         raise MobileNetError(
-            "the demo uses scikit-learn's bundled digits dataset; install it with: pip install 'mobilenet[demo]'"
+            f"the demo uses scikit-learn's bundled digits dataset; install it with: {INSTALL_HINTS['demo']}"
         ) from None
     out = Path(config.out)
     started = time.perf_counter()

@@ -9,3 +9,12 @@ from __future__ import annotations
 
 class MobileNetError(ValueError):
     """A user's input was wrong: the message names what was wrong and what is expected."""
+
+
+#: How to install each optional extra: the packages themselves (the names on the package index), and the extra of a
+#: checkout of this project, which is how mobilenet itself is installed.
+INSTALL_HINTS: dict[str, str] = {
+    "onnx": "pip install onnx onnxruntime onnxscript (in a checkout of mobilenet: pip install -e '.[onnx]')",
+    "mobile": "pip install executorch (the XNNPACK delegate; in a checkout of mobilenet: pip install -e '.[mobile]')",
+    "demo": "pip install scikit-learn (in a checkout of mobilenet: pip install -e '.[demo]')",
+}

@@ -36,7 +36,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from mobilenet.data import resolve_preprocessing
-from mobilenet.errors import MobileNetError
+from mobilenet.errors import INSTALL_HINTS, MobileNetError
 from mobilenet.io import atomic_path, atomic_write_text
 from mobilenet.parity import compare_to_reference, seeded_batch
 
@@ -70,9 +70,6 @@ METADATA_FILE = "mobilenet.json"
 #: a phone runs batch 1 anyway.)
 PTE_MAX_BATCH = 8
 DEFAULT_ATOL = 1e-4
-
-ONNX_EXTRA_HINT = "install the onnx extra: pip install 'mobilenet[onnx]'"
-PTE_EXTRA_HINT = "install the mobile extra: pip install 'mobilenet[mobile]' (ExecuTorch with the XNNPACK delegate)"
 
 
 @dataclass
@@ -205,7 +202,7 @@ def _require_onnx() -> tuple[Any, Any]:
         import onnxruntime
     except ImportError as error:
         raise MobileNetError(
-            f"ONNX export needs onnx and onnxruntime ({error.name} is missing); {ONNX_EXTRA_HINT}"
+            f"ONNX export needs onnx and onnxruntime ({error.name} is missing); {INSTALL_HINTS['onnx']}"
         ) from None
     return onnx, onnxruntime
 
@@ -281,7 +278,7 @@ def _torch_onnx_export(torch: Any, model: nn.Module, example: torch.Tensor, path
     try:
         import onnxscript  # noqa: F401
     except ImportError:
-        raise MobileNetError(f"the dynamo ONNX exporter needs onnxscript; {ONNX_EXTRA_HINT}") from None
+        raise MobileNetError(f"the dynamo ONNX exporter needs onnxscript; {INSTALL_HINTS['onnx']}") from None
     batch = torch.export.Dim("batch", min=1, max=4096)
     with warnings.catch_warnings(), _quiet():
         warnings.simplefilter("ignore")
@@ -443,7 +440,7 @@ def _require_executorch() -> None:
         from executorch.runtime import Runtime  # noqa: F401
     except ImportError as error:
         raise MobileNetError(
-            f"ExecuTorch export needs executorch ({error.name} is missing); {PTE_EXTRA_HINT}"
+            f"ExecuTorch export needs executorch ({error.name} is missing); {INSTALL_HINTS['mobile']}"
         ) from None
 
 

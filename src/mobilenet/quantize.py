@@ -52,7 +52,7 @@ from torchvision.transforms.v2.functional import rgb_to_grayscale
 
 from mobilenet.backends import load_source
 from mobilenet.data import build_eval_transform
-from mobilenet.errors import MobileNetError
+from mobilenet.errors import INSTALL_HINTS, MobileNetError
 from mobilenet.export import INPUT_NAME, OUTPUT_NAME, export_onnx, ort_session
 from mobilenet.images import BadImageError, decode_image, find_images
 from mobilenet.io import atomic_path
@@ -118,8 +118,7 @@ def _require_ort() -> Any:
         import onnxruntime.quantization as quantization
     except ImportError as error:
         raise MobileNetError(
-            f"quantization needs onnx and onnxruntime ({error.name} is missing); install the onnx extra: "
-            "pip install 'mobilenet[onnx]'"
+            f"quantization needs onnx and onnxruntime ({error.name} is missing); {INSTALL_HINTS['onnx']}"
         ) from None
     return quantization
 
