@@ -16,28 +16,49 @@ from rich.progress import (
     MofNCompleteColumn,
     Progress,
     ProgressColumn,
+    Task,
     TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.table import Column
+from rich.text import Text
 
 __all__ = ["new_progress", "progress_bar"]
 
 
 def progress_columns(*fields: str) -> list[ProgressColumn]:
-    """Description, bar, done/total, percent, the named per-task text ``fields`` (e.g. a rate, running metrics),
-    elapsed time and the ETA."""
+    """Description, bar, done/total, percent, elapsed time, the ETA, then the named per-task text ``fields`` (a
+    rate, running metrics): last, so that in a narrow terminal the free text is cut, not the ETA."""
+
+    def fixed(width: int) -> Column:
+        return Column(no_wrap=True, min_width=width)
+
     return [
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TaskProgressColumn(),
-        *(TextColumn(f"{{task.fields[{name}]}}") for name in fields),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
+        TextColumn(
+            "{task.description}", table_column=Column(no_wrap=True, overflow="ellipsis", min_width=11, max_width=24)
+        ),
+        BarColumn(bar_width=12, table_column=fixed(12)),
+        MofNCompleteColumn(table_column=fixed(9)),
+        TaskProgressColumn(table_column=fixed(4)),
+        TimeElapsedColumn(table_column=fixed(7)),
+        TextColumn("ETA", table_column=fixed(3)),
+        TimeRemainingColumn(table_column=fixed(7)),
+        *(_FieldColumn(name) for name in fields),
     ]
+
+
+class _FieldColumn(ProgressColumn):
+    """A task's text field on one line, cut with an ellipsis where the terminal is too narrow (a plain TextColumn
+    would wrap it, or squeeze the ETA out)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(table_column=Column(ratio=1, min_width=1))
+        self.name = name
+
+    def render(self, task: Task) -> Text:
+        return Text(str(task.fields.get(self.name, "")), no_wrap=True, overflow="ellipsis")
 
 
 def new_progress(*fields: str, enabled: bool = True, transient: bool = False, stderr: bool = True) -> Progress:

@@ -565,10 +565,8 @@ def _resume(run: _Run) -> _Progress:
     _repair_checkpoints(run, state)
     if run.dist_ctx.is_main:  # the state's epochs exactly: a kill may have come between the state and these files
         _write_metrics(run.run_dir, state.history)
-    run.say(
-        f"resuming {run.run_dir} at epoch {state.epoch + 1}, batch {state.step_in_epoch} "
-        f"(best val top-1 so far {state.best_top1:.2%})"
-    )
+    best = f"best val top-1 so far {state.best_top1:.2%}" if state.history else "no epoch finished yet"
+    run.say(f"resuming {run.run_dir} at epoch {state.epoch + 1}, batch {state.step_in_epoch} ({best})")
     if state.epoch >= run.config.epochs:
         run.say(f"the run already finished its {state.epoch} epochs; pass a larger --epochs to continue")
     return state
@@ -841,7 +839,8 @@ def _end_epoch(run: _Run, state: _Progress, row: dict[str, Any]) -> None:
     run.say(
         f"epoch {row['epoch']}/{run.config.epochs}: train loss {row['train_loss']:.3f} top-1 "
         f"{row['train_top1']:.2%} | {run.bundle.val_name} loss {row['val_loss']:.3f} top-1 {row['val_top1']:.2%} "
-        f"top-5 {row['val_top5']:.2%} | {row['images_per_s']:.0f} img/s, {row['epoch_seconds']:.0f} s"
+        + (f"top-5 {row['val_top5']:.2%} " if len(run.bundle.classes) > 5 else "")
+        + f"| {row['images_per_s']:.0f} img/s, {row['epoch_seconds']:.0f} s"
         + (" (best)" if is_best else "")
     )
 

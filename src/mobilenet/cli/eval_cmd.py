@@ -77,7 +77,9 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     console.print(
         f"[bold]{result['model']}[/bold] on {result['data']} ({result['split']}, {result['images']} images): "
-        f"top-1 [bold]{result['top1']:.2%}[/bold]  top-5 {result['top5']:.2%}  loss {result['loss']:.4f}"
+        f"top-1 [bold]{result['top1']:.2%}[/bold]  "
+        + (f"top-5 {result['top5']:.2%}  " if len(result["classes"]) > 5 else "")
+        + f"loss {result['loss']:.4f}"
     )
     if "reference" in result:
         console.print(
