@@ -123,7 +123,7 @@ def test_every_train_config_field_has_a_cli_option():
     args = build_parser().parse_args(["train", "--model", "m", "--data", "d", "--out", "o", "--threads", "1"])
     missing = [f.name for f in fields(TrainConfig) if not hasattr(args, f.name)]
     assert missing == []
-    assert args.threads == 1 and args.hflip is True and args.batch_augment is True
+    assert args.threads == 1 and args.hflip is None and args.batch_augment is True  # None: on, but off for the digits
 
 
 @pytest.mark.parametrize("backend", ["torch-jit", "auto"])
