@@ -31,7 +31,7 @@ from mobilenet.errors import MobileNetError
 from mobilenet.export import INPUT_NAME, OUTPUT_NAME, export_onnx, fold_batchnorm, ort_session, read_onnx_metadata
 from mobilenet.models import create_model
 from mobilenet.parity import compare_to_reference, seeded_batch
-from mobilenet.runtime import set_threads, tune_allocator
+from mobilenet.runtime import resolve_device, set_threads, tune_allocator
 from mobilenet.spec import MODELS, ModelConfig, model_config
 
 __all__ = [
@@ -79,6 +79,7 @@ def load_source(source: Any, *, device: str = "cpu") -> ModelSource:
     registered model name (random weights: a :class:`RandomWeightsWarning` says so)."""
     if isinstance(source, ModelSource):
         return source
+    device = str(resolve_device(device))
     if isinstance(source, Checkpoint):
         return ModelSource(
             name=source.name,

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mobilenet.errors import MobileNetError
+from mobilenet.io import check_output_dir
 
 __all__ = ["DemoConfig", "run_demo"]
 
@@ -68,6 +69,7 @@ def _latency_ms(models: dict[str, Any], batch: int, resolution: int, runs: int) 
 def run_demo(config: DemoConfig | None = None, *, progress: bool = True, log: Any = print) -> list[dict[str, Any]]:
     """Train the separable MobileNet and its standard-conv twin on digits; return one result row per model."""
     config = config or DemoConfig()
+    check_output_dir(config.out, "--out")
     say = log if log is not None else (lambda _message: None)
     try:
         import sklearn  # noqa: F401

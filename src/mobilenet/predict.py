@@ -27,6 +27,7 @@ from mobilenet.data import build_eval_transform
 from mobilenet.errors import MobileNetError
 from mobilenet.images import BadImageError, decode_image
 from mobilenet.progress import progress_bar
+from mobilenet.runtime import resolve_device
 
 __all__ = ["Prediction", "Predictor"]
 
@@ -113,6 +114,7 @@ class Predictor:
             raise MobileNetError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
             raise MobileNetError(f"num_threads must be an integer >= 1, got {num_threads!r}")
+        device = str(resolve_device(device))  # a device that does not exist is refused before anything loads
         self.source = load_source(checkpoint_or_model, device=device)
         self.backend_name = pick_backend(backend, self.source, device)
         try:

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mobilenet.errors import MobileNetError
-from mobilenet.io import atomic_path
+from mobilenet.io import atomic_path, check_output_file
 
 if TYPE_CHECKING:
     import numpy as np
@@ -117,6 +117,14 @@ def _require_ort() -> Any:
             "pip install 'mobilenet[onnx]'"
         ) from None
     return quantization
+
+
+def check_outputs(out: Any, keep_fp32: Any, model_or_checkpoint: Any) -> None:
+    """Refuse, before calibrating, outputs that could not be written in the end: a directory, a path below a
+    file, an unwritable place, the input checkpoint itself, or ``keep_fp32`` naming the same file as ``out``."""
+    check_output_file(out, "--out", inputs=[model_or_checkpoint])
+    if keep_fp32 is not None:
+        check_output_file(keep_fp32, "--keep-fp32", inputs=[model_or_checkpoint, out])
 
 
 def calibration_files(directory: str | os.PathLike[str], limit: int | None, seed: int = 0) -> list[Path]:
@@ -219,6 +227,7 @@ def quantize_onnx(
     activation_type = resolve_activation_type(activation_type)
     if num_calibration is not None and num_calibration < 1:
         raise MobileNetError(f"the number of calibration images must be at least 1, got {num_calibration}")
+    check_outputs(out, keep_fp32, model_or_checkpoint)
     if isinstance(calibration, str | os.PathLike):
         files = calibration_files(calibration, num_calibration, seed)
     else:

@@ -34,6 +34,10 @@ VARIANTS: tuple[str, ...] = ("separable", "conv", "shallow")
 #: (32x32 images resized to 28, 24 or 20 px: V1 paper section 4.3, Table 7).
 MIN_RESOLUTION = 32
 MIN_RESOLUTION_SMALL_INPUT = 8
+#: The largest width multiplier: far beyond any network that fits a machine (whether one does is checked where
+#: models are built, :func:`mobilenet.cost.check_fits_memory`), and small enough that every ``channels * alpha``
+#: stays a finite float whose int the cost model can take (1e308 would be infinite).
+MAX_ALPHA = 1e6
 
 # --------------------------------------------------------------------------------------------------------------
 # The papers' tables
@@ -158,7 +162,7 @@ class ModelConfig:
 
     Attributes:
         family: ``"v1"`` (Howard et al. 2017) or ``"v2"`` (Sandler et al. 2018).
-        alpha: width multiplier (V1 section 4.2); any finite float > 0.
+        alpha: width multiplier (V1 section 4.2); any finite float in (0, :data:`MAX_ALPHA`].
         resolution: input side in pixels (the resolution multiplier rho of V1 section 4.3 is
             ``resolution / 224``); any int >= 32 (>= 8 with ``small_input``). The network runs at any size; this
             one sizes the cost table.
@@ -193,6 +197,8 @@ class ModelConfig:
         alpha = self.alpha
         if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha) or alpha <= 0:
             raise MobileNetError(f"alpha (width multiplier) must be a finite number > 0, got {alpha!r}")
+        if alpha > MAX_ALPHA:
+            raise MobileNetError(f"alpha (width multiplier) must be at most {MAX_ALPHA:g}, got {alpha!r}")
         minimum = MIN_RESOLUTION_SMALL_INPUT if self.small_input else MIN_RESOLUTION
         if isinstance(self.resolution, bool) or not isinstance(self.resolution, int):
             raise MobileNetError(f"resolution must be an integer >= {minimum}, got {self.resolution!r}")
@@ -537,6 +543,10 @@ OVERRIDABLE = ("alpha", "resolution", "num_classes", "dropout", "small_input", "
 def model_config(name: str, **overrides: Any) -> ModelConfig:
     """The :class:`ModelConfig` of a registered name, with options replaced (any alpha or resolution, a new
     num_classes, ...). An unknown name raises :class:`MobileNetError` that suggests the closest names."""
+    if not isinstance(name, str):
+        raise MobileNetError(
+            f"a model name must be a string such as 'mobilenet_v2_1.0_224', got {type(name).__name__} {name!r}"
+        )
     if name not in MODELS:
         close = difflib.get_close_matches(name, MODELS, n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else "; `mobilenet models` lists them"

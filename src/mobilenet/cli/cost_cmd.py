@@ -46,6 +46,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.output:
+        from mobilenet.io import check_output_file
+
+        check_output_file(args.output, "--output")
     modes = [mode for mode, given in (("NAME", args.name), ("--layer", args.layer), ("--paper", args.paper)) if given]
     if len(modes) != 1:
         got = " and ".join(modes) if modes else "none"

@@ -34,8 +34,13 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from mobilenet.evaluate import evaluate_checkpoint
+    from mobilenet.io import check_output_file
     from mobilenet.plots import plot_confusion
 
+    plot_path = None
+    if not args.no_plot:  # checked now: an unwritable plot must not be found only after the whole evaluation
+        plot_path = Path(args.plot) if args.plot else Path(args.checkpoint).with_suffix(".confusion.png")
+        check_output_file(plot_path, "--plot", inputs=[args.checkpoint])
     result = evaluate_checkpoint(
         args.checkpoint,
         args.data,
@@ -49,8 +54,7 @@ def run(args: argparse.Namespace) -> int:
         progress=args.format == "table",
         backend=args.backend,
     )
-    if not args.no_plot:
-        plot_path = Path(args.plot) if args.plot else Path(args.checkpoint).with_suffix(".confusion.png")
+    if plot_path is not None:
         plot_confusion(
             result["confusion"],
             result["classes"],
