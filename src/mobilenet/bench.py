@@ -44,12 +44,12 @@ from PIL import Image
 from torch import nn
 
 from mobilenet.backends import RandomWeightsWarning, jit_optimize, load_source, onnxruntime_available
-from mobilenet.cost import count_costs
+from mobilenet.cost import check_fits_memory, count_costs
 from mobilenet.errors import MobileNetError
 from mobilenet.export import INPUT_NAME, OUTPUT_NAME, export_onnx, fold_batchnorm, ort_session
 from mobilenet.models import create_model
 from mobilenet.predict import Predictor
-from mobilenet.quantize import quantize_onnx, resolve_activation_type
+from mobilenet.quantize import calibration_files, quantize_onnx, resolve_activation_type
 from mobilenet.runtime import describe_machine, set_threads
 from mobilenet.spec import MODELS
 
@@ -417,9 +417,12 @@ def bench(
     say = progress or (lambda _line: None)
     names = parse_backends(backends, int8=int8)
     sizes = parse_batch_sizes(batch_sizes)
-    _check_settings(models, rounds=rounds, warmup=warmup, gemm_size=gemm_size, resolution=resolution)
+    _check_settings(models, rounds=rounds, warmup=warmup, gemm_size=gemm_size, resolution=resolution, pause=pause)
+    _check_calibration(calibration, names)
     threads = set_threads(threads)
     loaded = [_load_model(m, resolution) for m in models]  # every model name is checked before anything runs
+    for name, _, config in loaded:
+        check_fits_memory(config, batch_size=max(sizes), name=name)
     machine = describe_machine(threads)
     say(f"GEMM peak ({gemm_size}x{gemm_size} float32, {threads} threads)")
     gemm = [gemm_peak(gemm_size)]
@@ -467,7 +470,9 @@ def bench(
     return report
 
 
-def _check_settings(models: Sequence[Any], *, rounds: Any, warmup: Any, gemm_size: Any, resolution: Any) -> None:
+def _check_settings(
+    models: Sequence[Any], *, rounds: Any, warmup: Any, gemm_size: Any, resolution: Any, pause: Any
+) -> None:
     """Refuse, before anything runs, what :func:`bench` cannot measure: no model, or a count out of range."""
     if not models:
         raise MobileNetError("no model given; expected a registered name (see `mobilenet models`) or a checkpoint")
@@ -476,8 +481,20 @@ def _check_settings(models: Sequence[Any], *, rounds: Any, warmup: Any, gemm_siz
             raise MobileNetError(f"{what} must be an integer >= 1, got {value!r}")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise MobileNetError(f"warmup must be an integer >= 0, got {warmup!r}")
-    if resolution is not None and (not isinstance(resolution, int) or resolution < 32):
+    if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 32):
         raise MobileNetError(f"resolution must be an integer >= 32, got {resolution!r}")
+    if isinstance(pause, bool) or not isinstance(pause, int | float) or not (math.isfinite(pause) and pause >= 0):
+        raise MobileNetError(f"the pause between timed calls must be a number of seconds >= 0, got {pause!r}")
+
+
+def _check_calibration(calibration: str | os.PathLike[str] | None, backends: Sequence[str]) -> None:
+    """Calibration images apply to the int8 backend only, and must be there (an int8 run that cannot read them
+    would otherwise be left out with a note and the run would still succeed)."""
+    if calibration is None:
+        return
+    if "onnxruntime-int8" not in backends:
+        raise MobileNetError("--calibration applies to the int8 backend only; add --int8")
+    calibration_files(calibration, None)
 
 
 def _prepare_candidates(

@@ -27,7 +27,7 @@ import math
 import os
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mobilenet.errors import MobileNetError
@@ -41,6 +41,7 @@ __all__ = [
     "LayerRow",
     "OpShare",
     "check_fits_memory",
+    "check_input_fits",
     "count_costs",
     "layer_cost",
     "measure_costs",
@@ -336,20 +337,26 @@ def _gigabytes(count: int) -> str:
 
 
 def check_fits_memory(
-    network: Network | ModelConfig, *, batch_size: int | None = None, memory: int | None = None
+    network: Network | ModelConfig,
+    *,
+    batch_size: int | None = None,
+    memory: int | None = None,
+    name: str = "",
 ) -> None:
     """Refuse a network that this machine cannot hold, before any memory is allocated.
 
     The float32 weights (``trainable_params * 4`` bytes) must fit in ``memory`` (default: the physical memory);
     with ``batch_size``, so must the largest layer's input and output at that batch (``peak_activations * batch *
-    4`` bytes), which every forward pass holds at once. Raises :class:`MobileNetError` with the figure.
+    4`` bytes), which every forward pass holds at once. Raises :class:`MobileNetError` with the figure; ``name``
+    names the model in it (default: the network's name).
     """
     limit = physical_memory_bytes() if memory is None else memory
     if limit is None:
         return
     table = count_costs(network)
     config = table.config
-    label = f"{table.name or 'mobilenet_' + config.family} (alpha {config.alpha:g}, {config.in_channels} input "
+    name = name or table.name or f"mobilenet_{config.family}"
+    label = f"{name} (alpha {config.alpha:g}, {config.in_channels} input "
     label += f"channels, {config.num_classes} classes)"
     weights = table.trainable_params * FLOAT32_BYTES
     if weights > limit:
@@ -362,10 +369,18 @@ def check_fits_memory(
     activations = table.peak_activations * batch_size * FLOAT32_BYTES
     if activations > limit:
         raise MobileNetError(
-            f"{table.name or 'mobilenet_' + config.family} at {config.resolution}x{config.resolution} px, batch "
+            f"{name} at {config.resolution}x{config.resolution} px, batch "
             f"{batch_size}: its largest layer needs {_gigabytes(activations)} of float32 activations, more than this "
             f"machine's {_gigabytes(limit)} of memory; expected a smaller resolution or batch size"
         )
+
+
+def check_input_fits(config: ModelConfig, input_size: int, batch_size: int, *, name: str = "") -> None:
+    """:func:`check_fits_memory` for ``batch_size`` inputs of ``input_size`` px (a checkpoint's preprocessing
+    may ask for another size than its config's resolution; the larger of the two is counted)."""
+    check_fits_memory(
+        replace(config, resolution=max(int(input_size), config.resolution)), batch_size=batch_size, name=name
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------

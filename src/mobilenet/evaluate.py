@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from mobilenet.cost import check_input_fits
 from mobilenet.errors import MobileNetError
 from mobilenet.runtime import resolve_device
 
@@ -148,6 +149,11 @@ def evaluate_checkpoint(
         raise MobileNetError(f"split must be 'val' or 'train', got {split!r}")
     torch_device = resolve_device(device)
     ckpt = load_checkpoint(checkpoint, map_location=torch_device)
+    if ckpt.preprocessing is not None:
+        preprocessing = Preprocessing.from_dict(ckpt.preprocessing)
+    else:
+        preprocessing = Preprocessing.for_resolution(ckpt.config.resolution)
+    check_input_fits(ckpt.config, preprocessing.input_size, batch_size, name=ckpt.name)
     # in_memory=False: only the evaluated split is decoded, once, as the loader reads it.
     bundle = load_data(data, val_fraction=val_fraction, seed=seed, on_bad_image=on_bad_image, in_memory=False)  # type: ignore[arg-type]
     classes = ckpt.classes
@@ -174,10 +180,6 @@ def evaluate_checkpoint(
         raise MobileNetError(
             f"the classes of {data} differ from the checkpoint's ({detail}); expected: {', '.join(classes)}"
         )
-    if ckpt.preprocessing is not None:
-        preprocessing = Preprocessing.from_dict(ckpt.preprocessing)
-    else:
-        preprocessing = Preprocessing.for_resolution(ckpt.config.resolution)
     dataset = TransformedDataset(bundle.val if split == "val" else bundle.train, build_eval_transform(preprocessing))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
