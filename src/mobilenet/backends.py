@@ -108,7 +108,7 @@ def load_source(source: Any, *, device: str = "cpu") -> ModelSource:
             "name or a MobileNet"
         )
     path = Path(source)
-    if path.is_file():
+    if path.exists() and not path.is_dir():  # a FIFO or device too: the readers refuse it in their words
         if path.suffix.lower() == ".onnx":
             return _onnx_source(path)
         checkpoint = load_checkpoint(path, map_location=device)
@@ -147,7 +147,10 @@ def _preprocessing_or_default(preprocessing: Any, config: ModelConfig) -> dict[s
 
 def _onnx_source(path: Path) -> ModelSource:
     metadata = read_onnx_metadata(path)
-    config = ModelConfig.from_dict(metadata["config"])
+    try:
+        config = ModelConfig.from_dict(metadata["config"])
+    except TypeError as error:  # a required option missing
+        raise MobileNetError(f"{path} has an invalid model config in its metadata: {error}") from None
     return ModelSource(
         name=str(metadata.get("name") or ""),
         config=config,

@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import os
-import stat
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from mobilenet.data import Preprocessing
 from mobilenet.errors import MobileNetError
-from mobilenet.io import atomic_path, check_output_file
+from mobilenet.io import atomic_path, check_output_file, regular_file_size
 from mobilenet.models import MobileNet, ModelInfo, model_from_config
 from mobilenet.runtime import resolve_device
 from mobilenet.spec import ModelConfig
@@ -407,22 +406,6 @@ def shorten(items: Sequence[str], limit: int = 5) -> str:
     """The first ``limit`` items, comma-separated, and how many more there are."""
     shown = ", ".join(items[:limit])
     return shown if len(items) <= limit else f"{shown}, ... and {len(items) - limit} more"
-
-
-def regular_file_size(file: Path, what: str, expected: str) -> int:
-    """The size of ``file``, refusing a missing path, a directory, or a FIFO/device (whose reads block or never
-    end) with a message that says what was ``expected``."""
-    try:
-        info = file.stat()
-    except FileNotFoundError:
-        raise MobileNetError(f"{what} {file} does not exist; expected {expected}") from None
-    except OSError as error:
-        raise MobileNetError(f"cannot read {what} {file}: {error.strerror or error}") from None
-    if stat.S_ISDIR(info.st_mode):
-        raise MobileNetError(f"{what} {file} is a directory; expected {expected}")
-    if not stat.S_ISREG(info.st_mode):
-        raise MobileNetError(f"{what} {file} is not a regular file (a FIFO, socket or device); expected {expected}")
-    return info.st_size
 
 
 def _config_from_header(file: Path, info: Mapping[str, Any]) -> ModelConfig:

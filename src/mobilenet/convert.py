@@ -366,13 +366,15 @@ def _torch_load_tensors(file: Path, prefix: bytes) -> Any:
     line without its advice to retry with ``weights_only=False``, which would run whatever the file holds."""
     _check_unpacked_size(file, prefix)
     try:
-        return torch.load(file, map_location="cpu", weights_only=True)
+        # An open file, not the path: torch.load hands a path ending in .safetensors to safetensors by its name.
+        with open(file, "rb") as handle:
+            return torch.load(handle, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise MobileNetError(
             f"{file} holds objects other than tensors, which are refused because unpickling them could run "
             f"code ({_torch_reason(error)}); save only model.state_dict() and convert that"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, SafetensorError) as error:
         raise MobileNetError(f"{file} is truncated or corrupt, torch.load failed: {_torch_reason(error)}") from None
 
 

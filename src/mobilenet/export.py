@@ -37,7 +37,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from mobilenet.data import resolve_preprocessing
 from mobilenet.errors import MobileNetError
-from mobilenet.io import atomic_path, atomic_write_text, check_output_file
+from mobilenet.io import atomic_path, atomic_write_text, check_output_file, regular_file_size
 from mobilenet.parity import compare_to_reference, seeded_batch
 
 __all__ = [
@@ -354,8 +354,7 @@ def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     :func:`mobilenet.quantize.quantize_onnx`)."""
     onnx, _ = _require_onnx()
     file = Path(path)
-    if not file.is_file():
-        raise MobileNetError(f"ONNX file {file} does not exist")
+    regular_file_size(file, "ONNX file", "an .onnx file written by `mobilenet export` or `mobilenet quantize`")
     try:
         graph = onnx.load(str(file), load_external_data=False)
     except Exception as error:  # onnx raises DecodeError/ValueError/...: any failure means "not an ONNX model"
@@ -363,7 +362,13 @@ def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     props = {entry.key: entry.value for entry in graph.metadata_props}
     if "mobilenet" not in props:
         raise MobileNetError(f"{file} has no mobilenet metadata; expected a file written by `mobilenet export`")
-    return json.loads(props["mobilenet"])
+    try:
+        metadata = json.loads(props["mobilenet"])
+    except json.JSONDecodeError as error:
+        raise MobileNetError(f"{file} has corrupt mobilenet metadata ({error})") from None
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("config"), dict):
+        raise MobileNetError(f"{file} has corrupt mobilenet metadata (no 'config' object)")
+    return metadata
 
 
 def ort_session(path: Path | str, num_threads: int | None = None) -> Any:

@@ -3,6 +3,11 @@
 A checkpoint written while the machine loses power or the run is killed must not replace a good checkpoint with a
 truncated one: write to a temporary file in the same directory, flush and fsync it, then rename it over the target
 (rename is atomic on POSIX and Windows within one filesystem) and fsync the directory so the rename itself is durable.
+
+Nothing is lost either when a long job cannot write its result at the end: :func:`check_output_file` and
+:func:`check_output_dir` refuse an output path before the work starts (a directory where a file goes, a path below
+a file, a directory that cannot be written, an input about to be overwritten); :func:`regular_file_size` refuses an
+input that is not a regular file (a FIFO would block a reader forever).
 """
 
 from __future__ import annotations
@@ -132,6 +137,22 @@ def _probe_directory(directory: Path, what: str, target: Path) -> None:
     os.close(fd)
     with contextlib.suppress(OSError):
         os.unlink(name)
+
+
+def regular_file_size(file: Path, what: str, expected: str) -> int:
+    """The size of ``file``, refusing a missing path, a directory, or a FIFO/device (whose reads block or never
+    end) with a message that says what was ``expected``."""
+    try:
+        info = file.stat()
+    except FileNotFoundError:
+        raise MobileNetError(f"{what} {file} does not exist; expected {expected}") from None
+    except OSError as error:
+        raise MobileNetError(f"cannot read {what} {file}: {error.strerror or error}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise MobileNetError(f"{what} {file} is a directory; expected {expected}")
+    if not stat.S_ISREG(info.st_mode):
+        raise MobileNetError(f"{what} {file} is not a regular file (a FIFO, socket or device); expected {expected}")
+    return info.st_size
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -195,10 +195,11 @@ class ModelConfig:
         if self.family not in ("v1", "v2"):
             raise MobileNetError(f"family must be 'v1' or 'v2', got {self.family!r}")
         alpha = self.alpha
-        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha) or alpha <= 0:
-            raise MobileNetError(f"alpha (width multiplier) must be a finite number > 0, got {alpha!r}")
-        if alpha > MAX_ALPHA:
-            raise MobileNetError(f"alpha (width multiplier) must be at most {MAX_ALPHA:g}, got {alpha!r}")
+        # Comparisons, not math.isfinite: NaN fails them, and isfinite overflows on a huge int.
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha <= MAX_ALPHA:
+            raise MobileNetError(
+                f"alpha (width multiplier) must be a finite number > 0 and at most {MAX_ALPHA:g}, got {alpha!r}"
+            )
         minimum = MIN_RESOLUTION_SMALL_INPUT if self.small_input else MIN_RESOLUTION
         if isinstance(self.resolution, bool) or not isinstance(self.resolution, int):
             raise MobileNetError(f"resolution must be an integer >= {minimum}, got {self.resolution!r}")
@@ -213,7 +214,7 @@ class ModelConfig:
         if self.dropout is None:
             object.__setattr__(self, "dropout", 0.001 if self.family == "v1" else 0.2)
         dropout = self.dropout
-        if not isinstance(dropout, int | float) or not math.isfinite(dropout) or not 0.0 <= dropout < 1.0:
+        if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0.0 <= dropout < 1.0:
             raise MobileNetError(f"dropout must be a number in [0, 1), got {dropout!r}")
         if self.variant not in VARIANTS:
             raise MobileNetError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
