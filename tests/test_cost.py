@@ -287,3 +287,19 @@ def test_comparison_status():
     assert Comparison("x", "M", 3.4, 3.4698).status == "match (truncated)"
     assert Comparison("x", "M", 0.27, 0.2668).status == "match"
     assert Comparison("x", "M", 300, 300.78).difference == pytest.approx(0.78)
+
+
+def test_check_fits_memory_counts_weights_and_the_batch_activations():
+    from mobilenet.cost import check_fits_memory, physical_memory_bytes
+    from mobilenet.spec import model_config
+
+    config = model_config("mobilenet_v2_1.0_224")
+    table = count_costs(config)
+    weights, activations = table.trainable_params * 4, table.peak_activations * 4
+    check_fits_memory(config, memory=weights)  # exactly fits
+    with pytest.raises(MobileNetError, match="GB of float32 weights"):
+        check_fits_memory(config, memory=weights - 1)
+    check_fits_memory(config, batch_size=8, memory=8 * activations)
+    with pytest.raises(MobileNetError, match="batch 9: its largest layer needs"):
+        check_fits_memory(config, batch_size=9, memory=8 * activations)
+    assert physical_memory_bytes() is None or physical_memory_bytes() > weights

@@ -47,11 +47,11 @@ from mobilenet.backends import RandomWeightsWarning, jit_optimize, load_source, 
 from mobilenet.cost import check_fits_memory, count_costs
 from mobilenet.errors import MobileNetError
 from mobilenet.export import INPUT_NAME, OUTPUT_NAME, export_onnx, fold_batchnorm, ort_session
-from mobilenet.models import create_model
+from mobilenet.models import model_from_config
 from mobilenet.predict import Predictor
 from mobilenet.quantize import calibration_files, quantize_onnx, resolve_activation_type
 from mobilenet.runtime import describe_machine, set_threads
-from mobilenet.spec import MODELS
+from mobilenet.spec import MODELS, model_config
 
 __all__ = [
     "BENCH_BACKENDS",
@@ -364,11 +364,14 @@ class BenchReport:
         }
 
 
-def _load_model(model: Any, resolution: int | None) -> tuple[str, nn.Module, Any]:
-    """(name, eval-mode model, config at the benchmark resolution) for a name, checkpoint path or MobileNet."""
+def _load_model(model: Any, resolution: int | None, batch_size: int) -> tuple[str, nn.Module, Any]:
+    """(name, eval-mode model, config at the benchmark resolution) for a name, checkpoint path or MobileNet,
+    refused when ``batch_size`` images at that resolution cannot fit in memory."""
     if isinstance(model, str) and model in MODELS:
         overrides = {"resolution": resolution} if resolution else {}
-        built = create_model(model, **overrides).eval()
+        config = model_config(model, **overrides)
+        check_fits_memory(config, batch_size=batch_size, name=model)  # before the weights are allocated
+        built = model_from_config(config, name=model).eval()
         return model, built, built.config
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RandomWeightsWarning)
@@ -378,7 +381,9 @@ def _load_model(model: Any, resolution: int | None) -> tuple[str, nn.Module, Any
     config = source.config
     if resolution:
         config = dataclasses.replace(config, resolution=resolution)
-    return source.name or str(model), source.model.float().cpu().eval(), config
+    name = source.name or str(model)
+    check_fits_memory(config, batch_size=batch_size, name=name)
+    return name, source.model.float().cpu().eval(), config
 
 
 def bench(
@@ -420,9 +425,8 @@ def bench(
     _check_settings(models, rounds=rounds, warmup=warmup, gemm_size=gemm_size, resolution=resolution, pause=pause)
     _check_calibration(calibration, names)
     threads = set_threads(threads)
-    loaded = [_load_model(m, resolution) for m in models]  # every model name is checked before anything runs
-    for name, _, config in loaded:
-        check_fits_memory(config, batch_size=max(sizes), name=name)
+    # Every model name, and whether its largest batch fits in memory, is checked before anything runs.
+    loaded = [_load_model(m, resolution, max(sizes)) for m in models]
     machine = describe_machine(threads)
     say(f"GEMM peak ({gemm_size}x{gemm_size} float32, {threads} threads)")
     gemm = [gemm_peak(gemm_size)]

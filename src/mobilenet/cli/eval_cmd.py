@@ -40,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
     plot_path = None
     if not args.no_plot:  # checked now: an unwritable plot must not be found only after the whole evaluation
         plot_path = Path(args.plot) if args.plot else Path(args.checkpoint).with_suffix(".confusion.png")
-        check_output_file(plot_path, "--plot", inputs=[args.checkpoint])
+        what = "--plot" if args.plot else "the confusion plot beside the checkpoint (choose --plot FILE or --no-plot)"
+        check_output_file(plot_path, what, inputs=[args.checkpoint])
     result = evaluate_checkpoint(
         args.checkpoint,
         args.data,
