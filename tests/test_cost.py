@@ -351,3 +351,19 @@ def test_tables_8_and_9_put_vgg16_and_the_small_mobilenet_beside_the_paper():
     convolutions = sum(row.macs for row in count_costs("vgg16_224").rows if row.op == "conv")
     assert round(convolutions / 1e9, 1) == 15.3
     assert tables["v1-table9"].matches == len(tables["v1-table9"].rows)
+
+
+def test_check_fits_memory_counts_weights_and_the_batch_activations():
+    from mobilenet.cost import check_fits_memory, physical_memory_bytes
+    from mobilenet.spec import model_config
+
+    config = model_config("mobilenet_v2_1.0_224")
+    table = count_costs(config)
+    weights, activations = table.trainable_params * 4, table.peak_activations * 4
+    check_fits_memory(config, memory=weights)  # exactly fits
+    with pytest.raises(MobileNetError, match="GB of float32 weights"):
+        check_fits_memory(config, memory=weights - 1)
+    check_fits_memory(config, batch_size=8, memory=8 * activations)
+    with pytest.raises(MobileNetError, match="batch 9: its largest layer needs"):
+        check_fits_memory(config, batch_size=9, memory=8 * activations)
+    assert physical_memory_bytes() is None or physical_memory_bytes() > weights

@@ -40,7 +40,7 @@ from mobilenet.export import (
 )
 from mobilenet.models import create_model
 from mobilenet.parity import compare_to_reference, seeded_batch
-from mobilenet.runtime import set_threads, tune_allocator
+from mobilenet.runtime import resolve_device, set_threads, tune_allocator
 from mobilenet.spec import MODELS, ModelConfig, model_config
 
 __all__ = [
@@ -96,6 +96,7 @@ def load_source(source: Any, *, device: str = "cpu") -> ModelSource:
     registered model name (random weights: a :class:`RandomWeightsWarning` says so)."""
     if isinstance(source, ModelSource):
         return source
+    device = str(resolve_device(device))
     if isinstance(source, Checkpoint):
         return ModelSource(
             name=source.name,
@@ -124,7 +125,7 @@ def load_source(source: Any, *, device: str = "cpu") -> ModelSource:
             "name or a MobileNet"
         )
     path = Path(source)
-    if path.is_file():
+    if path.exists() and not path.is_dir():  # a FIFO or device too: the readers refuse it in their words
         if path.suffix.lower() == ".onnx":
             return _onnx_source(path)
         if path.suffix.lower() in EXPORTED_SUFFIXES:
@@ -183,7 +184,10 @@ def _exported_source(path: Path) -> ModelSource:
 
 def _onnx_source(path: Path) -> ModelSource:
     metadata = read_onnx_metadata(path)
-    config = ModelConfig.from_dict(metadata["config"])
+    try:
+        config = ModelConfig.from_dict(metadata["config"])
+    except TypeError as error:  # a required option missing
+        raise MobileNetError(f"{path} has an invalid model config in its metadata: {error}") from None
     return ModelSource(
         name=str(metadata.get("name") or ""),
         config=config,

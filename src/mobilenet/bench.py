@@ -43,16 +43,16 @@ from PIL import Image
 from torch import nn
 
 from mobilenet.backends import BACKENDS, ModelSource, RandomWeightsWarning, load_source, onnxruntime_available
-from mobilenet.cost import count_costs
+from mobilenet.cost import check_fits_memory, count_costs
 from mobilenet.data import resolve_preprocessing
 from mobilenet.errors import INSTALL_HINTS, MobileNetError
 from mobilenet.export import INPUT_NAME, OUTPUT_NAME, ort_session
-from mobilenet.models import create_model
+from mobilenet.models import model_from_config
 from mobilenet.parity import logit_difference, seeded_batch
 from mobilenet.predict import Predictor
-from mobilenet.quantize import quantize_onnx, resolve_activation_type
+from mobilenet.quantize import calibration_files, quantize_onnx, resolve_activation_type
 from mobilenet.runtime import describe_machine, set_threads
-from mobilenet.spec import MODELS
+from mobilenet.spec import MODELS, model_config
 
 __all__ = [
     "BENCH_BACKENDS",
@@ -345,11 +345,14 @@ class BenchReport:
         }
 
 
-def _load_model(model: Any, resolution: int | None) -> tuple[str, nn.Module, Any]:
-    """(name, eval-mode model, config at the benchmark resolution) for a name, checkpoint path or MobileNet."""
+def _load_model(model: Any, resolution: int | None, batch_size: int) -> tuple[str, nn.Module, Any]:
+    """(name, eval-mode model, config at the benchmark resolution) for a name, checkpoint path or MobileNet,
+    refused when ``batch_size`` images at that resolution cannot fit in memory."""
     if isinstance(model, str) and model in MODELS:
         overrides = {"resolution": resolution} if resolution else {}
-        built = create_model(model, **overrides).eval()
+        config = model_config(model, **overrides)
+        check_fits_memory(config, batch_size=batch_size, name=model)  # before the weights are allocated
+        built = model_from_config(config, name=model).eval()
         return model, built, built.config
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RandomWeightsWarning)
@@ -359,7 +362,9 @@ def _load_model(model: Any, resolution: int | None) -> tuple[str, nn.Module, Any
     config = source.config
     if resolution:
         config = dataclasses.replace(config, resolution=resolution)
-    return source.name or str(model), source.model.float().cpu().eval(), config
+    name = source.name or str(model)
+    check_fits_memory(config, batch_size=batch_size, name=name)
+    return name, source.model.float().cpu().eval(), config
 
 
 def bench(
@@ -398,9 +403,11 @@ def bench(
     say = progress or (lambda _line: None)
     names = parse_backends(backends, int8=int8)
     sizes = parse_batch_sizes(batch_sizes)
-    _check_settings(models, rounds=rounds, warmup=warmup, gemm_size=gemm_size, resolution=resolution)
+    _check_settings(models, rounds=rounds, warmup=warmup, gemm_size=gemm_size, resolution=resolution, pause=pause)
+    _check_calibration(calibration, names)
     threads = set_threads(threads)
-    loaded = [_load_model(m, resolution) for m in models]  # every model name is checked before anything runs
+    # Every model name, and whether its largest batch fits in memory, is checked before anything runs.
+    loaded = [_load_model(m, resolution, max(sizes)) for m in models]
     machine = describe_machine(threads)
     say(f"GEMM peak ({gemm_size}x{gemm_size} float32, {threads} threads)")
     gemm = [gemm_peak(gemm_size)]
@@ -448,7 +455,9 @@ def bench(
     return report
 
 
-def _check_settings(models: Sequence[Any], *, rounds: Any, warmup: Any, gemm_size: Any, resolution: Any) -> None:
+def _check_settings(
+    models: Sequence[Any], *, rounds: Any, warmup: Any, gemm_size: Any, resolution: Any, pause: Any
+) -> None:
     """Refuse, before anything runs, what :func:`bench` cannot measure: no model, or a count out of range."""
     if not models:
         raise MobileNetError("no model given; expected a registered name (see `mobilenet models`) or a checkpoint")
@@ -457,8 +466,20 @@ def _check_settings(models: Sequence[Any], *, rounds: Any, warmup: Any, gemm_siz
             raise MobileNetError(f"{what} must be an integer >= 1, got {value!r}")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise MobileNetError(f"warmup must be an integer >= 0, got {warmup!r}")
-    if resolution is not None and (not isinstance(resolution, int) or resolution < 32):
+    if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 32):
         raise MobileNetError(f"resolution must be an integer >= 32, got {resolution!r}")
+    if isinstance(pause, bool) or not isinstance(pause, int | float) or not (math.isfinite(pause) and pause >= 0):
+        raise MobileNetError(f"the pause between timed calls must be a number of seconds >= 0, got {pause!r}")
+
+
+def _check_calibration(calibration: str | os.PathLike[str] | None, backends: Sequence[str]) -> None:
+    """Calibration images apply to the int8 backend only, and must be there (an int8 run that cannot read them
+    would otherwise be left out with a note and the run would still succeed)."""
+    if calibration is None:
+        return
+    if "onnxruntime-int8" not in backends:
+        raise MobileNetError("--calibration applies to the int8 backend only; add --int8")
+    calibration_files(calibration, None)
 
 
 def _prepare_candidates(

@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import os
-import stat
 import struct
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -33,8 +32,9 @@ from safetensors.torch import load_file, save_file
 
 from mobilenet.data import Preprocessing
 from mobilenet.errors import MobileNetError
-from mobilenet.io import atomic_path
+from mobilenet.io import atomic_path, check_output_file, regular_file_size
 from mobilenet.models import MobileNet, ModelInfo, model_from_config
+from mobilenet.runtime import resolve_device
 from mobilenet.spec import ModelConfig
 
 __all__ = [
@@ -143,6 +143,9 @@ def save(
     Returns:
         The path written.
     """
+    if not isinstance(path, str | os.PathLike):
+        raise MobileNetError(f"a checkpoint path must be a str or os.PathLike, got {type(path).__name__} {path!r}")
+    check_output_file(path, "checkpoint path")
     model = _unwrap(model)
     config = getattr(model, "config", None)
     if not isinstance(model, MobileNet) or not isinstance(config, ModelConfig):
@@ -286,6 +289,8 @@ def describe_foreign(path: Path, first: bytes) -> str | None:
 def read_raw_header(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
     """Parse and validate a safetensors header: the length prefix, the JSON, and that every tensor's bytes are
     present (a truncated download is refused here instead of failing half-way or being silently used)."""
+    if not isinstance(path, str | os.PathLike):
+        raise MobileNetError(f"a checkpoint path must be a str or os.PathLike, got {type(path).__name__} {path!r}")
     file = Path(path)
     size = regular_file_size(file, "checkpoint", "a .safetensors file written by mobilenet")
     with open(file, "rb") as handle:
@@ -349,6 +354,8 @@ def _mobilenet_header(file: Path, header: Mapping[str, Any]) -> dict[str, Any]:
             f"{file} is a safetensors file without mobilenet metadata (a bare state_dict, e.g. from timm); convert it "
             f"with: {_CONVERT_HINT}"
         )
+    if not isinstance(text, str):  # safetensors metadata values are strings; anything else is an edited header
+        raise MobileNetError(f"{file} has corrupt mobilenet metadata (not a JSON string); write it again")
     try:
         info = json.loads(text)
     except json.JSONDecodeError as error:
@@ -424,22 +431,6 @@ def shorten(items: Sequence[str], limit: int = 5) -> str:
     return shown if len(items) <= limit else f"{shown}, ... and {len(items) - limit} more"
 
 
-def regular_file_size(file: Path, what: str, expected: str) -> int:
-    """The size of ``file``, refusing a missing path, a directory, or a FIFO/device (whose reads block or never
-    end) with a message that says what was ``expected``."""
-    try:
-        info = file.stat()
-    except FileNotFoundError:
-        raise MobileNetError(f"{what} {file} does not exist; expected {expected}") from None
-    except OSError as error:
-        raise MobileNetError(f"cannot read {what} {file}: {error.strerror or error}") from None
-    if stat.S_ISDIR(info.st_mode):
-        raise MobileNetError(f"{what} {file} is a directory; expected {expected}")
-    if not stat.S_ISREG(info.st_mode):
-        raise MobileNetError(f"{what} {file} is not a regular file (a FIFO, socket or device); expected {expected}")
-    return info.st_size
-
-
 def _config_from_header(file: Path, info: Mapping[str, Any]) -> ModelConfig:
     config_data = info["config"]
     if not isinstance(config_data, dict):
@@ -496,6 +487,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: str | Any = "
     Returns:
         A :class:`Checkpoint` whose model is in eval mode and carries its classes and preprocessing in ``.info``.
     """
+    device = str(resolve_device(map_location))
     file, header = read_raw_header(path)
     info = _mobilenet_header(file, header)
     config = _config_from_header(file, info)
@@ -514,7 +506,6 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: str | Any = "
             "by mobilenet.save or `mobilenet convert`"
         )
 
-    device = str(torch.device(map_location))
     try:
         state_dict = load_file(str(file), device=device)
     except SafetensorError as error:

@@ -35,6 +35,7 @@ from mobilenet.checkpoint import (
     state_dict_mismatch,
 )
 from mobilenet.errors import MobileNetError
+from mobilenet.io import check_output_file
 from mobilenet.models import MobileNet, create_model
 from mobilenet.parity import check_close, seeded_batch
 from mobilenet.spec import V1_SHALLOW_REMOVED, V1_TABLE1, V2_TABLE2, ModelConfig, Network, model_config
@@ -335,6 +336,10 @@ LOGIT_RTOL = 1e-5
 # Wrappers that training scripts put around a state_dict (timm's train.py writes "state_dict" and
 # "state_dict_ema"; others "model" or "model_state_dict"); the plain weights are preferred over the EMA.
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "state_dict_ema")
+#: The most a foreign checkpoint may unpack to (a zip's declared uncompressed sizes, or a bare pickle's size):
+#: MobileNet weights are tens of megabytes, so anything near this is not one, and torch.load would read it all
+#: into memory before it could be refused.
+MAX_FOREIGN_BYTES = 512 * 1024 * 1024
 
 
 @dataclass
@@ -387,22 +392,59 @@ def read_foreign_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Ten
         except SafetensorError as error:
             raise MobileNetError(f"{file} could not be read as safetensors ({error})") from None
     elif is_pytorch:
-        try:
-            data = torch.load(file, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as error:
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else "unsupported object"
-            raise MobileNetError(
-                f"{file} holds objects other than tensors, which are refused because unpickling them could run "
-                f"code ({first_line}); save only model.state_dict() and convert that"
-            ) from None
-        except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as error:
-            raise MobileNetError(f"{file} is truncated or corrupt, torch.load failed: {error}") from None
+        data = _torch_load_tensors(file, prefix)
     else:
         raise MobileNetError(
             f"{file} is neither a PyTorch checkpoint (.pth, zip or pickle) nor a .safetensors file; expected the "
             "weights file of a torchvision or timm MobileNet"
         )
     return _flatten_state_dict(file, data)
+
+
+def _torch_load_tensors(file: Path, prefix: bytes) -> Any:
+    """``torch.load(weights_only=True)`` after checking what the file would unpack to; torch's errors become one
+    line without its advice to retry with ``weights_only=False``, which would run whatever the file holds."""
+    _check_unpacked_size(file, prefix)
+    try:
+        # An open file, not the path: torch.load hands a path ending in .safetensors to safetensors by its name.
+        with open(file, "rb") as handle:
+            return torch.load(handle, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise MobileNetError(
+            f"{file} holds objects other than tensors, which are refused because unpickling them could run "
+            f"code ({_torch_reason(error)}); save only model.state_dict() and convert that"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, SafetensorError) as error:
+        raise MobileNetError(f"{file} is truncated or corrupt, torch.load failed: {_torch_reason(error)}") from None
+
+
+def _check_unpacked_size(file: Path, prefix: bytes) -> None:
+    """Refuse a PyTorch file that would unpack to more than :data:`MAX_FOREIGN_BYTES` (a zip bomb: a small
+    compressed file declaring a huge pickle), from the zip's directory alone, before anything is decompressed."""
+    if prefix.startswith(b"PK"):
+        try:
+            with zipfile.ZipFile(file) as archive:
+                declared = sum(info.file_size for info in archive.infolist())
+        except (zipfile.BadZipFile, OSError, ValueError) as error:
+            raise MobileNetError(f"{file} is truncated or corrupt: not a readable zip ({error})") from None
+    else:
+        declared = file.stat().st_size
+    if declared > MAX_FOREIGN_BYTES:
+        raise MobileNetError(
+            f"{file} would unpack to {declared:,} bytes, over the {MAX_FOREIGN_BYTES:,}-byte limit for a MobileNet "
+            "checkpoint; expected the weights file of a torchvision or timm MobileNet"
+        )
+
+
+def _torch_reason(error: BaseException) -> str:
+    """The line of a torch.load error that says what was wrong: never its advice to unpickle anyway
+    (``weights_only=False``), its history notes or its documentation links."""
+    noise = ("weights_only", "weights only", "documentation", "trusted source", "https://")
+    for line in str(error).splitlines():
+        text = line.strip()
+        if text and not any(word in text.lower() for word in noise):
+            return text.rstrip(".")
+    return type(error).__name__
 
 
 def _flatten_state_dict(file: Path, data: Any) -> dict[str, torch.Tensor]:
@@ -595,6 +637,7 @@ def convert(
     """``mobilenet convert``: a torchvision/timm checkpoint file becomes our ``.safetensors`` checkpoint ``out``
     (with classes, preprocessing and the conversion report in its metadata), after the logit check passes."""
     _validate_source(source)
+    check_output_file(out, "--out", inputs=[path])
     state_dict = read_foreign_state_dict(path)
     model, report = convert_state_dict(state_dict, source, name, keep_background=keep_background, check=check)
     prep = dict(preprocessing) if preprocessing is not None else source_preprocessing(source, model.config)

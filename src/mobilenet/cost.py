@@ -24,26 +24,31 @@ import csv
 import io
 import json
 import math
+import os
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mobilenet.errors import MobileNetError
 from mobilenet.spec import Layer, ModelConfig, Network, build_network, network_for
 
 __all__ = [
+    "FLOAT32_BYTES",
     "MAC_CONVENTION",
     "CostTable",
     "FactoredFcCost",
     "LayerCost",
     "LayerRow",
     "OpShare",
+    "check_fits_memory",
+    "check_input_fits",
     "count_costs",
     "factored_fc_cost",
     "layer_cost",
     "parse_fc",
     "parse_shape",
+    "physical_memory_bytes",
 ]
 
 #: Printed wherever a figure is: the papers' unit.
@@ -314,6 +319,73 @@ def count_costs(network_or_name: Network | ModelConfig | str | Any, **overrides:
                 "ModelConfig, a Network or a MobileNet"
             )
     return CostTable(network.name, network.config, tuple(row_for(layer) for layer in network.layers))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Does it fit? Weights and activations against the machine's memory
+# --------------------------------------------------------------------------------------------------------------
+
+#: Bytes per element: models are built, and inputs made, in float32.
+FLOAT32_BYTES = 4
+
+
+def physical_memory_bytes() -> int | None:
+    """The machine's physical memory (``sysconf(SC_PAGE_SIZE) * sysconf(SC_PHYS_PAGES)``), None where unknown."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):  # not POSIX, or the name is unknown
+        return None
+
+
+def _gigabytes(count: int) -> str:
+    return f"{count / 1e9:,.1f} GB"
+
+
+def check_fits_memory(
+    network: Network | ModelConfig,
+    *,
+    batch_size: int | None = None,
+    memory: int | None = None,
+    name: str = "",
+) -> None:
+    """Refuse a network that this machine cannot hold, before any memory is allocated.
+
+    The float32 weights (``trainable_params * 4`` bytes) must fit in ``memory`` (default: the physical memory);
+    with ``batch_size``, so must the largest layer's input and output at that batch (``peak_activations * batch *
+    4`` bytes), which every forward pass holds at once. Raises :class:`MobileNetError` with the figure; ``name``
+    names the model in it (default: the network's name).
+    """
+    limit = physical_memory_bytes() if memory is None else memory
+    if limit is None:
+        return
+    table = count_costs(network)
+    config = table.config
+    name = name or table.name or f"mobilenet_{config.family}"
+    label = f"{name} (alpha {config.alpha:g}, {config.in_channels} input "
+    label += f"channels, {config.num_classes} classes)"
+    weights = table.trainable_params * FLOAT32_BYTES
+    if weights > limit:
+        raise MobileNetError(
+            f"{label} has {table.trainable_params:,} parameters: {_gigabytes(weights)} of float32 weights, more than "
+            f"this machine's {_gigabytes(limit)} of memory; expected a smaller alpha, in_channels or num_classes"
+        )
+    if batch_size is None:
+        return
+    activations = table.peak_activations * batch_size * FLOAT32_BYTES
+    if activations > limit:
+        raise MobileNetError(
+            f"{name} at {config.resolution}x{config.resolution} px, batch "
+            f"{batch_size}: its largest layer needs {_gigabytes(activations)} of float32 activations, more than this "
+            f"machine's {_gigabytes(limit)} of memory; expected a smaller resolution or batch size"
+        )
+
+
+def check_input_fits(config: ModelConfig, input_size: int, batch_size: int, *, name: str = "") -> None:
+    """:func:`check_fits_memory` for ``batch_size`` inputs of ``input_size`` px (a checkpoint's preprocessing
+    may ask for another size than its config's resolution; the larger of the two is counted)."""
+    check_fits_memory(
+        replace(config, resolution=max(int(input_size), config.resolution)), batch_size=batch_size, name=name
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from rich.table import Table
 from mobilenet.checkpoint import load
 from mobilenet.cost import count_costs
 from mobilenet.errors import INSTALL_HINTS, MobileNetError
+from mobilenet.io import check_output_dir
 from mobilenet.plots import plot_comparison
 from mobilenet.train import TrainConfig, train
 
@@ -74,6 +75,7 @@ def _latency_ms(models: dict[str, Any], batch: int, resolution: int, runs: int) 
 def run_demo(config: DemoConfig | None = None, *, progress: bool = True, log: Any = print) -> list[dict[str, Any]]:
     """Train the separable MobileNet and its standard-conv twin on digits; return one result row per model."""
     config = config or DemoConfig()
+    check_output_dir(config.out, "--out")
     say = log if log is not None else (lambda _message: None)
     try:
         import sklearn  # noqa: F401

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from mobilenet.backends import load_source
+from mobilenet.cost import check_input_fits
 from mobilenet.data import TransformedDataset, build_eval_transform, iterate_loader, load_data, resolve_preprocessing
 from mobilenet.errors import MobileNetError
 from mobilenet.predict import Predictor
@@ -150,10 +151,11 @@ def evaluate_checkpoint(
         raise MobileNetError(f"split must be 'val' or 'train', got {split!r}")
     torch_device = resolve_device(device)
     source = load_source(checkpoint, device=str(torch_device))
+    preprocessing = resolve_preprocessing(source.preprocessing, source.config.resolution)
+    check_input_fits(source.config, preprocessing.input_size, batch_size, name=source.name)
     # in_memory=False: only the evaluated split is decoded, once, as the loader reads it.
     bundle = load_data(data, val_fraction=val_fraction, seed=seed, on_bad_image=on_bad_image, in_memory=False)  # type: ignore[arg-type]
     classes = _matching_classes(source, bundle.classes, checkpoint, data)
-    preprocessing = resolve_preprocessing(source.preprocessing, source.config.resolution)
     dataset = TransformedDataset(bundle.val if split == "val" else bundle.train, build_eval_transform(preprocessing))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     backend_used = backend if source.model is not None or backend != "torch" else "auto"

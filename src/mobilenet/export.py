@@ -37,7 +37,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from mobilenet.data import resolve_preprocessing
 from mobilenet.errors import INSTALL_HINTS, MobileNetError
-from mobilenet.io import atomic_path, atomic_write_text
+from mobilenet.io import atomic_path, atomic_write_text, check_output_file, regular_file_size
 from mobilenet.parity import compare_to_reference, seeded_batch
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "OUTPUT_NAME",
     "ExportResult",
     "LoadedExport",
+    "check_opset",
     "export_executorch",
     "export_model",
     "export_onnx",
@@ -53,6 +54,7 @@ __all__ = [
     "export_torchscript",
     "fold_batchnorm",
     "load_export",
+    "max_onnx_opset",
     "metadata_for",
     "ort_session",
     "read_onnx_metadata",
@@ -70,6 +72,11 @@ METADATA_FILE = "mobilenet.json"
 #: a phone runs batch 1 anyway.)
 PTE_MAX_BATCH = 8
 DEFAULT_ATOL = 1e-4
+
+#: The oldest ONNX opset written: Clip takes its min/max as inputs (ReLU6) from opset 11.
+MIN_OPSET = 11
+#: The newest opset torch.onnx wrote when this was written, used where torch does not say its own.
+_KNOWN_MAX_OPSET = 23
 
 
 @dataclass
@@ -207,6 +214,27 @@ def _require_onnx() -> tuple[Any, Any]:
     return onnx, onnxruntime
 
 
+def max_onnx_opset() -> int:
+    """The newest ONNX opset the installed torch.onnx writes (torch names it only in a private module)."""
+    try:
+        from torch.onnx import _constants
+    except ImportError:  # pragma: no cover - a torch that moved it
+        return _KNOWN_MAX_OPSET
+    return int(getattr(_constants, "ONNX_MAX_OPSET", _KNOWN_MAX_OPSET))
+
+
+def check_opset(opset: Any) -> int:
+    """``opset`` if torch.onnx can write it (:data:`MIN_OPSET` to :func:`max_onnx_opset`), else
+    :class:`MobileNetError` naming the range."""
+    newest = max_onnx_opset()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
+        raise MobileNetError(
+            f"--opset must be an integer from {MIN_OPSET} (Clip with min/max inputs) to {newest} (the newest this "
+            f"torch writes), got {opset!r}"
+        )
+    return opset
+
+
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike[str],
@@ -240,10 +268,11 @@ def export_onnx(
     onnx, _ = _require_onnx()
     if exporter not in ("torchscript", "dynamo"):
         raise MobileNetError(f"unknown ONNX exporter {exporter!r}; expected 'torchscript' or 'dynamo'")
+    check_opset(opset)
+    target = check_output_file(path, "ONNX output")
     metadata = metadata_for(model, classes=classes, preprocessing=preprocessing)
     folded = fold_batchnorm(model).float().cpu()
     example = _check_input(metadata, 2)
-    target = Path(path)
     with atomic_path(target) as tmp:
         _torch_onnx_export(torch, folded, example, tmp, opset=opset, exporter=exporter)
         graph = onnx.load(str(tmp))
@@ -324,8 +353,7 @@ def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     :func:`mobilenet.quantize.quantize_onnx`)."""
     onnx, _ = _require_onnx()
     file = Path(path)
-    if not file.is_file():
-        raise MobileNetError(f"ONNX file {file} does not exist")
+    regular_file_size(file, "ONNX file", "an .onnx file written by `mobilenet export` or `mobilenet quantize`")
     try:
         graph = onnx.load(str(file), load_external_data=False)
     except Exception as error:  # onnx raises DecodeError/ValueError/...: any failure means "not an ONNX model"
@@ -333,7 +361,13 @@ def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     props = {entry.key: entry.value for entry in graph.metadata_props}
     if "mobilenet" not in props:
         raise MobileNetError(f"{file} has no mobilenet metadata; expected a file written by `mobilenet export`")
-    return json.loads(props["mobilenet"])
+    try:
+        metadata = json.loads(props["mobilenet"])
+    except json.JSONDecodeError as error:
+        raise MobileNetError(f"{file} has corrupt mobilenet metadata ({error})") from None
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("config"), dict):
+        raise MobileNetError(f"{file} has corrupt mobilenet metadata (no 'config' object)")
+    return metadata
 
 
 def ort_session(path: Path | str, num_threads: int | None = None) -> Any:
@@ -375,9 +409,9 @@ def export_torchscript(
 ) -> ExportResult:
     """Write a traced TorchScript module (BatchNorm folded; loads with ``torch.jit.load`` without this library)
     with ``mobilenet.json`` among its extra files, then reload it and compare logits at batch 2 and 3."""
+    target = check_output_file(path, "TorchScript output")
     metadata = metadata_for(model, classes=classes, preprocessing=preprocessing)
     folded = fold_batchnorm(model).float().cpu()
-    target = Path(path)
     with atomic_path(target) as tmp:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # torch.jit is deprecated upstream in favour of torch.export
@@ -410,9 +444,9 @@ def export_pt2(
 ) -> ExportResult:
     """Write a ``torch.export`` ExportedProgram (``.pt2``, BatchNorm folded, dynamic batch 1..4096) with
     ``mobilenet.json`` among its extra files; reload it with ``torch.export.load`` and compare logits."""
+    target = check_output_file(path, ".pt2 output")
     metadata = metadata_for(model, classes=classes, preprocessing=preprocessing)
     program = _exported_program(model, metadata, max_batch=4096)
-    target = Path(path)
     # torch.export wants a file name ending in .pt2 or a buffer: save to a buffer, then write it atomically.
     buffer = io.BytesIO()
     torch.export.save(program, buffer, extra_files={METADATA_FILE: json.dumps(metadata)})
@@ -466,6 +500,8 @@ def export_executorch(
 
     if not isinstance(max_batch, int) or not 3 <= max_batch <= 15:
         raise MobileNetError(f"max_batch must be an integer from 3 to 15 for ExecuTorch, got {max_batch!r}")
+    target = check_output_file(path, ".pte output")
+    sidecar = check_output_file(target.with_name(target.name + ".json"), ".pte metadata")
 
     metadata = metadata_for(model, classes=classes, preprocessing=preprocessing)
     metadata = {**metadata, "input": {**metadata["input"], "max_batch": max_batch}}
@@ -473,8 +509,6 @@ def export_executorch(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
-    target = Path(path)
-    sidecar = target.with_name(target.name + ".json")
     with atomic_path(target) as tmp:
         tmp.write_bytes(lowered.buffer)
         runner = pte_runner(tmp)

@@ -7,6 +7,10 @@ truncated one: write to a temporary file in the same directory, flush and fsync 
 A process killed between creating the temporary file and the rename cannot remove it; the temporaries are named
 ``.<target name>.<pid>-<random>.tmp`` so that a later write of the same target (or
 :func:`remove_stale_temporaries` over a directory) recognises those whose writer is gone and removes them.
+Nothing is lost either when a long job cannot write its result at the end: :func:`check_output_file` and
+:func:`check_output_dir` refuse an output path before the work starts (a directory where a file goes, a path below
+a file, a directory that cannot be written, an input about to be overwritten); :func:`regular_file_size` refuses an
+input that is not a regular file (a FIFO would block a reader forever).
 """
 
 from __future__ import annotations
@@ -17,15 +21,21 @@ import os
 import re
 import secrets
 import stat
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from mobilenet.errors import MobileNetError
 
 __all__ = [
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_text",
+    "check_output_dir",
+    "check_output_file",
     "json_safe",
+    "regular_file_size",
     "remove_stale_temporaries",
 ]
 
@@ -135,6 +145,107 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def check_output_file(
+    path: str | os.PathLike[str], what: str, *, inputs: Iterable[str | os.PathLike[str] | None] = ()
+) -> Path:
+    """Refuse, before any work starts, a file path that the work could not be written to in the end.
+
+    Refused: an existing directory, FIFO or device; a path below an existing file; a directory that cannot be
+    written (tried by creating and removing an empty temporary file there, which is what the atomic write will do,
+    so read-only filesystems and permissions are both caught); and the same file as one of ``inputs`` (writing
+    over an input would replace what the work reads). ``what`` names the option in the message (``"--out"``).
+    """
+    target = Path(path)
+    if str(path) == "":
+        raise MobileNetError(f"{what} is empty; expected a file path")
+    try:
+        info = target.stat()
+    except (FileNotFoundError, NotADirectoryError):  # the parent check below says which part is missing or a file
+        info = None
+    except OSError as error:
+        raise MobileNetError(f"{what} {target}: {error.strerror or error}; expected a writable file path") from None
+    if info is not None:
+        if stat.S_ISDIR(info.st_mode):
+            raise MobileNetError(f"{what} {target} is a directory; expected a file path")
+        if not stat.S_ISREG(info.st_mode):
+            raise MobileNetError(f"{what} {target} is not a regular file (a FIFO, socket or device); expected a file")
+    _refuse_input(target, what, inputs)
+    _check_writable_parent(target, what)
+    return target
+
+
+def check_output_dir(path: str | os.PathLike[str], what: str) -> Path:
+    """Refuse, before any work starts, a directory path that the work could not write into: an existing file
+    (or FIFO, device), a path below a file, or a directory (or its nearest existing parent) that cannot be
+    written. The directory is not created here."""
+    target = Path(path)
+    if str(path) == "":
+        raise MobileNetError(f"{what} is empty; expected a directory path")
+    if target.exists() and not target.is_dir():
+        raise MobileNetError(f"{what} {target} is a file, not a directory; expected a directory path")
+    if target.is_dir():
+        _probe_directory(target, what, target)
+    else:
+        _check_writable_parent(target, what)
+    return target
+
+
+def _refuse_input(target: Path, what: str, inputs: Iterable[str | os.PathLike[str] | None]) -> None:
+    for source in inputs:
+        if source is None or not isinstance(source, str | os.PathLike):
+            continue
+        source_path = Path(source)
+        same = False
+        with contextlib.suppress(OSError):
+            same = target.resolve() == source_path.resolve() or (
+                target.exists() and source_path.exists() and os.path.samefile(target, source_path)
+            )
+        if same:
+            raise MobileNetError(
+                f"{what} {target} is the same file as {source_path}, which this command reads or writes: choose "
+                "another path"
+            )
+
+
+def _check_writable_parent(target: Path, what: str) -> None:
+    """The nearest existing ancestor of ``target`` must be a directory this process can create files in."""
+    ancestor = target.absolute().parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise MobileNetError(f"{what} {target} is below {ancestor}, which is a file; expected a path in a directory")
+    _probe_directory(ancestor, what, target)
+
+
+def _probe_directory(directory: Path, what: str, target: Path) -> None:
+    # os.access says yes to root on a read-only filesystem and no on some network mounts: try what the write does.
+    try:
+        fd, name = tempfile.mkstemp(prefix=".mobilenet-probe.", dir=directory)
+    except OSError as error:
+        raise MobileNetError(
+            f"{what} {target}: cannot write in {directory} ({error.strerror or error}); choose a writable path"
+        ) from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(name)
+
+
+def regular_file_size(file: Path, what: str, expected: str) -> int:
+    """The size of ``file``, refusing a missing path, a directory, or a FIFO/device (whose reads block or never
+    end) with a message that says what was ``expected``."""
+    try:
+        info = file.stat()
+    except FileNotFoundError:
+        raise MobileNetError(f"{what} {file} does not exist; expected {expected}") from None
+    except OSError as error:
+        raise MobileNetError(f"cannot read {what} {file}: {error.strerror or error}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise MobileNetError(f"{what} {file} is a directory; expected {expected}")
+    if not stat.S_ISREG(info.st_mode):
+        raise MobileNetError(f"{what} {file} is not a regular file (a FIFO, socket or device); expected {expected}")
+    return info.st_size
 
 
 def _fsync_directory(directory: Path) -> None:

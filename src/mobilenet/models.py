@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mobilenet.cost import check_fits_memory
 from mobilenet.errors import MobileNetError
 from mobilenet.layers import FullyConnected, build_block, build_classifier
 from mobilenet.spec import FeatureInfo, ModelConfig, Network, build_network, list_models, model_config, resolve_name
@@ -154,8 +155,16 @@ def init_weights(model: nn.Module) -> None:
 
 
 def model_from_config(config: ModelConfig, name: str = "") -> MobileNet:
-    """Build a model from a :class:`ModelConfig` (as stored in a checkpoint)."""
-    return MobileNet(build_network(config, name=name))
+    """Build a model from a :class:`ModelConfig` (as stored in a checkpoint).
+
+    Every model is built here, so this is where a config whose float32 weights cannot fit in the machine's memory
+    is refused (:func:`mobilenet.cost.check_fits_memory`), before anything is allocated.
+    """
+    if not isinstance(config, ModelConfig):
+        raise MobileNetError(f"expected a ModelConfig, got {type(config).__name__}")
+    network = build_network(config, name=name)
+    check_fits_memory(network)
+    return MobileNet(network)
 
 
 def create_model(name: str, **overrides: Any) -> MobileNet:

@@ -23,10 +23,12 @@ from PIL import Image
 from torchvision.transforms.v2.functional import rgb_to_grayscale
 
 from mobilenet.backends import BACKENDS, load_source, pick_backend
+from mobilenet.cost import check_input_fits
 from mobilenet.data import build_eval_transform
 from mobilenet.errors import MobileNetError
 from mobilenet.images import BadImageError, decode_image
 from mobilenet.progress import progress_bar
+from mobilenet.runtime import resolve_device
 
 __all__ = ["Prediction", "Predictor"]
 
@@ -113,7 +115,10 @@ class Predictor:
             raise MobileNetError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
             raise MobileNetError(f"num_threads must be an integer >= 1, got {num_threads!r}")
+        device = str(resolve_device(device))  # a device that does not exist is refused before anything loads
         self.source = load_source(checkpoint_or_model, device=device)
+        input_size = int(self.source.preprocessing["input_size"])
+        check_input_fits(self.source.config, input_size, batch_size, name=self.source.name)
         self.backend_name = pick_backend(backend, self.source, device)
         try:
             self.backend = BACKENDS[self.backend_name](self.source, device=device, num_threads=num_threads)

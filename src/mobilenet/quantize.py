@@ -55,7 +55,7 @@ from mobilenet.data import build_eval_transform
 from mobilenet.errors import INSTALL_HINTS, MobileNetError
 from mobilenet.export import INPUT_NAME, OUTPUT_NAME, export_onnx, ort_session
 from mobilenet.images import BadImageError, decode_image, find_images
-from mobilenet.io import atomic_path
+from mobilenet.io import atomic_path, check_output_file
 from mobilenet.progress import progress_bar
 
 __all__ = [
@@ -121,6 +121,14 @@ def _require_ort() -> Any:
             f"quantization needs onnx and onnxruntime ({error.name} is missing); {INSTALL_HINTS['onnx']}"
         ) from None
     return quantization
+
+
+def check_outputs(out: Any, keep_fp32: Any, model_or_checkpoint: Any) -> None:
+    """Refuse, before calibrating, outputs that could not be written in the end: a directory, a path below a
+    file, an unwritable place, the input checkpoint itself, or ``keep_fp32`` naming the same file as ``out``."""
+    check_output_file(out, "--out", inputs=[model_or_checkpoint])
+    if keep_fp32 is not None:
+        check_output_file(keep_fp32, "--keep-fp32", inputs=[model_or_checkpoint, out])
 
 
 def calibration_files(directory: str | os.PathLike[str], limit: int | None, seed: int = 0) -> list[Path]:
@@ -203,6 +211,7 @@ def quantize_onnx(
     """
     quantization = _require_ort()
     activation_type = _check_options(calibrate_method, activation_type, num_calibration)
+    check_outputs(out, keep_fp32, model_or_checkpoint)
     files = _calibration_list(calibration, num_calibration, seed)
     source = load_source(model_or_checkpoint)
     if source.model is None:

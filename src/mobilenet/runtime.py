@@ -223,9 +223,13 @@ def describe_machine(threads: int | None = None) -> dict[str, Any]:
     }
 
 
-def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """``auto``: CUDA (this process's local rank), else Apple MPS, else CPU; an explicit name must exist."""
-
+def resolve_device(name: str | torch.device = "auto", local_rank: int = 0) -> torch.device:
+    """``auto``: CUDA (this process's local rank), else Apple MPS, else CPU; an explicit name must exist (a CUDA
+    index too), else :class:`MobileNetError` says what is available."""
+    if isinstance(name, torch.device):
+        name = str(name)
+    if not isinstance(name, str):
+        raise MobileNetError(f"a device must be a string such as 'cpu' or 'cuda:0', got {type(name).__name__}")
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank % torch.cuda.device_count())
@@ -236,8 +240,13 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise MobileNetError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {name!r}") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise MobileNetError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise MobileNetError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
+        raise MobileNetError(f"--device {name} was asked for but no CUDA GPU is available; use --device cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise MobileNetError(f"--device {name}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise MobileNetError("--device mps was asked for but MPS is not available; use --device cpu or auto")
     return device

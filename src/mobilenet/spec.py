@@ -41,6 +41,10 @@ DEFAULT_DROPOUT: dict[str, float] = {"v1": 0.001, "v2": 0.2, "vgg": 0.5}
 #: (32x32 images resized to 28, 24 or 20 px: V1 paper section 4.3, Table 7).
 MIN_RESOLUTION = 32
 MIN_RESOLUTION_SMALL_INPUT = 8
+#: The largest width multiplier: far beyond any network that fits a machine (whether one does is checked where
+#: models are built, :func:`mobilenet.cost.check_fits_memory`), and small enough that every ``channels * alpha``
+#: stays a finite float whose int the cost model can take (1e308 would be infinite).
+MAX_ALPHA = 1e6
 
 # --------------------------------------------------------------------------------------------------------------
 # The papers' tables
@@ -180,7 +184,7 @@ class ModelConfig:
 
     Attributes:
         family: ``"v1"`` (Howard et al. 2017) or ``"v2"`` (Sandler et al. 2018).
-        alpha: width multiplier (V1 section 4.2); any finite float > 0.
+        alpha: width multiplier (V1 section 4.2); any finite float in (0, :data:`MAX_ALPHA`].
         resolution: input side in pixels (the resolution multiplier rho of V1 section 4.3 is
             ``resolution / 224``); any int >= 32 (>= 8 with ``small_input``). The network runs at any size; this
             one sizes the cost table.
@@ -221,8 +225,11 @@ class ModelConfig:
         if self.family not in FAMILIES:
             raise MobileNetError(f"family must be one of {', '.join(map(repr, FAMILIES))}, got {self.family!r}")
         alpha = self.alpha
-        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha) or alpha <= 0:
-            raise MobileNetError(f"alpha (width multiplier) must be a finite number > 0, got {alpha!r}")
+        # Comparisons, not math.isfinite: NaN fails them, and isfinite overflows on a huge int.
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha <= MAX_ALPHA:
+            raise MobileNetError(
+                f"alpha (width multiplier) must be a finite number > 0 and at most {MAX_ALPHA:g}, got {alpha!r}"
+            )
         minimum = MIN_RESOLUTION_SMALL_INPUT if self.small_input else MIN_RESOLUTION
         if isinstance(self.resolution, bool) or not isinstance(self.resolution, int):
             raise MobileNetError(f"resolution must be an integer >= {minimum}, got {self.resolution!r}")
@@ -240,7 +247,7 @@ class ModelConfig:
         if self.dropout is None:
             object.__setattr__(self, "dropout", DEFAULT_DROPOUT[self.family])
         dropout = self.dropout
-        if not isinstance(dropout, int | float) or not math.isfinite(dropout) or not 0.0 <= dropout < 1.0:
+        if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0.0 <= dropout < 1.0:
             raise MobileNetError(f"dropout must be a number in [0, 1), got {dropout!r}")
         if self.variant not in VARIANTS:
             raise MobileNetError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")

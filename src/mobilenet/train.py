@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 from mobilenet.checkpoint import STATE_FILE, check_shapes, load_checkpoint, read_header, read_state, write_state
 from mobilenet.checkpoint import save as save_weights
 from mobilenet.convert import pretrained
+from mobilenet.cost import check_fits_memory
 from mobilenet.data import (
     BatchSmallAugment,
     DataBundle,
@@ -60,7 +61,7 @@ from mobilenet.distributed import (
 )
 from mobilenet.errors import MobileNetError
 from mobilenet.evaluate import accumulate, summarize
-from mobilenet.io import atomic_write_text, json_safe, remove_stale_temporaries
+from mobilenet.io import atomic_write_text, check_output_dir, json_safe, remove_stale_temporaries
 from mobilenet.models import MobileNet, create_model
 from mobilenet.optim import OPTIMIZERS, RECIPES, SCHEDULES, ModelEMA, Recipe, build_optimizer, lr_at, resolve_recipe
 from mobilenet.plots import plot_training_curves
@@ -200,6 +201,39 @@ class TrainConfig:
             raise MobileNetError(f"crop_scale_min must be in (0, 1], got {self.crop_scale_min!r}")
         if self.freeze_backbone and not self.init:
             raise MobileNetError("--freeze-backbone needs --init: a random body is not worth freezing")
+        self._check_numbers()
+        self._check_model_options()
+
+    def _check_numbers(self) -> None:
+        """Fractions outside what the optimizer and the data split can use (an SGD or RMSprop momentum >= 1 makes
+        every update grow without bound; a negative one is not momentum)."""
+
+        def fraction(name: str, value: Any, *, open_low: bool = False) -> None:
+            number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+            if not number or not (0.0 < value < 1.0 if open_low else 0.0 <= value < 1.0):
+                raise MobileNetError(f"{name} must be a number in {'(0' if open_low else '[0'}, 1), got {value!r}")
+
+        fraction("--momentum", self.momentum)
+        if self.dropout is not None:
+            fraction("--dropout", self.dropout)
+        if self.val_fraction is not None:
+            fraction("--val-fraction", self.val_fraction, open_low=True)
+
+    def _check_model_options(self) -> None:
+        """The model name, and the resolution and alpha overrides, before any data is loaded; with an explicit
+        resolution, the batch's activations must fit in memory (:func:`mobilenet.cost.check_fits_memory`)."""
+        if self.resolution is not None and (
+            isinstance(self.resolution, bool) or not isinstance(self.resolution, int) or self.resolution < 8
+        ):
+            raise MobileNetError(
+                f"--resolution must be an integer >= 8 (>= 32 without --small-input), got {self.resolution!r}"
+            )
+        overrides = {"resolution": self.resolution, "alpha": self.alpha, "small_input": self.small_input}
+        if self.resolution is not None and self.resolution <= 64 and self.small_input is None:
+            overrides["small_input"] = True  # what the run will choose at this size
+        config = model_config(self.model, **overrides)
+        if self.resolution is not None:
+            check_fits_memory(config, batch_size=self.batch_size, name=self.model)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -400,6 +434,7 @@ def _check_run_dir(run_dir: Path, *, resume: bool) -> None:
     """A new run needs a directory without a run in it; a resume needs the directory of a run: with a training
     state, or without one when the run stopped before its first state was saved (it then starts from the
     beginning)."""
+    check_output_dir(run_dir, "--out")
     state_path = run_dir / STATE_FILE
     if state_path.exists() and not resume:
         raise MobileNetError(

@@ -57,9 +57,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import json
+    import math
 
     from mobilenet.bench import bench, parse_backends, parse_batch_sizes
     from mobilenet.errors import MobileNetError
+    from mobilenet.io import check_output_file
 
     # (The allocator is tuned at start-up by mobilenet.cli.main for every command that runs models.)
     # Argument mistakes stop here, before any model is built.
@@ -71,6 +73,10 @@ def run(args: argparse.Namespace) -> int:
         raise MobileNetError(f"--rounds must be at least 1, got {args.rounds}")
     if args.warmup < 0:
         raise MobileNetError(f"--warmup must be at least 0, got {args.warmup}")
+    if not (math.isfinite(args.pause_ms) and args.pause_ms >= 0):
+        raise MobileNetError(f"--pause-ms must be a number of milliseconds >= 0, got {args.pause_ms}")
+    if args.plot:
+        check_output_file(args.plot, "--plot")
     backends = args.backends
     if args.compile:
         backends = ",".join(parse_backends(args.backends, compile=True))
@@ -90,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         gemm_size=args.gemm_size,
         calibration=args.calibration,
-        pause=max(0.0, args.pause_ms) / 1e3,
+        pause=args.pause_ms / 1e3,
         int8_activations=args.int8_activations,
         progress=say,
     )

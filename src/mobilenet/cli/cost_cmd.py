@@ -59,6 +59,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.output:
+        from mobilenet.io import check_output_file
+
+        check_output_file(args.output, "--output")
     _check_modes(args)
     if args.layer:
         text = _layer(args)

@@ -43,8 +43,14 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from mobilenet.evaluate import evaluate_checkpoint
+    from mobilenet.io import check_output_file
     from mobilenet.plots import plot_confusion
 
+    plot_path = None
+    if not args.no_plot:  # checked now: an unwritable plot must not be found only after the whole evaluation
+        plot_path = Path(args.plot) if args.plot else Path(args.checkpoint).with_suffix(".confusion.png")
+        what = "--plot" if args.plot else "the confusion plot beside the checkpoint (choose --plot FILE or --no-plot)"
+        check_output_file(plot_path, what, inputs=[args.checkpoint])
     result = evaluate_checkpoint(
         args.checkpoint,
         args.data,
@@ -59,8 +65,7 @@ def run(args: argparse.Namespace) -> int:
         backend=args.backend,
         reference=args.reference,
     )
-    if not args.no_plot:
-        plot_path = Path(args.plot) if args.plot else Path(args.checkpoint).with_suffix(".confusion.png")
+    if plot_path is not None:
         plot_confusion(
             result["confusion"],
             result["classes"],

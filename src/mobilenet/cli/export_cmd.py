@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import warnings
 
@@ -44,12 +45,15 @@ def run(args: argparse.Namespace) -> int:
 
     from mobilenet.backends import RandomWeightsWarning, load_source
     from mobilenet.errors import MobileNetError
-    from mobilenet.export import EXPORT_FORMATS, export_model
+    from mobilenet.export import EXPORT_FORMATS, check_opset, export_model
+    from mobilenet.io import check_output_file
 
-    if args.opset < 11:
-        raise MobileNetError(f"--opset must be at least 11 (Clip with min/max inputs), got {args.opset}")
-    if not args.atol > 0:
+    if args.format == "onnx":
+        check_opset(args.opset)
+    if not (args.atol > 0 and math.isfinite(args.atol)):
         raise MobileNetError(f"--atol must be a positive number, got {args.atol}")
+    if args.out:  # before the checkpoint is read; the default path is known only once it is
+        check_output_file(args.out, "--out", inputs=[args.checkpoint])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RandomWeightsWarning)
         source = load_source(args.checkpoint)
@@ -58,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     if source.model is None:
         raise MobileNetError(f"{args.checkpoint} is already an ONNX file; export takes a .safetensors checkpoint")
     out = Path(args.out) if args.out else _default_out(args.checkpoint, source.name, EXPORT_FORMATS[args.format])
+    check_output_file(out, "--out", inputs=[args.checkpoint])
     options: dict[str, object] = {"atol": args.atol}
     if args.format == "onnx":
         options.update(opset=args.opset, exporter=args.onnx_exporter)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from mobilenet.errors import MobileNetError
 from mobilenet.spec import list_models, model_config
 
 
@@ -14,7 +15,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    for name in list_models(args.pattern, baselines=True):
+    names = list_models(args.pattern, baselines=True)
+    if not names:
+        raise MobileNetError(f"no registered model matches {args.pattern!r}; `mobilenet models` lists them all")
+    for name in names:
         config = model_config(name)
         print(f"{name:32s} {config.family}  alpha={config.alpha:<5g} resolution={config.resolution} {config.variant}")
     return 0
