@@ -10,9 +10,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "demo", help="train separable vs standard-conv MobileNet on built-in digits and compare (about a minute)"
     )
     parser.add_argument("--out", default="runs/demo", help="where the runs and the plot go")
-    parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument("--epochs", type=int, default=12, help="training epochs of each of the two models")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data split and the initial weights")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     parser.set_defaults(handler=run)
 
 

@@ -13,11 +13,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="the model: a .safetensors checkpoint, an fp32 or int8 .onnx, or a .ts/.pt2/.pte export of mobilenet",
     )
     parser.add_argument("--data", required=True, help="digits | cifar10 | cifar100 | DIR (its val/ or test/ split)")
-    parser.add_argument("--split", choices=("val", "train"), default="val")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--num-workers", type=int, default=0)
-    parser.add_argument("--on-bad-image", choices=("skip", "error"), default="error")
+    parser.add_argument("--split", choices=("val", "train"), default="val", help="which images to evaluate")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    parser.add_argument("--num-workers", type=int, default=0, help="data-loading processes (0: in this process)")
+    parser.add_argument(
+        "--on-bad-image", choices=("skip", "error"), default="error", help="an undecodable image stops, or is left out"
+    )
     parser.add_argument("--val-fraction", type=float, help="held-out fraction for a single-tree DIR (as in training)")
     parser.add_argument("--seed", type=int, default=0, help="the split seed used in training")
     parser.add_argument(
@@ -33,9 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="a second model evaluated on the same images, e.g. the fp32 checkpoint of an int8 .onnx: prints both "
         "top-1s and the difference",
     )
-    parser.add_argument("--format", choices=("table", "json"), default="table")
+    parser.add_argument("--format", choices=("table", "json"), default="table", help="output format")
     parser.add_argument("--plot", help="confusion-matrix PNG path (default: beside the checkpoint)")
-    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--no-plot", action="store_true", help="no confusion-matrix PNG")
     parser.set_defaults(handler=run)
 
 
