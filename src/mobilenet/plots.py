@@ -261,9 +261,6 @@ def plot_accuracy_vs_cost(
             )
     for point in points:
         ax.plot(point[x] / 1e6, 100 * point["top1"], "o", color="C0", markersize=7)
-        ax.annotate(
-            point["label"], (point[x] / 1e6, 100 * point["top1"]), textcoords="offset points", xytext=(6, 4), fontsize=8
-        )
     ax.set_xscale("log")
     ax.set_xlabel("multiply-adds (millions, log scale)" if x == "macs" else "parameters (millions, log scale)")
     ax.set_ylabel("top-1 accuracy (%)")
@@ -282,7 +279,37 @@ def plot_accuracy_vs_cost(
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
+    label_points(ax, [(p[x] / 1e6, 100 * p["top1"], p["label"]) for p in points])
     return _save(fig, path)
+
+
+#: Where a point's label may go, in points from the point: right above, right below, left above, left below, then
+#: further out; the first place that overlaps no label placed before it is taken.
+_LABEL_OFFSETS = ((6, 4), (6, -12), (-6, 4), (-6, -12), (6, 14), (6, -22), (-6, 14), (-6, -22))
+
+
+def label_points(ax: Any, labelled: Sequence[tuple[float, float, str]]) -> None:
+    """Annotate each (x, y, text) where its label overlaps no other (greedy, in order of x): points of a sweep
+    often sit close together, and labels printed on top of each other cannot be read."""
+    renderer = ax.figure.canvas.get_renderer()
+    placed: list[Any] = []
+    for x_value, y_value, text in sorted(labelled):
+        annotation = None
+        for dx, dy in _LABEL_OFFSETS:
+            if annotation is not None:
+                annotation.remove()
+            annotation = ax.annotate(
+                text,
+                (x_value, y_value),
+                textcoords="offset points",
+                xytext=(dx, dy),
+                ha="left" if dx > 0 else "right",
+                fontsize=8,
+            )
+            box = annotation.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed):
+                break
+        placed.append(annotation.get_window_extent(renderer))
 
 
 def plot_macs_by_operator(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str], *, title: str = "") -> Path:
