@@ -26,6 +26,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -40,7 +41,6 @@ from mobilenet.evaluate import accumulate, summarize
 from mobilenet.models import MobileNet, model_from_config
 from mobilenet.optim import build_optimizer, lr_at, resolve_recipe
 from mobilenet.runtime import resolve_device
-from mobilenet.train import TrainConfig
 
 __all__ = [
     "CompressionReport",
@@ -222,14 +222,18 @@ def fine_tune(
     at a fine-tuning rate (default :data:`FINE_TUNE_LR_PER_128` per 128 images, no warmup). Returns one row per
     epoch: mean training loss and validation top-1."""
     batch_size = data.train.batch_size or 1
-    settings = TrainConfig(
-        model="",
-        data="",
-        out="",
-        epochs=epochs,
-        batch_size=batch_size,
+    settings = SimpleNamespace(  # the options resolve_recipe reads (optim.RecipeOptions), as train's defaults
+        recipe="modern",
+        optimizer=None,
         lr=lr if lr is not None else FINE_TUNE_LR_PER_128 * batch_size / 128,
+        schedule=None,
         warmup_epochs=0.0,
+        weight_decay=None,
+        label_smoothing=None,
+        momentum=0.9,
+        decay_depthwise=False,
+        batch_size=batch_size,
+        epochs=epochs,
     )
     recipe = resolve_recipe(settings, small_images=data.small_images)
     optimizer = build_optimizer(model, recipe)
