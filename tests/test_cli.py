@@ -32,3 +32,30 @@ def test_every_option_has_help_and_its_default_is_shown(command, capsys):
             assert "default" in (action.help or "") or f"(default: {action.default})" in text, (
                 f"{command} {action.option_strings[0]}: default {action.default!r} not shown"
             )
+
+
+def test_a_reader_that_goes_away_gets_no_traceback():
+    """`mobilenet models | head -c 100`: the pipe closes early; no traceback, no "Exception ignored" noise."""
+    import fcntl
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, 1031, 4096)  # F_SETPIPE_SZ: a 4 KiB pipe, which the ~5 KB list does not fit in
+    process = subprocess.Popen([sys.executable, "-m", "mobilenet", "models"], stdout=write_end, stderr=subprocess.PIPE)
+    os.close(write_end)
+    first = os.read(read_end, 100)
+    os.close(read_end)
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 1
+    assert first
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
+
+
+def test_models_lists_who_publishes_weights(capsys):
+    assert main(["models", "mobilenet_v2_1.0_224"]) == 0
+    out = capsys.readouterr().out
+    assert "torchvision, timm" in out.splitlines()[1]
+    assert main(["models", "zzz"]) == 2
+    assert "no registered model matches 'zzz'" in capsys.readouterr().err

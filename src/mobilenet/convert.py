@@ -38,7 +38,19 @@ from mobilenet.errors import MobileNetError
 from mobilenet.io import check_output_file
 from mobilenet.models import MobileNet, create_model
 from mobilenet.parity import check_close, seeded_batch
-from mobilenet.spec import V1_SHALLOW_REMOVED, V1_TABLE1, V2_TABLE2, ModelConfig, Network, model_config
+from mobilenet.spec import (
+    PUBLISHED,
+    SOURCES,
+    V1_SHALLOW_REMOVED,
+    V1_TABLE1,
+    V2_TABLE2,
+    ModelConfig,
+    Network,
+    default_source,
+    model_config,
+    published_sources,
+    published_text,
+)
 
 __all__ = [
     "IMAGENET_PREPROCESSING",
@@ -65,8 +77,6 @@ __all__ = [
     "torchvision_module_map",
 ]
 
-#: Where foreign weights come from.
-SOURCES: tuple[str, ...] = ("torchvision", "timm")
 
 #: The eval preprocessing of the ImageNet weights of torchvision (``MobileNet_V2_Weights.IMAGENET1K_V1``) and of
 #: the classic ImageNet recipe: 224 px center crop of a 256 px resize, ImageNet mean/std.
@@ -78,43 +88,6 @@ IMAGENET_PREPROCESSING: dict[str, Any] = {
     "interpolation": "bilinear",
     "style": "imagenet",
 }
-
-#: Who publishes ImageNet weights for which (family, alpha): torchvision's ``MobileNet_V2_Weights`` and timm's
-#: pretrained tags (``timm.list_pretrained("mobilenetv*")``; a test checks this table against both libraries).
-PUBLISHED: dict[str, frozenset[tuple[str, float]]] = {
-    "torchvision": frozenset({("v2", 1.0)}),
-    "timm": frozenset({("v1", 1.0), ("v1", 1.25), ("v2", 0.5), ("v2", 1.0), ("v2", 1.4)}),
-}
-
-
-def published_sources(config: ModelConfig) -> list[str]:
-    """The sources that publish ImageNet weights for ``config``'s family and width (separable variant only)."""
-    if config.variant != "separable":
-        return []
-    return [source for source in SOURCES if (config.family, config.alpha) in PUBLISHED[source]]
-
-
-def default_source(config: ModelConfig) -> str:
-    """Where ``pretrained=True`` takes weights from: torchvision where it publishes them, else timm."""
-    sources = published_sources(config)
-    if not sources:
-        raise MobileNetError(
-            f"no ImageNet weights are published for MobileNet {config.family} alpha {config.alpha:g} "
-            f"({config.variant}); published: {_published_text()}"
-        )
-    return sources[0]
-
-
-def _alpha_text(alpha: float) -> str:
-    return f"{alpha:.1f}" if float(alpha).is_integer() else f"{alpha:g}"
-
-
-def _published_text() -> str:
-    return "; ".join(
-        f"{source}: " + ", ".join(f"{family} {_alpha_text(alpha)}" for family, alpha in sorted(PUBLISHED[source]))
-        for source in SOURCES
-    )
-
 
 #: timm's model names for our (family, alpha); timm builds them offline with ``pretrained=False``.
 TIMM_NAMES: dict[tuple[str, float], str] = {
@@ -664,7 +637,7 @@ def pretrained_with_report(
     _validate_source(source)
     config = model_config(name)
     if source not in published_sources(config):
-        raise MobileNetError(f"{source} publishes no ImageNet weights for {name}; published: {_published_text()}")
+        raise MobileNetError(f"{source} publishes no ImageNet weights for {name}; published: {published_text()}")
     try:
         if source == "torchvision":
             state_dict, prep = _download_torchvision(config)

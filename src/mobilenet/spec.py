@@ -738,3 +738,49 @@ def model_config(name: str, **overrides: Any) -> ModelConfig:
 def network_for(name: str, **overrides: Any) -> Network:
     """The layer list of a registered model with options replaced."""
     return build_network(model_config(name, **overrides), name=name)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Published weights
+# --------------------------------------------------------------------------------------------------------------
+
+#: Where foreign weights come from.
+SOURCES: tuple[str, ...] = ("torchvision", "timm")
+
+#: Who publishes ImageNet weights for which (family, alpha): torchvision's ``MobileNet_V2_Weights`` and timm's
+#: pretrained tags (``timm.list_pretrained("mobilenetv*")``; a test checks this table against both libraries).
+PUBLISHED: dict[str, frozenset[tuple[str, float]]] = {
+    "torchvision": frozenset({("v2", 1.0)}),
+    "timm": frozenset({("v1", 1.0), ("v1", 1.25), ("v2", 0.5), ("v2", 1.0), ("v2", 1.4)}),
+}
+
+
+def published_sources(config: ModelConfig) -> list[str]:
+    """The sources that publish ImageNet weights for ``config``'s family and width (separable variant only)."""
+    if config.variant != "separable":
+        return []
+    return [source for source in SOURCES if (config.family, config.alpha) in PUBLISHED[source]]
+
+
+def default_source(config: ModelConfig) -> str:
+    """Where ``pretrained=True`` takes weights from: torchvision where it publishes them, else timm."""
+    sources = published_sources(config)
+    if not sources:
+        raise MobileNetError(
+            f"no ImageNet weights are published for MobileNet {config.family} alpha {config.alpha:g} "
+            f"({config.variant}); published: {published_text()}"
+        )
+    return sources[0]
+
+
+def _alpha1(alpha: float) -> str:
+    """alpha as the papers print it: 1.0, 0.5, 1.25."""
+    return f"{alpha:.1f}" if float(alpha).is_integer() else f"{alpha:g}"
+
+
+def published_text() -> str:
+    """Who publishes what, for messages: ``torchvision: v2 1.0; timm: v1 1.0, ...``."""
+    return "; ".join(
+        f"{source}: " + ", ".join(f"{family} {_alpha1(alpha)}" for family, alpha in sorted(PUBLISHED[source]))
+        for source in SOURCES
+    )
