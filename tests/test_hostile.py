@@ -467,7 +467,7 @@ def cli_cases(f: Files, unwritable: Path) -> dict[str, tuple[list[str], tuple[st
         "cost-alpha-huge": (["cost", TINY, "--alpha", "1e7"], ("alpha",)),
         "cost-resolution-0": (["cost", TINY, "--resolution", "0"], ("resolution",)),
         "cost-resolution-negative": (["cost", TINY, "--resolution", "-5"], ("resolution",)),
-        "cost-num-classes-0": (["cost", TINY, "--num-classes", "0"], ("num_classes",)),
+        "cost-num-classes-negative": (["cost", TINY, "--num-classes", "-1"], ("num_classes",)),
         "cost-unknown-model": (["cost", "mobilenet_v9"], ("unknown model",)),
         "cost-layer-bad": (["cost", "--layer", "0x0x0", "--out", "3"], ("layer",)),
         "cost-layer-no-out": (["cost", "--layer", "4x4x4"], ("--out",)),

@@ -35,6 +35,11 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+try:
+    from torch.onnx import _constants as _torch_onnx_constants
+except ImportError:  # pragma: no cover - a torch that moved it
+    _torch_onnx_constants = None
+
 from mobilenet.data import resolve_preprocessing
 from mobilenet.errors import INSTALL_HINTS, MobileNetError
 from mobilenet.io import atomic_path, atomic_write_text, check_output_file, regular_file_size
@@ -216,11 +221,7 @@ def _require_onnx() -> tuple[Any, Any]:
 
 def max_onnx_opset() -> int:
     """The newest ONNX opset the installed torch.onnx writes (torch names it only in a private module)."""
-    try:
-        from torch.onnx import _constants
-    except ImportError:  # pragma: no cover - a torch that moved it
-        return _KNOWN_MAX_OPSET
-    return int(getattr(_constants, "ONNX_MAX_OPSET", _KNOWN_MAX_OPSET))
+    return int(getattr(_torch_onnx_constants, "ONNX_MAX_OPSET", _KNOWN_MAX_OPSET))
 
 
 def check_opset(opset: Any) -> int:
