@@ -166,36 +166,33 @@ def _preprocessing_or_default(preprocessing: Any, config: ModelConfig) -> dict[s
 
 def _exported_source(path: Path) -> ModelSource:
     loaded = load_export(path)
-    metadata = loaded.metadata
-    try:
-        config = ModelConfig.from_dict(metadata["config"])
-    except (TypeError, MobileNetError) as error:
-        raise MobileNetError(f"{path} has an invalid model config in its metadata: {error}") from None
-    return ModelSource(
-        name=str(metadata.get("name") or ""),
-        config=config,
-        classes=metadata.get("classes"),
-        preprocessing=_preprocessing_or_default(metadata.get("preprocessing"), config),
-        program=loaded.run,
-        metadata=metadata,
-        path=path,
-    )
+    return _file_source(path, loaded.metadata, program=loaded.run)
 
 
 def _onnx_source(path: Path) -> ModelSource:
-    metadata = read_onnx_metadata(path)
+    return _file_source(path, read_onnx_metadata(path), onnx_path=path)
+
+
+def _file_source(path: Path, metadata: dict[str, Any], **runner: Any) -> ModelSource:
+    """An exported file's model: its config, classes and preprocessing from the metadata written with it."""
+    config_data = metadata.get("config")
     try:
-        config = ModelConfig.from_dict(metadata["config"])
-    except TypeError as error:  # a required option missing
+        if not isinstance(config_data, dict):
+            raise TypeError("'config' is not an object")
+        config = ModelConfig.from_dict(config_data)
+    except (TypeError, MobileNetError) as error:
         raise MobileNetError(f"{path} has an invalid model config in its metadata: {error}") from None
+    classes = metadata.get("classes")
+    if classes is not None and (not isinstance(classes, list) or len(classes) != config.num_classes):
+        raise MobileNetError(f"{path} has invalid class names in its metadata; expected {config.num_classes} names")
     return ModelSource(
         name=str(metadata.get("name") or ""),
         config=config,
-        classes=metadata.get("classes"),
+        classes=classes,
         preprocessing=_preprocessing_or_default(metadata.get("preprocessing"), config),
-        onnx_path=path,
         metadata=metadata,
         path=path,
+        **runner,
     )
 
 

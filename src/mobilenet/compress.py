@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from mobilenet.checkpoint import Checkpoint, load_checkpoint, save
-from mobilenet.cost import count_costs
+from mobilenet.cost import count_costs, factored_fc_cost
 from mobilenet.data import DataBundle, Preprocessing, iterate_loader, load_data
 from mobilenet.errors import MobileNetError
 from mobilenet.evaluate import accumulate, summarize
@@ -71,11 +71,11 @@ class Factorisation:
 
     @property
     def params_full(self) -> int:
-        return self.in_features * self.out_features
+        return factored_fc_cost(self.in_features, self.out_features, self.rank).params_full
 
     @property
     def params_factored(self) -> int:
-        return self.rank * (self.in_features + self.out_features)
+        return factored_fc_cost(self.in_features, self.out_features, self.rank).params_factored
 
     def to_dict(self) -> dict[str, Any]:
         return {

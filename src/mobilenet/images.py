@@ -20,7 +20,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import stat
 import struct
 import zlib
 from collections.abc import Iterable
@@ -34,6 +33,7 @@ from torchvision.io import ImageReadMode
 from torchvision.io import decode_image as tv_decode_image
 
 from mobilenet.errors import MobileNetError
+from mobilenet.io import regular_file_size
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -73,19 +73,11 @@ def read_image_file(path: str | os.PathLike[str]) -> bytes:
     """
     file = Path(path)
     try:
-        info = file.stat()
-    except FileNotFoundError:
-        raise BadImageError(f"image {file} does not exist") from None
-    except OSError as error:
-        raise BadImageError(f"cannot read image {file}: {error.strerror or error}") from None
-    if stat.S_ISDIR(info.st_mode):
-        raise BadImageError(f"{file} is a directory; expected an image file")
-    if not stat.S_ISREG(info.st_mode):
-        raise BadImageError(f"{file} is not a regular file (a FIFO, socket or device); expected an image file")
-    if info.st_size > MAX_FILE_BYTES:
-        raise BadImageError(
-            f"image {file} is {info.st_size:,} bytes, over the {MAX_FILE_BYTES:,}-byte limit for one image"
-        )
+        size = regular_file_size(file, "image", "an image file")
+    except MobileNetError as error:
+        raise BadImageError(str(error)) from None
+    if size > MAX_FILE_BYTES:
+        raise BadImageError(f"image {file} is {size:,} bytes, over the {MAX_FILE_BYTES:,}-byte limit for one image")
     try:
         with open(file, "rb") as handle:
             return handle.read(MAX_FILE_BYTES + 1)
