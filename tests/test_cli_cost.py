@@ -176,3 +176,23 @@ def test_bad_fc_and_rank_input_exits_2(capsys, argv, expected):
     assert code == 2
     assert err.startswith("mobilenet cost: error:") and expected in err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_cost_of_a_checkpoint_reads_its_model_from_the_header(tmp_path, capsys):
+    """`mobilenet cost runs/x/best.safetensors` is the cost of the model that checkpoint holds (as bench reads it)."""
+    from mobilenet.checkpoint import save
+    from mobilenet.models import create_model
+
+    path = save(create_model("mobilenet_v2_0.5_96", num_classes=7), tmp_path / "best.safetensors")
+    assert main(["cost", str(path), "--format", "json"]) == 0
+    from_file = json.loads(capsys.readouterr().out)
+    expected = count_costs("mobilenet_v2_0.5_96", num_classes=7)
+    assert (from_file["macs"], from_file["params"]) == (expected.macs, expected.params)
+    assert main(["cost", str(path), "--resolution", "128", "--format", "json"]) == 0
+    assert (
+        json.loads(capsys.readouterr().out)["macs"]
+        == count_costs("mobilenet_v2_0.5_96", num_classes=7, resolution=128).macs
+    )
+    (tmp_path / "notes.safetensors").write_text("not a checkpoint")
+    assert main(["cost", str(tmp_path / "notes.safetensors")]) == 2
+    assert "not a safetensors file" in capsys.readouterr().err

@@ -48,6 +48,7 @@ __all__ = [
     "is_pytorch_file",
     "load",
     "load_checkpoint",
+    "read_config",
     "read_header",
     "read_raw_header",
     "read_state",
@@ -408,6 +409,12 @@ def check_shapes(
     ]
     if missing or unexpected or misshaped:
         raise state_dict_mismatch(what, target, missing, unexpected, misshaped)
+
+
+def read_config(path: str | os.PathLike[str]) -> ModelConfig:
+    """The :class:`ModelConfig` a checkpoint describes, from its header alone (no tensor is read)."""
+    file, header = read_raw_header(path)
+    return _config_from_header(file, _mobilenet_header(file, header))
 
 
 def check_state_dict(

@@ -34,7 +34,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Give a model NAME, or --layer HxWxM --out N, or --fc INxOUT --rank R, or --paper."
         ),
     )
-    parser.add_argument("name", nargs="?", help="registered model name (see `mobilenet models`)")
+    parser.add_argument(
+        "name",
+        nargs="?",
+        help="registered model name (see `mobilenet models`), or a .safetensors checkpoint / .onnx file: its model",
+    )
     parser.add_argument("--alpha", type=float, help="width multiplier (any finite number > 0)")
     parser.add_argument("--resolution", type=int, help="input side in pixels (>= 32)")
     parser.add_argument("--num-classes", type=int, dest="num_classes", help="classifier outputs (>= 1)")
@@ -133,16 +137,22 @@ def _millions(value: int) -> str:
 
 
 def _model(args: argparse.Namespace) -> str:
+    from dataclasses import replace
+
     from mobilenet.cost import count_costs
 
-    table = count_costs(
-        args.name,
-        alpha=args.alpha,
-        resolution=args.resolution,
-        num_classes=args.num_classes,
-        small_input=args.small_input,
-        classifier_rank=args.classifier_rank,
-    )
+    options = {
+        "alpha": args.alpha,
+        "resolution": args.resolution,
+        "num_classes": args.num_classes,
+        "small_input": args.small_input,
+        "classifier_rank": args.classifier_rank,
+    }
+    if _is_file(args.name):
+        given = {key: value for key, value in options.items() if value is not None}
+        table = count_costs(replace(_file_config(args.name), **given))
+    else:
+        table = count_costs(args.name, **options)
     if args.format == "json":
         return table.to_json() + "\n"
     if args.format == "csv":
@@ -150,6 +160,31 @@ def _model(args: argparse.Namespace) -> str:
     if args.format == "markdown":
         return table.to_markdown()
     return _model_table(table)
+
+
+#: Files whose model `cost` reads from the metadata written with them.
+_MODEL_FILE_SUFFIXES = (".safetensors", ".onnx")
+
+
+def _is_file(name: str) -> bool:
+    from pathlib import Path
+
+    return Path(name).suffix.lower() in _MODEL_FILE_SUFFIXES or "/" in name or Path(name).exists()
+
+
+def _file_config(name: str) -> Any:
+    """The model config stored in a checkpoint's header or an ONNX file's metadata (no weights are read)."""
+    from pathlib import Path
+
+    path = Path(name)
+    if path.suffix.lower() == ".onnx":
+        from mobilenet.export import read_onnx_metadata
+        from mobilenet.spec import ModelConfig
+
+        return ModelConfig.from_dict(read_onnx_metadata(path)["config"])
+    from mobilenet.checkpoint import read_config
+
+    return read_config(path)
 
 
 def _model_table(table: Any) -> str:
