@@ -161,3 +161,17 @@ def test_regular_file_size_refuses_a_fifo_without_opening_it(tmp_path):
         regular_file_size(fifo, "checkpoint", "a file")
     (tmp_path / "f").write_bytes(b"abc")
     assert regular_file_size(tmp_path / "f", "checkpoint", "a file") == 3
+
+
+def test_a_failed_write_leaves_no_directory_it_created(tmp_path):
+    from mobilenet.io import atomic_path
+
+    target = tmp_path / "new" / "deeper" / "file.onnx"
+    with pytest.raises(RuntimeError, match="calibration failed"), atomic_path(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("calibration failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "kept" / "f.txt"):
+        raise RuntimeError("x")
+    assert (tmp_path / "kept").is_dir()  # it was there before

@@ -52,9 +52,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     The caller writes the temporary file by name (as ``safetensors.torch.save_file`` and matplotlib want). On an
     exception the temporary file is removed and ``path`` is untouched. The file gets the mode a plain ``open()``
     gives a new file (``0o666`` less the umask). Temporaries of ``path`` left by a killed writer are removed first.
+    Directories created for ``path`` are removed again when the write fails (nothing is left behind).
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    created = _make_parents(target.parent)
     remove_stale_temporaries(target.parent, name=target.name)
     tmp, mode = _create_temporary(target)
     _ACTIVE.add(tmp)
@@ -69,9 +70,23 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         _fsync_directory(target.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        for directory in created:
+            with contextlib.suppress(OSError):  # not empty (another writer) or gone: leave it
+                directory.rmdir()
         raise
     finally:
         _ACTIVE.discard(tmp)
+
+
+def _make_parents(directory: Path) -> list[Path]:
+    """Create ``directory`` and its missing ancestors; the ones created, deepest first."""
+    missing = []
+    current = directory
+    while not current.exists() and current != current.parent:
+        missing.append(current)
+        current = current.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    return missing
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
