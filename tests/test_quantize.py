@@ -165,3 +165,27 @@ def test_quantize_cli_errors(setup, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("mobilenet quantize: error:") and message in err and "\n" not in err, err
     assert not (tmp_path / "g.onnx").exists()
+
+
+def test_target_sets_activations_and_weight_range(setup, tmp_path, capsys):
+    """--target is the CPU that will run the model: ARM gets int8 activations and 8-bit weights, AVX2 7-bit weights
+    (against int16 saturation), VNNI 8-bit; the default is this machine, and the output says which."""
+    from mobilenet.export import read_onnx_metadata
+    from mobilenet.quantize import TARGETS, this_machine_target
+
+    assert this_machine_target("aarch64") == "arm"
+    assert this_machine_target("x86_64", {"avx2", "fma"}) == "x86-avx2"
+    assert this_machine_target("x86_64", {"avx2", "avx512_vnni"}) == "x86-vnni"
+    assert this_machine_target("x86_64", {"avx_vnni"}) == "x86-vnni"
+    calibration = str(setup["root"] / "calibration")
+    for target, (activations, seven_bit) in TARGETS.items():
+        out = tmp_path / f"{target}.onnx"
+        argv = ["quantize", str(setup["checkpoint"]), "-c", calibration, "-n", "16", "--target", target, "-o", str(out)]
+        assert main(argv) == 0
+        assert f"target: {target} (as asked): {activations} activations" in capsys.readouterr().out
+        settings = read_onnx_metadata(out)["quantization"]
+        assert settings["activations"] == activations
+        assert ("7-bit" in settings["weights"]) is seven_bit
+    out = tmp_path / "here.onnx"
+    assert main(["quantize", str(setup["checkpoint"]), "-c", calibration, "-n", "16", "-o", str(out)]) == 0
+    assert f"target: {this_machine_target()} (this machine)" in capsys.readouterr().out

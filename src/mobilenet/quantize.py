@@ -57,15 +57,19 @@ from mobilenet.export import INPUT_NAME, OUTPUT_NAME, export_onnx, ort_session
 from mobilenet.images import BadImageError, decode_image, find_images
 from mobilenet.io import atomic_path, check_output_file
 from mobilenet.progress import progress_bar
+from mobilenet.runtime import cpu_flags
 
 __all__ = [
     "ACTIVATION_TYPES",
     "CALIBRATION_METHODS",
+    "TARGETS",
     "QuantizeResult",
     "calibration_batches",
     "default_activation_type",
     "quantize_onnx",
     "resolve_activation_type",
+    "resolve_target",
+    "this_machine_target",
 ]
 
 #: Calibration methods of ONNX Runtime's static quantizer, by the name the CLI takes.
@@ -81,6 +85,36 @@ def default_activation_type(machine: str | None = None) -> str:
     ``"uint8"`` on x86 (u8 x s8 multiply instructions), ``"int8"`` elsewhere (ARM's s8 x s8 dot products)."""
     name = (machine if machine is not None else platform.machine()).lower()
     return "uint8" if name in ("x86_64", "amd64", "i386", "i686", "x86") else "int8"
+
+
+#: The int8 settings native to the CPU that will run the model: (activation type, 7-bit weights).
+#: - x86-avx2: AVX2's int8 multiply (vpmaddubsw) multiplies u8 activations by s8 weights and adds pairs into int16,
+#:   which saturates with full 8-bit weights: 7-bit weights (ONNX Runtime's reduce_range) avoid it.
+#: - x86-vnni: VNNI (vpdpbusd, AVX512-VNNI or AVX-VNNI) accumulates u8 x s8 straight into int32: all 8 bits.
+#: - arm: the dot-product instructions (sdot) multiply s8 by s8 into int32: int8 activations, all 8 bits.
+TARGETS: dict[str, tuple[str, bool]] = {
+    "x86-avx2": ("uint8", True),
+    "x86-vnni": ("uint8", False),
+    "arm": ("int8", False),
+}
+
+
+def this_machine_target(machine: str | None = None, flags: set[str] | None = None) -> str:
+    """The :data:`TARGETS` entry of this CPU (from ``platform.machine()`` and ``/proc/cpuinfo``'s flags)."""
+    name = (machine if machine is not None else platform.machine()).lower()
+    if name not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return "arm"
+    flags = flags if flags is not None else cpu_flags()
+    return "x86-vnni" if flags & {"avx512_vnni", "avx_vnni"} else "x86-avx2"
+
+
+def resolve_target(target: str) -> tuple[str, str, bool]:
+    """``(target, activation type, 7-bit weights)`` for a :data:`TARGETS` name or ``"auto"`` (this machine)."""
+    chosen = this_machine_target() if target == "auto" else target
+    if chosen not in TARGETS:
+        raise MobileNetError(f"--target must be auto or one of {', '.join(TARGETS)}, got {target!r}")
+    activations, reduce_range = TARGETS[chosen]
+    return chosen, activations, reduce_range
 
 
 def resolve_activation_type(activation_type: str) -> str:

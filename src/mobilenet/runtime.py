@@ -48,6 +48,7 @@ __all__ = [
     "TRIM_THRESHOLD",
     "AllocatorTuning",
     "allocator_state",
+    "cpu_flags",
     "describe_machine",
     "minor_faults",
     "resolve_device",
@@ -181,6 +182,11 @@ def _cpuinfo() -> dict[str, str]:
             key, value = (part.strip() for part in line.split(":", 1))
             info.setdefault(key, value)
     return info
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags as ``/proc/cpuinfo`` lists them (empty where there is none)."""
+    return set(_cpuinfo().get("flags", "").split())
 
 
 def _onnxruntime_version() -> str | None:

@@ -40,17 +40,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--method", choices=("minmax", "entropy", "percentile"), default="minmax", help="calibration (default minmax)"
     )
     parser.add_argument(
+        "--target",
+        choices=("auto", "x86-avx2", "x86-vnni", "arm"),
+        default="auto",
+        help="the CPU that will run the model, which sets the activation type and the weights' range: x86-avx2 "
+        "(uint8, 7-bit weights against int16 saturation), x86-vnni (uint8, 8-bit), arm (int8, 8-bit); default "
+        "auto: this machine",
+    )
+    parser.add_argument(
         "--full-range",
         dest="reduce_range",
         action="store_false",
-        help="use all 8 bits of the weights (for VNNI/ARM targets; the default 7 bits avoid int16 saturation in "
-        "x86 AVX2 int8 kernels)",
+        default=None,
+        help="use all 8 bits of the weights whatever the target (default: the target's)",
     )
     parser.add_argument(
         "--activations",
         choices=("auto", "int8", "uint8"),
         default="auto",
-        help="activation type (default auto: uint8 on x86, whose int8 kernels are u8 x s8, int8 elsewhere)",
+        help="activation type (default auto: the target's)",
     )
     parser.add_argument("--keep-fp32", default=None, metavar="FILE", help="also keep the fp32 ONNX export here")
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
@@ -62,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
     from mobilenet.backends import RandomWeightsWarning
     from mobilenet.errors import MobileNetError
-    from mobilenet.quantize import quantize_onnx
+    from mobilenet.quantize import quantize_onnx, resolve_target
 
     if args.num_calibration < 1:
         raise MobileNetError(f"--num-calibration must be at least 1, got {args.num_calibration}")
@@ -70,6 +78,11 @@ def run(args: argparse.Namespace) -> int:
     if not checkpoint.is_file():
         raise MobileNetError(f"checkpoint {checkpoint} does not exist; expected a .safetensors checkpoint")
     out = Path(args.out) if args.out else checkpoint.with_suffix(".int8.onnx")
+    target, target_activations, target_reduce = resolve_target(args.target)
+    activations = target_activations if args.activations == "auto" else args.activations
+    reduce_range = target_reduce if args.reduce_range is None else args.reduce_range
+    where = "this machine" if args.target == "auto" else "as asked"
+    print(f"target: {target} ({where}): {activations} activations, {'7' if reduce_range else '8'}-bit weights")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RandomWeightsWarning)
         result = quantize_onnx(
@@ -77,10 +90,10 @@ def run(args: argparse.Namespace) -> int:
             out,
             args.calibration,
             per_channel=args.per_channel,
-            reduce_range=args.reduce_range,
+            reduce_range=reduce_range,
             num_calibration=args.num_calibration,
             calibrate_method=args.method,
-            activation_type=args.activations,
+            activation_type=activations,
             keep_fp32=args.keep_fp32,
             seed=args.seed,
             progress=sys.stderr.isatty(),
