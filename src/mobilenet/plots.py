@@ -19,6 +19,7 @@ __all__ = [
     "plot_bench",
     "plot_comparison",
     "plot_confusion",
+    "plot_latency_pareto",
     "plot_scaling",
     "plot_separable_layers",
     "plot_training_curves",
@@ -374,11 +375,84 @@ def plot_rank_sweep(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str]
     if ordered and "original" in ordered[0]["top1"]:
         ax.axhline(100 * ordered[0]["top1"]["original"], color="grey", linestyle=":", label="unfactored classifier")
     for row, x in zip(ordered, params, strict=True):
-        ax.annotate(f"r={row['rank']}", (x, 100 * row["top1"].get("factored", 0.0)), textcoords="offset points",
-                    xytext=(4, -12), fontsize=8)  # fmt: skip
+        ax.annotate(
+            f"r={row['rank']}",
+            (x, 100 * row["top1"].get("factored", 0.0)),
+            textcoords="offset points",
+            xytext=(4, -12),
+            fontsize=8,
+        )
     ax.set_xlabel("parameters (M, conv + FC weights)")
     ax.set_ylabel("test top-1 (%)")
     ax.set_title(title or "factored classifier: accuracy vs parameters")
     ax.grid(alpha=0.3)
     ax.legend()
+    return _save(fig, path)
+
+
+def plot_latency_pareto(
+    points: Sequence[dict[str, Any]],
+    path: str | os.PathLike[str],
+    *,
+    budget_ms: float | None = None,
+    pick: str | None = None,
+    title: str = "",
+) -> Path:
+    """``mobilenet select``: published top-1 (%) against measured median latency (ms, log axis), one point per
+    model labelled with its name and multiply-adds, the Pareto front as a step line, the budget as a dashed line and
+    the pick circled. ``points``: dicts with ``model``, ``top1`` (%), ``latency_ms``, ``macs`` and ``pareto``."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for family, color in (("v1", "C0"), ("v2", "C1")):
+        chosen = [p for p in points if p["model"].startswith(f"mobilenet_{family}_")]
+        if chosen:
+            ax.plot(
+                [p["latency_ms"] for p in chosen],
+                [p["top1"] for p in chosen],
+                "o",
+                color=color,
+                label=f"MobileNet {family.upper()}",
+            )
+    front = sorted((p for p in points if p.get("pareto")), key=lambda p: p["latency_ms"])
+    if len(front) > 1:
+        ax.step(
+            [p["latency_ms"] for p in front],
+            [p["top1"] for p in front],
+            where="post",
+            color="0.4",
+            alpha=0.7,
+            label="Pareto front",
+        )
+    if budget_ms is not None:
+        ax.axvline(budget_ms, color="#d62728", linestyle="--", label=f"budget {budget_ms:g} ms")
+    for p in points:
+        if p["model"] == pick:
+            ax.plot(
+                p["latency_ms"],
+                p["top1"],
+                "o",
+                markersize=14,
+                markerfacecolor="none",
+                color="#2ca02c",
+                label=f"pick: {pick}",
+            )
+    ax.set_xscale("log")
+    from matplotlib.ticker import ScalarFormatter
+
+    ax.xaxis.set_major_formatter(ScalarFormatter())  # "10", not "10^1": latencies read as milliseconds
+    ax.set_xlabel("median latency per batch, measured here (ms, log scale)")
+    ax.set_ylabel("published ImageNet top-1 (%)")
+    ax.grid(alpha=0.3, which="both")
+    if points:
+        latencies = [p["latency_ms"] for p in points] + ([budget_ms] if budget_ms else [])
+        ax.set_xlim(min(latencies) / 1.5, max(latencies) * 2.5)
+    ax.legend(loc="lower right", fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    label = [
+        (p["latency_ms"], p["top1"], f"{p['model'].removeprefix('mobilenet_')} {p['macs'] / 1e6:.0f}M MACs")
+        for p in points
+    ]
+    label_points(ax, label)
     return _save(fig, path)

@@ -31,11 +31,12 @@ COMMANDS = (
     "quantize",
     "compress",
     "bench",
+    "select",
     "reproduce",
 )
 #: Commands that run models: they start with glibc's allocator tuned (:func:`mobilenet.runtime.tune_allocator`;
 #: MOBILENET_NO_MALLOC_TUNING=1 opts out), which removes most page faults of eager PyTorch at large activations.
-MODEL_COMMANDS = ("demo", "train", "eval", "predict", "compress", "bench", "reproduce")
+MODEL_COMMANDS = ("demo", "train", "eval", "predict", "compress", "bench", "select", "reproduce")
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):

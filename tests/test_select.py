@@ -1,0 +1,195 @@
+"""mobilenet.select and `mobilenet select`: the pick, the Pareto front and the cache, with a fake timer (no model
+is timed here); hostile inputs get one line and exit 2."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from mobilenet import select
+from mobilenet.cli import main
+from mobilenet.errors import MobileNetError
+
+#: Fake median latencies (ms): deliberately not monotonic in MACs, so the front is not every point.
+FAKE_MS = {
+    "mobilenet_v1_1.0_224": 20.0,
+    "mobilenet_v1_1.0_192": 15.0,
+    "mobilenet_v1_1.0_160": 11.0,
+    "mobilenet_v1_1.0_128": 8.0,
+    "mobilenet_v1_0.75_224": 12.0,  # 68.4: beats 1.0_160 (67.2) although slower -> both on the front
+    "mobilenet_v1_0.5_224": 9.0,  # 63.7 at 9 ms: beaten by 1.0_128 (64.4 at 8 ms)
+    "mobilenet_v1_0.5_160": 4.0,
+    "mobilenet_v1_0.25_224": 3.0,
+    "mobilenet_v2_1.4_224": 30.0,
+    "mobilenet_v2_1.0_224": 14.0,  # 72.0 at 14 ms: beats every V1 slower than it
+}
+
+
+class FakeTimer:
+    def __init__(self, scale: float = 1.0) -> None:
+        self.calls: list[list[str]] = []
+        self.scale = scale
+
+    def __call__(self, models, **_settings):
+        self.calls.append(list(models))
+        return {m: [self.scale * FAKE_MS[m] / 1e3] * 3 for m in models}
+
+
+@pytest.fixture
+def timer(monkeypatch):
+    fake = FakeTimer()
+    monkeypatch.setattr(select, "measure_latencies", fake)
+    monkeypatch.setattr(select, "_resolve_backend", lambda backend, grid: "torch-jit" if backend == "auto" else backend)
+    return fake
+
+
+def test_the_grid_is_the_published_points():
+    points = {p.model: p for p in select.published_points()}
+    assert set(points) == set(FAKE_MS)
+    assert points["mobilenet_v1_0.5_160"].top1 == 60.2 and points["mobilenet_v1_0.5_160"].source == "V1 Table 9"
+    assert points["mobilenet_v2_1.4_224"].top1 == 74.7
+    assert {p.family for p in select.published_points(["v2"])} == {"v2"}
+
+
+def test_the_pick_is_the_most_accurate_within_the_budget(timer, tmp_path):
+    result = select.select_model(12.5, cache_path=tmp_path / "c.json", threads=1)
+    assert result.pick["model"] == "mobilenet_v1_0.75_224"  # 68.4 at 12 ms; 1.0_192 (69.1) takes 15 ms
+    result = select.select_model(14.0, cache_path=tmp_path / "c.json", threads=1)
+    assert result.pick["model"] == "mobilenet_v2_1.0_224"  # exactly at the budget counts
+    result = select.select_model(3.5, families="v1", cache_path=tmp_path / "c.json", threads=1)
+    assert result.pick["model"] == "mobilenet_v1_0.25_224"
+
+
+def test_the_pareto_front(timer, tmp_path):
+    result = select.select_model(100, cache_path=tmp_path / "c.json", threads=1)
+    assert [p["model"] for p in result.pareto] == [
+        "mobilenet_v1_0.25_224",
+        "mobilenet_v1_0.5_160",
+        "mobilenet_v1_1.0_128",
+        "mobilenet_v1_1.0_160",
+        "mobilenet_v1_0.75_224",
+        "mobilenet_v2_1.0_224",
+        "mobilenet_v2_1.4_224",
+    ]
+    assert result.pick["model"] == "mobilenet_v2_1.4_224"
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    points = [
+        {"model": "a", "latency_ms": 1.0, "top1": 50.0},
+        {"model": "b", "latency_ms": 1.0, "top1": 55.0},  # same speed, more accurate: a is dominated
+        {"model": "c", "latency_ms": 2.0, "top1": 55.0},  # slower, no more accurate: dominated by b
+        {"model": "d", "latency_ms": 3.0, "top1": 60.0},
+    ]
+    assert [p["model"] for p in select.pareto_front(points)] == ["b", "d"]
+
+
+def test_a_second_call_measures_nothing(timer, tmp_path):
+    cache = tmp_path / "c.json"
+    first = select.select_model(10, cache_path=cache, threads=1)
+    assert len(first.measured) == 10 and first.cached == []
+    second = select.select_model(5, cache_path=cache, threads=1)
+    assert len(timer.calls) == 1 and second.measured == [] and len(second.cached) == 10
+    assert second.points == [dict(p, cached=True) for p in first.points]
+    select.select_model(5, cache_path=cache, threads=1, use_cache=False)
+    assert len(timer.calls) == 2 and len(timer.calls[1]) == 10
+
+
+def test_the_cache_key_changes_with_the_machine_threads_and_settings():
+    machine = {"cpu": "AMD EPYC", "simd": ["avx2", "avx512f"], "torch": "2.5", "onnxruntime": "1.20"}
+    base = {"resolution": 224, "batch": 1, "threads": 2, "backend": "onnxruntime", "precision": "fp32"}
+    key = select.cache_key("m", **base, machine=machine)
+    assert key == select.cache_key("m", **base, machine=dict(machine, load_average=[9.0]))
+    others = [
+        select.cache_key("m", **dict(base, threads=1), machine=machine),
+        select.cache_key("m", **dict(base, batch=8), machine=machine),
+        select.cache_key("m", **dict(base, backend="torch-jit"), machine=machine),
+        select.cache_key("m", **base, machine=dict(machine, cpu="Intel Xeon")),
+        select.cache_key("m", **base, machine=dict(machine, simd=["avx2"])),
+        select.cache_key("m", **base, machine=dict(machine, torch="2.6")),
+        select.cache_key("m", **base, machine=dict(machine, onnxruntime=None)),
+    ]
+    assert key not in others and len(set(others)) == len(others)
+
+
+def test_other_threads_or_cpu_measure_again(timer, tmp_path, monkeypatch):
+    cache = tmp_path / "c.json"
+    select.select_model(10, cache_path=cache, threads=1, families="v2")
+    select.select_model(10, cache_path=cache, threads=2, families="v2")
+    assert len(timer.calls) == 2
+    real = select.describe_machine
+    monkeypatch.setattr(select, "describe_machine", lambda threads: dict(real(threads), cpu="Another CPU"))
+    select.select_model(10, cache_path=cache, threads=1, families="v2")
+    assert len(timer.calls) == 3
+
+
+def test_nothing_within_the_budget_names_the_fastest(timer, tmp_path):
+    result = select.select_model(1.0, cache_path=tmp_path / "c.json", threads=1)
+    assert result.pick is None and result.fastest["model"] == "mobilenet_v1_0.25_224"
+
+
+@pytest.mark.parametrize("budget", [0, -1.0, math.nan, math.inf, "5", True])
+def test_bad_budgets_are_refused(budget, timer, tmp_path):
+    with pytest.raises(MobileNetError, match="budget"):
+        select.select_model(budget, cache_path=tmp_path / "c.json")
+    assert timer.calls == []
+
+
+def test_a_corrupt_cache_is_ignored_with_a_note(timer, tmp_path):
+    cache = tmp_path / "c.json"
+    for data in (b"{not json", json.dumps({"version": 1, "entries": []}).encode(), b"\xff\xfe"):
+        cache.write_bytes(data)
+        result = select.select_model(10, cache_path=cache, threads=1)
+        assert len(result.measured) == 10 and any("ignored" in note for note in result.notes)
+    assert len(select.select_model(10, cache_path=cache, threads=1).cached) == 10  # rewritten, readable again
+
+
+# -- the command line -----------------------------------------------------------------------------------------
+
+
+def _cli(args, tmp_path, capsys):
+    code = main(["select", "--quiet", "--cache", str(tmp_path / "c.json"), "--threads", "1", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_prints_the_pick_provenance_and_writes_the_plot(timer, tmp_path, capsys):
+    plot = tmp_path / "p.png"
+    code, out, err = _cli(["--latency-ms", "12.5", "--plot", str(plot)], tmp_path, capsys)
+    assert code == 0, err
+    assert "pick for 12.5 ms: mobilenet_v1_0.75_224" in out and "measured now: 10 models" in out
+    assert "AMD" in out or "machine:" in out
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    code, out, err = _cli(["--latency-ms", "5", "--plot", str(plot)], tmp_path, capsys)
+    assert code == 0 and "from the cache" in out and "measured now" not in out and len(timer.calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--latency-ms", "0"], "> 0"),
+        (["--latency-ms", "-3"], "> 0"),
+        (["--latency-ms", "nan"], "finite"),
+        (["--latency-ms", "5", "--family", "v3"], "unknown family v3"),
+        (["--latency-ms", "5", "--batch", "0"], "batch"),
+        (["--latency-ms", "0.5"], "the fastest is mobilenet_v1_0.25_224 at 3.00 ms"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_exit_2(args, message, timer, tmp_path, capsys):
+    code, _out, err = _cli([*args, "--plot", str(tmp_path / "p.png")], tmp_path, capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_cli_an_unwritable_plot_is_a_note(timer, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, out, _err = _cli(["--latency-ms", "10", "--plot", str(blocker / "p.png")], tmp_path, capsys)
+    assert code == 0 and "pick for 10 ms" in out and "the plot could not be written" in out
+
+
+def test_cli_a_corrupt_cache_is_a_note(timer, tmp_path, capsys):
+    (tmp_path / "c.json").write_text("garbage")
+    code, out, err = _cli(["--latency-ms", "10", "--plot", str(tmp_path / "p.png")], tmp_path, capsys)
+    assert code == 0 and "could not be read" in out and "Traceback" not in err
