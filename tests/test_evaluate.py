@@ -191,3 +191,30 @@ def test_an_export_under_another_name_is_named_for_what_it_is(setup, tmp_path):
         with pytest.raises(MobileNetError, match=rf"name it with the \{suffix} suffix") as info:
             load_source(renamed)
         assert "convert" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "words"),
+    [
+        ("m.ts", b"not a torchscript archive", "not a readable .ts export"),
+        ("m.pt2", b"PK\x03\x04 truncated zip", "not a readable .pt2 export"),
+        ("m.pte", b"\x00" * 64, "no metadata beside it"),
+        ("m.ts", b"", "not a readable .ts export"),
+    ],
+)
+def test_broken_exports_are_one_line_errors(setup, tmp_path, capsys, name, content, words):
+    """A corrupt, empty or sidecar-less export given to eval or predict: exit 2, one line naming the file."""
+    _root, data, _checkpoint, _model, _preprocessing = setup
+    path = tmp_path / name
+    path.write_bytes(content)
+    for argv in (["eval", str(path), "--data", str(data), "--no-plot"], ["predict", str(path), str(data)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and str(path) in err and "\n" not in err and "Traceback" not in err, err
+    assert path.read_bytes() == content
+
+
+def test_eval_reference_that_does_not_exist_is_refused(setup, capsys):
+    _root, data, checkpoint, _model, _preprocessing = setup
+    assert main(["eval", str(checkpoint), "--data", str(data), "--reference", "missing.safetensors", "--no-plot"]) == 2
+    assert "missing.safetensors does not exist" in capsys.readouterr().err

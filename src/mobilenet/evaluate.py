@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -150,6 +151,8 @@ def evaluate_checkpoint(
     if split not in ("val", "train"):
         raise MobileNetError(f"split must be 'val' or 'train', got {split!r}")
     torch_device = resolve_device(device)
+    if isinstance(reference, str | os.PathLike) and not Path(reference).is_file():
+        raise MobileNetError(f"--reference {reference} does not exist; expected a model file to compare with")
     source = load_source(checkpoint, device=str(torch_device))
     preprocessing = resolve_preprocessing(source.preprocessing, source.config.resolution)
     check_input_fits(source.config, preprocessing.input_size, batch_size, name=source.name)

@@ -24,9 +24,11 @@ import copy
 import io
 import itertools
 import json
+import logging
 import os
 import warnings
-from collections.abc import Callable, Sequence
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -577,9 +579,10 @@ def load_export(path: str | os.PathLike[str]) -> LoadedExport:
             return LoadedExport(file, "torchscript", _metadata_text(file, extra[METADATA_FILE]), module)
         if suffix == ".pt2":
             extra = {METADATA_FILE: ""}
-            program = torch.export.load(str(file), extra_files=extra)
+            with _quiet_logger("torch.export"):  # it logs its own copy of the error before raising it
+                program = torch.export.load(str(file), extra_files=extra)
             return LoadedExport(file, "pt2", _metadata_text(file, extra[METADATA_FILE]), program.module())
-    except (RuntimeError, ValueError, OSError, KeyError) as error:
+    except (RuntimeError, ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as error:
         raise MobileNetError(f"{file} is not a readable {suffix} export ({_first_line(error)})") from None
     if suffix == ".pte":
         sidecar = file.with_name(file.name + ".json")
@@ -588,6 +591,17 @@ def load_export(path: str | os.PathLike[str]) -> LoadedExport:
         metadata = _metadata_text(sidecar, sidecar.read_text(encoding="utf-8", errors="replace"))
         return LoadedExport(file, "pte", metadata, pte_runner(file))
     raise MobileNetError(f"{file}: unknown export suffix {suffix!r}; expected .ts, .pt2 or .pte")
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str) -> Iterator[None]:
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _first_line(error: BaseException) -> str:
