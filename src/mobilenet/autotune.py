@@ -225,8 +225,12 @@ def _input_hw(source: ModelSource) -> tuple[int, int]:
 
 def _describe(latency_ms: dict[str, float], batch: int, threads: int) -> str:
     """``"onnxruntime 3.1 ms vs torch-jit 4.0 ms at batch 32, 2 threads"``, fastest first."""
-    ranked = " vs ".join(f"{name} {ms:.3g} ms" for name, ms in sorted(latency_ms.items(), key=lambda item: item[1]))
+    ranked = " vs ".join(f"{name} {_ms(ms)} ms" for name, ms in sorted(latency_ms.items(), key=lambda item: item[1]))
     return f"{ranked} at batch {batch}, {threads} thread{'s' if threads != 1 else ''}"
+
+
+def _ms(value: float) -> str:
+    return f"{value:.3g}" if value < 100 else f"{value:.0f}"
 
 
 def _with_notes(reason: str, notes: Sequence[str]) -> str:
