@@ -3,9 +3,10 @@ backends, one table (:data:`BACKENDS`) that prediction, evaluation and benchmark
 
 A backend runs the network on a float NCHW batch and returns logits. ``"torch"`` runs the PyTorch model as it is
 (eager); ``"torch-jit"`` a BatchNorm-folded, traced, frozen and ``optimize_for_inference``-d copy; ``"onnxruntime"``
-an ONNX file (an export, or the int8 model of :mod:`mobilenet.quantize`). ``"auto"`` (:func:`pick_backend`) picks
-ONNX Runtime for an ONNX file and, on the CPU, for a PyTorch model too (exported in memory with BatchNorm folded),
-else ``"torch-jit"``; on a GPU, ``"torch"``. Every converted backend is checked against the PyTorch model when it
+an ONNX file (an export, or the int8 model of :mod:`mobilenet.quantize`). ``"auto"`` (:func:`pick_backend`, the fixed
+order) picks ONNX Runtime for an ONNX file and, on the CPU, for a PyTorch model too (exported in memory with BatchNorm
+folded), else ``"torch-jit"``; on a GPU, ``"torch"``. :mod:`mobilenet.autotune` measures instead where there is a
+choice (a PyTorch model on the CPU). Every converted backend is checked against the PyTorch model when it
 is built (``max_abs_diff``). Torch backends also tune the C allocator (:func:`mobilenet.runtime.tune_allocator`;
 opt out with ``MOBILENET_NO_MALLOC_TUNING=1``). A new backend is one class with ``__call__(batch) -> logits``
 registered in :data:`BACKENDS`.
@@ -374,7 +375,7 @@ def onnxruntime_available() -> bool:
 
 
 def pick_backend(backend: str, source: ModelSource, device: str = "cpu") -> str:
-    """``"auto"``: the fastest backend installed for this input (see the module docstring); else ``backend``."""
+    """``"auto"``: the fixed order's backend for this input (see the module docstring); else ``backend``."""
     if backend == "auto":
         if source.program is not None:
             return "exported"  # a .ts/.pt2/.pte file runs as it is

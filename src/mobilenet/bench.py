@@ -19,8 +19,8 @@ traced, frozen, ``optimize_for_inference``), ``torch.compile`` (inductor; slow t
 ONNX Runtime float32 and int8 (static QDQ of :mod:`mobilenet.quantize`), and ``auto``: what
 ``mobilenet.Predictor(backend="auto")`` runs.
 
-:class:`Candidate`, :func:`time_interleaved`, :func:`summarize_timings` and :func:`gemm_peak` are the timing tools
-the scripts of ``benchmarks/`` build on too.
+:class:`Candidate`, :func:`time_interleaved` and :func:`summarize_timings` (from :mod:`mobilenet.timing`, re-exported
+here) and :func:`gemm_peak` are the timing tools the scripts of ``benchmarks/`` build on too.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import statistics
 import tempfile
 import time
 import warnings
@@ -53,6 +52,7 @@ from mobilenet.predict import Predictor
 from mobilenet.quantize import calibration_files, quantize_onnx, resolve_activation_type
 from mobilenet.runtime import describe_machine, set_threads
 from mobilenet.spec import MODELS, model_config
+from mobilenet.timing import Candidate, summarize_timings, time_interleaved
 
 __all__ = [
     "BENCH_BACKENDS",
@@ -163,61 +163,8 @@ def gemm_peak(size: int = 1024, *, repeats: int = 8) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Candidates and the timing protocol
+# Candidates (timed by :func:`mobilenet.timing.time_interleaved`)
 # ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Candidate:
-    """One thing to time: ``run(x)`` on a float32 NCHW batch (conversions a user would do are part of it)."""
-
-    name: str
-    description: str
-    run: Callable[[Any], Any]
-    max_abs_diff: float | None = None
-    notes: list[str] = field(default_factory=list)
-
-
-def time_interleaved(
-    candidates: Sequence[Candidate], x: Any, *, rounds: int, warmup: int, pause: float = 0.02
-) -> dict[str, list[float]]:
-    """Seconds per forward of each candidate on ``x``: ``warmup`` untimed calls each, then ``rounds`` rounds that
-    time one call of every candidate, in an order rotated by one each round (so drift in the machine's speed
-    reaches every candidate alike).
-
-    Each timed call starts ``pause`` seconds after the previous one ended: runtimes keep their worker threads
-    spinning for a while after a call (OpenMP in torch, ONNX Runtime's pool), and on a machine with few cores the
-    spinning threads of the previous candidate would otherwise steal the cores of the next one."""
-    if rounds < 1:
-        raise MobileNetError(f"rounds must be >= 1, got {rounds}")
-    if warmup < 0:
-        raise MobileNetError(f"warmup must be >= 0, got {warmup}")
-    times: dict[str, list[float]] = {c.name: [] for c in candidates}
-    with torch.inference_mode():
-        for candidate in candidates:
-            for _ in range(warmup):
-                candidate.run(x)
-        for round_index in range(rounds):
-            shift = round_index % max(1, len(candidates))
-            for candidate in [*candidates[shift:], *candidates[:shift]]:
-                if pause > 0:
-                    time.sleep(pause)
-                start = time.perf_counter()
-                candidate.run(x)
-                times[candidate.name].append(time.perf_counter() - start)
-    return times
-
-
-def summarize_timings(seconds: Sequence[float]) -> dict[str, float]:
-    """Median, p90 (nearest rank), min and mean in milliseconds."""
-    ordered = sorted(seconds)
-    p90 = ordered[min(len(ordered) - 1, max(0, math.ceil(0.9 * len(ordered)) - 1))]
-    return {
-        "median": 1e3 * statistics.median(ordered),
-        "p90": 1e3 * p90,
-        "min": 1e3 * ordered[0],
-        "mean": 1e3 * statistics.fmean(ordered),
-    }
 
 
 def _max_abs_diff(run: Callable[[Any], Any], reference: nn.Module, shape: tuple[int, ...]) -> float:
@@ -272,7 +219,7 @@ def build_candidate(
             f"{description} -> {predictor.backend_name}",
             predictor.logits,
             _max_abs_diff(predictor.logits, model, (2, *shape[1:])),
-            [f"auto picked {predictor.backend_name}"],
+            [f"auto picked {predictor.backend_name} ({predictor.backend_reason})"],
         )
     if not onnxruntime_available():
         raise MobileNetError(f"backend {backend} needs onnx and onnxruntime; {INSTALL_HINTS['onnx']}")

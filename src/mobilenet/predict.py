@@ -7,8 +7,8 @@ tensors (:func:`mobilenet.images.decode_image`), which then go through the very 
 pixels an evaluation would. The output is the papers' softmax over the classifier's logits, top-k.
 
 A file that cannot be decoded does not stop the others: its :class:`Prediction` carries the error instead. The
-network runs on one of :data:`mobilenet.backends.BACKENDS` (``"auto"`` by default, see
-:func:`mobilenet.backends.pick_backend`).
+network runs on one of :data:`mobilenet.backends.BACKENDS` (``"auto"`` by default: on the CPU the fastest installed
+backend, measured once per model, batch size and thread count and cached; see :mod:`mobilenet.autotune`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2.functional import rgb_to_grayscale
 
-from mobilenet.backends import BACKENDS, load_source, pick_backend
+from mobilenet.autotune import choose_backend
+from mobilenet.backends import load_source
 from mobilenet.cost import check_input_fits
 from mobilenet.data import build_eval_transform
 from mobilenet.errors import MobileNetError
@@ -89,11 +90,16 @@ class Predictor:
         checkpoint_or_model: a ``.safetensors`` checkpoint path, an ``.onnx`` file (fp32 or int8, from
             ``mobilenet export``/``quantize``), a registered model name (random weights, with a warning), a
             :class:`~mobilenet.models.MobileNet` or a :class:`mobilenet.checkpoint.Checkpoint`.
-        backend: ``"auto"`` (the fastest installed: ONNX Runtime on the CPU when the onnx extra is installed, else
-            ``"torch-jit"``; ``"torch"`` on a GPU), ``"torch"`` (eager), ``"torch-jit"`` or ``"onnxruntime"``.
+        backend: ``"auto"`` (on the CPU, the faster of ONNX Runtime and ``"torch-jit"`` as measured for this model,
+            batch size and thread count, then cached (:mod:`mobilenet.autotune`; ``MOBILENET_AUTO_MEASURE=0``: ONNX
+            Runtime when installed, else ``"torch-jit"``); ``"torch"`` on a GPU), ``"torch"`` (eager),
+            ``"torch-jit"``, ``"onnxruntime"`` or another of :data:`mobilenet.backends.BACKENDS`.
         device: torch device for the torch backend.
         num_threads: CPU threads for the backend (``torch.set_num_threads`` or ONNX Runtime's intra-op threads).
-        batch_size: images per forward pass.
+        batch_size: images per forward pass (``auto`` measures at this size).
+
+    Attributes:
+        backend_name: the backend that runs; ``backend_reason``: why, in words (measured, cached, fixed order).
 
     Example::
 
@@ -119,15 +125,8 @@ class Predictor:
         self.source = load_source(checkpoint_or_model, device=device)
         input_size = int(self.source.preprocessing["input_size"])
         check_input_fits(self.source.config, input_size, batch_size, name=self.source.name)
-        self.backend_name = pick_backend(backend, self.source, device)
-        try:
-            self.backend = BACKENDS[self.backend_name](self.source, device=device, num_threads=num_threads)
-        except MobileNetError:
-            if backend != "auto" or self.backend_name == "torch" or self.source.model is None:
-                raise
-            # "auto" never fails where plain torch would run: fall back to the next fastest path.
-            self.backend_name = "torch-jit" if self.backend_name == "onnxruntime" else "torch"
-            self.backend = BACKENDS[self.backend_name](self.source, device=device, num_threads=num_threads)
+        choice = choose_backend(backend, self.source, device=device, num_threads=num_threads, batch_size=batch_size)
+        self.backend_name, self.backend, self.backend_reason = choice.name, choice.backend, choice.reason
         self.batch_size = batch_size
         self.transform = build_eval_transform(self.source.preprocessing)
 

@@ -20,6 +20,11 @@ by this library); one inter-op thread, since a MobileNet is a chain of layers wi
 **The machine** (:func:`describe_machine`): CPU, SIMD flags, threads, GPU, library versions, allocator setting and
 load average, for ``mobilenet bench``, the benchmark scripts and ``mobilenet reproduce``'s report.
 **The device** (:func:`resolve_device`): what ``--device`` names; ``auto`` picks CUDA, then Apple MPS, then the CPU.
+
+**Measurement caches** (:func:`user_cache_path`, :func:`machine_identity`, :func:`read_cache`, :func:`write_cache`):
+a versioned JSON file of measurements under the user's cache directory, each keyed by what was measured and the
+part of :func:`describe_machine` a timing depends on (CPU model, SIMD flags, torch and ONNX Runtime versions). A
+file that cannot be read or written is ignored with a note, never an exception: a cache only saves time.
 """
 
 from __future__ import annotations
@@ -27,8 +32,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import json
+import math
 import os
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +44,7 @@ from typing import Any
 import torch
 
 from mobilenet.errors import MobileNetError
+from mobilenet.io import atomic_write_text, json_safe
 
 try:
     import resource
@@ -50,10 +59,15 @@ __all__ = [
     "allocator_state",
     "cpu_flags",
     "describe_machine",
+    "finite_positive",
+    "machine_identity",
     "minor_faults",
+    "read_cache",
     "resolve_device",
     "set_threads",
     "tune_allocator",
+    "user_cache_path",
+    "write_cache",
 ]
 
 #: Environment variable that turns the allocator tuning off ("1", "true", "yes").
@@ -256,3 +270,57 @@ def resolve_device(name: str | torch.device = "auto", local_rank: int = 0) -> to
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise MobileNetError("--device mps was asked for but MPS is not available; use --device cpu or auto")
     return device
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Measurement caches
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def user_cache_path(filename: str) -> Path:
+    """``$XDG_CACHE_HOME/mobilenet/<filename>``, else ``~/.cache/mobilenet/<filename>``."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "mobilenet" / filename
+
+
+def machine_identity(machine: dict[str, Any]) -> dict[str, Any]:
+    """The fields of :func:`describe_machine` that a timing depends on and that stay fixed between runs (not the
+    load average): CPU model, SIMD flags, torch and ONNX Runtime versions."""
+    return {
+        "cpu": machine.get("cpu"),
+        "simd": list(machine.get("simd") or []),
+        "torch": machine.get("torch"),
+        "onnxruntime": machine.get("onnxruntime"),
+    }
+
+
+def read_cache(
+    path: Path, *, version: int, valid: Callable[[Any], bool], notes: list[str], what: str
+) -> dict[str, Any]:
+    """The entries of the ``what`` cache at ``path`` that ``valid`` accepts, or none (with a line in ``notes``)
+    when the file is unreadable or not of ``version``; a missing file is an empty cache, with no note."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        notes.append(f"the cache {path} could not be read ({type(error).__name__}): ignored, measuring again")
+        return {}
+    entries = data.get("entries") if isinstance(data, dict) and data.get("version") == version else None
+    if not isinstance(entries, dict):
+        notes.append(f"the cache {path} is not a version-{version} {what} cache: ignored, measuring again")
+        return {}
+    return {key: value for key, value in entries.items() if valid(value)}
+
+
+def write_cache(path: Path, entries: dict[str, Any], *, version: int, notes: list[str]) -> None:
+    """Write ``entries`` to ``path`` atomically; a failure is a line in ``notes``."""
+    try:
+        atomic_write_text(path, json.dumps({"version": version, "entries": json_safe(entries)}, indent=1))
+    except OSError as error:
+        notes.append(f"the cache {path} could not be written ({error.strerror or error}): the next call measures again")
+
+
+def finite_positive(value: Any) -> bool:
+    """Whether ``value`` is a real number (not a bool), finite and > 0: a latency a cache may hold."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0

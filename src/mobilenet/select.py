@@ -7,7 +7,7 @@ makes that choice concrete: it times every (alpha, resolution) point that has a 
 run, and returns the most accurate model whose median latency is within the budget, with the Pareto front of
 accuracy against measured latency.
 
-Timing: every model is prepared first, then :func:`mobilenet.bench.time_interleaved` times one forward of every
+Timing: every model is prepared first, then :func:`mobilenet.timing.time_interleaved` times one forward of every
 model per round, in an order rotated each round (drift in the machine's speed reaches every model alike); the
 median of the rounds is the model's latency. Measurements are cached in a JSON file (:func:`default_cache_path`),
 one entry per :func:`cache_key` (model, resolution, batch, threads, backend, precision, CPU model and SIMD flags,
@@ -30,16 +30,24 @@ from typing import Any
 import torch
 
 from mobilenet.backends import BACKENDS, ModelSource, pick_backend
-from mobilenet.bench import Candidate, summarize_timings, time_interleaved
 from mobilenet.cost import count_costs
 from mobilenet.data import resolve_preprocessing
 from mobilenet.errors import MobileNetError
-from mobilenet.io import atomic_write_text, json_safe
+from mobilenet.io import json_safe
 from mobilenet.models import create_model
 from mobilenet.paper import V1_TABLE6, V1_TABLE7, V1_TABLE9, V2_TABLE4, PaperRow
 from mobilenet.plots import plot_latency_pareto
-from mobilenet.runtime import describe_machine, set_threads
+from mobilenet.runtime import (
+    describe_machine,
+    finite_positive,
+    machine_identity,
+    read_cache,
+    set_threads,
+    user_cache_path,
+    write_cache,
+)
 from mobilenet.spec import model_config
+from mobilenet.timing import Candidate, summarize_timings, time_interleaved
 
 __all__ = [
     "FAMILIES",
@@ -134,8 +142,7 @@ def pareto_front(points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def default_cache_path() -> Path:
     """``$XDG_CACHE_HOME/mobilenet/select.json``, else ``~/.cache/mobilenet/select.json``."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "mobilenet" / "select.json"
+    return user_cache_path("select.json")
 
 
 def cache_key(
@@ -149,40 +156,22 @@ def cache_key(
         "threads": threads,
         "backend": backend,
         "precision": precision,
-        "cpu": machine.get("cpu"),
-        "simd": list(machine.get("simd") or []),
-        "torch": machine.get("torch"),
-        "onnxruntime": machine.get("onnxruntime"),
+        **machine_identity(machine),
     }
     return json.dumps(fields, sort_keys=True)
 
 
 def _read_cache(path: Path, notes: list[str]) -> dict[str, Any]:
     """The cached entries, or none (with a note) when the file is missing, unreadable or not this version's."""
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        notes.append(f"the cache {path} could not be read ({type(error).__name__}): ignored, measuring again")
-        return {}
-    entries = data.get("entries") if isinstance(data, dict) and data.get("version") == CACHE_VERSION else None
-    if not isinstance(entries, dict):
-        notes.append(f"the cache {path} is not a version-{CACHE_VERSION} select cache: ignored, measuring again")
-        return {}
-    return {key: value for key, value in entries.items() if _valid_entry(value)}
+    return read_cache(path, version=CACHE_VERSION, valid=_valid_entry, notes=notes, what="select")
 
 
 def _valid_entry(entry: Any) -> bool:
-    latency = entry.get("latency_ms") if isinstance(entry, dict) else None
-    return isinstance(latency, int | float) and not isinstance(latency, bool) and math.isfinite(latency) and latency > 0
+    return isinstance(entry, dict) and finite_positive(entry.get("latency_ms"))
 
 
 def _write_cache(path: Path, entries: dict[str, Any], notes: list[str]) -> None:
-    try:
-        atomic_write_text(path, json.dumps({"version": CACHE_VERSION, "entries": json_safe(entries)}, indent=1))
-    except OSError as error:
-        notes.append(f"the cache {path} could not be written ({error.strerror or error}): the next call measures again")
+    write_cache(path, entries, version=CACHE_VERSION, notes=notes)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -224,7 +213,7 @@ def measure_latencies(
     progress: Callable[[str], None],
 ) -> dict[str, list[float]]:
     """Seconds per forward of each of ``models`` on ``backend``: all prepared first, then ``rounds`` interleaved
-    rounds after ``warmup`` untimed forwards each (:func:`mobilenet.bench.time_interleaved`)."""
+    rounds after ``warmup`` untimed forwards each (:func:`mobilenet.timing.time_interleaved`)."""
     candidates = []
     for model in models:
         progress(f"preparing {model} on {backend}")

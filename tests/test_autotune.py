@@ -1,0 +1,195 @@
+"""mobilenet.autotune: ``backend="auto"`` on the CPU measures the installed candidates (with a fake timer here),
+keeps the fastest, caches the choice and says why; measuring off is the fixed order."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from mobilenet import autotune
+from mobilenet.backends import BACKENDS, load_source
+from mobilenet.checkpoint import save
+from mobilenet.cli import main
+from mobilenet.errors import MobileNetError
+from mobilenet.models import create_model
+from mobilenet.predict import Predictor
+from mobilenet.runtime import describe_machine
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return create_model("mobilenet_v1_0.25_128", resolution=32, small_input=True, num_classes=10).eval()
+
+
+class FakeTimer:
+    """Stands in for :func:`mobilenet.timing.time_interleaved`: each candidate takes ``ms[name]`` milliseconds."""
+
+    def __init__(self, ms: dict[str, float]) -> None:
+        self.ms = ms
+        self.calls: list[tuple[list[str], tuple[int, ...], int]] = []
+
+    def __call__(self, candidates, x, *, rounds, warmup, pause=0.02):
+        self.calls.append(([c.name for c in candidates], tuple(x.shape), rounds))
+        for candidate in candidates:
+            candidate.run(x)  # the built runner really runs the batch
+        return {c.name: [self.ms[c.name] / 1e3] * rounds for c in candidates}
+
+
+class Builds:
+    """Wraps the backends of BACKENDS to count what gets built (``fail``: those that raise instead)."""
+
+    def __init__(self, monkeypatch, fail: tuple[str, ...] = ()) -> None:
+        self.built: list[str] = []
+        for name in autotune.CPU_CANDIDATES:
+            monkeypatch.setitem(BACKENDS, name, self._wrap(name, BACKENDS[name], name in fail))
+
+    def _wrap(self, name, cls, fail):
+        def build(source, **options):
+            if fail:
+                raise MobileNetError(f"{name} cannot run this model")
+            self.built.append(name)
+            return cls(source, **options)
+
+        return build
+
+
+@pytest.fixture
+def measuring(monkeypatch, tmp_path):
+    """Measuring on, the cache under tmp_path, onnxruntime installed (as in the test extra)."""
+    monkeypatch.setenv("MOBILENET_AUTO_MEASURE", "1")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    if not autotune.onnxruntime_available():
+        pytest.skip("needs the onnx extra (onnxruntime)")
+    return tmp_path / "cache" / "mobilenet" / "auto-backend.json"
+
+
+def _timer(monkeypatch, **ms: float) -> FakeTimer:
+    fake = FakeTimer({name.replace("_", "-"): value for name, value in ms.items()})
+    monkeypatch.setattr(autotune, "time_interleaved", fake)
+    return fake
+
+
+@pytest.mark.parametrize(
+    ("ms", "winner"),
+    [({"onnxruntime": 3.1, "torch_jit": 4.0}, "onnxruntime"), ({"onnxruntime": 5.0, "torch_jit": 2.0}, "torch-jit")],
+)
+def test_the_fastest_candidate_wins_and_says_why(measuring, monkeypatch, model, ms, winner):
+    timer = _timer(monkeypatch, **ms)
+    predictor = Predictor(model, num_threads=1, batch_size=4)
+    assert predictor.backend_name == winner
+    assert timer.calls and all(sorted(names) == ["onnxruntime", "torch-jit"] for names, _, _ in timer.calls)
+    assert all(shape == (4, 3, 32, 32) for _, shape, _ in timer.calls)  # the Predictor's batch size
+    assert sum(rounds for _, _, rounds in timer.calls) >= autotune.MIN_ROUNDS
+    loser = "torch-jit" if winner == "onnxruntime" else "onnxruntime"
+    fast, slow = sorted(ms.values())
+    assert predictor.backend_reason == f"measured: {winner} {fast:.3g} ms vs {loser} {slow:.3g} ms at batch 4, 1 thread"
+    assert predictor.predict(torch.zeros(3, 32, 32, dtype=torch.uint8))[0].ok
+    assert json.loads(measuring.read_text())["entries"]  # the choice was written
+
+
+def test_the_choice_is_cached_and_the_next_predictor_measures_nothing(measuring, monkeypatch, model):
+    timer = _timer(monkeypatch, onnxruntime=5.0, torch_jit=2.0)
+    Predictor(model, num_threads=1, batch_size=4)
+    calls = len(timer.calls)
+    builds = Builds(monkeypatch)
+    second = Predictor(model, num_threads=1, batch_size=4)
+    assert len(timer.calls) == calls and builds.built == ["torch-jit"]  # only the chosen backend is built
+    assert second.backend_name == "torch-jit"
+    assert (
+        second.backend_reason.startswith("cached from 20")
+        and "torch-jit 2 ms vs onnxruntime 5 ms" in second.backend_reason
+    )
+    Predictor(model, num_threads=1, batch_size=8)  # another batch size is another key: measured
+    assert len(timer.calls) > calls
+
+
+def test_the_key_changes_with_threads_batch_cpu_and_versions_not_with_load_or_weights(model):
+    source = load_source(model)
+    machine = describe_machine(2)
+    key = autotune.auto_cache_key(source, batch=32, threads=2, machine=machine)
+    assert key == autotune.auto_cache_key(source, batch=32, threads=2, machine=dict(machine, load_average=[9.0]))
+    retrained = create_model("mobilenet_v1_0.25_128", resolution=32, small_input=True, num_classes=10)
+    assert key == autotune.auto_cache_key(load_source(retrained), batch=32, threads=2, machine=machine)
+    other_arch = create_model("mobilenet_v1_0.5_128", resolution=32, small_input=True, num_classes=10)
+    others = [
+        autotune.auto_cache_key(source, batch=32, threads=1, machine=machine),
+        autotune.auto_cache_key(source, batch=1, threads=2, machine=machine),
+        autotune.auto_cache_key(source, batch=32, threads=2, machine=dict(machine, cpu="Intel Xeon")),
+        autotune.auto_cache_key(source, batch=32, threads=2, machine=dict(machine, simd=["avx2"])),
+        autotune.auto_cache_key(source, batch=32, threads=2, machine=dict(machine, torch="2.0")),
+        autotune.auto_cache_key(source, batch=32, threads=2, machine=dict(machine, onnxruntime="1.0")),
+        autotune.auto_cache_key(load_source(other_arch), batch=32, threads=2, machine=machine),
+    ]
+    assert key not in others and len(set(others)) == len(others)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"{not json",
+        b"\xff\xfe",
+        json.dumps({"version": 1, "entries": []}).encode(),
+        json.dumps({"version": 1, "entries": {"k": {"backend": "x"}}}).encode(),
+    ],
+)
+def test_a_corrupt_cache_is_ignored(measuring, monkeypatch, model, content):
+    timer = _timer(monkeypatch, onnxruntime=3.0, torch_jit=4.0)
+    measuring.parent.mkdir(parents=True)
+    measuring.write_bytes(content)
+    predictor = Predictor(model, num_threads=1, batch_size=4)
+    assert timer.calls and predictor.backend_name == "onnxruntime"
+    assert json.loads(measuring.read_text())["version"] == autotune.CACHE_VERSION  # rewritten, readable again
+
+
+def test_an_unwritable_cache_is_ignored(measuring, monkeypatch, model, tmp_path):
+    _timer(monkeypatch, onnxruntime=3.0, torch_jit=4.0)
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # the cache directory cannot be created
+    predictor = Predictor(model, num_threads=1, batch_size=4)
+    assert predictor.backend_name == "onnxruntime" and "could not be written" in predictor.backend_reason
+
+
+def test_a_candidate_that_fails_to_build_is_skipped(measuring, monkeypatch, model):
+    timer = _timer(monkeypatch, onnxruntime=1.0, torch_jit=4.0)
+    Builds(monkeypatch, fail=("onnxruntime",))
+    predictor = Predictor(model, num_threads=1, batch_size=4)
+    assert predictor.backend_name == "torch-jit" and timer.calls == []
+    assert "onnxruntime skipped: failed to build (onnxruntime cannot run this model)" in predictor.backend_reason
+    assert not measuring.exists()  # nothing measured, nothing cached
+
+
+def test_a_cached_choice_that_no_longer_builds_is_measured_again(measuring, monkeypatch, model):
+    timer = _timer(monkeypatch, onnxruntime=1.0, torch_jit=4.0)
+    Predictor(model, num_threads=1, batch_size=4)
+    Builds(monkeypatch, fail=("onnxruntime",))
+    predictor = Predictor(model, num_threads=1, batch_size=4)
+    assert predictor.backend_name == "torch-jit" and len(timer.calls) == 2  # the first run's two timing calls
+    assert "the cached choice onnxruntime failed to build" in predictor.backend_reason
+
+
+def test_measuring_off_is_the_fixed_order(monkeypatch, model):
+    timer = _timer(monkeypatch, onnxruntime=9.0, torch_jit=1.0)
+    monkeypatch.setenv("MOBILENET_AUTO_MEASURE", "0")
+    predictor = Predictor(model, num_threads=1)
+    fixed = "onnxruntime" if autotune.onnxruntime_available() else "torch-jit"
+    assert predictor.backend_name == fixed and timer.calls == []
+    assert predictor.backend_reason == "fixed order: measuring is off (MOBILENET_AUTO_MEASURE=0)"
+    assert Predictor(model, backend="torch").backend_reason == "asked for torch"
+
+
+def test_cli_predict_verbose_says_why(measuring, monkeypatch, model, tmp_path, capsys):
+    _timer(monkeypatch, onnxruntime=5.0, torch_jit=2.0)
+    checkpoint = save(model, tmp_path / "m.safetensors")
+    Image.new("RGB", (40, 40)).save(tmp_path / "a.png")
+    measuring.parent.mkdir(parents=True)
+    measuring.write_text("{corrupt")
+    code = main(["predict", str(checkpoint), str(tmp_path / "a.png"), "--threads", "1", "--verbose"])
+    _out, err = capsys.readouterr()
+    assert code == 0 and "Traceback" not in err
+    assert "backend torch-jit (measured: torch-jit 2 ms vs onnxruntime 5 ms at batch 32, 1 thread" in err
+    assert "could not be read" in err
