@@ -164,4 +164,4 @@ def test_cli_tunes_the_allocator_only_for_commands_that_run_models(monkeypatch, 
     assert main(["bench", "mobilenet_v2_0.35_96", "--rounds", "0"]) == 2  # stops at the argument check
     assert calls == [1]
     capsys.readouterr()
-    assert set(MODEL_COMMANDS) == {"demo", "train", "eval", "predict", "compress", "bench", "reproduce"}
+    assert set(MODEL_COMMANDS) == {"demo", "train", "eval", "predict", "compress", "bench", "reproduce", "select"}
