@@ -162,3 +162,25 @@ def test_bench_leaves_out_a_backend_that_fails_to_build(monkeypatch):
     assert any("compile left out: RuntimeError: no C++ compiler" in note for note in report.notes)
     with pytest.raises(MobileNetError, match="no model given"):
         bench([], batch_sizes=[1])
+
+
+def test_bench_times_an_exported_file_as_it_is(tmp_path, capsys):
+    """bench takes what export writes: an .onnx (or .ts, .pt2, .pte) runs in its own runtime, beside a checkpoint."""
+    pytest.importorskip("onnxruntime")
+    from mobilenet.bench import bench
+    from mobilenet.checkpoint import save
+    from mobilenet.export import export_model
+    from mobilenet.models import create_model
+
+    model = create_model("mobilenet_v2_0.35_96", resolution=32, num_classes=4)
+    checkpoint = save(model, tmp_path / "m.safetensors")
+    onnx_file = export_model(model, tmp_path / "m.onnx", format="onnx").path
+    report = bench([str(onnx_file), str(checkpoint)], backends="eager", batch_sizes="1", rounds=1, warmup=0,
+                   gemm_size=64, threads=1)  # fmt: skip
+    assert [(r["model"], r["backend"]) for r in report.results] == [
+        ("mobilenet_v2_0.35_96", "file"),
+        ("mobilenet_v2_0.35_96", "eager"),
+    ]
+    assert any("runs in ONNX Runtime" in note for note in report.notes)
+    assert main(["bench", str(onnx_file), "--resolution", "64", "--rounds", "1"]) == 2
+    assert "runs at its own input size" in capsys.readouterr().err

@@ -292,9 +292,11 @@ class BenchReport:
         }
 
 
-def _load_model(model: Any, resolution: int | None, batch_size: int) -> tuple[str, nn.Module, Any]:
+def _load_model(model: Any, resolution: int | None, batch_size: int) -> tuple[str, Any, Any]:
     """(name, eval-mode model, config at the benchmark resolution) for a name, checkpoint path or MobileNet,
-    refused when ``batch_size`` images at that resolution cannot fit in memory."""
+    refused when ``batch_size`` images at that resolution cannot fit in memory. An exported file (``.onnx`` fp32 or
+    int8, ``.ts``, ``.pt2``, ``.pte``) comes back as its :class:`~mobilenet.backends.ModelSource`: it runs as it is,
+    at its own input size."""
     if isinstance(model, str) and model in MODELS:
         overrides = {"resolution": resolution} if resolution else {}
         config = model_config(model, **overrides)
@@ -305,7 +307,10 @@ def _load_model(model: Any, resolution: int | None, batch_size: int) -> tuple[st
         warnings.simplefilter("ignore", RandomWeightsWarning)
         source = load_source(model)
     if source.model is None:
-        raise MobileNetError(f"bench takes model names or .safetensors checkpoints; got the exported file {model}")
+        if resolution and resolution != source.config.resolution:
+            raise MobileNetError(f"{model} is an exported file: it runs at its own input size; drop --resolution")
+        check_fits_memory(source.config, batch_size=batch_size, name=str(model))
+        return source.name or str(model), source, source.config
     config = source.config
     if resolution:
         config = dataclasses.replace(config, resolution=resolution)
@@ -369,9 +374,12 @@ def bench(
             shape = (1, int(config.in_channels), size, size)
             model_rows.append({"model": name, "resolution": size, "macs_per_image": macs, "config": config.to_dict()})
             options = {"threads": threads, "calibration": calibration, "int8_activations": int8_activations}
-            candidates = _prepare_candidates(
-                name, model, shape, names, notes, say, workdir=Path(tmp) / str(index), **options
-            )
+            if isinstance(model, ModelSource):
+                candidates = [_file_candidate(name, model, threads, notes)]
+            else:
+                candidates = _prepare_candidates(
+                    name, model, shape, names, notes, say, workdir=Path(tmp) / str(index), **options
+                )
             for batch in sizes:
                 say(f"{name}: batch {batch}, {warmup} warm-up + {rounds} interleaved rounds x {len(candidates)}")
                 x = torch.randn(batch, *shape[1:], generator=torch.Generator().manual_seed(batch))
@@ -460,6 +468,15 @@ def _prepare_candidates(
     if not candidates:
         raise MobileNetError(f"none of the backends {', '.join(backends)} could run {name}")
     return candidates
+
+
+def _file_candidate(name: str, source: ModelSource, threads: int | None, notes: list[str]) -> Candidate:
+    """An exported file timed as it is, in the runtime it was written for (the other backends need the PyTorch
+    model, which the file does not hold)."""
+    predictor = Predictor(source, num_threads=threads)
+    runtime = {"onnxruntime": "ONNX Runtime", "exported": "its own runtime (TorchScript, torch.export or ExecuTorch)"}
+    notes.append(f"{name}: the exported file runs in {runtime.get(predictor.backend_name, predictor.backend_name)}")
+    return Candidate("file", f"{source.path} as exported", predictor.logits, None)
 
 
 def _result_row(name: str, candidate: Candidate, batch: int, macs: int, times: Sequence[float]) -> dict[str, Any]:
