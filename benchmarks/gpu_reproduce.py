@@ -90,7 +90,6 @@ def probe(args: argparse.Namespace, out: Path) -> dict[str, dict[str, float]] | 
         batch_size=args.batch_size,
         seeds=None,
         device=args.device,
-        latency_runs=3,
     )
     config = ReproduceConfig(data=args.pack, out=str(out), experiments=args.experiments, budget=budget)
     try:
@@ -120,12 +119,29 @@ def fit_epochs(args: argparse.Namespace, measured: dict[str, dict[str, float]], 
     return max(1, min(args.max_epochs, int(left // epoch_s))), epoch_s
 
 
-def stop_at(deadline_s: float) -> threading.Timer:
-    """SIGINT to this process at ``deadline_s`` after the start: the run in progress saves and returns."""
-    timer = threading.Timer(max(0.0, deadline_s - elapsed()), lambda: os.kill(os.getpid(), signal.SIGINT))
-    timer.daemon = True
-    timer.start()
-    return timer
+class Deadline:
+    """From ``deadline_s`` after the start, SIGINT to this process every second until cancelled: a signal that
+    lands during a run's last validation is absorbed by that run (which has nothing left to stop), so it is sent
+    again until the set stops (a run between batches saves its state; elsewhere it is a KeyboardInterrupt)."""
+
+    def __init__(self, deadline_s: float) -> None:
+        self.cancelled = threading.Event()
+        self.deadline_s = deadline_s
+        self.thread = threading.Thread(target=self._signal, daemon=True)
+
+    def start(self) -> Deadline:
+        self.thread.start()
+        return self
+
+    def _signal(self) -> None:
+        if self.cancelled.wait(max(0.0, self.deadline_s - elapsed())):
+            return
+        while not self.cancelled.is_set():
+            os.kill(os.getpid(), signal.SIGINT)
+            self.cancelled.wait(1.0)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
 
 
 def collect_metrics(out: Path, seeds: list[int]) -> int:
@@ -153,16 +169,15 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest convolutions once
     timings: dict[str, float] = {"startup_s": elapsed()}
-    timer: threading.Timer | None = None
+    deadline = Deadline(args.time_budget_s - args.reserve_s)
     try:  # a deadline that has passed fires at once, possibly before the probe starts
-        timer = stop_at(args.time_budget_s - args.reserve_s)
+        deadline.start()
         measured = probe(args, out / "probe")
     except KeyboardInterrupt:
         measured = None
     timings["probe_s"] = elapsed() - timings["startup_s"]
-    if measured is None or timer is None:
-        if timer is not None:
-            timer.cancel()
+    if measured is None:
+        deadline.cancel()
         out.mkdir(parents=True, exist_ok=True)
         summary = {"device": describe_device(args.device), "probe_finished": False, "timings": timings}
         (out / "gpu_run.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -187,10 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     config = ReproduceConfig(data=args.pack, out=str(out), experiments=args.experiments, budget=budget)
     try:
         result = run_reproduce(config, progress=False, log=print)
+        deadline.cancel()
     except KeyboardInterrupt:  # the deadline fell between two runs: report what finished
+        deadline.cancel()
         result = run_reproduce(config, progress=False, log=None, report_only=True)
         result.interrupted = True
-    timer.cancel()
     timings["train_s"] = elapsed() - timings["startup_s"] - timings["probe_s"]
     summary = summarize(args, out, measured, epochs, epoch_s, result, timings, seeds)
     print(json.dumps({k: summary[k] for k in ("epochs", "affordable", "interrupted", "claims", "timings")}, indent=1))
