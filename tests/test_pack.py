@@ -39,6 +39,10 @@ def test_not_a_pack_and_mixed_sizes_are_errors(tmp_path):
     (tmp_path / "bad.pack").write_bytes(b"hello world, not a pack")
     with pytest.raises(MobileNetError, match="not an image pack"):
         read_pack(tmp_path / "bad.pack")
+    write_pack(tmp_path / "cut.pack", name="c", classes=["a"], splits={"train": (_jpegs(3), [0, 0, 0])})
+    (tmp_path / "cut.pack").write_bytes((tmp_path / "cut.pack").read_bytes()[:-100])
+    with pytest.raises(MobileNetError, match="truncated"):
+        read_pack(tmp_path / "cut.pack")
     write_pack(
         tmp_path / "mixed.pack", name="m", classes=["a"], splits={"train": (_jpegs(1, 8) + _jpegs(1, 16), [0, 0])}
     )

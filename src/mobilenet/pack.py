@@ -102,22 +102,24 @@ def read_pack(path: str | os.PathLike[str]) -> ImagePack:
     if raw[: len(MAGIC)] != MAGIC:
         raise MobileNetError(f"{path} is not an image pack (it does not start with {MAGIC.decode()})")
     start = len(MAGIC) + _LENGTH.size
-    (length,) = _LENGTH.unpack_from(raw, len(MAGIC))
     try:
+        (length,) = _LENGTH.unpack_from(raw, len(MAGIC))
         header = json.loads(raw[start : start + length])
-    except ValueError:
-        raise MobileNetError(f"{path}: the image pack's header is not valid JSON (a truncated file?)") from None
-    body = torch.frombuffer(bytearray(raw[start + length :]), dtype=torch.uint8)
-    splits = {}
-    for split, where in header["splits"].items():
-        count = where["count"]
-        offsets = body[where["offsets_at"] : where["labels_at"]].view(torch.int64)
-        labels = body[where["labels_at"] : where["data_at"]].view(torch.int64)
-        end = where["data_at"] + int(offsets[-1])
-        if offsets.shape[0] != count + 1 or end > body.shape[0]:
-            raise MobileNetError(f"{path}: split {split!r} is truncated or inconsistent with the header")
-        splits[split] = PackSplit(body[where["data_at"] : end], offsets, labels.clone())
-    return ImagePack(header["name"], list(header["classes"]), splits)
+        body = torch.frombuffer(bytearray(raw[start + length :]), dtype=torch.uint8)
+        splits = {split: _split(body, where) for split, where in header["splits"].items()}
+        return ImagePack(header["name"], list(header["classes"]), splits)
+    except (struct.error, ValueError, KeyError, TypeError, IndexError, RuntimeError):
+        raise MobileNetError(f"{path}: the image pack is truncated or its header is damaged") from None
+
+
+def _split(body: torch.Tensor, where: dict[str, int]) -> PackSplit:
+    """One split's arrays, checked against the header (counts, and data inside the file)."""
+    offsets = body[where["offsets_at"] : where["labels_at"]].view(torch.int64)
+    labels = body[where["labels_at"] : where["data_at"]].view(torch.int64)
+    end = where["data_at"] + int(offsets[-1])
+    if offsets.shape[0] != where["count"] + 1 or labels.shape[0] != where["count"] or end > body.shape[0]:
+        raise ValueError("split inconsistent with the header")
+    return PackSplit(body[where["data_at"] : end], offsets, labels.clone())
 
 
 def decode_split(split: PackSplit, *, device: torch.device | str | None = None) -> torch.Tensor:

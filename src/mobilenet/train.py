@@ -160,8 +160,9 @@ class TrainConfig:
     #: size, as CIFAR and digits do): one vectorised op per batch instead of a per-image pipeline.
     batch_augment: bool = True
     #: Keep the images on the training device (one uint8 tensor, copied once) and gather, augment and normalise
-    #: each batch there, with no loader workers (:class:`mobilenet.data.DeviceBatches`). None: on for in-memory
-    #: images at the input size with ``batch_augment`` on a GPU; True: on wherever the data allows (the CPU too).
+    #: each batch there, with no loader workers (:class:`mobilenet.data.DeviceBatches`). None: on a GPU, for sets
+    #: held as one tensor at the input size with ``batch_augment`` (digits, torchvision's CIFAR, image packs,
+    #: ``reproduce``'s sets); True: wherever the data allows, the CPU too; False: never.
     device_data: bool | None = None
     #: CPU threads for torch (None: torch's default). With other jobs on the same cores, 1 thread avoids OpenMP
     #: threads spinning against each other, which slows small models down several times (docs/speed.md).
