@@ -9,17 +9,22 @@ import torch
 from torchvision.io import encode_jpeg, encode_png
 
 from mobilenet.data import (
+    CIFAR10_MEAN,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    DeviceBatches,
     ImageFolderDataset,
     Preprocessing,
+    TensorImageDataset,
     build_eval_transform,
     build_train_transform,
     load_data,
     load_digits,
+    normalize_batch,
     stratified_split,
 )
 from mobilenet.errors import MobileNetError
+from mobilenet.pack import write_pack
 
 
 def write_folder(root: Path, classes=("cat", "dog"), per_class: int = 4, size: int = 20, seed: int = 0) -> Path:
@@ -236,3 +241,34 @@ def test_seeded_dataset_items_depend_on_seed_and_index_only():
     # The caller's random stream is left where it was.
     assert torch.equal(torch.get_rng_state(), before)
     assert derive_seed(7, 0) != derive_seed(7, 1) != derive_seed(8, 0) and 0 <= derive_seed(1, 2) < 2**63
+
+
+def test_device_batches_follow_the_given_order_and_normalise_on_the_device():
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 3, 4, 4).contiguous()
+    dataset = TensorImageDataset(images, torch.arange(10), [str(i) for i in range(10)])
+    batches = DeviceBatches(dataset, "cpu", batch_size=4).with_order([9, 2, 5, 0, 1, 7, 3, 8, 6, 4])
+    got = list(batches)
+    assert len(batches) == 2 and len(got) == 2  # the last 2 images make no full batch
+    assert got[0][1].tolist() == [9, 2, 5, 0] and got[1][1].tolist() == [1, 7, 3, 8]
+    assert got[0][0][:, 0, 0, 0].tolist() == [9, 2, 5, 0] and got[0][0].dtype == torch.uint8
+    p = Preprocessing.for_resolution(4, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    every = DeviceBatches(dataset, "cpu", batch_size=4, drop_last=False, transform=lambda x: normalize_batch(x, p))
+    chunks = list(every)
+    assert [c[1].tolist() for c in chunks] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    expected = (9 / 255 - 0.5) / 0.25
+    assert chunks[2][0][1, 0, 0, 0].item() == pytest.approx(expected)
+
+
+def test_load_data_reads_an_image_pack(tmp_path):
+    flat = [torch.full((3, 32, 32), 40 * i, dtype=torch.uint8) for i in range(6)]
+    encoded = [bytes(encode_jpeg(image, quality=95).numpy()) for image in flat]
+    write_pack(
+        tmp_path / "set.pack",
+        name="cifar10",
+        classes=["a", "b"],
+        splits={"train": (encoded[:4], [0, 1, 0, 1]), "test": (encoded[4:], [1, 0])},
+    )
+    bundle = load_data(str(tmp_path / "set.pack"))
+    assert (len(bundle.train), len(bundle.val), bundle.val_name, bundle.native_size) == (4, 2, "test", 32)
+    assert bundle.train.labels.tolist() == [0, 1, 0, 1] and bundle.mean == CIFAR10_MEAN
+    assert abs(int(bundle.val.images[1].float().mean()) - 200) <= 2  # JPEG keeps a flat grey within a level or two

@@ -212,3 +212,37 @@ def test_cli_report_only(tmp_path, capsys):
     expected = count_costs("mobilenet_v1_shallow_1.0_224", resolution=32, small_input=True, num_classes=10)
     assert document["models"]["v1_shallow_1.0_32px"]["macs"] == expected.macs
     assert torch.is_tensor(decode_png(read_file(str(tmp_path / "o" / "macs_by_operator.png"))))
+
+
+def test_several_seeds_train_each_model_per_seed_on_data_held_on_the_device(tmp_path, counting):
+    counter = counting()
+    budget = Budget(
+        "smoke-seeds",
+        epochs=1,
+        batches_per_epoch=2,
+        batch_size=16,
+        device="cpu",
+        threads=1,
+        latency_runs=2,
+        seeds=(0, 1),
+        device_data=True,
+    )
+    out = tmp_path / "rep"
+    result = run_reproduce(
+        ReproduceConfig(data="digits", out=str(out), experiments=[ONE], budget=budget), progress=False, log=None
+    )
+    assert [key for key, _ in counter.calls] == [A.key, B.key, A.key, B.key]
+    assert result.trained == [f"seed{s}/{k}" for s in (0, 1) for k in (A.key, B.key)] and not result.interrupted
+    for seed in (0, 1):
+        config = json.loads((out / f"seed{seed}" / A.key / "config.json").read_text())
+        assert config["train_config"]["seed"] == seed and config["train_config"]["device_data"] is True
+    seeds = [json.loads((out / f"seed{s}" / "results.json").read_text())["models"][A.key]["test_top1"] for s in (0, 1)]
+    document = json.loads((out / "results.json").read_text())
+    assert document["seeds"] == [0, 1]
+    assert document["models"][A.key]["test_top1"] == pytest.approx(sum(seeds) / 2)
+    assert document["models"][A.key]["top1_spread"] == pytest.approx(abs(seeds[0] - seeds[1]) / 2)
+    assert "## The papers' claims on CIFAR-10" in (out / "results.md").read_text()
+    again = run_reproduce(
+        ReproduceConfig(data="digits", out=str(out), experiments=[ONE], budget=budget), progress=False, log=None
+    )
+    assert len(counter.calls) == 4 and again.trained == []

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from torchvision.io import encode_png
 
 from mobilenet.checkpoint import read_state
+from mobilenet.data import load_digits
 from mobilenet.errors import MobileNetError
 from mobilenet.models import create_model
 from mobilenet.train import TrainConfig, TrainingDiverged, train
@@ -346,3 +347,54 @@ def test_digits_are_not_flipped_by_default():
     assert _hflip(TrainConfig(model=TINY, data="digits", out="x"), digits) is False
     assert _hflip(TrainConfig(model=TINY, data="digits", out="x", hflip=True), digits) is True
     assert _hflip(TrainConfig(model=TINY, data="d", out="x"), dataclasses.replace(digits, name="folder")) is True
+
+
+def _digits_config(out: Path, **overrides) -> TrainConfig:
+    base = dict(
+        model=TINY,
+        data="digits",
+        out=str(out),
+        epochs=2,
+        batch_size=32,
+        num_workers=0,
+        seed=5,
+        limit_train_batches=3,
+        threads=1,
+    )
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def test_device_data_trains_the_same_weights_as_the_data_loader(tmp_path):
+    """Images held on the device (here the CPU: the same code as on a GPU) give the DataLoader's batches, crops and
+    flips: the weights are equal bit for bit, and validation on the device agrees."""
+    digits = load_digits()
+    loader = train(_digits_config(tmp_path / "loader", device_data=False), progress=False, log=None, data=digits)
+    lines: list[str] = []
+    device = train(_digits_config(tmp_path / "device", device_data=True), progress=False, log=lines.append, data=digits)
+    assert any("images held on the device" in line for line in lines)
+    a, b = _final_weights(tmp_path / "loader"), _final_weights(tmp_path / "device")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    for ours, theirs in zip(device.history, loader.history, strict=True):
+        assert ours["train_loss"] == theirs["train_loss"]
+        assert ours["val_top1"] == pytest.approx(theirs["val_top1"], abs=1 / 360)
+        assert ours["val_loss"] == pytest.approx(theirs["val_loss"], rel=1e-4)
+
+
+def test_device_data_resumes_mid_epoch_exactly(tmp_path):
+    digits = load_digits()
+    config = _digits_config(tmp_path / "straight", device_data=True)
+    train(config, progress=False, log=None, data=digits)
+
+    def interrupt(step: int) -> None:
+        if step == 4:  # batch 1 of epoch 2 (3 batches per epoch)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    resumed = dataclasses.replace(config, out=str(tmp_path / "resumed"))
+    first = train(resumed, progress=False, log=None, on_step=interrupt, data=digits)
+    assert first.interrupted
+    train(dataclasses.replace(resumed, resume=True), progress=False, log=None, data=digits)
+    a, b = _final_weights(tmp_path / "straight"), _final_weights(tmp_path / "resumed")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

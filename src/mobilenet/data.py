@@ -8,7 +8,9 @@ Sources (:func:`load_data`):
   ``~/.local/share/mobilenet/cifar10``) when present, otherwise torchvision's dataset (downloaded when the network
   is there; otherwise a clear error that says where to put the files);
 - ``digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 real scans, Alpaydin & Kaynak 1998, UCI), no
-  download, upsampled to the model's resolution; the demo and the tests use it.
+  download, upsampled to the model's resolution; the demo and the tests use it;
+- a ``.pack`` file (:mod:`mobilenet.pack`): a whole image set's JPEG bytes in one file, decoded once in batches
+  (on the GPU when there is one), for machines that get no dataset folder.
 
 Transforms (torchvision.transforms.v2) are chosen by resolution, as the papers and the CIFAR literature do:
 
@@ -41,6 +43,7 @@ from torchvision.transforms import InterpolationMode, v2
 
 from mobilenet.errors import INSTALL_HINTS, MobileNetError
 from mobilenet.images import IMAGE_SUFFIXES, BadImageError, decode_image, image_files_under
+from mobilenet.pack import decode_split, read_pack
 from mobilenet.progress import progress_bar
 
 __all__ = [
@@ -50,6 +53,7 @@ __all__ = [
     "IMAGENET_STD",
     "BatchSmallAugment",
     "DataBundle",
+    "DeviceBatches",
     "ImageFolderDataset",
     "Preprocessing",
     "SeededDataset",
@@ -61,6 +65,8 @@ __all__ = [
     "derive_seed",
     "load_data",
     "load_digits",
+    "load_pack",
+    "normalize_batch",
     "resolve_preprocessing",
     "style_for_resolution",
 ]
@@ -83,6 +89,8 @@ SMALL_IMAGE_MAX = 64
 #: The central crop fraction of ImageNet evaluation (TF-slim ``central_fraction=0.875``, torchvision 224/256).
 CROP_FRACTION = 0.875
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+#: An image pack file (:mod:`mobilenet.pack`) given as the data source.
+PACK_SUFFIX = ".pack"
 
 
 def style_for_resolution(input_size: int) -> Style:
@@ -272,22 +280,83 @@ class BatchSmallAugment:
         self.std = torch.tensor(self.p.std).view(1, -1, 1, 1)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Augment ``images`` where they are (CPU or GPU). The crops and flips are drawn from ``generator`` on the
+        CPU whatever the images' device, so a batch is augmented alike on every device and a resumed run, which
+        reseeds the generator per batch, sees the same crops."""
         n, _, h, w = images.shape
         size, pad = self.p.input_size, self.pad
         if (h, w) != (size, size):
             raise ValueError(f"BatchSmallAugment expects {size}x{size} images, got {h}x{w}")
+        device = images.device
+        top = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(device, non_blocking=True)
+        left = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(device, non_blocking=True)
+        mirror = (torch.rand(n, generator=generator) < 0.5).to(device, non_blocking=True) if self.flip else None
         x = torch.nn.functional.pad(images.float(), (pad, pad, pad, pad), mode="reflect")
-        top = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-        left = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
         # Gather every image's crop with one advanced-indexing op: rows[i] = top[i] + 0..size-1, likewise columns.
-        steps = torch.arange(size)
+        steps = torch.arange(size, device=device)
         rows = (top[:, None] + steps)[:, None, :, None]
         cols = (left[:, None] + steps)[:, None, None, :]
-        x = x[torch.arange(n)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None], rows, cols]
-        if self.flip:
-            mirror = torch.rand(n, generator=generator) < 0.5
+        batch = torch.arange(n, device=device)[:, None, None, None]
+        x = x[batch, torch.arange(x.shape[1], device=device)[None, :, None, None], rows, cols]
+        if mirror is not None:
             x = torch.where(mirror[:, None, None, None], x.flip(3), x)
-        return (x / 255.0 - self.mean) / self.std
+        return (x / 255.0 - self.mean.to(device)) / self.std.to(device)
+
+
+def normalize_batch(images: torch.Tensor, preprocessing: Preprocessing | dict[str, Any]) -> torch.Tensor:
+    """A uint8 ``N x C x H x W`` batch already at the input size as the model's float32 input, where it is: the
+    small-image evaluation transform (:func:`build_eval_transform` resizes nothing then) on a whole batch."""
+    p = _as_preprocessing(preprocessing)
+    mean = torch.tensor(p.mean, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(p.std, device=images.device).view(1, -1, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
+class DeviceBatches:
+    """Batches of a :class:`TensorImageDataset` copied once to ``device``: each batch is one gather on the device,
+    in the order of ``indices`` (the sampler's, so resume and processes see the batches the DataLoader would
+    give), with no loader workers. ``transform`` (e.g. :func:`normalize_batch`) is applied per batch on the device;
+    without it the uint8 images are yielded for a per-batch augmentation such as :class:`BatchSmallAugment`.
+
+    On a GPU this keeps the data from ever waiting on the CPU; on the CPU it runs the same code (the tests)."""
+
+    def __init__(
+        self,
+        dataset: TensorImageDataset,
+        device: torch.device | str,
+        *,
+        batch_size: int,
+        drop_last: bool = True,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        self.device = torch.device(device)
+        self.images = dataset.images.to(self.device)
+        self.labels = dataset.labels.to(self.device)
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.transform = transform
+        self.indices: torch.Tensor | None = None
+
+    def with_order(self, indices: Sequence[int] | torch.Tensor) -> DeviceBatches:
+        """Take the batches in the order of ``indices`` (all images in order when never called)."""
+        self.indices = torch.as_tensor(indices, dtype=torch.long).to(self.device)
+        return self
+
+    def __len__(self) -> int:
+        count = len(self.indices) if self.indices is not None else self.images.shape[0]
+        return count // self.batch_size if self.drop_last else math.ceil(count / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = self.indices
+        count = len(order) if order is not None else self.images.shape[0]
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            stop = min(start + self.batch_size, count)
+            if order is None:
+                images, labels = self.images[start:stop], self.labels[start:stop]
+            else:
+                chosen = order[start:stop]
+                images, labels = self.images[chosen], self.labels[chosen]
+            yield (self.transform(images) if self.transform is not None else images), labels
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -665,6 +734,34 @@ def _load_torchvision_cifar(name: str, *, download: bool) -> DataBundle:
     return DataBundle(name, train, to_tensor_set(test_set), train.classes, mean, std, native_size=32, val_name="test")
 
 
+def pack_decode_device() -> str:
+    """Where image packs are decoded: the GPU (nvJPEG) when there is one, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_pack(path: str | os.PathLike[str], *, device: str | None = None) -> DataBundle:
+    """An image pack (:mod:`mobilenet.pack`) with a ``train`` split and a ``val`` or ``test`` one, decoded once
+    (on ``device``; None: :func:`pack_decode_device`) into in-memory uint8 sets. CIFAR-10 gets its published
+    channel statistics, any other set its own training set's."""
+    pack = read_pack(path)
+    val_name = next((name for name in ("val", "test") if name in pack.splits), None)
+    if "train" not in pack.splits or val_name is None:
+        raise MobileNetError(f"{path}: an image pack for training needs a 'train' and a 'val' or 'test' split")
+    device = device or pack_decode_device()
+    try:
+        sets = {name: decode_split(pack.splits[name], device=device) for name in ("train", val_name)}
+    except RuntimeError:
+        if device == "cpu":
+            raise
+        sets = {name: decode_split(pack.splits[name], device="cpu") for name in ("train", val_name)}
+    train = TensorImageDataset(sets["train"], pack.splits["train"].labels, pack.classes)
+    val = TensorImageDataset(sets[val_name], pack.splits[val_name].labels, pack.classes)
+    side = train.images.shape[-1] if train.images.shape[-1] == train.images.shape[-2] else None
+    mean, std = (CIFAR10_MEAN, CIFAR10_STD) if pack.name == "cifar10" else channel_stats(train.images)
+    native = side if side is not None and side <= SMALL_IMAGE_MAX else None
+    return DataBundle(pack.name, train, val, pack.classes, mean, std, native_size=native, val_name=val_name)
+
+
 def load_data(
     source: str | os.PathLike[str],
     *,
@@ -706,6 +803,8 @@ def load_data(
         raise MobileNetError(
             f"data source {text!r} not found; expected 'digits', 'cifar10', 'cifar100' or a directory of class folders"
         )
+    if path.is_file() and path.suffix == PACK_SUFFIX:
+        return load_pack(path)
     return _load_folder(
         path,
         val_fraction=val_fraction,

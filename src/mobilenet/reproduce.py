@@ -29,7 +29,7 @@ from torchvision.transforms.v2 import functional as F
 
 from mobilenet.checkpoint import STATE_FILE, load
 from mobilenet.cost import count_costs
-from mobilenet.data import TensorImageDataset, channel_stats, load_data
+from mobilenet.data import PACK_SUFFIX, TensorImageDataset, channel_stats, load_data
 from mobilenet.errors import MobileNetError
 from mobilenet.io import atomic_write_text
 from mobilenet.progress import new_progress
@@ -84,6 +84,8 @@ def _check_source(source: str) -> None:
     if source in ("digits", "cifar10", "cifar100"):
         return
     path = Path(source).expanduser()
+    if path.is_file() and path.suffix == PACK_SUFFIX:
+        return
     if not path.exists():
         raise MobileNetError(
             f"data directory {source} does not exist; expected CIFAR-10 as an ImageFolder tree (train/ and test/) "
@@ -135,6 +137,19 @@ class _Data:
         if base.native_size is None:  # a folder: its own statistics (CIFAR-10's published ones come out the same)
             self.base.mean, self.base.std = channel_stats(self.base.train.images)
         self._by_size: dict[int, Any] = {BASE_RESOLUTION: self.base}
+
+    @classmethod
+    def lazy(cls, source: str, seed: int) -> Callable[[], _Data]:
+        """A function that loads the data on its first call and returns the same object after: a set of runs
+        with nothing left to train never decodes it, and several seeds' sets decode it once."""
+        loaded: list[_Data] = []
+
+        def get() -> _Data:
+            if not loaded:
+                loaded.append(cls(source, seed))
+            return loaded[0]
+
+        return get
 
     @property
     def num_classes(self) -> int:
@@ -323,6 +338,8 @@ def _train_one(
             limit_train_batches=budget.batches_per_epoch,
             hflip=str(config.data) != "digits",  # a mirrored 2 is not a digit
             threads=budget.threads,
+            channels_last=budget.channels_last,
+            device_data=budget.device_data,
             resume=(run_dir / STATE_FILE).exists(),
         ),
         progress=progress,
@@ -347,6 +364,7 @@ def _train_pending(
     runs: Sequence[RunSpec],
     finished: dict[str, dict[str, Any]],
     result: ReproduceResult,
+    data_source: Callable[[], _Data],
     *,
     progress: bool,
     log: Callable[[str], None] | None,
@@ -354,7 +372,7 @@ def _train_pending(
     """Train the runs not in ``finished`` in order, adding each one's record to ``finished`` and rewriting the
     report after it; stops at an interruption (``result.interrupted``)."""
     say = log if log is not None else (lambda _message: None)
-    data = _Data(str(config.data), budget.seed)
+    data = data_source()
     say(f"data: {data.base.name}, {len(data.base.train)} training / {len(data.base.val)} {data.base.val_name} images")
     train_size = len(data.base.train)
     steps_per_run = budget.images_per_run(train_size) // budget.batch_size
@@ -398,11 +416,63 @@ def run_reproduce(
     one's batch-1 CPU latency, and write the report (``results.md``, ``results.json``, the plots) into
     ``config.out``; the report is rewritten after each finished run. ``report_only``: write the report from the
     finished runs and train nothing. Returns early, with ``interrupted`` set, after a SIGINT/SIGTERM (the run in
-    progress saved its state; call again to continue)."""
-    say = log if log is not None else (lambda _message: None)
+    progress saved its state; call again to continue).
+
+    A budget with several seeds trains the whole set once per seed, seed after seed, under ``OUT/seed<N>/`` (each
+    with its own report), and writes the report of all seeds, with each model's mean and spread and a verdict per
+    claim of the papers, into ``OUT``."""
     chosen = select_experiments(config.experiments)
     budget = resolve_budget(config.budget)
     _check_source(str(config.data))
+    data_source = _Data.lazy(str(config.data), budget.all_seeds[0])
+    if len(budget.all_seeds) == 1:
+        return _reproduce_seed(config, chosen, budget, data_source, progress=progress, log=log, report_only=report_only)
+    return _reproduce_seeds(config, chosen, budget, data_source, progress=progress, log=log, report_only=report_only)
+
+
+def _reproduce_seeds(
+    config: ReproduceConfig,
+    chosen: Sequence[Experiment],
+    budget: Budget,
+    data_source: Callable[[], _Data],
+    *,
+    progress: bool,
+    log: Callable[[str], None] | None,
+    report_only: bool,
+) -> ReproduceResult:
+    """Every seed's set in turn (a later seed starts once the earlier one is complete), then the report of all."""
+    out = Path(config.out)
+    combined = ReproduceResult(out=out, results={})
+    by_seed: dict[int, dict[str, dict[str, Any]]] = {}
+    for seed in budget.all_seeds:
+        one = replace(budget, seed=seed, seeds=None)
+        seed_config = replace(config, out=str(out / f"seed{seed}"), budget=one)
+        seed_result = _reproduce_seed(
+            seed_config, chosen, one, data_source, progress=progress, log=log, report_only=report_only
+        )
+        by_seed[seed] = {key: seed_result.results["models"][key] for key in seed_result.reused + seed_result.trained}
+        combined.trained += [f"seed{seed}/{key}" for key in seed_result.trained]
+        combined.reused += [f"seed{seed}/{key}" for key in seed_result.reused]
+        combined.pending += [f"seed{seed}/{key}" for key in seed_result.pending]
+        if seed_result.interrupted:
+            combined.interrupted = True
+            break
+    combined.results, combined.files = write_report(out, chosen, budget, {}, by_seed=by_seed)
+    return combined
+
+
+def _reproduce_seed(
+    config: ReproduceConfig,
+    chosen: Sequence[Experiment],
+    budget: Budget,
+    data_source: Callable[[], _Data],
+    *,
+    progress: bool,
+    log: Callable[[str], None] | None,
+    report_only: bool,
+) -> ReproduceResult:
+    """The set under one seed: train what has not finished, then write its report."""
+    say = log if log is not None else (lambda _message: None)
     out = Path(config.out)
     runs = plan_runs(chosen)
     finished = _finished_runs(out, runs, budget)
@@ -415,9 +485,9 @@ def run_reproduce(
             f"reproduce: {len(runs)} models for {', '.join(e.name for e in chosen)}; {len(finished)} finished "
             f"before, {len(todo)} to train (budget {budget.name}: {budget.epochs} epochs"
             + (f" x {budget.batches_per_epoch} batches" if budget.batches_per_epoch else "")
-            + f" of {budget.batch_size})"
+            + f" of {budget.batch_size}, seed {budget.seed})"
         )
-        _train_pending(config, chosen, budget, runs, finished, result, progress=progress, log=log)
+        _train_pending(config, chosen, budget, runs, finished, result, data_source, progress=progress, log=log)
     result.pending = [spec.key for spec in runs if spec.key not in finished]
     result.results, result.files = write_report(out, chosen, budget, finished)
     if train_now:

@@ -299,7 +299,8 @@ def plan_runs(chosen: Sequence[Experiment]) -> list[RunSpec]:
 @dataclass(frozen=True)
 class Budget:
     """One training recipe for every model of the set (same epochs, schedule, augmentation, seed): the recipe is
-    never tuned per model. ``batches_per_epoch`` caps an epoch (None: the whole training set)."""
+    never tuned per model. ``batches_per_epoch`` caps an epoch (None: the whole training set). ``seeds``: train
+    every model once per seed (None: once, with ``seed``), so the report can state the spread between seeds."""
 
     name: str
     epochs: int
@@ -310,6 +311,10 @@ class Budget:
     threads: int | None = None
     ema_decay: float = 0.0
     seed: int = 0
+    seeds: tuple[int, ...] | None = None
+    #: NHWC layout and images held on the device (:class:`mobilenet.train.TrainConfig`; None: its defaults).
+    channels_last: bool | None = None
+    device_data: bool | None = None
     #: Forward passes timed for the batch-1 CPU latency (median reported).
     latency_runs: int = 50
     #: What it was sized for, and how (written into the report).
@@ -320,8 +325,13 @@ class Budget:
         return {
             key: value
             for key, value in asdict(self).items()
-            if key not in ("name", "sizing", "latency_runs", "device", "threads")
+            if key
+            not in ("name", "sizing", "latency_runs", "device", "threads", "seeds", "channels_last", "device_data")
         }
+
+    @property
+    def all_seeds(self) -> tuple[int, ...]:
+        return self.seeds if self.seeds else (self.seed,)
 
     def images_per_run(self, train_size: int) -> int:
         steps = train_size // self.batch_size
@@ -340,6 +350,22 @@ BUDGETS: dict[str, Budget] = {
         sizing=(
             "about 70 minutes for the 11 models on 2 idle CPU cores (65.5 of them training and evaluation, priced "
             "from each model's images/s measured with benchmarks/reproduce_speed.py; docs/reproduce.md)"
+        ),
+    ),
+    "gpu": Budget(
+        "gpu",
+        epochs=15,
+        batches_per_epoch=None,
+        batch_size=512,
+        device="auto",
+        seeds=(0, 1),
+        channels_last=True,
+        device_data=True,
+        latency_runs=20,
+        sizing=(
+            "one GPU for about 10 minutes: whole epochs of batch 512 (the learning rate scaled linearly), 2 seeds per "
+            "model, the images held on the GPU; benchmarks/gpu_reproduce.py measures each model's images/s in its "
+            "first seconds and fits the number of epochs to the time left (docs/reproduce.md)"
         ),
     ),
     "full": Budget(

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,17 @@ from mobilenet.plots import plot_accuracy_vs_cost, plot_macs_by_operator
 from mobilenet.reproduce_experiments import CIFAR_CLASSES, Budget, Experiment, Row, RunSpec, plan_runs
 from mobilenet.runtime import describe_machine
 
-__all__ = ["NOISE_POINTS", "base_record", "direction", "write_report"]
+__all__ = [
+    "ABOUT_ONE_POINT",
+    "CLAIMS",
+    "NOISE_POINTS",
+    "Claim",
+    "base_record",
+    "claims",
+    "direction",
+    "mean_records",
+    "write_report",
+]
 
 #: A difference in top-1 smaller than this (percentage points) is called a tie: one seed of a short run, and the
 #: 10,000-image test set's own standard error (docs/reproduce.md).
@@ -101,6 +112,133 @@ def direction(experiment: Experiment, row: Row, finished: dict[str, dict[str, An
     }[verdict]
     comparison["text"] = f"{row.run.label} vs {ref.run.label}: {text_paper}; {text_here}: {words}"
     return comparison
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Several seeds: each model's mean and spread, and a verdict per claim of the papers
+# --------------------------------------------------------------------------------------------------------------
+
+#: "Within about 1 point" (V1 Table 4: full convolutions 71.7%, separable 70.6%): a gap up to this many points.
+ABOUT_ONE_POINT = 1.5
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One of the papers' conclusions as a test on CIFAR-10 top-1 differences between rows of an experiment.
+
+    ``pairs`` are (row index, row index): with ``kind`` "beats" the first must be the more accurate; with "within"
+    the first may be ahead by at most :data:`ABOUT_ONE_POINT`. All pairs must hold."""
+
+    experiment: str
+    statement: str
+    kind: str
+    pairs: tuple[tuple[int, int], ...]
+
+
+#: The claims the report judges, in the papers' words (rows as in :mod:`mobilenet.reproduce_experiments`).
+CLAIMS = (
+    Claim(
+        "table4",
+        "V1 Table 4: depthwise separable convolutions lose only about 1 point against full convolutions, at 1/8 the "
+        "multiply-adds",
+        "within",
+        ((1, 0),),
+    ),
+    Claim("table5", "V1 Table 5: at equal cost, a narrower network beats a shallower one", "beats", ((0, 1),)),
+    Claim(
+        "table6",
+        "V1 Table 6: accuracy falls monotonically as the width multiplier shrinks",
+        "beats",
+        ((0, 1), (1, 2), (2, 3)),
+    ),
+    Claim(
+        "table7",
+        "V1 Table 7: accuracy falls monotonically as the resolution shrinks",
+        "beats",
+        ((0, 1), (1, 2), (2, 3)),
+    ),
+    Claim("v1-vs-v2", "V2 Table 4: MobileNetV2 beats MobileNetV1 at equal multiply-adds", "beats", ((2, 0),)),
+)
+
+
+def mean_records(by_seed: dict[int, dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Each model finished under at least one seed, as one record: the first seed's, with ``test_top1`` the mean
+    over its seeds, ``top1_by_seed`` ({seed: top-1}) and ``top1_spread`` (half the range, in top-1 units)."""
+    merged: dict[str, dict[str, Any]] = {}
+    for seed, finished in sorted(by_seed.items()):
+        for key, record in finished.items():
+            merged.setdefault(key, {**record, "top1_by_seed": {}})["top1_by_seed"][str(seed)] = record["test_top1"]
+    for record in merged.values():
+        values = list(record["top1_by_seed"].values())
+        record["test_top1"] = statistics.mean(values)
+        record["top1_spread"] = (max(values) - min(values)) / 2
+        record["seeds"] = len(values)
+    return merged
+
+
+def _pair_difference(higher: str, lower: str, by_seed: dict[int, dict[str, dict[str, Any]]]) -> dict[str, Any] | None:
+    """The top-1 difference ``higher`` minus ``lower`` in points, per seed where both finished, its mean and its
+    margin: half the range over the seeds, or :data:`NOISE_POINTS` with one seed."""
+    per_seed = {
+        seed: 100 * (finished[higher]["test_top1"] - finished[lower]["test_top1"])
+        for seed, finished in sorted(by_seed.items())
+        if higher in finished and lower in finished
+    }
+    if not per_seed:
+        return None
+    values = list(per_seed.values())
+    margin = (max(values) - min(values)) / 2 if len(values) > 1 else NOISE_POINTS
+    return {
+        "higher": higher,
+        "lower": lower,
+        "by_seed": {str(seed): round(value, 2) for seed, value in per_seed.items()},
+        "mean_points": round(statistics.mean(values), 2),
+        "margin_points": round(margin, 2),
+    }
+
+
+def _pair_verdict(kind: str, pair: dict[str, Any]) -> str:
+    """Whether a pair's difference d (mean +/- margin m) holds the claim beyond its margin (agrees), fails it beyond
+    its margin (disagrees), or has the claim's bound within its margin (inconclusive). "beats": d > 0; "within":
+    d <= :data:`ABOUT_ONE_POINT` (the first row, the costlier one, is ahead by about 1 point at most)."""
+    d, m = pair["mean_points"], pair["margin_points"]
+    if kind == "within":
+        return "agrees" if d + m <= ABOUT_ONE_POINT else "disagrees" if d - m > ABOUT_ONE_POINT else "inconclusive"
+    return "agrees" if d - m > 0 else "disagrees" if d + m < 0 else "inconclusive"
+
+
+def claims(chosen: Sequence[Experiment], by_seed: dict[int, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """A verdict per claim of :data:`CLAIMS` whose experiment was run: "agrees" when every pair holds beyond its
+    margin, "disagrees" when any pair fails beyond it, "inconclusive" otherwise, "pending" until trained."""
+    experiments_by_name = {experiment.name: experiment for experiment in chosen}
+    found = []
+    for claim in CLAIMS:
+        experiment = experiments_by_name.get(claim.experiment)
+        if experiment is None:
+            continue
+        runs = [row.run for row in experiment.rows]
+        pairs = [_pair_difference(runs[i].key, runs[j].key, by_seed) for i, j in claim.pairs]
+        ratios = [round(runs[i].cost().macs / runs[j].cost().macs, 3) for i, j in claim.pairs]
+        verdicts = ["pending" if pair is None else _pair_verdict(claim.kind, pair) for pair in pairs]
+        if "pending" in verdicts:
+            verdict = "pending"
+        elif "disagrees" in verdicts:
+            verdict = "disagrees"
+        else:
+            verdict = "agrees" if all(v == "agrees" for v in verdicts) else "inconclusive"
+        found.append(
+            {
+                "experiment": claim.experiment,
+                "claim": claim.statement,
+                "verdict": verdict,
+                "pairs": [
+                    {**pair, "macs_ratio": ratio, "verdict": v}
+                    for pair, ratio, v in zip(pairs, ratios, verdicts, strict=True)
+                    if pair is not None
+                ],
+            }
+        )
+    return found
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -193,12 +331,21 @@ def write_report(
     chosen: Sequence[Experiment],
     budget: Budget,
     finished: dict[str, dict[str, Any]],
+    *,
+    by_seed: dict[int, dict[str, dict[str, Any]]] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Path]]:
     """Write ``results.json``, ``results.md`` and the plots for the finished runs (pending ones are listed with
-    their analytic cost only). Returns the JSON document and the files written."""
+    their analytic cost only). ``by_seed`` (seed -> that seed's finished runs) replaces ``finished`` with each
+    model's mean over the seeds (:func:`mean_records`) and adds the verdict per claim (:func:`claims`). Returns
+    the JSON document and the files written."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if by_seed is not None:
+        finished = mean_records(by_seed)
     document = _document(chosen, budget, finished)
+    if by_seed is not None:
+        document["seeds"] = sorted(by_seed)
+        document["claims"] = claims(chosen, by_seed)
     files = {"json": out / "results.json", "markdown": out / "results.md"}
     atomic_write_text(files["json"], json.dumps(document, indent=2) + "\n")
     files.update(_plots(out, chosen, budget, document))
@@ -297,8 +444,45 @@ def _markdown_experiment(entry: dict[str, Any], experiment: Experiment, document
     return lines
 
 
+def _fmt_pair(pair: dict[str, Any]) -> str:
+    seeds = ", ".join(f"{value:+.1f}" for value in pair["by_seed"].values())
+    return (
+        f"`{pair['higher']}` - `{pair['lower']}` ({pair['macs_ratio']:.2f}x MACs): {pair['mean_points']:+.1f} +/- "
+        f"{pair['margin_points']:.1f} points (seeds: {seeds}): {pair['verdict']}"
+    )
+
+
+def _markdown_claims(document: dict[str, Any]) -> list[str]:
+    """The verdict per claim, with each pair's mean difference and margin, then each model's mean and spread."""
+    seeds = document["seeds"]
+    lines = [
+        "## The papers' claims on CIFAR-10",
+        "",
+        f"Each difference is the mean over {len(seeds)} seed(s) ({', '.join(map(str, seeds))}) +/- half its range "
+        f"over the seeds ({NOISE_POINTS:g} point with one seed). A claim **agrees** when every difference holds "
+        "beyond that margin, **disagrees** when one fails beyond it, and is **inconclusive** otherwise.",
+        "",
+        "| claim | CIFAR-10 | verdict |",
+        "|---|---|---|",
+    ]
+    for claim in document["claims"]:
+        detail = "<br>".join(_fmt_pair(pair) for pair in claim["pairs"]) or "not trained yet"
+        lines.append(f"| {claim['claim']} | {detail} | **{claim['verdict']}** |")
+    lines += ["", "| model | mean top-1 | +/- (half range) | per seed |", "|---|--:|--:|---|"]
+    for record in document["models"].values():
+        if record["status"] != "finished":
+            continue
+        per_seed = ", ".join(f"{seed}: {100 * top1:.2f}%" for seed, top1 in record["top1_by_seed"].items())
+        lines.append(
+            f"| {record['label']} | {_fmt_top1(record['test_top1'])} | {100 * record['top1_spread']:.2f} | {per_seed} |"
+        )
+    return [*lines, ""]
+
+
 def _markdown(document: dict[str, Any], chosen: Sequence[Experiment], files: dict[str, Path]) -> str:
     lines = _markdown_header(document, files)
+    if "claims" in document:
+        lines += _markdown_claims(document)
     experiments_by_name = {e.name: e for e in chosen}
     for entry in document["experiments"]:
         lines += _markdown_experiment(entry, experiments_by_name[entry["name"]], document)

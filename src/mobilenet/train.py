@@ -45,11 +45,14 @@ from mobilenet.cost import check_fits_memory
 from mobilenet.data import (
     BatchSmallAugment,
     DataBundle,
+    DeviceBatches,
     Preprocessing,
     SeededDataset,
+    TensorImageDataset,
     derive_seed,
     iterate_loader,
     load_data,
+    normalize_batch,
 )
 from mobilenet.distributed import (
     DistContext,
@@ -156,6 +159,11 @@ class TrainConfig:
     #: Small-image augmentation on whole batches in the training process (when the images already have the input
     #: size, as CIFAR and digits do): one vectorised op per batch instead of a per-image pipeline.
     batch_augment: bool = True
+    #: Keep the images on the training device (one uint8 tensor, copied once) and gather, augment and normalise
+    #: each batch there, with no loader workers (:class:`mobilenet.data.DeviceBatches`). None: on a GPU, for sets
+    #: held as one tensor at the input size with ``batch_augment`` (digits, torchvision's CIFAR, image packs,
+    #: ``reproduce``'s sets); True: wherever the data allows, the CPU too; False: never.
+    device_data: bool | None = None
     #: CPU threads for torch (None: torch's default). With other jobs on the same cores, 1 thread avoids OpenMP
     #: threads spinning against each other, which slows small models down several times (docs/speed.md).
     threads: int | None = None
@@ -310,7 +318,9 @@ class _Run:
     recipe: Recipe
     train_set: Dataset
     batch_augment: BatchSmallAugment | None
-    val_loader: DataLoader
+    #: The training images on the device (``device_data``), in each epoch's order; None: a DataLoader.
+    device_batches: DeviceBatches | None
+    val_loader: DataLoader | DeviceBatches
     per_rank_batch: int
     steps_per_epoch: int
     model: MobileNet
@@ -390,8 +400,10 @@ def _prepare(config: TrainConfig, *, log: Callable[[str], None] | None, data: An
     preprocessing = bundle.preprocessing(resolution)
     recipe = _fine_tuning(config, resolve_recipe(config, small_images=preprocessing.style == "small"), say)
     train_set, batch_augment = _train_set(config, bundle, preprocessing, resolution)
-    val_set = bundle.val_dataset(preprocessing)
     per_rank_batch, steps_per_epoch = _batches(config, dist_ctx, len(train_set))
+    device_batches, val_loader = _loaders(
+        config, bundle, preprocessing, batch_augment, dist_ctx, per_rank_batch, device
+    )
 
     model.to(device)
     if channels_last:
@@ -413,7 +425,8 @@ def _prepare(config: TrainConfig, *, log: Callable[[str], None] | None, data: An
         recipe=recipe,
         train_set=train_set,
         batch_augment=batch_augment,
-        val_loader=_val_loader(val_set, config, dist_ctx, per_rank_batch, device),
+        device_batches=device_batches,
+        val_loader=val_loader,
         per_rank_batch=per_rank_batch,
         steps_per_epoch=steps_per_epoch,
         model=model,
@@ -536,6 +549,35 @@ def _train_set(
         return bundle.train, BatchSmallAugment(preprocessing, flip=_hflip(config, bundle))
     flip = _hflip(config, bundle)
     return bundle.train_dataset(preprocessing, scale=(config.crop_scale_min, 1.0), flip=flip), None
+
+
+def _loaders(
+    config: TrainConfig,
+    bundle: DataBundle,
+    preprocessing: Preprocessing,
+    batch_augment: BatchSmallAugment | None,
+    dist_ctx: DistContext,
+    per_rank_batch: int,
+    device: torch.device,
+) -> tuple[DeviceBatches | None, DataLoader | DeviceBatches]:
+    """The training images on the device when ``device_data`` applies (else None: a DataLoader per epoch), and the
+    validation batches: on the device too when both sets are in memory at the input size, else a DataLoader."""
+    side = (preprocessing.input_size, preprocessing.input_size)
+    in_memory = isinstance(bundle.train, TensorImageDataset) and isinstance(bundle.val, TensorImageDataset)
+    in_memory = in_memory and tuple(bundle.val.images.shape[-2:]) == side
+    wanted = config.device_data if config.device_data is not None else device.type == "cuda"
+    if not (wanted and in_memory and batch_augment is not None):
+        val_set = bundle.val_dataset(preprocessing)
+        return None, _val_loader(val_set, config, dist_ctx, per_rank_batch, device)
+    train_batches = DeviceBatches(bundle.train, device, batch_size=per_rank_batch)
+    val_batches = DeviceBatches(
+        bundle.val,
+        device,
+        batch_size=per_rank_batch,
+        drop_last=False,
+        transform=lambda images: normalize_batch(images, preprocessing),
+    )
+    return train_batches, val_batches.with_order(list(ShardSampler(len(bundle.val), dist_ctx)))
 
 
 def _hflip(config: TrainConfig, bundle: DataBundle) -> bool:
@@ -690,6 +732,7 @@ def _describe(run: _Run) -> str:
         f"epochs x {run.steps_per_epoch} steps, batch {config.batch_size}, {recipe.optimizer} lr {recipe.lr:g} "
         f"{recipe.schedule}, wd {recipe.weight_decay:g}, device {run.device}"
         + (f" x {run.dist_ctx.world_size} processes" if run.dist_ctx.enabled else "")
+        + (", images held on the device" if run.device_batches is not None else "")
     )
 
 
@@ -1019,12 +1062,14 @@ def _finish(run: _Run, state: _Progress, *, interrupted: bool) -> TrainResult:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _epoch_loader(run: _Run, epoch: int, *, skip_batches: int) -> DataLoader:
+def _epoch_loader(run: _Run, epoch: int, *, skip_batches: int) -> DataLoader | DeviceBatches:
     """This process's training batches of ``epoch``, from batch ``skip_batches`` on: the order is a function of
     (seed, epoch, rank, number of processes) only, so a resumed epoch sees the batches the uninterrupted one would
-    have."""
+    have, whether they come from a DataLoader or from the images held on the device."""
     sampler = EpochSampler(run.train_set, run.dist_ctx, run.config.seed, run.per_rank_batch)
     sampler.set_epoch(epoch, skip_batches=skip_batches)
+    if run.device_batches is not None:
+        return run.device_batches.with_order(list(sampler))
     # Per-image random transforms run in the workers: seeded per image, they do not depend on which worker
     # produces which batch (which differs in a resumed epoch). The per-batch augmentation is seeded per batch.
     dataset = (

@@ -22,9 +22,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "vs VGG 16: the VGG run costs more than the other ten together), or all (default: all but table8)",
     )
     parser.add_argument(
-        "--budget", default="quick", help="quick (about 2 hours on 2 CPU cores) or full (for a GPU); default quick"
+        "--budget",
+        default="quick",
+        help="quick (about 2 hours on 2 CPU cores), gpu (one GPU, batch 512, 2 seeds; see benchmarks/gpu_reproduce.py) "
+        "or full (60 epochs, for a GPU); default quick",
     )
-    parser.add_argument("--data", required=True, help="cifar10, or a CIFAR-10 ImageFolder directory (train/ + test/)")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="cifar10, a CIFAR-10 ImageFolder directory (train/ + test/), or an image pack (.pack)",
+    )
     parser.add_argument("--out", required=True, help="directory of the runs and the report")
     parser.add_argument(
         "--report-only", action="store_true", help="write the report from the finished runs and train nothing"

@@ -1,0 +1,50 @@
+"""Image packs: write, read back, decode in batches; a damaged file is a one-line error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.io import encode_jpeg
+
+from mobilenet.errors import MobileNetError
+from mobilenet.pack import decode_split, read_pack, write_pack
+
+
+def _jpegs(count: int, size: int = 8) -> list[bytes]:
+    g = torch.Generator().manual_seed(0)
+    return [
+        bytes(encode_jpeg(torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=g)).numpy())
+        for _ in range(count)
+    ]
+
+
+def test_round_trip_keeps_every_image_label_and_class(tmp_path):
+    train, test = _jpegs(5), _jpegs(3)
+    size = write_pack(
+        tmp_path / "p.pack",
+        name="toy",
+        classes=["x", "y"],
+        splits={"train": (train, [1, 0, 1, 1, 0]), "test": (test, [0, 0, 1])},
+    )
+    assert size == (tmp_path / "p.pack").stat().st_size
+    pack = read_pack(tmp_path / "p.pack")
+    assert (pack.name, pack.classes) == ("toy", ["x", "y"])
+    assert pack.splits["train"].labels.tolist() == [1, 0, 1, 1, 0]
+    assert [bytes(pack.splits["test"].encoded(i).numpy()) for i in range(3)] == test
+    decoded = decode_split(pack.splits["train"])
+    assert decoded.shape == (5, 3, 8, 8) and decoded.dtype == torch.uint8
+
+
+def test_not_a_pack_and_mixed_sizes_are_errors(tmp_path):
+    (tmp_path / "bad.pack").write_bytes(b"hello world, not a pack")
+    with pytest.raises(MobileNetError, match="not an image pack"):
+        read_pack(tmp_path / "bad.pack")
+    write_pack(tmp_path / "cut.pack", name="c", classes=["a"], splits={"train": (_jpegs(3), [0, 0, 0])})
+    (tmp_path / "cut.pack").write_bytes((tmp_path / "cut.pack").read_bytes()[:-100])
+    with pytest.raises(MobileNetError, match="truncated"):
+        read_pack(tmp_path / "cut.pack")
+    write_pack(
+        tmp_path / "mixed.pack", name="m", classes=["a"], splits={"train": (_jpegs(1, 8) + _jpegs(1, 16), [0, 0])}
+    )
+    with pytest.raises(MobileNetError, match="share one size"):
+        decode_split(read_pack(tmp_path / "mixed.pack").splits["train"])
