@@ -87,6 +87,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_false",
         help="per-image augmentation pipeline even where the per-batch one applies",
     )
+    parser.add_argument(
+        "--device-data",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep the training images on the device and augment batches there, no loader workers (default: on "
+        "for GPU runs whose data is one in-memory tensor at the input size)",
+    )
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
     parser.add_argument("--no-sync-bn", dest="sync_bn", action="store_false", help="no SyncBatchNorm under DDP on GPU")
     parser.add_argument(
