@@ -48,3 +48,14 @@ def test_not_a_pack_and_mixed_sizes_are_errors(tmp_path):
     )
     with pytest.raises(MobileNetError, match="share one size"):
         decode_split(read_pack(tmp_path / "mixed.pack").splits["train"])
+
+
+def test_a_fifo_or_a_corrupt_jpeg_in_a_pack_is_one_error(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "x.pack")
+    with pytest.raises(MobileNetError, match="not a regular file"):
+        read_pack(tmp_path / "x.pack")  # refused unopened: reading a FIFO would block
+    write_pack(tmp_path / "bad.pack", name="b", classes=["a"], splits={"train": ([b"\xff\xd8 not a jpeg"], [0])})
+    with pytest.raises(MobileNetError, match="not a decodable JPEG"):
+        decode_split(read_pack(tmp_path / "bad.pack").splits["train"])

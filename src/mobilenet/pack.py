@@ -26,7 +26,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from mobilenet.errors import MobileNetError
-from mobilenet.io import atomic_write_bytes
+from mobilenet.io import atomic_write_bytes, regular_file_size
 
 __all__ = ["MAGIC", "ImagePack", "PackSplit", "decode_split", "read_pack", "write_pack"]
 
@@ -98,6 +98,7 @@ def write_pack(
 
 def read_pack(path: str | os.PathLike[str]) -> ImagePack:
     """Read a pack file written by :func:`write_pack` (the images stay encoded: see :func:`decode_split`)."""
+    regular_file_size(Path(path), "image pack", "a .pack file written by benchmarks/pack_cifar10.py")
     raw = Path(path).read_bytes()
     if raw[: len(MAGIC)] != MAGIC:
         raise MobileNetError(f"{path} is not an image pack (it does not start with {MAGIC.decode()})")
@@ -129,7 +130,13 @@ def decode_split(split: PackSplit, *, device: torch.device | str | None = None) 
     decoded: list[torch.Tensor] = []
     for first in range(0, len(split), DECODE_CHUNK):
         encoded = [split.encoded(i) for i in range(first, min(first + DECODE_CHUNK, len(split)))]
-        images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=target)
+        try:
+            images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=target)
+        except RuntimeError as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise MobileNetError(
+                f"an image of the pack (from index {first}) is not a decodable JPEG: {reason}"
+            ) from None
         shapes = {tuple(image.shape) for image in images}
         if len(shapes) != 1:
             raise MobileNetError(f"the images of an image pack must share one size; found {sorted(shapes)[:3]}")
