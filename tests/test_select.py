@@ -193,3 +193,13 @@ def test_cli_a_corrupt_cache_is_a_note(timer, tmp_path, capsys):
     (tmp_path / "c.json").write_text("garbage")
     code, out, err = _cli(["--latency-ms", "10", "--plot", str(tmp_path / "p.png")], tmp_path, capsys)
     assert code == 0 and "could not be read" in out and "Traceback" not in err
+
+
+def test_cli_json_holds_the_pick_and_every_point(timer, tmp_path, capsys):
+    code, out, err = _cli(
+        ["--latency-ms", "12.5", "--plot", str(tmp_path / "p.png"), "--format", "json"], tmp_path, capsys
+    )
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["pick"]["model"] == "mobilenet_v1_0.75_224"
+    assert len(result["points"]) == 10

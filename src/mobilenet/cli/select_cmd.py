@@ -4,6 +4,7 @@ published MobileNet within a latency budget, measured on this machine (cached), 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from typing import TYPE_CHECKING
@@ -42,6 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--cache", metavar="FILE", help="cache file (default: $XDG_CACHE_HOME/mobilenet/select.json)")
     parser.add_argument("--plot", default="select_pareto.png", help="PNG of accuracy vs latency (default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.add_argument(
+        "--format", choices=("table", "json"), default="table", help="output: a table, or the whole result as JSON"
+    )
     parser.set_defaults(handler=run)
 
 
@@ -76,6 +80,9 @@ def run(args: argparse.Namespace) -> int:
             f"no model runs within {args.latency_ms:g} ms here; the fastest is {fastest['model']} at "
             f"{fastest['latency_ms']:.2f} ms ({result.backend}, {result.threads} threads, batch {result.batch})"
         )
+    if args.format == "json":
+        print(json.dumps({**result.to_dict(), "plot_note": plot_note}, indent=2))
+        return 0
     print(_report(result))
     for note in [*result.notes, plot_note]:
         print(f"note: {note}")
