@@ -265,7 +265,7 @@ def _model_table(table: Any) -> str:
 
 
 def _layer(args: argparse.Namespace) -> str:
-    from mobilenet.cost import MAC_CONVENTION, layer_cost, parse_shape
+    from mobilenet.cost import layer_cost, parse_shape
 
     if args.out is None:
         raise MobileNetError("--layer needs --out N, the number of output channels (filters)")
@@ -290,36 +290,22 @@ def _layer(args: argparse.Namespace) -> str:
     )
     shape = f"{cost.height}x{cost.width}x{cost.in_channels} -> {cost.out_height}x{cost.out_width}x{cost.out_channels}"
     title = f"One layer {shape}, Dk = {cost.kernel}, stride {cost.stride} (V1 paper section 3.1, equations 2, 4, 5)"
-    if args.format == "csv":
-        lines = ["layer,macs,params"] + [f"{name},{macs},{params}" for name, macs, params in rows]
-        lines += [f"ratio,{cost.macs_ratio},{cost.params_ratio}"]
-        return "\n".join(lines) + "\n"
-    if args.format == "markdown":
-        lines = [f"### {title}", "", f"_{MAC_CONVENTION}._", "", "| | MACs | params |", "|---|--:|--:|"]
-        lines += [f"| {name} | {macs:,} | {params:,} |" for name, macs, params in rows]
-        lines += ["", ratio_line]
-        return "\n".join(lines) + "\n"
-    from rich.table import Table
-
-    buffer = io.StringIO()
-    console = _console(buffer)
-    console.print(title, markup=False)
-    table = Table()
-    for header in ("", "MACs", "params"):
-        table.add_column(header, justify="left" if not header else "right")
-    for name, macs, params in rows:
-        table.add_row(name, f"{macs:,}", f"{params:,}", style="bold" if name == "depthwise separable" else None)
-    console.print(table)
-    console.print(ratio_line, markup=False)
-    console.print(MAC_CONVENTION, markup=False)
-    return buffer.getvalue()
+    return _small_table(
+        args.format,
+        title,
+        (("MACs", "macs"), ("params", "params")),
+        rows,
+        ratio_line,
+        (cost.macs_ratio, cost.params_ratio),
+        bold="depthwise separable",
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
 
 
 def _fc(args: argparse.Namespace) -> str:
-    from mobilenet.cost import MAC_CONVENTION, factored_fc_cost, parse_fc
+    from mobilenet.cost import factored_fc_cost, parse_fc
 
     in_features, out_features = parse_fc(args.fc)
     if args.rank is None:
@@ -343,12 +329,32 @@ def _fc(args: argparse.Namespace) -> str:
         f"factoring saves only below rank {cost.break_even_rank:.1f} = in * out / (in + out)"
     )
     title = f"One fully connected layer {shape} and its rank-{cost.rank} truncated-SVD factorisation"
-    if args.format == "csv":
-        lines = ["layer,params,macs"] + [f"{name},{params},{macs}" for name, params, macs in rows]
-        return "\n".join([*lines, f"ratio,{cost.ratio},{cost.ratio}"]) + "\n"
-    if args.format == "markdown":
-        lines = [f"### {title}", "", f"_{MAC_CONVENTION}._", "", "| | params | MACs |", "|---|--:|--:|"]
-        lines += [f"| {name} | {params:,} | {macs:,} |" for name, params, macs in rows]
+    columns = (("params (weights)", "params"), ("MACs (one input)", "macs"))
+    return _small_table(args.format, title, columns, rows, ratio_line, (cost.ratio, cost.ratio))
+
+
+def _small_table(
+    fmt: str,
+    title: str,
+    columns: tuple[tuple[str, str], tuple[str, str]],
+    rows: list[tuple[str, int, int]],
+    ratio_line: str,
+    ratios: tuple[float, float],
+    *,
+    bold: str | None = None,
+) -> str:
+    """A few named rows of two counts (``columns``: the table's heading and the CSV/markdown name of each) with a
+    ratio line, as csv, markdown or a rich table: ``cost --layer`` and ``cost --fc``."""
+    from mobilenet.cost import MAC_CONVENTION
+
+    (first, first_short), (second, second_short) = columns
+    if fmt == "csv":
+        lines = [f"layer,{first_short},{second_short}"] + [f"{name},{a},{b}" for name, a, b in rows]
+        return "\n".join([*lines, f"ratio,{ratios[0]},{ratios[1]}"]) + "\n"
+    if fmt == "markdown":
+        heading = f"| | {first_short.replace('macs', 'MACs')} | {second_short.replace('macs', 'MACs')} |"
+        lines = [f"### {title}", "", f"_{MAC_CONVENTION}._", "", heading, "|---|--:|--:|"]
+        lines += [f"| {name} | {a:,} | {b:,} |" for name, a, b in rows]
         return "\n".join([*lines, "", ratio_line]) + "\n"
     from rich.table import Table
 
@@ -356,10 +362,10 @@ def _fc(args: argparse.Namespace) -> str:
     console = _console(buffer)
     console.print(title, markup=False)
     table = Table()
-    for header in ("", "params (weights)", "MACs (one input)"):
+    for header in ("", first, second):
         table.add_column(header, justify="left" if not header else "right")
-    for name, params, macs in rows:
-        table.add_row(name, f"{params:,}", f"{macs:,}")
+    for name, a, b in rows:
+        table.add_row(name, f"{a:,}", f"{b:,}", style="bold" if name == bold else None)
     console.print(table)
     console.print(ratio_line, markup=False)
     console.print(MAC_CONVENTION, markup=False)
