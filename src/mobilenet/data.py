@@ -671,10 +671,12 @@ def uniform_small_size(files: Sequence[Path]) -> int | None:
     for path in files:
         try:
             with Image.open(path) as header:
-                sizes.add(header.size)
+                width, height = header.size
         except (OSError, ValueError, Image.DecompressionBombError):
             continue
-        if len(sizes) > 1:
+        sizes.add((width, height))
+        # Stop at the first image that rules it out: a folder of large photos is not read to its end.
+        if len(sizes) > 1 or width != height or width > SMALL_IMAGE_MAX:
             return None
     if len(sizes) != 1:
         return None
