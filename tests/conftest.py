@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+from torchvision.io import encode_png
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,3 +30,16 @@ def cifar10() -> Path:
 @pytest.fixture(autouse=True)
 def _auto_backend_does_not_measure(monkeypatch):
     monkeypatch.setenv("MOBILENET_AUTO_MEASURE", "0")
+
+
+def tiny_folder(root: Path, classes=("a", "b", "c"), per_class: int = 8, size: int = 32) -> Path:
+    """Class-dependent images (a colour per class plus noise) so a few steps can learn something."""
+    g = torch.Generator().manual_seed(0)
+    for label, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            base = torch.zeros(3, size, size)
+            base[label % 3] = 0.8
+            image = ((base + 0.2 * torch.rand(3, size, size, generator=g)) * 255).clamp(0, 255).to(torch.uint8)
+            (root / name / f"{i}.png").write_bytes(bytes(encode_png(image).numpy()))
+    return root

@@ -4,13 +4,12 @@ checkpoint round trip, `mobilenet compress` and `mobilenet cost --fc`."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from torchvision.io import encode_png
 
+from conftest import tiny_folder
 from mobilenet.checkpoint import load, load_checkpoint, read_header, save
 from mobilenet.cli import main
 from mobilenet.compress import classifier_matrix, compress_checkpoint, factor_classifier, truncated_svd
@@ -136,20 +135,8 @@ def test_compress_checkpoint_without_data(tmp_path):
     assert out.metadata["compression"]["factorisation"]["rank"] == 3
 
 
-def _tiny_folder(root: Path, classes=("a", "b", "c"), per_class: int = 8, size: int = 32) -> Path:
-    generator = torch.Generator().manual_seed(0)
-    for label, name in enumerate(classes):
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for index in range(per_class):
-            base = torch.zeros(3, size, size)
-            base[label % 3] = 0.8
-            image = ((base + 0.2 * torch.rand(3, size, size, generator=generator)) * 255).clamp(0, 255)
-            (root / name / f"{index}.png").write_bytes(bytes(encode_png(image.to(torch.uint8)).numpy()))
-    return root
-
-
 def test_cli_compress_with_fine_tuning(tmp_path, capsys):
-    data = _tiny_folder(tmp_path / "data")
+    data = tiny_folder(tmp_path / "data")
     model = _trained_like("mobilenet_v1_0.25_128", num_classes=3, resolution=32, small_input=True)
     source = save(model, tmp_path / "in.safetensors", classes=["a", "b", "c"])
     out = tmp_path / "out.safetensors"

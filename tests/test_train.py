@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from torchvision.io import encode_png
 
+from conftest import tiny_folder
 from mobilenet.checkpoint import read_state
 from mobilenet.data import load_digits
 from mobilenet.errors import MobileNetError
@@ -20,19 +20,6 @@ from mobilenet.models import create_model
 from mobilenet.train import TrainConfig, TrainingDiverged, train
 
 TINY = "mobilenet_v1_0.25_128"
-
-
-def tiny_folder(root: Path, classes=("a", "b", "c"), per_class: int = 8, size: int = 32) -> Path:
-    """Class-dependent images (a colour per class plus noise) so a few steps can learn something."""
-    g = torch.Generator().manual_seed(0)
-    for label, name in enumerate(classes):
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            base = torch.zeros(3, size, size)
-            base[label % 3] = 0.8
-            image = ((base + 0.2 * torch.rand(3, size, size, generator=g)) * 255).clamp(0, 255).to(torch.uint8)
-            (root / name / f"{i}.png").write_bytes(bytes(encode_png(image).numpy()))
-    return root
 
 
 def tiny_config(data: Path, out: Path, **overrides) -> TrainConfig:
