@@ -1,11 +1,13 @@
-"""Which backend ``backend="auto"`` runs, and why (:func:`choose_backend`).
+"""Which backend ``backend="auto"`` runs, in which precision, and why (:func:`choose_backend`).
 
-Where one backend is the only sensible one, ``auto`` takes it: an exported ``.ts``/``.pt2``/``.pte`` file runs as
-it is, an ONNX file on ONNX Runtime, a PyTorch model on a GPU in eager torch. For a PyTorch model on the CPU the
-fastest backend depends on the CPU, the architecture, the batch size and the thread count, so ``auto`` measures:
+An exported ``.ts``/``.pt2``/``.pte`` file runs as it is, and a PyTorch model on a GPU in eager torch. Everywhere
+else (a PyTorch model or an ONNX file on the CPU) the fastest backend depends on the CPU, the architecture, the
+batch size and the thread count, so ``auto`` measures, among the installed backends of the precision tier asked
+for (:data:`PRECISION_CANDIDATES`; the tier defaults to the model's own: float32, or int8 for a file
+:mod:`mobilenet.quantize` wrote):
 
-1. it builds each installed backend of :data:`CPU_CANDIDATES` (each is checked against the PyTorch model as it is
-   built); one that fails to build is skipped;
+1. it builds each candidate (each is checked against the PyTorch model as it is built); one that fails to build
+   is skipped;
 2. it times them on a seeded batch of the Predictor's batch size with :func:`mobilenet.timing.time_interleaved`
    (:data:`WARMUP` untimed calls each, then interleaved rounds that fit :data:`MEASURE_BUDGET_S`, at least
    :data:`MIN_ROUNDS`), and keeps the one with the lowest median;
@@ -13,15 +15,20 @@ fastest backend depends on the CPU, the architecture, the batch size and the thr
    start with the same key builds only the chosen backend.
 
 The cache key (:func:`auto_cache_key`) is the model's architecture (a digest of its ``ModelConfig`` and input
-size), the batch size, the thread count and :func:`mobilenet.runtime.machine_identity` (CPU model, SIMD flags,
-torch and ONNX Runtime versions). It leaves out the weights on purpose: a float32 network's speed depends on its
-shapes, not on the values of its weights, so every checkpoint of one architecture shares one measurement (a
-fine-tuned checkpoint is not measured again), and a model handed over in memory has no stored weights digest to
-use without hashing every tensor at each start.
+size), the precision tier, whether it came as a file, the batch size, the thread count and
+:func:`mobilenet.runtime.machine_identity` (CPU model, SIMD flags, torch, ONNX Runtime and OpenVINO versions). It
+leaves out the weights on purpose: a network's speed depends on its shapes, not on the values of its weights, so
+every checkpoint of one architecture shares one measurement (a fine-tuned checkpoint is not measured again), and a
+model handed over in memory has no stored weights digest to use without hashing every tensor at each start.
 
-``MOBILENET_AUTO_MEASURE=0`` turns measuring off: ``auto`` is then the fixed order of
-:func:`mobilenet.backends.pick_backend`. Either way a backend that fails to build gives way to the next one
-(ONNX Runtime, then torch-jit, then eager torch), so ``auto`` never fails where eager torch would run.
+The tiers trade accuracy for speed: ``bf16`` where the CPU computes in bf16 natively, ``int8`` for a quantized
+model, ``auto-fast`` the fastest of float32 and bf16. Their accuracy is measured, not assumed: ``mobilenet eval
+--precision`` compares a tier with float32 on a validation set and refuses one that loses more than its bound.
+
+``MOBILENET_AUTO_MEASURE=0`` turns measuring off: ``auto`` is then the first installed candidate of the tier (for
+float32: ONNX Runtime, then OpenVINO, then torch-jit). Either way a backend that fails to build gives way to the
+next one, and for a float32 PyTorch model eager torch is the last resort, so ``auto`` never fails where eager torch
+would run.
 """
 
 from __future__ import annotations
@@ -37,12 +44,20 @@ from typing import Any
 
 import torch
 
-from mobilenet.backends import BACKENDS, ModelSource, onnxruntime_available, pick_backend
-from mobilenet.errors import MobileNetError
+from mobilenet.backends import (
+    BACKENDS,
+    ModelSource,
+    backend_installed,
+    pick_backend,
+    require_native_bf16,
+    source_precision,
+)
+from mobilenet.errors import INSTALL_HINTS, MobileNetError
 from mobilenet.parity import seeded_batch
 from mobilenet.runtime import (
     describe_machine,
     finite_positive,
+    has_native_bf16,
     machine_identity,
     read_cache,
     user_cache_path,
@@ -53,18 +68,37 @@ from mobilenet.timing import Candidate, summarize_timings, time_interleaved
 __all__ = [
     "CPU_CANDIDATES",
     "MEASURE_ENV",
+    "PRECISIONS",
+    "PRECISION_BOUNDS",
+    "PRECISION_CANDIDATES",
     "BackendChoice",
     "architecture_digest",
     "auto_cache_key",
     "choose_backend",
     "default_cache_path",
     "measuring_enabled",
+    "resolve_precision",
+    "tier_candidates",
 ]
 
 #: Environment variable that turns measuring off ("0", "false", "no", "off"): ``auto`` is then a fixed order.
 MEASURE_ENV = "MOBILENET_AUTO_MEASURE"
-#: The CPU backends ``auto`` measures for a PyTorch model (those installed), in the fixed order's preference.
-CPU_CANDIDATES = ("onnxruntime", "torch-jit")
+#: Precision tiers: ``fp32``; ``bf16`` (CPUs with AVX512-BF16 or AMX); ``int8`` (an int8 ONNX file from
+#: :mod:`mobilenet.quantize`); ``auto-fast`` (the fastest of float32 and, where the CPU has it, bf16, measured).
+PRECISIONS = ("fp32", "bf16", "int8", "auto-fast")
+#: The most top-1 accuracy (a fraction: 0.003 is 0.3 points) a tier may lose against float32 on a validation set
+#: before ``mobilenet eval --precision`` refuses it.
+PRECISION_BOUNDS: dict[str, float] = {"bf16": 0.003, "int8": 0.01}
+#: The CPU backends ``auto`` measures for each precision tier (those installed), in the fixed order's preference.
+PRECISION_CANDIDATES: dict[str, tuple[str, ...]] = {
+    "fp32": ("onnxruntime", "openvino", "torch-jit"),
+    "bf16": ("openvino-bf16",),
+    "int8": ("onnxruntime", "openvino"),
+}
+#: The float32 candidates (kept by name: the table of :data:`PRECISION_CANDIDATES` is the one to extend).
+CPU_CANDIDATES = PRECISION_CANDIDATES["fp32"]
+#: Backends that run a model given as an ONNX file.
+FILE_BACKENDS = ("onnxruntime", "openvino", "openvino-bf16")
 #: Seconds of timed rounds to aim for (all candidates together), after the warm-up.
 MEASURE_BUDGET_S = 1.0
 #: Untimed calls per candidate before timing (the first calls at a new batch size allocate and specialise).
@@ -106,10 +140,56 @@ def architecture_digest(source: ModelSource) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def auto_cache_key(source: ModelSource, *, batch: int, threads: int, machine: dict[str, Any]) -> str:
-    """The identity of one choice: the architecture, batch size, threads, CPU and library versions."""
-    fields = {"model": architecture_digest(source), "batch": batch, "threads": threads, **machine_identity(machine)}
+def auto_cache_key(
+    source: ModelSource, *, batch: int, threads: int, machine: dict[str, Any], precision: str = "fp32"
+) -> str:
+    """The identity of one choice: the architecture, precision tier, batch size, threads, CPU and library versions
+    (an ONNX file is measured as such: a file and a PyTorch model of one architecture have different candidates)."""
+    fields = {
+        "model": architecture_digest(source),
+        "precision": precision,
+        "file": source.model is None,
+        "batch": batch,
+        "threads": threads,
+        **machine_identity(machine),
+    }
     return json.dumps(fields, sort_keys=True)
+
+
+def resolve_precision(precision: str | None, source: ModelSource) -> str:
+    """The precision tier to run ``source`` in: ``None`` is the model's own (``"int8"`` for an int8 ONNX file, else
+    ``"fp32"``); a tier the model cannot run in raises :class:`MobileNetError` saying what would."""
+    own = source_precision(source)
+    if precision is None:
+        return own
+    if precision not in PRECISIONS:
+        raise MobileNetError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if own == "int8" and precision in ("fp32", "bf16"):
+        where = f" {source.path}" if source.path else ""
+        raise MobileNetError(
+            f"the model{where} is already int8; precision {precision} needs the float model (its .safetensors "
+            "checkpoint or fp32 .onnx)"
+        )
+    if own == "fp32" and precision == "int8":
+        raise MobileNetError(
+            "precision int8 runs an int8 model: write one with `mobilenet quantize CHECKPOINT --calibration DIR` "
+            "and give the .onnx it writes (`mobilenet eval --precision int8 --calibration DIR` quantizes for you)"
+        )
+    if precision == "auto-fast":
+        return "int8" if own == "int8" else "auto-fast"
+    return precision
+
+
+def tier_candidates(tier: str, source: ModelSource) -> list[str]:
+    """The installed backends that run ``source`` in precision ``tier`` on the CPU, in the fixed order's preference
+    (:data:`PRECISION_CANDIDATES`; ``auto-fast`` is float32's and bf16's together where the CPU has bf16)."""
+    if tier == "auto-fast":
+        names = [*PRECISION_CANDIDATES["fp32"], *(PRECISION_CANDIDATES["bf16"] if has_native_bf16() else ())]
+    else:
+        names = list(PRECISION_CANDIDATES[tier])
+    if source.model is None:  # a file: only the runtimes that read it
+        names = [name for name in names if name in FILE_BACKENDS]
+    return [name for name in names if backend_installed(name)]
 
 
 def choose_backend(
@@ -120,30 +200,59 @@ def choose_backend(
     num_threads: int | None = None,
     batch_size: int = 32,
     cache_path: str | os.PathLike[str] | None = None,
+    precision: str | None = None,
 ) -> BackendChoice:
-    """Build ``backend`` for ``source``; for ``"auto"``, the backend chosen as the module docstring says.
+    """Build ``backend`` for ``source`` in ``precision`` (:func:`resolve_precision`); for ``"auto"``, the backend
+    chosen as the module docstring says.
 
-    Raises :class:`MobileNetError` for an unknown name, or when a backend asked for by name fails to build.
+    Raises :class:`MobileNetError` for an unknown name or precision, a backend of another precision than the one
+    asked for, or when a backend asked for by name fails to build.
     """
-    name = pick_backend(backend, source, device)
+    tier = resolve_precision(precision, source)
     if backend != "auto":
-        return BackendChoice(name, BACKENDS[name](source, device=device, num_threads=num_threads), f"asked for {name}")
-    if source.model is None or str(device).split(":")[0] != "cpu":
+        name = pick_backend(backend, source, device)
+        runner = BACKENDS[name](source, device=device, num_threads=num_threads)
+        ran = getattr(runner, "precision", "fp32")
+        if precision is not None and tier != "auto-fast" and ran != tier:
+            raise MobileNetError(f"backend {name} runs this model in {ran}, not {tier}; use backend auto")
+        return BackendChoice(name, runner, f"asked for {name}")
+    on_cpu = str(device).split(":")[0] == "cpu"
+    if source.program is not None or not on_cpu:
+        if tier not in ("fp32", "auto-fast"):
+            raise MobileNetError(f"precision {tier} runs on the CPU, on a float or int8 .onnx or a checkpoint")
+        name = pick_backend(backend, source, device)
         return _build_in_order(name, source, device, num_threads, _ONLY_CHOICE[name])
+    installed = tier_candidates(tier, source)
+    if not installed:
+        needs = "openvino" if tier == "bf16" else "onnx"
+        raise MobileNetError(f"no installed backend runs precision {tier}; {INSTALL_HINTS[needs]}")
+    if tier == "bf16":
+        require_native_bf16()
     if not measuring_enabled():
-        return _build_in_order(name, source, device, num_threads, f"fixed order: measuring is off ({MEASURE_ENV}=0)")
-    installed = [c for c in CPU_CANDIDATES if c != "onnxruntime" or onnxruntime_available()]
+        return _build_in_order(
+            installed[0], source, device, num_threads, f"fixed order: measuring is off ({MEASURE_ENV}=0)", installed
+        )
     if len(installed) == 1:
-        reason = f"fixed: only {installed[0]} is installed of {', '.join(CPU_CANDIDATES)} (nothing to measure)"
-        return _build_in_order(installed[0], source, device, num_threads, reason)
+        reason = f"fixed: {installed[0]} is the only installed backend for {tier} here (nothing to measure)"
+        return _build_in_order(installed[0], source, device, num_threads, reason, installed)
     path = Path(cache_path) if cache_path is not None else default_cache_path()
-    return _measured_choice(source, installed, num_threads, batch_size, path)
+    return _measured_choice(source, installed, num_threads, batch_size, path, tier)
 
 
-def _build_in_order(first: str, source: ModelSource, device: str, threads: int | None, reason: str) -> BackendChoice:
-    """``first``, or when it fails to build for a PyTorch model, the next of onnxruntime -> torch-jit -> torch."""
-    order = ["onnxruntime", "torch-jit", "torch"]
-    chain = order[order.index(first) :] if first in order and source.model is not None else [first]
+def _build_in_order(
+    first: str,
+    source: ModelSource,
+    device: str,
+    threads: int | None,
+    reason: str,
+    order: Sequence[str] = ("onnxruntime", "torch-jit", "torch"),
+) -> BackendChoice:
+    """``first``, or when it fails to build, the next of ``order`` after it (for a PyTorch model in float32, eager
+    torch is always the last resort)."""
+    order = list(order)
+    if source.model is not None and "torch" not in order and source_precision(source) == "fp32":
+        order.append("torch")
+    chain = order[order.index(first) :] if first in order else [first]
     for index, name in enumerate(chain):
         try:
             return BackendChoice(name, BACKENDS[name](source, device=device, num_threads=threads), reason)
@@ -155,12 +264,12 @@ def _build_in_order(first: str, source: ModelSource, device: str, threads: int |
 
 
 def _measured_choice(
-    source: ModelSource, installed: Sequence[str], num_threads: int | None, batch: int, path: Path
+    source: ModelSource, installed: Sequence[str], num_threads: int | None, batch: int, path: Path, tier: str
 ) -> BackendChoice:
     """The cached choice for this key when it still builds; else every installed candidate built, timed, the
     fastest kept and cached."""
     threads = num_threads or torch.get_num_threads()
-    key = auto_cache_key(source, batch=batch, threads=threads, machine=describe_machine(threads))
+    key = auto_cache_key(source, batch=batch, threads=threads, machine=describe_machine(threads), precision=tier)
     notes: list[str] = []
     entries = read_cache(path, version=CACHE_VERSION, valid=_valid_entry, notes=notes, what="auto-backend")
     cached = entries.get(key)

@@ -29,7 +29,7 @@ from torch import nn
 
 from mobilenet.checkpoint import Checkpoint, load_checkpoint
 from mobilenet.data import resolve_preprocessing
-from mobilenet.errors import MobileNetError
+from mobilenet.errors import INSTALL_HINTS, MobileNetError
 from mobilenet.export import (
     INPUT_NAME,
     OUTPUT_NAME,
@@ -41,7 +41,7 @@ from mobilenet.export import (
 )
 from mobilenet.models import create_model
 from mobilenet.parity import compare_to_reference, seeded_batch
-from mobilenet.runtime import resolve_device, set_threads, tune_allocator
+from mobilenet.runtime import has_native_bf16, resolve_device, set_threads, tune_allocator
 from mobilenet.spec import MODELS, ModelConfig, model_config
 
 __all__ = [
@@ -50,14 +50,20 @@ __all__ = [
     "CompiledBackend",
     "ModelSource",
     "OnnxRuntimeBackend",
+    "OpenVinoBackend",
+    "OpenVinoBf16Backend",
     "RandomWeightsWarning",
     "TorchBackend",
     "TorchJitBackend",
+    "backend_installed",
     "check_parity",
     "jit_optimize",
     "load_source",
     "onnxruntime_available",
+    "openvino_available",
     "pick_backend",
+    "require_native_bf16",
+    "source_precision",
 ]
 
 #: Files written by ``mobilenet export`` other than ONNX, read back by :func:`mobilenet.export.load_export`.
@@ -324,6 +330,28 @@ def check_parity(
     return compare_to_reference(run, reference, [seeded_batch(shape)], what=what, atol=atol, rtol=1e-5)
 
 
+def _exported_onnx(source: ModelSource, directory: str) -> tuple[Path, float | None]:
+    """The ONNX file to run for ``source``: its own, or the PyTorch model exported (BatchNorm folded, checked against
+    PyTorch relative to the logits' scale: large logits differ by more than 1e-4 in any two runtimes) into
+    ``directory``; and the export's max abs difference (None for a given file)."""
+    if source.onnx_path is not None:
+        return source.onnx_path, None
+    exported = export_onnx(
+        source.model,
+        Path(directory) / "model.onnx",
+        classes=source.classes,
+        preprocessing=source.preprocessing,
+        rtol=1e-5,
+    )
+    return exported.path, exported.max_abs_diff
+
+
+def source_precision(source: ModelSource) -> str:
+    """``"int8"`` for an ONNX file :mod:`mobilenet.quantize` wrote (its metadata says how it was quantized), else
+    ``"fp32"``."""
+    return "int8" if source.metadata.get("quantization") else "fp32"
+
+
 class OnnxRuntimeBackend:
     """Runs an ONNX file (fp32 export or int8 QDQ model) in ONNX Runtime on the CPU, graph optimisations on. A
     PyTorch model is exported first (BatchNorm folded, to a temporary file, verified against PyTorch by
@@ -335,27 +363,104 @@ class OnnxRuntimeBackend:
     def __init__(self, source: ModelSource, *, device: str = "cpu", num_threads: int | None = None) -> None:
         if str(device) != "cpu":
             raise MobileNetError(f"the onnxruntime backend runs on the CPU here; got device={device!r}")
-        path = source.onnx_path
-        self.max_abs_diff: float | None = None
-        if path is None:
-            with tempfile.TemporaryDirectory(prefix="mobilenet-ort-") as tmp:
-                # Checked relative to the logits' scale (large logits differ by more than 1e-4 in any two runtimes).
-                exported = export_onnx(
-                    source.model,
-                    Path(tmp) / "model.onnx",
-                    classes=source.classes,
-                    preprocessing=source.preprocessing,
-                    rtol=1e-5,
-                )
-                self.session = ort_session(exported.path, num_threads)
-                self.max_abs_diff = exported.max_abs_diff
-        else:
+        self.precision = source_precision(source)
+        with tempfile.TemporaryDirectory(prefix="mobilenet-ort-") as tmp:
+            path, self.max_abs_diff = _exported_onnx(source, tmp)
             self.session = ort_session(path, num_threads)
         self.input_name, self.output_name = INPUT_NAME, OUTPUT_NAME
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         array = batch.detach().cpu().float().contiguous().numpy()
         return torch.from_numpy(self.session.run([self.output_name], {self.input_name: array})[0])
+
+
+def _require_openvino() -> Any:
+    try:
+        import openvino
+    except ImportError as error:
+        raise MobileNetError(
+            f"the openvino backends need openvino ({error.name} is missing); {INSTALL_HINTS['openvino']}"
+        ) from None
+    return openvino
+
+
+class OpenVinoBackend:
+    """Runs the ONNX export (or an ONNX file, fp32 or int8 QDQ) in OpenVINO's CPU plugin with the latency hint (one
+    stream, ``num_threads`` inference threads). OpenVINO specialises a compiled model to one input shape, so each
+    batch size gets its own compiled model (built on first use, in about 0.1 s, and kept). For a PyTorch model the
+    first compiled model is checked against it."""
+
+    name = "openvino"
+    description = "OpenVINO CPU plugin float32 on the ONNX export (int8 for an int8 .onnx), BatchNorm folded"
+    #: OpenVINO's ``INFERENCE_PRECISION_HINT``: the precision its CPU plugin computes in.
+    inference_precision = "f32"
+    #: Largest logit difference from PyTorch allowed when built, relative to the largest |logit|.
+    parity_rtol = 1e-5
+
+    def __init__(self, source: ModelSource, *, device: str = "cpu", num_threads: int | None = None) -> None:
+        if str(device) != "cpu":
+            raise MobileNetError(f"the {self.name} backend runs on the CPU here; got device={device!r}")
+        openvino = _require_openvino()
+        self.core = openvino.Core()
+        self._check_supported()
+        self.precision = source_precision(source) if self.inference_precision == "f32" else "bf16"
+        with tempfile.TemporaryDirectory(prefix="mobilenet-ov-") as tmp:
+            path, export_diff = _exported_onnx(source, tmp)
+            self.model = self.core.read_model(str(path))
+        self.config = {
+            "INFERENCE_PRECISION_HINT": self.inference_precision,
+            "PERFORMANCE_HINT": "LATENCY",
+            "NUM_STREAMS": 1,
+            "INFERENCE_NUM_THREADS": int(num_threads or torch.get_num_threads()),
+        }
+        self.requests: dict[tuple[int, ...], Any] = {}
+        self.max_abs_diff: float | None = export_diff
+        if source.model is not None:
+            shape = _input_shape(source, 3)
+            self.max_abs_diff = compare_to_reference(
+                self, source.model, [seeded_batch(shape)], what=self.name, atol=1e-4, rtol=self.parity_rtol
+            )
+
+    def _check_supported(self) -> None:
+        """Nothing to check for float32; :class:`OpenVinoBf16Backend` checks the CPU."""
+
+    def _request(self, shape: tuple[int, ...]) -> Any:
+        request = self.requests.get(shape)
+        if request is None:
+            model = self.model.clone()
+            model.reshape(list(shape))
+            request = self.core.compile_model(model, "CPU", self.config).create_infer_request()
+            self.requests[shape] = request
+        return request
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        array = batch.detach().cpu().float().contiguous().numpy()
+        outputs = self._request(tuple(array.shape)).infer({0: array})
+        return torch.from_numpy(outputs[0].copy())
+
+
+class OpenVinoBf16Backend(OpenVinoBackend):
+    """:class:`OpenVinoBackend` computing in bfloat16 (8 bits of mantissa; float32's range), on CPUs that have bf16
+    arithmetic (AVX512-BF16 or AMX): the weights and activations are rounded to bf16, accumulation is float32.
+    Checked against PyTorch when built only loosely (within 10% of the largest |logit|): its real check is accuracy,
+    which ``mobilenet eval --precision bf16`` measures against float32."""
+
+    name = "openvino-bf16"
+    description = "OpenVINO CPU plugin bfloat16 (AVX512-BF16 or AMX) on the ONNX export"
+    inference_precision = "bf16"
+    parity_rtol = 0.1
+
+    def _check_supported(self) -> None:
+        require_native_bf16()
+
+
+def require_native_bf16() -> None:
+    """Raise :class:`MobileNetError` on a CPU without bf16 arithmetic (emulated bf16 is slower than float32)."""
+    if not has_native_bf16():
+        raise MobileNetError(
+            "precision bf16 needs a CPU with AVX512-BF16 or AMX; this one has neither (it would emulate bf16, slower "
+            "than float32): use precision fp32, or int8 on a CPU with VNNI"
+        )
 
 
 #: Backend name -> class taking (ModelSource, device=, num_threads=) and mapping a float NCHW batch to logits.
@@ -365,6 +470,8 @@ BACKENDS: dict[str, Any] = {
     "torch-jit": TorchJitBackend,
     "torch-compile": CompiledBackend,
     "onnxruntime": OnnxRuntimeBackend,
+    "openvino": OpenVinoBackend,
+    "openvino-bf16": OpenVinoBf16Backend,
     "exported": ExportedBackend,
 }
 
@@ -372,6 +479,20 @@ BACKENDS: dict[str, Any] = {
 def onnxruntime_available() -> bool:
     """Whether the onnx extra (onnx + onnxruntime) is installed."""
     return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
+
+
+def openvino_available() -> bool:
+    """Whether OpenVINO (the openvino extra) and the onnx export it reads are installed."""
+    return importlib.util.find_spec("openvino") is not None and importlib.util.find_spec("onnx") is not None
+
+
+def backend_installed(name: str) -> bool:
+    """Whether backend ``name``'s optional runtime is installed (the torch backends always are)."""
+    if name == "onnxruntime":
+        return onnxruntime_available()
+    if name.startswith("openvino"):
+        return openvino_available()
+    return name in BACKENDS
 
 
 def pick_backend(backend: str, source: ModelSource, device: str = "cpu") -> str:

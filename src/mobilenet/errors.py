@@ -15,6 +15,7 @@ class MobileNetError(ValueError):
 #: checkout of this project, which is how mobilenet itself is installed.
 INSTALL_HINTS: dict[str, str] = {
     "onnx": "pip install onnx onnxruntime onnxscript (in a checkout of mobilenet: pip install -e '.[onnx]')",
+    "openvino": "pip install openvino (in a checkout of mobilenet: pip install -e '.[openvino]')",
     "mobile": "pip install executorch (the XNNPACK delegate; in a checkout of mobilenet: pip install -e '.[mobile]')",
     "demo": "pip install scikit-learn (in a checkout of mobilenet: pip install -e '.[demo]')",
 }

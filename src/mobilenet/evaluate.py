@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
+from mobilenet.autotune import PRECISION_BOUNDS
 from mobilenet.backends import load_source
 from mobilenet.cost import check_input_fits
 from mobilenet.data import TransformedDataset, build_eval_transform, iterate_loader, load_data, resolve_preprocessing
@@ -26,7 +27,7 @@ from mobilenet.predict import Predictor
 from mobilenet.progress import progress_bar
 from mobilenet.runtime import resolve_device
 
-__all__ = ["EvalCounts", "accumulate", "evaluate_checkpoint", "summarize"]
+__all__ = ["AccuracyBoundError", "EvalCounts", "accumulate", "evaluate_checkpoint", "summarize"]
 
 
 @dataclass
@@ -131,7 +132,9 @@ def evaluate_checkpoint(
     seed: int = 0,
     progress: bool = True,
     backend: str = "torch",
-    reference: str | os.PathLike[str] | None = None,
+    reference: str | os.PathLike[str] | Any | None = None,
+    precision: str | None = None,
+    max_drop: float | None = None,
 ) -> dict[str, Any]:
     """Evaluate a model on a data source's validation (or ``split="train"``) images.
 
@@ -143,6 +146,12 @@ def evaluate_checkpoint(
     ``.onnx``) evaluated on the same images; the result then holds its top-1 and ``top1_difference`` (this model's
     top-1 minus the reference's).
 
+    ``precision``: a tier of :data:`mobilenet.autotune.PRECISIONS` (run by the ``auto`` backend unless another is
+    named). A tier below float32 is compared with float32 on the same images (the model itself in eager torch, or
+    ``reference`` for an int8 ``.onnx``), and refused with :class:`AccuracyBoundError` when its top-1 is more than
+    ``max_drop`` below float32's (default: :data:`mobilenet.autotune.PRECISION_BOUNDS`, 0.3 points for bf16, 1 point
+    for int8).
+
     The data's classes must be the model's (same names, same order), otherwise the labels would mean different
     things; the error lists the difference.
     """
@@ -153,6 +162,7 @@ def evaluate_checkpoint(
     torch_device = resolve_device(device)
     if isinstance(reference, str | os.PathLike) and not Path(reference).is_file():
         raise MobileNetError(f"--reference {reference} does not exist; expected a model file to compare with")
+    _check_max_drop(max_drop)
     source = load_source(checkpoint, device=str(torch_device))
     preprocessing = resolve_preprocessing(source.preprocessing, source.config.resolution)
     check_input_fits(source.config, preprocessing.input_size, batch_size, name=source.name)
@@ -161,8 +171,9 @@ def evaluate_checkpoint(
     classes = _matching_classes(source, bundle.classes, checkpoint, data)
     dataset = TransformedDataset(bundle.val if split == "val" else bundle.train, build_eval_transform(preprocessing))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    backend_used = backend if source.model is not None or backend != "torch" else "auto"
-    network = _network(source, backend_used, torch_device)
+    lower_precision = precision not in (None, "fp32")
+    backend_used = backend if (source.model is not None and not lower_precision) or backend != "torch" else "auto"
+    network = _network(source, backend_used, torch_device, precision)
     with progress_bar(len(dataset), "evaluating", enabled=progress, transient=True) as advance:
         counts = accumulate(network, loader, num_classes=len(classes), device=torch_device, progress=advance)
     result = summarize(counts, list(classes))
@@ -175,8 +186,12 @@ def evaluate_checkpoint(
             "preprocessing": preprocessing.to_dict(),
             "backend": backend,
             "backend_used": _backend_name(network),
+            "precision": _precision(network),
         }
     )
+    reference_label = str(reference) if isinstance(reference, str | os.PathLike) else "the reference model"
+    if reference is None and result["precision"] != "fp32" and source.model is not None:
+        reference, reference_label = source.model, "the same model in float32 (eager torch)"
     if reference is not None:
         other = evaluate_checkpoint(
             reference,
@@ -191,9 +206,48 @@ def evaluate_checkpoint(
             progress=progress,
             backend="torch",
         )
-        result["reference"] = {"checkpoint": str(reference), "top1": other["top1"], "top5": other["top5"]}
+        result["reference"] = {"checkpoint": reference_label, "top1": other["top1"], "top5": other["top5"]}
         result["top1_difference"] = result["top1"] - other["top1"]
+    _check_accuracy_bound(result, max_drop)
     return result
+
+
+class AccuracyBoundError(MobileNetError):
+    """A lower precision lost more top-1 accuracy against float32 than its bound allows; ``result`` holds the
+    evaluation that showed it."""
+
+    def __init__(self, message: str, result: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+def _check_max_drop(max_drop: float | None) -> None:
+    if max_drop is None:
+        return
+    if isinstance(max_drop, bool) or not isinstance(max_drop, int | float) or not 0 <= max_drop <= 1:
+        raise MobileNetError(f"max_drop must be a fraction of top-1 from 0 to 1 (0.003 = 0.3 points), got {max_drop!r}")
+
+
+def _check_accuracy_bound(result: dict[str, Any], max_drop: float | None) -> None:
+    """Record the tier's bound in ``result`` and raise :class:`AccuracyBoundError` when the top-1 lost against the
+    float32 reference exceeds it. A tier with no float32 reference (an int8 file given alone) is reported unchecked."""
+    tier = result["precision"]
+    if tier not in PRECISION_BOUNDS:
+        return
+    bound = PRECISION_BOUNDS[tier] if max_drop is None else float(max_drop)
+    result["precision_bound"] = bound
+    if "top1_difference" not in result:
+        result["precision_check"] = "unchecked: no float32 reference (give the float model as the reference)"
+        return
+    drop = -result["top1_difference"]
+    result["precision_check"] = "within bound" if drop <= bound else "exceeds bound"
+    if drop > bound:
+        raise AccuracyBoundError(
+            f"{tier} top-1 {result['top1']:.2%} is {100 * drop:.2f} points below float32's "
+            f"{result['reference']['top1']:.2%} on {result['images']} images of {result['data']}, more than the {tier} "
+            f"bound of {100 * bound:.2f} points; use float32 (or raise the bound with --max-drop)",
+            result,
+        )
 
 
 def _matching_classes(source: Any, data_classes: list[str], checkpoint: Any, data: Any) -> list[str]:
@@ -227,13 +281,17 @@ class _Runner(nn.Module):
         return self.predictor.logits(images)
 
 
-def _network(source: Any, backend: str, device: torch.device) -> nn.Module:
+def _network(source: Any, backend: str, device: torch.device, precision: str | None = None) -> nn.Module:
     """The eager model for ``backend="torch"``, else the :class:`mobilenet.predict.Predictor` backend wrapped as a
     module."""
-    if backend == "torch":
+    if backend == "torch" and precision in (None, "fp32"):
         return source.model
-    return _Runner(Predictor(source, backend=backend, device=str(device)))
+    return _Runner(Predictor(source, backend=backend, device=str(device), precision=precision))
 
 
 def _backend_name(network: nn.Module) -> str:
     return network.predictor.backend_name if isinstance(network, _Runner) else "torch"
+
+
+def _precision(network: nn.Module) -> str:
+    return network.predictor.precision if isinstance(network, _Runner) else "fp32"

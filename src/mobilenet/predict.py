@@ -97,9 +97,14 @@ class Predictor:
         device: torch device for the torch backend.
         num_threads: CPU threads for the backend (``torch.set_num_threads`` or ONNX Runtime's intra-op threads).
         batch_size: images per forward pass (``auto`` measures at this size).
+        precision: the precision tier (:data:`mobilenet.autotune.PRECISIONS`): ``None`` (the model's own: float32,
+            or int8 for an int8 ``.onnx``), ``"fp32"``, ``"bf16"`` (CPUs with AVX512-BF16 or AMX), ``"int8"`` (an
+            int8 ``.onnx`` from ``mobilenet quantize``) or ``"auto-fast"`` (the fastest of float32 and bf16, measured).
+            A lower precision's accuracy is checked by ``mobilenet eval --precision``, not here.
 
     Attributes:
-        backend_name: the backend that runs; ``backend_reason``: why, in words (measured, cached, fixed order).
+        backend_name: the backend that runs; ``backend_reason``: why, in words (measured, cached, fixed order);
+        ``precision``: the precision it computes in.
 
     Example::
 
@@ -116,6 +121,7 @@ class Predictor:
         device: str = "cpu",
         num_threads: int | None = None,
         batch_size: int = 32,
+        precision: str | None = None,
     ) -> None:
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise MobileNetError(f"batch_size must be an integer >= 1, got {batch_size!r}")
@@ -125,8 +131,16 @@ class Predictor:
         self.source = load_source(checkpoint_or_model, device=device)
         input_size = int(self.source.preprocessing["input_size"])
         check_input_fits(self.source.config, input_size, batch_size, name=self.source.name)
-        choice = choose_backend(backend, self.source, device=device, num_threads=num_threads, batch_size=batch_size)
+        choice = choose_backend(
+            backend,
+            self.source,
+            device=device,
+            num_threads=num_threads,
+            batch_size=batch_size,
+            precision=precision,
+        )
         self.backend_name, self.backend, self.backend_reason = choice.name, choice.backend, choice.reason
+        self.precision: str = getattr(self.backend, "precision", "fp32")
         self.batch_size = batch_size
         self.transform = build_eval_transform(self.source.preprocessing)
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import importlib.metadata
 import json
 import math
 import os
@@ -52,6 +53,8 @@ except ImportError:  # pragma: no cover - Windows
     resource = None  # type: ignore[assignment]
 
 __all__ = [
+    "BF16_FLAGS",
+    "INT8_DOT_FLAGS",
     "NO_TUNING_ENV",
     "SIMD_FLAGS",
     "TRIM_THRESHOLD",
@@ -60,6 +63,8 @@ __all__ = [
     "cpu_flags",
     "describe_machine",
     "finite_positive",
+    "has_int8_dot",
+    "has_native_bf16",
     "machine_identity",
     "minor_faults",
     "read_cache",
@@ -78,7 +83,25 @@ TRIM_THRESHOLD = 2**31 - 1
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 #: CPU flags worth knowing for these kernels (AVX-512 VNNI / AVX-VNNI are int8 dot products).
-SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_tile")
+SIMD_FLAGS = (
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+)
+#: CPU flags of native bf16 arithmetic (AVX512-BF16's dot products, AMX's bf16 tiles): without one, bf16 is emulated.
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+#: CPU flags of native 8-bit dot products (VNNI on x86, the dot-product extension on ARM).
+INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
 
 
 @dataclass(frozen=True)
@@ -213,6 +236,24 @@ def _onnxruntime_version() -> str | None:
     return onnxruntime.__version__
 
 
+def _openvino_version() -> str | None:
+    # Read from the installed distribution's metadata: importing openvino itself takes a second.
+    try:
+        return importlib.metadata.version("openvino")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def has_native_bf16(flags: set[str] | None = None) -> bool:
+    """Whether this CPU (or one with ``flags``) computes in bf16 natively (:data:`BF16_FLAGS`)."""
+    return bool(set(BF16_FLAGS) & (cpu_flags() if flags is None else flags))
+
+
+def has_int8_dot(flags: set[str] | None = None) -> bool:
+    """Whether this CPU (or one with ``flags``) has 8-bit dot-product instructions (:data:`INT8_DOT_FLAGS`)."""
+    return bool(set(INT8_DOT_FLAGS) & (cpu_flags() if flags is None else flags))
+
+
 def describe_machine(threads: int | None = None) -> dict[str, Any]:
     """The machine every figure was measured on: CPU model, logical CPUs usable by this process (``logical_cpus``)
     and in the machine (``cpu_cores``), the SIMD flags that matter (:data:`SIMD_FLAGS`), torch's CPU capability,
@@ -236,6 +277,7 @@ def describe_machine(threads: int | None = None) -> dict[str, Any]:
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch": torch.__version__,
         "onnxruntime": _onnxruntime_version(),
+        "openvino": _openvino_version(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "allocator": allocator_state().to_dict(),
@@ -291,6 +333,7 @@ def machine_identity(machine: dict[str, Any]) -> dict[str, Any]:
         "simd": list(machine.get("simd") or []),
         "torch": machine.get("torch"),
         "onnxruntime": machine.get("onnxruntime"),
+        "openvino": machine.get("openvino"),
     }
 
 

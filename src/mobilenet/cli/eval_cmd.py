@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, help="the split seed used in training")
     parser.add_argument(
         "--backend",
-        choices=("torch", "auto", "torch-jit", "onnxruntime", "exported"),
+        choices=("torch", "auto", "torch-jit", "onnxruntime", "openvino", "openvino-bf16", "exported"),
         default="torch",
         help="runtime (default torch: the eager model, as training validated, or an exported file's own runtime; "
         "auto: the fastest installed, logits within 1e-4 of PyTorch's)",
@@ -35,6 +36,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="a second model evaluated on the same images, e.g. the fp32 checkpoint of an int8 .onnx: prints both "
         "top-1s and the difference",
     )
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "int8", "auto-fast"),
+        help="run in this precision tier (default: the model's own) and compare it with float32 on the same images; "
+        "refused when it loses more top-1 than --max-drop. int8 of a .safetensors checkpoint needs --calibration",
+    )
+    parser.add_argument(
+        "--max-drop",
+        type=float,
+        metavar="POINTS",
+        help="top-1 percentage points a lower precision may lose against float32 (default: bf16 0.3, int8 1.0)",
+    )
+    parser.add_argument(
+        "--calibration",
+        metavar="DIR",
+        help="with --precision int8 and a float checkpoint: images to quantize with first (not the evaluated ones: "
+        "e.g. the training split), as `mobilenet quantize --calibration` takes",
+    )
     parser.add_argument("--format", choices=("table", "json"), default="table", help="output format")
     parser.add_argument("--plot", help="confusion-matrix PNG path (default: beside the checkpoint)")
     parser.add_argument("--no-plot", action="store_true", help="no confusion-matrix PNG")
@@ -42,7 +61,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    import tempfile
+
+    from mobilenet.errors import MobileNetError
+
+    if args.calibration is not None and args.precision != "int8":
+        raise MobileNetError("--calibration quantizes the model for --precision int8; give --precision int8 too")
+    if args.max_drop is not None and not 0 <= args.max_drop <= 100:
+        raise MobileNetError(f"--max-drop is in percentage points from 0 to 100, got {args.max_drop}")
+    needs_quantizing = args.precision == "int8" and not str(args.checkpoint).lower().endswith(".onnx")
+    if needs_quantizing and args.calibration is None:
+        raise MobileNetError(
+            f"--precision int8 of {args.checkpoint} needs --calibration DIR (images to quantize with), or the int8 "
+            ".onnx that `mobilenet quantize` wrote"
+        )
+    with tempfile.TemporaryDirectory(prefix="mobilenet-eval-") as tmp:
+        model = _quantized(args, Path(tmp)) if needs_quantizing else args.checkpoint
+        return _evaluate(args, model)
+
+
+def _quantized(args: argparse.Namespace, directory: Path) -> str:
+    """The float checkpoint quantized to int8 for this machine (as `mobilenet quantize` does), into ``directory``;
+    the checkpoint then becomes the float32 reference."""
+    from mobilenet.quantize import quantize_onnx
+
+    result = quantize_onnx(args.checkpoint, directory / "model.int8.onnx", args.calibration, progress=True)
+    if args.reference is None:
+        args.reference = args.checkpoint
+    return str(result.path)
+
+
+def _evaluate(args: argparse.Namespace, model: str) -> int:
 
     from mobilenet.evaluate import evaluate_checkpoint
     from mobilenet.io import check_output_file
@@ -54,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         what = "--plot" if args.plot else "the confusion plot beside the checkpoint (choose --plot FILE or --no-plot)"
         check_output_file(plot_path, what, inputs=[args.checkpoint])
     result = evaluate_checkpoint(
-        args.checkpoint,
+        model,
         args.data,
         split=args.split,
         batch_size=args.batch_size,
@@ -66,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
         progress=args.format == "table",
         backend=args.backend,
         reference=args.reference,
+        precision=args.precision,
+        max_drop=None if args.max_drop is None else args.max_drop / 100,
     )
     if plot_path is not None:
         plot_confusion(
@@ -92,6 +143,11 @@ def run(args: argparse.Namespace) -> int:
         console.print(
             f"reference {result['reference']['checkpoint']}: top-1 {result['reference']['top1']:.2%}; "
             f"difference {100 * result['top1_difference']:+.2f} points"
+        )
+    if "precision_check" in result:
+        console.print(
+            f"precision {result['precision']} ({result['backend_used']}): {result['precision_check']} "
+            f"(bound {100 * result['precision_bound']:.2f} points)"
         )
     table = Table("class", "images", "accuracy")
     for name, accuracy in result["per_class"].items():

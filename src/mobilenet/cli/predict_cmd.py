@@ -7,7 +7,19 @@ import sys
 import warnings
 
 #: ``auto`` and the names of :data:`mobilenet.backends.BACKENDS` (spelled out: the CLI starts without torch).
-PREDICT_BACKENDS = ("auto", "torch", "torch-channels-last", "torch-jit", "torch-compile", "onnxruntime", "exported")
+PREDICT_BACKENDS = (
+    "auto",
+    "torch",
+    "torch-channels-last",
+    "torch-jit",
+    "torch-compile",
+    "onnxruntime",
+    "openvino",
+    "openvino-bf16",
+    "exported",
+)
+#: :data:`mobilenet.autotune.PRECISIONS`, spelled out for the same reason.
+PRECISIONS = ("fp32", "bf16", "int8", "auto-fast")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,10 +46,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=PREDICT_BACKENDS,
         default="auto",
         help=(
-            "runtime (default auto: on the CPU the faster of onnxruntime and torch-jit, measured once for this "
-            "model, batch size and threads and cached; MOBILENET_AUTO_MEASURE=0: onnxruntime when installed, "
-            "else torch-jit)"
+            "runtime (default auto: on the CPU the fastest installed of onnxruntime, openvino and torch-jit, "
+            "measured once for this model, precision, batch size and threads and cached; MOBILENET_AUTO_MEASURE=0: "
+            "the first installed of that order)"
         ),
+    )
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="precision tier (default: the model's own, fp32 or int8 for an int8 .onnx): bf16 on CPUs with "
+        "AVX512-BF16 or AMX; auto-fast: the fastest of fp32 and bf16, measured. Check a tier's accuracy with "
+        "`mobilenet eval --precision`",
     )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for the backend")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda:0 (default: cpu)")
@@ -69,12 +88,20 @@ def run(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RandomWeightsWarning)
         predictor = Predictor(
-            args.model, backend=args.backend, device=args.device, num_threads=args.threads, batch_size=args.batch_size
+            args.model,
+            backend=args.backend,
+            device=args.device,
+            num_threads=args.threads,
+            batch_size=args.batch_size,
+            precision=args.precision,
         )
     for warning in caught:
         print(f"mobilenet predict: warning: {warning.message}", file=sys.stderr)
     if args.verbose:
-        print(f"mobilenet predict: backend {predictor.backend_name} ({predictor.backend_reason})", file=sys.stderr)
+        print(
+            f"mobilenet predict: backend {predictor.backend_name}, {predictor.precision} ({predictor.backend_reason})",
+            file=sys.stderr,
+        )
     show_progress = any(Path(entry).is_dir() for entry in args.images) and len(files) > 1
     predictions = predictor.predict(files, topk=args.topk, progress=show_progress)
     failed = [p for p in predictions if not p.ok]
