@@ -10,13 +10,17 @@ import torch
 from PIL import Image
 
 from mobilenet import autotune
-from mobilenet.backends import BACKENDS, load_source, onnxruntime_available
+from mobilenet.backends import BACKENDS, backend_installed, load_source, onnxruntime_available
 from mobilenet.checkpoint import save
 from mobilenet.cli import main
 from mobilenet.errors import MobileNetError
 from mobilenet.models import create_model
 from mobilenet.predict import Predictor
 from mobilenet.runtime import describe_machine
+
+
+def backends_installed(*names: str) -> bool:
+    return all(backend_installed(name) for name in names)
 
 
 @pytest.fixture(scope="module")
@@ -195,3 +199,42 @@ def test_cli_predict_verbose_says_why(measuring, monkeypatch, model, tmp_path, c
     assert code == 0 and "Traceback" not in err
     assert "backend torch-jit, fp32 (measured: torch-jit 2 ms vs onnxruntime 5 ms at batch 32, 1 thread" in err
     assert "could not be read" in err
+
+
+def test_the_key_changes_with_the_precision_tier_and_with_a_file(model, tmp_path):
+    source = load_source(model)
+    machine = describe_machine(2)
+    fp32 = autotune.auto_cache_key(source, batch=1, threads=2, machine=machine)
+    keys = {
+        fp32,
+        autotune.auto_cache_key(source, batch=1, threads=2, machine=machine, precision="auto-fast"),
+        autotune.auto_cache_key(source, batch=1, threads=2, machine=dict(machine, openvino="0.1")),
+    }
+    if onnxruntime_available():
+        from mobilenet.export import export_onnx
+
+        file = load_source(export_onnx(model, tmp_path / "m.onnx").path)
+        keys.add(autotune.auto_cache_key(file, batch=1, threads=2, machine=machine))
+    assert len(keys) == (4 if onnxruntime_available() else 3)
+
+
+@pytest.mark.skipif(not backends_installed("onnxruntime", "openvino"), reason="needs the onnx and openvino extras")
+def test_openvino_is_measured_with_the_others_and_can_win(measuring, monkeypatch, model):
+    monkeypatch.setitem(autotune.PRECISION_CANDIDATES, "fp32", ("onnxruntime", "openvino", "torch-jit"))
+    timer = _timer(monkeypatch, onnxruntime=3.0, openvino=2.0, torch_jit=4.0)
+    predictor = Predictor(model, num_threads=1, batch_size=2)
+    assert predictor.backend_name == "openvino" and predictor.precision == "fp32"
+    assert all(sorted(names) == ["onnxruntime", "openvino", "torch-jit"] for names, _, _ in timer.calls)
+    assert predictor.backend_reason.startswith("measured: openvino 2 ms vs onnxruntime 3 ms vs torch-jit 4 ms")
+
+
+@pytest.mark.skipif(not backends_installed("onnxruntime", "openvino"), reason="needs the onnx and openvino extras")
+def test_an_onnx_file_is_measured_among_the_runtimes_that_read_it(measuring, monkeypatch, model, tmp_path):
+    from mobilenet.export import export_onnx
+
+    monkeypatch.setitem(autotune.PRECISION_CANDIDATES, "fp32", ("onnxruntime", "openvino", "torch-jit"))
+    path = export_onnx(model, tmp_path / "m.onnx").path
+    timer = _timer(monkeypatch, onnxruntime=3.0, openvino=2.0)
+    predictor = Predictor(path, num_threads=1, batch_size=2)
+    assert predictor.backend_name == "openvino"
+    assert all(sorted(names) == ["onnxruntime", "openvino"] for names, _, _ in timer.calls)

@@ -218,3 +218,69 @@ def test_eval_reference_that_does_not_exist_is_refused(setup, capsys):
     _root, data, checkpoint, _model, _preprocessing = setup
     assert main(["eval", str(checkpoint), "--data", str(data), "--reference", "missing.safetensors", "--no-plot"]) == 2
     assert "missing.safetensors does not exist" in capsys.readouterr().err
+
+
+def test_eval_int8_of_a_checkpoint_quantizes_compares_and_keeps_the_bound(setup, capsys):
+    """`eval --precision int8 --calibration DIR` of a float checkpoint: quantized for this machine, evaluated, and
+    compared with the checkpoint in float32 on the same images."""
+    pytest.importorskip("onnxruntime")
+    _root, data, checkpoint, _model, _preprocessing = setup
+    args = ["eval", str(checkpoint), "--data", str(data), "--no-plot", "--precision", "int8"]
+    code = main([*args, "--calibration", str(data / "train"), "--max-drop", "100", "--format", "json"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["precision"] == "int8" and result["precision_bound"] == 1.0
+    assert result["reference"]["top1"] == evaluate_checkpoint(checkpoint, data, progress=False)["top1"]
+    assert result["precision_check"] == "within bound"
+
+
+def test_a_precision_that_loses_more_than_its_bound_is_refused_with_the_figure(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    from mobilenet import evaluate
+    from mobilenet.quantize import quantize_onnx
+
+    classes = ("a", "b", "c", "d", "e", "f")
+    folder(tmp_path / "data" / "train", classes)
+    folder(tmp_path / "data" / "val", classes[:1], per_class=5)  # five images of "a", one of each other class
+    folder(tmp_path / "data" / "val", classes[1:], per_class=1)
+    torch.manual_seed(0)
+    model = create_model("mobilenet_v1_0.25_128", resolution=32, small_input=True, num_classes=6).eval()
+    with torch.no_grad():
+        model.classifier.bias[0] = 100.0  # float32 says "a" to everything: top-1 5/10
+    bundle = load_data(tmp_path / "data")
+    checkpoint = save(model, tmp_path / "m.safetensors", classes=bundle.classes, preprocessing=bundle.preprocessing(32))
+    int8 = quantize_onnx(checkpoint, tmp_path / "m.int8.onnx", tmp_path / "data" / "train").path
+    honest = evaluate_checkpoint(int8, tmp_path / "data", progress=False, reference=checkpoint)
+    assert honest["top1"] == honest["reference"]["top1"] == 0.5 and honest["precision_check"] == "within bound"
+    # An int8 engine gone wrong: it says "f" to everything (top-1 1/10), 40 points below float32.
+    monkeypatch.setattr(evaluate.Predictor, "logits", lambda self, batch: torch.eye(6)[[5] * len(batch)])
+    with pytest.raises(
+        evaluate.AccuracyBoundError, match=r"int8 top-1 10\.00% is 40\.00 points below float32's 50\.00%"
+    ):
+        evaluate_checkpoint(int8, tmp_path / "data", progress=False, reference=checkpoint)
+    loose = evaluate_checkpoint(int8, tmp_path / "data", progress=False, reference=checkpoint, max_drop=0.5)
+    assert loose["precision_check"] == "within bound" and loose["precision_bound"] == 0.5
+    alone = evaluate_checkpoint(int8, tmp_path / "data", progress=False)  # no float32 reference: said, not checked
+    assert alone["precision_check"].startswith("unchecked")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--precision", "int8"], "needs --calibration DIR"),
+        (["--calibration", "x"], "give --precision int8 too"),
+        (["--precision", "bf16", "--max-drop", "150"], "--max-drop is in percentage points from 0 to 100"),
+        (["--precision", "int8", "--calibration", "/nonexistent/dir"], "/nonexistent/dir"),
+    ],
+)
+def test_cli_eval_precision_mistakes_exit_2(setup, capsys, extra, message):
+    _root, data, checkpoint, _model, _preprocessing = setup
+    code = main(["eval", str(checkpoint), "--data", str(data), "--no-plot", *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_max_drop_of_the_wrong_type_is_refused(setup):
+    _root, data, checkpoint, _model, _preprocessing = setup
+    for bad in (-0.1, 2.0, "0.3", True):
+        with pytest.raises(MobileNetError, match="max_drop must be a fraction"):
+            evaluate_checkpoint(checkpoint, data, progress=False, max_drop=bad)

@@ -1,0 +1,141 @@
+"""mobilenet.backends: the OpenVINO backends against PyTorch and ONNX Runtime, and the precision tiers they serve
+(float32, bf16 where the CPU has it, int8 for a quantized .onnx); refusals name what would work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_folder
+from mobilenet import autotune, backends
+from mobilenet.backends import BACKENDS, load_source, openvino_available
+from mobilenet.errors import MobileNetError
+from mobilenet.models import create_model
+from mobilenet.predict import Predictor
+from mobilenet.runtime import has_native_bf16
+
+needs_openvino = pytest.mark.skipif(not openvino_available(), reason="needs the openvino extra (pip install openvino)")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    model = create_model("mobilenet_v2_0.35_96", resolution=40, small_input=True, num_classes=7).eval()
+    with torch.no_grad():  # logits of order 1-10 (random init gives ~1e-6), so a relative check means something
+        model.classifier.weight.normal_(0, 4.0)
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def onnx_files(model, tmp_path_factory):
+    pytest.importorskip("onnxruntime")
+    from mobilenet.export import export_onnx
+    from mobilenet.quantize import quantize_onnx
+
+    root = tmp_path_factory.mktemp("ov")
+    fp32 = export_onnx(model, root / "m.onnx").path
+    calibration = tiny_folder(root / "calibration", per_class=6, size=40)
+    int8 = quantize_onnx(model, root / "m.int8.onnx", calibration).path
+    return fp32, int8
+
+
+def _batch(n: int) -> torch.Tensor:
+    return torch.randn(n, 3, 40, 40, generator=torch.Generator().manual_seed(n))
+
+
+@needs_openvino
+@pytest.mark.parametrize("n", [1, 3, 1])  # the batch size of 1 again: its compiled model is kept and reused
+def test_openvino_equals_pytorch_at_each_batch_size(model, n):
+    runner = BACKENDS["openvino"](load_source(model), num_threads=1)
+    x = _batch(n)
+    expected = model(x).detach()
+    got = runner(x)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max() <= 1e-4 + 1e-5 * expected.abs().max()
+    assert runner.max_abs_diff is not None and runner.precision == "fp32"
+
+
+@needs_openvino
+def test_openvino_runs_the_fp32_and_int8_files_as_onnxruntime_does(onnx_files):
+    fp32, int8 = onnx_files
+    x = _batch(8)
+    for path, precision in ((fp32, "fp32"), (int8, "int8")):
+        source = load_source(path)
+        ov, ort = BACKENDS["openvino"](source), BACKENDS["onnxruntime"](source)
+        assert ov.precision == ort.precision == precision
+        got, expected = ov(x), ort(x)
+        if precision == "fp32":
+            assert (got - expected).abs().max() <= 1e-4 + 1e-5 * expected.abs().max()
+        else:  # two int8 engines round differently; the classes they pick agree
+            assert (got.argmax(1) == expected.argmax(1)).float().mean() >= 0.75
+
+
+@needs_openvino
+@pytest.mark.skipif(not has_native_bf16(), reason="this CPU has no bf16 arithmetic (AVX512-BF16 or AMX)")
+def test_bf16_is_close_to_float32_and_says_its_precision(model):
+    predictor = Predictor(model, precision="bf16", batch_size=4)
+    assert predictor.backend_name == "openvino-bf16" and predictor.precision == "bf16"
+    x = _batch(4)
+    expected = model(x).detach()
+    got = predictor.logits(x)
+    assert (got - expected).abs().max() <= 0.1 * expected.abs().max()
+    assert (got - expected).abs().max() > 0  # rounded to bf16: not float32 under another name
+
+
+@needs_openvino
+def test_bf16_on_a_cpu_without_it_is_refused(model, monkeypatch):
+    monkeypatch.setattr(backends, "has_native_bf16", lambda: False)
+    monkeypatch.setattr(autotune, "has_native_bf16", lambda: False)
+    with pytest.raises(MobileNetError, match="bf16 needs a CPU with AVX512-BF16 or AMX"):
+        Predictor(model, precision="bf16")
+    with pytest.raises(MobileNetError, match="AVX512-BF16 or AMX"):
+        BACKENDS["openvino-bf16"](load_source(model))
+    assert autotune.tier_candidates("auto-fast", load_source(model)) == [
+        name for name in autotune.PRECISION_CANDIDATES["fp32"] if backends.backend_installed(name)
+    ]  # auto-fast without bf16 hardware is float32's candidates only
+
+
+def test_precision_refusals_name_what_would_work(model, onnx_files):
+    with pytest.raises(MobileNetError, match="mobilenet quantize CHECKPOINT --calibration DIR"):
+        Predictor(model, precision="int8")
+    with pytest.raises(MobileNetError, match="unknown precision 'fp16'; expected one of fp32, bf16, int8, auto-fast"):
+        Predictor(model, precision="fp16")
+    _fp32, int8 = onnx_files
+    with pytest.raises(MobileNetError, match="is already int8; precision fp32 needs the float model"):
+        Predictor(int8, precision="fp32")
+    with pytest.raises(MobileNetError, match="backend onnxruntime runs this model in fp32, not bf16; use backend auto"):
+        Predictor(model, backend="onnxruntime", precision="bf16")
+    with pytest.raises(MobileNetError, match="precision int8 runs an int8 model"):
+        Predictor(_fp32, precision="int8")
+
+
+def test_an_int8_file_runs_in_int8_with_the_tier_left_out_or_asked_for(onnx_files):
+    _fp32, int8 = onnx_files
+    for precision in (None, "int8", "auto-fast"):
+        predictor = Predictor(int8, precision=precision)
+        assert predictor.precision == "int8" and predictor.backend_name in autotune.FILE_BACKENDS
+
+
+def test_openvino_missing_is_said_with_the_install_command(model, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_openvino(name, *args, **kwargs):
+        if name == "openvino":
+            raise ImportError("No module named 'openvino'", name="openvino")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_openvino)
+    with pytest.raises(MobileNetError, match=r"pip install -e '\.\[openvino\]'"):
+        BACKENDS["openvino"](load_source(model))
+
+
+@needs_openvino
+def test_openvino_refuses_a_gpu_device(model):
+    with pytest.raises(MobileNetError, match="runs on the CPU"):
+        BACKENDS["openvino"](load_source(model), device="cuda")
