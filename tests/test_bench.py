@@ -10,7 +10,15 @@ import math
 
 import pytest
 
-from mobilenet.bench import Candidate, parse_backends, parse_batch_sizes, summarize_timings, time_interleaved
+from mobilenet.backends import openvino_available
+from mobilenet.bench import (
+    BENCH_BACKENDS,
+    Candidate,
+    parse_backends,
+    parse_batch_sizes,
+    summarize_timings,
+    time_interleaved,
+)
 from mobilenet.cli import main
 from mobilenet.cost import count_costs
 from mobilenet.errors import MobileNetError
@@ -97,9 +105,17 @@ def test_parsers():
     assert parse_batch_sizes([8]) == (8,)
     with pytest.raises(MobileNetError, match="no batch sizes"):
         parse_batch_sizes([])
-    assert parse_backends(None) == ("eager", "channels_last", "jit", "onnxruntime", "auto")
-    assert parse_backends("jit", int8=True, compile=True) == ("jit", "onnxruntime-int8", "compile")
-    assert parse_backends("all")[-1] == "auto" and len(parse_backends("all")) == 7
+    assert parse_backends(None) == (
+        "eager",
+        "channels_last",
+        "jit",
+        "onnxruntime",
+        "openvino",
+        "openvino-bf16",
+        "auto",
+    )
+    assert parse_backends("jit", int8=True, compile=True) == ("jit", "onnxruntime-int8", "openvino-int8", "compile")
+    assert parse_backends("all") == tuple(BENCH_BACKENDS) and len(parse_backends("all")) == 11
 
 
 def test_time_interleaved_rotates_and_counts():
@@ -127,7 +143,10 @@ def test_bench_int8_says_how_it_was_calibrated():
         gemm_size=64,
         threads=1,
     )
-    assert [r["backend"] for r in report.results] == ["onnxruntime", "onnxruntime-int8"]
+    expected = ["onnxruntime", "onnxruntime-int8", *(["openvino-int8"] if openvino_available() else [])]
+    assert [r["backend"] for r in report.results] == expected
+    assert [r["precision"] for r in report.results] == ["fp32", *["int8"] * (len(expected) - 1)]
+    assert report.results[0]["x_fastest_fp32_runtime"] == 1.0  # the only float32 row is its own yardstick
     assert report.to_dict()["settings"]["int8_calibration"] == "random noise"
     # The int8 model is the quantizer's default: its activation type is resolved and reported, never "auto".
     from mobilenet.quantize import default_activation_type
@@ -184,3 +203,22 @@ def test_bench_times_an_exported_file_as_it_is(tmp_path, capsys):
     assert any("runs in ONNX Runtime" in note for note in report.notes)
     assert main(["bench", str(onnx_file), "--resolution", "64", "--rounds", "1"]) == 2
     assert "runs at its own input size" in capsys.readouterr().err
+
+
+def test_bench_auto_chooses_for_each_batch_size():
+    """auto measures for the batch size it is given, so bench's auto row asks it once per batch size."""
+    from mobilenet.bench import bench
+
+    report = bench(
+        ["mobilenet_v1_0.25_128"],
+        backends="jit,auto",
+        batch_sizes="1,2",
+        resolution=32,
+        rounds=1,
+        warmup=1,
+        gemm_size=64,
+        threads=1,
+    )
+    said = [note for note in report.notes if ": auto: batch " in note]
+    assert [note.split(": auto: ")[1].split(":")[0] for note in said] == ["batch 1", "batch 2"]
+    assert {r["batch_size"] for r in report.results if r["backend"] == "auto"} == {1, 2}

@@ -16,8 +16,10 @@ threads): no float32 network can run faster than ``2 * MACs * batch / peak`` (``
 
 Backends (:data:`BENCH_BACKENDS`): PyTorch eager as built, eager in channels_last, ``torch.jit`` (BatchNorm folded,
 traced, frozen, ``optimize_for_inference``), ``torch.compile`` (inductor; slow to compile, so only when asked),
-ONNX Runtime float32 and int8 (static QDQ of :mod:`mobilenet.quantize`), and ``auto``: what
-``mobilenet.Predictor(backend="auto")`` runs.
+ONNX Runtime and OpenVINO in float32 and int8 (the static QDQ model of :mod:`mobilenet.quantize`, the same file in
+both), OpenVINO in bf16 (CPUs with AVX512-BF16 or AMX), and ``auto`` and ``auto-fast``: what
+``mobilenet.Predictor(backend="auto")`` runs in float32 and with ``precision="auto-fast"``. Each row says its
+precision; ``x_fastest_fp32_runtime`` compares every row with the fastest float32 runtime of its group.
 
 :class:`Candidate`, :func:`time_interleaved` and :func:`summarize_timings` (from :mod:`mobilenet.timing`, re-exported
 here) and :func:`gemm_peak` are the timing tools the scripts of ``benchmarks/`` build on too.
@@ -75,15 +77,30 @@ BENCH_NAMES: dict[str, str] = {
     "jit": "torch-jit",
     "compile": "torch-compile",
     "onnxruntime": "onnxruntime",
+    "openvino": "openvino",
+    "openvino-bf16": "openvino-bf16",
 }
 #: Backend name -> what it runs: the backends above, plus the int8 model and the Predictor's default path.
 BENCH_BACKENDS: dict[str, str] = {
     **{name: BACKENDS[backend].description for name, backend in BENCH_NAMES.items()},
-    "onnxruntime-int8": "ONNX Runtime int8 static QDQ (per-channel 7-bit weights, 8-bit activations)",
+    "onnxruntime-int8": "ONNX Runtime int8 static QDQ (per-channel weights, 8-bit activations)",
+    "openvino-int8": "OpenVINO on the same int8 QDQ model",
     "auto": "mobilenet.Predictor(backend='auto'): the library's default path",
+    "auto-fast": "mobilenet.Predictor(precision='auto-fast'): the fastest of float32 and bf16",
 }
-#: What runs when no --backends are given (``--int8`` adds onnxruntime-int8; compile only when named).
-DEFAULT_BACKENDS = ("eager", "channels_last", "jit", "onnxruntime", "auto")
+#: The precision of each backend that is not float32 (a row's ``precision``; only float32 rows set the
+#: ``x_fastest_fp32_runtime`` yardstick).
+BENCH_PRECISION: dict[str, str] = {
+    "openvino-bf16": "bf16",
+    "onnxruntime-int8": "int8",
+    "openvino-int8": "int8",
+    "auto-fast": "auto-fast",
+}
+#: The int8 rows (``--int8`` adds them): one int8 model, quantized once per model, in each runtime.
+INT8_BACKENDS = ("onnxruntime-int8", "openvino-int8")
+#: What runs when no --backends are given (``--int8`` adds the int8 rows; compile only when named; a backend whose
+#: package or CPU feature is missing is left out with a note).
+DEFAULT_BACKENDS = ("eager", "channels_last", "jit", "onnxruntime", "openvino", "openvino-bf16", "auto")
 #: Images the int8 model is calibrated on when no directory is given (uniform noise: measures speed, not accuracy).
 RANDOM_CALIBRATION_IMAGES = 16
 
@@ -132,7 +149,7 @@ def parse_backends(names: str | Sequence[str] | None, *, int8: bool = False, com
                 raise MobileNetError(f"unknown backend {name!r}; expected some of {', '.join(BENCH_BACKENDS)}")
             chosen.append(name)
     if int8:
-        chosen.append("onnxruntime-int8")
+        chosen.extend(INT8_BACKENDS)
     if compile:
         chosen.append("compile")
     return tuple(dict.fromkeys(chosen))
@@ -212,19 +229,58 @@ def build_candidate(
         runner = BACKENDS[BENCH_NAMES[backend]](source, num_threads=threads)
         notes = ["compiled per batch size during warm-up"] if backend == "compile" else []
         return Candidate(backend, description, runner, runner.max_abs_diff, notes)
-    if backend == "auto":
-        predictor = Predictor(model, backend="auto", num_threads=threads)
+    if backend in ("auto", "auto-fast"):
+        runner = _AutoRunner(model, threads, "auto-fast" if backend == "auto-fast" else None, shape[0])
         return Candidate(
             backend,
-            f"{description} -> {predictor.backend_name}",
-            predictor.logits,
-            _max_abs_diff(predictor.logits, model, (2, *shape[1:])),
-            [f"auto picked {predictor.backend_name} ({predictor.backend_reason})"],
+            f"{description} -> {runner.choices[shape[0]].backend_name}",
+            runner,
+            _max_abs_diff(runner, model, (shape[0], *shape[1:])),
+            runner.notes,
         )
     if not onnxruntime_available():
         raise MobileNetError(f"backend {backend} needs onnx and onnxruntime; {INSTALL_HINTS['onnx']}")
     workdir = Path(workdir or tempfile.mkdtemp(prefix="mobilenet-bench-"))
-    # onnxruntime-int8
+    path, notes = _int8_model(model, shape, calibration, workdir, int8_activations)
+    if backend == "openvino-int8":
+        run = BACKENDS["openvino"](load_source(path), num_threads=threads)
+    else:
+        run = _ort_runner(path, threads)
+    return Candidate(backend, description, run, _max_abs_diff(run, model, (2, *shape[1:])), notes)
+
+
+class _AutoRunner:
+    """What ``Predictor(backend="auto")`` runs at each batch size: one Predictor per batch size (built on the first
+    call at that size, during the warm-up), since ``auto`` measures for the batch size it is given."""
+
+    def __init__(self, model: nn.Module, threads: int | None, precision: str | None, first_batch: int) -> None:
+        self.model, self.threads, self.precision = model, threads, precision
+        self.choices: dict[int, Predictor] = {}
+        self.notes: list[str] = []
+        self.prepare(first_batch)
+
+    def prepare(self, batch: int) -> Predictor:
+        """The Predictor for ``batch`` images, built (and its choice measured) on first use."""
+        predictor = self.choices.get(batch)
+        if predictor is None:
+            predictor = Predictor(self.model, num_threads=self.threads, batch_size=batch, precision=self.precision)
+            self.choices[batch] = predictor
+            self.notes.append(f"batch {batch}: auto picked {predictor.backend_name} ({predictor.backend_reason})")
+        return predictor
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.prepare(int(batch.shape[0])).logits(batch)
+
+
+def _int8_model(
+    model: nn.Module,
+    shape: tuple[int, int, int, int],
+    calibration: str | os.PathLike[str] | None,
+    workdir: Path,
+    activations: str,
+) -> tuple[Path, list[str]]:
+    """``model`` quantized to an int8 ONNX file in ``workdir`` (once: every int8 row of one model runs the same
+    file), and notes saying how."""
     calibration_note = f"calibrated on the images in {calibration}"
     if calibration is None:
         calibration = _random_images(workdir / "calibration", shape[-1], RANDOM_CALIBRATION_IMAGES)
@@ -232,23 +288,14 @@ def build_candidate(
             f"calibrated on {RANDOM_CALIBRATION_IMAGES} random-noise images: a speed figure only (accuracy needs "
             "real calibration images, see docs/deploy.md)"
         )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        result = quantize_onnx(
-            model,
-            workdir / f"{id(model)}-int8.onnx",
-            calibration,
-            num_calibration=None,
-            activation_type=int8_activations,
-        )
-    run = _ort_runner(result.path, threads)
-    return Candidate(
-        backend,
-        description,
-        run,
-        _max_abs_diff(run, model, (2, *shape[1:])),
-        [calibration_note, f"weights {result.settings['weights']}, activations {result.settings['activations']}"],
-    )
+    path = workdir / f"{id(model)}-{shape[-1]}-int8.onnx"
+    settings_path = path.with_suffix(".settings")
+    if not path.is_file() or not settings_path.is_file():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = quantize_onnx(model, path, calibration, num_calibration=None, activation_type=activations)
+        settings_path.write_text(f"weights {result.settings['weights']}, activations {result.settings['activations']}")
+    return path, [calibration_note, settings_path.read_text()]
 
 
 def _random_images(directory: Path, size: int, count: int) -> Path:
@@ -340,7 +387,7 @@ def bench(
 
     Args:
         threads: intra-op threads for torch and ONNX Runtime (default: torch's current count).
-        int8: add ``onnxruntime-int8`` (calibrated on ``calibration``, a directory of images, or random noise).
+        int8: add the :data:`INT8_BACKENDS` rows (calibrated on ``calibration``, a directory of images, or noise).
         resolution: input side (default: each model's resolution).
         rounds, warmup: timed rounds and untimed forwards per candidate and batch size.
         gemm_size: side of the square matrices of the GEMM peak (measured at the start and the end).
@@ -383,8 +430,14 @@ def bench(
             for batch in sizes:
                 say(f"{name}: batch {batch}, {warmup} warm-up + {rounds} interleaved rounds x {len(candidates)}")
                 x = torch.randn(batch, *shape[1:], generator=torch.Generator().manual_seed(batch))
+                for candidate in candidates:
+                    if isinstance(candidate.run, _AutoRunner):
+                        candidate.run.prepare(batch)  # auto measures for this batch size, outside the timed rounds
                 times = time_interleaved(candidates, x, rounds=rounds, warmup=warmup, pause=pause)
                 results.extend(_result_row(name, c, batch, macs, times[c.name]) for c in candidates)
+            for candidate in candidates:
+                if isinstance(candidate.run, _AutoRunner):  # the choices made at the later batch sizes
+                    notes.extend(f"{name}: {candidate.name}: {note}" for note in candidate.run.notes[1:])
     say("GEMM peak again (end of run)")
     gemm.append(gemm_peak(gemm_size))
     report = BenchReport(
@@ -399,7 +452,7 @@ def bench(
             "gemm_size": gemm_size,
             "pause_s": pause,
             "int8_calibration": str(calibration) if calibration else ("random noise" if int8 else None),
-            "int8_activations": resolve_activation_type(int8_activations) if "onnxruntime-int8" in names else None,
+            "int8_activations": resolve_activation_type(int8_activations) if set(INT8_BACKENDS) & set(names) else None,
         },
         gemm=gemm,
         results=results,
@@ -476,7 +529,7 @@ def _file_candidate(name: str, source: ModelSource, threads: int | None, notes: 
     predictor = Predictor(source, num_threads=threads)
     runtime = {"onnxruntime": "ONNX Runtime", "exported": "its own runtime (TorchScript, torch.export or ExecuTorch)"}
     notes.append(f"{name}: the exported file runs in {runtime.get(predictor.backend_name, predictor.backend_name)}")
-    return Candidate("file", f"{source.path} as exported", predictor.logits, None)
+    return Candidate("file", f"{source.path} as exported", predictor.logits, None, precision=predictor.precision)
 
 
 def _result_row(name: str, candidate: Candidate, batch: int, macs: int, times: Sequence[float]) -> dict[str, Any]:
@@ -493,6 +546,7 @@ def _result_row(name: str, candidate: Candidate, batch: int, macs: int, times: S
         "macs_per_image": macs,
         "gflops": 2 * macs * batch / seconds / 1e9,
         "max_abs_diff": candidate.max_abs_diff,
+        "precision": BENCH_PRECISION.get(candidate.name, candidate.precision),
         "samples_ms": [1e3 * t for t in times],
     }
 
@@ -512,7 +566,7 @@ def _add_ratios(report: BenchReport) -> None:
             if r["model"] == row["model"]
             and r["batch_size"] == row["batch_size"]
             and r["backend"] != "auto"
-            and not r["backend"].endswith("int8")
+            and r.get("precision", "fp32") == "fp32"
         ]
         fastest = min((r["latency_ms"]["median"] for r in group), default=math.nan)
         row["x_fastest_fp32_runtime"] = row["latency_ms"]["median"] / fastest if group else None

@@ -31,6 +31,7 @@ class Candidate:
     run: Callable[[Any], Any]
     max_abs_diff: float | None = None
     notes: list[str] = field(default_factory=list)
+    precision: str = "fp32"
 
 
 def time_interleaved(

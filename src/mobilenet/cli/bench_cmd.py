@@ -10,12 +10,15 @@ import sys
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "bench",
-        help="latency/throughput of models across runtimes (torch, jit, ONNX Runtime, int8) vs the FLOP limit",
+        help="latency/throughput across runtimes (torch, ONNX Runtime, OpenVINO; fp32, bf16, int8) vs the FLOP limit",
         description=(
             "Warm-up, then interleaved rounds across every backend so machine drift hits them alike; median, p90 "
             "and min latency, throughput, achieved GFLOP/s (2 * MACs / latency) and the ratio to the FLOP limit "
             "set by the float32 GEMM peak measured in the same run. Backends: eager, channels_last, jit, "
-            "compile, onnxruntime, onnxruntime-int8, auto (default: eager, channels_last, jit, onnxruntime, auto)."
+            "compile, onnxruntime, openvino, openvino-bf16, onnxruntime-int8, openvino-int8, auto, auto-fast "
+            "(default: eager, channels_last, jit, onnxruntime, openvino, openvino-bf16, auto; one whose package or "
+            "CPU feature is missing is left out with a note). Each row says its precision; 'x fastest fp32' is "
+            "against the fastest float32 runtime of the same model and batch."
         ),
     )
     parser.add_argument(
@@ -29,7 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--backends", help="comma-separated backends, or 'all' (default: see above)")
     parser.add_argument("--batch-sizes", default="1,32", help="comma-separated batch sizes (default: 1,32)")
     parser.add_argument("--threads", type=int, help="intra-op threads for torch and ONNX Runtime (default: torch's)")
-    parser.add_argument("--int8", action="store_true", help="add ONNX Runtime int8 (static QDQ)")
+    parser.add_argument(
+        "--int8", action="store_true", help="add the int8 rows: one static QDQ model in ONNX Runtime and OpenVINO"
+    )
     parser.add_argument("--compile", action="store_true", help="add torch.compile (compiles per batch size: slow)")
     parser.add_argument(
         "--calibration", help="directory of images to calibrate int8 on (default: random noise, speed only)"
@@ -122,7 +127,8 @@ def _print_table(data: dict) -> None:
     console.print(
         f"[bold]{machine['cpu']}[/bold], {machine['logical_cpus']} logical CPUs, SIMD {' '.join(machine['simd'])}, "
         f"{machine['threads']} threads; torch {machine['torch']} ({machine['torch_cpu_capability']}), onnxruntime "
-        f"{machine['onnxruntime'] or '-'}; allocator: {machine['allocator']['reason']}; load average at start "
+        f"{machine['onnxruntime'] or '-'}, openvino {machine.get('openvino') or '-'}; "
+        f"allocator: {machine['allocator']['reason']}; load average at start "
         f"{' '.join(f'{v:.2f}' for v in machine['load_average'] or [])}"
     )
     console.print(
@@ -141,6 +147,7 @@ def _print_table(data: dict) -> None:
         )
         table.add_column("batch", justify="right")
         table.add_column("backend", no_wrap=True)
+        table.add_column("precision", no_wrap=True)
         for column in ("median ms", "p90 ms", "min ms", "img/s", "GFLOP/s", "x FLOP limit", "x fastest fp32"):
             table.add_column(column, justify="right")
         table.add_column("max |diff|", justify="right")
@@ -153,6 +160,7 @@ def _print_table(data: dict) -> None:
                 table.add_row(
                     str(batch) if index == 0 else "",
                     row["backend"],
+                    row.get("precision", "fp32"),
                     f"{latency['median']:.2f}",
                     f"{latency['p90']:.2f}",
                     f"{latency['min']:.2f}",
