@@ -8,7 +8,8 @@ import math
 
 import pytest
 
-from mobilenet import select
+from mobilenet import autotune, backends, select
+from mobilenet.backends import backend_installed
 from mobilenet.cli import main
 from mobilenet.errors import MobileNetError
 
@@ -41,7 +42,9 @@ class FakeTimer:
 def timer(monkeypatch):
     fake = FakeTimer()
     monkeypatch.setattr(select, "measure_latencies", fake)
-    monkeypatch.setattr(select, "_resolve_backend", lambda backend, grid: "torch-jit" if backend == "auto" else backend)
+    monkeypatch.setattr(
+        select, "_resolve_backend", lambda backend, *_args: "torch-jit" if backend == "auto" else backend
+    )
     return fake
 
 
@@ -203,3 +206,24 @@ def test_cli_json_holds_the_pick_and_every_point(timer, tmp_path, capsys):
     result = json.loads(out)
     assert result["pick"]["model"] == "mobilenet_v1_0.75_224"
     assert len(result["points"]) == 10
+
+
+def test_auto_is_what_autotune_chooses_for_the_grids_middle_model():
+    grid = [p for p in select.published_points(("v1",)) if p.alpha < 1]  # 0.75-224, 0.5-224, 0.5-160, 0.25-224
+    notes: list[str] = []
+    name = select._resolve_backend("auto", grid, "fp32", 1, 1, notes)
+    middle = sorted(grid, key=lambda p: p.macs)[2].model
+    assert name in autotune.PRECISION_CANDIDATES["fp32"] and backend_installed(name)
+    assert notes == [notes[0]] and notes[0].startswith(f"auto: {name} for every model, as measured on {middle} (")
+
+
+def test_bf16_selection_is_refused_where_it_cannot_run(monkeypatch):
+    grid = select.published_points(("v1",))[:2]
+    with pytest.raises(MobileNetError, match="give --precision bf16 too"):
+        select._resolve_backend("openvino-bf16", grid, "fp32", 1, 1, [])
+    monkeypatch.setattr(backends, "has_native_bf16", lambda: True)
+    with pytest.raises(MobileNetError, match="timed on openvino-bf16"):
+        select._resolve_backend("onnxruntime", grid, "bf16", 1, 1, [])
+    monkeypatch.setattr(backends, "has_native_bf16", lambda: False)
+    with pytest.raises(MobileNetError, match="AVX512-BF16 or AMX"):
+        select.select_model(5.0, precision="bf16", families="v1")

@@ -3,9 +3,9 @@
 The V1 paper (Howard et al. 2017, section 3.3 and 3.4; Tables 6 and 7) trades accuracy for speed with the width
 multiplier alpha and the input resolution, and leaves the choice to the reader's latency budget. :func:`select_model`
 makes that choice concrete: it times every (alpha, resolution) point that has a published ImageNet top-1
-(:func:`published_points`: V1 Tables 6, 7 and 9, V2 Table 4) with the backend ``Predictor(backend="auto")`` would
-run, and returns the most accurate model whose median latency is within the budget, with the Pareto front of
-accuracy against measured latency.
+(:func:`published_points`: V1 Tables 6, 7 and 9, V2 Table 4) on one backend (for ``auto``, the one
+:mod:`mobilenet.autotune` measures fastest on the grid's middle model), and returns the most accurate model whose
+median latency is within the budget, with the Pareto front of accuracy against measured latency.
 
 Timing: every model is prepared first, then :func:`mobilenet.timing.time_interleaved` times one forward of every
 model per round, in an order rotated each round (drift in the machine's speed reaches every model alike); the
@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from mobilenet.backends import BACKENDS, ModelSource, pick_backend
+from mobilenet.autotune import choose_backend
+from mobilenet.backends import BACKENDS, ModelSource, require_native_bf16
 from mobilenet.cost import count_costs
 from mobilenet.data import resolve_preprocessing
 from mobilenet.errors import MobileNetError
@@ -67,10 +68,12 @@ __all__ = [
 
 #: Model families with published ImageNet top-1 for their (alpha, resolution) grid.
 FAMILIES = ("v1", "v2")
-#: Precisions that can be selected (float32; int8 accuracy is not published per grid point).
-PRECISIONS = ("fp32",)
+#: Precisions that can be selected: float32, and bf16 on CPUs with bf16 arithmetic (its accuracy is float32's
+#: published figure, which ``mobilenet eval --precision bf16`` checks for a trained model; int8 needs calibration
+#: images for every grid point, so it is not offered).
+PRECISIONS = ("fp32", "bf16")
 #: Backends a selection can time (``auto``: what ``Predictor(backend="auto")`` runs for a PyTorch model on the CPU).
-SELECT_BACKENDS = ("auto", "torch", "torch-channels-last", "torch-jit", "onnxruntime")
+SELECT_BACKENDS = ("auto", "torch", "torch-channels-last", "torch-jit", "onnxruntime", "openvino", "openvino-bf16")
 #: The paper tables whose rows carry published top-1 for a plain (alpha, resolution) MobileNet.
 PUBLISHED_TABLES: tuple[tuple[str, tuple[PaperRow, ...]], ...] = (
     ("V1 Table 6", V1_TABLE6),
@@ -297,11 +300,27 @@ def _check_inputs(latency_ms: Any, precision: Any, batch: Any, backend: Any, rou
         raise MobileNetError(f"rounds must be an integer >= 1, got {rounds!r}")
 
 
-def _resolve_backend(backend: str, grid: Sequence[GridPoint]) -> str:
-    """``auto`` -> what :func:`mobilenet.backends.pick_backend` picks for a PyTorch model on the CPU."""
+def _resolve_backend(
+    backend: str, grid: Sequence[GridPoint], precision: str, batch: int, threads: int, notes: list[str]
+) -> str:
+    """The one backend every grid point is timed on: ``backend`` as named, or for ``auto`` what
+    :func:`mobilenet.autotune.choose_backend` measures fastest (and caches) for the grid's middle model (by
+    multiply-adds) at this batch size, thread count and precision; said in ``notes``."""
+    if precision == "bf16":
+        require_native_bf16()
+        if backend not in ("auto", "openvino-bf16"):
+            raise MobileNetError(f"precision bf16 is timed on openvino-bf16 (or auto), not {backend}")
+        return "openvino-bf16"
+    if backend == "openvino-bf16":
+        raise MobileNetError("backend openvino-bf16 computes in bf16; give --precision bf16 too")
     if backend != "auto":
         return backend
-    return pick_backend("auto", _source(min(grid, key=lambda p: p.macs).model), "cpu")
+    middle = sorted(grid, key=lambda p: p.macs)[len(grid) // 2].model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        choice = choose_backend("auto", _source(middle), num_threads=threads, batch_size=batch)
+    notes.append(f"auto: {choice.name} for every model, as measured on {middle} ({choice.reason})")
+    return choice.name
 
 
 def select_model(
@@ -321,7 +340,8 @@ def select_model(
     """The most accurate published MobileNet whose median latency on this machine is within ``latency_ms``.
 
     Args:
-        precision: ``"fp32"`` (the only one with published accuracy per grid point).
+        precision: ``"fp32"``, or ``"bf16"`` on a CPU with bf16 arithmetic (timed on ``openvino-bf16``; the accuracy
+            shown is float32's published figure: check a trained model's with ``mobilenet eval --precision bf16``).
         families: ``"v1"``, ``"v2"`` or both (a comma-separated string or a list).
         threads: intra-op threads (default: torch's current count); part of the cache key.
         batch: images per forward; the latency is per batch.
@@ -338,10 +358,10 @@ def select_model(
     grid = published_points(parse_families(families))
     say = progress or (lambda _line: None)
     threads = set_threads(threads)
-    backend = _resolve_backend(backend, grid)
+    notes: list[str] = []
+    backend = _resolve_backend(backend, grid, precision, batch, threads, notes)
     machine = describe_machine(threads)
     path = Path(cache_path) if cache_path is not None else default_cache_path()
-    notes: list[str] = []
     entries = _read_cache(path, notes)
     keys = {
         p.model: cache_key(

@@ -28,13 +28,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--latency-ms", type=float, required=True, dest="latency_ms", help="latency budget per batch in ms (> 0)"
     )
-    parser.add_argument("--precision", choices=("fp32",), default="fp32", help="numeric precision (default: fp32)")
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="numeric precision (default: fp32); bf16 on CPUs with AVX512-BF16 or AMX, timed on openvino-bf16 and "
+        "shown with float32's published top-1",
+    )
     parser.add_argument("--family", default="v1,v2", help="model families, comma-separated (default: v1,v2)")
     parser.add_argument("--threads", type=int, help="intra-op threads (default: torch's current count)")
     parser.add_argument("--batch", type=int, default=1, help="images per forward (default: 1)")
     parser.add_argument(
         "--backend",
-        choices=("auto", "torch", "torch-channels-last", "torch-jit", "onnxruntime"),
+        choices=("auto", "torch", "torch-channels-last", "torch-jit", "onnxruntime", "openvino", "openvino-bf16"),
         default="auto",
         help="runtime to time with (default: auto, what mobilenet predict runs)",
     )
