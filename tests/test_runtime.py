@@ -135,6 +135,9 @@ def test_auto_picks_the_fastest_installed_backend(trained_like_model, monkeypatc
         onnx_file = export_onnx(trained_like_model, tmp_path / "m.onnx").path
         assert Predictor(onnx_file).backend_name == "onnxruntime"
     monkeypatch.setattr(predict, "onnxruntime_available", lambda: False)
+    expected = "openvino" if predict.openvino_available() else "torch-jit"  # the next of the fixed order
+    assert Predictor(trained_like_model).backend_name == expected
+    monkeypatch.setattr(predict, "openvino_available", lambda: False)
     assert Predictor(trained_like_model).backend_name == "torch-jit"
     assert Predictor(trained_like_model, backend="torch").backend_name == "torch"
 
@@ -148,7 +151,10 @@ def test_auto_falls_back_when_a_conversion_fails(trained_like_model, monkeypatch
 
     monkeypatch.setattr(predict, "onnxruntime_available", lambda: True)
     monkeypatch.setitem(predict.BACKENDS, "onnxruntime", Broken)
-    assert Predictor(trained_like_model).backend_name == "torch-jit"
+    monkeypatch.setitem(predict.BACKENDS, "openvino", Broken)
+    choice = Predictor(trained_like_model)
+    assert choice.backend_name == "torch-jit"
+    assert "onnxruntime failed to build (conversion failed), next in order" in choice.backend_reason
     with pytest.raises(MobileNetError, match="conversion failed"):
         Predictor(trained_like_model, backend="onnxruntime")
 

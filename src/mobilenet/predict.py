@@ -29,9 +29,12 @@ from mobilenet.data import build_eval_transform
 from mobilenet.errors import MobileNetError
 from mobilenet.images import BadImageError, decode_image
 from mobilenet.progress import progress_bar
-from mobilenet.runtime import resolve_device
+from mobilenet.runtime import resolve_device, torch_threads
 
-__all__ = ["Prediction", "Predictor"]
+__all__ = ["TORCH_BACKENDS", "Prediction", "Predictor"]
+
+#: Backends that run in torch's own thread pool (the Predictor's pre- and post-processing share it with them).
+TORCH_BACKENDS = ("torch", "torch-channels-last", "torch-jit", "torch-compile")
 
 # ---------------------------------------------------------------------------------------------------------------
 # Predictions
@@ -141,6 +144,8 @@ class Predictor:
         )
         self.backend_name, self.backend, self.backend_reason = choice.name, choice.backend, choice.reason
         self.precision: str = getattr(self.backend, "precision", "fp32")
+        # Another runtime owns the cores while it runs: torch's own ops around it stay on one thread.
+        self._torch_threads = None if self.backend_name in TORCH_BACKENDS else 1
         self.batch_size = batch_size
         self.transform = build_eval_transform(self.source.preprocessing)
 
@@ -202,6 +207,24 @@ class Predictor:
         return results
 
     def _predict_chunk(self, chunk: list[tuple[int, Any]], topk: int) -> list[Prediction]:
+        with torch_threads(self._torch_threads):
+            predictions, tensors, waiting = self._preprocess_chunk(chunk)
+        if tensors:
+            logits = self.logits(torch.stack(tensors))
+            with torch_threads(self._torch_threads):
+                probabilities = torch.softmax(logits.double(), dim=1)
+                top = probabilities.topk(topk, dim=1)
+            for prediction, values, indices in zip(waiting, top.values, top.indices, strict=True):
+                prediction.indices = [int(i) for i in indices]
+                prediction.probabilities = [float(v) for v in values]
+                prediction.labels = [self.classes[i] if self.classes else None for i in prediction.indices]
+        return predictions
+
+    def _preprocess_chunk(
+        self, chunk: list[tuple[int, Any]]
+    ) -> tuple[list[Prediction], list[torch.Tensor], list[Prediction]]:
+        """Every image of ``chunk`` preprocessed; one that cannot be decoded gets its error instead. Returns all
+        predictions (in order), the tensors, and the predictions waiting for those tensors' results."""
         predictions: list[Prediction] = []
         tensors: list[torch.Tensor] = []
         waiting: list[Prediction] = []
@@ -214,14 +237,7 @@ class Predictor:
             except BadImageError as error:
                 prediction.error = str(error)
             predictions.append(prediction)
-        if tensors:
-            probabilities = torch.softmax(self.logits(torch.stack(tensors)).double(), dim=1)
-            top = probabilities.topk(topk, dim=1)
-            for prediction, values, indices in zip(waiting, top.values, top.indices, strict=True):
-                prediction.indices = [int(i) for i in indices]
-                prediction.probabilities = [float(v) for v in values]
-                prediction.labels = [self.classes[i] if self.classes else None for i in prediction.indices]
-        return predictions
+        return predictions, tensors, waiting
 
 
 def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:

@@ -37,7 +37,7 @@ import json
 import math
 import os
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,7 @@ __all__ = [
     "read_cache",
     "resolve_device",
     "set_threads",
+    "torch_threads",
     "tune_allocator",
     "user_cache_path",
     "write_cache",
@@ -205,6 +206,24 @@ def set_threads(num_threads: int | None) -> int:
     with contextlib.suppress(RuntimeError):  # settable only before inter-op work starts; then it stays as it is
         torch.set_num_interop_threads(1)
     return torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """Run the block with ``count`` torch intra-op threads (None: as they are), then restore the count.
+
+    Used to keep torch's small pre- and post-processing ops on one thread while another runtime (ONNX Runtime,
+    OpenVINO) owns the cores: two thread pools spinning on the same cores slow each other down many times over.
+    """
+    before = torch.get_num_threads()
+    if count is None or count == before:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _cpuinfo() -> dict[str, str]:

@@ -1,0 +1,72 @@
+"""What the Predictor adds to the runtime at batch 1: its checks, tensor conversions and preprocessing, measured
+against the bare backend on the same model, interleaved in one process.
+
+Three paths, each timed per image:
+
+- ``runtime``: the chosen backend on an already preprocessed float batch (what the runtime itself costs);
+- ``predict, input size``: ``Predictor.predict`` of a uint8 image already at the model's input size (decode-free:
+  the Predictor's own overhead, checks, conversion, normalisation and the softmax/top-k);
+- ``predict, resize``: the same of a 256 px image the eval transform resizes and crops (what a camera frame costs).
+
+Prints each median, and the overhead of each path as a fraction of the runtime's time.
+
+    python benchmarks/predictor_overhead.py --model mobilenet_v2_1.0_224 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+
+import torch
+
+from mobilenet.predict import Predictor
+from mobilenet.runtime import describe_machine, set_threads
+from mobilenet.timing import Candidate, summarize_timings, time_interleaved
+
+
+def measure(model: str, threads: int, backend: str, rounds: int) -> dict:
+    set_threads(threads)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a model name: random weights, which do not change the speed
+        predictor = Predictor(model, backend=backend, num_threads=threads, batch_size=1)
+    size = int(predictor.preprocessing["input_size"])
+    generator = torch.Generator().manual_seed(0)
+    exact = torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=generator)
+    larger = torch.randint(0, 256, (3, 256, 256), dtype=torch.uint8, generator=generator)
+    ready = predictor.preprocess(exact).unsqueeze(0)
+    candidates = [
+        Candidate("runtime", "the backend on a preprocessed batch", lambda _x: predictor.logits(ready)),
+        Candidate("predict, input size", "Predictor.predict, uint8 at input size", lambda _x: predictor.predict(exact)),
+        Candidate("predict, resize", "Predictor.predict, uint8 256 px", lambda _x: predictor.predict(larger)),
+    ]
+    times = time_interleaved(candidates, None, rounds=rounds, warmup=5, pause=0.0)
+    medians = {name: summarize_timings(samples)["median"] for name, samples in times.items()}
+    base = medians["runtime"]
+    return {
+        "model": model,
+        "backend": predictor.backend_name,
+        "threads": threads,
+        "median_ms": medians,
+        "overhead_vs_runtime": {name: ms / base - 1 for name, ms in medians.items() if name != "runtime"},
+        "machine": {k: describe_machine(threads)[k] for k in ("cpu", "simd", "torch", "onnxruntime", "openvino")},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="mobilenet_v2_1.0_224")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--rounds", type=int, default=60)
+    args = parser.parse_args()
+    result = measure(args.model, args.threads, args.backend, args.rounds)
+    for name, ms in result["median_ms"].items():
+        extra = result["overhead_vs_runtime"].get(name)
+        print(f"{name:22s} {ms:8.3f} ms" + ("" if extra is None else f"   overhead {100 * extra:+.1f}%"))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
