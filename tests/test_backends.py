@@ -139,3 +139,29 @@ def test_openvino_missing_is_said_with_the_install_command(model, monkeypatch):
 def test_openvino_refuses_a_gpu_device(model):
     with pytest.raises(MobileNetError, match="runs on the CPU"):
         BACKENDS["openvino"](load_source(model), device="cuda")
+
+
+@pytest.mark.parametrize("bad", [3, ["bf16"], "", "FP32", None.__class__])
+def test_a_precision_of_the_wrong_type_or_spelling_is_refused(model, bad):
+    with pytest.raises(MobileNetError, match="unknown precision"):
+        Predictor(model, precision=bad)
+
+
+def test_cli_precision_mistakes_exit_2_without_a_traceback(model, tmp_path, capsys, monkeypatch):
+    from mobilenet.checkpoint import save
+    from mobilenet.cli import main
+
+    checkpoint = save(model, tmp_path / "m.safetensors")
+    image = tmp_path / "a.png"
+    from PIL import Image
+
+    Image.new("RGB", (40, 40)).save(image)
+    assert main(["predict", str(checkpoint), str(image), "--precision", "int8"]) == 2
+    assert "mobilenet quantize" in capsys.readouterr().err
+    monkeypatch.setattr(backends, "has_native_bf16", lambda: False)
+    monkeypatch.setattr(autotune, "has_native_bf16", lambda: False)
+    assert main(["predict", str(checkpoint), str(image), "--precision", "bf16"]) == 2
+    err = capsys.readouterr().err
+    assert "AVX512-BF16 or AMX" in err and "Traceback" not in err
+    assert main(["select", "--latency-ms", "5", "--precision", "bf16", "--family", "v1"]) == 2
+    assert "AVX512-BF16 or AMX" in capsys.readouterr().err
