@@ -192,3 +192,86 @@ def test_missing_extension_names_how_to_build(monkeypatch):
         packed(torch.zeros(1, 8, 8, 16))
     with pytest.raises(MobileNetError, match="gcc"):
         fused.supported_isas()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Whole networks and the "fused" backend
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _model_with_statistics(name: str, **overrides) -> nn.Module:
+    from mobilenet.models import create_model
+
+    model = create_model(name, **overrides)
+    _randomized_statistics(model)
+    return model.eval()
+
+
+def _randomized_statistics(model: nn.Module) -> None:
+    generator = torch.Generator().manual_seed(1)
+    for bn in model.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.running_mean.copy_((torch.rand(bn.num_features, generator=generator) - 0.5) * 0.2)
+            bn.running_var.copy_(torch.rand(bn.num_features, generator=generator) + 0.5)
+
+
+@pytest.mark.parametrize(
+    ("name", "alpha"),
+    [
+        ("mobilenet_v1_1.0_224", 0.25),
+        ("mobilenet_v1_1.0_224", 0.5),
+        ("mobilenet_v1_1.0_224", 1.0),
+        ("mobilenet_v2_1.0_224", 0.35),
+        ("mobilenet_v2_1.0_224", 1.0),
+    ],
+)
+@pytest.mark.parametrize("size", [224, 97, 130])
+def test_network_matches_pytorch(name, alpha, size):
+    model = _model_with_statistics(name, alpha=alpha)
+    network = fused.FusedNetwork(model, threads=2)
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
+        with torch.inference_mode():
+            expected = model(x)
+        got = network(x)
+        assert got.shape == expected.shape
+        assert float((got - expected).abs().max()) <= 1e-4 * float(expected.abs().max())
+
+
+def test_network_memory_plan_is_a_third_of_the_layer_by_layer_peak():
+    """Ping-pong buffers: two NHWC buffers sized by the largest block outputs of each parity."""
+    model = _model_with_statistics("mobilenet_v2_1.0_224")
+    plan = fused.FusedNetwork(model).memory_plan(1, 224, 224)
+    # V2 Table 2: block 1 writes 112x112x16, block 2 56x56x24 (the largest outputs of each parity).
+    assert plan.buffer_floats == (112 * 112 * 16, 56 * 56 * 24)
+    assert plan.peak_bytes >= plan.buffer_bytes
+
+
+def test_network_refuses_what_it_cannot_run():
+    from mobilenet.models import create_model
+
+    with pytest.raises(MobileNetError, match="V1/V2"):
+        fused.FusedNetwork(nn.Sequential(nn.Conv2d(3, 8, 3)))
+    with pytest.raises(MobileNetError, match="no depthwise separable"):
+        fused.FusedNetwork(create_model("mobilenet_v1_conv_0.25_224", resolution=32))
+    network = fused.FusedNetwork(_model_with_statistics("mobilenet_v2_1.0_224", alpha=0.35))
+    with pytest.raises(MobileNetError, match="NCHW batch with 3 channels"):
+        network(torch.zeros(1, 4, 32, 32))
+    with pytest.raises(MobileNetError, match="NCHW batch"):
+        network("image")
+    with pytest.raises(MobileNetError, match="threads"):
+        fused.FusedNetwork(_model_with_statistics("mobilenet_v2_1.0_224", alpha=0.35), threads=0)
+
+
+def test_fused_backend_runs_and_checks_parity():
+    from mobilenet.backends import BACKENDS, load_source
+
+    model = _model_with_statistics("mobilenet_v2_1.0_224", alpha=0.35, resolution=96)
+    backend = BACKENDS["fused"](load_source(model), num_threads=2)
+    assert backend.max_abs_diff is not None and backend.max_abs_diff <= 1e-4
+    x = torch.randn(2, 3, 96, 96)
+    with torch.inference_mode():
+        expected = model(x)
+    assert torch.allclose(backend(x), expected, atol=1e-4 * float(expected.abs().max()))
+    with pytest.raises(MobileNetError, match="CPU"):
+        BACKENDS["fused"](load_source(model), device="meta")

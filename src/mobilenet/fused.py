@@ -30,6 +30,7 @@ from torch import nn
 from mobilenet.errors import MobileNetError
 from mobilenet.export import fold_batchnorm
 from mobilenet.layers import ConvBNAct, DepthwiseSeparable, InvertedResidual
+from mobilenet.models import MobileNet
 
 try:
     from mobilenet import _fused_kernels as _kernels
@@ -40,6 +41,8 @@ __all__ = [
     "BUILD_HINT",
     "ISA_ENV",
     "FusedBlock",
+    "FusedNetwork",
+    "MemoryPlan",
     "best_isa",
     "fused_available",
     "pack_block",
@@ -263,3 +266,113 @@ def pack_block(module: nn.Module) -> FusedBlock:
         raise MobileNetError("a shortcut needs stride 1 and as many output channels as input channels")
     bounds = (lo1, hi1, *_bounds(depthwise.act, "the depthwise conv"), *_bounds(project.act, "the pointwise conv"))
     return FusedBlock(kind, int(in_channels), int(expanded), int(out_channels), stride, residual, tensors, bounds)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Whole networks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The activation memory of one input shape: the two ping-pong NHWC buffers every fused block writes into
+    (``buffer_bytes``), and ``peak_bytes``, the most activation bytes alive at once (the buffers plus what the torch
+    stages allocate: the channels-last copy of the input, the stem's and the head conv's outputs). The kernel's
+    per-thread ring and tile buffers are ``scratch_bytes`` (read from the extension after a run)."""
+
+    buffer_floats: tuple[int, int]
+    peak_bytes: int
+
+    @property
+    def buffer_bytes(self) -> int:
+        return 4 * sum(self.buffer_floats)
+
+
+class FusedNetwork:
+    """A V1 or V2 MobileNet (any width, any resolution) with every depthwise separable / inverted residual block on
+    the fused kernel; the stem conv, V2's head 1x1 conv, the pool and the classifier run as torch ops on the
+    BatchNorm-folded model (channels-last, so their outputs are NHWC without a copy). Fused blocks write into two
+    ping-pong buffers allocated once per input shape. Takes and returns what the model does (NCHW in, logits)."""
+
+    def __init__(self, model: nn.Module, *, threads: int = 2, isa: str | None = None) -> None:
+        _require_kernels()
+        if not isinstance(model, MobileNet) or model.config.family not in ("v1", "v2"):
+            raise MobileNetError(
+                f"the fused runtime runs MobileNet V1/V2 models, got {type(model).__name__} "
+                f"{getattr(getattr(model, 'config', None), 'family', '')}".rstrip()
+            )
+        self.threads, self.isa = check_threads(threads), isa
+        _isa_code(isa)
+        self.model = fold_batchnorm(model).cpu().float().eval()
+        self.stages: list[FusedBlock | nn.Module] = []
+        for block in self.model.features:
+            if isinstance(block, InvertedResidual | DepthwiseSeparable):
+                self.stages.append(pack_block(block))
+            elif isinstance(block, ConvBNAct):
+                self.stages.append(block.to(memory_format=torch.channels_last))
+            else:
+                raise MobileNetError(f"the fused runtime cannot run a {type(block).__name__} block")
+        if not any(isinstance(stage, FusedBlock) for stage in self.stages):
+            raise MobileNetError(
+                f"{model.name or 'this model'} has no depthwise separable or inverted residual block to fuse "
+                "(the 'conv' variant of V1 is the paper's baseline of standard convs: run it with torch-jit)"
+            )
+        self._buffers: dict[tuple[int, int, int], tuple[list[torch.Tensor], MemoryPlan]] = {}
+
+    def memory_plan(self, batch: int, height: int, width: int) -> MemoryPlan:
+        """The buffers and the peak activation bytes for a ``batch`` x C x ``height`` x ``width`` input."""
+        return self._plan(batch, height, width)[1]
+
+    def _plan(self, batch: int, height: int, width: int) -> tuple[list[torch.Tensor], MemoryPlan]:
+        key = (batch, height, width)
+        if key not in self._buffers:
+            sizes, peak = [0, 0], 0
+            channels = int(self.model.config.in_channels)
+            live_input = batch * channels * height * width  # the channels-last copy of the input
+            index = 0
+            for stage in self.stages:
+                if isinstance(stage, FusedBlock):
+                    height, width = stage.output_size(height, width)
+                    channels = stage.out_channels
+                    sizes[index % 2] = max(sizes[index % 2], batch * height * width * channels)
+                    index += 1
+                    live_input = 0  # the next block's input is a ping-pong buffer
+                    continue
+                conv = stage.conv
+                height = (height + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
+                width = (width + 2 * conv.padding[1] - conv.kernel_size[1]) // conv.stride[1] + 1
+                channels = conv.out_channels
+                output = batch * height * width * channels
+                peak = max(peak, live_input + output)
+                live_input = output
+            plan = MemoryPlan((sizes[0], sizes[1]), 4 * (peak + sizes[0] + sizes[1]))
+            self._buffers[key] = ([torch.empty(size) for size in sizes], plan)
+        return self._buffers[key]
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The feature map (NCHW view of an NHWC tensor) of a float32 NCHW batch."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.model.config.in_channels:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise MobileNetError(f"expected an NCHW batch with {self.model.config.in_channels} channels, got {shape}")
+        x = x.detach().to("cpu", torch.float32)
+        buffers, _ = self._plan(int(x.shape[0]), int(x.shape[2]), int(x.shape[3]))
+        current = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)  # NHWC, contiguous
+        index = 0
+        with torch.inference_mode():
+            for stage in self.stages:
+                if isinstance(stage, FusedBlock):
+                    out_h, out_w = stage.output_size(int(current.shape[1]), int(current.shape[2]))
+                    shape = (int(current.shape[0]), out_h, out_w, stage.out_channels)
+                    out = buffers[index % 2][: math.prod(shape)].view(shape)
+                    current = stage(current, out=out, threads=self.threads, isa=self.isa)
+                    index += 1
+                else:
+                    nchw = stage(current.permute(0, 3, 1, 2))
+                    current = nchw.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+        return current.permute(0, 3, 1, 2)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of a float32 NCHW batch (as the model's forward)."""
+        features = self.features(x)
+        with torch.inference_mode():
+            return self.model.forward_head(features).clone()
