@@ -19,8 +19,10 @@ The extension is optional: :func:`fused_available` says whether it was built, an
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -288,6 +290,20 @@ class MemoryPlan:
         return 4 * sum(self.buffer_floats)
 
 
+@contextlib.contextmanager
+def _torch_single_threaded() -> Iterator[None]:
+    """torch's stages (stem, head conv, pool, classifier) on one thread: torch's OpenMP workers keep spinning after
+    each op, and with as many threads as cores they would take the cores from the kernel's own pool in between."""
+    before = torch.get_num_threads()
+    if before != 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if before != 1:
+            torch.set_num_threads(before)
+
+
 class FusedNetwork:
     """A V1 or V2 MobileNet (any width, any resolution) with every depthwise separable / inverted residual block on
     the fused kernel; the stem conv, V2's head 1x1 conv, the pool and the classifier run as torch ops on the
@@ -358,7 +374,7 @@ class FusedNetwork:
         buffers, _ = self._plan(int(x.shape[0]), int(x.shape[2]), int(x.shape[3]))
         current = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)  # NHWC, contiguous
         index = 0
-        with torch.inference_mode():
+        with torch.inference_mode(), _torch_single_threaded():
             for stage in self.stages:
                 if isinstance(stage, FusedBlock):
                     out_h, out_w = stage.output_size(int(current.shape[1]), int(current.shape[2]))
@@ -374,5 +390,5 @@ class FusedNetwork:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of a float32 NCHW batch (as the model's forward)."""
         features = self.features(x)
-        with torch.inference_mode():
+        with torch.inference_mode(), _torch_single_threaded():
             return self.model.forward_head(features).clone()

@@ -215,7 +215,7 @@ static void *worker_main(void *arg) {
         int spins = 0;
         while (atomic_load_explicit(&job_generation, memory_order_acquire) == seen && spins < SPIN_ROUNDS) {
             cpu_relax();
-            spins++;
+            if (++spins % 64 == 0) sched_yield(); /* on a shared machine, spinning must not starve the others */
         }
         if (atomic_load_explicit(&job_generation, memory_order_acquire) == seen) {
             pthread_mutex_lock(&wake_lock);
