@@ -6,8 +6,8 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test test-slow lint format clean
 
-# Reinstalls only when pyproject.toml changes, so repeated runs are fast.
-$(STAMP): pyproject.toml
+# Reinstalls only when pyproject.toml or the C extension (setup.py, src/mobilenet/_fused) changes.
+$(STAMP): pyproject.toml setup.py src/mobilenet/_fused/fused.c src/mobilenet/_fused/fused_impl.h
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test,demo,onnx]"
 	@touch $(STAMP)
@@ -33,4 +33,4 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix src tests benchmarks
 
 clean:
-	rm -rf $(VENV) .pytest_cache build dist src/*.egg-info
+	rm -rf $(VENV) .pytest_cache build dist src/*.egg-info src/mobilenet/*.so

@@ -39,6 +39,7 @@ from mobilenet.export import (
     ort_session,
     read_onnx_metadata,
 )
+from mobilenet.fused import FusedNetwork, check_threads
 from mobilenet.models import create_model
 from mobilenet.parity import compare_to_reference, seeded_batch
 from mobilenet.runtime import has_native_bf16, resolve_device, set_threads, tune_allocator
@@ -48,6 +49,7 @@ __all__ = [
     "BACKENDS",
     "ChannelsLastBackend",
     "CompiledBackend",
+    "FusedBackend",
     "ModelSource",
     "OnnxRuntimeBackend",
     "OpenVinoBackend",
@@ -463,6 +465,33 @@ def require_native_bf16() -> None:
         )
 
 
+class FusedBackend:
+    """Our fused block kernel (:mod:`mobilenet.fused`): every V1 depthwise separable / V2 inverted residual block in
+    one tiled pass in C (AVX-512, AVX2 or portable), NHWC, BatchNorm folded; stem, head conv, pool and classifier in
+    torch. Needs the C extension (built at install with a C compiler) and a V1/V2 MobileNet. Checked against the
+    eager model when built (as ``torch-jit``)."""
+
+    name = "fused"
+    description = "our fused block kernel (C; AVX-512/AVX2/portable), NHWC, BatchNorm folded"
+
+    def __init__(self, source: ModelSource, *, device: str = "cpu", num_threads: int | None = None) -> None:
+        if source.model is None:
+            raise MobileNetError(
+                f"{source.path} is an exported file; the fused backend runs a PyTorch MobileNet (a .safetensors "
+                "checkpoint or a model name)"
+            )
+        if str(device) != "cpu":
+            raise MobileNetError(f"the fused backend runs on the CPU; got device={device!r}")
+        threads = set_threads(num_threads)
+        tune_allocator()
+        self.reference = source.model.cpu().eval()
+        self.network = FusedNetwork(self.reference, threads=check_threads(min(threads, 64)))
+        self.max_abs_diff = check_parity(self, self.reference, _input_shape(source, 3), what="fused")
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.network(batch)
+
+
 #: Backend name -> class taking (ModelSource, device=, num_threads=) and mapping a float NCHW batch to logits.
 BACKENDS: dict[str, Any] = {
     "torch": TorchBackend,
@@ -473,6 +502,7 @@ BACKENDS: dict[str, Any] = {
     "openvino": OpenVinoBackend,
     "openvino-bf16": OpenVinoBf16Backend,
     "exported": ExportedBackend,
+    "fused": FusedBackend,
 }
 
 

@@ -17,6 +17,7 @@ PREDICT_BACKENDS = (
     "openvino",
     "openvino-bf16",
     "exported",
+    "fused",
 )
 #: :data:`mobilenet.autotune.PRECISIONS`, spelled out for the same reason.
 PRECISIONS = ("fp32", "bf16", "int8", "auto-fast")

@@ -1,0 +1,435 @@
+/* mobilenet._fused_kernels: a whole MobileNet block in one pass over its input (V2 paper section 5.1, "memory
+ * efficient inference"): the t-times expanded tensor of an inverted residual block (V2 paper Table 1) only ever
+ * exists as a few rows in a ring buffer, the depthwise output only as one tile of output rows. The same kernel runs
+ * V1's depthwise separable block (V1 paper Figure 3) with no expansion.
+ *
+ * Three builds of the kernels (fused_impl.h): AVX-512 (F/BW/VL), AVX2 + FMA and portable C, chosen at run time by
+ * __builtin_cpu_supports, so the module runs on any x86-64 CPU (or any CPU, where only the portable one exists).
+ * Work is split by output rows over a small persistent pthread pool. Arguments arrive as raw addresses from
+ * mobilenet.fused, which validates every shape and pointer first. */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#define FUSED_X86 1
+#include <immintrin.h>
+#endif
+
+typedef struct {
+    const float *in; /* n x h x w x cin */
+    float *out;      /* n x hout x wout x cout */
+    int n, h, w, cin, hout, wout, cout, stride, cexp, cpad, coutpad;
+    const float *we, *be; /* cin x cpad, cpad (NULL: no expansion, cexp == cin) */
+    const float *wd, *bd; /* 9 x cpad, cpad */
+    const float *wp, *bp; /* cexp x coutpad, coutpad */
+    float lo1, hi1, lo2, hi2, lo3, hi3;
+    int residual;
+} block_t;
+
+typedef struct {
+    float *ring;           /* ring_rows x (w + 2) x cpad */
+    float *dw;             /* tile_rows x wout x cpad */
+    float *apad;           /* MR x max K */
+    const float *zero_row; /* (w + 2) x cpad zeros, shared */
+    int ring_rows, tile_rows;
+} scratch_t;
+
+/* ---- portable C ------------------------------------------------------------------------------------------ */
+#define SFX(name) name##_portable
+#define TARGET
+#define VEC float
+#define VW 1
+#define MR 4
+#define NB 16
+#define VLOAD(p) (*(p))
+#define VSTORE(p, v) (*(p) = (v))
+#define VLOAD_PART(p, n) (*(p))
+#define VSTORE_PART(p, v, n) (*(p) = (v))
+#define VSET1(x) (x)
+#define VFMA(a, b, c) ((a) * (b) + (c))
+#define VADD(a, b) ((a) + (b))
+#define VMAX(a, b) ((a) > (b) ? (a) : (b))
+#define VMIN(a, b) ((a) < (b) ? (a) : (b))
+#include "fused_impl.h"
+#undef SFX
+#undef TARGET
+#undef VEC
+#undef VW
+#undef MR
+#undef NB
+#undef VLOAD
+#undef VSTORE
+#undef VLOAD_PART
+#undef VSTORE_PART
+#undef VSET1
+#undef VFMA
+#undef VADD
+#undef VMAX
+#undef VMIN
+
+#ifdef FUSED_X86
+/* ---- AVX2 + FMA: 6 pixels x 2 vectors of 8 = 12 accumulators of 16 ymm registers -------------------------- */
+#define SFX(name) name##_avx2
+#define TARGET __attribute__((target("avx2,fma")))
+#define VEC __m256
+#define VW 8
+#define MR 6
+#define NB 2
+#define VLOAD(p) _mm256_loadu_ps(p)
+#define VSTORE(p, v) _mm256_storeu_ps((p), (v))
+#define VLOAD_PART(p, n) _mm256_maskload_ps((p), avx2_mask(n))
+#define VSTORE_PART(p, v, n) _mm256_maskstore_ps((p), avx2_mask(n), (v))
+#define VSET1(x) _mm256_set1_ps(x)
+#define VFMA(a, b, c) _mm256_fmadd_ps((a), (b), (c))
+#define VADD(a, b) _mm256_add_ps((a), (b))
+#define VMAX(a, b) _mm256_max_ps((a), (b))
+#define VMIN(a, b) _mm256_min_ps((a), (b))
+TARGET static inline __m256i avx2_mask(int n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+#include "fused_impl.h"
+#undef SFX
+#undef TARGET
+#undef VEC
+#undef VW
+#undef MR
+#undef NB
+#undef VLOAD
+#undef VSTORE
+#undef VLOAD_PART
+#undef VSTORE_PART
+#undef VSET1
+#undef VFMA
+#undef VADD
+#undef VMAX
+#undef VMIN
+
+/* ---- AVX-512: 12 pixels x 2 vectors of 16 = 24 accumulators of 32 zmm registers --------------------------- */
+#define SFX(name) name##_avx512
+#define TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
+#define VEC __m512
+#define VW 16
+#define MR 12
+#define NB 2
+#define VLOAD(p) _mm512_loadu_ps(p)
+#define VSTORE(p, v) _mm512_storeu_ps((p), (v))
+#define VLOAD_PART(p, n) _mm512_maskz_loadu_ps((__mmask16)((1u << (n)) - 1u), (p))
+#define VSTORE_PART(p, v, n) _mm512_mask_storeu_ps((p), (__mmask16)((1u << (n)) - 1u), (v))
+#define VSET1(x) _mm512_set1_ps(x)
+#define VFMA(a, b, c) _mm512_fmadd_ps((a), (b), (c))
+#define VADD(a, b) _mm512_add_ps((a), (b))
+#define VMAX(a, b) _mm512_max_ps((a), (b))
+#define VMIN(a, b) _mm512_min_ps((a), (b))
+#include "fused_impl.h"
+#endif
+
+/* ---- instruction sets ---------------------------------------------------------------------------------- */
+enum { ISA_AUTO = 0, ISA_PORTABLE = 1, ISA_AVX2 = 2, ISA_AVX512 = 3 };
+#define MAX_MR 12
+
+static int isa_supported(int isa) {
+    if (isa == ISA_PORTABLE) return 1;
+#ifdef FUSED_X86
+    __builtin_cpu_init();
+    if (isa == ISA_AVX2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (isa == ISA_AVX512)
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+    return 0;
+}
+
+static int best_isa(void) {
+    if (isa_supported(ISA_AVX512)) return ISA_AVX512;
+    if (isa_supported(ISA_AVX2)) return ISA_AVX2;
+    return ISA_PORTABLE;
+}
+
+/* ---- the thread pool ------------------------------------------------------------------------------------
+ * The output rows are cut into chunks that threads claim from an atomic counter, so a worker the OS has not
+ * scheduled yet (the machine may be shared) costs nothing: the calling thread takes its chunks. A worker joins a
+ * job only while it is open (under job_lock); the caller closes it when every chunk is claimed and waits only for
+ * the workers that joined. Workers spin a while after a job (blocks follow each other closely), then sleep. */
+#define MAX_THREADS 64
+#define SPIN_ROUNDS 50000
+
+typedef struct {
+    const block_t *block;
+    scratch_t *scratch;
+    int isa, chunks, threads; /* workers with tid >= threads sit this job out: they have no scratch in it */
+    atomic_int next_chunk;
+} job_t;
+
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER; /* one job at a time */
+static pthread_mutex_t job_lock = PTHREAD_MUTEX_INITIALIZER;  /* joining vs closing the job */
+static pthread_mutex_t wake_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t wake_cond = PTHREAD_COND_INITIALIZER;
+static atomic_int job_generation;
+static atomic_int job_active; /* workers that joined and have not finished */
+static job_t *current_job;    /* NULL when closed */
+static int pool_workers;
+/* A worker starts from the generation current when it was created (passed in, not read: a job posted between its
+ * creation and its first instruction would otherwise be missed). */
+static int worker_start_generation[MAX_THREADS];
+
+static void run_chunk(const job_t *job, int tid, int chunk) {
+    const block_t *B = job->block;
+    scratch_t *S = &job->scratch[tid];
+#ifdef FUSED_X86
+    if (job->isa == ISA_AVX512) {
+        run_chunk_avx512(B, S, chunk, job->chunks);
+        return;
+    }
+    if (job->isa == ISA_AVX2) {
+        run_chunk_avx2(B, S, chunk, job->chunks);
+        return;
+    }
+#endif
+    run_chunk_portable(B, S, chunk, job->chunks);
+}
+
+static void claim_chunks(job_t *job, int tid) {
+    int chunk;
+    while ((chunk = atomic_fetch_add(&job->next_chunk, 1)) < job->chunks) run_chunk(job, tid, chunk);
+}
+
+static inline void cpu_relax(void) {
+#ifdef FUSED_X86
+    _mm_pause();
+#endif
+}
+
+static void *worker_main(void *arg) {
+    int tid = (int)(intptr_t)arg;
+    int seen = worker_start_generation[tid];
+    for (;;) {
+        int spins = 0;
+        while (atomic_load_explicit(&job_generation, memory_order_acquire) == seen && spins < SPIN_ROUNDS) {
+            cpu_relax();
+            if (++spins % 64 == 0) sched_yield(); /* on a shared machine, spinning must not starve the others */
+        }
+        if (atomic_load_explicit(&job_generation, memory_order_acquire) == seen) {
+            pthread_mutex_lock(&wake_lock);
+            while (atomic_load(&job_generation) == seen) pthread_cond_wait(&wake_cond, &wake_lock);
+            pthread_mutex_unlock(&wake_lock);
+        }
+        pthread_mutex_lock(&job_lock);
+        seen = atomic_load(&job_generation);
+        job_t *job = current_job && tid < current_job->threads ? current_job : NULL;
+        if (job) atomic_fetch_add(&job_active, 1);
+        pthread_mutex_unlock(&job_lock);
+        if (job) {
+            claim_chunks(job, tid);
+            atomic_fetch_sub_explicit(&job_active, 1, memory_order_release);
+        }
+    }
+    return NULL;
+}
+
+static int ensure_workers(int nt) {
+    while (pool_workers < nt - 1) {
+        pthread_t thread;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        worker_start_generation[pool_workers + 1] = atomic_load(&job_generation);
+        int failed = pthread_create(&thread, &attr, worker_main, (void *)(intptr_t)(pool_workers + 1));
+        pthread_attr_destroy(&attr);
+        if (failed) return -1;
+        pool_workers++;
+    }
+    return 0;
+}
+
+/* Two chunks per thread where each is at least 8 rows (a chunk boundary costs the depthwise conv's overlap rows
+ * of expansion again), else one. */
+static int chunk_count(const block_t *B, int nt) {
+    long rows = (long)B->n * B->hout;
+    long chunks = rows >= 16L * nt ? 2L * nt : nt;
+    return (int)(chunks < rows ? chunks : rows);
+}
+
+static void run_job(const block_t *B, scratch_t *scratch, int isa, int nt) {
+    job_t job = {B, scratch, isa, chunk_count(B, nt), nt, 0};
+    if (nt > 1 && job.chunks > 1) {
+        pthread_mutex_lock(&job_lock);
+        current_job = &job;
+        pthread_mutex_unlock(&job_lock);
+        pthread_mutex_lock(&wake_lock);
+        atomic_fetch_add_explicit(&job_generation, 1, memory_order_release);
+        pthread_cond_broadcast(&wake_cond);
+        pthread_mutex_unlock(&wake_lock);
+    }
+    claim_chunks(&job, 0);
+    pthread_mutex_lock(&job_lock);
+    current_job = NULL;
+    pthread_mutex_unlock(&job_lock);
+    for (int spins = 0; atomic_load_explicit(&job_active, memory_order_acquire) > 0; spins++) {
+        if (spins < 4096)
+            cpu_relax();
+        else
+            sched_yield(); /* the worker may be waiting for this core */
+    }
+}
+
+/* ---- scratch memory: per thread, kept between calls and grown when a block needs more ------------------- */
+typedef struct {
+    float *ptr;
+    size_t floats;
+} buffer_t;
+
+static buffer_t ring_buf[MAX_THREADS], dw_buf[MAX_THREADS], apad_buf[MAX_THREADS], zero_buf;
+
+static float *grow(buffer_t *buf, size_t floats) {
+    if (buf->floats >= floats) return buf->ptr;
+    float *fresh = NULL;
+    size_t bytes = ((floats * sizeof(float) + 63) / 64) * 64;
+    if (posix_memalign((void **)&fresh, 64, bytes) != 0) return NULL;
+    memset(fresh, 0, bytes); /* never-written lanes are read (and discarded): keep them finite and normal */
+    free(buf->ptr);
+    buf->ptr = fresh;
+    buf->floats = floats;
+    return fresh;
+}
+
+static size_t scratch_bytes_total(void) {
+    size_t total = zero_buf.floats;
+    for (int i = 0; i < MAX_THREADS; i++) total += ring_buf[i].floats + dw_buf[i].floats + apad_buf[i].floats;
+    return total * sizeof(float);
+}
+
+/* The most output rows per tile whose ring and depthwise tile fit the cache budget (at least one). */
+static int pick_tile_rows(const block_t *B, int nt, long budget_bytes) {
+    long per_thread = ((long)B->n * B->hout + nt - 1) / nt;
+    int rows = 1;
+    while (rows < B->hout && rows < per_thread) {
+        int next = rows + 1;
+        long ring = (long)((next - 1) * B->stride + 3) * (B->w + 2) * B->cpad;
+        long dw = (long)next * B->wout * B->cpad;
+        if ((ring + dw) * (long)sizeof(float) > budget_bytes) break;
+        rows = next;
+    }
+    return rows;
+}
+
+static int prepare_scratch(const block_t *B, scratch_t *S, int nt, long budget_bytes) {
+    int tile = pick_tile_rows(B, nt, budget_bytes);
+    int ring_rows = (tile - 1) * B->stride + 3;
+    long row_floats = (long)(B->w + 2) * B->cpad;
+    int kmax = B->cin > B->cexp ? B->cin : B->cexp;
+    const float *zero = grow(&zero_buf, (size_t)row_floats);
+    if (!zero) return -1;
+    for (int t = 0; t < nt; t++) {
+        S[t].ring = grow(&ring_buf[t], (size_t)(ring_rows * row_floats));
+        S[t].dw = grow(&dw_buf[t], (size_t)tile * B->wout * B->cpad);
+        S[t].apad = grow(&apad_buf[t], (size_t)MAX_MR * kmax);
+        if (!S[t].ring || !S[t].dw || !S[t].apad) return -1;
+        S[t].zero_row = zero;
+        S[t].ring_rows = ring_rows;
+        S[t].tile_rows = tile;
+    }
+    return 0;
+}
+
+/* ---- Python API -------------------------------------------------------------------------------------- */
+static const char *ISA_NAMES[] = {"auto", "portable", "avx2", "avx512"};
+
+static PyObject *py_run_block(PyObject *self, PyObject *args) {
+    unsigned long long in, out, we, be, wd, bd, wp, bp;
+    block_t B;
+    int threads, isa;
+    long budget;
+    if (!PyArg_ParseTuple(args, "KKiiiiiiiiiiiKKKKKKffffffiiil", &in, &out, &B.n, &B.h, &B.w, &B.cin, &B.hout,
+                          &B.wout, &B.cout, &B.stride, &B.cexp, &B.cpad, &B.coutpad, &we, &be, &wd, &bd,
+                          &wp, &bp, &B.lo1, &B.hi1, &B.lo2, &B.hi2, &B.lo3, &B.hi3, &B.residual, &threads, &isa,
+                          &budget))
+        return NULL;
+    B.in = (const float *)(uintptr_t)in;
+    B.out = (float *)(uintptr_t)out;
+    B.we = (const float *)(uintptr_t)we;
+    B.be = (const float *)(uintptr_t)be;
+    B.wd = (const float *)(uintptr_t)wd;
+    B.bd = (const float *)(uintptr_t)bd;
+    B.wp = (const float *)(uintptr_t)wp;
+    B.bp = (const float *)(uintptr_t)bp;
+    /* The Python wrapper validates everything; these checks only keep a wrong direct call from writing wild. */
+    if (B.n < 1 || B.h < 1 || B.w < 1 || B.cin < 1 || B.cout < 1 || B.cexp < 1 || (B.stride != 1 && B.stride != 2) ||
+        B.hout != (B.h - 1) / B.stride + 1 || B.wout != (B.w - 1) / B.stride + 1 || B.cpad < B.cexp ||
+        B.cpad % 16 || B.coutpad < B.cout || B.coutpad % 16 || !B.in || !B.out || !B.wd || !B.bd || !B.wp ||
+        !B.bp || (B.we && !B.be) || (!B.we && B.cexp != B.cin) ||
+        (B.residual && (B.stride != 1 || B.cin != B.cout))) {
+        PyErr_SetString(PyExc_ValueError, "run_block: inconsistent shapes or null pointers");
+        return NULL;
+    }
+    if (threads < 1 || threads > MAX_THREADS) {
+        PyErr_Format(PyExc_ValueError, "run_block: threads must be in 1..%d", MAX_THREADS);
+        return NULL;
+    }
+    if (isa == ISA_AUTO) isa = best_isa();
+    if (isa < ISA_PORTABLE || isa > ISA_AVX512 || !isa_supported(isa)) {
+        PyErr_Format(PyExc_ValueError, "run_block: instruction set %d is not supported by this CPU", isa);
+        return NULL;
+    }
+    int failed = 0;
+    Py_BEGIN_ALLOW_THREADS;
+    pthread_mutex_lock(&pool_lock);
+    scratch_t scratch[MAX_THREADS];
+    if (ensure_workers(threads) != 0 || prepare_scratch(&B, scratch, threads, budget) != 0)
+        failed = 1;
+    else
+        run_job(&B, scratch, isa, threads);
+    pthread_mutex_unlock(&pool_lock);
+    Py_END_ALLOW_THREADS;
+    if (failed) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_supported_isas(PyObject *self, PyObject *unused) {
+    PyObject *names = PyList_New(0);
+    if (!names) return NULL;
+    for (int isa = ISA_PORTABLE; isa <= ISA_AVX512; isa++) {
+        if (!isa_supported(isa)) continue;
+        PyObject *name = PyUnicode_FromString(ISA_NAMES[isa]);
+        if (!name || PyList_Append(names, name) != 0) {
+            Py_XDECREF(name);
+            Py_DECREF(names);
+            return NULL;
+        }
+        Py_DECREF(name);
+    }
+    return names;
+}
+
+static PyObject *py_best_isa(PyObject *self, PyObject *unused) { return PyUnicode_FromString(ISA_NAMES[best_isa()]); }
+
+static PyObject *py_scratch_bytes(PyObject *self, PyObject *unused) {
+    pthread_mutex_lock(&pool_lock);
+    size_t bytes = scratch_bytes_total();
+    pthread_mutex_unlock(&pool_lock);
+    return PyLong_FromSize_t(bytes);
+}
+
+static PyMethodDef methods[] = {
+    {"run_block", py_run_block, METH_VARARGS,
+     "run_block(in, out, n, h, w, cin, hout, wout, cout, stride, cexp, cpad, coutpad, we, be, wd, bd, wp, "
+     "bp, lo1, hi1, lo2, hi2, lo3, hi3, residual, threads, isa, cache_budget_bytes): one fused block, NHWC float32 "
+     "(addresses as ints; see mobilenet.fused)."},
+    {"supported_isas", py_supported_isas, METH_NOARGS, "The instruction sets this CPU runs: portable, avx2, avx512."},
+    {"best_isa", py_best_isa, METH_NOARGS, "The instruction set chosen when none is forced."},
+    {"scratch_bytes", py_scratch_bytes, METH_NOARGS, "Bytes of ring, tile and padding buffers held by the pool."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fused_kernels",
+                                    "Fused MobileNet block kernels (see mobilenet.fused).", -1, methods};
+
+PyMODINIT_FUNC PyInit__fused_kernels(void) { return PyModule_Create(&module); }

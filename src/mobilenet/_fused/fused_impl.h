@@ -1,0 +1,197 @@
+/* One instruction set's kernels. fused.c includes this file once per instruction set, with SFX (the name suffix),
+ * TARGET (the function attribute), VEC/VW (vector type and width in floats), MR/NB (the GEMM micro-kernel's pixel
+ * rows and output vectors) and the vector operations defined.
+ *
+ * Layout: NHWC. A "ring" row holds one row of the expanded tensor (V2) or of the block input (t = 1 and V1) with a
+ * zero pixel on each side (the depthwise conv's padding) and cpad floats per pixel; the depthwise output of a tile
+ * of output rows is dense (pixels x cpad). */
+
+/* C[p][n] = clamp(bias[n] + sum_k A[p][k] B[k][n]) (+ R[p][n]) for MR pixels and NBV vectors of output channels
+ * starting at column 0 of b/bias and of the pointers; only `valid` floats of the block are stored, only m rows. */
+#define DEFINE_MICROKERNEL(NAME, NBV)                                                                               \
+    TARGET static void NAME(const float *a, long lda, int K, const float *b, long ldb, const float *bias, int m,     \
+                            int valid, float lo, float hi, float *const *cptr, const float *const *rptr) {          \
+        VEC acc[MR][NBV];                                                                                           \
+        for (int j = 0; j < NBV; j++) {                                                                             \
+            VEC bv = VLOAD(bias + j * VW);                                                                          \
+            for (int i = 0; i < MR; i++) acc[i][j] = bv;                                                            \
+        }                                                                                                           \
+        for (int k = 0; k < K; k++) {                                                                               \
+            VEC bv[NBV];                                                                                            \
+            for (int j = 0; j < NBV; j++) bv[j] = VLOAD(b + (long)k * ldb + j * VW);                                \
+            for (int i = 0; i < MR; i++) {                                                                          \
+                VEC av = VSET1(a[(long)i * lda + k]);                                                               \
+                for (int j = 0; j < NBV; j++) acc[i][j] = VFMA(av, bv[j], acc[i][j]);                               \
+            }                                                                                                       \
+        }                                                                                                           \
+        VEC vlo = VSET1(lo), vhi = VSET1(hi);                                                                       \
+        for (int i = 0; i < MR; i++) {                                                                              \
+            if (i >= m) break;                                                                                      \
+            for (int j = 0; j < NBV; j++) {                                                                         \
+                int left = valid - j * VW;                                                                          \
+                if (left <= 0) break;                                                                               \
+                VEC v = VMIN(VMAX(acc[i][j], vlo), vhi);                                                            \
+                if (left >= VW) {                                                                                   \
+                    if (rptr) v = VADD(v, VLOAD(rptr[i] + j * VW));                                                 \
+                    VSTORE(cptr[i] + j * VW, v);                                                                    \
+                } else {                                                                                            \
+                    if (rptr) v = VADD(v, VLOAD_PART(rptr[i] + j * VW, left));                                      \
+                    VSTORE_PART(cptr[i] + j * VW, v, left);                                                         \
+                }                                                                                                   \
+            }                                                                                                       \
+        }                                                                                                           \
+    }
+
+DEFINE_MICROKERNEL(SFX(micro_full), NB)
+DEFINE_MICROKERNEL(SFX(micro_one), 1)
+
+/* The 1x1 conv of P pixels as a GEMM: A pixel p at a + p*lda (K floats), B is K x ldb (zero padded to ldb), output
+ * pixel p at c + (p / cw) * c_row + (p % cw) * ldc (N floats), residual pixel p at r + p*ldr. Column blocks outer so
+ * a K x NB*VW panel of B is reused by every pixel of the tile; a last partial block of pixels is copied into apad
+ * (MR x K) so the micro-kernel always reads MR rows. */
+TARGET static void SFX(gemm)(const float *a, long lda, int P, int K, const float *b, long ldb, const float *bias,
+                             int N, float lo, float hi, float *c, long ldc, int cw, long c_row, const float *r,
+                             long ldr, float *apad) {
+    float *cptr[MR];
+    const float *rptr[MR];
+    for (int n0 = 0; n0 < N; n0 += NB * VW) {
+        int valid = N - n0 < NB * VW ? N - n0 : NB * VW;
+        for (int p0 = 0; p0 < P; p0 += MR) {
+            int m = P - p0 < MR ? P - p0 : MR;
+            const float *ablock = a + (long)p0 * lda;
+            long lda_block = lda;
+            if (m < MR) {
+                for (int i = 0; i < MR; i++) {
+                    if (i < m)
+                        memcpy(apad + (long)i * K, a + (long)(p0 + i) * lda, sizeof(float) * (size_t)K);
+                    else
+                        memset(apad + (long)i * K, 0, sizeof(float) * (size_t)K);
+                }
+                ablock = apad;
+                lda_block = K;
+            }
+            for (int i = 0; i < m; i++) {
+                int p = p0 + i;
+                cptr[i] = c + (long)(p / cw) * c_row + (long)(p % cw) * ldc + n0;
+                rptr[i] = r ? r + (long)p * ldr + n0 : NULL;
+            }
+            if (valid > (NB - 1) * VW) {
+                SFX(micro_full)(ablock, lda_block, K, b + n0, ldb, bias + n0, m, valid, lo, hi, cptr, r ? rptr : NULL);
+            } else {
+                for (int j = 0; j * VW < valid; j++) {
+                    float *cj[MR];
+                    const float *rj[MR];
+                    for (int i = 0; i < m; i++) {
+                        cj[i] = cptr[i] + j * VW;
+                        rj[i] = r ? rptr[i] + j * VW : NULL;
+                    }
+                    SFX(micro_one)(ablock, lda_block, K, b + n0 + j * VW, ldb, bias + n0 + j * VW, m,
+                                   valid - j * VW, lo, hi, cj, r ? rj : NULL);
+                }
+            }
+        }
+    }
+}
+
+/* One output row of the 3x3 depthwise conv (pad 1): rows[ky] are the three padded input rows (pixel 0 is the zero
+ * column left of the image), out gets wout pixels x cpad. The nine weights of a channel vector stay in registers
+ * while the row is swept. */
+TARGET static void SFX(depthwise_row)(const float *const rows[3], int wout, int stride, int C, int cpad,
+                                      const float *wd, const float *bd, float lo, float hi, float *out) {
+    VEC vlo = VSET1(lo), vhi = VSET1(hi);
+    for (int c0 = 0; c0 < C; c0 += VW) {
+        VEC w0 = VLOAD(wd + 0 * cpad + c0), w1 = VLOAD(wd + 1 * cpad + c0), w2 = VLOAD(wd + 2 * cpad + c0);
+        VEC w3 = VLOAD(wd + 3 * cpad + c0), w4 = VLOAD(wd + 4 * cpad + c0), w5 = VLOAD(wd + 5 * cpad + c0);
+        VEC w6 = VLOAD(wd + 6 * cpad + c0), w7 = VLOAD(wd + 7 * cpad + c0), w8 = VLOAD(wd + 8 * cpad + c0);
+        VEC bias = VLOAD(bd + c0);
+        const float *r0 = rows[0] + c0, *r1 = rows[1] + c0, *r2 = rows[2] + c0;
+        long step = (long)stride * cpad;
+        for (int ox = 0; ox < wout; ox++) {
+            VEC acc = bias;
+            acc = VFMA(VLOAD(r0), w0, acc);
+            acc = VFMA(VLOAD(r0 + cpad), w1, acc);
+            acc = VFMA(VLOAD(r0 + 2 * cpad), w2, acc);
+            acc = VFMA(VLOAD(r1), w3, acc);
+            acc = VFMA(VLOAD(r1 + cpad), w4, acc);
+            acc = VFMA(VLOAD(r1 + 2 * cpad), w5, acc);
+            acc = VFMA(VLOAD(r2), w6, acc);
+            acc = VFMA(VLOAD(r2 + cpad), w7, acc);
+            acc = VFMA(VLOAD(r2 + 2 * cpad), w8, acc);
+            VSTORE(out + (long)ox * cpad + c0, VMIN(VMAX(acc, vlo), vhi));
+            r0 += step;
+            r1 += step;
+            r2 += step;
+        }
+    }
+}
+
+/* Fill ring rows [first, last] (image rows, all inside the image) of image `img`: the expansion 1x1 conv (V2) or a
+ * copy of the input rows (t = 1, V1), in runs of rows whose ring slots are consecutive. */
+TARGET static void SFX(fill_rows)(const block_t *B, const scratch_t *S, int img, int first, int last) {
+    long row_floats = (long)(B->w + 2) * B->cpad;
+    while (first <= last) {
+        int slot = first % S->ring_rows;
+        int count = last - first + 1;
+        if (count > S->ring_rows - slot) count = S->ring_rows - slot;
+        const float *src = B->in + ((long)img * B->h + first) * B->w * B->cin;
+        float *dst = S->ring + slot * row_floats + B->cpad;
+        if (B->we) {
+            SFX(gemm)(src, B->cin, count * B->w, B->cin, B->we, B->cpad, B->be, B->cexp, B->lo1, B->hi1, dst,
+                      B->cpad, B->w, row_floats, NULL, 0, S->apad);
+        } else {
+            for (int y = 0; y < count; y++)
+                for (int x = 0; x < B->w; x++)
+                    memcpy(dst + y * row_floats + (long)x * B->cpad, src + ((long)y * B->w + x) * B->cin,
+                           sizeof(float) * (size_t)B->cin);
+        }
+        first += count;
+    }
+}
+
+/* Output rows [oy_begin, oy_end) of image img, tile by tile (V2 paper section 5.1): expand only the input rows the
+ * tile's depthwise conv needs that are not in the ring yet, run the depthwise conv into the tile buffer, project
+ * the tile into the output (plus the shortcut). */
+TARGET static void SFX(run_rows)(const block_t *B, const scratch_t *S, int img, int oy_begin, int oy_end) {
+    long row_floats = (long)(B->w + 2) * B->cpad;
+    for (int slot = 0; slot < S->ring_rows; slot++) { /* the side padding: another block may have left data here */
+        memset(S->ring + slot * row_floats, 0, sizeof(float) * (size_t)B->cpad);
+        memset(S->ring + slot * row_floats + (long)(B->w + 1) * B->cpad, 0, sizeof(float) * (size_t)B->cpad);
+    }
+    int s = B->stride;
+    int next_row = oy_begin * s - 1; /* the first image row not yet in the ring */
+    for (int oy0 = oy_begin; oy0 < oy_end; oy0 += S->tile_rows) {
+        int t = oy_end - oy0 < S->tile_rows ? oy_end - oy0 : S->tile_rows;
+        int need_last = (oy0 + t - 1) * s + 1;
+        int first = next_row < 0 ? 0 : next_row;
+        int last = need_last < B->h - 1 ? need_last : B->h - 1;
+        if (first <= last) SFX(fill_rows)(B, S, img, first, last);
+        next_row = need_last + 1;
+        for (int i = 0; i < t; i++) {
+            const float *rows[3];
+            for (int ky = 0; ky < 3; ky++) {
+                int y = (oy0 + i) * s - 1 + ky;
+                rows[ky] = (y < 0 || y >= B->h) ? S->zero_row : S->ring + (y % S->ring_rows) * row_floats;
+            }
+            SFX(depthwise_row)(rows, B->wout, s, B->cexp, B->cpad, B->wd, B->bd, B->lo2, B->hi2,
+                               S->dw + (long)i * B->wout * B->cpad);
+        }
+        long out_pixel = ((long)img * B->hout + oy0) * B->wout;
+        const float *res = B->residual ? B->in + out_pixel * B->cin : NULL;
+        int P = t * B->wout;
+        SFX(gemm)(S->dw, B->cpad, P, B->cexp, B->wp, B->coutpad, B->bp, B->cout, B->lo3, B->hi3,
+                  B->out + out_pixel * B->cout, B->cout, P, 0, res, B->cin, S->apad);
+    }
+}
+
+/* One chunk of the batch's output rows (images one after another): chunk `index` of `count` equal ranges. */
+TARGET static void SFX(run_chunk)(const block_t *B, const scratch_t *S, int index, int count) {
+    long total = (long)B->n * B->hout;
+    long begin = total * index / count, end = total * (index + 1) / count;
+    while (begin < end) {
+        int img = (int)(begin / B->hout);
+        int oy = (int)(begin % B->hout);
+        int stop = end - (long)img * B->hout < B->hout ? (int)(end - (long)img * B->hout) : B->hout;
+        SFX(run_rows)(B, S, img, oy, stop);
+        begin = (long)img * B->hout + stop;
+    }
+}

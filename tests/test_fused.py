@@ -1,0 +1,277 @@
+"""The fused block kernel (mobilenet.fused) against the PyTorch blocks it replaces, on every instruction set this CPU
+runs (the portable C build included), and its wrapper's refusals of bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mobilenet.errors import MobileNetError
+from mobilenet.layers import ConvBNAct, DepthwiseSeparable, InvertedResidual
+from mobilenet.spec import Block, Layer
+
+fused = pytest.importorskip("mobilenet.fused")
+pytestmark = pytest.mark.skipif(
+    not fused.fused_available(),
+    reason="the C extension mobilenet._fused_kernels is not built (python setup.py build_ext --inplace)",
+)
+ISAS = fused.supported_isas() if fused.fused_available() else ["portable"]
+
+
+def _layer(op, cin, cout, kernel, stride, groups, activation) -> Layer:
+    return Layer("x", op, cin, cout, kernel, stride, groups, (8, 8), (8, 8), True, activation, False)
+
+
+def inverted_residual(cin: int, cout: int, t: int, stride: int) -> InvertedResidual:
+    hidden = cin * t
+    layers = [_layer("pointwise", cin, hidden, 1, 1, 1, "relu6")] if t != 1 else []
+    layers += [
+        _layer("depthwise", hidden, hidden, 3, stride, hidden, "relu6"),
+        _layer("pointwise", hidden, cout, 1, 1, 1, None),
+    ]
+    block = Block("b", "inverted_residual", tuple(layers), residual=stride == 1 and cin == cout)
+    return _randomized(InvertedResidual(block))
+
+
+def separable(cin: int, cout: int, stride: int, activation: str = "relu") -> DepthwiseSeparable:
+    layers = (
+        _layer("depthwise", cin, cin, 3, stride, cin, activation),
+        _layer("pointwise", cin, cout, 1, 1, 1, activation),
+    )
+    return _randomized(DepthwiseSeparable(Block("b", "separable", layers)))
+
+
+def _randomized(module: nn.Module) -> nn.Module:
+    """Random weights and eval-mode BatchNorm statistics far from the identity (so folding them is tested)."""
+    generator = torch.Generator().manual_seed(sum(p.numel() for p in module.parameters()))
+    for parameter in module.parameters():
+        parameter.data.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    for bn in module.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.running_mean.copy_(torch.rand(bn.num_features, generator=generator) * 2 - 1)
+            bn.running_var.copy_(torch.rand(bn.num_features, generator=generator) * 1.5 + 0.5)
+            bn.weight.data.uniform_(0.5, 1.5, generator=generator)
+    return module.eval()
+
+
+def check_block(module: nn.Module, size: int, *, batch: int = 2, isa: str, threads: int = 2) -> None:
+    packed = fused.pack_block(module)
+    x = torch.randn(batch, packed.in_channels, size, size, generator=torch.Generator().manual_seed(size))
+    with torch.inference_mode():
+        expected = module(x).permute(0, 2, 3, 1)
+    got = packed(x.permute(0, 2, 3, 1).contiguous(), threads=threads, isa=isa)
+    assert got.shape == expected.shape
+    scale = float(expected.abs().max())
+    assert scale > 0
+    assert float((got - expected).abs().max()) <= 1e-4 * scale
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(
+    ("cin", "cout", "t", "stride"),
+    [(16, 16, 6, 1), (24, 24, 6, 1), (24, 17, 6, 1), (24, 17, 6, 2), (32, 16, 1, 1), (19, 19, 1, 1), (13, 40, 3, 2)],
+)
+@pytest.mark.parametrize("size", [7, 15, 1, 12])
+def test_inverted_residual_matches_pytorch(isa, cin, cout, t, stride, size):
+    check_block(inverted_residual(cin, cout, t, stride), size, isa=isa)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(("cin", "cout", "stride"), [(32, 64, 1), (64, 128, 2), (21, 35, 2), (9, 9, 1)])
+@pytest.mark.parametrize("size", [7, 15, 1, 16])
+def test_separable_matches_pytorch(isa, cin, cout, stride, size):
+    check_block(separable(cin, cout, stride), size, isa=isa)
+
+
+def test_separable_with_relu6_and_one_or_three_threads():
+    module = separable(24, 40, 1, activation="relu6")
+    for threads in (1, 3):
+        check_block(module, 15, batch=3, isa="portable", threads=threads)
+        check_block(module, 15, batch=3, isa=ISAS[-1], threads=threads)
+
+
+def test_large_map_with_many_tiles_and_batch():
+    """A 112x112 map runs in many tiles per thread, a batch of 3 crosses images inside one thread's rows."""
+    check_block(inverted_residual(16, 24, 6, 2), 112, batch=3, isa=ISAS[-1])
+    check_block(inverted_residual(24, 24, 6, 1), 57, batch=3, isa=ISAS[-1])
+
+
+def test_forced_instruction_set_from_the_environment(monkeypatch):
+    module = inverted_residual(24, 17, 6, 1)
+    monkeypatch.setenv(fused.ISA_ENV, "portable")
+    check_block(module, 9, isa=None)
+    monkeypatch.setenv(fused.ISA_ENV, "sse9")
+    with pytest.raises(MobileNetError, match="unknown instruction set"):
+        check_block(module, 9, isa=None)
+
+
+def test_out_buffer_is_written():
+    packed = fused.pack_block(inverted_residual(16, 16, 6, 1))
+    x = torch.randn(1, 9, 9, 16)
+    out = torch.full((1, 9, 9, 16), math.nan)
+    assert packed(x, out=out) is out
+    assert torch.isfinite(out).all()
+
+
+@pytest.fixture
+def packed():
+    return fused.pack_block(inverted_residual(24, 17, 6, 1))
+
+
+@pytest.mark.parametrize(
+    ("x", "match"),
+    [
+        ("not a tensor", "torch.Tensor"),
+        (torch.zeros(1, 8, 8, 24, dtype=torch.float64), "float32"),
+        (torch.zeros(1, 8, 8, 24, dtype=torch.int32), "float32"),
+        (torch.zeros(8, 8, 24), r"NHWC batch"),
+        (torch.zeros(1, 8, 8, 23), r"NHWC batch \(N, H, W, 24\)"),
+        (torch.zeros(1, 24, 8, 8), r"NHWC batch"),
+        (torch.zeros(1, 16, 8, 24)[:, ::2], "contiguous"),
+        (torch.zeros(0, 8, 8, 24), "non-empty"),
+        (torch.zeros(1, 0, 8, 24), "non-empty"),
+    ],
+)
+def test_hostile_inputs_are_refused(packed, x, match):
+    with pytest.raises(MobileNetError, match=match):
+        packed(x)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"threads": 0}, "threads"),
+        ({"threads": 65}, "threads"),
+        ({"threads": 2.0}, "threads"),
+        ({"threads": True}, "threads"),
+        ({"isa": "sse9"}, "unknown instruction set"),
+        ({"isa": 3}, "unknown instruction set"),
+        ({"out": torch.zeros(1, 8, 8, 24)}, "shape"),
+        ({"out": torch.zeros(1, 8, 8, 17, dtype=torch.float64)}, "float32"),
+        ({"out": torch.zeros(1, 8, 17, 8).transpose(2, 3)}, "contiguous"),
+        ({"out": "buffer"}, "float32"),
+    ],
+)
+def test_hostile_arguments_are_refused(packed, kwargs, match):
+    with pytest.raises(MobileNetError, match=match):
+        packed(torch.zeros(1, 8, 8, 24), **kwargs)
+
+
+def test_output_overlapping_the_input_is_refused():
+    packed = fused.pack_block(inverted_residual(16, 16, 6, 1))
+    x = torch.zeros(1, 8, 8, 16)
+    with pytest.raises(MobileNetError, match="overlap"):
+        packed(x, out=x)
+
+
+def test_unsupported_modules_are_refused():
+    with pytest.raises(MobileNetError, match="InvertedResidual and DepthwiseSeparable"):
+        fused.pack_block(nn.Conv2d(3, 3, 3))
+    module = separable(8, 8, 1)
+    module.depthwise.act = nn.GELU()
+    with pytest.raises(MobileNetError, match="GELU"):
+        fused.pack_block(module)
+    module = separable(8, 8, 1)
+    module.depthwise.conv.padding = (0, 0)
+    with pytest.raises(MobileNetError, match="3x3 depthwise conv"):
+        fused.pack_block(module)
+    module = separable(8, 8, 1)
+    module.pointwise = ConvBNAct(_layer("standard", 8, 8, 3, 1, 1, "relu"))
+    with pytest.raises(MobileNetError, match="1x1 conv"):
+        fused.pack_block(module)
+
+
+def test_missing_extension_names_how_to_build(monkeypatch):
+    monkeypatch.setattr(fused, "_kernels", None)
+    assert not fused.fused_available()
+    packed = fused.pack_block(inverted_residual(16, 16, 6, 1))
+    with pytest.raises(MobileNetError, match=r"build_ext --inplace"):
+        packed(torch.zeros(1, 8, 8, 16))
+    with pytest.raises(MobileNetError, match="gcc"):
+        fused.supported_isas()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Whole networks and the "fused" backend
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _model_with_statistics(name: str, **overrides) -> nn.Module:
+    from mobilenet.models import create_model
+
+    model = create_model(name, **overrides)
+    _randomized_statistics(model)
+    return model.eval()
+
+
+def _randomized_statistics(model: nn.Module) -> None:
+    generator = torch.Generator().manual_seed(1)
+    for bn in model.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.running_mean.copy_((torch.rand(bn.num_features, generator=generator) - 0.5) * 0.2)
+            bn.running_var.copy_(torch.rand(bn.num_features, generator=generator) + 0.5)
+
+
+@pytest.mark.parametrize(
+    ("name", "alpha"),
+    [
+        ("mobilenet_v1_1.0_224", 0.25),
+        ("mobilenet_v1_1.0_224", 0.5),
+        ("mobilenet_v1_1.0_224", 1.0),
+        ("mobilenet_v2_1.0_224", 0.35),
+        ("mobilenet_v2_1.0_224", 1.0),
+    ],
+)
+@pytest.mark.parametrize("size", [224, 97, 130])
+def test_network_matches_pytorch(name, alpha, size):
+    model = _model_with_statistics(name, alpha=alpha)
+    network = fused.FusedNetwork(model, threads=2)
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
+        with torch.inference_mode():
+            expected = model(x)
+        got = network(x)
+        assert got.shape == expected.shape
+        assert float((got - expected).abs().max()) <= 1e-4 * float(expected.abs().max())
+
+
+def test_network_memory_plan_is_a_third_of_the_layer_by_layer_peak():
+    """Ping-pong buffers: two NHWC buffers sized by the largest block outputs of each parity."""
+    model = _model_with_statistics("mobilenet_v2_1.0_224")
+    plan = fused.FusedNetwork(model).memory_plan(1, 224, 224)
+    # V2 Table 2: block 1 writes 112x112x16, block 2 56x56x24 (the largest outputs of each parity).
+    assert plan.buffer_floats == (112 * 112 * 16, 56 * 56 * 24)
+    assert plan.peak_bytes >= plan.buffer_bytes
+
+
+def test_network_refuses_what_it_cannot_run():
+    from mobilenet.models import create_model
+
+    with pytest.raises(MobileNetError, match="V1/V2"):
+        fused.FusedNetwork(nn.Sequential(nn.Conv2d(3, 8, 3)))
+    with pytest.raises(MobileNetError, match="no depthwise separable"):
+        fused.FusedNetwork(create_model("mobilenet_v1_conv_0.25_224", resolution=32))
+    network = fused.FusedNetwork(_model_with_statistics("mobilenet_v2_1.0_224", alpha=0.35))
+    with pytest.raises(MobileNetError, match="NCHW batch with 3 channels"):
+        network(torch.zeros(1, 4, 32, 32))
+    with pytest.raises(MobileNetError, match="NCHW batch"):
+        network("image")
+    with pytest.raises(MobileNetError, match="threads"):
+        fused.FusedNetwork(_model_with_statistics("mobilenet_v2_1.0_224", alpha=0.35), threads=0)
+
+
+def test_fused_backend_runs_and_checks_parity():
+    from mobilenet.backends import BACKENDS, load_source
+
+    model = _model_with_statistics("mobilenet_v2_1.0_224", alpha=0.35, resolution=96)
+    backend = BACKENDS["fused"](load_source(model), num_threads=2)
+    assert backend.max_abs_diff is not None and backend.max_abs_diff <= 1e-4
+    x = torch.randn(2, 3, 96, 96)
+    with torch.inference_mode():
+        expected = model(x)
+    assert torch.allclose(backend(x), expected, atol=1e-4 * float(expected.abs().max()))
+    with pytest.raises(MobileNetError, match="CPU"):
+        BACKENDS["fused"](load_source(model), device="meta")
