@@ -64,6 +64,8 @@ def measuring(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     if not autotune.onnxruntime_available():
         pytest.skip("needs the onnx extra (onnxruntime)")
+    # The two candidates the fake timer knows; executorch (an optional extra, slow to build) has its own test below.
+    monkeypatch.setattr(autotune, "CPU_CANDIDATES", ("onnxruntime", "torch-jit"))
     return tmp_path / "cache" / "mobilenet" / "auto-backend.json"
 
 
@@ -193,3 +195,58 @@ def test_cli_predict_verbose_says_why(measuring, monkeypatch, model, tmp_path, c
     assert code == 0 and "Traceback" not in err
     assert "backend torch-jit (measured: torch-jit 2 ms vs onnxruntime 5 ms at batch 32, 1 thread" in err
     assert "could not be read" in err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ExecuTorch as a candidate
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_executorch_is_a_candidate_and_skipped_silently_when_not_installed(monkeypatch, tmp_path, model):
+    from mobilenet.backends import backend_installed
+
+    assert "executorch" in autotune.CPU_CANDIDATES and "executorch" in BACKENDS
+    monkeypatch.setitem(__import__("sys").modules, "executorch", None)  # as if the mobile extra were not installed
+    assert not backend_installed("executorch")
+    monkeypatch.setenv("MOBILENET_AUTO_MEASURE", "1")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    if not autotune.onnxruntime_available():
+        pytest.skip("needs the onnx extra (onnxruntime)")
+    timer = _timer(monkeypatch, onnxruntime=3.0, torch_jit=2.0)
+    predictor = Predictor(model, num_threads=1, batch_size=4)
+    assert predictor.backend_name == "torch-jit" and timer.calls[0][0] == ["onnxruntime", "torch-jit"]
+    assert "executorch" not in predictor.backend_reason  # skipped without a note, as an absent onnxruntime is
+    with pytest.raises(MobileNetError, match=r"pip install executorch"):
+        BACKENDS["executorch"](load_source(model))
+
+
+def test_executorch_backend_refuses_what_it_cannot_run(model, tmp_path):
+    with pytest.raises(MobileNetError, match="CPU"):
+        BACKENDS["executorch"](load_source(model), device="cuda")
+    onnx_file = tmp_path / "m.onnx"
+    pytest.importorskip("onnxruntime")
+    from mobilenet.export import export_onnx
+
+    export_onnx(model, onnx_file)
+    with pytest.raises(MobileNetError, match="PyTorch model"):
+        BACKENDS["executorch"](load_source(onnx_file))
+
+
+def test_executorch_backend_equals_pytorch_and_is_measured(monkeypatch, tmp_path, model):
+    pytest.importorskip("executorch", reason="ExecuTorch is an optional extra (pip install -e '.[mobile]')")
+    backend = BACKENDS["executorch"](load_source(model), num_threads=1)
+    assert backend.max_abs_diff is not None and backend.max_abs_diff <= 1e-4
+    x = torch.randn(37, 3, 32, 32, generator=torch.Generator().manual_seed(3))  # above the .pte's default bound
+    with torch.no_grad():
+        torch.testing.assert_close(backend(x), model(x), atol=1e-4, rtol=1e-5)
+
+    # auto measures it beside the others and can pick it.
+    monkeypatch.setenv("MOBILENET_AUTO_MEASURE", "1")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    if not autotune.onnxruntime_available():
+        pytest.skip("needs the onnx extra (onnxruntime)")
+    timer = _timer(monkeypatch, onnxruntime=3.0, torch_jit=2.0, executorch=1.0)
+    predictor = Predictor(model, num_threads=1, batch_size=4)
+    assert predictor.backend_name == "executorch"
+    assert set(timer.calls[0][0]) == {"onnxruntime", "torch-jit", "executorch"}
+    assert predictor.backend_reason.startswith("measured: executorch 1 ms")

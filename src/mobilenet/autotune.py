@@ -37,7 +37,13 @@ from typing import Any
 
 import torch
 
-from mobilenet.backends import BACKENDS, ModelSource, onnxruntime_available, pick_backend
+from mobilenet.backends import (
+    BACKENDS,
+    ModelSource,
+    backend_installed,
+    onnxruntime_available,  # noqa: F401  (read as autotune.onnxruntime_available)
+    pick_backend,
+)
 from mobilenet.errors import MobileNetError
 from mobilenet.parity import seeded_batch
 from mobilenet.runtime import (
@@ -64,7 +70,7 @@ __all__ = [
 #: Environment variable that turns measuring off ("0", "false", "no", "off"): ``auto`` is then a fixed order.
 MEASURE_ENV = "MOBILENET_AUTO_MEASURE"
 #: The CPU backends ``auto`` measures for a PyTorch model (those installed), in the fixed order's preference.
-CPU_CANDIDATES = ("onnxruntime", "torch-jit")
+CPU_CANDIDATES = ("onnxruntime", "torch-jit", "executorch")
 #: Seconds of timed rounds to aim for (all candidates together), after the warm-up.
 MEASURE_BUDGET_S = 1.0
 #: Untimed calls per candidate before timing (the first calls at a new batch size allocate and specialise).
@@ -132,7 +138,7 @@ def choose_backend(
         return _build_in_order(name, source, device, num_threads, _ONLY_CHOICE[name])
     if not measuring_enabled():
         return _build_in_order(name, source, device, num_threads, f"fixed order: measuring is off ({MEASURE_ENV}=0)")
-    installed = [c for c in CPU_CANDIDATES if c != "onnxruntime" or onnxruntime_available()]
+    installed = [c for c in CPU_CANDIDATES if backend_installed(c)]
     if len(installed) == 1:
         reason = f"fixed: only {installed[0]} is installed of {', '.join(CPU_CANDIDATES)} (nothing to measure)"
         return _build_in_order(installed[0], source, device, num_threads, reason)

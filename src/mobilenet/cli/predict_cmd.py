@@ -7,7 +7,16 @@ import sys
 import warnings
 
 #: ``auto`` and the names of :data:`mobilenet.backends.BACKENDS` (spelled out: the CLI starts without torch).
-PREDICT_BACKENDS = ("auto", "torch", "torch-channels-last", "torch-jit", "torch-compile", "onnxruntime", "exported")
+PREDICT_BACKENDS = (
+    "auto",
+    "torch",
+    "torch-channels-last",
+    "torch-jit",
+    "torch-compile",
+    "onnxruntime",
+    "exported",
+    "executorch",
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
