@@ -101,11 +101,7 @@ def quantize_pte(
         seed: seed of the calibration sample.
         progress: show a progress bar over the calibration images.
     """
-    check_pte_max_batch(max_batch)
-    if num_calibration is not None and (isinstance(num_calibration, bool) or num_calibration < 1):
-        raise MobileNetError(f"the number of calibration images must be at least 1, got {num_calibration}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise MobileNetError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    _check_options(max_batch, num_calibration, batch_size)
     quantizer_parts = _require_pt2e()
     target, sidecar = pte_output_paths(out, inputs=[model_or_checkpoint])
     if keep_fp32 is not None:
@@ -162,6 +158,15 @@ def quantize_pte(
             rtol=1e-5,
         ).path
     return QuantizeResult(target, fp32_kept, images, skipped, settings, agreements["fp32"], checks)
+
+
+def _check_options(max_batch: Any, num_calibration: Any, batch_size: Any) -> None:
+    """Refuse bad numbers before executorch is imported or any image read."""
+    check_pte_max_batch(max_batch)
+    if num_calibration is not None and (isinstance(num_calibration, bool) or num_calibration < 1):
+        raise MobileNetError(f"the number of calibration images must be at least 1, got {num_calibration}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise MobileNetError(f"batch_size must be an integer >= 1, got {batch_size!r}")
 
 
 def _settings(per_channel: bool, images: int) -> dict[str, Any]:
