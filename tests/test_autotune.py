@@ -64,7 +64,7 @@ class Builds:
 @pytest.fixture
 def measuring(monkeypatch, tmp_path):
     """Measuring on, the cache under tmp_path, onnxruntime installed (as in the test extra); the float32 candidates
-    narrowed to two, so the fake timings below say exactly who wins (the OpenVINO candidate has its own tests)."""
+    narrowed to two, so the fake timings below say exactly who wins (OpenVINO and ExecuTorch have their own tests)."""
     monkeypatch.setenv("MOBILENET_AUTO_MEASURE", "1")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setitem(autotune.PRECISION_CANDIDATES, "fp32", ("onnxruntime", "torch-jit"))
@@ -238,3 +238,60 @@ def test_an_onnx_file_is_measured_among_the_runtimes_that_read_it(measuring, mon
     predictor = Predictor(path, num_threads=1, batch_size=2)
     assert predictor.backend_name == "openvino"
     assert all(sorted(names) == ["onnxruntime", "openvino"] for names, _, _ in timer.calls)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ExecuTorch as a candidate
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_executorch_is_a_candidate_and_skipped_silently_when_not_installed(monkeypatch, tmp_path, model):
+    from mobilenet.backends import backend_installed
+
+    assert "executorch" in autotune.CPU_CANDIDATES and "executorch" in BACKENDS
+    monkeypatch.setitem(__import__("sys").modules, "executorch", None)  # as if the mobile extra were not installed
+    assert not backend_installed("executorch")
+    monkeypatch.setenv("MOBILENET_AUTO_MEASURE", "1")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setitem(autotune.PRECISION_CANDIDATES, "fp32", ("onnxruntime", "torch-jit", "executorch"))
+    if not onnxruntime_available():
+        pytest.skip("needs the onnx extra (onnxruntime)")
+    timer = _timer(monkeypatch, onnxruntime=3.0, torch_jit=2.0)
+    predictor = Predictor(model, num_threads=1, batch_size=4)
+    assert predictor.backend_name == "torch-jit" and timer.calls[0][0] == ["onnxruntime", "torch-jit"]
+    assert "executorch" not in predictor.backend_reason  # skipped without a note, as an absent onnxruntime is
+    with pytest.raises(MobileNetError, match=r"pip install executorch"):
+        BACKENDS["executorch"](load_source(model))
+
+
+def test_executorch_backend_refuses_what_it_cannot_run(model, tmp_path):
+    with pytest.raises(MobileNetError, match="CPU"):
+        BACKENDS["executorch"](load_source(model), device="cuda")
+    onnx_file = tmp_path / "m.onnx"
+    pytest.importorskip("onnxruntime")
+    from mobilenet.export import export_onnx
+
+    export_onnx(model, onnx_file)
+    with pytest.raises(MobileNetError, match="PyTorch model"):
+        BACKENDS["executorch"](load_source(onnx_file))
+
+
+def test_executorch_backend_equals_pytorch_and_is_measured(monkeypatch, tmp_path, model):
+    pytest.importorskip("executorch", reason="ExecuTorch is an optional extra (pip install -e '.[mobile]')")
+    backend = BACKENDS["executorch"](load_source(model), num_threads=1)
+    assert backend.max_abs_diff is not None and backend.max_abs_diff <= 1e-4
+    x = torch.randn(37, 3, 32, 32, generator=torch.Generator().manual_seed(3))  # above the .pte's default bound
+    with torch.no_grad():
+        torch.testing.assert_close(backend(x), model(x), atol=1e-4, rtol=1e-5)
+
+    # auto measures it beside the others and can pick it.
+    monkeypatch.setenv("MOBILENET_AUTO_MEASURE", "1")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setitem(autotune.PRECISION_CANDIDATES, "fp32", ("onnxruntime", "torch-jit", "executorch"))
+    if not onnxruntime_available():
+        pytest.skip("needs the onnx extra (onnxruntime)")
+    timer = _timer(monkeypatch, onnxruntime=3.0, torch_jit=2.0, executorch=1.0)
+    predictor = Predictor(model, num_threads=1, batch_size=4)
+    assert predictor.backend_name == "executorch"
+    assert set(timer.calls[0][0]) == {"onnxruntime", "torch-jit", "executorch"}
+    assert predictor.backend_reason.startswith("measured: executorch 1 ms")

@@ -4,6 +4,7 @@ TorchScript, torch.export (.pt2), ExecuTorch (.pte, slow), and the CLI's errors.
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -171,6 +172,115 @@ def test_executorch_pte_runs_in_its_runtime(tmp_path):
     torch.testing.assert_close(pte_runner(result.path)(x), expected, atol=1e-4, rtol=0)
 
 
+# ExecuTorch: a dynamic batch above the 15 that torch's conv heuristics used to cap it at, and our runner's checks.
+PTE_BOUND = 40
+
+
+@pytest.fixture(scope="module")
+def pte_file(model, tmp_path_factory):
+    pytest.importorskip("executorch", reason="ExecuTorch is an optional extra (pip install -e '.[mobile]')")
+    path = tmp_path_factory.mktemp("pte") / "m.pte"
+    result = export_model(model, path, format="pte", classes=CLASSES, preprocessing=PREPROCESSING, max_batch=PTE_BOUND)
+    return path, result
+
+
+@pytest.mark.parametrize("batch", [1, 2, PTE_BOUND])
+def test_pte_equals_pytorch_at_batch_1_2_and_its_bound(model, pte_file, batch):
+    from mobilenet.export import pte_runner
+
+    runner = pte_runner(pte_file[0])
+    assert runner.max_batch == PTE_BOUND and runner.input_shape == (PTE_BOUND, 3, 32, 32)
+    x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
+    with torch.no_grad():
+        expected = model(x)
+    assert expected.abs().max() > 0.1
+    torch.testing.assert_close(runner(x), expected, atol=1e-4, rtol=1e-5)
+
+
+def test_pte_sidecar_says_bound_and_precision(pte_file):
+    path, result = pte_file
+    metadata = json.loads((path.parent / "m.pte.json").read_text())
+    assert result.extra_files == [path.parent / "m.pte.json"]
+    assert metadata["input"]["max_batch"] == PTE_BOUND and metadata["precision"] == "float32"
+    assert metadata["classes"] == CLASSES and metadata["preprocessing"] == PREPROCESSING
+    assert any(f"batch 1, 2, {PTE_BOUND}" in check for check in result.checks)
+
+
+def test_pte_runner_refuses_a_batch_above_its_bound_and_bad_inputs(pte_file):
+    from mobilenet.export import pte_runner
+
+    runner = pte_runner(pte_file[0])
+    bad = {
+        f"at most {PTE_BOUND}": torch.zeros(PTE_BOUND + 1, 3, 32, 32),
+        "batch of 0": torch.zeros(0, 3, 32, 32),
+        "shape (2, 3, 64, 64)": torch.zeros(2, 3, 64, 64),  # another size would run within the plan: refused
+        "shape (3, 32, 32)": torch.zeros(3, 32, 32),
+        "shape (2, 1, 32, 32)": torch.zeros(2, 1, 32, 32),
+        "torch.float64": torch.zeros(2, 3, 32, 32, dtype=torch.float64),
+        "torch.uint8": torch.zeros(2, 3, 32, 32, dtype=torch.uint8),
+        "ndarray": np.zeros((2, 3, 32, 32), dtype=np.float32),
+        "list": [[0.0]],
+    }
+    for words, x in bad.items():
+        with pytest.raises(MobileNetError, match=r"float32 batches of shape \(1\.\.40, 3, 32, 32\)") as caught:
+            runner(x)
+        assert words in str(caught.value)
+    assert runner(torch.zeros(1, 3, 32, 32)).shape == (1, 10)  # still usable after the refusals
+
+
+def test_pte_read_back_runs_batches_above_its_bound_in_pieces(model, pte_file):
+    from mobilenet.export import load_export
+
+    loaded = load_export(pte_file[0])
+    x = torch.randn(2 * PTE_BOUND + 3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = model(x)
+    torch.testing.assert_close(loaded.run(x), expected, atol=1e-4, rtol=1e-5)
+
+
+def test_pte_runner_refuses_files_that_are_not_programs(pte_file, tmp_path):
+    from mobilenet.export import pte_runner
+
+    cases = {
+        "zeros.pte": b"\x00" * 64,
+        "text.pte": b"not a program at all" * 10,
+        "truncated.pte": pte_file[0].read_bytes()[:4096],
+        "empty.pte": b"",
+    }
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(MobileNetError, match=re.escape(name)):
+            pte_runner(tmp_path / name)
+    with pytest.raises(MobileNetError, match=r"does not exist|not a regular file"):
+        pte_runner(tmp_path / "missing.pte")
+
+
+@pytest.mark.slow
+def test_pte_with_bound_1_is_a_static_program(model, tmp_path):
+    pytest.importorskip("executorch", reason="ExecuTorch is an optional extra (pip install -e '.[mobile]')")
+    from mobilenet.export import pte_runner
+
+    result = export_model(model, tmp_path / "one.pte", format="pte", max_batch=1)
+    runner = pte_runner(result.path)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(runner(x), model(x), atol=1e-4, rtol=1e-5)
+    with pytest.raises(MobileNetError, match="at most 1"):
+        runner(torch.zeros(2, 3, 32, 32))
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1025, 10**12, 2.5, True, "8", None, float("nan")])
+def test_pte_max_batch_is_checked_before_any_work(model, tmp_path, bad):
+    """Needs no executorch: a bad bound is refused before ExecuTorch is imported or anything exported."""
+    from mobilenet.export import check_pte_max_batch, export_executorch
+
+    with pytest.raises(MobileNetError, match="from 1 to 1024"):
+        check_pte_max_batch(bad)
+    with pytest.raises(MobileNetError, match="from 1 to 1024"):
+        export_executorch(model, tmp_path / "m.pte", max_batch=bad)
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.slow
 def test_onnx_dynamo_exporter(model, tmp_path):
     pytest.importorskip("onnxscript")
@@ -228,3 +338,19 @@ def test_cli_export_errors(checkpoint, tmp_path, capsys, monkeypatch):
     assert main(["export", str(checkpoint), "--out", str(tmp_path / "x.onnx")]) == 2
     assert "pip install onnx onnxruntime onnxscript" in _one_line_error(capsys)
     assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "1025", "99999999999"])
+def test_cli_export_pte_max_batch_out_of_range(checkpoint, tmp_path, capsys, value):
+    """Refused with the allowed range before executorch is needed (this runs where it is not installed)."""
+    out = tmp_path / "m.pte"
+    assert main(["export", str(checkpoint), "--format", "pte", "--out", str(out), "--max-batch", value]) == 2
+    err = _one_line_error(capsys)
+    assert "--max-batch" in err and "from 1 to 1024" in err and value in err
+    assert not out.exists()
+
+
+def test_cli_export_pte_max_batch_not_a_number(checkpoint, tmp_path, capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(["export", str(checkpoint), "--format", "pte", "--out", str(tmp_path / "m.pte"), "--max-batch", "lots"])
+    assert caught.value.code == 2 and "--max-batch" in capsys.readouterr().err

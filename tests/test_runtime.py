@@ -134,10 +134,15 @@ def test_auto_picks_the_fastest_installed_backend(trained_like_model, monkeypatc
 
         onnx_file = export_onnx(trained_like_model, tmp_path / "m.onnx").path
         assert Predictor(onnx_file).backend_name == "onnxruntime"
+    from mobilenet import autotune
+
+    installed = predict.backend_installed
+    missing: set[str] = {"onnxruntime"}
     monkeypatch.setattr(predict, "onnxruntime_available", lambda: False)
+    monkeypatch.setattr(autotune, "backend_installed", lambda name: name not in missing and installed(name))
     expected = "openvino" if predict.openvino_available() else "torch-jit"  # the next of the fixed order
     assert Predictor(trained_like_model).backend_name == expected
-    monkeypatch.setattr(predict, "openvino_available", lambda: False)
+    missing.add("openvino")
     assert Predictor(trained_like_model).backend_name == "torch-jit"
     assert Predictor(trained_like_model, backend="torch").backend_name == "torch"
 

@@ -91,7 +91,7 @@ PRECISIONS = ("fp32", "bf16", "int8", "auto-fast")
 PRECISION_BOUNDS: dict[str, float] = {"bf16": 0.003, "int8": 0.01}
 #: The CPU backends ``auto`` measures for each precision tier (those installed), in the fixed order's preference.
 PRECISION_CANDIDATES: dict[str, tuple[str, ...]] = {
-    "fp32": ("onnxruntime", "openvino", "torch-jit"),
+    "fp32": ("onnxruntime", "openvino", "torch-jit", "executorch"),
     "bf16": ("openvino-bf16",),
     "int8": ("onnxruntime", "openvino"),
 }

@@ -33,10 +33,13 @@ from mobilenet.errors import INSTALL_HINTS, MobileNetError
 from mobilenet.export import (
     INPUT_NAME,
     OUTPUT_NAME,
+    export_executorch,
     export_onnx,
     fold_batchnorm,
+    in_chunks,
     load_export,
     ort_session,
+    pte_runner,
     read_onnx_metadata,
 )
 from mobilenet.fused import FusedNetwork, check_threads
@@ -49,6 +52,7 @@ __all__ = [
     "BACKENDS",
     "ChannelsLastBackend",
     "CompiledBackend",
+    "ExecuTorchBackend",
     "FusedBackend",
     "ModelSource",
     "OnnxRuntimeBackend",
@@ -492,6 +496,54 @@ class FusedBackend:
         return self.network(batch)
 
 
+class ExecuTorchBackend:
+    """Runs a PyTorch model as an ExecuTorch program on the CPU: exported to a temporary float32 ``.pte`` with the
+    whole graph delegated to XNNPACK (:func:`mobilenet.export.export_executorch`: BatchNorm folded, checked against
+    PyTorch at batch 1, 2 and its bound when written) and run in ExecuTorch's Python runtime from memory, a batch
+    above the program's bound in pieces (:func:`mobilenet.export.in_chunks`)."""
+
+    name = "executorch"
+    description = "ExecuTorch float32, XNNPACK delegate, BatchNorm folded"
+
+    def __init__(self, source: ModelSource, *, device: str = "cpu", num_threads: int | None = None) -> None:
+        if str(device) != "cpu":
+            raise MobileNetError(f"the executorch backend runs on the CPU here; got device={device!r}")
+        if source.model is None:
+            raise MobileNetError(
+                "the executorch backend exports a PyTorch model; give a .safetensors checkpoint (a .pte file runs "
+                "on backend='exported')"
+            )
+        if not backend_installed("executorch"):
+            raise MobileNetError(f"the executorch backend needs executorch; {INSTALL_HINTS['mobile']}")
+        if num_threads:
+            set_threads(num_threads)
+            _set_executorch_threads(num_threads)
+        with tempfile.TemporaryDirectory(prefix="mobilenet-pte-") as tmp:
+            # Checked relative to the logits' scale, as the onnxruntime backend is.
+            exported = export_executorch(
+                source.model,
+                Path(tmp) / "model.pte",
+                classes=source.classes,
+                preprocessing=source.preprocessing,
+                rtol=1e-5,
+            )
+            self.runner = in_chunks(pte_runner(exported.path))  # the runner holds the program's bytes in memory
+        self.max_abs_diff: float | None = exported.max_abs_diff
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.runner(batch.detach().cpu().float().contiguous())
+
+
+def _set_executorch_threads(num_threads: int) -> None:
+    """Size ExecuTorch's own thread pool (XNNPACK's kernels run there, not in torch's); only when it differs, as a
+    reset is logged and must not happen while a program runs."""
+    from executorch.extension.pybindings import portable_lib
+
+    if portable_lib._threadpool_get_thread_count() != num_threads:
+        portable_lib._unsafe_reset_threadpool(num_threads)
+
+
 #: Backend name -> class taking (ModelSource, device=, num_threads=) and mapping a float NCHW batch to logits.
 BACKENDS: dict[str, Any] = {
     "torch": TorchBackend,
@@ -503,6 +555,7 @@ BACKENDS: dict[str, Any] = {
     "openvino-bf16": OpenVinoBf16Backend,
     "exported": ExportedBackend,
     "fused": FusedBackend,
+    "executorch": ExecuTorchBackend,
 }
 
 
@@ -511,18 +564,30 @@ def onnxruntime_available() -> bool:
     return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
 
 
+#: The optional packages a backend needs: one whose packages are missing is no candidate for ``auto``.
+BACKEND_PACKAGES: dict[str, tuple[str, ...]] = {
+    "onnxruntime": ("onnx", "onnxruntime"),
+    "openvino": ("openvino", "onnx"),
+    "openvino-bf16": ("openvino", "onnx"),
+    "executorch": ("executorch",),
+}
+
+
 def openvino_available() -> bool:
     """Whether OpenVINO (the openvino extra) and the onnx export it reads are installed."""
-    return importlib.util.find_spec("openvino") is not None and importlib.util.find_spec("onnx") is not None
+    return backend_installed("openvino")
 
 
 def backend_installed(name: str) -> bool:
-    """Whether backend ``name``'s optional runtime is installed (the torch backends always are)."""
-    if name == "onnxruntime":
-        return onnxruntime_available()
-    if name.startswith("openvino"):
-        return openvino_available()
-    return name in BACKENDS
+    """Whether the packages of :data:`BACKEND_PACKAGES` that backend ``name`` needs are installed (looked up,
+    not imported: cheap, and silent when they are missing)."""
+    for package in BACKEND_PACKAGES.get(name, ()):
+        try:
+            if importlib.util.find_spec(package) is None:
+                return False
+        except (ImportError, ValueError):  # a module set to None in sys.modules, or one without a spec
+            return False
+    return True
 
 
 def pick_backend(backend: str, source: ModelSource, device: str = "cpu") -> str:

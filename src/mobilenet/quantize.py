@@ -65,6 +65,7 @@ __all__ = [
     "TARGETS",
     "QuantizeResult",
     "calibration_batches",
+    "calibration_list",
     "default_activation_type",
     "quantize_onnx",
     "resolve_activation_type",
@@ -136,6 +137,8 @@ class QuantizeResult:
         settings: the quantization settings, as stored in the file's ``quantization`` metadata.
         int8_agreement: fraction of calibration images whose top-1 class is the same in the int8 and fp32 graphs
             (a quick sanity check; accuracy needs labelled data, see ``benchmarks/quantize_cifar10.py``).
+        checks: what else was verified after writing, in words (the int8 ``.pte``'s agreement with the int8 model
+            in PyTorch).
     """
 
     path: Path
@@ -144,6 +147,7 @@ class QuantizeResult:
     skipped: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
     int8_agreement: float | None = None
+    checks: list[str] = field(default_factory=list)
 
 
 def _require_ort() -> Any:
@@ -246,7 +250,7 @@ def quantize_onnx(
     quantization = _require_ort()
     activation_type = _check_options(calibrate_method, activation_type, num_calibration)
     check_outputs(out, keep_fp32, model_or_checkpoint)
-    files = _calibration_list(calibration, num_calibration, seed)
+    files = calibration_list(calibration, num_calibration, seed)
     source = load_source(model_or_checkpoint)
     if source.model is None:
         raise MobileNetError(
@@ -313,9 +317,11 @@ def _check_options(calibrate_method: str, activation_type: str, num_calibration:
     return resolve_activation_type(activation_type)
 
 
-def _calibration_list(
+def calibration_list(
     calibration: str | os.PathLike[str] | Sequence[Any], num_calibration: int | None, seed: int
 ) -> list[Path]:
+    """The calibration files: a directory's (:func:`calibration_files`) or the first ``num_calibration`` of a
+    list."""
     if isinstance(calibration, str | os.PathLike):
         return calibration_files(calibration, num_calibration, seed)
     files = [Path(f) for f in calibration][:num_calibration]

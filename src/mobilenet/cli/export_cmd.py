@@ -32,7 +32,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="torch.onnx exporter: the tracer (fast, default) or dynamo (torch.export + onnxscript)",
     )
     parser.add_argument(
-        "--max-batch", type=int, default=None, help="pte only: largest batch the program accepts (3..15, default 8)"
+        "--max-batch",
+        type=int,
+        default=None,
+        help="pte only: largest batch the program accepts, 1..1024 (default 32); the runtime's memory grows with it "
+        "whatever batch runs, so a phone app running batch 1 wants 1",
     )
     parser.add_argument(
         "--atol", type=float, default=1e-4, help="largest allowed |logit difference| against PyTorch (default 1e-4)"
@@ -45,11 +49,15 @@ def run(args: argparse.Namespace) -> int:
 
     from mobilenet.backends import RandomWeightsWarning, load_source
     from mobilenet.errors import MobileNetError
-    from mobilenet.export import EXPORT_FORMATS, check_opset, export_model
+    from mobilenet.export import EXPORT_FORMATS, check_opset, check_pte_max_batch, export_model
     from mobilenet.io import check_output_file
 
     if args.format == "onnx":
         check_opset(args.opset)
+    if args.max_batch is not None and args.format != "pte":
+        raise MobileNetError("--max-batch applies to --format pte only (the other formats take any batch size)")
+    if args.max_batch is not None:
+        check_pte_max_batch(args.max_batch)
     if not (args.atol > 0 and math.isfinite(args.atol)):
         raise MobileNetError(f"--atol must be a positive number, got {args.atol}")
     if args.out:  # before the checkpoint is read; the default path is known only once it is
@@ -66,10 +74,8 @@ def run(args: argparse.Namespace) -> int:
     options: dict[str, object] = {"atol": args.atol}
     if args.format == "onnx":
         options.update(opset=args.opset, exporter=args.onnx_exporter)
-    if args.format == "pte" and args.max_batch is not None:
+    if args.max_batch is not None:
         options["max_batch"] = args.max_batch
-    elif args.max_batch is not None:
-        raise MobileNetError("--max-batch applies to --format pte only (the other formats take any batch size)")
     result = export_model(
         source.model,
         out,

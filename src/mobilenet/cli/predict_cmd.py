@@ -18,6 +18,7 @@ PREDICT_BACKENDS = (
     "openvino-bf16",
     "exported",
     "fused",
+    "executorch",
 )
 #: :data:`mobilenet.autotune.PRECISIONS`, spelled out for the same reason.
 PRECISIONS = ("fp32", "bf16", "int8", "auto-fast")
