@@ -111,11 +111,13 @@ def test_parsers():
         "jit",
         "onnxruntime",
         "openvino",
+        "executorch",
+        "fused",
         "openvino-bf16",
         "auto",
     )
     assert parse_backends("jit", int8=True, compile=True) == ("jit", "onnxruntime-int8", "openvino-int8", "compile")
-    assert parse_backends("all") == tuple(BENCH_BACKENDS) and len(parse_backends("all")) == 11
+    assert parse_backends("all") == tuple(BENCH_BACKENDS) and len(parse_backends("all")) == 13
 
 
 def test_time_interleaved_rotates_and_counts():

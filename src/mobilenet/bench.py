@@ -79,6 +79,8 @@ BENCH_NAMES: dict[str, str] = {
     "onnxruntime": "onnxruntime",
     "openvino": "openvino",
     "openvino-bf16": "openvino-bf16",
+    "executorch": "executorch",
+    "fused": "fused",
 }
 #: Backend name -> what it runs: the backends above, plus the int8 model and the Predictor's default path.
 BENCH_BACKENDS: dict[str, str] = {
@@ -100,7 +102,17 @@ BENCH_PRECISION: dict[str, str] = {
 INT8_BACKENDS = ("onnxruntime-int8", "openvino-int8")
 #: What runs when no --backends are given (``--int8`` adds the int8 rows; compile only when named; a backend whose
 #: package or CPU feature is missing is left out with a note).
-DEFAULT_BACKENDS = ("eager", "channels_last", "jit", "onnxruntime", "openvino", "openvino-bf16", "auto")
+DEFAULT_BACKENDS = (
+    "eager",
+    "channels_last",
+    "jit",
+    "onnxruntime",
+    "openvino",
+    "executorch",
+    "fused",
+    "openvino-bf16",
+    "auto",
+)
 #: Images the int8 model is calibrated on when no directory is given (uniform noise: measures speed, not accuracy).
 RANDOM_CALIBRATION_IMAGES = 16
 

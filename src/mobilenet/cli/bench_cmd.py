@@ -15,8 +15,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Warm-up, then interleaved rounds across every backend so machine drift hits them alike; median, p90 "
             "and min latency, throughput, achieved GFLOP/s (2 * MACs / latency) and the ratio to the FLOP limit "
             "set by the float32 GEMM peak measured in the same run. Backends: eager, channels_last, jit, "
-            "compile, onnxruntime, openvino, openvino-bf16, onnxruntime-int8, openvino-int8, auto, auto-fast "
-            "(default: eager, channels_last, jit, onnxruntime, openvino, openvino-bf16, auto; one whose package or "
+            "compile, onnxruntime, openvino, executorch, fused, openvino-bf16, onnxruntime-int8, openvino-int8, "
+            "auto, auto-fast (default: all but compile, auto-fast and the int8 rows; one whose package, C extension or "
             "CPU feature is missing is left out with a note). Each row says its precision; 'x fastest fp32' is "
             "against the fastest float32 runtime of the same model and batch."
         ),
