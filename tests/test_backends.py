@@ -165,3 +165,26 @@ def test_cli_precision_mistakes_exit_2_without_a_traceback(model, tmp_path, caps
     assert "AVX512-BF16 or AMX" in err and "Traceback" not in err
     assert main(["select", "--latency-ms", "5", "--precision", "bf16", "--family", "v1"]) == 2
     assert "AVX512-BF16 or AMX" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("measure", ["0", "1"])
+def test_an_onnx_file_with_a_broken_graph_is_refused_by_every_runtime(
+    onnx_files, tmp_path, monkeypatch, capsys, measure
+):
+    """Valid metadata, an operator no runtime knows: a one-line error (exit 2), whichever runtime tries."""
+    import onnx
+    from PIL import Image
+
+    from mobilenet.cli import main
+
+    graph = onnx.load(str(onnx_files[0]))
+    graph.graph.node[3].op_type = "NoSuchOp"
+    broken = tmp_path / "broken.onnx"
+    onnx.save(graph, str(broken))
+    Image.new("RGB", (40, 40)).save(tmp_path / "a.png")
+    monkeypatch.setenv("MOBILENET_AUTO_MEASURE", measure)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    for backend in ("auto", "onnxruntime", *(["openvino"] if openvino_available() else [])):
+        assert main(["predict", str(broken), str(tmp_path / "a.png"), "--backend", backend]) == 2
+        err = capsys.readouterr().err
+        assert "broken.onnx" in err and "Traceback" not in err, backend

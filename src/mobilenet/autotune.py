@@ -284,6 +284,8 @@ def _measured_choice(
             notes.append(f"the cached choice {cached['backend']} failed to build ({_short(error)}): measured again")
     runners = _build_candidates(source, installed, num_threads, notes)
     if not runners:
+        if source.model is None:  # a file no runtime could load: say why each refused it
+            raise MobileNetError(f"no installed runtime can run {source.path}: " + "; ".join(notes))
         return _build_in_order("torch", source, "cpu", num_threads, _with_notes("fixed: no candidate built", notes))
     if len(runners) == 1:
         ((name, runner),) = runners.items()

@@ -412,7 +412,10 @@ class OpenVinoBackend:
         self.precision = source_precision(source) if self.inference_precision == "f32" else "bf16"
         with tempfile.TemporaryDirectory(prefix="mobilenet-ov-") as tmp:
             path, export_diff = _exported_onnx(source, tmp)
-            self.model = self.core.read_model(str(path))
+            try:
+                self.model = self.core.read_model(str(path))
+            except RuntimeError as error:
+                raise MobileNetError(f"{path} is not a model OpenVINO can read: {_openvino_reason(error)}") from None
         self.config = {
             "INFERENCE_PRECISION_HINT": self.inference_precision,
             "PERFORMANCE_HINT": "LATENCY",
@@ -434,8 +437,13 @@ class OpenVinoBackend:
         request = self.requests.get(shape)
         if request is None:
             model = self.model.clone()
-            model.reshape(list(shape))
-            request = self.core.compile_model(model, "CPU", self.config).create_infer_request()
+            try:
+                model.reshape(list(shape))
+                request = self.core.compile_model(model, "CPU", self.config).create_infer_request()
+            except RuntimeError as error:
+                raise MobileNetError(
+                    f"OpenVINO cannot run this model on a batch of shape {shape}: {_openvino_reason(error)}"
+                ) from None
             self.requests[shape] = request
         return request
 
@@ -443,6 +451,13 @@ class OpenVinoBackend:
         array = batch.detach().cpu().float().contiguous().numpy()
         outputs = self._request(tuple(array.shape)).infer({0: array})
         return torch.from_numpy(outputs[0].copy())
+
+
+def _openvino_reason(error: Exception) -> str:
+    """The informative line of an OpenVINO error (its message starts with C++ source locations)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(("Exception from", "Check ", "src/"))]
+    return (useful or lines or [type(error).__name__])[-1][:300]
 
 
 class OpenVinoBf16Backend(OpenVinoBackend):

@@ -398,7 +398,10 @@ def ort_session(path: Path | str, num_threads: int | None = None) -> Any:
     # left spinning, they steal the cores from whatever runs next in the process (preprocessing in torch, another
     # session), which `mobilenet bench` measured as a 2-3x slower next call on 2 cores (docs/speed.md).
     options.add_session_config_entry("session.force_spinning_stop", "1")
-    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime's own exception types (InvalidGraph, Fail, ...) share no base but this
+        raise MobileNetError(f"{path} is not a model ONNX Runtime can load: {_first_line(error)}") from None
 
 
 def _verify_onnx(
