@@ -218,7 +218,8 @@ def choose_backend(
         return BackendChoice(name, runner, f"asked for {name}")
     on_cpu = str(device).split(":")[0] == "cpu"
     if source.program is not None or not on_cpu:
-        if tier not in ("fp32", "auto-fast"):
+        runs_as_it_is = source.program is not None and tier == source_precision(source)  # e.g. an int8 .pte
+        if tier not in ("fp32", "auto-fast") and not runs_as_it_is:
             raise MobileNetError(f"precision {tier} runs on the CPU, on a float or int8 .onnx or a checkpoint")
         name = pick_backend(backend, source, device)
         return _build_in_order(name, source, device, num_threads, _ONLY_CHOICE[name])
