@@ -295,3 +295,15 @@ def test_executorch_backend_equals_pytorch_and_is_measured(monkeypatch, tmp_path
     assert predictor.backend_name == "executorch"
     assert set(timer.calls[0][0]) == {"onnxruntime", "torch-jit", "executorch"}
     assert predictor.backend_reason.startswith("measured: executorch 1 ms")
+
+
+def test_an_int8_exported_program_runs_as_it_is(model):
+    """An int8 .pte (its metadata says how it was quantized) is an exported program: auto runs it in int8."""
+    from dataclasses import replace
+
+    program = replace(load_source(model), model=None, program=model, metadata={"quantization": {"weights": "int8"}})
+    for precision in (None, "int8"):
+        choice = autotune.choose_backend("auto", program, precision=precision)
+        assert choice.name == "exported" and choice.reason.startswith("fixed: an exported")
+    with pytest.raises(MobileNetError, match="already int8"):
+        autotune.choose_backend("auto", program, precision="fp32")
