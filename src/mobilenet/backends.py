@@ -73,9 +73,9 @@ __all__ = [
 ]
 
 #: Files written by ``mobilenet export`` other than ONNX, read back by :func:`mobilenet.export.load_export`.
-EXPORTED_SUFFIXES = (".ts", ".pt2", ".pte")
+EXPORTED_SUFFIXES = (".ts", ".pt2", ".pte", ".tflite")
 # Suffixes that mark a model argument as a file path (a model name like "mobilenet_v2_1.0_224" has a "suffix" too).
-_FILE_SUFFIXES = (".safetensors", ".onnx", ".pth", ".pt", ".bin", ".ckpt", ".pte", ".pt2", ".ts")
+_FILE_SUFFIXES = (".safetensors", ".onnx", ".pth", ".pt", ".bin", ".ckpt", ".pte", ".pt2", ".ts", ".tflite")
 
 
 class RandomWeightsWarning(UserWarning):
