@@ -802,6 +802,11 @@ class TfliteRunner:
         self.input_shape: tuple[int, ...] = shape
         self.max_batch: int = shape[0]
 
+    @property
+    def threads(self) -> int:
+        """The thread count of the interpreter now in use."""
+        return self._threads
+
     def _interpreter(self) -> Any:
         from ai_edge_litert.interpreter import Interpreter
 
