@@ -251,6 +251,15 @@ def test_litert_missing_gives_the_install_hint(model, tmp_path, no_litert):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["given.tflite", "given.tflite.json"]
 
 
+def test_cli_export_litert_refuses_max_batch(model, tmp_path, capsys):
+    """A .tflite is written for batch 1: --max-batch is refused before anything is read or imported."""
+    out = tmp_path / "m.tflite"
+    assert main(["export", "mobilenet_v2_0.35_96", "--format", "litert", "--out", str(out), "--max-batch", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--max-batch applies to --format pte only" in err and "batch 1" in err and "\n" not in err
+    assert not out.exists()
+
+
 def test_cli_export_litert_missing_is_one_line(model, tmp_path, capsys, no_litert):
     from mobilenet.checkpoint import save
 

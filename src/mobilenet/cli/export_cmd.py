@@ -57,7 +57,10 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "onnx":
         check_opset(args.opset)
     if args.max_batch is not None and args.format != "pte":
-        raise MobileNetError("--max-batch applies to --format pte only (the other formats take any batch size)")
+        raise MobileNetError(
+            "--max-batch applies to --format pte only (onnx, torchscript and pt2 take any batch size; litert is "
+            "written for batch 1, and its readers run a larger batch image by image)"
+        )
     if args.max_batch is not None:
         check_pte_max_batch(args.max_batch)
     if not (args.atol > 0 and math.isfinite(args.atol)):
