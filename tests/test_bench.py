@@ -207,6 +207,25 @@ def test_bench_times_an_exported_file_as_it_is(tmp_path, capsys):
     assert "runs at its own input size" in capsys.readouterr().err
 
 
+def test_bench_times_a_tflite_as_it_is(tmp_path):
+    """A LiteRT .tflite (batch 1) runs in LiteRT's interpreter; bench's batch 2 runs it image by image."""
+    reason = "LiteRT is an optional extra (pip install -e '.[litert]')"
+    pytest.importorskip("litert_torch", reason=reason)
+    pytest.importorskip("ai_edge_litert.interpreter", reason=reason)
+    from mobilenet.bench import bench
+    from mobilenet.export import export_model
+    from mobilenet.models import create_model
+
+    model = create_model("mobilenet_v2_0.35_96", resolution=32, num_classes=4)
+    tflite = export_model(model, tmp_path / "m.tflite", format="litert").path
+    report = bench([str(tflite)], batch_sizes="1,2", rounds=1, warmup=0, gemm_size=64, threads=1)
+    assert [(r["model"], r["backend"], r["batch_size"]) for r in report.results] == [
+        ("mobilenet_v2_0.35_96", "file", 1),
+        ("mobilenet_v2_0.35_96", "file", 2),
+    ]
+    assert any("LiteRT" in note for note in report.notes)
+
+
 def test_bench_auto_chooses_for_each_batch_size():
     """auto measures for the batch size it is given, so bench's auto row asks it once per batch size."""
     from mobilenet.bench import bench

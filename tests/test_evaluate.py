@@ -165,6 +165,29 @@ def test_every_written_format_is_read_back_with_the_same_predictions(setup, tmp_
     assert result["backend_used"] == "onnxruntime"
 
 
+def test_a_tflite_export_is_read_back_with_the_same_predictions(setup, tmp_path):
+    """eval and predict take a LiteRT .tflite (batch 1: run image by image), reading classes and preprocessing from
+    its sidecar: the same confusion matrix and top-1 as the PyTorch model."""
+    reason = "LiteRT is an optional extra (pip install -e '.[litert]')"
+    pytest.importorskip("litert_torch", reason=reason)
+    pytest.importorskip("ai_edge_litert.interpreter", reason=reason)
+    from mobilenet.checkpoint import load
+    from mobilenet.export import export_model
+    from mobilenet.predict import Predictor
+
+    _root, data, checkpoint, _model, _preprocessing = setup
+    reference = evaluate_checkpoint(checkpoint, data, batch_size=6, progress=False)
+    images = sorted((data / "val").rglob("*.png"))
+    expected = [p.index for p in Predictor(checkpoint, backend="torch").predict(images, topk=1)]
+    exported = export_model(load(checkpoint), tmp_path / "m.tflite", format="litert").path
+    result = evaluate_checkpoint(exported, data, batch_size=6, progress=False)
+    assert result["confusion"] == reference["confusion"] and result["top1"] == reference["top1"]
+    assert result["classes"] == reference["classes"]
+    predictor = Predictor(exported)
+    assert predictor.classes == reference["classes"]
+    assert [p.index for p in predictor.predict(images, topk=1)] == expected
+
+
 def test_cli_eval_of_an_int8_onnx_prints_the_difference(setup, tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     from mobilenet.quantize import quantize_onnx
@@ -199,6 +222,7 @@ def test_an_export_under_another_name_is_named_for_what_it_is(setup, tmp_path):
         ("m.ts", b"not a torchscript archive", "not a readable .ts export"),
         ("m.pt2", b"PK\x03\x04 truncated zip", "not a readable .pt2 export"),
         ("m.pte", b"\x00" * 64, "no metadata beside it"),
+        ("m.tflite", b"\x00" * 64, "no metadata beside it"),
         ("m.ts", b"", "not a readable .ts export"),
     ],
 )

@@ -73,9 +73,9 @@ __all__ = [
 ]
 
 #: Files written by ``mobilenet export`` other than ONNX, read back by :func:`mobilenet.export.load_export`.
-EXPORTED_SUFFIXES = (".ts", ".pt2", ".pte")
+EXPORTED_SUFFIXES = (".ts", ".pt2", ".pte", ".tflite")
 # Suffixes that mark a model argument as a file path (a model name like "mobilenet_v2_1.0_224" has a "suffix" too).
-_FILE_SUFFIXES = (".safetensors", ".onnx", ".pth", ".pt", ".bin", ".ckpt", ".pte", ".pt2", ".ts")
+_FILE_SUFFIXES = (".safetensors", ".onnx", ".pth", ".pt", ".bin", ".ckpt", ".pte", ".pt2", ".ts", ".tflite")
 
 
 class RandomWeightsWarning(UserWarning):
@@ -86,8 +86,8 @@ class RandomWeightsWarning(UserWarning):
 class ModelSource:
     """A model to run and what travels with it.
 
-    Exactly one of ``model`` (PyTorch), ``onnx_path`` and ``program`` (a ``.ts``/``.pt2``/``.pte`` export read back
-    by :func:`mobilenet.export.load_export`) is set.
+    Exactly one of ``model`` (PyTorch), ``onnx_path`` and ``program`` (a ``.ts``/``.pt2``/``.pte``/``.tflite`` export
+    read back by :func:`mobilenet.export.load_export`) is set.
     """
 
     name: str
@@ -105,7 +105,7 @@ class ModelSource:
 def load_source(source: Any, *, device: str = "cpu") -> ModelSource:
     """Resolve what the user gave: a :class:`~mobilenet.models.MobileNet`, a :class:`mobilenet.checkpoint.Checkpoint`,
     a ``.safetensors`` checkpoint path, an ``.onnx`` file written by ``mobilenet export``/``quantize``, a ``.ts``,
-    ``.pt2`` or ``.pte`` file written by ``mobilenet export``, or a
+    ``.pt2``, ``.pte`` or ``.tflite`` file written by ``mobilenet export``, or a
     registered model name (random weights: a :class:`RandomWeightsWarning` says so)."""
     if isinstance(source, ModelSource):
         return source
@@ -256,15 +256,15 @@ class TorchJitBackend(TorchBackend):
 
 
 class ExportedBackend:
-    """Runs a ``.ts``, ``.pt2`` or ``.pte`` file as it was exported (TorchScript, ``torch.export``, or ExecuTorch
-    with XNNPACK); checked against PyTorch when it was written."""
+    """Runs a ``.ts``, ``.pt2``, ``.pte`` or ``.tflite`` file as it was exported (TorchScript, ``torch.export``,
+    ExecuTorch with XNNPACK, or LiteRT with XNNPACK); checked against PyTorch when it was written."""
 
     name = "exported"
-    description = "the exported file itself (.ts TorchScript, .pt2 torch.export, .pte ExecuTorch)"
+    description = "the exported file itself (.ts TorchScript, .pt2 torch.export, .pte ExecuTorch, .tflite LiteRT)"
 
     def __init__(self, source: ModelSource, *, device: str = "cpu", num_threads: int | None = None) -> None:
         if source.program is None:
-            raise MobileNetError("the exported backend runs a .ts, .pt2 or .pte file; give one as the model")
+            raise MobileNetError("the exported backend runs a .ts, .pt2, .pte or .tflite file; give one as the model")
         if str(device) != "cpu":
             raise MobileNetError(f"exported files run on the CPU here; got device={device!r}")
         if num_threads:
@@ -609,7 +609,7 @@ def pick_backend(backend: str, source: ModelSource, device: str = "cpu") -> str:
     """``"auto"``: the fixed order's backend for this input (see the module docstring); else ``backend``."""
     if backend == "auto":
         if source.program is not None:
-            return "exported"  # a .ts/.pt2/.pte file runs as it is
+            return "exported"  # a .ts/.pt2/.pte/.tflite file runs as it is
         if source.model is None:
             return "onnxruntime"  # an ONNX file runs only there
         if str(device).split(":")[0] != "cpu":

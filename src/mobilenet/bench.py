@@ -354,8 +354,8 @@ class BenchReport:
 def _load_model(model: Any, resolution: int | None, batch_size: int) -> tuple[str, Any, Any]:
     """(name, eval-mode model, config at the benchmark resolution) for a name, checkpoint path or MobileNet,
     refused when ``batch_size`` images at that resolution cannot fit in memory. An exported file (``.onnx`` fp32 or
-    int8, ``.ts``, ``.pt2``, ``.pte``) comes back as its :class:`~mobilenet.backends.ModelSource`: it runs as it is,
-    at its own input size."""
+    int8, ``.ts``, ``.pt2``, ``.pte``, ``.tflite``) comes back as its :class:`~mobilenet.backends.ModelSource`: it
+    runs as it is, at its own input size."""
     if isinstance(model, str) and model in MODELS:
         overrides = {"resolution": resolution} if resolution else {}
         config = model_config(model, **overrides)
@@ -539,7 +539,10 @@ def _file_candidate(name: str, source: ModelSource, threads: int | None, notes: 
     """An exported file timed as it is, in the runtime it was written for (the other backends need the PyTorch
     model, which the file does not hold)."""
     predictor = Predictor(source, num_threads=threads)
-    runtime = {"onnxruntime": "ONNX Runtime", "exported": "its own runtime (TorchScript, torch.export or ExecuTorch)"}
+    runtime = {
+        "onnxruntime": "ONNX Runtime",
+        "exported": "its own runtime (TorchScript, torch.export, ExecuTorch or LiteRT)",
+    }
     notes.append(f"{name}: the exported file runs in {runtime.get(predictor.backend_name, predictor.backend_name)}")
     return Candidate("file", f"{source.path} as exported", predictor.logits, None, precision=predictor.precision)
 

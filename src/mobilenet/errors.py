@@ -17,5 +17,6 @@ INSTALL_HINTS: dict[str, str] = {
     "onnx": "pip install onnx onnxruntime onnxscript (in a checkout of mobilenet: pip install -e '.[onnx]')",
     "openvino": "pip install openvino (in a checkout of mobilenet: pip install -e '.[openvino]')",
     "mobile": "pip install executorch (the XNNPACK delegate; in a checkout of mobilenet: pip install -e '.[mobile]')",
+    "litert": "pip install litert-torch ai-edge-litert (in a checkout of mobilenet: pip install -e '.[litert]')",
     "demo": "pip install scikit-learn (in a checkout of mobilenet: pip install -e '.[demo]')",
 }

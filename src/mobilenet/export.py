@@ -1,4 +1,5 @@
-"""Export a MobileNet for deployment: ONNX, TorchScript, ``torch.export`` (``.pt2``) and ExecuTorch (``.pte``).
+"""Export a MobileNet for deployment: ONNX, TorchScript, ``torch.export`` (``.pt2``), ExecuTorch (``.pte``) and
+LiteRT (``.tflite``).
 
 Every exporter works on a copy of the model with BatchNorm folded into the preceding convolution
 (:func:`fold_batchnorm`): at inference a BatchNorm is an affine map per channel, so it disappears into the conv's
@@ -13,8 +14,8 @@ inputs (the batch dimension is dynamic) and compared with PyTorch's logits (max 
 default). A file that fails the check is never left at the target path.
 
 The model's name, config, class names and eval preprocessing travel with the file: ONNX ``metadata_props``,
-TorchScript and ``.pt2`` extra files, and a ``.json`` file beside an ExecuTorch ``.pte`` (that format has no
-free-form metadata section).
+TorchScript and ``.pt2`` extra files, and a ``.json`` file beside an ExecuTorch ``.pte`` or a LiteRT ``.tflite``
+(``<file>.json``: those formats have no free-form metadata section this library writes).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
@@ -50,23 +52,28 @@ from mobilenet.parity import compare_to_reference, seeded_batch
 __all__ = [
     "EXPORT_FORMATS",
     "INPUT_NAME",
+    "LITERT_BATCH",
     "OUTPUT_NAME",
     "PTE_BATCH_LIMIT",
     "PTE_MAX_BATCH",
     "ExportResult",
     "LoadedExport",
     "PteRunner",
+    "TfliteRunner",
     "check_opset",
     "check_pte_max_batch",
     "export_executorch",
+    "export_litert",
     "export_model",
     "export_onnx",
     "export_pt2",
     "export_torchscript",
     "fold_batchnorm",
     "in_chunks",
+    "litert_metadata",
     "load_export",
     "lower_to_pte",
+    "lower_to_tflite",
     "max_onnx_opset",
     "metadata_for",
     "ort_session",
@@ -76,11 +83,19 @@ __all__ = [
     "pte_program",
     "pte_runner",
     "read_onnx_metadata",
+    "sidecar_paths",
+    "tflite_runner",
     "write_pte",
 ]
 
 #: Formats :func:`export_model` writes, with their file suffix.
-EXPORT_FORMATS: dict[str, str] = {"onnx": ".onnx", "torchscript": ".ts", "pt2": ".pt2", "pte": ".pte"}
+EXPORT_FORMATS: dict[str, str] = {
+    "onnx": ".onnx",
+    "torchscript": ".ts",
+    "pt2": ".pt2",
+    "pte": ".pte",
+    "litert": ".tflite",
+}
 #: The graph's input (float32 NCHW, preprocessed as the metadata says) and output (logits, before softmax).
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
@@ -110,7 +125,7 @@ class ExportResult:
         max_abs_diff: the largest |logit difference| between the exported program (run in its own runtime) and
             the PyTorch model, over the check batch.
         checks: what was verified, in words (for the CLI and logs).
-        extra_files: other files written beside ``path`` (the ``.json`` metadata of a ``.pte``).
+        extra_files: other files written beside ``path`` (the ``.json`` metadata of a ``.pte`` or ``.tflite``).
     """
 
     path: Path
@@ -511,8 +526,13 @@ def check_pte_max_batch(max_batch: Any) -> int:
 
 def pte_output_paths(path: str | os.PathLike[str], inputs: Sequence[Any] = ()) -> tuple[Path, Path]:
     """The ``.pte`` to write and its metadata sidecar ``<path>.json``, both checked as writable outputs."""
-    target = check_output_file(path, ".pte output", inputs=inputs)
-    return target, check_output_file(target.with_name(target.name + ".json"), ".pte metadata", inputs=inputs)
+    return sidecar_paths(path, ".pte", inputs)
+
+
+def sidecar_paths(path: str | os.PathLike[str], suffix: str, inputs: Sequence[Any] = ()) -> tuple[Path, Path]:
+    """A ``suffix`` file to write and its metadata sidecar ``<path>.json``, both checked as writable outputs."""
+    target = check_output_file(path, f"{suffix} output", inputs=inputs)
+    return target, check_output_file(target.with_name(target.name + ".json"), f"{suffix} metadata", inputs=inputs)
 
 
 def pte_metadata(metadata: dict[str, Any], max_batch: int, precision: str) -> dict[str, Any]:
@@ -672,7 +692,7 @@ def pte_runner(path: Path | str) -> PteRunner:
     return PteRunner(file.read_bytes(), str(file))
 
 
-def in_chunks(runner: PteRunner) -> Callable[[torch.Tensor], torch.Tensor]:
+def in_chunks(runner: PteRunner | TfliteRunner) -> Callable[[torch.Tensor], torch.Tensor]:
     """``runner`` on a batch of any size: a batch above its bound runs in pieces of at most :attr:`max_batch`."""
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -681,6 +701,153 @@ def in_chunks(runner: PteRunner) -> Callable[[torch.Tensor], torch.Tensor]:
         return runner(x)
 
     return run
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LiteRT (.tflite, the TensorFlow Lite runtime)
+# ---------------------------------------------------------------------------------------------------------------
+
+#: The batch a ``.tflite`` is written for. litert-torch's lowering of the classifier's flatten (a ``view`` whose
+#: size is the symbolic batch) fails with a dynamic batch, so the input shape is static; 1 is what a phone runs.
+LITERT_BATCH = 1
+#: LiteRT's XNNPACK kernels sum in another order than PyTorch's: the logits agree to a fraction of their scale.
+LITERT_RTOL = 1e-5
+
+
+def _require_litert_runtime() -> None:
+    try:
+        from ai_edge_litert.interpreter import Interpreter  # noqa: F401
+    except ImportError as error:
+        raise MobileNetError(
+            f"LiteRT needs ai-edge-litert ({error.name} is missing); {INSTALL_HINTS['litert']}"
+        ) from None
+
+
+def _require_litert() -> None:
+    try:
+        import litert_torch  # noqa: F401
+    except ImportError as error:
+        raise MobileNetError(
+            f"LiteRT export needs litert-torch ({error.name} is missing); {INSTALL_HINTS['litert']}"
+        ) from None
+    _require_litert_runtime()
+
+
+def litert_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
+    """:func:`metadata_for`'s JSON with what a ``.tflite`` adds: its static batch (also its bound) and precision."""
+    shape = {"batch": LITERT_BATCH, "max_batch": LITERT_BATCH}
+    return {**metadata, "input": {**metadata["input"], **shape}, "precision": "float32"}
+
+
+def lower_to_tflite(module: nn.Module, metadata: dict[str, Any]) -> bytes:
+    """The ``.tflite`` bytes of ``module`` (BatchNorm already folded), converted by litert-torch from its
+    ``torch.export`` graph at a static batch of :data:`LITERT_BATCH`. The input keeps the PyTorch signature's
+    NCHW layout (the converter inserts the transposes its NHWC kernels need inside the graph)."""
+    _require_litert()
+    import litert_torch
+
+    example = _check_input(metadata, LITERT_BATCH)
+    # The converter reports its progress on stdout, which is the CLI's.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        converted = litert_torch.convert(module, (example,))
+        return bytes(converted.model_content())
+
+
+def export_litert(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    classes: Sequence[str] | None = None,
+    preprocessing: dict[str, Any] | Any | None = None,
+    atol: float = DEFAULT_ATOL,
+    rtol: float = LITERT_RTOL,
+) -> ExportResult:
+    """Write a LiteRT model (``.tflite``, float32, batch :data:`LITERT_BATCH`, NCHW input) for phones
+    (:func:`lower_to_tflite`) and its metadata as ``<path>.json``; then load the ``.tflite`` in LiteRT's interpreter
+    (XNNPACK delegate) and compare its logits with PyTorch's on a seeded image and on a seeded batch of three run
+    image by image; above ``atol + rtol * max |logit|`` nothing is written."""
+    _require_litert()
+    target, sidecar = sidecar_paths(path, ".tflite")
+    metadata = litert_metadata(metadata_for(model, classes=classes, preprocessing=preprocessing))
+    buffer = lower_to_tflite(fold_batchnorm(model).float().cpu(), metadata)
+    inputs = [_check_input(metadata, 1, seed=1), _check_input(metadata, 3, seed=2)]
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(buffer)
+        diff = compare_to_reference(
+            in_chunks(tflite_runner(tmp)), model, inputs, what="LiteRT (XNNPACK)", atol=atol, rtol=rtol,
+            consequence="the file was not written",
+        )  # fmt: skip
+    atomic_write_text(sidecar, json.dumps(metadata, indent=2) + "\n")
+    checks = [f"LiteRT interpreter (XNNPACK delegate) equals PyTorch on 4 images (max abs diff {diff:.2e})"]
+    return ExportResult(target, "litert", diff, checks, [sidecar])
+
+
+class TfliteRunner:
+    """Runs a ``.tflite`` in LiteRT's interpreter on the CPU, after checking the input against the model's one
+    input: float32, four dimensions (NCHW, as exported), the exported channels and image size, batch
+    :attr:`max_batch`. The interpreter uses as many threads as torch's intra-op pool (which the backends set from
+    their thread count): it is rebuilt when that count changes, as LiteRT fixes it when the interpreter is made."""
+
+    def __init__(self, data: bytes, name: str) -> None:
+        self._data = data
+        self.name = name
+        self._threads = 0
+        self._interpreter_for: Any = None
+        interpreter = self._interpreter()
+        inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
+        shape = tuple(int(n) for n in inputs[0]["shape"]) if len(inputs) == 1 else ()
+        if len(shape) != 4 or shape[0] != LITERT_BATCH or len(outputs) != 1 or inputs[0]["dtype"] != np.float32:
+            raise MobileNetError(
+                f"{name} is not a mobilenet LiteRT model; expected one float32 NCHW input of batch {LITERT_BATCH} "
+                "and one output"
+            )
+        self.input_shape: tuple[int, ...] = shape
+        self.max_batch: int = shape[0]
+
+    @property
+    def threads(self) -> int:
+        """The thread count of the interpreter now in use."""
+        return self._threads
+
+    def _interpreter(self) -> Any:
+        from ai_edge_litert.interpreter import Interpreter
+
+        threads = torch.get_num_threads()
+        if threads != self._threads:
+            try:
+                interpreter = Interpreter(model_content=self._data, num_threads=threads)
+                interpreter.allocate_tensors()
+            except (RuntimeError, ValueError) as error:
+                raise MobileNetError(f"{self.name} is not a readable LiteRT model ({_first_line(error)})") from None
+            self._interpreter_for, self._threads = interpreter, threads
+        return self._interpreter_for
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x)
+        interpreter = self._interpreter()
+        try:
+            interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x.detach().contiguous().numpy())
+            interpreter.invoke()
+            return torch.from_numpy(interpreter.get_tensor(interpreter.get_output_details()[0]["index"]))
+        except (RuntimeError, ValueError) as error:
+            raise MobileNetError(f"LiteRT failed to run {self.name} ({_first_line(error)})") from None
+
+    def _check(self, x: Any) -> None:
+        _, channels, height, width = self.input_shape
+        expected = f"float32 batches of shape ({self.max_batch}, {channels}, {height}, {width})"
+        if not isinstance(x, torch.Tensor):
+            raise MobileNetError(f"{self.name} takes {expected}; got a {type(x).__name__}")
+        if x.dtype != torch.float32 or tuple(x.shape) != self.input_shape:
+            raise MobileNetError(f"{self.name} takes {expected}; got {x.dtype} of shape {tuple(x.shape)}")
+
+
+def tflite_runner(path: Path | str) -> TfliteRunner:
+    """A callable that runs a ``.tflite`` in LiteRT's interpreter (:class:`TfliteRunner`)."""
+    _require_litert_runtime()
+    file = Path(path)
+    regular_file_size(file, ".tflite file", "a LiteRT model written by `mobilenet export --format litert`")
+    return TfliteRunner(file.read_bytes(), str(file))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -700,9 +867,9 @@ class LoadedExport:
 
 
 def load_export(path: str | os.PathLike[str]) -> LoadedExport:
-    """Read a ``.ts``, ``.pt2`` or ``.pte`` file written by :func:`export_model` (the ``.pte``'s metadata is its
-    ``<path>.json`` sidecar). TorchScript and ``torch.export`` archives hold graphs of torch operators and raw tensor
-    data, which these loaders run without unpickling Python objects."""
+    """Read a ``.ts``, ``.pt2``, ``.pte`` or ``.tflite`` file written by :func:`export_model` (the metadata of a
+    ``.pte`` or ``.tflite`` is its ``<path>.json`` sidecar). TorchScript and ``torch.export`` archives hold graphs
+    of torch operators and raw tensor data, which these loaders run without unpickling Python objects."""
     file = Path(path)
     suffix = file.suffix.lower()
     if not file.is_file():
@@ -722,12 +889,18 @@ def load_export(path: str | os.PathLike[str]) -> LoadedExport:
     except (RuntimeError, ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as error:
         raise MobileNetError(f"{file} is not a readable {suffix} export ({_first_line(error)})") from None
     if suffix == ".pte":
-        sidecar = file.with_name(file.name + ".json")
-        if not sidecar.is_file():
-            raise MobileNetError(f"{file} has no metadata beside it; expected {sidecar.name} as mobilenet export wrote")
-        metadata = _metadata_text(sidecar, sidecar.read_text(encoding="utf-8", errors="replace"))
-        return LoadedExport(file, "pte", metadata, in_chunks(pte_runner(file)))
-    raise MobileNetError(f"{file}: unknown export suffix {suffix!r}; expected .ts, .pt2 or .pte")
+        return LoadedExport(file, "pte", _sidecar_metadata(file), in_chunks(pte_runner(file)))
+    if suffix == ".tflite":
+        return LoadedExport(file, "litert", _sidecar_metadata(file), in_chunks(tflite_runner(file)))
+    raise MobileNetError(f"{file}: unknown export suffix {suffix!r}; expected .ts, .pt2, .pte or .tflite")
+
+
+def _sidecar_metadata(file: Path) -> dict[str, Any]:
+    """The metadata of a ``.pte`` or ``.tflite``: the JSON file ``<file>.json`` beside it."""
+    sidecar = file.with_name(file.name + ".json")
+    if not sidecar.is_file():
+        raise MobileNetError(f"{file} has no metadata beside it; expected {sidecar.name} as mobilenet export wrote")
+    return _metadata_text(sidecar, sidecar.read_text(encoding="utf-8", errors="replace"))
 
 
 @contextlib.contextmanager
@@ -765,6 +938,7 @@ _EXPORTERS: dict[str, Callable[..., ExportResult]] = {
     "torchscript": export_torchscript,
     "pt2": export_pt2,
     "pte": export_executorch,
+    "litert": export_litert,
 }
 
 

@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         nargs="*",
         default=["mobilenet_v2_1.0_224"],
         help="registered model names (random weights), .safetensors checkpoints, or exported files (.onnx fp32/int8, "
-        ".ts, .pt2, .pte: timed as they are, in their own runtime) (default: mobilenet_v2_1.0_224)",
+        ".ts, .pt2, .pte, .tflite: timed as they are, in their own runtime) (default: mobilenet_v2_1.0_224)",
     )
     parser.add_argument("--backends", help="comma-separated backends, or 'all' (default: see above)")
     parser.add_argument("--batch-sizes", default="1,32", help="comma-separated batch sizes (default: 1,32)")

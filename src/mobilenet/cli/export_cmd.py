@@ -1,4 +1,4 @@
-"""``mobilenet export CHECKPOINT --format onnx|torchscript|pt2|pte [--out FILE]``: a verified deployment file."""
+"""``mobilenet export CHECKPOINT --format onnx|torchscript|pt2|pte|litert [--out FILE]``: a verified deployment file."""
 
 from __future__ import annotations
 
@@ -7,16 +7,18 @@ import math
 import sys
 import warnings
 
-FORMATS = ("onnx", "torchscript", "pt2", "pte")
+FORMATS = ("onnx", "torchscript", "pt2", "pte", "litert")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "export",
-        help="export a checkpoint to ONNX, TorchScript, torch.export (.pt2) or ExecuTorch (.pte), verified",
+        help="export a checkpoint to ONNX, TorchScript, torch.export (.pt2), ExecuTorch (.pte) or LiteRT (.tflite), "
+        "verified",
         description=(
-            "Export with BatchNorm folded into the convs, a dynamic batch dimension, input 'image' and output "
-            "'logits', the preprocessing and class names in the file's metadata. Every file is checked after "
+            "Export with BatchNorm folded into the convs, a dynamic batch dimension (LiteRT: batch 1; readers run "
+            "a larger batch image by image), input 'image' and output 'logits', the preprocessing and class names "
+            "in the file's metadata (.pte, .tflite: in FILE.json beside it). Every file is checked after "
             "writing (ONNX: onnx.checker and ONNX Runtime; others: their own loader/runtime) against PyTorch's "
             "logits before it replaces OUT."
         ),
@@ -55,7 +57,10 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "onnx":
         check_opset(args.opset)
     if args.max_batch is not None and args.format != "pte":
-        raise MobileNetError("--max-batch applies to --format pte only (the other formats take any batch size)")
+        raise MobileNetError(
+            "--max-batch applies to --format pte only (onnx, torchscript and pt2 take any batch size; litert is "
+            "written for batch 1, and its readers run a larger batch image by image)"
+        )
     if args.max_batch is not None:
         check_pte_max_batch(args.max_batch)
     if not (args.atol > 0 and math.isfinite(args.atol)):
