@@ -26,9 +26,9 @@ model, ``auto-fast`` the fastest of float32 and bf16. Their accuracy is measured
 --precision`` compares a tier with float32 on a validation set and refuses one that loses more than its bound.
 
 ``MOBILENET_AUTO_MEASURE=0`` turns measuring off: ``auto`` is then the first installed candidate of the tier (for
-float32: ONNX Runtime, then OpenVINO, then torch-jit). Either way a backend that fails to build gives way to the
-next one, and for a float32 PyTorch model eager torch is the last resort, so ``auto`` never fails where eager torch
-would run.
+float32: ONNX Runtime, OpenVINO, torch-jit, ExecuTorch, then our fused kernel). Either way a backend that fails to
+build gives way to the next one, and for a float32 PyTorch model eager torch is the last resort, so ``auto`` never
+fails where eager torch would run.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ PRECISIONS = ("fp32", "bf16", "int8", "auto-fast")
 PRECISION_BOUNDS: dict[str, float] = {"bf16": 0.003, "int8": 0.01}
 #: The CPU backends ``auto`` measures for each precision tier (those installed), in the fixed order's preference.
 PRECISION_CANDIDATES: dict[str, tuple[str, ...]] = {
-    "fp32": ("onnxruntime", "openvino", "torch-jit", "executorch"),
+    "fp32": ("onnxruntime", "openvino", "torch-jit", "executorch", "fused"),
     "bf16": ("openvino-bf16",),
     "int8": ("onnxruntime", "openvino"),
 }

@@ -42,7 +42,7 @@ from mobilenet.export import (
     pte_runner,
     read_onnx_metadata,
 )
-from mobilenet.fused import FusedNetwork, check_threads
+from mobilenet.fused import FusedNetwork, check_threads, fused_available
 from mobilenet.models import create_model
 from mobilenet.parity import compare_to_reference, seeded_batch
 from mobilenet.runtime import has_native_bf16, resolve_device, set_threads, tune_allocator
@@ -595,7 +595,9 @@ def openvino_available() -> bool:
 
 def backend_installed(name: str) -> bool:
     """Whether the packages of :data:`BACKEND_PACKAGES` that backend ``name`` needs are installed (looked up,
-    not imported: cheap, and silent when they are missing)."""
+    not imported: cheap, and silent when they are missing); for ``fused``, whether its C extension was built."""
+    if name == "fused":
+        return fused_available()
     for package in BACKEND_PACKAGES.get(name, ()):
         try:
             if importlib.util.find_spec(package) is None:
