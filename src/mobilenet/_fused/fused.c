@@ -33,12 +33,30 @@ typedef struct {
     const float *wp, *bp; /* cexp x coutpad, coutpad */
     float lo1, hi1, lo2, hi2, lo3, hi3;
     int residual;
+    /* The network's stem as this block's producer (NULL ws: none): a 3x3 conv, padding 1, stride sstride, of the
+     * NCHW image img (n x cimg x himg x wimg) into the block's input rows (h x w x cin), computed row by row into
+     * the ring so the stem's output never exists in full. ws is (cimg * 9) x cpad, bs cpad. */
+    const float *img, *ws, *bs;
+    int cimg, himg, wimg, sstride;
+    float los, his;
 } block_t;
+
+/* The head: a 1x1 conv (+ clamp) and the global average pool of an NHWC tensor (n x p pixels x k channels) into
+ * out (n x nout), tile by tile so the conv's output never exists in full; w NULL: the pool alone (nout == k). */
+typedef struct {
+    const float *in, *w, *b;
+    float *out;
+    int n, p, k, nout, npad;
+    float lo, hi;
+} head_t;
+#define HEAD_COLS 64
+#define HEAD_PIX 64
 
 typedef struct {
     float *ring;           /* ring_rows x (w + 2) x cpad */
     float *dw;             /* tile_rows x wout x cpad */
     float *apad;           /* MR x max K */
+    float *col;            /* the stem's im2col of one row: w x cimg * 9 */
     const float *zero_row; /* (w + 2) x cpad zeros, shared */
     int ring_rows, tile_rows;
 } scratch_t;
@@ -162,8 +180,10 @@ static int best_isa(void) {
 #define MAX_THREADS 64
 #define SPIN_ROUNDS 50000
 
+enum { JOB_BLOCK = 0, JOB_HEAD = 1 };
 typedef struct {
-    const block_t *block;
+    int kind;
+    const void *task; /* block_t or head_t */
     scratch_t *scratch;
     int isa, chunks, threads; /* workers with tid >= threads sit this job out: they have no scratch in it */
     atomic_int next_chunk;
@@ -182,8 +202,23 @@ static int pool_workers;
 static int worker_start_generation[MAX_THREADS];
 
 static void run_chunk(const job_t *job, int tid, int chunk) {
-    const block_t *B = job->block;
+    const block_t *B = job->task;
     scratch_t *S = &job->scratch[tid];
+    if (job->kind == JOB_HEAD) {
+        const head_t *H = job->task;
+#ifdef FUSED_X86
+        if (job->isa == ISA_AVX512) {
+            head_chunk_avx512(H, S, chunk);
+            return;
+        }
+        if (job->isa == ISA_AVX2) {
+            head_chunk_avx2(H, S, chunk);
+            return;
+        }
+#endif
+        head_chunk_portable(H, S, chunk);
+        return;
+    }
 #ifdef FUSED_X86
     if (job->isa == ISA_AVX512) {
         run_chunk_avx512(B, S, chunk, job->chunks);
@@ -258,8 +293,8 @@ static int chunk_count(const block_t *B, int nt) {
     return (int)(chunks < rows ? chunks : rows);
 }
 
-static void run_job(const block_t *B, scratch_t *scratch, int isa, int nt) {
-    job_t job = {B, scratch, isa, chunk_count(B, nt), nt, 0};
+static void run_job(int kind, const void *task, int chunks, scratch_t *scratch, int isa, int nt) {
+    job_t job = {kind, task, scratch, isa, chunks, nt, 0};
     if (nt > 1 && job.chunks > 1) {
         pthread_mutex_lock(&job_lock);
         current_job = &job;
@@ -287,7 +322,7 @@ typedef struct {
     size_t floats;
 } buffer_t;
 
-static buffer_t ring_buf[MAX_THREADS], dw_buf[MAX_THREADS], apad_buf[MAX_THREADS], zero_buf;
+static buffer_t ring_buf[MAX_THREADS], dw_buf[MAX_THREADS], apad_buf[MAX_THREADS], col_buf[MAX_THREADS], zero_buf;
 
 static float *grow(buffer_t *buf, size_t floats) {
     if (buf->floats >= floats) return buf->ptr;
@@ -303,7 +338,7 @@ static float *grow(buffer_t *buf, size_t floats) {
 
 static size_t scratch_bytes_total(void) {
     size_t total = zero_buf.floats;
-    for (int i = 0; i < MAX_THREADS; i++) total += ring_buf[i].floats + dw_buf[i].floats + apad_buf[i].floats;
+    for (int i = 0; i < MAX_THREADS; i++) total += ring_buf[i].floats + dw_buf[i].floats + apad_buf[i].floats + col_buf[i].floats;
     return total * sizeof(float);
 }
 
@@ -326,13 +361,16 @@ static int prepare_scratch(const block_t *B, scratch_t *S, int nt, long budget_b
     int ring_rows = (tile - 1) * B->stride + 3;
     long row_floats = (long)(B->w + 2) * B->cpad;
     int kmax = B->cin > B->cexp ? B->cin : B->cexp;
+    int kstem = B->ws ? B->cimg * 9 : 0;
+    if (kstem > kmax) kmax = kstem;
     const float *zero = grow(&zero_buf, (size_t)row_floats);
     if (!zero) return -1;
     for (int t = 0; t < nt; t++) {
         S[t].ring = grow(&ring_buf[t], (size_t)(ring_rows * row_floats));
         S[t].dw = grow(&dw_buf[t], (size_t)tile * B->wout * B->cpad);
         S[t].apad = grow(&apad_buf[t], (size_t)MAX_MR * kmax);
-        if (!S[t].ring || !S[t].dw || !S[t].apad) return -1;
+        S[t].col = B->ws ? grow(&col_buf[t], (size_t)B->w * kstem) : NULL;
+        if (!S[t].ring || !S[t].dw || !S[t].apad || (B->ws && !S[t].col)) return -1;
         S[t].zero_row = zero;
         S[t].ring_rows = ring_rows;
         S[t].tile_rows = tile;
@@ -340,18 +378,63 @@ static int prepare_scratch(const block_t *B, scratch_t *S, int nt, long budget_b
     return 0;
 }
 
+static int prepare_head_scratch(const head_t *H, scratch_t *S, int nt) {
+    for (int t = 0; t < nt; t++) {
+        S[t].dw = grow(&dw_buf[t], (size_t)HEAD_PIX * HEAD_COLS);
+        S[t].apad = grow(&apad_buf[t], (size_t)MAX_MR * H->k);
+        if (!S[t].dw || !S[t].apad) return -1;
+    }
+    return 0;
+}
+
 /* ---- Python API -------------------------------------------------------------------------------------- */
 static const char *ISA_NAMES[] = {"auto", "portable", "avx2", "avx512"};
+
+static int check_pool_args(int threads, int *isa, const char *what) {
+    if (threads < 1 || threads > MAX_THREADS) {
+        PyErr_Format(PyExc_ValueError, "%s: threads must be in 1..%d", what, MAX_THREADS);
+        return -1;
+    }
+    if (*isa == ISA_AUTO) *isa = best_isa();
+    if (*isa < ISA_PORTABLE || *isa > ISA_AVX512 || !isa_supported(*isa)) {
+        PyErr_Format(PyExc_ValueError, "%s: instruction set %d is not supported by this CPU", what, *isa);
+        return -1;
+    }
+    return 0;
+}
+
+/* The optional stem tuple (img, cimg, himg, wimg, sstride, ws, bs, los, his); None leaves the stem off. */
+static int parse_stem(PyObject *stem, block_t *B) {
+    B->img = B->ws = B->bs = NULL;
+    B->cimg = B->himg = B->wimg = B->sstride = 0;
+    B->los = B->his = 0.0f;
+    if (stem == Py_None) return 0;
+    unsigned long long img, ws, bs;
+    if (!PyArg_ParseTuple(stem, "KiiiiKKff", &img, &B->cimg, &B->himg, &B->wimg, &B->sstride, &ws, &bs, &B->los,
+                          &B->his))
+        return -1;
+    B->img = (const float *)(uintptr_t)img;
+    B->ws = (const float *)(uintptr_t)ws;
+    B->bs = (const float *)(uintptr_t)bs;
+    if (!B->img || !B->ws || !B->bs || B->cimg < 1 || B->himg < 1 || B->wimg < 1 ||
+        (B->sstride != 1 && B->sstride != 2) || B->h != (B->himg - 1) / B->sstride + 1 ||
+        B->w != (B->wimg - 1) / B->sstride + 1 || B->we || B->residual) {
+        PyErr_SetString(PyExc_ValueError, "run_block: inconsistent stem shapes or null pointers");
+        return -1;
+    }
+    return 0;
+}
 
 static PyObject *py_run_block(PyObject *self, PyObject *args) {
     unsigned long long in, out, we, be, wd, bd, wp, bp;
     block_t B;
     int threads, isa;
     long budget;
-    if (!PyArg_ParseTuple(args, "KKiiiiiiiiiiiKKKKKKffffffiiil", &in, &out, &B.n, &B.h, &B.w, &B.cin, &B.hout,
+    PyObject *stem = Py_None;
+    if (!PyArg_ParseTuple(args, "KKiiiiiiiiiiiKKKKKKffffffiiil|O", &in, &out, &B.n, &B.h, &B.w, &B.cin, &B.hout,
                           &B.wout, &B.cout, &B.stride, &B.cexp, &B.cpad, &B.coutpad, &we, &be, &wd, &bd,
                           &wp, &bp, &B.lo1, &B.hi1, &B.lo2, &B.hi2, &B.lo3, &B.hi3, &B.residual, &threads, &isa,
-                          &budget))
+                          &budget, &stem))
         return NULL;
     B.in = (const float *)(uintptr_t)in;
     B.out = (float *)(uintptr_t)out;
@@ -370,15 +453,7 @@ static PyObject *py_run_block(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "run_block: inconsistent shapes or null pointers");
         return NULL;
     }
-    if (threads < 1 || threads > MAX_THREADS) {
-        PyErr_Format(PyExc_ValueError, "run_block: threads must be in 1..%d", MAX_THREADS);
-        return NULL;
-    }
-    if (isa == ISA_AUTO) isa = best_isa();
-    if (isa < ISA_PORTABLE || isa > ISA_AVX512 || !isa_supported(isa)) {
-        PyErr_Format(PyExc_ValueError, "run_block: instruction set %d is not supported by this CPU", isa);
-        return NULL;
-    }
+    if (parse_stem(stem, &B) != 0 || check_pool_args(threads, &isa, "run_block") != 0) return NULL;
     int failed = 0;
     Py_BEGIN_ALLOW_THREADS;
     pthread_mutex_lock(&pool_lock);
@@ -386,7 +461,38 @@ static PyObject *py_run_block(PyObject *self, PyObject *args) {
     if (ensure_workers(threads) != 0 || prepare_scratch(&B, scratch, threads, budget) != 0)
         failed = 1;
     else
-        run_job(&B, scratch, isa, threads);
+        run_job(JOB_BLOCK, &B, chunk_count(&B, threads), scratch, isa, threads);
+    pthread_mutex_unlock(&pool_lock);
+    Py_END_ALLOW_THREADS;
+    if (failed) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_run_head(PyObject *self, PyObject *args) {
+    unsigned long long in, out, w, b;
+    head_t H;
+    int threads, isa;
+    if (!PyArg_ParseTuple(args, "KKiiiiiKKffii", &in, &out, &H.n, &H.p, &H.k, &H.nout, &H.npad, &w, &b, &H.lo,
+                          &H.hi, &threads, &isa))
+        return NULL;
+    H.in = (const float *)(uintptr_t)in;
+    H.out = (float *)(uintptr_t)out;
+    H.w = (const float *)(uintptr_t)w;
+    H.b = (const float *)(uintptr_t)b;
+    if (H.n < 1 || H.p < 1 || H.k < 1 || H.nout < 1 || !H.in || !H.out ||
+        (H.w ? (!H.b || H.npad < H.nout || H.npad % 16) : H.nout != H.k)) {
+        PyErr_SetString(PyExc_ValueError, "run_head: inconsistent shapes or null pointers");
+        return NULL;
+    }
+    if (check_pool_args(threads, &isa, "run_head") != 0) return NULL;
+    int failed = 0;
+    Py_BEGIN_ALLOW_THREADS;
+    pthread_mutex_lock(&pool_lock);
+    scratch_t scratch[MAX_THREADS];
+    if (ensure_workers(threads) != 0 || prepare_head_scratch(&H, scratch, threads) != 0)
+        failed = 1;
+    else
+        run_job(JOB_HEAD, &H, (H.nout + HEAD_COLS - 1) / HEAD_COLS, scratch, isa, threads);
     pthread_mutex_unlock(&pool_lock);
     Py_END_ALLOW_THREADS;
     if (failed) return PyErr_NoMemory();
@@ -421,8 +527,12 @@ static PyObject *py_scratch_bytes(PyObject *self, PyObject *unused) {
 static PyMethodDef methods[] = {
     {"run_block", py_run_block, METH_VARARGS,
      "run_block(in, out, n, h, w, cin, hout, wout, cout, stride, cexp, cpad, coutpad, we, be, wd, bd, wp, "
-     "bp, lo1, hi1, lo2, hi2, lo3, hi3, residual, threads, isa, cache_budget_bytes): one fused block, NHWC float32 "
-     "(addresses as ints; see mobilenet.fused)."},
+     "bp, lo1, hi1, lo2, hi2, lo3, hi3, residual, threads, isa, cache_budget_bytes[, stem]): one fused block, NHWC "
+     "float32 (addresses as ints; stem: None or (img, cimg, himg, wimg, stride, ws, bs, lo, hi), the stem conv of an "
+     "NCHW image as the block's input; see mobilenet.fused)."},
+    {"run_head", py_run_head, METH_VARARGS,
+     "run_head(in, out, n, pixels, k, nout, npad, w, b, lo, hi, threads, isa): 1x1 conv + clamp (w = 0: none) and "
+     "global average pool of an NHWC tensor into n x nout (addresses as ints; see mobilenet.fused)."},
     {"supported_isas", py_supported_isas, METH_NOARGS, "The instruction sets this CPU runs: portable, avx2, avx512."},
     {"best_isa", py_best_isa, METH_NOARGS, "The instruction set chosen when none is forced."},
     {"scratch_bytes", py_scratch_bytes, METH_NOARGS, "Bytes of ring, tile and padding buffers held by the pool."},

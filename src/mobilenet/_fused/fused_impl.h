@@ -125,6 +125,36 @@ TARGET static void SFX(depthwise_row)(const float *const rows[3], int wout, int 
     }
 }
 
+/* One row (image row y of the block's input) of the network's stem (V1 paper Table 1, V2 paper Table 2: a 3x3
+ * conv, padding 1, stride 2, of the RGB image): an im2col of the w output pixels (cimg * 9 taps each, read straight
+ * from the NCHW image) into S->col, then the same GEMM as a 1x1 conv with K = cimg * 9, into dst. */
+TARGET static void SFX(stem_row)(const block_t *B, const scratch_t *S, int img, int y, float *dst) {
+    int K = B->cimg * 9, s = B->sstride;
+    const float *image = B->img + (long)img * B->cimg * B->himg * B->wimg;
+    for (int c = 0; c < B->cimg; c++) {
+        for (int ky = 0; ky < 3; ky++) {
+            int iy = y * s - 1 + ky;
+            float *col = S->col + (c * 3 + ky) * 3;
+            const float *row = (iy < 0 || iy >= B->himg) ? NULL : image + ((long)c * B->himg + iy) * B->wimg;
+            for (int x = 0; x < B->w; x++, col += K) {
+                int ix = x * s - 1;
+                if (!row) {
+                    col[0] = col[1] = col[2] = 0.0f;
+                } else if (ix >= 0 && ix + 2 < B->wimg) {
+                    col[0] = row[ix];
+                    col[1] = row[ix + 1];
+                    col[2] = row[ix + 2];
+                } else {
+                    for (int kx = 0; kx < 3; kx++)
+                        col[kx] = (ix + kx >= 0 && ix + kx < B->wimg) ? row[ix + kx] : 0.0f;
+                }
+            }
+        }
+    }
+    SFX(gemm)(S->col, K, B->w, K, B->ws, B->cpad, B->bs, B->cin, B->los, B->his, dst, B->cpad, B->w, 0, NULL, 0,
+              S->apad);
+}
+
 /* Fill ring rows [first, last] (image rows, all inside the image) of image `img`: the expansion 1x1 conv (V2) or a
  * copy of the input rows (t = 1, V1), in runs of rows whose ring slots are consecutive. */
 TARGET static void SFX(fill_rows)(const block_t *B, const scratch_t *S, int img, int first, int last) {
@@ -135,7 +165,9 @@ TARGET static void SFX(fill_rows)(const block_t *B, const scratch_t *S, int img,
         if (count > S->ring_rows - slot) count = S->ring_rows - slot;
         const float *src = B->in + ((long)img * B->h + first) * B->w * B->cin;
         float *dst = S->ring + slot * row_floats + B->cpad;
-        if (B->we) {
+        if (B->ws) {
+            for (int y = 0; y < count; y++) SFX(stem_row)(B, S, img, first + y, dst + y * row_floats);
+        } else if (B->we) {
             SFX(gemm)(src, B->cin, count * B->w, B->cin, B->we, B->cpad, B->be, B->cexp, B->lo1, B->hi1, dst,
                       B->cpad, B->w, row_floats, NULL, 0, S->apad);
         } else {
@@ -193,5 +225,31 @@ TARGET static void SFX(run_chunk)(const block_t *B, const scratch_t *S, int inde
         int stop = end - (long)img * B->hout < B->hout ? (int)(end - (long)img * B->hout) : B->hout;
         SFX(run_rows)(B, S, img, oy, stop);
         begin = (long)img * B->hout + stop;
+    }
+}
+
+/* Chunk `chunk` (HEAD_COLS output channels) of the head: V2's last 1x1 conv (+ ReLU6) and the global average pool
+ * (V2 paper Table 2: conv2d 1x1, avgpool 7x7), HEAD_PIX pixels at a time into the tile buffer, summed per channel
+ * as they come, so the conv's output never exists in full. Without weights (V1), the pool alone. */
+TARGET static void SFX(head_chunk)(const head_t *H, const scratch_t *S, int chunk) {
+    int n0 = chunk * HEAD_COLS;
+    int cols = H->nout - n0 < HEAD_COLS ? H->nout - n0 : HEAD_COLS;
+    for (int img = 0; img < H->n; img++) {
+        float sum[HEAD_COLS] = {0};
+        const float *in = H->in + (long)img * H->p * H->k;
+        for (int p0 = 0; p0 < H->p; p0 += HEAD_PIX) {
+            int m = H->p - p0 < HEAD_PIX ? H->p - p0 : HEAD_PIX;
+            const float *tile = in + (long)p0 * H->k + n0;
+            long ld = H->k;
+            if (H->w) {
+                SFX(gemm)(in + (long)p0 * H->k, H->k, m, H->k, H->w + n0, H->npad, H->b + n0, cols, H->lo, H->hi,
+                          S->dw, HEAD_COLS, m, 0, NULL, 0, S->apad);
+                tile = S->dw;
+                ld = HEAD_COLS;
+            }
+            for (int p = 0; p < m; p++)
+                for (int j = 0; j < cols; j++) sum[j] += tile[(long)p * ld + j];
+        }
+        for (int j = 0; j < cols; j++) H->out[(long)img * H->nout + n0 + j] = sum[j] / (float)H->p;
     }
 }
