@@ -406,3 +406,16 @@ def test_network_peak_activations_are_under_a_third_of_layer_by_layer():
         handle.remove()
     plan = fused.FusedNetwork(model).memory_plan(1, 224, 224)
     assert plan.peak_bytes <= peak / 3
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(("features", "classes", "batch"), [(1280, 1000, 1), (1024, 10, 3), (17, 5, 2)])
+def test_linear_classifier_matches_pytorch(isa, features, classes, batch):
+    linear = nn.Linear(features, classes).eval()
+    x = torch.randn(batch, features, generator=torch.Generator().manual_seed(features))
+    with torch.inference_mode():
+        expected = linear(x)
+    got = fused.pack_linear(linear)(x.view(batch, 1, 1, features), isa=isa)
+    assert float((got - expected).abs().max()) <= 1e-4 * float(expected.abs().max())
+    with pytest.raises(MobileNetError, match=r"nn\.Linear"):
+        fused.pack_linear(nn.Conv2d(3, 3, 1))

@@ -51,6 +51,7 @@ __all__ = [
     "fused_available",
     "pack_block",
     "pack_head",
+    "pack_linear",
     "pack_stem",
     "supported_isas",
 ]
@@ -405,6 +406,18 @@ def pack_head(unit: nn.Module | None, channels: int) -> FusedHead:
     return FusedHead(channels, out_channels, packed, _pad_vector(bias, _padded(out_channels)), bounds)
 
 
+def pack_linear(linear: nn.Module) -> FusedHead:
+    """Pack an ``nn.Linear`` (the classifier) as a head over one pixel: a fully connected layer on the pooled
+    features is a 1x1 conv of a 1x1 image, and the pool of one pixel is that pixel."""
+    if not isinstance(linear, nn.Linear):
+        raise MobileNetError(f"the fused classifier is an nn.Linear, got {type(linear).__name__}")
+    weight = linear.weight.detach().float().cpu()
+    out_features, in_features = int(weight.shape[0]), int(weight.shape[1])
+    bias = linear.bias.detach().float().cpu() if linear.bias is not None else torch.zeros(out_features)
+    packed = _pad_columns(weight.t(), _padded(out_features))
+    return FusedHead(in_features, out_features, packed, _pad_vector(bias, _padded(out_features)), (-math.inf, math.inf))
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     """The activation memory of one input shape: the two ping-pong NHWC buffers every fused block writes into
@@ -456,9 +469,10 @@ def _fusable_stem(model: MobileNet) -> bool:
 class FusedNetwork:
     """A V1 or V2 MobileNet (any width, any resolution) on the fused kernel: the stem conv is computed inside the
     first block's call (its rows go straight into that block's ring buffer), every depthwise separable / inverted
-    residual block runs fused, V2's head 1x1 conv and the global average pool run fused (a tile at a time), and only
-    the classifier runs in torch, on the BatchNorm-folded model. Fused blocks write into two ping-pong NHWC buffers
-    allocated once per input shape. Takes and returns what the model does (NCHW in, logits)."""
+    residual block runs fused, V2's head 1x1 conv and the global average pool run fused (a tile at a time), and the
+    classifier (an ``nn.Linear``) runs on the kernel as a 1x1 conv of the pooled vector; anything else (a factored
+    classifier, a pool that is not global) runs in torch, on the BatchNorm-folded model. Fused blocks write into two
+    ping-pong NHWC buffers allocated once per input shape. Takes and returns what the model does (NCHW in, logits)."""
 
     def __init__(self, model: nn.Module, *, threads: int = 2, isa: str | None = None) -> None:
         _require_kernels()
@@ -485,6 +499,9 @@ class FusedNetwork:
             )
         self.stem = pack_stem(self.stages[0]) if _fusable_stem(self.model) else None
         self.head = self._pack_head()
+        classifier = self.model.classifier
+        fc_fusable = self.head is not None and self.model.hidden is None and isinstance(classifier, nn.Linear)
+        self.classifier = pack_linear(classifier) if fc_fusable else None
         self._buffers: dict[tuple[int, int, int], tuple[list[torch.Tensor], MemoryPlan]] = {}
 
     def _pack_head(self) -> FusedHead | None:
@@ -590,6 +607,9 @@ class FusedNetwork:
                 return self.model.forward_head(features).clone()
         with torch.inference_mode():
             pooled = self.head(self._run_body(x), threads=self.threads, isa=self.isa)
+            if self.classifier is not None:  # dropout is the identity at inference
+                flat = pooled.view(pooled.shape[0], 1, 1, pooled.shape[1])
+                return self.classifier(flat, threads=self.threads, isa=self.isa)
             with _torch_single_threaded():
                 if self.model.hidden is not None:
                     pooled = self.model.hidden(pooled)

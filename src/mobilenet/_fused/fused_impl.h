@@ -228,6 +228,22 @@ TARGET static void SFX(run_chunk)(const block_t *B, const scratch_t *S, int inde
     }
 }
 
+/* One pixel's 1x1 conv over n <= HEAD_COLS output channels into c (HEAD_COLS floats, whole vectors stored): for
+ * a few pixels (the classifier on a pooled vector) the MR-pixel micro-kernel would compute mostly padding. */
+TARGET static void SFX(gemv)(const float *a, int K, const float *b, long ldb, const float *bias, int n, float lo,
+                             float hi, float *c) {
+    VEC acc[HEAD_COLS / VW];
+    int nv = (n + VW - 1) / VW;
+    for (int j = 0; j < nv; j++) acc[j] = VLOAD(bias + j * VW);
+    for (int k = 0; k < K; k++) {
+        VEC av = VSET1(a[k]);
+        const float *bk = b + (long)k * ldb;
+        for (int j = 0; j < nv; j++) acc[j] = VFMA(av, VLOAD(bk + j * VW), acc[j]);
+    }
+    VEC vlo = VSET1(lo), vhi = VSET1(hi);
+    for (int j = 0; j < nv; j++) VSTORE(c + j * VW, VMIN(VMAX(acc[j], vlo), vhi));
+}
+
 /* Chunk `chunk` (HEAD_COLS output channels) of the head: V2's last 1x1 conv (+ ReLU6) and the global average pool
  * (V2 paper Table 2: conv2d 1x1, avgpool 7x7), HEAD_PIX pixels at a time into the tile buffer, summed per channel
  * as they come, so the conv's output never exists in full. Without weights (V1), the pool alone. */
@@ -241,7 +257,13 @@ TARGET static void SFX(head_chunk)(const head_t *H, const scratch_t *S, int chun
             int m = H->p - p0 < HEAD_PIX ? H->p - p0 : HEAD_PIX;
             const float *tile = in + (long)p0 * H->k + n0;
             long ld = H->k;
-            if (H->w) {
+            if (H->w && m < MR / 2) {
+                for (int p = 0; p < m; p++)
+                    SFX(gemv)(in + (long)(p0 + p) * H->k, H->k, H->w + n0, H->npad, H->b + n0, cols, H->lo, H->hi,
+                              S->dw + (long)p * HEAD_COLS);
+                tile = S->dw;
+                ld = HEAD_COLS;
+            } else if (H->w) {
                 SFX(gemm)(in + (long)p0 * H->k, H->k, m, H->k, H->w + n0, H->npad, H->b + n0, cols, H->lo, H->hi,
                           S->dw, HEAD_COLS, m, 0, NULL, 0, S->apad);
                 tile = S->dw;
