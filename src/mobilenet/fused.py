@@ -65,6 +65,9 @@ ISA_ENV = "MOBILENET_FUSED_ISA"
 _ISA_CODES = {"auto": 0, "portable": 1, "avx2": 2, "avx512": 3}
 #: Bytes of ring buffer + depthwise tile per thread: half of a 1 MiB L2, so the tile stays there with the weights.
 CACHE_BUDGET = 512 * 1024
+#: Where a batch has at most this many output rows, a block's threads split its expanded channels instead of its
+#: rows: cutting few rows re-expands the depthwise conv's overlap rows and makes every thread read all the weights.
+CHANNEL_SPLIT_ROWS = int(os.environ.get("MOBILENET_FUSED_SPLIT_ROWS", "14"))
 #: The kernel pads channel counts to this many floats (one AVX-512 vector).
 CHANNEL_ALIGN = 16
 MAX_THREADS = 64
@@ -211,7 +214,7 @@ class FusedBlock:
             0 if t["we"] is None else t["we"].data_ptr(), 0 if t["be"] is None else t["be"].data_ptr(),
             t["wd"].data_ptr(), t["bd"].data_ptr(), t["wp"].data_ptr(), t["bp"].data_ptr(),
             *self.bounds, int(self.residual), threads, code, CACHE_BUDGET,
-            None if stem is None else stem.arguments(x),
+            None if stem is None else stem.arguments(x), CHANNEL_SPLIT_ROWS,
         )  # fmt: skip
         return out
 

@@ -39,7 +39,29 @@ typedef struct {
     const float *img, *ws, *bs;
     int cimg, himg, wimg, sstride;
     float los, his;
+    /* Channel-split mode (see run_chunk): chunk k writes n x hout x wout x coutpad partial sums at
+     * partial + k * (that size); zero_bias is coutpad zeros. */
+    int split;
+    float *partial;
+    const float *zero_bias;
 } block_t;
+
+/* Where a projection goes: the block's output (bias, clamp, shortcut) or a partial sum (no bias, no clamp). */
+typedef struct {
+    float *out;
+    long ldo;
+    const float *bias;
+    float lo, hi;
+    int residual;
+} target_t;
+
+/* Chunk k of count's slice [c0, c0 + cw) of the expanded channels: whole 16-channel groups, none empty. */
+static void split_slice(const block_t *B, int k, int count, int *c0, int *cw) {
+    int groups = B->cpad / 16;
+    int begin = 16 * (groups * k / count), end = 16 * (groups * (k + 1) / count);
+    *c0 = begin;
+    *cw = (end < B->cexp ? end : B->cexp) - begin;
+}
 
 /* The head: a 1x1 conv (+ clamp) and the global average pool of an NHWC tensor (n x p pixels x k channels) into
  * out (n x nout), tile by tile so the conv's output never exists in full; w NULL: the pool alone (nout == k). */
@@ -288,6 +310,7 @@ static int ensure_workers(int nt) {
 /* Two chunks per thread where each is at least 8 rows (a chunk boundary costs the depthwise conv's overlap rows
  * of expansion again), else one. */
 static int chunk_count(const block_t *B, int nt) {
+    if (B->split) return nt < B->cpad / 16 ? nt : B->cpad / 16;
     long rows = (long)B->n * B->hout;
     long chunks = rows >= 16L * nt ? 2L * nt : nt;
     return (int)(chunks < rows ? chunks : rows);
@@ -322,7 +345,7 @@ typedef struct {
     size_t floats;
 } buffer_t;
 
-static buffer_t ring_buf[MAX_THREADS], dw_buf[MAX_THREADS], apad_buf[MAX_THREADS], col_buf[MAX_THREADS], zero_buf;
+static buffer_t ring_buf[MAX_THREADS], dw_buf[MAX_THREADS], apad_buf[MAX_THREADS], col_buf[MAX_THREADS], zero_buf, partial_buf;
 
 static float *grow(buffer_t *buf, size_t floats) {
     if (buf->floats >= floats) return buf->ptr;
@@ -337,13 +360,14 @@ static float *grow(buffer_t *buf, size_t floats) {
 }
 
 static size_t scratch_bytes_total(void) {
-    size_t total = zero_buf.floats;
+    size_t total = zero_buf.floats + partial_buf.floats;
     for (int i = 0; i < MAX_THREADS; i++) total += ring_buf[i].floats + dw_buf[i].floats + apad_buf[i].floats + col_buf[i].floats;
     return total * sizeof(float);
 }
 
 /* The most output rows per tile whose ring and depthwise tile fit the cache budget (at least one). */
 static int pick_tile_rows(const block_t *B, int nt, long budget_bytes) {
+    if (B->split) nt = 1; /* every thread runs every row of its channel slice */
     long per_thread = ((long)B->n * B->hout + nt - 1) / nt;
     int rows = 1;
     while (rows < B->hout && rows < per_thread) {
@@ -356,14 +380,14 @@ static int pick_tile_rows(const block_t *B, int nt, long budget_bytes) {
     return rows;
 }
 
-static int prepare_scratch(const block_t *B, scratch_t *S, int nt, long budget_bytes) {
+static int prepare_scratch(block_t *B, scratch_t *S, int nt, long budget_bytes) {
     int tile = pick_tile_rows(B, nt, budget_bytes);
     int ring_rows = (tile - 1) * B->stride + 3;
     long row_floats = (long)(B->w + 2) * B->cpad;
     int kmax = B->cin > B->cexp ? B->cin : B->cexp;
     int kstem = B->ws ? B->cimg * 9 : 0;
     if (kstem > kmax) kmax = kstem;
-    const float *zero = grow(&zero_buf, (size_t)row_floats);
+    const float *zero = grow(&zero_buf, (size_t)(row_floats > B->coutpad ? row_floats : B->coutpad));
     if (!zero) return -1;
     for (int t = 0; t < nt; t++) {
         S[t].ring = grow(&ring_buf[t], (size_t)(ring_rows * row_floats));
@@ -372,10 +396,34 @@ static int prepare_scratch(const block_t *B, scratch_t *S, int nt, long budget_b
         S[t].col = B->ws ? grow(&col_buf[t], (size_t)B->w * kstem) : NULL;
         if (!S[t].ring || !S[t].dw || !S[t].apad || (B->ws && !S[t].col)) return -1;
         S[t].zero_row = zero;
+        B->zero_bias = zero;
         S[t].ring_rows = ring_rows;
         S[t].tile_rows = tile;
     }
     return 0;
+}
+
+/* Channel-split mode: the partial sums of every chunk. */
+static int prepare_partials(block_t *B, int chunks) {
+    if (!B->split) return 0;
+    B->partial = grow(&partial_buf, (size_t)chunks * B->n * B->hout * B->wout * B->coutpad);
+    return B->partial ? 0 : -1;
+}
+
+/* Channel-split mode: out = clamp(bias + the chunks' partial sums) (+ the shortcut). */
+static void reduce_partials(const block_t *B, int chunks) {
+    long pixels = (long)B->n * B->hout * B->wout, stride = pixels * B->coutpad;
+    for (long p = 0; p < pixels; p++) {
+        const float *part = B->partial + p * B->coutpad;
+        float *out = B->out + p * B->cout;
+        const float *res = B->residual ? B->in + p * B->cin : NULL;
+        for (int c = 0; c < B->cout; c++) {
+            float v = B->bp[c];
+            for (int k = 0; k < chunks; k++) v += part[k * stride + c];
+            v = v < B->lo3 ? B->lo3 : (v > B->hi3 ? B->hi3 : v);
+            out[c] = res ? v + res[c] : v;
+        }
+    }
 }
 
 static int prepare_head_scratch(const head_t *H, scratch_t *S, int nt) {
@@ -431,10 +479,11 @@ static PyObject *py_run_block(PyObject *self, PyObject *args) {
     int threads, isa;
     long budget;
     PyObject *stem = Py_None;
-    if (!PyArg_ParseTuple(args, "KKiiiiiiiiiiiKKKKKKffffffiiil|O", &in, &out, &B.n, &B.h, &B.w, &B.cin, &B.hout,
+    int split_rows = 0;
+    if (!PyArg_ParseTuple(args, "KKiiiiiiiiiiiKKKKKKffffffiiil|Oi", &in, &out, &B.n, &B.h, &B.w, &B.cin, &B.hout,
                           &B.wout, &B.cout, &B.stride, &B.cexp, &B.cpad, &B.coutpad, &we, &be, &wd, &bd,
                           &wp, &bp, &B.lo1, &B.hi1, &B.lo2, &B.hi2, &B.lo3, &B.hi3, &B.residual, &threads, &isa,
-                          &budget, &stem))
+                          &budget, &stem, &split_rows))
         return NULL;
     B.in = (const float *)(uintptr_t)in;
     B.out = (float *)(uintptr_t)out;
@@ -454,14 +503,21 @@ static PyObject *py_run_block(PyObject *self, PyObject *args) {
         return NULL;
     }
     if (parse_stem(stem, &B) != 0 || check_pool_args(threads, &isa, "run_block") != 0) return NULL;
-    int failed = 0;
+    /* Channel split where the batch has at most split_rows output rows (and more than one thread shares them). */
+    B.split = threads > 1 && !B.ws && B.cpad >= 32 && (long)B.n * B.hout <= split_rows;
+    B.partial = NULL;
+    B.zero_bias = NULL;
+    int failed = 0, chunks = chunk_count(&B, threads);
     Py_BEGIN_ALLOW_THREADS;
     pthread_mutex_lock(&pool_lock);
     scratch_t scratch[MAX_THREADS];
-    if (ensure_workers(threads) != 0 || prepare_scratch(&B, scratch, threads, budget) != 0)
+    if (ensure_workers(threads) != 0 || prepare_scratch(&B, scratch, threads, budget) != 0 ||
+        prepare_partials(&B, chunks) != 0) {
         failed = 1;
-    else
-        run_job(JOB_BLOCK, &B, chunk_count(&B, threads), scratch, isa, threads);
+    } else {
+        run_job(JOB_BLOCK, &B, chunks, scratch, isa, threads);
+        if (B.split) reduce_partials(&B, chunks);
+    }
     pthread_mutex_unlock(&pool_lock);
     Py_END_ALLOW_THREADS;
     if (failed) return PyErr_NoMemory();
@@ -527,9 +583,10 @@ static PyObject *py_scratch_bytes(PyObject *self, PyObject *unused) {
 static PyMethodDef methods[] = {
     {"run_block", py_run_block, METH_VARARGS,
      "run_block(in, out, n, h, w, cin, hout, wout, cout, stride, cexp, cpad, coutpad, we, be, wd, bd, wp, "
-     "bp, lo1, hi1, lo2, hi2, lo3, hi3, residual, threads, isa, cache_budget_bytes[, stem]): one fused block, NHWC "
+     "bp, lo1, hi1, lo2, hi2, lo3, hi3, residual, threads, isa, cache_budget_bytes[, stem[, split_rows]]): one fused block, NHWC "
      "float32 (addresses as ints; stem: None or (img, cimg, himg, wimg, stride, ws, bs, lo, hi), the stem conv of an "
-     "NCHW image as the block's input; see mobilenet.fused)."},
+     "NCHW image as the block's input; split_rows: at most that many output rows in the batch split the expanded "
+     "channels between threads instead of the rows; see mobilenet.fused)."},
     {"run_head", py_run_head, METH_VARARGS,
      "run_head(in, out, n, pixels, k, nout, npad, w, b, lo, hi, threads, isa): 1x1 conv + clamp (w = 0: none) and "
      "global average pool of an NHWC tensor into n x nout (addresses as ints; see mobilenet.fused)."},

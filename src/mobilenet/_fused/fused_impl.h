@@ -155,9 +155,10 @@ TARGET static void SFX(stem_row)(const block_t *B, const scratch_t *S, int img, 
               S->apad);
 }
 
-/* Fill ring rows [first, last] (image rows, all inside the image) of image `img`: the expansion 1x1 conv (V2) or a
- * copy of the input rows (t = 1, V1), in runs of rows whose ring slots are consecutive. */
-TARGET static void SFX(fill_rows)(const block_t *B, const scratch_t *S, int img, int first, int last) {
+/* Fill ring rows [first, last] (image rows, all inside the image) of image `img`, channels [c0, c0 + cw) of the
+ * expanded tensor: the expansion 1x1 conv (V2), the stem (the network's first block) or a copy of the input rows
+ * (t = 1, V1), in runs of rows whose ring slots are consecutive. */
+TARGET static void SFX(fill_rows)(const block_t *B, const scratch_t *S, int img, int first, int last, int c0, int cw) {
     long row_floats = (long)(B->w + 2) * B->cpad;
     while (first <= last) {
         int slot = first % S->ring_rows;
@@ -165,25 +166,27 @@ TARGET static void SFX(fill_rows)(const block_t *B, const scratch_t *S, int img,
         if (count > S->ring_rows - slot) count = S->ring_rows - slot;
         const float *src = B->in + ((long)img * B->h + first) * B->w * B->cin;
         float *dst = S->ring + slot * row_floats + B->cpad;
-        if (B->ws) {
+        if (B->ws) { /* only in row mode: all channels */
             for (int y = 0; y < count; y++) SFX(stem_row)(B, S, img, first + y, dst + y * row_floats);
         } else if (B->we) {
-            SFX(gemm)(src, B->cin, count * B->w, B->cin, B->we, B->cpad, B->be, B->cexp, B->lo1, B->hi1, dst,
-                      B->cpad, B->w, row_floats, NULL, 0, S->apad);
+            SFX(gemm)(src, B->cin, count * B->w, B->cin, B->we + c0, B->cpad, B->be + c0, cw, B->lo1, B->hi1,
+                      dst + c0, B->cpad, B->w, row_floats, NULL, 0, S->apad);
         } else {
             for (int y = 0; y < count; y++)
                 for (int x = 0; x < B->w; x++)
-                    memcpy(dst + y * row_floats + (long)x * B->cpad, src + ((long)y * B->w + x) * B->cin,
-                           sizeof(float) * (size_t)B->cin);
+                    memcpy(dst + y * row_floats + (long)x * B->cpad + c0, src + ((long)y * B->w + x) * B->cin + c0,
+                           sizeof(float) * (size_t)cw);
         }
         first += count;
     }
 }
 
-/* Output rows [oy_begin, oy_end) of image img, tile by tile (V2 paper section 5.1): expand only the input rows the
- * tile's depthwise conv needs that are not in the ring yet, run the depthwise conv into the tile buffer, project
- * the tile into the output (plus the shortcut). */
-TARGET static void SFX(run_rows)(const block_t *B, const scratch_t *S, int img, int oy_begin, int oy_end) {
+/* Output rows [oy_begin, oy_end) of image img, tile by tile (V2 paper section 5.1), for channels [c0, c0 + cw) of
+ * the expanded tensor: expand only the input rows the tile's depthwise conv needs that are not in the ring yet, run
+ * the depthwise conv into the tile buffer, project the tile into T (the output plus the shortcut, or a partial sum
+ * over this channel slice). */
+TARGET static void SFX(run_rows)(const block_t *B, const scratch_t *S, int img, int oy_begin, int oy_end, int c0,
+                                 int cw, const target_t *T) {
     long row_floats = (long)(B->w + 2) * B->cpad;
     for (int slot = 0; slot < S->ring_rows; slot++) { /* the side padding: another block may have left data here */
         memset(S->ring + slot * row_floats, 0, sizeof(float) * (size_t)B->cpad);
@@ -196,34 +199,46 @@ TARGET static void SFX(run_rows)(const block_t *B, const scratch_t *S, int img, 
         int need_last = (oy0 + t - 1) * s + 1;
         int first = next_row < 0 ? 0 : next_row;
         int last = need_last < B->h - 1 ? need_last : B->h - 1;
-        if (first <= last) SFX(fill_rows)(B, S, img, first, last);
+        if (first <= last) SFX(fill_rows)(B, S, img, first, last, c0, cw);
         next_row = need_last + 1;
         for (int i = 0; i < t; i++) {
             const float *rows[3];
             for (int ky = 0; ky < 3; ky++) {
                 int y = (oy0 + i) * s - 1 + ky;
-                rows[ky] = (y < 0 || y >= B->h) ? S->zero_row : S->ring + (y % S->ring_rows) * row_floats;
+                rows[ky] = ((y < 0 || y >= B->h) ? S->zero_row : S->ring + (y % S->ring_rows) * row_floats) + c0;
             }
-            SFX(depthwise_row)(rows, B->wout, s, B->cexp, B->cpad, B->wd, B->bd, B->lo2, B->hi2,
-                               S->dw + (long)i * B->wout * B->cpad);
+            SFX(depthwise_row)(rows, B->wout, s, cw, B->cpad, B->wd + c0, B->bd + c0, B->lo2, B->hi2,
+                               S->dw + (long)i * B->wout * B->cpad + c0);
         }
         long out_pixel = ((long)img * B->hout + oy0) * B->wout;
-        const float *res = B->residual ? B->in + out_pixel * B->cin : NULL;
+        const float *res = T->residual ? B->in + out_pixel * B->cin : NULL;
         int P = t * B->wout;
-        SFX(gemm)(S->dw, B->cpad, P, B->cexp, B->wp, B->coutpad, B->bp, B->cout, B->lo3, B->hi3,
-                  B->out + out_pixel * B->cout, B->cout, P, 0, res, B->cin, S->apad);
+        SFX(gemm)(S->dw + c0, B->cpad, P, cw, B->wp + (long)c0 * B->coutpad, B->coutpad, T->bias, B->cout, T->lo,
+                  T->hi, T->out + out_pixel * T->ldo, T->ldo, P, 0, res, B->cin, S->apad);
     }
 }
 
-/* One chunk of the batch's output rows (images one after another): chunk `index` of `count` equal ranges. */
+/* One chunk of the batch's output rows (images one after another): chunk `index` of `count` equal ranges. In
+ * channel-split mode (small feature maps, where cutting rows would re-expand the depthwise overlap and make every
+ * thread read all the weights) chunk `index` is instead a slice of the expanded channels over every row, projected
+ * into its own partial sum; the caller adds the slices up (fused.c, reduce_partials). */
 TARGET static void SFX(run_chunk)(const block_t *B, const scratch_t *S, int index, int count) {
+    if (B->split) {
+        int c0, cw;
+        split_slice(B, index, count, &c0, &cw);
+        long pixels = (long)B->n * B->hout * B->wout;
+        target_t T = {B->partial + (long)index * pixels * B->coutpad, B->coutpad, B->zero_bias, -INFINITY, INFINITY, 0};
+        for (int img = 0; img < B->n; img++) SFX(run_rows)(B, S, img, 0, B->hout, c0, cw, &T);
+        return;
+    }
+    target_t T = {B->out, B->cout, B->bp, B->lo3, B->hi3, B->residual};
     long total = (long)B->n * B->hout;
     long begin = total * index / count, end = total * (index + 1) / count;
     while (begin < end) {
         int img = (int)(begin / B->hout);
         int oy = (int)(begin % B->hout);
         int stop = end - (long)img * B->hout < B->hout ? (int)(end - (long)img * B->hout) : B->hout;
-        SFX(run_rows)(B, S, img, oy, stop);
+        SFX(run_rows)(B, S, img, oy, stop, 0, B->cexp, &T);
         begin = (long)img * B->hout + stop;
     }
 }
