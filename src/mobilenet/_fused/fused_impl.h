@@ -8,24 +8,24 @@
 
 /* C[p][n] = clamp(bias[n] + sum_k A[p][k] B[k][n]) (+ R[p][n]) for MR pixels and NBV vectors of output channels
  * starting at column 0 of b/bias and of the pointers; only `valid` floats of the block are stored, only m rows. */
-#define DEFINE_MICROKERNEL(NAME, NBV)                                                                               \
+#define DEFINE_MICROKERNEL(NAME, NBV, ROWS)                                                                               \
     TARGET static void NAME(const float *a, long lda, int K, const float *b, long ldb, const float *bias, int m,     \
                             int valid, float lo, float hi, float *const *cptr, const float *const *rptr) {          \
-        VEC acc[MR][NBV];                                                                                           \
+        VEC acc[ROWS][NBV];                                                                                         \
         for (int j = 0; j < NBV; j++) {                                                                             \
             VEC bv = VLOAD(bias + j * VW);                                                                          \
-            for (int i = 0; i < MR; i++) acc[i][j] = bv;                                                            \
+            for (int i = 0; i < ROWS; i++) acc[i][j] = bv;                                                          \
         }                                                                                                           \
         for (int k = 0; k < K; k++) {                                                                               \
             VEC bv[NBV];                                                                                            \
             for (int j = 0; j < NBV; j++) bv[j] = VLOAD(b + (long)k * ldb + j * VW);                                \
-            for (int i = 0; i < MR; i++) {                                                                          \
+            for (int i = 0; i < ROWS; i++) {                                                                        \
                 VEC av = VSET1(a[(long)i * lda + k]);                                                               \
                 for (int j = 0; j < NBV; j++) acc[i][j] = VFMA(av, bv[j], acc[i][j]);                               \
             }                                                                                                       \
         }                                                                                                           \
         VEC vlo = VSET1(lo), vhi = VSET1(hi);                                                                       \
-        for (int i = 0; i < MR; i++) {                                                                              \
+        for (int i = 0; i < ROWS; i++) {                                                                            \
             if (i >= m) break;                                                                                      \
             for (int j = 0; j < NBV; j++) {                                                                         \
                 int left = valid - j * VW;                                                                          \
@@ -42,13 +42,17 @@
         }                                                                                                           \
     }
 
-DEFINE_MICROKERNEL(SFX(micro_full), NB)
-DEFINE_MICROKERNEL(SFX(micro_one), 1)
+DEFINE_MICROKERNEL(SFX(micro_full), NB, MR)
+DEFINE_MICROKERNEL(SFX(micro_one), 1, MR)
+/* A last block of at most MR_TAIL pixels (a 7-pixel row is 49 = 4 x 12 + 1 pixels) computes MR_TAIL rows, not MR. */
+#define MR_TAIL (MR >= 8 ? 4 : MR)
+DEFINE_MICROKERNEL(SFX(micro_full_tail), NB, MR_TAIL)
+DEFINE_MICROKERNEL(SFX(micro_one_tail), 1, MR_TAIL)
 
 /* The 1x1 conv of P pixels as a GEMM: A pixel p at a + p*lda (K floats), B is K x ldb (zero padded to ldb), output
  * pixel p at c + (p / cw) * c_row + (p % cw) * ldc (N floats), residual pixel p at r + p*ldr. Column blocks outer so
  * a K x NB*VW panel of B is reused by every pixel of the tile; a last partial block of pixels is copied into apad
- * (MR x K) so the micro-kernel always reads MR rows. */
+ * (MR x K) so the micro-kernel always reads whole blocks (MR rows, or MR_TAIL for a short last block). */
 TARGET static void SFX(gemm)(const float *a, long lda, int P, int K, const float *b, long ldb, const float *bias,
                              int N, float lo, float hi, float *c, long ldc, int cw, long c_row, const float *r,
                              long ldr, float *apad) {
@@ -60,8 +64,10 @@ TARGET static void SFX(gemm)(const float *a, long lda, int P, int K, const float
             int m = P - p0 < MR ? P - p0 : MR;
             const float *ablock = a + (long)p0 * lda;
             long lda_block = lda;
-            if (m < MR) {
-                for (int i = 0; i < MR; i++) {
+            int tail = m <= MR_TAIL && MR_TAIL < MR;
+            int rows = tail ? MR_TAIL : MR;
+            if (m < rows) {
+                for (int i = 0; i < rows; i++) {
                     if (i < m)
                         memcpy(apad + (long)i * K, a + (long)(p0 + i) * lda, sizeof(float) * (size_t)K);
                     else
@@ -76,7 +82,7 @@ TARGET static void SFX(gemm)(const float *a, long lda, int P, int K, const float
                 rptr[i] = r ? r + (long)p * ldr + n0 : NULL;
             }
             if (valid > (NB - 1) * VW) {
-                SFX(micro_full)(ablock, lda_block, K, b + n0, ldb, bias + n0, m, valid, lo, hi, cptr, r ? rptr : NULL);
+                (tail ? SFX(micro_full_tail) : SFX(micro_full))(ablock, lda_block, K, b + n0, ldb, bias + n0, m, valid, lo, hi, cptr, r ? rptr : NULL);
             } else {
                 for (int j = 0; j * VW < valid; j++) {
                     float *cj[MR];
@@ -85,7 +91,7 @@ TARGET static void SFX(gemm)(const float *a, long lda, int P, int K, const float
                         cj[i] = cptr[i] + j * VW;
                         rj[i] = r ? rptr[i] + j * VW : NULL;
                     }
-                    SFX(micro_one)(ablock, lda_block, K, b + n0 + j * VW, ldb, bias + n0 + j * VW, m,
+                    (tail ? SFX(micro_one_tail) : SFX(micro_one))(ablock, lda_block, K, b + n0 + j * VW, ldb, bias + n0 + j * VW, m,
                                    valid - j * VW, lo, hi, cj, r ? rj : NULL);
                 }
             }
@@ -290,3 +296,5 @@ TARGET static void SFX(head_chunk)(const head_t *H, const scratch_t *S, int chun
         for (int j = 0; j < cols; j++) H->out[(long)img * H->nout + n0 + j] = sum[j] / (float)H->p;
     }
 }
+
+#undef MR_TAIL
