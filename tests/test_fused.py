@@ -419,3 +419,23 @@ def test_linear_classifier_matches_pytorch(isa, features, classes, batch):
     assert float((got - expected).abs().max()) <= 1e-4 * float(expected.abs().max())
     with pytest.raises(MobileNetError, match=r"nn\.Linear"):
         fused.pack_linear(nn.Conv2d(3, 3, 1))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("split_rows", [0, 10**6])
+@pytest.mark.parametrize(
+    "module",
+    [
+        inverted_residual(160, 160, 6, 1),
+        inverted_residual(24, 17, 6, 2),
+        inverted_residual(40, 40, 1, 1),
+        separable(72, 50, 1),
+        separable(33, 64, 2),
+    ],
+    ids=["residual", "stride2", "t1", "separable", "separable-stride2"],
+)
+def test_row_and_channel_split_both_match_pytorch(monkeypatch, isa, split_rows, module):
+    """Threads split a block's rows, or (few rows) its expanded channels with partial projections summed."""
+    monkeypatch.setattr(fused, "CHANNEL_SPLIT_ROWS", split_rows)
+    for size, batch, threads in ((7, 1, 2), (9, 3, 3), (5, 2, 1)):
+        check_block(module, size, batch=batch, isa=isa, threads=threads)
