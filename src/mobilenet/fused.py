@@ -9,9 +9,9 @@ block (V1 paper Figure 3: 3x3 depthwise + ReLU, 1x1 pointwise + ReLU) runs on th
 
 :func:`pack_block` turns a :class:`mobilenet.layers.InvertedResidual` or
 :class:`~mobilenet.layers.DepthwiseSeparable` (BatchNorm folded by :func:`mobilenet.export.fold_batchnorm`) into a
-:class:`FusedBlock` once: weights transposed to input-channel-major and zero padded to 16 output channels, the
-layout the kernel's register-blocked 1x1 micro-kernels read. The kernel picks AVX-512, AVX2+FMA or portable C at
-run time; ``isa=`` or the ``MOBILENET_FUSED_ISA`` environment variable forces one.
+:class:`FusedBlock` once: 1x1 weights transposed to input-channel-major and cut into zero-padded panels of 32
+output channels, the layout the kernel's register-blocked 1x1 micro-kernels read. The kernel picks AVX-512,
+AVX2+FMA or portable C at run time; ``isa=`` or the ``MOBILENET_FUSED_ISA`` environment variable forces one.
 
 The extension is optional: :func:`fused_available` says whether it was built, and every entry point raises a
 :class:`~mobilenet.errors.MobileNetError` naming how to build it when it was not.
@@ -70,6 +70,8 @@ CACHE_BUDGET = 512 * 1024
 CHANNEL_SPLIT_ROWS = int(os.environ.get("MOBILENET_FUSED_SPLIT_ROWS", "14"))
 #: The kernel pads channel counts to this many floats (one AVX-512 vector).
 CHANNEL_ALIGN = 16
+#: 1x1 weights are stored in panels of this many output channels (fused.c's PANEL).
+PANEL = 32
 MAX_THREADS = 64
 # Dimensions travel as C ints.
 _MAX_DIM = 2**31 - 1
@@ -160,14 +162,25 @@ def _pad_columns(matrix: torch.Tensor, columns: int) -> torch.Tensor:
     return out.contiguous()
 
 
+def _panels(matrix: torch.Tensor) -> torch.Tensor:
+    """A (K, N) 1x1 weight matrix in the kernel's layout: panels of PANEL columns (zero padded), each K rows of PANEL
+    floats, contiguous, so a micro-kernel's weight block never strides by a power of two (which would map its rows
+    onto a few cache sets)."""
+    rows, columns = matrix.shape
+    count = -(-columns // PANEL)
+    padded = _pad_columns(matrix, count * PANEL)
+    return padded.reshape(rows, count, PANEL).permute(1, 0, 2).contiguous().reshape(-1)
+
+
 def _pad_vector(vector: torch.Tensor, length: int) -> torch.Tensor:
     return _pad_columns(vector.reshape(1, -1), length).reshape(-1)
 
 
 @dataclass(frozen=True)
 class FusedBlock:
-    """A block packed for the kernel: 1x1 weights as (input channels, padded output channels), depthwise weights as
-    (9 taps, padded channels), biases padded; ``bounds`` are the three stages' activation clamps."""
+    """A block packed for the kernel: 1x1 weights as panels of PANEL output channels (each input channels x PANEL,
+    flattened), depthwise weights as (9 taps, padded channels), biases padded; ``bounds`` are the three stages'
+    activation clamps."""
 
     kind: str
     in_channels: int
@@ -292,12 +305,12 @@ def pack_block(module: nn.Module) -> FusedBlock:
                 f"the expansion conv gives {we.shape[0]} channels, the depthwise conv takes {expanded}"
             )
         in_channels = we.shape[1]
-        tensors["we"] = _pad_columns(we.reshape(expanded, in_channels).t(), _padded(expanded))
+        tensors["we"] = _panels(we.reshape(expanded, in_channels).t())
         tensors["be"] = _pad_vector(be, _padded(expanded))
         lo1, hi1 = _bounds(expand.act, "the expansion conv")
     tensors["wd"] = _pad_columns(wd.reshape(expanded, 9).t(), _padded(expanded))
     tensors["bd"] = _pad_vector(bd, _padded(expanded))
-    tensors["wp"] = _pad_columns(wp.reshape(out_channels, expanded).t(), _padded(out_channels))
+    tensors["wp"] = _panels(wp.reshape(out_channels, expanded).t())
     tensors["bp"] = _pad_vector(bp, _padded(out_channels))
     residual = bool(getattr(folded, "use_residual", False))
     if residual and (stride != 1 or in_channels != out_channels):
@@ -316,7 +329,8 @@ class FusedStem:
     """The network's first conv (V1 paper Table 1, V2 paper Table 2: 3x3, stride 2, on the RGB image) packed to run
     inside the first block's kernel call: the kernel computes the stem's output rows on demand into that block's
     ring buffer, reading the NCHW image directly, so neither the stem's output nor a channels-last copy of the
-    input exists. ``weight`` is (in_channels * 9, padded out_channels), taps ordered channel, row, column."""
+    input exists. ``weight`` is in panels of PANEL output channels (each in_channels * 9 rows, taps ordered
+    channel, row, column), flattened."""
 
     in_channels: int
     out_channels: int
@@ -357,7 +371,7 @@ def pack_stem(unit: nn.Module) -> FusedStem:
     weight = conv.weight.detach().float().cpu()
     out_channels, in_channels = int(weight.shape[0]), int(weight.shape[1])
     bias = conv.bias.detach().float().cpu() if conv.bias is not None else torch.zeros(out_channels)
-    packed = _pad_columns(weight.reshape(out_channels, in_channels * 9).t(), _padded(out_channels))
+    packed = _panels(weight.reshape(out_channels, in_channels * 9).t())
     bounds = _bounds(unit.act, "the stem")
     return FusedStem(
         in_channels, out_channels, int(conv.stride[0]), packed, _pad_vector(bias, _padded(out_channels)), bounds
@@ -404,7 +418,7 @@ def pack_head(unit: nn.Module | None, channels: int) -> FusedHead:
     out_channels = int(weight.shape[0])
     if weight.shape[1] != channels:
         raise MobileNetError(f"the head conv takes {weight.shape[1]} channels, the last block gives {channels}")
-    packed = _pad_columns(weight.reshape(out_channels, channels).t(), _padded(out_channels))
+    packed = _panels(weight.reshape(out_channels, channels).t())
     bounds = _bounds(unit.act, "the head conv")
     return FusedHead(channels, out_channels, packed, _pad_vector(bias, _padded(out_channels)), bounds)
 
@@ -417,7 +431,7 @@ def pack_linear(linear: nn.Module) -> FusedHead:
     weight = linear.weight.detach().float().cpu()
     out_features, in_features = int(weight.shape[0]), int(weight.shape[1])
     bias = linear.bias.detach().float().cpu() if linear.bias is not None else torch.zeros(out_features)
-    packed = _pad_columns(weight.t(), _padded(out_features))
+    packed = _panels(weight.t())
     return FusedHead(in_features, out_features, packed, _pad_vector(bias, _padded(out_features)), (-math.inf, math.inf))
 
 

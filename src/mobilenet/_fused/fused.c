@@ -24,6 +24,10 @@
 #include <immintrin.h>
 #endif
 
+/* 1x1 weights come in panels of PANEL output channels (mobilenet.fused packs them): K rows of PANEL floats each,
+ * contiguous. PANEL is a multiple of every build's micro-kernel width (NB * VW). */
+#define PANEL 32
+
 typedef struct {
     const float *in; /* n x h x w x cin */
     float *out;      /* n x hout x wout x cout */
@@ -55,10 +59,11 @@ typedef struct {
     int residual;
 } target_t;
 
-/* Chunk k of count's slice [c0, c0 + cw) of the expanded channels: whole 16-channel groups, none empty. */
+/* Chunk k of count's slice [c0, c0 + cw) of the expanded channels: whole weight panels, none empty. */
+static int split_groups(const block_t *B) { return (B->cexp + PANEL - 1) / PANEL; }
 static void split_slice(const block_t *B, int k, int count, int *c0, int *cw) {
-    int groups = B->cpad / 16;
-    int begin = 16 * (groups * k / count), end = 16 * (groups * (k + 1) / count);
+    int groups = split_groups(B);
+    int begin = PANEL * (groups * k / count), end = PANEL * (groups * (k + 1) / count);
     *c0 = begin;
     *cw = (end < B->cexp ? end : B->cexp) - begin;
 }
@@ -71,7 +76,7 @@ typedef struct {
     int n, p, k, nout, npad;
     float lo, hi;
 } head_t;
-#define HEAD_COLS 64
+#define HEAD_COLS 64 /* a multiple of PANEL */
 #define HEAD_PIX 64
 
 typedef struct {
@@ -310,7 +315,7 @@ static int ensure_workers(int nt) {
 /* Two chunks per thread where each is at least 8 rows (a chunk boundary costs the depthwise conv's overlap rows
  * of expansion again), else one. */
 static int chunk_count(const block_t *B, int nt) {
-    if (B->split) return nt < B->cpad / 16 ? nt : B->cpad / 16;
+    if (B->split) return nt < split_groups(B) ? nt : split_groups(B);
     long rows = (long)B->n * B->hout;
     long chunks = rows >= 16L * nt ? 2L * nt : nt;
     return (int)(chunks < rows ? chunks : rows);
@@ -504,7 +509,7 @@ static PyObject *py_run_block(PyObject *self, PyObject *args) {
     }
     if (parse_stem(stem, &B) != 0 || check_pool_args(threads, &isa, "run_block") != 0) return NULL;
     /* Channel split where the batch has at most split_rows output rows (and more than one thread shares them). */
-    B.split = threads > 1 && !B.ws && B.cpad >= 32 && (long)B.n * B.hout <= split_rows;
+    B.split = threads > 1 && !B.ws && B.cexp > PANEL && (long)B.n * B.hout <= split_rows;
     B.partial = NULL;
     B.zero_bias = NULL;
     int failed = 0, chunks = chunk_count(&B, threads);

@@ -49,17 +49,20 @@ DEFINE_MICROKERNEL(SFX(micro_one), 1, MR)
 DEFINE_MICROKERNEL(SFX(micro_full_tail), NB, MR_TAIL)
 DEFINE_MICROKERNEL(SFX(micro_one_tail), 1, MR_TAIL)
 
-/* The 1x1 conv of P pixels as a GEMM: A pixel p at a + p*lda (K floats), B is K x ldb (zero padded to ldb), output
+/* The 1x1 conv of P pixels as a GEMM: A pixel p at a + p*lda (K floats), B in panels of PANEL columns (each K rows
+ * of PANEL floats, contiguous, zero padded; bpanel floats from one panel to the next: no power-of-two row stride
+ * that would map a panel's rows onto a few cache sets), output
  * pixel p at c + (p / cw) * c_row + (p % cw) * ldc (N floats), residual pixel p at r + p*ldr. Column blocks outer so
  * a K x NB*VW panel of B is reused by every pixel of the tile; a last partial block of pixels is copied into apad
  * (MR x K) so the micro-kernel always reads whole blocks (MR rows, or MR_TAIL for a short last block). */
-TARGET static void SFX(gemm)(const float *a, long lda, int P, int K, const float *b, long ldb, const float *bias,
+TARGET static void SFX(gemm)(const float *a, long lda, int P, int K, const float *b, long bpanel, const float *bias,
                              int N, float lo, float hi, float *c, long ldc, int cw, long c_row, const float *r,
                              long ldr, float *apad) {
     float *cptr[MR];
     const float *rptr[MR];
     for (int n0 = 0; n0 < N; n0 += NB * VW) {
         int valid = N - n0 < NB * VW ? N - n0 : NB * VW;
+        const float *bblock = b + (long)(n0 / PANEL) * bpanel + n0 % PANEL;
         for (int p0 = 0; p0 < P; p0 += MR) {
             int m = P - p0 < MR ? P - p0 : MR;
             const float *ablock = a + (long)p0 * lda;
@@ -82,7 +85,7 @@ TARGET static void SFX(gemm)(const float *a, long lda, int P, int K, const float
                 rptr[i] = r ? r + (long)p * ldr + n0 : NULL;
             }
             if (valid > (NB - 1) * VW) {
-                (tail ? SFX(micro_full_tail) : SFX(micro_full))(ablock, lda_block, K, b + n0, ldb, bias + n0, m, valid, lo, hi, cptr, r ? rptr : NULL);
+                (tail ? SFX(micro_full_tail) : SFX(micro_full))(ablock, lda_block, K, bblock, PANEL, bias + n0, m, valid, lo, hi, cptr, r ? rptr : NULL);
             } else {
                 for (int j = 0; j * VW < valid; j++) {
                     float *cj[MR];
@@ -91,7 +94,7 @@ TARGET static void SFX(gemm)(const float *a, long lda, int P, int K, const float
                         cj[i] = cptr[i] + j * VW;
                         rj[i] = r ? rptr[i] + j * VW : NULL;
                     }
-                    (tail ? SFX(micro_one_tail) : SFX(micro_one))(ablock, lda_block, K, b + n0 + j * VW, ldb, bias + n0 + j * VW, m,
+                    (tail ? SFX(micro_one_tail) : SFX(micro_one))(ablock, lda_block, K, bblock + j * VW, PANEL, bias + n0 + j * VW, m,
                                    valid - j * VW, lo, hi, cj, r ? rj : NULL);
                 }
             }
@@ -157,7 +160,7 @@ TARGET static void SFX(stem_row)(const block_t *B, const scratch_t *S, int img, 
             }
         }
     }
-    SFX(gemm)(S->col, K, B->w, K, B->ws, B->cpad, B->bs, B->cin, B->los, B->his, dst, B->cpad, B->w, 0, NULL, 0,
+    SFX(gemm)(S->col, K, B->w, K, B->ws, (long)K * PANEL, B->bs, B->cin, B->los, B->his, dst, B->cpad, B->w, 0, NULL, 0,
               S->apad);
 }
 
@@ -175,7 +178,8 @@ TARGET static void SFX(fill_rows)(const block_t *B, const scratch_t *S, int img,
         if (B->ws) { /* only in row mode: all channels */
             for (int y = 0; y < count; y++) SFX(stem_row)(B, S, img, first + y, dst + y * row_floats);
         } else if (B->we) {
-            SFX(gemm)(src, B->cin, count * B->w, B->cin, B->we + c0, B->cpad, B->be + c0, cw, B->lo1, B->hi1,
+            SFX(gemm)(src, B->cin, count * B->w, B->cin, B->we + (long)(c0 / PANEL) * B->cin * PANEL,
+                      (long)B->cin * PANEL, B->be + c0, cw, B->lo1, B->hi1,
                       dst + c0, B->cpad, B->w, row_floats, NULL, 0, S->apad);
         } else {
             for (int y = 0; y < count; y++)
@@ -219,7 +223,7 @@ TARGET static void SFX(run_rows)(const block_t *B, const scratch_t *S, int img, 
         long out_pixel = ((long)img * B->hout + oy0) * B->wout;
         const float *res = T->residual ? B->in + out_pixel * B->cin : NULL;
         int P = t * B->wout;
-        SFX(gemm)(S->dw + c0, B->cpad, P, cw, B->wp + (long)c0 * B->coutpad, B->coutpad, T->bias, B->cout, T->lo,
+        SFX(gemm)(S->dw + c0, B->cpad, P, cw, B->wp + (long)c0 * PANEL, (long)B->cexp * PANEL, T->bias, B->cout, T->lo,
                   T->hi, T->out + out_pixel * T->ldo, T->ldo, P, 0, res, B->cin, S->apad);
     }
 }
@@ -249,16 +253,17 @@ TARGET static void SFX(run_chunk)(const block_t *B, const scratch_t *S, int inde
     }
 }
 
-/* One pixel's 1x1 conv over n <= HEAD_COLS output channels into c (HEAD_COLS floats, whole vectors stored): for
+/* One pixel's 1x1 conv over n <= PANEL output channels (one panel of b) into c (HEAD_COLS floats, whole vectors stored): for
  * a few pixels (the classifier on a pooled vector) the MR-pixel micro-kernel would compute mostly padding. */
-TARGET static void SFX(gemv)(const float *a, int K, const float *b, long ldb, const float *bias, int n, float lo,
+TARGET static void SFX(gemv)(const float *a, int K, const float *b, const float *bias, int n, float lo,
                              float hi, float *c) {
-    VEC acc[HEAD_COLS / VW];
+    VEC acc[PANEL / VW];
     int nv = (n + VW - 1) / VW;
+    for (int j = 0; j < PANEL / VW; j++) acc[j] = VSET1(0.0f);
     for (int j = 0; j < nv; j++) acc[j] = VLOAD(bias + j * VW);
     for (int k = 0; k < K; k++) {
         VEC av = VSET1(a[k]);
-        const float *bk = b + (long)k * ldb;
+        const float *bk = b + (long)k * PANEL;
         for (int j = 0; j < nv; j++) acc[j] = VFMA(av, VLOAD(bk + j * VW), acc[j]);
     }
     VEC vlo = VSET1(lo), vhi = VSET1(hi);
@@ -280,12 +285,15 @@ TARGET static void SFX(head_chunk)(const head_t *H, const scratch_t *S, int chun
             long ld = H->k;
             if (H->w && m < MR / 2) {
                 for (int p = 0; p < m; p++)
-                    SFX(gemv)(in + (long)(p0 + p) * H->k, H->k, H->w + n0, H->npad, H->b + n0, cols, H->lo, H->hi,
-                              S->dw + (long)p * HEAD_COLS);
+                    for (int q = 0; q * PANEL < cols; q++)
+                        SFX(gemv)(in + (long)(p0 + p) * H->k, H->k, H->w + (long)(n0 / PANEL + q) * H->k * PANEL,
+                                  H->b + n0 + q * PANEL, cols - q * PANEL < PANEL ? cols - q * PANEL : PANEL, H->lo,
+                                  H->hi, S->dw + (long)p * HEAD_COLS + q * PANEL);
                 tile = S->dw;
                 ld = HEAD_COLS;
             } else if (H->w) {
-                SFX(gemm)(in + (long)p0 * H->k, H->k, m, H->k, H->w + n0, H->npad, H->b + n0, cols, H->lo, H->hi,
+                SFX(gemm)(in + (long)p0 * H->k, H->k, m, H->k, H->w + (long)(n0 / PANEL) * H->k * PANEL,
+                          (long)H->k * PANEL, H->b + n0, cols, H->lo, H->hi,
                           S->dw, HEAD_COLS, m, 0, NULL, 0, S->apad);
                 tile = S->dw;
                 ld = HEAD_COLS;
