@@ -67,7 +67,7 @@ _ISA_CODES = {"auto": 0, "portable": 1, "avx2": 2, "avx512": 3}
 CACHE_BUDGET = 512 * 1024
 #: Where a batch has at most this many output rows, a block's threads split its expanded channels instead of its
 #: rows: cutting few rows re-expands the depthwise conv's overlap rows and makes every thread read all the weights.
-CHANNEL_SPLIT_ROWS = int(os.environ.get("MOBILENET_FUSED_SPLIT_ROWS", "14"))
+CHANNEL_SPLIT_ROWS = 7
 #: The kernel pads channel counts to this many floats (one AVX-512 vector).
 CHANNEL_ALIGN = 16
 #: 1x1 weights are stored in panels of this many output channels (fused.c's PANEL).

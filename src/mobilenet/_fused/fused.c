@@ -421,12 +421,14 @@ static void reduce_partials(const block_t *B, int chunks) {
     for (long p = 0; p < pixels; p++) {
         const float *part = B->partial + p * B->coutpad;
         float *out = B->out + p * B->cout;
-        const float *res = B->residual ? B->in + p * B->cin : NULL;
-        for (int c = 0; c < B->cout; c++) {
-            float v = B->bp[c];
-            for (int k = 0; k < chunks; k++) v += part[k * stride + c];
-            v = v < B->lo3 ? B->lo3 : (v > B->hi3 ? B->hi3 : v);
-            out[c] = res ? v + res[c] : v;
+        /* channel loops without a carried dependence, so the compiler vectorizes them */
+        for (int c = 0; c < B->cout; c++) out[c] = B->bp[c] + part[c];
+        for (int k = 1; k < chunks; k++)
+            for (int c = 0; c < B->cout; c++) out[c] += part[k * stride + c];
+        for (int c = 0; c < B->cout; c++) out[c] = out[c] < B->lo3 ? B->lo3 : (out[c] > B->hi3 ? B->hi3 : out[c]);
+        if (B->residual) {
+            const float *res = B->in + p * B->cin;
+            for (int c = 0; c < B->cout; c++) out[c] += res[c];
         }
     }
 }
@@ -509,7 +511,7 @@ static PyObject *py_run_block(PyObject *self, PyObject *args) {
     }
     if (parse_stem(stem, &B) != 0 || check_pool_args(threads, &isa, "run_block") != 0) return NULL;
     /* Channel split where the batch has at most split_rows output rows (and more than one thread shares them). */
-    B.split = threads > 1 && !B.ws && B.cexp > PANEL && (long)B.n * B.hout <= split_rows;
+    B.split = threads > 1 && B.we && B.cexp > PANEL && (long)B.n * B.hout <= split_rows;
     B.partial = NULL;
     B.zero_bias = NULL;
     int failed = 0, chunks = chunk_count(&B, threads);
