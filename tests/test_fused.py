@@ -439,3 +439,35 @@ def test_row_and_channel_split_both_match_pytorch(monkeypatch, isa, split_rows, 
     monkeypatch.setattr(fused, "CHANNEL_SPLIT_ROWS", split_rows)
     for size, batch, threads in ((7, 1, 2), (9, 3, 3), (5, 2, 1)):
         check_block(module, size, batch=batch, isa=isa, threads=threads)
+
+
+def test_whole_network_runs_in_one_kernel_call_like_step_by_step(monkeypatch):
+    model = _model_with_statistics("mobilenet_v2_1.0_224", alpha=0.5)
+    network = fused.FusedNetwork(model, threads=2)
+    assert network._one_call()
+    x = torch.randn(2, 3, 97, 97, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        expected = model(x)
+    one_call = network(x)
+    monkeypatch.setattr(network, "_one_call", lambda: False)
+    step_by_step = network(x)
+    for got in (one_call, step_by_step):
+        assert float((got - expected).abs().max()) <= 1e-4 * float(expected.abs().max())
+    second = network(torch.zeros(2, 3, 97, 97))  # the cached steps write new buffers, not the returned logits
+    assert not torch.equal(second, one_call)
+
+
+def test_run_plan_refuses_malformed_steps():
+    kernels = fused._require_kernels()
+    with pytest.raises(TypeError):
+        kernels.run_plan("steps")
+    with pytest.raises(TypeError, match="argument tuple"):
+        kernels.run_plan([1])
+    with pytest.raises(TypeError):
+        kernels.run_plan([(1, 2)])
+    with pytest.raises(ValueError, match="inconsistent"):
+        kernels.run_plan([(0, 0, 1, 1, 8, 8, 16, 0, 0, 0.0, 0.0, 2, 1)])  # a head step with null pointers
+    kernels.run_plan([])
+    head = fused.pack_head(None, 8)
+    with pytest.raises(MobileNetError, match="out must be"):
+        head.arguments(torch.zeros(1, 2, 2, 8), torch.zeros(2, 8))

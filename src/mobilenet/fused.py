@@ -214,6 +214,21 @@ class FusedBlock:
         when given. ``threads`` threads split the output rows. With ``stem``, ``x`` is the network's contiguous
         NCHW image and the kernel computes the stem's output rows as this block's input, on demand."""
         kernels = _require_kernels()
+        out, arguments = self.arguments(x, out=out, threads=threads, isa=isa, stem=stem)
+        kernels.run_block(*arguments)
+        return out
+
+    def arguments(
+        self,
+        x: torch.Tensor,
+        *,
+        out: torch.Tensor | None = None,
+        threads: int = 2,
+        isa: str | None = None,
+        stem: FusedStem | None = None,
+    ) -> tuple[torch.Tensor, tuple[Any, ...]]:
+        """The output tensor and the kernel's argument tuple of :meth:`__call__` (checked as it checks them), for
+        running several steps in one kernel call (:class:`FusedNetwork`)."""
         batch, height, width = (
             self._check_stem_input(x, stem) if stem is not None else _check_input(x, self.in_channels)
         )
@@ -221,7 +236,7 @@ class FusedBlock:
         out = _check_output(out, x, (batch, out_h, out_w, self.out_channels))
         threads, code = check_threads(threads), _isa_code(isa)
         t = self.tensors
-        kernels.run_block(
+        return out, (
             x.data_ptr(), out.data_ptr(), batch, height, width, self.in_channels, out_h, out_w, self.out_channels,
             self.stride, self.expanded, _padded(self.expanded), _padded(self.out_channels),
             0 if t["we"] is None else t["we"].data_ptr(), 0 if t["be"] is None else t["be"].data_ptr(),
@@ -229,7 +244,6 @@ class FusedBlock:
             *self.bounds, int(self.residual), threads, code, CACHE_BUDGET,
             None if stem is None else stem.arguments(x), CHANNEL_SPLIT_ROWS,
         )  # fmt: skip
-        return out
 
     def _check_stem_input(self, image: Any, stem: Any) -> tuple[int, int, int]:
         """The batch size and the stem's output size for an NCHW ``image``, after checking the stem can feed this
@@ -393,15 +407,23 @@ class FusedHead:
     def __call__(self, x: torch.Tensor, *, threads: int = 2, isa: str | None = None) -> torch.Tensor:
         """The pooled (N, out_channels) features of a contiguous NHWC float32 CPU batch."""
         kernels = _require_kernels()
+        out = torch.empty(int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() > 0 else 1, self.out_channels)
+        kernels.run_head(*self.arguments(x, out, threads=threads, isa=isa))
+        return out
+
+    def arguments(
+        self, x: torch.Tensor, out: torch.Tensor, *, threads: int = 2, isa: str | None = None
+    ) -> tuple[Any, ...]:
+        """The kernel's argument tuple of :meth:`__call__` writing into ``out`` (N, out_channels), checked."""
         batch, height, width = _check_input(x, self.in_channels)
         threads, code = check_threads(threads), _isa_code(isa)
-        out = torch.empty(batch, self.out_channels)
-        kernels.run_head(
+        if out.shape != (batch, self.out_channels) or out.dtype != torch.float32 or not out.is_contiguous():
+            raise MobileNetError(f"out must be a contiguous float32 tensor of shape {(batch, self.out_channels)}")
+        return (
             x.data_ptr(), out.data_ptr(), batch, height * width, self.in_channels, self.out_channels,
             _padded(self.out_channels), 0 if self.weight is None else self.weight.data_ptr(),
             0 if self.bias is None else self.bias.data_ptr(), *self.bounds, threads, code,
         )  # fmt: skip
-        return out
 
 
 def pack_head(unit: nn.Module | None, channels: int) -> FusedHead:
@@ -520,6 +542,7 @@ class FusedNetwork:
         fc_fusable = self.head is not None and self.model.hidden is None and isinstance(classifier, nn.Linear)
         self.classifier = pack_linear(classifier) if fc_fusable else None
         self._buffers: dict[tuple[int, int, int], tuple[list[torch.Tensor], MemoryPlan]] = {}
+        self._step_cache: dict[tuple[int, int, int], tuple[Any, ...]] = {}
 
     def _pack_head(self) -> FusedHead | None:
         """The fused head: V2's last 1x1 conv + pool, or V1's pool alone; None where the pool is not global."""
@@ -616,8 +639,69 @@ class FusedNetwork:
                 current = nchw.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
         return current.permute(0, 3, 1, 2)
 
+    def _one_call(self) -> bool:
+        """Whether the whole forward is kernel steps (no torch op left): then it runs in one kernel call."""
+        return (
+            self.classifier is not None
+            and self.head is not None
+            and all(isinstance(stage, FusedBlock) for stage in self._body)
+        )
+
+    def _run_plan(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the whole network in one kernel call (:meth:`_one_call`): no Python between the steps, so the
+        kernel's workers, spinning between jobs, are still on their cores when the next step starts. Every step's
+        arguments but the first block's (it reads the caller's image) are built once per input shape."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.model.config.in_channels:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise MobileNetError(f"expected an NCHW batch with {self.model.config.in_channels} channels, got {shape}")
+        x = x.detach().to("cpu", torch.float32)
+        if self.stem is not None:
+            image = x.contiguous()  # NCHW: the fused stem reads it directly
+        else:
+            image = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)  # NHWC, contiguous
+        first_out, steps, logits = self._steps((int(x.shape[0]), int(x.shape[2]), int(x.shape[3])))
+        first = self._body[0]
+        assert isinstance(first, FusedBlock)
+        _, arguments = first.arguments(image, out=first_out, threads=self.threads, isa=self.isa, stem=self.stem)
+        _require_kernels().run_plan([arguments, *steps])
+        return logits.clone()
+
+    def _steps(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, list[tuple[Any, ...]], torch.Tensor]:
+        """For one input shape: the first block's output buffer, the argument tuples of the later blocks, the head
+        and the classifier, and the logits tensor they write (kept with the tuples: these hold its address)."""
+        if key not in self._step_cache:
+            buffers, _ = self._plan(*key)
+            batch, height, width = key
+            if self.stem is not None:
+                height, width = self.stem.output_size(height, width)
+            outputs = []
+            for index, block in enumerate(self._body):
+                assert isinstance(block, FusedBlock)
+                height, width = block.output_size(height, width)
+                shape = (batch, height, width, block.out_channels)
+                outputs.append(buffers[index % 2][: math.prod(shape)].view(shape))
+            steps = []
+            for index in range(1, len(outputs)):
+                block = self._body[index]
+                assert isinstance(block, FusedBlock)
+                _, arguments = block.arguments(
+                    outputs[index - 1], out=outputs[index], threads=self.threads, isa=self.isa
+                )
+                steps.append(arguments)
+            assert self.head is not None and self.classifier is not None
+            pooled = torch.empty(batch, self.head.out_channels)
+            logits = torch.empty(batch, self.classifier.out_channels)
+            steps.append(self.head.arguments(outputs[-1], pooled, threads=self.threads, isa=self.isa))
+            flat = pooled.view(batch, 1, 1, self.head.out_channels)
+            steps.append(self.classifier.arguments(flat, logits, threads=self.threads, isa=self.isa))
+            self._step_cache[key] = (outputs[0], steps, logits, pooled)
+        first_out, steps, logits, _ = self._step_cache[key]
+        return first_out, steps, logits
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of a float32 NCHW batch (as the model's forward)."""
+        if self._one_call():
+            return self._run_plan(x)
         if self.head is None:
             features = self.features(x)
             with torch.inference_mode(), _torch_single_threaded():

@@ -480,86 +480,135 @@ static int parse_stem(PyObject *stem, block_t *B) {
     return 0;
 }
 
-static PyObject *py_run_block(PyObject *self, PyObject *args) {
-    unsigned long long in, out, we, be, wd, bd, wp, bp;
-    block_t B;
-    int threads, isa;
+/* One step of a run: a block or a head, with its pool settings, parsed and checked while the GIL is held. */
+typedef struct {
+    int is_head, threads, isa;
     long budget;
+    block_t block;
+    head_t head;
+} step_t;
+
+static int parse_block(PyObject *args, step_t *step) {
+    unsigned long long in, out, we, be, wd, bd, wp, bp;
+    block_t *B = &step->block;
     PyObject *stem = Py_None;
     int split_rows = 0;
-    if (!PyArg_ParseTuple(args, "KKiiiiiiiiiiiKKKKKKffffffiiil|Oi", &in, &out, &B.n, &B.h, &B.w, &B.cin, &B.hout,
-                          &B.wout, &B.cout, &B.stride, &B.cexp, &B.cpad, &B.coutpad, &we, &be, &wd, &bd,
-                          &wp, &bp, &B.lo1, &B.hi1, &B.lo2, &B.hi2, &B.lo3, &B.hi3, &B.residual, &threads, &isa,
-                          &budget, &stem, &split_rows))
-        return NULL;
-    B.in = (const float *)(uintptr_t)in;
-    B.out = (float *)(uintptr_t)out;
-    B.we = (const float *)(uintptr_t)we;
-    B.be = (const float *)(uintptr_t)be;
-    B.wd = (const float *)(uintptr_t)wd;
-    B.bd = (const float *)(uintptr_t)bd;
-    B.wp = (const float *)(uintptr_t)wp;
-    B.bp = (const float *)(uintptr_t)bp;
+    step->is_head = 0;
+    if (!PyArg_ParseTuple(args, "KKiiiiiiiiiiiKKKKKKffffffiiil|Oi", &in, &out, &B->n, &B->h, &B->w, &B->cin,
+                          &B->hout, &B->wout, &B->cout, &B->stride, &B->cexp, &B->cpad, &B->coutpad, &we, &be, &wd,
+                          &bd, &wp, &bp, &B->lo1, &B->hi1, &B->lo2, &B->hi2, &B->lo3, &B->hi3, &B->residual,
+                          &step->threads, &step->isa, &step->budget, &stem, &split_rows))
+        return -1;
+    B->in = (const float *)(uintptr_t)in;
+    B->out = (float *)(uintptr_t)out;
+    B->we = (const float *)(uintptr_t)we;
+    B->be = (const float *)(uintptr_t)be;
+    B->wd = (const float *)(uintptr_t)wd;
+    B->bd = (const float *)(uintptr_t)bd;
+    B->wp = (const float *)(uintptr_t)wp;
+    B->bp = (const float *)(uintptr_t)bp;
     /* The Python wrapper validates everything; these checks only keep a wrong direct call from writing wild. */
-    if (B.n < 1 || B.h < 1 || B.w < 1 || B.cin < 1 || B.cout < 1 || B.cexp < 1 || (B.stride != 1 && B.stride != 2) ||
-        B.hout != (B.h - 1) / B.stride + 1 || B.wout != (B.w - 1) / B.stride + 1 || B.cpad < B.cexp ||
-        B.cpad % 16 || B.coutpad < B.cout || B.coutpad % 16 || !B.in || !B.out || !B.wd || !B.bd || !B.wp ||
-        !B.bp || (B.we && !B.be) || (!B.we && B.cexp != B.cin) ||
-        (B.residual && (B.stride != 1 || B.cin != B.cout))) {
+    if (B->n < 1 || B->h < 1 || B->w < 1 || B->cin < 1 || B->cout < 1 || B->cexp < 1 ||
+        (B->stride != 1 && B->stride != 2) || B->hout != (B->h - 1) / B->stride + 1 ||
+        B->wout != (B->w - 1) / B->stride + 1 || B->cpad < B->cexp || B->cpad % 16 || B->coutpad < B->cout ||
+        B->coutpad % 16 || !B->in || !B->out || !B->wd || !B->bd || !B->wp || !B->bp || (B->we && !B->be) ||
+        (!B->we && B->cexp != B->cin) || (B->residual && (B->stride != 1 || B->cin != B->cout))) {
         PyErr_SetString(PyExc_ValueError, "run_block: inconsistent shapes or null pointers");
-        return NULL;
+        return -1;
     }
-    if (parse_stem(stem, &B) != 0 || check_pool_args(threads, &isa, "run_block") != 0) return NULL;
+    if (parse_stem(stem, B) != 0 || check_pool_args(step->threads, &step->isa, "run_block") != 0) return -1;
     /* Channel split where the batch has at most split_rows output rows (and more than one thread shares them). */
-    B.split = threads > 1 && B.we && B.cexp > PANEL && (long)B.n * B.hout <= split_rows;
-    B.partial = NULL;
-    B.zero_bias = NULL;
-    int failed = 0, chunks = chunk_count(&B, threads);
+    B->split = step->threads > 1 && B->we && B->cexp > PANEL && (long)B->n * B->hout <= split_rows;
+    B->partial = NULL;
+    B->zero_bias = NULL;
+    return 0;
+}
+
+static int parse_head(PyObject *args, step_t *step) {
+    unsigned long long in, out, w, b;
+    head_t *H = &step->head;
+    step->is_head = 1;
+    step->budget = 0;
+    if (!PyArg_ParseTuple(args, "KKiiiiiKKffii", &in, &out, &H->n, &H->p, &H->k, &H->nout, &H->npad, &w, &b, &H->lo,
+                          &H->hi, &step->threads, &step->isa))
+        return -1;
+    H->in = (const float *)(uintptr_t)in;
+    H->out = (float *)(uintptr_t)out;
+    H->w = (const float *)(uintptr_t)w;
+    H->b = (const float *)(uintptr_t)b;
+    if (H->n < 1 || H->p < 1 || H->k < 1 || H->nout < 1 || !H->in || !H->out ||
+        (H->w ? (!H->b || H->npad < H->nout || H->npad % 16) : H->nout != H->k)) {
+        PyErr_SetString(PyExc_ValueError, "run_head: inconsistent shapes or null pointers");
+        return -1;
+    }
+    return check_pool_args(step->threads, &step->isa, "run_head");
+}
+
+/* Runs one step on the pool (pool_lock held, GIL released); -1 when scratch memory ran out. */
+static int execute_step(step_t *step) {
+    scratch_t scratch[MAX_THREADS];
+    int nt = step->threads;
+    if (ensure_workers(nt) != 0) return -1;
+    if (step->is_head) {
+        if (prepare_head_scratch(&step->head, scratch, nt) != 0) return -1;
+        run_job(JOB_HEAD, &step->head, (step->head.nout + HEAD_COLS - 1) / HEAD_COLS, scratch, step->isa, nt);
+        return 0;
+    }
+    block_t *B = &step->block;
+    int chunks = chunk_count(B, nt);
+    if (prepare_scratch(B, scratch, nt, step->budget) != 0 || prepare_partials(B, chunks) != 0) return -1;
+    run_job(JOB_BLOCK, B, chunks, scratch, step->isa, nt);
+    if (B->split) reduce_partials(B, chunks);
+    return 0;
+}
+
+static PyObject *run_steps(step_t *steps, Py_ssize_t count) {
+    int failed = 0;
     Py_BEGIN_ALLOW_THREADS;
     pthread_mutex_lock(&pool_lock);
-    scratch_t scratch[MAX_THREADS];
-    if (ensure_workers(threads) != 0 || prepare_scratch(&B, scratch, threads, budget) != 0 ||
-        prepare_partials(&B, chunks) != 0) {
-        failed = 1;
-    } else {
-        run_job(JOB_BLOCK, &B, chunks, scratch, isa, threads);
-        if (B.split) reduce_partials(&B, chunks);
-    }
+    for (Py_ssize_t i = 0; i < count && !failed; i++) failed = execute_step(&steps[i]) != 0;
     pthread_mutex_unlock(&pool_lock);
     Py_END_ALLOW_THREADS;
     if (failed) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
+static PyObject *py_run_block(PyObject *self, PyObject *args) {
+    step_t step;
+    if (parse_block(args, &step) != 0) return NULL;
+    return run_steps(&step, 1);
+}
+
 static PyObject *py_run_head(PyObject *self, PyObject *args) {
-    unsigned long long in, out, w, b;
-    head_t H;
-    int threads, isa;
-    if (!PyArg_ParseTuple(args, "KKiiiiiKKffii", &in, &out, &H.n, &H.p, &H.k, &H.nout, &H.npad, &w, &b, &H.lo,
-                          &H.hi, &threads, &isa))
-        return NULL;
-    H.in = (const float *)(uintptr_t)in;
-    H.out = (float *)(uintptr_t)out;
-    H.w = (const float *)(uintptr_t)w;
-    H.b = (const float *)(uintptr_t)b;
-    if (H.n < 1 || H.p < 1 || H.k < 1 || H.nout < 1 || !H.in || !H.out ||
-        (H.w ? (!H.b || H.npad < H.nout || H.npad % 16) : H.nout != H.k)) {
-        PyErr_SetString(PyExc_ValueError, "run_head: inconsistent shapes or null pointers");
-        return NULL;
+    step_t step;
+    if (parse_head(args, &step) != 0) return NULL;
+    return run_steps(&step, 1);
+}
+
+/* A whole network in one call: no Python (and no GIL hand-off) between the blocks, so the pool's workers, spinning
+ * between jobs, are still on their cores when the next block starts. */
+static PyObject *py_run_plan(PyObject *self, PyObject *args) {
+    PyObject *list;
+    if (!PyArg_ParseTuple(args, "O!", &PyList_Type, &list)) return NULL;
+    Py_ssize_t count = PyList_GET_SIZE(list);
+    step_t *steps = count > 0 ? PyMem_Calloc((size_t)count, sizeof(step_t)) : NULL;
+    if (count > 0 && !steps) return PyErr_NoMemory();
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *item = PyList_GET_ITEM(list, i);
+        if (!PyTuple_Check(item)) {
+            PyErr_SetString(PyExc_TypeError, "run_plan: every step is a run_block or run_head argument tuple");
+            PyMem_Free(steps);
+            return NULL;
+        }
+        int ok = PyTuple_GET_SIZE(item) == 13 ? parse_head(item, &steps[i]) : parse_block(item, &steps[i]);
+        if (ok != 0) {
+            PyMem_Free(steps);
+            return NULL;
+        }
     }
-    if (check_pool_args(threads, &isa, "run_head") != 0) return NULL;
-    int failed = 0;
-    Py_BEGIN_ALLOW_THREADS;
-    pthread_mutex_lock(&pool_lock);
-    scratch_t scratch[MAX_THREADS];
-    if (ensure_workers(threads) != 0 || prepare_head_scratch(&H, scratch, threads) != 0)
-        failed = 1;
-    else
-        run_job(JOB_HEAD, &H, (H.nout + HEAD_COLS - 1) / HEAD_COLS, scratch, isa, threads);
-    pthread_mutex_unlock(&pool_lock);
-    Py_END_ALLOW_THREADS;
-    if (failed) return PyErr_NoMemory();
-    Py_RETURN_NONE;
+    PyObject *result = run_steps(steps, count);
+    PyMem_Free(steps);
+    return result;
 }
 
 static PyObject *py_supported_isas(PyObject *self, PyObject *unused) {
@@ -594,6 +643,8 @@ static PyMethodDef methods[] = {
      "float32 (addresses as ints; stem: None or (img, cimg, himg, wimg, stride, ws, bs, lo, hi), the stem conv of an "
      "NCHW image as the block's input; split_rows: at most that many output rows in the batch split the expanded "
      "channels between threads instead of the rows; see mobilenet.fused)."},
+    {"run_plan", py_run_plan, METH_VARARGS,
+     "run_plan(steps): run_block and run_head argument tuples (a head's has 13 items), in order, in one call."},
     {"run_head", py_run_head, METH_VARARGS,
      "run_head(in, out, n, pixels, k, nout, npad, w, b, lo, hi, threads, isa): 1x1 conv + clamp (w = 0: none) and "
      "global average pool of an NHWC tensor into n x nout (addresses as ints; see mobilenet.fused)."},
