@@ -102,20 +102,37 @@ TARGET static void SFX(gemm)(const float *a, long lda, int P, int K, const float
     }
 }
 
-/* One output row of the 3x3 depthwise conv (pad 1): rows[ky] are the three padded input rows (pixel 0 is the zero
- * column left of the image), out gets wout pixels x cpad. The nine weights of a channel vector stay in registers
- * while the row is swept. */
-TARGET static void SFX(depthwise_row)(const float *const rows[3], int wout, int stride, int C, int cpad,
-                                      const float *wd, const float *bd, float lo, float hi, float *out) {
+/* One output pixel at an edge of the row: only the taps inside the win-pixel input row (the padding is zeros). */
+TARGET static VEC SFX(depthwise_edge)(const float *const r[3], int ox, int stride, int cpad, int win, const VEC w[9],
+                                      VEC acc) {
+    for (int ky = 0; ky < 3; ky++) {
+        for (int kx = 0; kx < 3; kx++) {
+            int x = ox * stride - 1 + kx;
+            if (x >= 0 && x < win) acc = VFMA(VLOAD(r[ky] + (long)(x + 1) * cpad), w[ky * 3 + kx], acc);
+        }
+    }
+    return acc;
+}
+
+/* One output row of the 3x3 depthwise conv (pad 1): rows[ky] are the three input rows, pixel 0 being the column left
+ * of the image, out gets wout pixels x cpad. From the ring (edges 0) that column and the one right of the image are
+ * zeros, so no pixel needs a bounds check; read straight from the block's input (edges 1) they are the neighbouring
+ * rows' pixels (or outside the tensor) and the first and last output pixels take only the taps inside the image.
+ * The nine weights of a channel vector stay in registers while the row is swept. */
+TARGET static void SFX(depthwise_row)(const float *const rows[3], int wout, int stride, int C, int cpad, int win,
+                                      int edges, const float *wd, const float *bd, float lo, float hi, float *out) {
     VEC vlo = VSET1(lo), vhi = VSET1(hi);
+    int x_lo = edges ? 1 : 0;
+    int x_hi = edges && (wout - 1) * stride + 1 >= win ? wout - 1 : wout;
     for (int c0 = 0; c0 < C; c0 += VW) {
         VEC w0 = VLOAD(wd + 0 * cpad + c0), w1 = VLOAD(wd + 1 * cpad + c0), w2 = VLOAD(wd + 2 * cpad + c0);
         VEC w3 = VLOAD(wd + 3 * cpad + c0), w4 = VLOAD(wd + 4 * cpad + c0), w5 = VLOAD(wd + 5 * cpad + c0);
         VEC w6 = VLOAD(wd + 6 * cpad + c0), w7 = VLOAD(wd + 7 * cpad + c0), w8 = VLOAD(wd + 8 * cpad + c0);
         VEC bias = VLOAD(bd + c0);
-        const float *r0 = rows[0] + c0, *r1 = rows[1] + c0, *r2 = rows[2] + c0;
         long step = (long)stride * cpad;
-        for (int ox = 0; ox < wout; ox++) {
+        const float *r0 = rows[0] + c0 + x_lo * step, *r1 = rows[1] + c0 + x_lo * step;
+        const float *r2 = rows[2] + c0 + x_lo * step;
+        for (int ox = x_lo; ox < x_hi; ox++) {
             VEC acc = bias;
             acc = VFMA(VLOAD(r0), w0, acc);
             acc = VFMA(VLOAD(r0 + cpad), w1, acc);
@@ -130,6 +147,16 @@ TARGET static void SFX(depthwise_row)(const float *const rows[3], int wout, int 
             r0 += step;
             r1 += step;
             r2 += step;
+        }
+        if (edges) {
+            const VEC w[9] = {w0, w1, w2, w3, w4, w5, w6, w7, w8};
+            const float *r[3] = {rows[0] + c0, rows[1] + c0, rows[2] + c0};
+            VEC first = SFX(depthwise_edge)(r, 0, stride, cpad, win, w, bias);
+            VSTORE(out + c0, VMIN(VMAX(first, vlo), vhi));
+            if (x_hi < wout && wout > 1) {
+                VEC end = SFX(depthwise_edge)(r, wout - 1, stride, cpad, win, w, bias);
+                VSTORE(out + (long)(wout - 1) * cpad + c0, VMIN(VMAX(end, vlo), vhi));
+            }
         }
     }
 }
@@ -203,21 +230,29 @@ TARGET static void SFX(run_rows)(const block_t *B, const scratch_t *S, int img, 
         memset(S->ring + slot * row_floats + (long)(B->w + 1) * B->cpad, 0, sizeof(float) * (size_t)B->cpad);
     }
     int s = B->stride;
+    /* Without expansion, and with the input's channels already padded, the depthwise conv reads the input rows where
+     * they are: copying them into the ring would only move the whole tensor once more through the caches. */
+    int direct = !B->we && !B->ws && B->cin == B->cpad;
     int next_row = oy_begin * s - 1; /* the first image row not yet in the ring */
     for (int oy0 = oy_begin; oy0 < oy_end; oy0 += S->tile_rows) {
         int t = oy_end - oy0 < S->tile_rows ? oy_end - oy0 : S->tile_rows;
         int need_last = (oy0 + t - 1) * s + 1;
         int first = next_row < 0 ? 0 : next_row;
         int last = need_last < B->h - 1 ? need_last : B->h - 1;
-        if (first <= last) SFX(fill_rows)(B, S, img, first, last, c0, cw);
+        if (first <= last && !direct) SFX(fill_rows)(B, S, img, first, last, c0, cw);
         next_row = need_last + 1;
         for (int i = 0; i < t; i++) {
             const float *rows[3];
             for (int ky = 0; ky < 3; ky++) {
                 int y = (oy0 + i) * s - 1 + ky;
-                rows[ky] = ((y < 0 || y >= B->h) ? S->zero_row : S->ring + (y % S->ring_rows) * row_floats) + c0;
+                if (y < 0 || y >= B->h)
+                    rows[ky] = S->zero_row + c0;
+                else if (direct) /* pixel 0 is the one left of the row: never read (edges) */
+                    rows[ky] = B->in + (((long)img * B->h + y) * B->w - 1) * B->cin + c0;
+                else
+                    rows[ky] = S->ring + (y % S->ring_rows) * row_floats + c0;
             }
-            SFX(depthwise_row)(rows, B->wout, s, cw, B->cpad, B->wd + c0, B->bd + c0, B->lo2, B->hi2,
+            SFX(depthwise_row)(rows, B->wout, s, cw, B->cpad, B->w, direct, B->wd + c0, B->bd + c0, B->lo2, B->hi2,
                                S->dw + (long)i * B->wout * B->cpad + c0);
         }
         long out_pixel = ((long)img * B->hout + oy0) * B->wout;
