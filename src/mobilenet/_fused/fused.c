@@ -27,6 +27,10 @@
 /* 1x1 weights come in panels of PANEL output channels (mobilenet.fused packs them): K rows of PANEL floats each,
  * contiguous. PANEL is a multiple of every build's micro-kernel width (NB * VW). */
 #define PANEL 32
+/* The depthwise tile's pixel stride: cpad, plus one vector where cpad is a multiple of 256, so the 12 rows a
+ * micro-kernel broadcasts from are not a large power of two apart (V1's 512 and 1024 channels would put them in one
+ * or two L1 sets). */
+#define DW_LD(cpad) ((long)(cpad) + ((cpad) % 256 == 0 ? 16 : 0))
 
 typedef struct {
     const float *in; /* n x h x w x cin */
@@ -59,6 +63,10 @@ typedef struct {
     int residual;
 } target_t;
 
+/* Whether the depthwise conv reads the block's input rows in place (fused_impl.h, run_rows): no expansion, no stem,
+ * input channels already padded. Then the ring is unused. */
+static int block_reads_in_place(const block_t *B) { return !B->we && !B->ws && B->cin == B->cpad; }
+
 /* Chunk k of count's slice [c0, c0 + cw) of the expanded channels: whole weight panels, none empty. */
 static int split_groups(const block_t *B) { return (B->cexp + PANEL - 1) / PANEL; }
 static void split_slice(const block_t *B, int k, int count, int *c0, int *cw) {
@@ -81,7 +89,7 @@ typedef struct {
 
 typedef struct {
     float *ring;           /* ring_rows x (w + 2) x cpad */
-    float *dw;             /* tile_rows x wout x cpad */
+    float *dw;             /* tile_rows x wout pixels, DW_LD(cpad) floats apart */
     float *apad;           /* MR x max K */
     float *col;            /* the stem's im2col of one row: w x cimg * 9 */
     const float *zero_row; /* (w + 2) x cpad zeros, shared */
@@ -370,15 +378,16 @@ static size_t scratch_bytes_total(void) {
     return total * sizeof(float);
 }
 
-/* The most output rows per tile whose ring and depthwise tile fit the cache budget (at least one). */
+/* The most output rows per tile whose ring and depthwise tile fit the cache budget (at least one): every tile
+ * streams all of the block's 1x1 weights once, so fewer tiles mean less weight traffic. */
 static int pick_tile_rows(const block_t *B, int nt, long budget_bytes) {
     if (B->split) nt = 1; /* every thread runs every row of its channel slice */
     long per_thread = ((long)B->n * B->hout + nt - 1) / nt;
     int rows = 1;
     while (rows < B->hout && rows < per_thread) {
         int next = rows + 1;
-        long ring = (long)((next - 1) * B->stride + 3) * (B->w + 2) * B->cpad;
-        long dw = (long)next * B->wout * B->cpad;
+        long ring = block_reads_in_place(B) ? 0 : (long)((next - 1) * B->stride + 3) * (B->w + 2) * B->cpad;
+        long dw = (long)next * B->wout * DW_LD(B->cpad);
         if ((ring + dw) * (long)sizeof(float) > budget_bytes) break;
         rows = next;
     }
@@ -396,7 +405,7 @@ static int prepare_scratch(block_t *B, scratch_t *S, int nt, long budget_bytes) 
     if (!zero) return -1;
     for (int t = 0; t < nt; t++) {
         S[t].ring = grow(&ring_buf[t], (size_t)(ring_rows * row_floats));
-        S[t].dw = grow(&dw_buf[t], (size_t)tile * B->wout * B->cpad);
+        S[t].dw = grow(&dw_buf[t], (size_t)(tile * B->wout * DW_LD(B->cpad)));
         S[t].apad = grow(&apad_buf[t], (size_t)MAX_MR * kmax);
         S[t].col = B->ws ? grow(&col_buf[t], (size_t)B->w * kstem) : NULL;
         if (!S[t].ring || !S[t].dw || !S[t].apad || (B->ws && !S[t].col)) return -1;

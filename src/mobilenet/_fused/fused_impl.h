@@ -115,12 +115,13 @@ TARGET static VEC SFX(depthwise_edge)(const float *const r[3], int ox, int strid
 }
 
 /* One output row of the 3x3 depthwise conv (pad 1): rows[ky] are the three input rows, pixel 0 being the column left
- * of the image, out gets wout pixels x cpad. From the ring (edges 0) that column and the one right of the image are
+ * of the image, out gets wout pixels ldo floats apart. From the ring (edges 0) that column and the one right of the image are
  * zeros, so no pixel needs a bounds check; read straight from the block's input (edges 1) they are the neighbouring
  * rows' pixels (or outside the tensor) and the first and last output pixels take only the taps inside the image.
  * The nine weights of a channel vector stay in registers while the row is swept. */
 TARGET static void SFX(depthwise_row)(const float *const rows[3], int wout, int stride, int C, int cpad, int win,
-                                      int edges, const float *wd, const float *bd, float lo, float hi, float *out) {
+                                      int edges, const float *wd, const float *bd, float lo, float hi, long ldo,
+                                      float *out) {
     VEC vlo = VSET1(lo), vhi = VSET1(hi);
     int x_lo = edges ? 1 : 0;
     int x_hi = edges && (wout - 1) * stride + 1 >= win ? wout - 1 : wout;
@@ -143,7 +144,7 @@ TARGET static void SFX(depthwise_row)(const float *const rows[3], int wout, int 
             acc = VFMA(VLOAD(r2), w6, acc);
             acc = VFMA(VLOAD(r2 + cpad), w7, acc);
             acc = VFMA(VLOAD(r2 + 2 * cpad), w8, acc);
-            VSTORE(out + (long)ox * cpad + c0, VMIN(VMAX(acc, vlo), vhi));
+            VSTORE(out + (long)ox * ldo + c0, VMIN(VMAX(acc, vlo), vhi));
             r0 += step;
             r1 += step;
             r2 += step;
@@ -155,7 +156,7 @@ TARGET static void SFX(depthwise_row)(const float *const rows[3], int wout, int 
             VSTORE(out + c0, VMIN(VMAX(first, vlo), vhi));
             if (x_hi < wout && wout > 1) {
                 VEC end = SFX(depthwise_edge)(r, wout - 1, stride, cpad, win, w, bias);
-                VSTORE(out + (long)(wout - 1) * cpad + c0, VMIN(VMAX(end, vlo), vhi));
+                VSTORE(out + (long)(wout - 1) * ldo + c0, VMIN(VMAX(end, vlo), vhi));
             }
         }
     }
@@ -232,7 +233,7 @@ TARGET static void SFX(run_rows)(const block_t *B, const scratch_t *S, int img, 
     int s = B->stride;
     /* Without expansion, and with the input's channels already padded, the depthwise conv reads the input rows where
      * they are: copying them into the ring would only move the whole tensor once more through the caches. */
-    int direct = !B->we && !B->ws && B->cin == B->cpad;
+    int direct = block_reads_in_place(B);
     int next_row = oy_begin * s - 1; /* the first image row not yet in the ring */
     for (int oy0 = oy_begin; oy0 < oy_end; oy0 += S->tile_rows) {
         int t = oy_end - oy0 < S->tile_rows ? oy_end - oy0 : S->tile_rows;
@@ -253,12 +254,12 @@ TARGET static void SFX(run_rows)(const block_t *B, const scratch_t *S, int img, 
                     rows[ky] = S->ring + (y % S->ring_rows) * row_floats + c0;
             }
             SFX(depthwise_row)(rows, B->wout, s, cw, B->cpad, B->w, direct, B->wd + c0, B->bd + c0, B->lo2, B->hi2,
-                               S->dw + (long)i * B->wout * B->cpad + c0);
+                               DW_LD(B->cpad), S->dw + (long)i * B->wout * DW_LD(B->cpad) + c0);
         }
         long out_pixel = ((long)img * B->hout + oy0) * B->wout;
         const float *res = T->residual ? B->in + out_pixel * B->cin : NULL;
         int P = t * B->wout;
-        SFX(gemm)(S->dw + c0, B->cpad, P, cw, B->wp + (long)c0 * PANEL, (long)B->cexp * PANEL, T->bias, B->cout, T->lo,
+        SFX(gemm)(S->dw + c0, DW_LD(B->cpad), P, cw, B->wp + (long)c0 * PANEL, (long)B->cexp * PANEL, T->bias, B->cout, T->lo,
                   T->hi, T->out + out_pixel * T->ldo, T->ldo, P, 0, res, B->cin, S->apad);
     }
 }
