@@ -404,11 +404,12 @@ static int prepare_scratch(block_t *B, scratch_t *S, int nt, long budget_bytes) 
     const float *zero = grow(&zero_buf, (size_t)(row_floats > B->coutpad ? row_floats : B->coutpad));
     if (!zero) return -1;
     for (int t = 0; t < nt; t++) {
-        S[t].ring = grow(&ring_buf[t], (size_t)(ring_rows * row_floats));
+        int in_place = block_reads_in_place(B); /* no ring */
+        S[t].ring = in_place ? NULL : grow(&ring_buf[t], (size_t)(ring_rows * row_floats));
         S[t].dw = grow(&dw_buf[t], (size_t)(tile * B->wout * DW_LD(B->cpad)));
         S[t].apad = grow(&apad_buf[t], (size_t)MAX_MR * kmax);
         S[t].col = B->ws ? grow(&col_buf[t], (size_t)B->w * kstem) : NULL;
-        if (!S[t].ring || !S[t].dw || !S[t].apad || (B->ws && !S[t].col)) return -1;
+        if ((!in_place && !S[t].ring) || !S[t].dw || !S[t].apad || (B->ws && !S[t].col)) return -1;
         S[t].zero_row = zero;
         B->zero_bias = zero;
         S[t].ring_rows = ring_rows;

@@ -226,14 +226,15 @@ TARGET static void SFX(fill_rows)(const block_t *B, const scratch_t *S, int img,
 TARGET static void SFX(run_rows)(const block_t *B, const scratch_t *S, int img, int oy_begin, int oy_end, int c0,
                                  int cw, const target_t *T) {
     long row_floats = (long)(B->w + 2) * B->cpad;
-    for (int slot = 0; slot < S->ring_rows; slot++) { /* the side padding: another block may have left data here */
+    /* Without expansion, and with the input's channels already padded, the depthwise conv reads the input rows where
+     * they are: copying them into the ring would only move the whole tensor once more through the caches. */
+    int direct = block_reads_in_place(B);
+    for (int slot = 0; slot < S->ring_rows && !direct; slot++) { /* the side padding: another block may have left
+                                                                     data here */
         memset(S->ring + slot * row_floats, 0, sizeof(float) * (size_t)B->cpad);
         memset(S->ring + slot * row_floats + (long)(B->w + 1) * B->cpad, 0, sizeof(float) * (size_t)B->cpad);
     }
     int s = B->stride;
-    /* Without expansion, and with the input's channels already padded, the depthwise conv reads the input rows where
-     * they are: copying them into the ring would only move the whole tensor once more through the caches. */
-    int direct = block_reads_in_place(B);
     int next_row = oy_begin * s - 1; /* the first image row not yet in the ring */
     for (int oy0 = oy_begin; oy0 < oy_end; oy0 += S->tile_rows) {
         int t = oy_end - oy0 < S->tile_rows ? oy_end - oy0 : S->tile_rows;
