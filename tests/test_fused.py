@@ -471,3 +471,15 @@ def test_run_plan_refuses_malformed_steps():
     head = fused.pack_head(None, 8)
     with pytest.raises(MobileNetError, match="out must be"):
         head.arguments(torch.zeros(1, 2, 2, 8), torch.zeros(2, 8))
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("name", ["mobilenet_v1_1.0_224", "mobilenet_v2_1.0_224"])
+def test_network_on_non_square_input_and_other_thread_counts(name, threads):
+    model = _model_with_statistics(name, alpha=0.75)
+    network = fused.FusedNetwork(model, threads=threads)
+    x = torch.randn(2, 3, 113, 67, generator=torch.Generator().manual_seed(threads))
+    with torch.inference_mode():
+        expected = model(x)
+    got = network(x)
+    assert float((got - expected).abs().max()) <= 1e-4 * float(expected.abs().max())
