@@ -275,3 +275,211 @@ def test_fused_backend_runs_and_checks_parity():
     assert torch.allclose(backend(x), expected, atol=1e-4 * float(expected.abs().max()))
     with pytest.raises(MobileNetError, match="CPU"):
         BACKENDS["fused"](load_source(model), device="meta")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fused stem (the first conv computed inside the first block's call) and the fused head (1x1 conv + pool)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _stem(cin: int, cout: int, stride: int, activation: str = "relu6") -> ConvBNAct:
+    return _randomized(ConvBNAct(_layer("standard", cin, cout, 3, stride, 1, activation)))
+
+
+def _folded(module: nn.Module) -> nn.Module:
+    from mobilenet.export import fold_batchnorm
+
+    return fold_batchnorm(module).eval()
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(("size", "stride", "channels"), [(224, 2, 32), (97, 2, 8), (130, 2, 48), (31, 1, 16)])
+def test_stem_feeds_the_first_block_like_pytorch(isa, size, stride, channels):
+    stem_module = _stem(3, channels, stride)
+    for block_module in (inverted_residual(channels, 24, 1, 1), separable(channels, 24, 2)):
+        stem, block = fused.pack_stem(_folded(stem_module)), fused.pack_block(block_module)
+        image = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
+        with torch.inference_mode():
+            expected = block_module(stem_module(image)).permute(0, 2, 3, 1)
+        got = block(image, stem=stem, isa=isa)
+        assert got.shape == expected.shape
+        assert float((got - expected).abs().max()) <= 1e-4 * float(expected.abs().max())
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(
+    ("channels", "out_channels", "size"), [(320, 1280, 7), (112, 1280, 4), (448, 1792, 5), (56, 40, 9)]
+)
+def test_head_conv_and_pool_match_pytorch(isa, channels, out_channels, size):
+    head_module = _randomized(ConvBNAct(_layer("pointwise", channels, out_channels, 1, 1, 1, "relu6")))
+    x = torch.randn(3, channels, size, size, generator=torch.Generator().manual_seed(channels))
+    with torch.inference_mode():
+        expected = head_module(x).mean(dim=(2, 3))
+    head = fused.pack_head(_folded(head_module), channels)
+    got = head(x.permute(0, 2, 3, 1).contiguous(), isa=isa)
+    assert got.shape == expected.shape
+    assert float((got - expected).abs().max()) <= 1e-4 * float(expected.abs().max())
+    pool = fused.pack_head(None, channels)
+    assert torch.allclose(pool(x.permute(0, 2, 3, 1).contiguous(), isa=isa), x.mean(dim=(2, 3)), atol=1e-5)
+
+
+def test_stem_and_head_refuse_what_they_cannot_run():
+    with pytest.raises(MobileNetError, match="ConvBNAct"):
+        fused.pack_stem(nn.Conv2d(3, 8, 3))
+    with pytest.raises(MobileNetError, match="folded"):
+        fused.pack_stem(_stem(3, 8, 2))
+    with pytest.raises(MobileNetError, match="3x3 conv"):
+        fused.pack_stem(_folded(_randomized(ConvBNAct(_layer("standard", 3, 8, 5, 2, 1, "relu")))))
+    with pytest.raises(MobileNetError, match="3x3 conv"):
+        fused.pack_stem(_folded(_randomized(ConvBNAct(_layer("standard", 8, 8, 3, 2, 8, "relu")))))
+    stem = fused.pack_stem(_folded(_stem(3, 16, 2)))
+    image = torch.randn(1, 3, 20, 20)
+    with pytest.raises(MobileNetError, match="FusedStem"):
+        fused.pack_block(separable(16, 16, 1))(image, stem="stem")
+    with pytest.raises(MobileNetError, match="without expansion or shortcut"):
+        fused.pack_block(inverted_residual(16, 16, 6, 1))(image, stem=stem)
+    with pytest.raises(MobileNetError, match="without expansion or shortcut"):
+        fused.pack_block(separable(8, 8, 1))(image, stem=stem)
+    block = fused.pack_block(separable(16, 16, 1))
+    with pytest.raises(MobileNetError, match="contiguous NCHW"):
+        block(torch.randn(1, 20, 20, 3).permute(0, 3, 1, 2), stem=stem)
+    with pytest.raises(MobileNetError, match=r"\(N, H, W, 3\)"):
+        block(torch.randn(1, 4, 20, 20), stem=stem)
+    with pytest.raises(MobileNetError, match="float32"):
+        block(image.double(), stem=stem)
+    with pytest.raises(MobileNetError, match=r"torch\.Tensor"):
+        block(image.numpy(), stem=stem)
+    with pytest.raises(MobileNetError, match="overlap"):
+        storage = torch.randn(3 * 20 * 20 + 10 * 10 * 16)
+        block(storage[:1200].view(1, 3, 20, 20), stem=stem, out=storage[400:2000].view(1, 10, 10, 16))
+    with pytest.raises(MobileNetError, match="positive channel count"):
+        fused.pack_head(None, 0)
+    with pytest.raises(MobileNetError, match="positive channel count"):
+        fused.pack_head(None, True)
+    with pytest.raises(MobileNetError, match="ConvBNAct"):
+        fused.pack_head(nn.Conv2d(8, 8, 1), 8)
+    head_module = _folded(_randomized(ConvBNAct(_layer("pointwise", 8, 32, 1, 1, 1, "relu6"))))
+    with pytest.raises(MobileNetError, match="takes 8 channels"):
+        fused.pack_head(head_module, 16)
+    head = fused.pack_head(head_module, 8)
+    with pytest.raises(MobileNetError, match=r"\(N, H, W, 8\)"):
+        head(torch.zeros(1, 8, 4, 4))
+    with pytest.raises(MobileNetError, match="threads"):
+        head(torch.zeros(1, 4, 4, 8), threads=0)
+    with pytest.raises(MobileNetError, match="instruction set"):
+        head(torch.zeros(1, 4, 4, 8), isa="sse9")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(
+    ("name", "alpha", "size"),
+    [("mobilenet_v1_1.0_224", 1.4, 97), ("mobilenet_v2_1.0_224", 1.4, 130), ("mobilenet_v2_1.0_224", 0.35, 97)],
+)
+def test_network_fuses_stem_and_head_on_every_isa(isa, name, alpha, size):
+    model = _model_with_statistics(name, alpha=alpha)
+    network = fused.FusedNetwork(model, threads=2, isa=isa)
+    assert network.stem is not None and network.head is not None
+    assert (network.head.weight is None) == name.startswith("mobilenet_v1")
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
+    with torch.inference_mode():
+        expected, features = model(x), model.forward_features(x)
+    got = network(x)
+    assert float((got - expected).abs().max()) <= 1e-4 * float(expected.abs().max())
+    got_features = network.features(x)
+    assert got_features.shape == features.shape
+    assert float((got_features - features).abs().max()) <= 1e-4 * float(features.abs().max())
+
+
+def test_network_peak_activations_are_under_a_third_of_layer_by_layer():
+    """The layer-by-layer peak: the largest input + output of one conv (PyTorch's own tensors, from hooks)."""
+    model = _model_with_statistics("mobilenet_v2_1.0_224")
+    peak = 0
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        nonlocal peak
+        peak = max(peak, 4 * (inputs[0].numel() + output.numel()))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    with torch.inference_mode():
+        model(torch.zeros(1, 3, 224, 224))
+    for handle in handles:
+        handle.remove()
+    plan = fused.FusedNetwork(model).memory_plan(1, 224, 224)
+    assert plan.peak_bytes <= peak / 3
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(("features", "classes", "batch"), [(1280, 1000, 1), (1024, 10, 3), (17, 5, 2)])
+def test_linear_classifier_matches_pytorch(isa, features, classes, batch):
+    linear = nn.Linear(features, classes).eval()
+    x = torch.randn(batch, features, generator=torch.Generator().manual_seed(features))
+    with torch.inference_mode():
+        expected = linear(x)
+    got = fused.pack_linear(linear)(x.view(batch, 1, 1, features), isa=isa)
+    assert float((got - expected).abs().max()) <= 1e-4 * float(expected.abs().max())
+    with pytest.raises(MobileNetError, match=r"nn\.Linear"):
+        fused.pack_linear(nn.Conv2d(3, 3, 1))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("split_rows", [0, 10**6])
+@pytest.mark.parametrize(
+    "module",
+    [
+        inverted_residual(160, 160, 6, 1),
+        inverted_residual(24, 17, 6, 2),
+        inverted_residual(40, 40, 1, 1),
+        separable(72, 50, 1),
+        separable(33, 64, 2),
+    ],
+    ids=["residual", "stride2", "t1", "separable", "separable-stride2"],
+)
+def test_row_and_channel_split_both_match_pytorch(monkeypatch, isa, split_rows, module):
+    """Threads split a block's rows, or (few rows) its expanded channels with partial projections summed."""
+    monkeypatch.setattr(fused, "CHANNEL_SPLIT_ROWS", split_rows)
+    for size, batch, threads in ((7, 1, 2), (9, 3, 3), (5, 2, 1)):
+        check_block(module, size, batch=batch, isa=isa, threads=threads)
+
+
+def test_whole_network_runs_in_one_kernel_call_like_step_by_step(monkeypatch):
+    model = _model_with_statistics("mobilenet_v2_1.0_224", alpha=0.5)
+    network = fused.FusedNetwork(model, threads=2)
+    assert network._one_call()
+    x = torch.randn(2, 3, 97, 97, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        expected = model(x)
+    one_call = network(x)
+    monkeypatch.setattr(network, "_one_call", lambda: False)
+    step_by_step = network(x)
+    for got in (one_call, step_by_step):
+        assert float((got - expected).abs().max()) <= 1e-4 * float(expected.abs().max())
+    second = network(torch.zeros(2, 3, 97, 97))  # the cached steps write new buffers, not the returned logits
+    assert not torch.equal(second, one_call)
+
+
+def test_run_plan_refuses_malformed_steps():
+    kernels = fused._require_kernels()
+    with pytest.raises(TypeError):
+        kernels.run_plan("steps")
+    with pytest.raises(TypeError, match="argument tuple"):
+        kernels.run_plan([1])
+    with pytest.raises(TypeError):
+        kernels.run_plan([(1, 2)])
+    with pytest.raises(ValueError, match="inconsistent"):
+        kernels.run_plan([(0, 0, 1, 1, 8, 8, 16, 0, 0, 0.0, 0.0, 2, 1)])  # a head step with null pointers
+    kernels.run_plan([])
+    head = fused.pack_head(None, 8)
+    with pytest.raises(MobileNetError, match="out must be"):
+        head.arguments(torch.zeros(1, 2, 2, 8), torch.zeros(2, 8))
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("name", ["mobilenet_v1_1.0_224", "mobilenet_v2_1.0_224"])
+def test_network_on_non_square_input_and_other_thread_counts(name, threads):
+    model = _model_with_statistics(name, alpha=0.75)
+    network = fused.FusedNetwork(model, threads=threads)
+    x = torch.randn(2, 3, 113, 67, generator=torch.Generator().manual_seed(threads))
+    with torch.inference_mode():
+        expected = model(x)
+    got = network(x)
+    assert float((got - expected).abs().max()) <= 1e-4 * float(expected.abs().max())

@@ -486,9 +486,9 @@ def require_native_bf16() -> None:
 
 class FusedBackend:
     """Our fused block kernel (:mod:`mobilenet.fused`): every V1 depthwise separable / V2 inverted residual block in
-    one tiled pass in C (AVX-512, AVX2 or portable), NHWC, BatchNorm folded; stem, head conv, pool and classifier in
-    torch. Needs the C extension (built at install with a C compiler) and a V1/V2 MobileNet. Checked against the
-    eager model when built (as ``torch-jit``)."""
+    one tiled pass in C (AVX-512, AVX2 or portable), NHWC, BatchNorm folded; the stem conv, V2's head conv, the pool
+    and the classifier on the same kernel, the whole forward in one call. Needs the C extension (built at install
+    with a C compiler) and a V1/V2 MobileNet. Checked against the eager model when built (as ``torch-jit``)."""
 
     name = "fused"
     description = "our fused block kernel (C; AVX-512/AVX2/portable), NHWC, BatchNorm folded"

@@ -9,9 +9,9 @@ block (V1 paper Figure 3: 3x3 depthwise + ReLU, 1x1 pointwise + ReLU) runs on th
 
 :func:`pack_block` turns a :class:`mobilenet.layers.InvertedResidual` or
 :class:`~mobilenet.layers.DepthwiseSeparable` (BatchNorm folded by :func:`mobilenet.export.fold_batchnorm`) into a
-:class:`FusedBlock` once: weights transposed to input-channel-major and zero padded to 16 output channels, the
-layout the kernel's register-blocked 1x1 micro-kernels read. The kernel picks AVX-512, AVX2+FMA or portable C at
-run time; ``isa=`` or the ``MOBILENET_FUSED_ISA`` environment variable forces one.
+:class:`FusedBlock` once: 1x1 weights transposed to input-channel-major and cut into zero-padded panels of 32
+output channels, the layout the kernel's register-blocked 1x1 micro-kernels read. The kernel picks AVX-512,
+AVX2+FMA or portable C at run time; ``isa=`` or the ``MOBILENET_FUSED_ISA`` environment variable forces one.
 
 The extension is optional: :func:`fused_available` says whether it was built, and every entry point raises a
 :class:`~mobilenet.errors.MobileNetError` naming how to build it when it was not.
@@ -43,11 +43,16 @@ __all__ = [
     "BUILD_HINT",
     "ISA_ENV",
     "FusedBlock",
+    "FusedHead",
     "FusedNetwork",
+    "FusedStem",
     "MemoryPlan",
     "best_isa",
     "fused_available",
     "pack_block",
+    "pack_head",
+    "pack_linear",
+    "pack_stem",
     "supported_isas",
 ]
 
@@ -60,8 +65,13 @@ ISA_ENV = "MOBILENET_FUSED_ISA"
 _ISA_CODES = {"auto": 0, "portable": 1, "avx2": 2, "avx512": 3}
 #: Bytes of ring buffer + depthwise tile per thread: half of a 1 MiB L2, so the tile stays there with the weights.
 CACHE_BUDGET = 512 * 1024
+#: Where a batch has at most this many output rows, a block's threads split its expanded channels instead of its
+#: rows: cutting few rows re-expands the depthwise conv's overlap rows and makes every thread read all the weights.
+CHANNEL_SPLIT_ROWS = 7
 #: The kernel pads channel counts to this many floats (one AVX-512 vector).
 CHANNEL_ALIGN = 16
+#: 1x1 weights are stored in panels of this many output channels (fused.c's PANEL).
+PANEL = 32
 MAX_THREADS = 64
 # Dimensions travel as C ints.
 _MAX_DIM = 2**31 - 1
@@ -152,14 +162,25 @@ def _pad_columns(matrix: torch.Tensor, columns: int) -> torch.Tensor:
     return out.contiguous()
 
 
+def _panels(matrix: torch.Tensor) -> torch.Tensor:
+    """A (K, N) 1x1 weight matrix in the kernel's layout: panels of PANEL columns (zero padded), each K rows of PANEL
+    floats, contiguous, so a micro-kernel's weight block never strides by a power of two (which would map its rows
+    onto a few cache sets)."""
+    rows, columns = matrix.shape
+    count = -(-columns // PANEL)
+    padded = _pad_columns(matrix, count * PANEL)
+    return padded.reshape(rows, count, PANEL).permute(1, 0, 2).contiguous().reshape(-1)
+
+
 def _pad_vector(vector: torch.Tensor, length: int) -> torch.Tensor:
     return _pad_columns(vector.reshape(1, -1), length).reshape(-1)
 
 
 @dataclass(frozen=True)
 class FusedBlock:
-    """A block packed for the kernel: 1x1 weights as (input channels, padded output channels), depthwise weights as
-    (9 taps, padded channels), biases padded; ``bounds`` are the three stages' activation clamps."""
+    """A block packed for the kernel: 1x1 weights as panels of PANEL output channels (each input channels x PANEL,
+    flattened), depthwise weights as (9 taps, padded channels), biases padded; ``bounds`` are the three stages'
+    activation clamps."""
 
     kind: str
     in_channels: int
@@ -181,34 +202,76 @@ class FusedBlock:
         return expand + out_h * out_w * self.expanded * (9 + self.out_channels)
 
     def __call__(
-        self, x: torch.Tensor, *, out: torch.Tensor | None = None, threads: int = 2, isa: str | None = None
+        self,
+        x: torch.Tensor,
+        *,
+        out: torch.Tensor | None = None,
+        threads: int = 2,
+        isa: str | None = None,
+        stem: FusedStem | None = None,
     ) -> torch.Tensor:
         """The block on a contiguous NHWC float32 CPU batch; writes into ``out`` (NHWC, not overlapping ``x``)
-        when given. ``threads`` threads split the output rows."""
+        when given. ``threads`` threads split the output rows. With ``stem``, ``x`` is the network's contiguous
+        NCHW image and the kernel computes the stem's output rows as this block's input, on demand."""
         kernels = _require_kernels()
-        batch, height, width = _check_input(x, self.in_channels)
+        out, arguments = self.arguments(x, out=out, threads=threads, isa=isa, stem=stem)
+        kernels.run_block(*arguments)
+        return out
+
+    def arguments(
+        self,
+        x: torch.Tensor,
+        *,
+        out: torch.Tensor | None = None,
+        threads: int = 2,
+        isa: str | None = None,
+        stem: FusedStem | None = None,
+    ) -> tuple[torch.Tensor, tuple[Any, ...]]:
+        """The output tensor and the kernel's argument tuple of :meth:`__call__` (checked as it checks them), for
+        running several steps in one kernel call (:class:`FusedNetwork`)."""
+        batch, height, width = (
+            self._check_stem_input(x, stem) if stem is not None else _check_input(x, self.in_channels)
+        )
         out_h, out_w = self.output_size(height, width)
         out = _check_output(out, x, (batch, out_h, out_w, self.out_channels))
         threads, code = check_threads(threads), _isa_code(isa)
         t = self.tensors
-        kernels.run_block(
+        return out, (
             x.data_ptr(), out.data_ptr(), batch, height, width, self.in_channels, out_h, out_w, self.out_channels,
             self.stride, self.expanded, _padded(self.expanded), _padded(self.out_channels),
             0 if t["we"] is None else t["we"].data_ptr(), 0 if t["be"] is None else t["be"].data_ptr(),
             t["wd"].data_ptr(), t["bd"].data_ptr(), t["wp"].data_ptr(), t["bp"].data_ptr(),
             *self.bounds, int(self.residual), threads, code, CACHE_BUDGET,
+            None if stem is None else stem.arguments(x), CHANNEL_SPLIT_ROWS,
         )  # fmt: skip
-        return out
+
+    def _check_stem_input(self, image: Any, stem: Any) -> tuple[int, int, int]:
+        """The batch size and the stem's output size for an NCHW ``image``, after checking the stem can feed this
+        block (no expansion, no shortcut: the ring holds the stem's rows)."""
+        if not isinstance(stem, FusedStem):
+            raise MobileNetError(f"stem must be a FusedStem (mobilenet.fused.pack_stem), got {type(stem).__name__}")
+        if self.tensors["we"] is not None or self.residual or stem.out_channels != self.in_channels:
+            raise MobileNetError(
+                f"a fused stem feeds a block without expansion or shortcut taking its {stem.out_channels} channels; "
+                f"this block takes {self.in_channels} (expansion {self.tensors['we'] is not None}, "
+                f"shortcut {self.residual})"
+            )
+        if isinstance(image, torch.Tensor) and image.dim() == 4 and not image.is_contiguous():
+            raise MobileNetError("the fused stem takes a contiguous NCHW image; call .contiguous() first")
+        if isinstance(image, torch.Tensor) and image.dim() == 4:
+            image = image.permute(0, 2, 3, 1)  # checked as NHWC below; the kernel reads the NCHW original
+        batch, height, width = _check_input(image, stem.in_channels, contiguous=False)
+        return (batch, *stem.output_size(height, width))
 
 
-def _check_input(x: Any, channels: int) -> tuple[int, int, int]:
+def _check_input(x: Any, channels: int, *, contiguous: bool = True) -> tuple[int, int, int]:
     if not isinstance(x, torch.Tensor):
         raise MobileNetError(f"the fused kernel takes a torch.Tensor, got {type(x).__name__}")
     if x.dtype != torch.float32 or x.device.type != "cpu":
         raise MobileNetError(f"the fused kernel takes float32 CPU tensors, got {x.dtype} on {x.device}")
     if x.dim() != 4 or x.shape[3] != channels:
         raise MobileNetError(f"the fused kernel takes an NHWC batch (N, H, W, {channels}), got shape {tuple(x.shape)}")
-    if not x.is_contiguous():
+    if contiguous and not x.is_contiguous():
         raise MobileNetError("the fused kernel takes a contiguous NHWC tensor; call .contiguous() first")
     batch, height, width = (int(s) for s in x.shape[:3])
     if min(batch, height, width) < 1 or max(batch * height, width, channels) > _MAX_DIM or x.numel() > 2**40:
@@ -256,12 +319,12 @@ def pack_block(module: nn.Module) -> FusedBlock:
                 f"the expansion conv gives {we.shape[0]} channels, the depthwise conv takes {expanded}"
             )
         in_channels = we.shape[1]
-        tensors["we"] = _pad_columns(we.reshape(expanded, in_channels).t(), _padded(expanded))
+        tensors["we"] = _panels(we.reshape(expanded, in_channels).t())
         tensors["be"] = _pad_vector(be, _padded(expanded))
         lo1, hi1 = _bounds(expand.act, "the expansion conv")
     tensors["wd"] = _pad_columns(wd.reshape(expanded, 9).t(), _padded(expanded))
     tensors["bd"] = _pad_vector(bd, _padded(expanded))
-    tensors["wp"] = _pad_columns(wp.reshape(out_channels, expanded).t(), _padded(out_channels))
+    tensors["wp"] = _panels(wp.reshape(out_channels, expanded).t())
     tensors["bp"] = _pad_vector(bp, _padded(out_channels))
     residual = bool(getattr(folded, "use_residual", False))
     if residual and (stride != 1 or in_channels != out_channels):
@@ -276,11 +339,131 @@ def pack_block(module: nn.Module) -> FusedBlock:
 
 
 @dataclass(frozen=True)
+class FusedStem:
+    """The network's first conv (V1 paper Table 1, V2 paper Table 2: 3x3, stride 2, on the RGB image) packed to run
+    inside the first block's kernel call: the kernel computes the stem's output rows on demand into that block's
+    ring buffer, reading the NCHW image directly, so neither the stem's output nor a channels-last copy of the
+    input exists. ``weight`` is in panels of PANEL output channels (each in_channels * 9 rows, taps ordered
+    channel, row, column), flattened."""
+
+    in_channels: int
+    out_channels: int
+    stride: int
+    weight: torch.Tensor
+    bias: torch.Tensor
+    bounds: tuple[float, float]
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        return (height - 1) // self.stride + 1, (width - 1) // self.stride + 1
+
+    def arguments(self, image: torch.Tensor) -> tuple[int | float, ...]:
+        """The kernel's stem tuple for a contiguous NCHW float32 ``image``."""
+        _, channels, height, width = image.shape
+        return (
+            image.data_ptr(), int(channels), int(height), int(width), self.stride, self.weight.data_ptr(),
+            self.bias.data_ptr(), *self.bounds,
+        )  # fmt: skip
+
+
+def pack_stem(unit: nn.Module) -> FusedStem:
+    """Pack a BatchNorm-folded 3x3 :class:`~mobilenet.layers.ConvBNAct` (padding 1, stride 1 or 2, no groups) as
+    the producer of the first block's input."""
+    if not isinstance(unit, ConvBNAct):
+        raise MobileNetError(f"the fused stem is a ConvBNAct, got {type(unit).__name__}")
+    conv = unit.conv
+    if not isinstance(unit.bn, nn.Identity):
+        raise MobileNetError("the stem: BatchNorm must be folded first (mobilenet.export.fold_batchnorm)")
+    if (
+        conv.kernel_size != (3, 3)
+        or conv.padding != (1, 1)
+        or conv.groups != 1
+        or conv.dilation != (1, 1)
+        or conv.stride not in ((1, 1), (2, 2))
+        or conv.padding_mode != "zeros"
+    ):
+        raise MobileNetError(f"the fused stem is a 3x3 conv, padding 1, stride 1 or 2, no groups; got {conv}")
+    weight = conv.weight.detach().float().cpu()
+    out_channels, in_channels = int(weight.shape[0]), int(weight.shape[1])
+    bias = conv.bias.detach().float().cpu() if conv.bias is not None else torch.zeros(out_channels)
+    packed = _panels(weight.reshape(out_channels, in_channels * 9).t())
+    bounds = _bounds(unit.act, "the stem")
+    return FusedStem(
+        in_channels, out_channels, int(conv.stride[0]), packed, _pad_vector(bias, _padded(out_channels)), bounds
+    )
+
+
+@dataclass(frozen=True)
+class FusedHead:
+    """The network's end up to the classifier: V2's last 1x1 conv (+ ReLU6) and the global average pool (V2 paper
+    Table 2: conv2d 1x1, avgpool 7x7), computed by the kernel a tile of pixels at a time and summed per channel, so
+    the conv's output never exists in full; for V1 (``weight`` None) the pool alone (V1 paper Table 1)."""
+
+    in_channels: int
+    out_channels: int
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    bounds: tuple[float, float]
+
+    def __call__(self, x: torch.Tensor, *, threads: int = 2, isa: str | None = None) -> torch.Tensor:
+        """The pooled (N, out_channels) features of a contiguous NHWC float32 CPU batch."""
+        kernels = _require_kernels()
+        out = torch.empty(int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() > 0 else 1, self.out_channels)
+        kernels.run_head(*self.arguments(x, out, threads=threads, isa=isa))
+        return out
+
+    def arguments(
+        self, x: torch.Tensor, out: torch.Tensor, *, threads: int = 2, isa: str | None = None
+    ) -> tuple[Any, ...]:
+        """The kernel's argument tuple of :meth:`__call__` writing into ``out`` (N, out_channels), checked."""
+        batch, height, width = _check_input(x, self.in_channels)
+        threads, code = check_threads(threads), _isa_code(isa)
+        if out.shape != (batch, self.out_channels) or out.dtype != torch.float32 or not out.is_contiguous():
+            raise MobileNetError(f"out must be a contiguous float32 tensor of shape {(batch, self.out_channels)}")
+        return (
+            x.data_ptr(), out.data_ptr(), batch, height * width, self.in_channels, self.out_channels,
+            _padded(self.out_channels), 0 if self.weight is None else self.weight.data_ptr(),
+            0 if self.bias is None else self.bias.data_ptr(), *self.bounds, threads, code,
+        )  # fmt: skip
+
+
+def pack_head(unit: nn.Module | None, channels: int) -> FusedHead:
+    """Pack a BatchNorm-folded 1x1 :class:`~mobilenet.layers.ConvBNAct` taking ``channels`` channels (None: the
+    pool alone) as the head run before the global average pool."""
+    check_channels = isinstance(channels, int) and not isinstance(channels, bool) and 1 <= channels <= _MAX_DIM
+    if not check_channels:
+        raise MobileNetError(f"the fused head takes a positive channel count, got {channels!r}")
+    if unit is None:
+        return FusedHead(channels, channels, None, None, (-math.inf, math.inf))
+    if not isinstance(unit, ConvBNAct):
+        raise MobileNetError(f"the fused head is a ConvBNAct, got {type(unit).__name__}")
+    weight, bias, _ = _conv_parts(unit, "the head conv", depthwise=False)
+    out_channels = int(weight.shape[0])
+    if weight.shape[1] != channels:
+        raise MobileNetError(f"the head conv takes {weight.shape[1]} channels, the last block gives {channels}")
+    packed = _panels(weight.reshape(out_channels, channels).t())
+    bounds = _bounds(unit.act, "the head conv")
+    return FusedHead(channels, out_channels, packed, _pad_vector(bias, _padded(out_channels)), bounds)
+
+
+def pack_linear(linear: nn.Module) -> FusedHead:
+    """Pack an ``nn.Linear`` (the classifier) as a head over one pixel: a fully connected layer on the pooled
+    features is a 1x1 conv of a 1x1 image, and the pool of one pixel is that pixel."""
+    if not isinstance(linear, nn.Linear):
+        raise MobileNetError(f"the fused classifier is an nn.Linear, got {type(linear).__name__}")
+    weight = linear.weight.detach().float().cpu()
+    out_features, in_features = int(weight.shape[0]), int(weight.shape[1])
+    bias = linear.bias.detach().float().cpu() if linear.bias is not None else torch.zeros(out_features)
+    packed = _panels(weight.t())
+    return FusedHead(in_features, out_features, packed, _pad_vector(bias, _padded(out_features)), (-math.inf, math.inf))
+
+
+@dataclass(frozen=True)
 class MemoryPlan:
     """The activation memory of one input shape: the two ping-pong NHWC buffers every fused block writes into
-    (``buffer_bytes``), and ``peak_bytes``, the most activation bytes alive at once (the buffers plus what the torch
-    stages allocate: the channels-last copy of the input, the stem's and the head conv's outputs). The kernel's
-    per-thread ring and tile buffers are ``scratch_bytes`` (read from the extension after a run)."""
+    (``buffer_floats``), and ``peak_bytes``, the most activation bytes alive at once: the buffers, the input image
+    while the fused stem reads it (or the torch stages' tensors where a stem or head runs in torch: the channels-last
+    copy of the input, their outputs) and the pooled features. The kernel's per-thread ring and tile buffers are
+    ``scratch_bytes`` (read from the extension after a run)."""
 
     buffer_floats: tuple[int, int]
     peak_bytes: int
@@ -292,8 +475,9 @@ class MemoryPlan:
 
 @contextlib.contextmanager
 def _torch_single_threaded() -> Iterator[None]:
-    """torch's stages (stem, head conv, pool, classifier) on one thread: torch's OpenMP workers keep spinning after
-    each op, and with as many threads as cores they would take the cores from the kernel's own pool in between."""
+    """torch's stages (classifier, any stem or head left in torch) on one thread: torch's OpenMP workers keep
+    spinning after each op, and with as many threads as cores they would take the cores from the kernel's own pool
+    in between."""
     before = torch.get_num_threads()
     if before != 1:
         torch.set_num_threads(1)
@@ -304,11 +488,30 @@ def _torch_single_threaded() -> Iterator[None]:
             torch.set_num_threads(before)
 
 
+def _fusable_stem(model: MobileNet) -> bool:
+    """Whether the first layer is a 3x3 conv the kernel runs as the producer of the first block (which must have no
+    expansion and no shortcut: its ring holds the stem's rows)."""
+    features = list(model.features)
+    if len(features) < 2 or not isinstance(features[0], ConvBNAct):
+        return False
+    try:
+        stem = pack_stem(features[0])
+    except MobileNetError:
+        return False
+    block = features[1]
+    if not isinstance(block, InvertedResidual | DepthwiseSeparable):
+        return False
+    packed = pack_block(block)
+    return packed.tensors["we"] is None and not packed.residual and packed.in_channels == stem.out_channels
+
+
 class FusedNetwork:
-    """A V1 or V2 MobileNet (any width, any resolution) with every depthwise separable / inverted residual block on
-    the fused kernel; the stem conv, V2's head 1x1 conv, the pool and the classifier run as torch ops on the
-    BatchNorm-folded model (channels-last, so their outputs are NHWC without a copy). Fused blocks write into two
-    ping-pong buffers allocated once per input shape. Takes and returns what the model does (NCHW in, logits)."""
+    """A V1 or V2 MobileNet (any width, any resolution) on the fused kernel: the stem conv is computed inside the
+    first block's call (its rows go straight into that block's ring buffer), every depthwise separable / inverted
+    residual block runs fused, V2's head 1x1 conv and the global average pool run fused (a tile at a time), and the
+    classifier (an ``nn.Linear``) runs on the kernel as a 1x1 conv of the pooled vector; anything else (a factored
+    classifier, a pool that is not global) runs in torch, on the BatchNorm-folded model. Fused blocks write into two
+    ping-pong NHWC buffers allocated once per input shape. Takes and returns what the model does (NCHW in, logits)."""
 
     def __init__(self, model: nn.Module, *, threads: int = 2, isa: str | None = None) -> None:
         _require_kernels()
@@ -333,7 +536,34 @@ class FusedNetwork:
                 f"{model.name or 'this model'} has no depthwise separable or inverted residual block to fuse "
                 "(the 'conv' variant of V1 is the paper's baseline of standard convs: run it with torch-jit)"
             )
+        self.stem = pack_stem(self.stages[0]) if _fusable_stem(self.model) else None
+        self.head = self._pack_head()
+        classifier = self.model.classifier
+        fc_fusable = self.head is not None and self.model.hidden is None and isinstance(classifier, nn.Linear)
+        self.classifier = pack_linear(classifier) if fc_fusable else None
         self._buffers: dict[tuple[int, int, int], tuple[list[torch.Tensor], MemoryPlan]] = {}
+        self._step_cache: dict[tuple[int, int, int], tuple[Any, ...]] = {}
+
+    def _pack_head(self) -> FusedHead | None:
+        """The fused head: V2's last 1x1 conv + pool, or V1's pool alone; None where the pool is not global."""
+        pool = self.model.pool
+        if not isinstance(pool, nn.AdaptiveAvgPool2d) or pool.output_size not in (1, (1, 1)):
+            return None
+        last = self.stages[-1]
+        if isinstance(last, FusedBlock):
+            return pack_head(None, last.out_channels)
+        previous = self.stages[-2] if len(self.stages) > 1 else None
+        conv = last.conv
+        if not isinstance(previous, FusedBlock) or conv.kernel_size != (1, 1) or conv.groups != 1:
+            return None
+        return pack_head(last, previous.out_channels)
+
+    @property
+    def _body(self) -> list[FusedBlock | nn.Module]:
+        """The stages run before the head: the stem stays out where it is fused, the head conv where it is."""
+        first = 1 if self.stem is not None else 0
+        last = len(self.stages) - (1 if self.head is not None and self.head.weight is not None else 0)
+        return self.stages[first:last]
 
     def memory_plan(self, batch: int, height: int, width: int) -> MemoryPlan:
         """The buffers and the peak activation bytes for a ``batch`` x C x ``height`` x ``width`` input."""
@@ -344,51 +574,144 @@ class FusedNetwork:
         if key not in self._buffers:
             sizes, peak = [0, 0], 0
             channels = int(self.model.config.in_channels)
-            live_input = batch * channels * height * width  # the channels-last copy of the input
+            image = batch * channels * height * width
+            live_input = image if self.stem is not None else 2 * image  # the image (and its channels-last copy)
+            if self.stem is not None:
+                height, width = self.stem.output_size(height, width)
             index = 0
-            for stage in self.stages:
+            for stage in self._body:
                 if isinstance(stage, FusedBlock):
                     height, width = stage.output_size(height, width)
-                    channels = stage.out_channels
-                    sizes[index % 2] = max(sizes[index % 2], batch * height * width * channels)
+                    sizes[index % 2] = max(sizes[index % 2], batch * height * width * stage.out_channels)
                     index += 1
-                    live_input = 0  # the next block's input is a ping-pong buffer
+                    live_input = 0 if index > 1 else live_input  # the image is freed after the first block
                     continue
                 conv = stage.conv
                 height = (height + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
                 width = (width + 2 * conv.padding[1] - conv.kernel_size[1]) // conv.stride[1] + 1
-                channels = conv.out_channels
-                output = batch * height * width * channels
+                output = batch * height * width * conv.out_channels
                 peak = max(peak, live_input + output)
                 live_input = output
-            plan = MemoryPlan((sizes[0], sizes[1]), 4 * (peak + sizes[0] + sizes[1]))
+            pooled = batch * (self.head.out_channels if self.head is not None else channels)
+            image_alive = image if self.stem is not None else 0
+            plan = MemoryPlan((sizes[0], sizes[1]), 4 * (max(peak, image_alive) + sizes[0] + sizes[1] + pooled))
             self._buffers[key] = ([torch.empty(size) for size in sizes], plan)
         return self._buffers[key]
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The feature map (NCHW view of an NHWC tensor) of a float32 NCHW batch."""
+    def _run_body(self, x: torch.Tensor) -> torch.Tensor:
+        """The stem and the blocks (and any stage left in torch) on a float32 NCHW batch: an NHWC tensor."""
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.model.config.in_channels:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise MobileNetError(f"expected an NCHW batch with {self.model.config.in_channels} channels, got {shape}")
         x = x.detach().to("cpu", torch.float32)
         buffers, _ = self._plan(int(x.shape[0]), int(x.shape[2]), int(x.shape[3]))
-        current = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)  # NHWC, contiguous
+        stem = self.stem
+        if stem is not None:
+            current = x.contiguous()  # NCHW: the fused stem reads it directly
+        else:
+            current = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)  # NHWC, contiguous
         index = 0
-        with torch.inference_mode(), _torch_single_threaded():
-            for stage in self.stages:
-                if isinstance(stage, FusedBlock):
-                    out_h, out_w = stage.output_size(int(current.shape[1]), int(current.shape[2]))
-                    shape = (int(current.shape[0]), out_h, out_w, stage.out_channels)
-                    out = buffers[index % 2][: math.prod(shape)].view(shape)
-                    current = stage(current, out=out, threads=self.threads, isa=self.isa)
-                    index += 1
+        for stage in self._body:
+            if isinstance(stage, FusedBlock):
+                if stem is not None:
+                    height, width = stem.output_size(int(current.shape[2]), int(current.shape[3]))
                 else:
+                    height, width = int(current.shape[1]), int(current.shape[2])
+                out_h, out_w = stage.output_size(height, width)
+                shape = (int(current.shape[0]), out_h, out_w, stage.out_channels)
+                out = buffers[index % 2][: math.prod(shape)].view(shape)
+                current = stage(current, out=out, threads=self.threads, isa=self.isa, stem=stem)
+                stem = None
+                index += 1
+            else:
+                with _torch_single_threaded():
                     nchw = stage(current.permute(0, 3, 1, 2))
-                    current = nchw.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+                current = nchw.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+        return current
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The feature map (NCHW view of an NHWC tensor) of a float32 NCHW batch (V2's head conv included)."""
+        with torch.inference_mode():
+            current = self._run_body(x)
+            if self.head is not None and self.head.weight is not None:
+                with _torch_single_threaded():
+                    nchw = self.stages[-1](current.permute(0, 3, 1, 2))
+                current = nchw.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
         return current.permute(0, 3, 1, 2)
+
+    def _one_call(self) -> bool:
+        """Whether the whole forward is kernel steps (no torch op left): then it runs in one kernel call."""
+        return (
+            self.classifier is not None
+            and self.head is not None
+            and all(isinstance(stage, FusedBlock) for stage in self._body)
+        )
+
+    def _run_plan(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the whole network in one kernel call (:meth:`_one_call`): no Python between the steps, so the
+        kernel's workers, spinning between jobs, are still on their cores when the next step starts. Every step's
+        arguments but the first block's (it reads the caller's image) are built once per input shape."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.model.config.in_channels:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise MobileNetError(f"expected an NCHW batch with {self.model.config.in_channels} channels, got {shape}")
+        x = x.detach().to("cpu", torch.float32)
+        if self.stem is not None:
+            image = x.contiguous()  # NCHW: the fused stem reads it directly
+        else:
+            image = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)  # NHWC, contiguous
+        first_out, steps, logits = self._steps((int(x.shape[0]), int(x.shape[2]), int(x.shape[3])))
+        first = self._body[0]
+        assert isinstance(first, FusedBlock)
+        _, arguments = first.arguments(image, out=first_out, threads=self.threads, isa=self.isa, stem=self.stem)
+        _require_kernels().run_plan([arguments, *steps])
+        return logits.clone()
+
+    def _steps(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, list[tuple[Any, ...]], torch.Tensor]:
+        """For one input shape: the first block's output buffer, the argument tuples of the later blocks, the head
+        and the classifier, and the logits tensor they write (kept with the tuples: these hold its address)."""
+        if key not in self._step_cache:
+            buffers, _ = self._plan(*key)
+            batch, height, width = key
+            if self.stem is not None:
+                height, width = self.stem.output_size(height, width)
+            outputs = []
+            for index, block in enumerate(self._body):
+                assert isinstance(block, FusedBlock)
+                height, width = block.output_size(height, width)
+                shape = (batch, height, width, block.out_channels)
+                outputs.append(buffers[index % 2][: math.prod(shape)].view(shape))
+            steps = []
+            for index in range(1, len(outputs)):
+                block = self._body[index]
+                assert isinstance(block, FusedBlock)
+                _, arguments = block.arguments(
+                    outputs[index - 1], out=outputs[index], threads=self.threads, isa=self.isa
+                )
+                steps.append(arguments)
+            assert self.head is not None and self.classifier is not None
+            pooled = torch.empty(batch, self.head.out_channels)
+            logits = torch.empty(batch, self.classifier.out_channels)
+            steps.append(self.head.arguments(outputs[-1], pooled, threads=self.threads, isa=self.isa))
+            flat = pooled.view(batch, 1, 1, self.head.out_channels)
+            steps.append(self.classifier.arguments(flat, logits, threads=self.threads, isa=self.isa))
+            self._step_cache[key] = (outputs[0], steps, logits, pooled)
+        first_out, steps, logits, _ = self._step_cache[key]
+        return first_out, steps, logits
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of a float32 NCHW batch (as the model's forward)."""
-        features = self.features(x)
-        with torch.inference_mode(), _torch_single_threaded():
-            return self.model.forward_head(features).clone()
+        if self._one_call():
+            return self._run_plan(x)
+        if self.head is None:
+            features = self.features(x)
+            with torch.inference_mode(), _torch_single_threaded():
+                return self.model.forward_head(features).clone()
+        with torch.inference_mode():
+            pooled = self.head(self._run_body(x), threads=self.threads, isa=self.isa)
+            if self.classifier is not None:  # dropout is the identity at inference
+                flat = pooled.view(pooled.shape[0], 1, 1, pooled.shape[1])
+                return self.classifier(flat, threads=self.threads, isa=self.isa)
+            with _torch_single_threaded():
+                if self.model.hidden is not None:
+                    pooled = self.model.hidden(pooled)
+                return self.model.classifier(self.model.dropout(pooled))

@@ -24,6 +24,14 @@
 #include <immintrin.h>
 #endif
 
+/* 1x1 weights come in panels of PANEL output channels (mobilenet.fused packs them): K rows of PANEL floats each,
+ * contiguous. PANEL is a multiple of every build's micro-kernel width (NB * VW). */
+#define PANEL 32
+/* The depthwise tile's pixel stride: cpad, plus one vector where cpad is a multiple of 256, so the 12 rows a
+ * micro-kernel broadcasts from are not a large power of two apart (V1's 512 and 1024 channels would put them in one
+ * or two L1 sets). */
+#define DW_LD(cpad) ((long)(cpad) + ((cpad) % 256 == 0 ? 16 : 0))
+
 typedef struct {
     const float *in; /* n x h x w x cin */
     float *out;      /* n x hout x wout x cout */
@@ -33,12 +41,57 @@ typedef struct {
     const float *wp, *bp; /* cexp x coutpad, coutpad */
     float lo1, hi1, lo2, hi2, lo3, hi3;
     int residual;
+    /* The network's stem as this block's producer (NULL ws: none): a 3x3 conv, padding 1, stride sstride, of the
+     * NCHW image img (n x cimg x himg x wimg) into the block's input rows (h x w x cin), computed row by row into
+     * the ring so the stem's output never exists in full. ws is (cimg * 9) x cpad, bs cpad. */
+    const float *img, *ws, *bs;
+    int cimg, himg, wimg, sstride;
+    float los, his;
+    /* Channel-split mode (see run_chunk): chunk k writes n x hout x wout x coutpad partial sums at
+     * partial + k * (that size); zero_bias is coutpad zeros. */
+    int split;
+    float *partial;
+    const float *zero_bias;
 } block_t;
+
+/* Where a projection goes: the block's output (bias, clamp, shortcut) or a partial sum (no bias, no clamp). */
+typedef struct {
+    float *out;
+    long ldo;
+    const float *bias;
+    float lo, hi;
+    int residual;
+} target_t;
+
+/* Whether the depthwise conv reads the block's input rows in place (fused_impl.h, run_rows): no expansion, no stem,
+ * input channels already padded. Then the ring is unused. */
+static int block_reads_in_place(const block_t *B) { return !B->we && !B->ws && B->cin == B->cpad; }
+
+/* Chunk k of count's slice [c0, c0 + cw) of the expanded channels: whole weight panels, none empty. */
+static int split_groups(const block_t *B) { return (B->cexp + PANEL - 1) / PANEL; }
+static void split_slice(const block_t *B, int k, int count, int *c0, int *cw) {
+    int groups = split_groups(B);
+    int begin = PANEL * (groups * k / count), end = PANEL * (groups * (k + 1) / count);
+    *c0 = begin;
+    *cw = (end < B->cexp ? end : B->cexp) - begin;
+}
+
+/* The head: a 1x1 conv (+ clamp) and the global average pool of an NHWC tensor (n x p pixels x k channels) into
+ * out (n x nout), tile by tile so the conv's output never exists in full; w NULL: the pool alone (nout == k). */
+typedef struct {
+    const float *in, *w, *b;
+    float *out;
+    int n, p, k, nout, npad;
+    float lo, hi;
+} head_t;
+#define HEAD_COLS 64 /* a multiple of PANEL */
+#define HEAD_PIX 64
 
 typedef struct {
     float *ring;           /* ring_rows x (w + 2) x cpad */
-    float *dw;             /* tile_rows x wout x cpad */
+    float *dw;             /* tile_rows x wout pixels, DW_LD(cpad) floats apart */
     float *apad;           /* MR x max K */
+    float *col;            /* the stem's im2col of one row: w x cimg * 9 */
     const float *zero_row; /* (w + 2) x cpad zeros, shared */
     int ring_rows, tile_rows;
 } scratch_t;
@@ -162,8 +215,10 @@ static int best_isa(void) {
 #define MAX_THREADS 64
 #define SPIN_ROUNDS 50000
 
+enum { JOB_BLOCK = 0, JOB_HEAD = 1 };
 typedef struct {
-    const block_t *block;
+    int kind;
+    const void *task; /* block_t or head_t */
     scratch_t *scratch;
     int isa, chunks, threads; /* workers with tid >= threads sit this job out: they have no scratch in it */
     atomic_int next_chunk;
@@ -182,8 +237,23 @@ static int pool_workers;
 static int worker_start_generation[MAX_THREADS];
 
 static void run_chunk(const job_t *job, int tid, int chunk) {
-    const block_t *B = job->block;
+    const block_t *B = job->task;
     scratch_t *S = &job->scratch[tid];
+    if (job->kind == JOB_HEAD) {
+        const head_t *H = job->task;
+#ifdef FUSED_X86
+        if (job->isa == ISA_AVX512) {
+            head_chunk_avx512(H, S, chunk);
+            return;
+        }
+        if (job->isa == ISA_AVX2) {
+            head_chunk_avx2(H, S, chunk);
+            return;
+        }
+#endif
+        head_chunk_portable(H, S, chunk);
+        return;
+    }
 #ifdef FUSED_X86
     if (job->isa == ISA_AVX512) {
         run_chunk_avx512(B, S, chunk, job->chunks);
@@ -253,13 +323,14 @@ static int ensure_workers(int nt) {
 /* Two chunks per thread where each is at least 8 rows (a chunk boundary costs the depthwise conv's overlap rows
  * of expansion again), else one. */
 static int chunk_count(const block_t *B, int nt) {
+    if (B->split) return nt < split_groups(B) ? nt : split_groups(B);
     long rows = (long)B->n * B->hout;
     long chunks = rows >= 16L * nt ? 2L * nt : nt;
     return (int)(chunks < rows ? chunks : rows);
 }
 
-static void run_job(const block_t *B, scratch_t *scratch, int isa, int nt) {
-    job_t job = {B, scratch, isa, chunk_count(B, nt), nt, 0};
+static void run_job(int kind, const void *task, int chunks, scratch_t *scratch, int isa, int nt) {
+    job_t job = {kind, task, scratch, isa, chunks, nt, 0};
     if (nt > 1 && job.chunks > 1) {
         pthread_mutex_lock(&job_lock);
         current_job = &job;
@@ -287,7 +358,7 @@ typedef struct {
     size_t floats;
 } buffer_t;
 
-static buffer_t ring_buf[MAX_THREADS], dw_buf[MAX_THREADS], apad_buf[MAX_THREADS], zero_buf;
+static buffer_t ring_buf[MAX_THREADS], dw_buf[MAX_THREADS], apad_buf[MAX_THREADS], col_buf[MAX_THREADS], zero_buf, partial_buf;
 
 static float *grow(buffer_t *buf, size_t floats) {
     if (buf->floats >= floats) return buf->ptr;
@@ -302,40 +373,81 @@ static float *grow(buffer_t *buf, size_t floats) {
 }
 
 static size_t scratch_bytes_total(void) {
-    size_t total = zero_buf.floats;
-    for (int i = 0; i < MAX_THREADS; i++) total += ring_buf[i].floats + dw_buf[i].floats + apad_buf[i].floats;
+    size_t total = zero_buf.floats + partial_buf.floats;
+    for (int i = 0; i < MAX_THREADS; i++) total += ring_buf[i].floats + dw_buf[i].floats + apad_buf[i].floats + col_buf[i].floats;
     return total * sizeof(float);
 }
 
-/* The most output rows per tile whose ring and depthwise tile fit the cache budget (at least one). */
+/* The most output rows per tile whose ring and depthwise tile fit the cache budget (at least one): every tile
+ * streams all of the block's 1x1 weights once, so fewer tiles mean less weight traffic. */
 static int pick_tile_rows(const block_t *B, int nt, long budget_bytes) {
+    if (B->split) nt = 1; /* every thread runs every row of its channel slice */
     long per_thread = ((long)B->n * B->hout + nt - 1) / nt;
     int rows = 1;
     while (rows < B->hout && rows < per_thread) {
         int next = rows + 1;
-        long ring = (long)((next - 1) * B->stride + 3) * (B->w + 2) * B->cpad;
-        long dw = (long)next * B->wout * B->cpad;
+        long ring = block_reads_in_place(B) ? 0 : (long)((next - 1) * B->stride + 3) * (B->w + 2) * B->cpad;
+        long dw = (long)next * B->wout * DW_LD(B->cpad);
         if ((ring + dw) * (long)sizeof(float) > budget_bytes) break;
         rows = next;
     }
     return rows;
 }
 
-static int prepare_scratch(const block_t *B, scratch_t *S, int nt, long budget_bytes) {
+static int prepare_scratch(block_t *B, scratch_t *S, int nt, long budget_bytes) {
     int tile = pick_tile_rows(B, nt, budget_bytes);
     int ring_rows = (tile - 1) * B->stride + 3;
     long row_floats = (long)(B->w + 2) * B->cpad;
     int kmax = B->cin > B->cexp ? B->cin : B->cexp;
-    const float *zero = grow(&zero_buf, (size_t)row_floats);
+    int kstem = B->ws ? B->cimg * 9 : 0;
+    if (kstem > kmax) kmax = kstem;
+    const float *zero = grow(&zero_buf, (size_t)(row_floats > B->coutpad ? row_floats : B->coutpad));
     if (!zero) return -1;
     for (int t = 0; t < nt; t++) {
-        S[t].ring = grow(&ring_buf[t], (size_t)(ring_rows * row_floats));
-        S[t].dw = grow(&dw_buf[t], (size_t)tile * B->wout * B->cpad);
+        int in_place = block_reads_in_place(B); /* no ring */
+        S[t].ring = in_place ? NULL : grow(&ring_buf[t], (size_t)(ring_rows * row_floats));
+        S[t].dw = grow(&dw_buf[t], (size_t)(tile * B->wout * DW_LD(B->cpad)));
         S[t].apad = grow(&apad_buf[t], (size_t)MAX_MR * kmax);
-        if (!S[t].ring || !S[t].dw || !S[t].apad) return -1;
+        S[t].col = B->ws ? grow(&col_buf[t], (size_t)B->w * kstem) : NULL;
+        if ((!in_place && !S[t].ring) || !S[t].dw || !S[t].apad || (B->ws && !S[t].col)) return -1;
         S[t].zero_row = zero;
+        B->zero_bias = zero;
         S[t].ring_rows = ring_rows;
         S[t].tile_rows = tile;
+    }
+    return 0;
+}
+
+/* Channel-split mode: the partial sums of every chunk. */
+static int prepare_partials(block_t *B, int chunks) {
+    if (!B->split) return 0;
+    B->partial = grow(&partial_buf, (size_t)chunks * B->n * B->hout * B->wout * B->coutpad);
+    return B->partial ? 0 : -1;
+}
+
+/* Channel-split mode: out = clamp(bias + the chunks' partial sums) (+ the shortcut). */
+static void reduce_partials(const block_t *B, int chunks) {
+    long pixels = (long)B->n * B->hout * B->wout, stride = pixels * B->coutpad;
+    for (long p = 0; p < pixels; p++) {
+        const float *part = B->partial + p * B->coutpad;
+        float *out = B->out + p * B->cout;
+        /* channel loops without a carried dependence, so the compiler vectorizes them */
+        for (int c = 0; c < B->cout; c++) out[c] = B->bp[c] + part[c];
+        for (int k = 1; k < chunks; k++)
+            for (int c = 0; c < B->cout; c++) out[c] += part[k * stride + c];
+        for (int c = 0; c < B->cout; c++) out[c] = out[c] < B->lo3 ? B->lo3 : (out[c] > B->hi3 ? B->hi3 : out[c]);
+        if (B->residual) {
+            const float *res = B->in + p * B->cin;
+            for (int c = 0; c < B->cout; c++) out[c] += res[c];
+        }
+    }
+}
+
+static int prepare_head_scratch(const head_t *H, scratch_t *S, int nt) {
+    for (int t = 0; t < nt; t++) {
+        S[t].dw = grow(&dw_buf[t], (size_t)HEAD_PIX * HEAD_COLS);
+        S[t].apad = grow(&apad_buf[t], (size_t)MAX_MR * H->k);
+        if (!S[t].dw || !S[t].apad) return -1;
     }
     return 0;
 }
@@ -343,54 +455,170 @@ static int prepare_scratch(const block_t *B, scratch_t *S, int nt, long budget_b
 /* ---- Python API -------------------------------------------------------------------------------------- */
 static const char *ISA_NAMES[] = {"auto", "portable", "avx2", "avx512"};
 
-static PyObject *py_run_block(PyObject *self, PyObject *args) {
-    unsigned long long in, out, we, be, wd, bd, wp, bp;
-    block_t B;
-    int threads, isa;
-    long budget;
-    if (!PyArg_ParseTuple(args, "KKiiiiiiiiiiiKKKKKKffffffiiil", &in, &out, &B.n, &B.h, &B.w, &B.cin, &B.hout,
-                          &B.wout, &B.cout, &B.stride, &B.cexp, &B.cpad, &B.coutpad, &we, &be, &wd, &bd,
-                          &wp, &bp, &B.lo1, &B.hi1, &B.lo2, &B.hi2, &B.lo3, &B.hi3, &B.residual, &threads, &isa,
-                          &budget))
-        return NULL;
-    B.in = (const float *)(uintptr_t)in;
-    B.out = (float *)(uintptr_t)out;
-    B.we = (const float *)(uintptr_t)we;
-    B.be = (const float *)(uintptr_t)be;
-    B.wd = (const float *)(uintptr_t)wd;
-    B.bd = (const float *)(uintptr_t)bd;
-    B.wp = (const float *)(uintptr_t)wp;
-    B.bp = (const float *)(uintptr_t)bp;
-    /* The Python wrapper validates everything; these checks only keep a wrong direct call from writing wild. */
-    if (B.n < 1 || B.h < 1 || B.w < 1 || B.cin < 1 || B.cout < 1 || B.cexp < 1 || (B.stride != 1 && B.stride != 2) ||
-        B.hout != (B.h - 1) / B.stride + 1 || B.wout != (B.w - 1) / B.stride + 1 || B.cpad < B.cexp ||
-        B.cpad % 16 || B.coutpad < B.cout || B.coutpad % 16 || !B.in || !B.out || !B.wd || !B.bd || !B.wp ||
-        !B.bp || (B.we && !B.be) || (!B.we && B.cexp != B.cin) ||
-        (B.residual && (B.stride != 1 || B.cin != B.cout))) {
-        PyErr_SetString(PyExc_ValueError, "run_block: inconsistent shapes or null pointers");
-        return NULL;
-    }
+static int check_pool_args(int threads, int *isa, const char *what) {
     if (threads < 1 || threads > MAX_THREADS) {
-        PyErr_Format(PyExc_ValueError, "run_block: threads must be in 1..%d", MAX_THREADS);
-        return NULL;
+        PyErr_Format(PyExc_ValueError, "%s: threads must be in 1..%d", what, MAX_THREADS);
+        return -1;
     }
-    if (isa == ISA_AUTO) isa = best_isa();
-    if (isa < ISA_PORTABLE || isa > ISA_AVX512 || !isa_supported(isa)) {
-        PyErr_Format(PyExc_ValueError, "run_block: instruction set %d is not supported by this CPU", isa);
-        return NULL;
+    if (*isa == ISA_AUTO) *isa = best_isa();
+    if (*isa < ISA_PORTABLE || *isa > ISA_AVX512 || !isa_supported(*isa)) {
+        PyErr_Format(PyExc_ValueError, "%s: instruction set %d is not supported by this CPU", what, *isa);
+        return -1;
     }
+    return 0;
+}
+
+/* The optional stem tuple (img, cimg, himg, wimg, sstride, ws, bs, los, his); None leaves the stem off. */
+static int parse_stem(PyObject *stem, block_t *B) {
+    B->img = B->ws = B->bs = NULL;
+    B->cimg = B->himg = B->wimg = B->sstride = 0;
+    B->los = B->his = 0.0f;
+    if (stem == Py_None) return 0;
+    unsigned long long img, ws, bs;
+    if (!PyArg_ParseTuple(stem, "KiiiiKKff", &img, &B->cimg, &B->himg, &B->wimg, &B->sstride, &ws, &bs, &B->los,
+                          &B->his))
+        return -1;
+    B->img = (const float *)(uintptr_t)img;
+    B->ws = (const float *)(uintptr_t)ws;
+    B->bs = (const float *)(uintptr_t)bs;
+    if (!B->img || !B->ws || !B->bs || B->cimg < 1 || B->himg < 1 || B->wimg < 1 ||
+        (B->sstride != 1 && B->sstride != 2) || B->h != (B->himg - 1) / B->sstride + 1 ||
+        B->w != (B->wimg - 1) / B->sstride + 1 || B->we || B->residual) {
+        PyErr_SetString(PyExc_ValueError, "run_block: inconsistent stem shapes or null pointers");
+        return -1;
+    }
+    return 0;
+}
+
+/* One step of a run: a block or a head, with its pool settings, parsed and checked while the GIL is held. */
+typedef struct {
+    int is_head, threads, isa;
+    long budget;
+    block_t block;
+    head_t head;
+} step_t;
+
+static int parse_block(PyObject *args, step_t *step) {
+    unsigned long long in, out, we, be, wd, bd, wp, bp;
+    block_t *B = &step->block;
+    PyObject *stem = Py_None;
+    int split_rows = 0;
+    step->is_head = 0;
+    if (!PyArg_ParseTuple(args, "KKiiiiiiiiiiiKKKKKKffffffiiil|Oi", &in, &out, &B->n, &B->h, &B->w, &B->cin,
+                          &B->hout, &B->wout, &B->cout, &B->stride, &B->cexp, &B->cpad, &B->coutpad, &we, &be, &wd,
+                          &bd, &wp, &bp, &B->lo1, &B->hi1, &B->lo2, &B->hi2, &B->lo3, &B->hi3, &B->residual,
+                          &step->threads, &step->isa, &step->budget, &stem, &split_rows))
+        return -1;
+    B->in = (const float *)(uintptr_t)in;
+    B->out = (float *)(uintptr_t)out;
+    B->we = (const float *)(uintptr_t)we;
+    B->be = (const float *)(uintptr_t)be;
+    B->wd = (const float *)(uintptr_t)wd;
+    B->bd = (const float *)(uintptr_t)bd;
+    B->wp = (const float *)(uintptr_t)wp;
+    B->bp = (const float *)(uintptr_t)bp;
+    /* The Python wrapper validates everything; these checks only keep a wrong direct call from writing wild. */
+    if (B->n < 1 || B->h < 1 || B->w < 1 || B->cin < 1 || B->cout < 1 || B->cexp < 1 ||
+        (B->stride != 1 && B->stride != 2) || B->hout != (B->h - 1) / B->stride + 1 ||
+        B->wout != (B->w - 1) / B->stride + 1 || B->cpad < B->cexp || B->cpad % 16 || B->coutpad < B->cout ||
+        B->coutpad % 16 || !B->in || !B->out || !B->wd || !B->bd || !B->wp || !B->bp || (B->we && !B->be) ||
+        (!B->we && B->cexp != B->cin) || (B->residual && (B->stride != 1 || B->cin != B->cout))) {
+        PyErr_SetString(PyExc_ValueError, "run_block: inconsistent shapes or null pointers");
+        return -1;
+    }
+    if (parse_stem(stem, B) != 0 || check_pool_args(step->threads, &step->isa, "run_block") != 0) return -1;
+    /* Channel split where the batch has at most split_rows output rows (and more than one thread shares them). */
+    B->split = step->threads > 1 && B->we && B->cexp > PANEL && (long)B->n * B->hout <= split_rows;
+    B->partial = NULL;
+    B->zero_bias = NULL;
+    return 0;
+}
+
+static int parse_head(PyObject *args, step_t *step) {
+    unsigned long long in, out, w, b;
+    head_t *H = &step->head;
+    step->is_head = 1;
+    step->budget = 0;
+    if (!PyArg_ParseTuple(args, "KKiiiiiKKffii", &in, &out, &H->n, &H->p, &H->k, &H->nout, &H->npad, &w, &b, &H->lo,
+                          &H->hi, &step->threads, &step->isa))
+        return -1;
+    H->in = (const float *)(uintptr_t)in;
+    H->out = (float *)(uintptr_t)out;
+    H->w = (const float *)(uintptr_t)w;
+    H->b = (const float *)(uintptr_t)b;
+    if (H->n < 1 || H->p < 1 || H->k < 1 || H->nout < 1 || !H->in || !H->out ||
+        (H->w ? (!H->b || H->npad < H->nout || H->npad % 16) : H->nout != H->k)) {
+        PyErr_SetString(PyExc_ValueError, "run_head: inconsistent shapes or null pointers");
+        return -1;
+    }
+    return check_pool_args(step->threads, &step->isa, "run_head");
+}
+
+/* Runs one step on the pool (pool_lock held, GIL released); -1 when scratch memory ran out. */
+static int execute_step(step_t *step) {
+    scratch_t scratch[MAX_THREADS];
+    int nt = step->threads;
+    if (ensure_workers(nt) != 0) return -1;
+    if (step->is_head) {
+        if (prepare_head_scratch(&step->head, scratch, nt) != 0) return -1;
+        run_job(JOB_HEAD, &step->head, (step->head.nout + HEAD_COLS - 1) / HEAD_COLS, scratch, step->isa, nt);
+        return 0;
+    }
+    block_t *B = &step->block;
+    int chunks = chunk_count(B, nt);
+    if (prepare_scratch(B, scratch, nt, step->budget) != 0 || prepare_partials(B, chunks) != 0) return -1;
+    run_job(JOB_BLOCK, B, chunks, scratch, step->isa, nt);
+    if (B->split) reduce_partials(B, chunks);
+    return 0;
+}
+
+static PyObject *run_steps(step_t *steps, Py_ssize_t count) {
     int failed = 0;
     Py_BEGIN_ALLOW_THREADS;
     pthread_mutex_lock(&pool_lock);
-    scratch_t scratch[MAX_THREADS];
-    if (ensure_workers(threads) != 0 || prepare_scratch(&B, scratch, threads, budget) != 0)
-        failed = 1;
-    else
-        run_job(&B, scratch, isa, threads);
+    for (Py_ssize_t i = 0; i < count && !failed; i++) failed = execute_step(&steps[i]) != 0;
     pthread_mutex_unlock(&pool_lock);
     Py_END_ALLOW_THREADS;
     if (failed) return PyErr_NoMemory();
     Py_RETURN_NONE;
+}
+
+static PyObject *py_run_block(PyObject *self, PyObject *args) {
+    step_t step;
+    if (parse_block(args, &step) != 0) return NULL;
+    return run_steps(&step, 1);
+}
+
+static PyObject *py_run_head(PyObject *self, PyObject *args) {
+    step_t step;
+    if (parse_head(args, &step) != 0) return NULL;
+    return run_steps(&step, 1);
+}
+
+/* A whole network in one call: no Python (and no GIL hand-off) between the blocks, so the pool's workers, spinning
+ * between jobs, are still on their cores when the next block starts. */
+static PyObject *py_run_plan(PyObject *self, PyObject *args) {
+    PyObject *list;
+    if (!PyArg_ParseTuple(args, "O!", &PyList_Type, &list)) return NULL;
+    Py_ssize_t count = PyList_GET_SIZE(list);
+    step_t *steps = count > 0 ? PyMem_Calloc((size_t)count, sizeof(step_t)) : NULL;
+    if (count > 0 && !steps) return PyErr_NoMemory();
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *item = PyList_GET_ITEM(list, i);
+        if (!PyTuple_Check(item)) {
+            PyErr_SetString(PyExc_TypeError, "run_plan: every step is a run_block or run_head argument tuple");
+            PyMem_Free(steps);
+            return NULL;
+        }
+        int ok = PyTuple_GET_SIZE(item) == 13 ? parse_head(item, &steps[i]) : parse_block(item, &steps[i]);
+        if (ok != 0) {
+            PyMem_Free(steps);
+            return NULL;
+        }
+    }
+    PyObject *result = run_steps(steps, count);
+    PyMem_Free(steps);
+    return result;
 }
 
 static PyObject *py_supported_isas(PyObject *self, PyObject *unused) {
@@ -421,8 +649,15 @@ static PyObject *py_scratch_bytes(PyObject *self, PyObject *unused) {
 static PyMethodDef methods[] = {
     {"run_block", py_run_block, METH_VARARGS,
      "run_block(in, out, n, h, w, cin, hout, wout, cout, stride, cexp, cpad, coutpad, we, be, wd, bd, wp, "
-     "bp, lo1, hi1, lo2, hi2, lo3, hi3, residual, threads, isa, cache_budget_bytes): one fused block, NHWC float32 "
-     "(addresses as ints; see mobilenet.fused)."},
+     "bp, lo1, hi1, lo2, hi2, lo3, hi3, residual, threads, isa, cache_budget_bytes[, stem[, split_rows]]): one fused block, NHWC "
+     "float32 (addresses as ints; stem: None or (img, cimg, himg, wimg, stride, ws, bs, lo, hi), the stem conv of an "
+     "NCHW image as the block's input; split_rows: at most that many output rows in the batch split the expanded "
+     "channels between threads instead of the rows; see mobilenet.fused)."},
+    {"run_plan", py_run_plan, METH_VARARGS,
+     "run_plan(steps): run_block and run_head argument tuples (a head's has 13 items), in order, in one call."},
+    {"run_head", py_run_head, METH_VARARGS,
+     "run_head(in, out, n, pixels, k, nout, npad, w, b, lo, hi, threads, isa): 1x1 conv + clamp (w = 0: none) and "
+     "global average pool of an NHWC tensor into n x nout (addresses as ints; see mobilenet.fused)."},
     {"supported_isas", py_supported_isas, METH_NOARGS, "The instruction sets this CPU runs: portable, avx2, avx512."},
     {"best_isa", py_best_isa, METH_NOARGS, "The instruction set chosen when none is forced."},
     {"scratch_bytes", py_scratch_bytes, METH_NOARGS, "Bytes of ring, tile and padding buffers held by the pool."},
