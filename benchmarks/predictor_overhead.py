@@ -4,11 +4,14 @@ against the bare backend on the same model, interleaved in one process.
 Three paths, each timed per image:
 
 - ``runtime``: the chosen backend on an already preprocessed float batch (what the runtime itself costs);
+- ``transform + runtime``: the eval transform of the uint8 image (on one torch thread) then the backend: the floor
+  for a prediction from pixels, without anything else the Predictor does;
 - ``predict, input size``: ``Predictor.predict`` of a uint8 image already at the model's input size (decode-free:
   the Predictor's own overhead, checks, conversion, normalisation and the softmax/top-k);
 - ``predict, resize``: the same of a 256 px image the eval transform resizes and crops (what a camera frame costs).
 
-Prints each median, and the overhead of each path as a fraction of the runtime's time.
+Prints each median, the overhead of each path as a fraction of the runtime's time, and the Predictor's own
+overhead (``predict, input size`` against ``transform + runtime``: checks, conversions, stacking, softmax, top-k).
 
     python benchmarks/predictor_overhead.py --model mobilenet_v2_1.0_224 --threads 2
 """
@@ -22,7 +25,7 @@ import warnings
 import torch
 
 from mobilenet.predict import Predictor
-from mobilenet.runtime import describe_machine, set_threads
+from mobilenet.runtime import describe_machine, set_threads, torch_threads
 from mobilenet.timing import Candidate, summarize_timings, time_interleaved
 
 
@@ -36,8 +39,15 @@ def measure(model: str, threads: int, backend: str, rounds: int) -> dict:
     exact = torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=generator)
     larger = torch.randint(0, 256, (3, 256, 256), dtype=torch.uint8, generator=generator)
     ready = predictor.preprocess(exact).unsqueeze(0)
+
+    def transform_and_run(_x: object) -> torch.Tensor:
+        with torch_threads(1):
+            batch = predictor.preprocess(exact).unsqueeze(0)
+        return predictor.logits(batch)
+
     candidates = [
         Candidate("runtime", "the backend on a preprocessed batch", lambda _x: predictor.logits(ready)),
+        Candidate("transform + runtime", "eval transform, then the backend", transform_and_run),
         Candidate("predict, input size", "Predictor.predict, uint8 at input size", lambda _x: predictor.predict(exact)),
         Candidate("predict, resize", "Predictor.predict, uint8 256 px", lambda _x: predictor.predict(larger)),
     ]
@@ -50,6 +60,7 @@ def measure(model: str, threads: int, backend: str, rounds: int) -> dict:
         "threads": threads,
         "median_ms": medians,
         "overhead_vs_runtime": {name: ms / base - 1 for name, ms in medians.items() if name != "runtime"},
+        "predictor_own_overhead": medians["predict, input size"] / medians["transform + runtime"] - 1,
         "machine": {k: describe_machine(threads)[k] for k in ("cpu", "simd", "torch", "onnxruntime", "openvino")},
     }
 
@@ -65,6 +76,9 @@ def main() -> None:
     for name, ms in result["median_ms"].items():
         extra = result["overhead_vs_runtime"].get(name)
         print(f"{name:22s} {ms:8.3f} ms" + ("" if extra is None else f"   overhead {100 * extra:+.1f}%"))
+    print(
+        f"the Predictor's own overhead (predict vs transform + runtime): {100 * result['predictor_own_overhead']:+.1f}%"
+    )
     print(json.dumps(result))
 
 

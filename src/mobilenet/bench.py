@@ -203,7 +203,7 @@ def _max_abs_diff(run: Callable[[Any], Any], reference: nn.Module, shape: tuple[
 
 
 def _ort_runner(path: Path, threads: int | None) -> Callable[[Any], Any]:
-    session = ort_session(path, threads)
+    session = ort_session(path, threads, spin=True)  # as the Predictor's onnxruntime backend runs it
 
     def run(x: torch.Tensor) -> Any:
         return session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]

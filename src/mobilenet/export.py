@@ -402,17 +402,23 @@ def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     return metadata
 
 
-def ort_session(path: Path | str, num_threads: int | None = None) -> Any:
+def ort_session(path: Path | str, num_threads: int | None = None, *, spin: bool = False) -> Any:
+    """An ONNX Runtime CPU session of ``path`` with ``num_threads`` intra-op threads.
+
+    ``spin=False`` stops the intra-op threads spinning when a run ends (``session.force_spinning_stop``): right for a
+    session used now and then (export checks, calibration), whose idle spinning would take the cores from the torch
+    work that follows. ``spin=True`` leaves ONNX Runtime's default (spin a while after each run, then sleep): right
+    for a session run back to back, as the Predictor's is, which keeps its own torch work on one thread; stopping
+    there cost more than twice the latency at batch 1 (`benchmarks/thread_settings.py`, docs/speed.md).
+    """
     _, ort = _require_onnx()
     options = ort.SessionOptions()
     if num_threads:
         options.intra_op_num_threads = num_threads
         options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    # The intra-op threads spin while a Run() is in progress (fast hand-offs between ops) but stop when it ends:
-    # left spinning, they steal the cores from whatever runs next in the process (preprocessing in torch, another
-    # session), which `mobilenet bench` measured as a 2-3x slower next call on 2 cores (docs/speed.md).
-    options.add_session_config_entry("session.force_spinning_stop", "1")
+    if not spin:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as error:  # onnxruntime's own exception types (InvalidGraph, Fail, ...) share no base but this

@@ -209,8 +209,9 @@ class Predictor:
     def _predict_chunk(self, chunk: list[tuple[int, Any]], topk: int) -> list[Prediction]:
         with torch_threads(self._torch_threads):
             predictions, tensors, waiting = self._preprocess_chunk(chunk)
-        if tensors:
-            logits = self.logits(torch.stack(tensors))
+            batch = torch.stack(tensors) if tensors else None
+        if batch is not None:
+            logits = self.logits(batch)
             with torch_threads(self._torch_threads):
                 probabilities = torch.softmax(logits.double(), dim=1)
                 top = probabilities.topk(topk, dim=1)
