@@ -55,7 +55,7 @@ def _ort_block(module: nn.Module, example: torch.Tensor, threads: int, tmp: Path
         torch.onnx.export(
             fold_batchnorm(module), (example,), str(path), dynamo=False, input_names=["x"], output_names=["y"]
         )
-    return ort_session(path, threads)
+    return ort_session(path, threads, spin=True)  # as the Predictor runs ONNX Runtime
 
 
 def measure_block(block: Any, size: int, *, threads: int, rounds: int, warmup: int, tmp: Path) -> dict[str, Any]:

@@ -213,7 +213,10 @@ static int best_isa(void) {
  * job only while it is open (under job_lock); the caller closes it when every chunk is claimed and waits only for
  * the workers that joined. Workers spin a while after a job (blocks follow each other closely), then sleep. */
 #define MAX_THREADS 64
-#define SPIN_ROUNDS 50000
+/* How long an idle worker spins before it sleeps. A sleeping worker takes milliseconds to wake on a virtual
+ * machine, which a forward of a few milliseconds cannot afford when the next image comes a little later; ONNX
+ * Runtime's workers spin likewise by default. */
+#define SPIN_SECONDS 0.05
 
 enum { JOB_BLOCK = 0, JOB_HEAD = 1 };
 typedef struct {
@@ -278,14 +281,24 @@ static inline void cpu_relax(void) {
 #endif
 }
 
+static double now_seconds(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
 static void *worker_main(void *arg) {
     int tid = (int)(intptr_t)arg;
     int seen = worker_start_generation[tid];
     for (;;) {
         int spins = 0;
-        while (atomic_load_explicit(&job_generation, memory_order_acquire) == seen && spins < SPIN_ROUNDS) {
+        double spin_until = now_seconds() + SPIN_SECONDS;
+        while (atomic_load_explicit(&job_generation, memory_order_acquire) == seen) {
             cpu_relax();
-            if (++spins % 64 == 0) sched_yield(); /* on a shared machine, spinning must not starve the others */
+            if (++spins % 64 == 0) {
+                sched_yield(); /* on a shared machine, spinning must not starve the others */
+                if (now_seconds() > spin_until) break;
+            }
         }
         if (atomic_load_explicit(&job_generation, memory_order_acquire) == seen) {
             pthread_mutex_lock(&wake_lock);
