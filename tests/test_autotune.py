@@ -307,3 +307,16 @@ def test_an_int8_exported_program_runs_as_it_is(model):
         assert choice.name == "exported" and choice.reason.startswith("fixed: an exported")
     with pytest.raises(MobileNetError, match="already int8"):
         autotune.choose_backend("auto", program, precision="fp32")
+
+
+def test_a_close_call_is_timed_again_between_the_close_ones_only(measuring, monkeypatch, model):
+    """Medians within CLOSE_CALL of the fastest are measured again (as many rounds, the close ones only)."""
+    monkeypatch.setitem(autotune.PRECISION_CANDIDATES, "fp32", ("onnxruntime", "torch-jit"))
+    timer = _timer(monkeypatch, onnxruntime=2.0, torch_jit=2.1)
+    predictor = Predictor(model, num_threads=1, batch_size=2)
+    assert predictor.backend_name == "onnxruntime"
+    assert len(timer.calls) == 3 and sorted(timer.calls[2][0]) == ["onnxruntime", "torch-jit"]
+    assert timer.calls[2][2] == timer.calls[1][2] + 1  # as many rounds again as the first pass took
+    far = _timer(monkeypatch, onnxruntime=2.0, torch_jit=2.5)  # 1.25x apart: decided in the first pass
+    Predictor(model, num_threads=1, batch_size=3)
+    assert len(far.calls) == 2

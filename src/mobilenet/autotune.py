@@ -10,7 +10,8 @@ for (:data:`PRECISION_CANDIDATES`; the tier defaults to the model's own: float32
    is skipped;
 2. it times them on a seeded batch of the Predictor's batch size with :func:`mobilenet.timing.time_interleaved`
    (:data:`WARMUP` untimed calls each, then interleaved rounds that fit :data:`MEASURE_BUDGET_S`, at least
-   :data:`MIN_ROUNDS`), and keeps the one with the lowest median;
+   :data:`MIN_ROUNDS`; candidates within :data:`CLOSE_CALL` of the fastest are timed again between themselves), and
+   keeps the one with the lowest median;
 3. it caches the choice in a JSON file under the user's cache directory (:func:`default_cache_path`), so the next
    start with the same key builds only the chosen backend.
 
@@ -105,6 +106,8 @@ MEASURE_BUDGET_S = 1.0
 WARMUP = 2
 #: Timed rounds, at least and at most, whatever the budget allows.
 MIN_ROUNDS, MAX_ROUNDS = 3, 25
+#: Candidates whose medians are within this factor of the fastest are timed again, as many rounds, before choosing.
+CLOSE_CALL = 1.10
 #: Version of the cache file's layout; a file of another version is ignored.
 CACHE_VERSION = 1
 # Where only one backend runs the input, what auto says about it.
@@ -319,7 +322,8 @@ def _build_candidates(
 
 def _time_candidates(runners: dict[str, Any], shape: tuple[int, ...]) -> dict[str, float]:
     """Median milliseconds per forward of each runner on a seeded batch of ``shape``: a first round after the
-    warm-up says how long a round takes, then as many more as fit :data:`MEASURE_BUDGET_S`."""
+    warm-up says how long a round takes, then as many more as fit :data:`MEASURE_BUDGET_S`; candidates within
+    :data:`CLOSE_CALL` of the fastest get as many rounds again (between them only) before the medians are final."""
     x = seeded_batch(shape)
     candidates = [Candidate(name, name, runner) for name, runner in runners.items()]
     samples = time_interleaved(candidates, x, rounds=1, warmup=WARMUP)
@@ -327,7 +331,14 @@ def _time_candidates(runners: dict[str, Any], shape: tuple[int, ...]) -> dict[st
     more = max(MIN_ROUNDS, min(MAX_ROUNDS, int(MEASURE_BUDGET_S / per_round))) - 1
     for name, times in time_interleaved(candidates, x, rounds=more, warmup=0).items():
         samples[name].extend(times)
-    return {name: summarize_timings(times)["median"] for name, times in samples.items()}
+    medians = {name: summarize_timings(times)["median"] for name, times in samples.items()}
+    first, second = sorted(medians.values())[:2]
+    if second < CLOSE_CALL * first:  # too close to call on a noisy machine: as many rounds again, between the two
+        close = [c for c in candidates if medians[c.name] < CLOSE_CALL * first]
+        for name, times in time_interleaved(close, x, rounds=more + 1, warmup=0).items():
+            samples[name].extend(times)
+        medians.update({c.name: summarize_timings(samples[c.name])["median"] for c in close})
+    return medians
 
 
 def _input_hw(source: ModelSource) -> tuple[int, int]:
