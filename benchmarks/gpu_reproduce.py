@@ -172,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     deadline = Deadline(args.time_budget_s - args.reserve_s)
     try:  # a deadline that has passed fires at once, possibly before the probe starts
         deadline.start()
-        measured = probe(args, out / "probe")
+        # Already past the deadline: no probe at all (the timer's signal could otherwise arrive after the probe
+        # has started and failed on something else).
+        measured = probe(args, out / "probe") if elapsed() < args.time_budget_s - args.reserve_s else None
     except KeyboardInterrupt:
         measured = None
     timings["probe_s"] = elapsed() - timings["startup_s"]
