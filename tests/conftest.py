@@ -43,3 +43,38 @@ def tiny_folder(root: Path, classes=("a", "b", "c"), per_class: int = 8, size: i
             image = ((base + 0.2 * torch.rand(3, size, size, generator=g)) * 255).clamp(0, 255).to(torch.uint8)
             (root / name / f"{i}.png").write_bytes(bytes(encode_png(image).numpy()))
     return root
+
+
+def quick_train(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: int) -> None:
+    """A short real training run (Adam, batches of 64): enough to classify digits well above chance. A network
+    with random or only partly fitted weights is no test of quantization: its decisions hang on feature
+    differences far below int8 resolution, which no trained network has."""
+    generator = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        index = torch.randint(0, len(images), (64,), generator=generator)
+        loss = torch.nn.functional.cross_entropy(model(images[index]), labels[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+def busy_batchnorm_model(name: str, *, seed: int = 0, classifier_std: float = 0.3) -> torch.nn.Module:
+    """``name`` at 32 px, 10 classes, with BatchNorms far from identity (so a wrong fold changes the logits
+    visibly) and the classifier drawn from N(0, ``classifier_std``) (4.0: logits well above 1, so a wrong layout or
+    weight shows too)."""
+    from mobilenet.models import create_model
+
+    torch.manual_seed(seed)
+    model = create_model(name, resolution=32, small_input=True, num_classes=10)
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_(0.0, 0.5, generator=generator)
+            module.running_var.uniform_(0.5, 2.0, generator=generator)
+            module.weight.data.uniform_(0.5, 1.5, generator=generator)
+            module.bias.data.normal_(0.0, 0.2, generator=generator)
+    model.classifier.weight.data.normal_(0.0, classifier_std, generator=generator)
+    return model.eval()

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import busy_batchnorm_model
 from mobilenet.cli import main
 from mobilenet.errors import MobileNetError
 from mobilenet.export import export_model, export_onnx, fold_batchnorm, read_onnx_metadata
@@ -33,18 +34,7 @@ CLASSES = [f"class{i}" for i in range(10)]
 
 
 def _model(name: str = NAME, seed: int = 0) -> nn.Module:
-    """A model whose BatchNorms are far from identity, so that a wrong fold changes the logits visibly."""
-    torch.manual_seed(seed)
-    model = create_model(name, resolution=32, small_input=True, num_classes=10)
-    generator = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.normal_(0.0, 0.5, generator=generator)
-            module.running_var.uniform_(0.5, 2.0, generator=generator)
-            module.weight.data.uniform_(0.5, 1.5, generator=generator)
-            module.bias.data.normal_(0.0, 0.2, generator=generator)
-    model.classifier.weight.data.normal_(0.0, 0.3, generator=generator)
-    return model.eval()
+    return busy_batchnorm_model(name, seed=seed)
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import busy_batchnorm_model
 from mobilenet.cli import main
 from mobilenet.errors import MobileNetError
 from mobilenet.export import export_litert, export_model, load_export
-from mobilenet.models import create_model
 
 NAME = "mobilenet_v2_0.35_96"
 PREPROCESSING = {
@@ -35,27 +35,15 @@ def _require_litert() -> None:
     pytest.importorskip("ai_edge_litert.interpreter", reason=SKIP_REASON)
 
 
-def _model(seed: int = 0) -> nn.Module:
-    """BatchNorms far from identity and a classifier drawn from N(0, 4): logits well above 1, so that a wrong fold,
-    layout or weight changes them visibly."""
-    torch.manual_seed(seed)
-    model = create_model(NAME, resolution=32, small_input=True, num_classes=10)
-    generator = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.normal_(0.0, 0.5, generator=generator)
-            module.running_var.uniform_(0.5, 2.0, generator=generator)
-            module.weight.data.uniform_(0.5, 1.5, generator=generator)
-            module.bias.data.normal_(0.0, 0.2, generator=generator)
-    model.classifier.weight.data.normal_(0.0, 4.0, generator=generator)
-    return model.eval()
-
-
 def _assert_close_to_scale(got: torch.Tensor, expected: torch.Tensor) -> None:
     scale = expected.abs().max().item()
     assert scale > 1.0  # the check is meaningful only for non-trivial logits
     assert got.shape == expected.shape
     assert (got - expected).abs().max().item() <= 1e-4 + 1e-5 * scale
+
+
+def _model(seed: int = 0) -> nn.Module:
+    return busy_batchnorm_model(NAME, seed=seed, classifier_std=4.0)
 
 
 @pytest.fixture(scope="module")

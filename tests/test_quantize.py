@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
+from conftest import quick_train
 from mobilenet.cli import main
 from mobilenet.models import create_model
 from mobilenet.predict import Predictor
@@ -19,22 +19,6 @@ pytest.importorskip("sklearn")
 
 STEPS = 90  # training steps (~80% held-out accuracy; chance is 10%)
 CALIBRATION = 128  # training images that calibrate the int8 model
-
-
-def _train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: int = STEPS) -> None:
-    """A short real training run (Adam, batches of 64): enough to classify digits well above chance. A network
-    with random or only partly fitted weights is no test of quantization: its decisions hang on feature
-    differences far below int8 resolution, which no trained network has."""
-    generator = torch.Generator().manual_seed(0)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(steps):
-        index = torch.randint(0, len(images), (64,), generator=generator)
-        loss = nn.functional.cross_entropy(model(images[index]), labels[index])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +33,7 @@ def setup(tmp_path_factory):
     torch.manual_seed(0)
     # Stride 32 on 32x32 digits keeps training cheap; the graph is V2's whole (52 convs, 35 ReLU6, 10 residuals).
     model = create_model("mobilenet_v2_0.35_96", resolution=32, num_classes=10, dropout=0.0)
-    _train(model, torch.stack([transform(img) for img in bundle.train.images]), bundle.train.labels)
+    quick_train(model, torch.stack([transform(img) for img in bundle.train.images]), bundle.train.labels, STEPS)
     checkpoint = save(model, root / "digits.safetensors", classes=bundle.classes, preprocessing=preprocessing)
 
     def write(dataset, folder, indices):

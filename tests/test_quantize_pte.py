@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from conftest import tiny_folder
+from conftest import quick_train, tiny_folder
 from mobilenet.cli import main
 from mobilenet.errors import MobileNetError
 from mobilenet.models import create_model
@@ -21,21 +21,6 @@ STEPS = 90  # training steps (~80% held-out accuracy; chance is 10%)
 CALIBRATION = 96  # training images that calibrate the int8 model
 BOUND = 16  # the .pte's batch bound (calibration runs in batches of at most this)
 NEEDS_EXECUTORCH = "ExecuTorch is an optional extra (pip install -e '.[mobile]')"
-
-
-def _train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> None:
-    """A short real training run: a network with random weights is no test of quantization (its decisions hang on
-    feature differences far below int8 resolution)."""
-    generator = torch.Generator().manual_seed(0)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(STEPS):
-        index = torch.randint(0, len(images), (64,), generator=generator)
-        loss = nn.functional.cross_entropy(model(images[index]), labels[index])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +35,7 @@ def setup(tmp_path_factory):
     transform = build_eval_transform(preprocessing)
     torch.manual_seed(0)
     model = create_model("mobilenet_v2_0.35_96", resolution=32, num_classes=10, dropout=0.0)
-    _train(model, torch.stack([transform(img) for img in bundle.train.images]), bundle.train.labels)
+    quick_train(model, torch.stack([transform(img) for img in bundle.train.images]), bundle.train.labels, STEPS)
     checkpoint = save(model, root / "digits.safetensors", classes=bundle.classes, preprocessing=preprocessing)
 
     def write(dataset, folder, indices):
