@@ -48,13 +48,17 @@ DEFINE_MICROKERNEL(SFX(micro_one), 1, MR)
 #define MR_TAIL (MR >= 8 ? 4 : MR)
 DEFINE_MICROKERNEL(SFX(micro_full_tail), NB, MR_TAIL)
 DEFINE_MICROKERNEL(SFX(micro_one_tail), 1, MR_TAIL)
+/* A last single pixel (7 x 7 = 49 pixels, MR = 12 or 6) computes one row: no padded rows' FMAs, no copy into apad. */
+DEFINE_MICROKERNEL(SFX(micro_full_single), NB, 1)
+DEFINE_MICROKERNEL(SFX(micro_one_single), 1, 1)
 
 /* The 1x1 conv of P pixels as a GEMM: A pixel p at a + p*lda (K floats), B in panels of PANEL columns (each K rows
  * of PANEL floats, contiguous, zero padded; bpanel floats from one panel to the next: no power-of-two row stride
  * that would map a panel's rows onto a few cache sets), output
  * pixel p at c + (p / cw) * c_row + (p % cw) * ldc (N floats), residual pixel p at r + p*ldr. Column blocks outer so
  * a K x NB*VW panel of B is reused by every pixel of the tile; a last partial block of pixels is copied into apad
- * (MR x K) so the micro-kernel always reads whole blocks (MR rows, or MR_TAIL for a short last block). */
+ * (MR x K) so the micro-kernel always reads whole blocks (MR rows, or MR_TAIL for a short last block, or one row for
+ * a last single pixel, read in place). */
 TARGET static void SFX(gemm)(const float *a, long lda, int P, int K, const float *b, long bpanel, const float *bias,
                              int N, float lo, float hi, float *c, long ldc, int cw, long c_row, const float *r,
                              long ldr, float *apad) {
@@ -67,8 +71,8 @@ TARGET static void SFX(gemm)(const float *a, long lda, int P, int K, const float
             int m = P - p0 < MR ? P - p0 : MR;
             const float *ablock = a + (long)p0 * lda;
             long lda_block = lda;
-            int tail = m <= MR_TAIL && MR_TAIL < MR;
-            int rows = tail ? MR_TAIL : MR;
+            int tail = m <= MR_TAIL && MR_TAIL < MR, single = m == 1;
+            int rows = single ? 1 : tail ? MR_TAIL : MR;
             if (m < rows) {
                 for (int i = 0; i < rows; i++) {
                     if (i < m)
@@ -85,7 +89,7 @@ TARGET static void SFX(gemm)(const float *a, long lda, int P, int K, const float
                 rptr[i] = r ? r + (long)p * ldr + n0 : NULL;
             }
             if (valid > (NB - 1) * VW) {
-                (tail ? SFX(micro_full_tail) : SFX(micro_full))(ablock, lda_block, K, bblock, PANEL, bias + n0, m, valid, lo, hi, cptr, r ? rptr : NULL);
+                (single ? SFX(micro_full_single) : tail ? SFX(micro_full_tail) : SFX(micro_full))(ablock, lda_block, K, bblock, PANEL, bias + n0, m, valid, lo, hi, cptr, r ? rptr : NULL);
             } else {
                 for (int j = 0; j * VW < valid; j++) {
                     float *cj[MR];
@@ -94,7 +98,7 @@ TARGET static void SFX(gemm)(const float *a, long lda, int P, int K, const float
                         cj[i] = cptr[i] + j * VW;
                         rj[i] = r ? rptr[i] + j * VW : NULL;
                     }
-                    (tail ? SFX(micro_one_tail) : SFX(micro_one))(ablock, lda_block, K, bblock + j * VW, PANEL, bias + n0 + j * VW, m,
+                    (single ? SFX(micro_one_single) : tail ? SFX(micro_one_tail) : SFX(micro_one))(ablock, lda_block, K, bblock + j * VW, PANEL, bias + n0 + j * VW, m,
                                    valid - j * VW, lo, hi, cj, r ? rj : NULL);
                 }
             }
