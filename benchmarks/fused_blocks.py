@@ -7,6 +7,12 @@ exported alone to ONNX, NCHW, the same thread count), timed interleaved in one p
 ORT / ours, and the achieved GFLOP/s (2 * MACs / time) of each. Every block's output is checked against PyTorch
 first.
 
+Both runtimes keep their worker threads spinning after a call, ONNX Runtime's for longer than ours, and on a machine
+with few cores the spinning workers of one take a core from the other's next call. By default each runtime is
+therefore timed in bursts (``--settle-ms``): it runs untimed until the other's workers have gone quiet, then a few
+timed calls back to back, as inside a whole network's forward; ``--settle-ms 0`` times one call of each in turn
+(:func:`mobilenet.timing.time_interleaved`), which measures them under each other's spinning.
+
     python benchmarks/fused_blocks.py --threads 2 --plot docs/img/fused_blocks.png
 """
 
@@ -16,7 +22,9 @@ import argparse
 import statistics
 import sys
 import tempfile
+import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +66,33 @@ def _ort_block(module: nn.Module, example: torch.Tensor, threads: int, tmp: Path
     return ort_session(path, threads, spin=True)  # as the Predictor runs ONNX Runtime
 
 
-def measure_block(block: Any, size: int, *, threads: int, rounds: int, warmup: int, tmp: Path) -> dict[str, Any]:
+def time_settled(candidates: list[Candidate], *, rounds: int, settle: float, calls: int = 5) -> dict[str, list[float]]:
+    """Seconds per call of each candidate: ``rounds`` bursts each (order alternating), a burst being ``settle``
+    seconds of untimed calls (the other candidate's spinning workers go quiet meanwhile) and the median of ``calls``
+    timed calls back to back."""
+    times: dict[str, list[float]] = {c.name: [] for c in candidates}
+    with torch.inference_mode():
+        for round_index in range(rounds):
+            for candidate in candidates if round_index % 2 == 0 else candidates[::-1]:
+                times[candidate.name].append(_burst(candidate.run, settle, calls))
+    return times
+
+
+def _burst(run: Callable[[Any], Any], settle: float, calls: int) -> float:
+    end = time.perf_counter() + settle
+    while time.perf_counter() < end:
+        run(None)
+    seconds = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        run(None)
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
+def measure_block(
+    block: Any, size: int, *, threads: int, rounds: int, warmup: int, tmp: Path, settle: float = 0.0
+) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(0)
     module = build_block(block).eval()
     randomize_batchnorm(module, generator)
@@ -78,7 +112,10 @@ def measure_block(block: Any, size: int, *, threads: int, rounds: int, warmup: i
         Candidate("fused", "our fused kernel, NHWC", lambda _x: fused(x_nhwc, out=out, threads=threads)),
         Candidate("ort", "ONNX Runtime, the block alone", lambda _x: session.run(["y"], {"x": x_numpy})),
     ]
-    times = time_interleaved(candidates, None, rounds=rounds, warmup=warmup)
+    if settle > 0:
+        times = time_settled(candidates, rounds=max(1, rounds // 5), settle=settle)
+    else:
+        times = time_interleaved(candidates, None, rounds=rounds, warmup=warmup)
     median = {name: statistics.median(values) for name, values in times.items()}
     macs = fused.macs(size, size)
     return {
@@ -98,14 +135,17 @@ def measure_block(block: Any, size: int, *, threads: int, rounds: int, warmup: i
     }
 
 
-def fused_blocks(*, threads: int = 2, rounds: int = 30, warmup: int = 5, resolution: int = 224) -> dict[str, Any]:
+def fused_blocks(
+    *, threads: int = 2, rounds: int = 30, warmup: int = 5, resolution: int = 224, settle: float = 0.2
+) -> dict[str, Any]:
     threads = set_threads(threads)
     with tempfile.TemporaryDirectory(prefix="fused-blocks-") as tmp:
         rows = [
-            measure_block(block, size, threads=threads, rounds=rounds, warmup=warmup, tmp=Path(tmp))
+            measure_block(block, size, threads=threads, rounds=rounds, warmup=warmup, tmp=Path(tmp), settle=settle)
             for block, size in v2_blocks(resolution=resolution)
         ]
-    return {"threads": threads, "isa": best_isa(), "machine": describe_machine(threads), "rows": rows}
+    machine = describe_machine(threads)
+    return {"threads": threads, "isa": best_isa(), "machine": machine, "settle": settle, "rows": rows}
 
 
 def plot(rows: list[dict[str, Any]], path: str) -> None:
@@ -131,10 +171,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument(
+        "--settle-ms",
+        type=float,
+        default=200.0,
+        help="time each runtime in bursts after this long alone (rounds / 5 bursts of 5 calls); 0: calls in turn",
+    )
     parser.add_argument("--plot", help="save a per-block GFLOP/s plot (PNG) here")
     args = parser.parse_args()
-    result = fused_blocks(threads=args.threads, rounds=args.rounds, warmup=args.warmup)
-    print(f"threads {result['threads']}, kernel {result['isa']}, load {result['machine'].get('load_average')}")
+    result = fused_blocks(threads=args.threads, rounds=args.rounds, warmup=args.warmup, settle=args.settle_ms / 1e3)
+    mode = f"bursts after {args.settle_ms:g} ms alone" if args.settle_ms > 0 else "one call each in turn"
+    print(f"threads {result['threads']}, kernel {result['isa']}, load {result['machine'].get('load_average')}, {mode}")
     header = f"{'block':<12}{'input':>12}{'s':>3}{'t':>3}{'out':>5}{'MMACs':>8}{'ours ms':>9}{'ORT ms':>9}"
     print(header + f"{'ORT/ours':>9}{'ours GF/s':>10}{'ORT GF/s':>10}{'diff':>9}")
     for r in result["rows"]:

@@ -44,17 +44,45 @@
 
 DEFINE_MICROKERNEL(SFX(micro_full), NB, MR)
 DEFINE_MICROKERNEL(SFX(micro_one), 1, MR)
-/* A last block of at most MR_TAIL pixels (a 7-pixel row is 49 = 4 x 12 + 1 pixels) computes MR_TAIL rows, not MR. */
-#define MR_TAIL (MR >= 8 ? 4 : MR)
-DEFINE_MICROKERNEL(SFX(micro_full_tail), NB, MR_TAIL)
-DEFINE_MICROKERNEL(SFX(micro_one_tail), 1, MR_TAIL)
+/* A last block of m < MR pixels (a 7-pixel row is 49 = 4 x 12 + 1 pixels, a 14-pixel row 14 = 12 + 2) computes the
+ * fewest rows of 1, 2, 4, 8 or MR that hold it: no FMAs on padded rows. */
+DEFINE_MICROKERNEL(SFX(micro_full_1), NB, 1)
+DEFINE_MICROKERNEL(SFX(micro_one_1), 1, 1)
+DEFINE_MICROKERNEL(SFX(micro_full_2), NB, 2)
+DEFINE_MICROKERNEL(SFX(micro_one_2), 1, 2)
+#if MR > 4
+DEFINE_MICROKERNEL(SFX(micro_full_4), NB, 4)
+DEFINE_MICROKERNEL(SFX(micro_one_4), 1, 4)
+#endif
+#if MR > 8
+DEFINE_MICROKERNEL(SFX(micro_full_8), NB, 8)
+DEFINE_MICROKERNEL(SFX(micro_one_8), 1, 8)
+#endif
+
+typedef void (*SFX(micro_t))(const float *, long, int, const float *, long, const float *, int, int, float, float,
+                             float *const *, const float *const *);
+
+/* The micro-kernels (NB vectors wide, or one vector wide) with the fewest rows that hold m pixels; *rows gets that
+ * row count. */
+TARGET static void SFX(pick_micro)(int m, int *rows, SFX(micro_t) *full, SFX(micro_t) *one) {
+    *rows = MR, *full = SFX(micro_full), *one = SFX(micro_one);
+    if (m <= 1) *rows = 1, *full = SFX(micro_full_1), *one = SFX(micro_one_1);
+    else if (m <= 2) *rows = 2, *full = SFX(micro_full_2), *one = SFX(micro_one_2);
+#if MR > 4
+    else if (m <= 4) *rows = 4, *full = SFX(micro_full_4), *one = SFX(micro_one_4);
+#endif
+#if MR > 8
+    else if (m <= 8) *rows = 8, *full = SFX(micro_full_8), *one = SFX(micro_one_8);
+#endif
+}
 
 /* The 1x1 conv of P pixels as a GEMM: A pixel p at a + p*lda (K floats), B in panels of PANEL columns (each K rows
  * of PANEL floats, contiguous, zero padded; bpanel floats from one panel to the next: no power-of-two row stride
  * that would map a panel's rows onto a few cache sets), output
  * pixel p at c + (p / cw) * c_row + (p % cw) * ldc (N floats), residual pixel p at r + p*ldr. Column blocks outer so
  * a K x NB*VW panel of B is reused by every pixel of the tile; a last partial block of pixels is copied into apad
- * (MR x K) so the micro-kernel always reads whole blocks (MR rows, or MR_TAIL for a short last block). */
+ * (MR x K) so the micro-kernel always reads whole blocks (MR rows, or the fewest rows that hold a short last block,
+ * see pick_micro). */
 TARGET static void SFX(gemm)(const float *a, long lda, int P, int K, const float *b, long bpanel, const float *bias,
                              int N, float lo, float hi, float *c, long ldc, int cw, long c_row, const float *r,
                              long ldr, float *apad) {
@@ -67,8 +95,9 @@ TARGET static void SFX(gemm)(const float *a, long lda, int P, int K, const float
             int m = P - p0 < MR ? P - p0 : MR;
             const float *ablock = a + (long)p0 * lda;
             long lda_block = lda;
-            int tail = m <= MR_TAIL && MR_TAIL < MR;
-            int rows = tail ? MR_TAIL : MR;
+            int rows;
+            SFX(micro_t) full, one;
+            SFX(pick_micro)(m, &rows, &full, &one);
             if (m < rows) {
                 for (int i = 0; i < rows; i++) {
                     if (i < m)
@@ -85,7 +114,7 @@ TARGET static void SFX(gemm)(const float *a, long lda, int P, int K, const float
                 rptr[i] = r ? r + (long)p * ldr + n0 : NULL;
             }
             if (valid > (NB - 1) * VW) {
-                (tail ? SFX(micro_full_tail) : SFX(micro_full))(ablock, lda_block, K, bblock, PANEL, bias + n0, m, valid, lo, hi, cptr, r ? rptr : NULL);
+                full(ablock, lda_block, K, bblock, PANEL, bias + n0, m, valid, lo, hi, cptr, r ? rptr : NULL);
             } else {
                 for (int j = 0; j * VW < valid; j++) {
                     float *cj[MR];
@@ -94,7 +123,7 @@ TARGET static void SFX(gemm)(const float *a, long lda, int P, int K, const float
                         cj[i] = cptr[i] + j * VW;
                         rj[i] = r ? rptr[i] + j * VW : NULL;
                     }
-                    (tail ? SFX(micro_one_tail) : SFX(micro_one))(ablock, lda_block, K, bblock + j * VW, PANEL, bias + n0 + j * VW, m,
+                    one(ablock, lda_block, K, bblock + j * VW, PANEL, bias + n0 + j * VW, m,
                                    valid - j * VW, lo, hi, cj, r ? rj : NULL);
                 }
             }
@@ -342,4 +371,3 @@ TARGET static void SFX(head_chunk)(const head_t *H, const scratch_t *S, int chun
     }
 }
 
-#undef MR_TAIL
