@@ -209,7 +209,7 @@ class Predictor:
     def _predict_chunk(self, chunk: list[tuple[int, Any]], topk: int) -> list[Prediction]:
         with torch_threads(self._torch_threads):
             predictions, tensors, waiting = self._preprocess_chunk(chunk)
-            batch = torch.stack(tensors) if tensors else None
+            batch = (tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)) if tensors else None
         if batch is not None:
             logits = self.logits(batch)
             with torch_threads(self._torch_threads):
