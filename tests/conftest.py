@@ -78,3 +78,47 @@ def busy_batchnorm_model(name: str, *, seed: int = 0, classifier_std: float = 0.
             module.bias.data.normal_(0.0, 0.2, generator=generator)
     model.classifier.weight.data.normal_(0.0, classifier_std, generator=generator)
     return model.eval()
+
+
+#: The preprocessing of the small test models' exports: CIFAR-10's statistics at 32 px.
+SMALL_PREPROCESSING = {
+    "input_size": 32,
+    "resize_size": 32,
+    "mean": [0.4914, 0.4822, 0.4465],
+    "std": [0.247, 0.2435, 0.2616],
+    "interpolation": "bilinear",
+    "style": "small",
+}
+
+
+def trained_digits_checkpoint(root: Path, steps: int) -> tuple:
+    """MobileNetV2 0.35 at 32 px (stride 32 on 32x32 digits keeps training cheap; the graph is V2's whole: 52 convs,
+    35 ReLU6, 10 residuals) trained ``steps`` steps on scikit-learn's digits and saved under ``root``: (the digits
+    bundle, the model, its eval transform, the checkpoint path)."""
+    from mobilenet.checkpoint import save
+    from mobilenet.data import build_eval_transform, load_digits
+    from mobilenet.models import create_model
+
+    bundle = load_digits(size=32)
+    preprocessing = bundle.preprocessing(32)
+    transform = build_eval_transform(preprocessing)
+    torch.manual_seed(0)
+    model = create_model("mobilenet_v2_0.35_96", resolution=32, num_classes=10, dropout=0.0)
+    quick_train(model, torch.stack([transform(img) for img in bundle.train.images]), bundle.train.labels, steps)
+    checkpoint = save(model, root / "digits.safetensors", classes=bundle.classes, preprocessing=preprocessing)
+    return bundle, model, transform, checkpoint
+
+
+def write_images(dataset, folder: Path, indices) -> tuple[list[Path], list[int]]:
+    """Images ``indices`` of an in-memory dataset as PNG files under ``folder/<label>/``: (paths, labels)."""
+    from PIL import Image
+
+    files, labels = [], []
+    for i in indices:
+        label = int(dataset.labels[i])
+        path = folder / str(label) / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(dataset.images[i].permute(1, 2, 0).numpy()).save(path)
+        files.append(path)
+        labels.append(label)
+    return files, labels

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import busy_batchnorm_model
+from conftest import SMALL_PREPROCESSING, busy_batchnorm_model
 from mobilenet.cli import main
 from mobilenet.errors import MobileNetError
 from mobilenet.export import export_model, export_onnx, fold_batchnorm, read_onnx_metadata
@@ -22,14 +22,7 @@ ort = pytest.importorskip("onnxruntime")
 
 # Small and fast on 2 shared cores: V2 at alpha 0.35 on 32x32 inputs (the whole V2 block structure, 52 convs).
 NAME = "mobilenet_v2_0.35_96"
-PREPROCESSING = {
-    "input_size": 32,
-    "resize_size": 32,
-    "mean": [0.4914, 0.4822, 0.4465],
-    "std": [0.247, 0.2435, 0.2616],
-    "interpolation": "bilinear",
-    "style": "small",
-}
+PREPROCESSING = SMALL_PREPROCESSING
 CLASSES = [f"class{i}" for i in range(10)]
 
 

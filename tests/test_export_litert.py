@@ -12,20 +12,13 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import busy_batchnorm_model
+from conftest import SMALL_PREPROCESSING, busy_batchnorm_model
 from mobilenet.cli import main
 from mobilenet.errors import MobileNetError
 from mobilenet.export import export_litert, export_model, load_export
 
 NAME = "mobilenet_v2_0.35_96"
-PREPROCESSING = {
-    "input_size": 32,
-    "resize_size": 32,
-    "mean": [0.4914, 0.4822, 0.4465],
-    "std": [0.247, 0.2435, 0.2616],
-    "interpolation": "bilinear",
-    "style": "small",
-}
+PREPROCESSING = SMALL_PREPROCESSING
 CLASSES = [f"class{i}" for i in range(10)]
 SKIP_REASON = "LiteRT is an optional extra (pip install -e '.[litert]')"
 

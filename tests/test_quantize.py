@@ -6,12 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from PIL import Image
 
-from conftest import quick_train
+from conftest import trained_digits_checkpoint, write_images
 from mobilenet.cli import main
-from mobilenet.models import create_model
 from mobilenet.predict import Predictor
 
 pytest.importorskip("onnxruntime")
@@ -23,32 +20,10 @@ CALIBRATION = 128  # training images that calibrate the int8 model
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from mobilenet.checkpoint import save
-    from mobilenet.data import build_eval_transform, load_digits
-
     root = tmp_path_factory.mktemp("quantize")
-    bundle = load_digits(size=32)
-    preprocessing = bundle.preprocessing(32)
-    transform = build_eval_transform(preprocessing)
-    torch.manual_seed(0)
-    # Stride 32 on 32x32 digits keeps training cheap; the graph is V2's whole (52 convs, 35 ReLU6, 10 residuals).
-    model = create_model("mobilenet_v2_0.35_96", resolution=32, num_classes=10, dropout=0.0)
-    quick_train(model, torch.stack([transform(img) for img in bundle.train.images]), bundle.train.labels, STEPS)
-    checkpoint = save(model, root / "digits.safetensors", classes=bundle.classes, preprocessing=preprocessing)
-
-    def write(dataset, folder, indices):
-        files, labels = [], []
-        for i in indices:
-            label = int(dataset.labels[i])
-            path = root / folder / str(label) / f"{i}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(dataset.images[i].permute(1, 2, 0).numpy()).save(path)
-            files.append(path)
-            labels.append(label)
-        return files, labels
-
-    write(bundle.train, "calibration", range(CALIBRATION))
-    files, labels = write(bundle.val, "val", range(200))  # held out from training and calibration
+    bundle, _model, _transform, checkpoint = trained_digits_checkpoint(root, STEPS)
+    write_images(bundle.train, root / "calibration", range(CALIBRATION))
+    files, labels = write_images(bundle.val, root / "val", range(200))  # held out from training and calibration
     return {"root": root, "checkpoint": checkpoint, "val": (files, labels), "classes": bundle.classes}
 
 

@@ -9,10 +9,9 @@ import sys
 
 import pytest
 import torch
-from PIL import Image
 from torch import nn
 
-from conftest import quick_train, tiny_folder
+from conftest import tiny_folder, trained_digits_checkpoint, write_images
 from mobilenet.cli import main
 from mobilenet.errors import MobileNetError
 from mobilenet.models import create_model
@@ -26,29 +25,10 @@ NEEDS_EXECUTORCH = "ExecuTorch is an optional extra (pip install -e '.[mobile]')
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     pytest.importorskip("sklearn")
-    from mobilenet.checkpoint import save
-    from mobilenet.data import build_eval_transform, load_digits
-
     root = tmp_path_factory.mktemp("quantize_pte")
-    bundle = load_digits(size=32)
-    preprocessing = bundle.preprocessing(32)
-    transform = build_eval_transform(preprocessing)
-    torch.manual_seed(0)
-    model = create_model("mobilenet_v2_0.35_96", resolution=32, num_classes=10, dropout=0.0)
-    quick_train(model, torch.stack([transform(img) for img in bundle.train.images]), bundle.train.labels, STEPS)
-    checkpoint = save(model, root / "digits.safetensors", classes=bundle.classes, preprocessing=preprocessing)
-
-    def write(dataset, folder, indices):
-        files = []
-        for i in indices:
-            path = root / folder / str(int(dataset.labels[i])) / f"{i}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(dataset.images[i].permute(1, 2, 0).numpy()).save(path)
-            files.append(path)
-        return files
-
-    calibration = write(bundle.train, "calibration", range(CALIBRATION))
-    val = write(bundle.val, "val", range(150))  # held out from training and calibration
+    bundle, model, transform, checkpoint = trained_digits_checkpoint(root, STEPS)
+    calibration, _ = write_images(bundle.train, root / "calibration", range(CALIBRATION))
+    val, _ = write_images(bundle.val, root / "val", range(150))  # held out from training and calibration
     return {
         "root": root,
         "checkpoint": checkpoint,
