@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 .PHONY: install demo test test-slow lint format clean
 
 # Reinstalls only when pyproject.toml or the C extension (setup.py, src/mobilenet/_fused) changes.
-$(STAMP): pyproject.toml setup.py src/mobilenet/_fused/fused.c src/mobilenet/_fused/fused_impl.h
+$(STAMP): pyproject.toml setup.py src/mobilenet/_fused/fused.c src/mobilenet/_fused/fused_impl.h src/mobilenet/_fused/fused_undef.h
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test,demo,onnx]"
 	@touch $(STAMP)

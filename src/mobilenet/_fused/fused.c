@@ -113,21 +113,7 @@ typedef struct {
 #define VMAX(a, b) ((a) > (b) ? (a) : (b))
 #define VMIN(a, b) ((a) < (b) ? (a) : (b))
 #include "fused_impl.h"
-#undef SFX
-#undef TARGET
-#undef VEC
-#undef VW
-#undef MR
-#undef NB
-#undef VLOAD
-#undef VSTORE
-#undef VLOAD_PART
-#undef VSTORE_PART
-#undef VSET1
-#undef VFMA
-#undef VADD
-#undef VMAX
-#undef VMIN
+#include "fused_undef.h"
 
 #ifdef FUSED_X86
 /* ---- AVX2 + FMA: 6 pixels x 2 vectors of 8 = 12 accumulators of 16 ymm registers -------------------------- */
@@ -150,21 +136,7 @@ TARGET static inline __m256i avx2_mask(int n) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 #include "fused_impl.h"
-#undef SFX
-#undef TARGET
-#undef VEC
-#undef VW
-#undef MR
-#undef NB
-#undef VLOAD
-#undef VSTORE
-#undef VLOAD_PART
-#undef VSTORE_PART
-#undef VSET1
-#undef VFMA
-#undef VADD
-#undef VMAX
-#undef VMIN
+#include "fused_undef.h"
 
 /* ---- AVX-512: 12 pixels x 2 vectors of 16 = 24 accumulators of 32 zmm registers --------------------------- */
 #define SFX(name) name##_avx512
