@@ -209,13 +209,14 @@ def test_the_key_changes_with_the_precision_tier_and_with_a_file(model, tmp_path
         fp32,
         autotune.auto_cache_key(source, batch=1, threads=2, machine=machine, precision="auto-fast"),
         autotune.auto_cache_key(source, batch=1, threads=2, machine=dict(machine, openvino="0.1")),
+        autotune.auto_cache_key(source, batch=1, threads=2, machine=dict(machine, executorch="0.1")),
     }
     if onnxruntime_available():
         from mobilenet.export import export_onnx
 
         file = load_source(export_onnx(model, tmp_path / "m.onnx").path)
         keys.add(autotune.auto_cache_key(file, batch=1, threads=2, machine=machine))
-    assert len(keys) == (4 if onnxruntime_available() else 3)
+    assert len(keys) == (5 if onnxruntime_available() else 4)
 
 
 @pytest.mark.skipif(not backends_installed("onnxruntime", "openvino"), reason="needs the onnx and openvino extras")

@@ -255,12 +255,20 @@ def _onnxruntime_version() -> str | None:
     return onnxruntime.__version__
 
 
-def _openvino_version() -> str | None:
-    # Read from the installed distribution's metadata: importing openvino itself takes a second.
+def _distribution_version(name: str) -> str | None:
+    # Read from the installed distribution's metadata: importing openvino or executorch itself takes seconds.
     try:
-        return importlib.metadata.version("openvino")
+        return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def _openvino_version() -> str | None:
+    return _distribution_version("openvino")
+
+
+def _executorch_version() -> str | None:
+    return _distribution_version("executorch")
 
 
 def has_native_bf16(flags: set[str] | None = None) -> bool:
@@ -297,6 +305,7 @@ def describe_machine(threads: int | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "onnxruntime": _onnxruntime_version(),
         "openvino": _openvino_version(),
+        "executorch": _executorch_version(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "allocator": allocator_state().to_dict(),
@@ -346,13 +355,14 @@ def user_cache_path(filename: str) -> Path:
 
 def machine_identity(machine: dict[str, Any]) -> dict[str, Any]:
     """The fields of :func:`describe_machine` that a timing depends on and that stay fixed between runs (not the
-    load average): CPU model, SIMD flags, torch and ONNX Runtime versions."""
+    load average): CPU model, SIMD flags, the versions of torch and of every runtime ``auto`` may measure."""
     return {
         "cpu": machine.get("cpu"),
         "simd": list(machine.get("simd") or []),
         "torch": machine.get("torch"),
         "onnxruntime": machine.get("onnxruntime"),
         "openvino": machine.get("openvino"),
+        "executorch": machine.get("executorch"),
     }
 
 
