@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from torchvision.io import encode_jpeg, encode_png
+from torchvision.transforms import v2
 
 from mobilenet.data import (
     CIFAR10_MEAN,
@@ -83,6 +84,34 @@ def test_eval_transform_matches_torchvision_reference():
     one_level = 1.001 / 255 / min(IMAGENET_STD)
     torch.testing.assert_close(ours, reference, atol=one_level, rtol=0)
     assert (ours - reference).abs().mean() < 0.25 * one_level  # most pixels identical
+
+
+@pytest.mark.parametrize(
+    ("size", "shape"),
+    [(224, (3, 224, 224)), (224, (3, 300, 401)), (160, (3, 97, 500)), (32, (3, 32, 32)), (96, (5, 3, 120, 96))],
+)
+def test_eval_transform_direct_path_equals_torchvisions_compose(size, shape):
+    # Reference: the same steps as torchvision's own v2.Compose (ToImage, Resize, CenterCrop, ToDtype, Normalize).
+    p = Preprocessing.for_resolution(size)
+    reference = v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(p.resize_size, antialias=True),
+            v2.CenterCrop(p.input_size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=list(p.mean), std=list(p.std)),
+        ]
+    )
+    image = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(size))
+    transform = build_eval_transform(p)
+    ours = transform(image)
+    assert type(ours) is torch.Tensor and ours.shape == (*shape[:-3], 3, size, size)
+    assert torch.equal(ours, reference(image).as_subclass(torch.Tensor))
+    # A PIL image and a float tensor take the Compose path: the same numbers.
+    if len(shape) == 3:
+        pil = v2.functional.to_pil_image(image)
+        assert torch.equal(transform(pil), ours)
+    assert torch.equal(transform(image.float() / 255), reference(image.float() / 255).as_subclass(torch.Tensor))
 
 
 def test_small_eval_transform_is_normalisation_only():

@@ -54,6 +54,7 @@ __all__ = [
     "BatchSmallAugment",
     "DataBundle",
     "DeviceBatches",
+    "EvalTransform",
     "ImageFolderDataset",
     "Preprocessing",
     "SeededDataset",
@@ -210,22 +211,48 @@ def _normalize_tail(p: Preprocessing) -> list[Any]:
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(p.mean), std=list(p.std)), v2.ToPureTensor()]
 
 
-def build_eval_transform(preprocessing: Preprocessing | dict[str, Any]) -> Callable[[Any], torch.Tensor]:
+class EvalTransform:
+    """The evaluation transform of :func:`build_eval_transform`.
+
+    A plain uint8 tensor (what :func:`mobilenet.images.decode_image` returns, one image or a batch) goes straight
+    through torchvision's functional kernels; anything else (a PIL image, a float tensor, a ``tv_tensors`` image)
+    through the equivalent ``v2.Compose``. Same kernels, same output; the direct calls skip v2's per-transform
+    dispatch, which costs about as much as the crop, the scaling and the normalisation together on a single image.
+    """
+
+    def __init__(self, preprocessing: Preprocessing) -> None:
+        self.preprocessing = preprocessing
+        self.interpolation = _interpolation(preprocessing.interpolation)
+        self.compose = v2.Compose(
+            [
+                v2.ToImage(),
+                v2.Resize(preprocessing.resize_size, interpolation=self.interpolation, antialias=True),
+                v2.CenterCrop(preprocessing.input_size),
+                *_normalize_tail(preprocessing),
+            ]
+        )
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        if type(image) is not torch.Tensor or image.dtype != torch.uint8 or image.ndim < 3:
+            return self.compose(image)
+        p = self.preprocessing
+        x = v2.functional.resize(image, [p.resize_size], interpolation=self.interpolation, antialias=True)
+        x = v2.functional.center_crop(x, [p.input_size, p.input_size])
+        x = v2.functional.to_dtype(x, torch.float32, scale=True)
+        return v2.functional.normalize(x, mean=list(p.mean), std=list(p.std))
+
+    def __repr__(self) -> str:
+        return f"EvalTransform({self.compose!r})"
+
+
+def build_eval_transform(preprocessing: Preprocessing | dict[str, Any]) -> EvalTransform:
     """The evaluation transform: uint8 CHW tensor (or PIL image) -> normalised float32 CHW tensor.
 
     Resize the short side to ``resize_size``, center-crop ``input_size``, scale to 0-1, normalise. For ImageNet
     style that is the 87.5% central crop the MobileNet papers' numbers are measured with (TF-slim's
     ``preprocess_for_eval``; torchvision's ``ImageClassification`` with resize 256 / crop 224).
     """
-    p = _as_preprocessing(preprocessing)
-    return v2.Compose(
-        [
-            v2.ToImage(),
-            v2.Resize(p.resize_size, interpolation=_interpolation(p.interpolation), antialias=True),
-            v2.CenterCrop(p.input_size),
-            *_normalize_tail(p),
-        ]
-    )
+    return EvalTransform(_as_preprocessing(preprocessing))
 
 
 def build_train_transform(

@@ -215,9 +215,9 @@ class Predictor:
             with torch_threads(self._torch_threads):
                 probabilities = torch.softmax(logits.double(), dim=1)
                 top = probabilities.topk(topk, dim=1)
-            for prediction, values, indices in zip(waiting, top.values, top.indices, strict=True):
-                prediction.indices = [int(i) for i in indices]
-                prediction.probabilities = [float(v) for v in values]
+            for prediction, values, indices in zip(waiting, top.values.tolist(), top.indices.tolist(), strict=True):
+                prediction.indices = indices
+                prediction.probabilities = values
                 prediction.labels = [self.classes[i] if self.classes else None for i in prediction.indices]
         return predictions
 
