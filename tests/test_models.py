@@ -139,3 +139,19 @@ def test_factored_classifier_model():
     assert model(torch.randn(1, 3, 96, 96)).shape == (1, 10)
     model.reset_classifier(5)
     assert model.config.classifier_rank == 4 and model.classifier[1].out_features == 5
+
+
+def test_a_training_step_copies_no_activation():
+    # An in-place ReLU6 (hardtanh_) is computed out of place and cloned back by torch: V2's 35 ReLU6 layers would
+    # each add a copy of their tensor to every training step.
+    from torch.profiler import profile
+
+    model = create_model("mobilenet_v2_0.35_96", num_classes=10).train().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 96, 96).contiguous(memory_format=torch.channels_last)
+    with profile() as trace:
+        model(x).sum().backward()
+    events = trace.events()
+    names = [event.name for event in events]
+    assert "aten::hardtanh" in names and "aten::hardtanh_" not in names
+    copies = [e for e in events if e.name == "aten::clone" and e.cpu_parent and "hardtanh" in e.cpu_parent.name]
+    assert not copies

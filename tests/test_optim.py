@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from types import SimpleNamespace
 
@@ -136,3 +137,33 @@ def test_build_optimizer_uses_the_recipes_optimizer_and_groups(name, kind):
     assert all(g["lr"] == 0.05 for g in optimizer.param_groups)
     if name == "sgd":
         assert optimizer.defaults["nesterov"] and optimizer.defaults["momentum"] == 0.9
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_the_multi_tensor_update_computes_what_pytorchs_per_parameter_loop_does(name):
+    # Reference: the same optimizer and groups with PyTorch's single-tensor implementation (foreach=False).
+    recipe = Recipe("modern", name, 0.05, "cosine", 0.0, 1e-4, 0.0, 0.9, False)
+    torch.manual_seed(0)
+    ours_model = create_model(TINY, num_classes=3).train()
+    reference_model = copy.deepcopy(ours_model)
+    ours = build_optimizer(ours_model, recipe)
+    assert ours.defaults["foreach"]
+    reference_parameters = dict(zip(ours_model.parameters(), reference_model.parameters(), strict=True))
+    groups = [
+        {
+            **{k: v for k, v in g.items() if k not in ("fused", "foreach")},
+            "params": [reference_parameters[p] for p in g["params"]],
+        }
+        for g in ours.param_groups
+    ]
+    kind = torch.optim.SGD if name == "sgd" else torch.optim.AdamW
+    reference = kind(groups, foreach=False, fused=False)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(3):  # the same gradients for both (a backward pass is not bitwise repeatable across threads)
+        for p in ours_model.parameters():
+            p.grad = torch.randn(p.shape, generator=generator)
+            reference_parameters[p].grad = p.grad.clone()
+        ours.step()
+        reference.step()
+    for (n, p), (_, q) in zip(ours_model.named_parameters(), reference_model.named_parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")

@@ -20,7 +20,9 @@ def activation_module(name: str | None) -> nn.Module:
     if name == "relu":
         return nn.ReLU(inplace=True)
     if name == "relu6":
-        return nn.ReLU6(inplace=True)
+        # Not in place: torch's hardtanh_ computes out of place and copies the result back (one more pass over
+        # the tensor, in every training step).
+        return nn.ReLU6()
     if name is None:
         return nn.Identity()
     raise ValueError(f"unknown activation {name!r}")
