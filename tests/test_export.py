@@ -264,6 +264,85 @@ def test_pte_max_batch_is_checked_before_any_work(model, tmp_path, bad):
     assert not list(tmp_path.iterdir())
 
 
+# Any module lowered alone to an in-memory ExecuTorch program (benchmarks/fused_blocks.py times blocks this way).
+NEEDS_EXECUTORCH = "ExecuTorch is an optional extra (pip install -e '.[mobile]')"
+
+
+def test_module_pte_runner_runs_one_block_as_pytorch_does(model):
+    pytest.importorskip("executorch", reason=NEEDS_EXECUTORCH)
+    from mobilenet.export import module_pte_runner
+
+    block = model.features[3]  # an inverted residual block (8 -> 48 -> 8 channels, stride 1, with its shortcut)
+    example = torch.randn(1, 8, 32, 32, generator=torch.Generator().manual_seed(0))
+    runner = module_pte_runner(block, example, name="block 3")
+    assert runner.max_batch == 1 and runner.input_shape == (1, 8, 32, 32)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in block.modules()), "the block must not be modified"
+    x = torch.randn(1, 8, 32, 32, generator=torch.Generator().manual_seed(1))  # not the example it was traced on
+    with torch.no_grad():
+        expected = block(x)
+    assert expected.abs().max() > 0.1
+    torch.testing.assert_close(runner(x), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(MobileNetError, match=r"block 3 takes .* at most 1"):
+        runner(torch.zeros(2, 8, 32, 32))
+
+
+def test_module_pte_runner_takes_batches_up_to_the_examples(model):
+    pytest.importorskip("executorch", reason=NEEDS_EXECUTORCH)
+    from mobilenet.export import module_pte_runner
+
+    block = model.features[5]  # stride 2, no shortcut: 16x16x16 -> 8x8x24
+    runner = module_pte_runner(block, torch.randn(3, 16, 16, 16))
+    assert runner.max_batch == 3
+    for batch in (1, 2, 3):
+        x = torch.randn(batch, 16, 16, 16, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            expected = block(x)
+        torch.testing.assert_close(runner(x), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(MobileNetError, match="at most 3"):
+        runner(torch.zeros(4, 16, 16, 16))
+
+
+class _TwoOutputs(nn.Module):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x + 1, x * 2
+
+
+def test_module_pte_runner_refuses_a_module_with_two_outputs():
+    pytest.importorskip("executorch", reason=NEEDS_EXECUTORCH)
+    from mobilenet.export import module_pte_runner
+
+    with pytest.raises(MobileNetError, match=r"two outputs.*one NCHW image input and one output"):
+        module_pte_runner(_TwoOutputs(), torch.zeros(1, 2, 4, 4), name="two outputs")
+
+
+@pytest.mark.parametrize(
+    ("module", "example", "words"),
+    [
+        (lambda x: x, torch.zeros(1, 3, 8, 8), "torch.nn.Module; got a function"),
+        ("conv", torch.zeros(1, 3, 8, 8), "torch.nn.Module; got a str"),
+        (nn.ReLU(), np.zeros((1, 3, 8, 8), dtype=np.float32), "got a ndarray"),
+        (nn.ReLU(), [[0.0]], "got a list"),
+        (nn.ReLU(), None, "got a NoneType"),
+        (nn.ReLU(), torch.zeros(1, 3, 8, 8, dtype=torch.float64), "got torch.float64 of shape (1, 3, 8, 8)"),
+        (nn.ReLU(), torch.zeros(1, 3, 8, 8, dtype=torch.uint8), "got torch.uint8"),
+        (nn.ReLU(), torch.zeros(3, 8, 8), "of shape (3, 8, 8)"),
+        (nn.ReLU(), torch.zeros(1, 1, 3, 8, 8), "of shape (1, 1, 3, 8, 8)"),
+        (nn.ReLU(), torch.zeros(1, 0, 8, 8), "of shape (1, 0, 8, 8)"),
+        (nn.ReLU(), torch.zeros(0, 3, 8, 8), "got a batch of 0"),
+        (nn.ReLU(), torch.zeros(1025, 1, 1, 1), "got a batch of 1025"),
+    ],
+)
+def test_module_pte_runner_checks_its_arguments_before_any_work(module, example, words):
+    """Needs no executorch: bad arguments are refused before ExecuTorch is imported."""
+    from mobilenet.export import module_pte_runner
+
+    with pytest.raises(MobileNetError, match=r"ExecuTorch|torch\.nn\.Module") as caught:
+        module_pte_runner(module, example)
+    assert words in str(caught.value)
+    if "Module" not in words:
+        assert "float32 NCHW example input with a batch from 1 to 1024" in str(caught.value)
+
+
 @pytest.mark.slow
 def test_onnx_dynamo_exporter(model, tmp_path):
     pytest.importorskip("onnxscript")

@@ -69,6 +69,7 @@ __all__ = [
     "openvino_available",
     "pick_backend",
     "require_native_bf16",
+    "set_executorch_threads",
     "source_precision",
 ]
 
@@ -533,7 +534,7 @@ class ExecuTorchBackend:
             raise MobileNetError(f"the executorch backend needs executorch; {INSTALL_HINTS['mobile']}")
         if num_threads:
             set_threads(num_threads)
-            _set_executorch_threads(num_threads)
+            set_executorch_threads(num_threads)
         with tempfile.TemporaryDirectory(prefix="mobilenet-pte-") as tmp:
             # Checked relative to the logits' scale, as the onnxruntime backend is.
             exported = export_executorch(
@@ -551,7 +552,7 @@ class ExecuTorchBackend:
             return self.runner(batch.detach().cpu().float().contiguous())
 
 
-def _set_executorch_threads(num_threads: int) -> None:
+def set_executorch_threads(num_threads: int) -> None:
     """Size ExecuTorch's own thread pool (XNNPACK's kernels run there, not in torch's); only when it differs, as a
     reset is logged and must not happen while a program runs."""
     from executorch.extension.pybindings import portable_lib

@@ -63,6 +63,7 @@ __all__ = [
     "check_opset",
     "check_pte_max_batch",
     "export_executorch",
+    "export_for_pte",
     "export_litert",
     "export_model",
     "export_onnx",
@@ -76,6 +77,7 @@ __all__ = [
     "lower_to_tflite",
     "max_onnx_opset",
     "metadata_for",
+    "module_pte_runner",
     "ort_session",
     "pte_check_batches",
     "pte_metadata",
@@ -550,7 +552,13 @@ def pte_program(module: nn.Module, metadata: dict[str, Any], max_batch: int) -> 
     """``torch.export`` of ``module`` (BatchNorm already folded) with the batch dimension dynamic from 1 to
     ``max_batch`` (static when ``max_batch`` is 1): the program ExecuTorch lowers and the PT2E quantizer takes."""
     check_pte_max_batch(max_batch)
-    example = _check_input(metadata, min(2, max_batch))
+    return export_for_pte(module, _check_input(metadata, min(2, max_batch)), max_batch)
+
+
+def export_for_pte(module: nn.Module, example: torch.Tensor, max_batch: int) -> Any:
+    """``torch.export`` of ``module`` at ``example``'s shape, the batch dimension dynamic from 1 to ``max_batch``
+    (static when ``max_batch`` is 1; otherwise ``example``'s batch must be at least 2, as torch.export specialises
+    a batch of 1)."""
     if max_batch == 1:
         return torch.export.export(module, (example,), strict=False)
     batch = torch.export.Dim("batch", min=1, max=max_batch)
@@ -688,6 +696,36 @@ class PteRunner:
                 f"{self.name} takes {expected}; got a batch of {x.shape[0]} (its memory plan holds at most "
                 f"{self.max_batch}: split the batch, or export again with a larger --max-batch)"
             )
+
+
+def module_pte_runner(module: nn.Module, example: torch.Tensor, *, name: str = "the module") -> PteRunner:
+    """Any float32 module from one NCHW tensor to one tensor (a whole network, or one block of it) as an ExecuTorch
+    program run from memory: BatchNorm folded (:func:`fold_batchnorm`), exported for batches 1 to ``example``'s
+    batch at ``example``'s channels and size (:func:`export_for_pte`), the whole graph delegated to XNNPACK
+    (:func:`lower_to_pte`) and loaded in ExecuTorch's runtime (:class:`PteRunner`, named ``name`` in its errors).
+
+    Nothing is written and nothing is compared: the caller checks the runner against ``module``
+    (:func:`mobilenet.parity.check_close`). ``module`` and ``example`` are checked before ExecuTorch is imported.
+    """
+    _check_pte_example(module, example)
+    _require_executorch()
+    folded = fold_batchnorm(module).float().cpu().eval()
+    return PteRunner(lower_to_pte(export_for_pte(folded, example, example.shape[0])), name)
+
+
+def _check_pte_example(module: Any, example: Any) -> None:
+    if not isinstance(module, nn.Module):
+        raise MobileNetError(f"an ExecuTorch program is lowered from a torch.nn.Module; got a {type(module).__name__}")
+    expected = (
+        f"ExecuTorch lowering takes a float32 NCHW example input with a batch from 1 to {PTE_BATCH_LIMIT} (the "
+        "program's bound)"
+    )
+    if not isinstance(example, torch.Tensor):
+        raise MobileNetError(f"{expected}; got a {type(example).__name__}")
+    if example.dtype != torch.float32 or example.dim() != 4 or 0 in example.shape[1:]:
+        raise MobileNetError(f"{expected}; got {example.dtype} of shape {tuple(example.shape)}")
+    if not 1 <= example.shape[0] <= PTE_BATCH_LIMIT:
+        raise MobileNetError(f"{expected}; got a batch of {example.shape[0]}")
 
 
 def pte_runner(path: Path | str) -> PteRunner:
