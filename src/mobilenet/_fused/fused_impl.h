@@ -131,6 +131,8 @@ TARGET static void SFX(gemm)(const float *a, long lda, int P, int K, const float
     }
 }
 
+#include "fused_int8.h"
+
 /* One output pixel at an edge of the row: only the taps inside the win-pixel input row (the padding is zeros). */
 TARGET static VEC SFX(depthwise_edge)(const float *const r[3], int ox, int stride, int cpad, int win, const VEC w[9],
                                       VEC acc) {
@@ -234,6 +236,11 @@ TARGET static void SFX(fill_rows)(const block_t *B, const scratch_t *S, int img,
         float *dst = S->ring + slot * row_floats + B->cpad;
         if (B->ws) { /* only in row mode: all channels */
             for (int y = 0; y < count; y++) SFX(stem_row)(B, S, img, first + y, dst + y * row_floats);
+        } else if (B->we && B->int8) {
+            qmat_t W = {B->qe.w + (long)(c0 / PANEL) * B->qe.panel_bytes, B->qe.panel_bytes, B->qe.colsum + c0,
+                        B->qe.scale + c0};
+            SFX(gemm_q)(src, B->cin, count * B->w, B->cin, &W, B->be + c0, cw, B->lo1, B->hi1, dst + c0, B->cpad, B->w,
+                        row_floats, NULL, 0, S);
         } else if (B->we) {
             SFX(gemm)(src, B->cin, count * B->w, B->cin, B->we + (long)(c0 / PANEL) * B->cin * PANEL,
                       (long)B->cin * PANEL, B->be + c0, cw, B->lo1, B->hi1,
@@ -289,8 +296,15 @@ TARGET static void SFX(run_rows)(const block_t *B, const scratch_t *S, int img, 
         long out_pixel = ((long)img * B->hout + oy0) * B->wout;
         const float *res = T->residual ? B->in + out_pixel * B->cin : NULL;
         int P = t * B->wout;
-        SFX(gemm)(S->dw + c0, DW_LD(B->cpad), P, cw, B->wp + (long)c0 * PANEL, (long)B->cexp * PANEL, T->bias, B->cout, T->lo,
-                  T->hi, T->out + out_pixel * T->ldo, T->ldo, P, 0, res, B->cin, S->apad);
+        if (B->int8) {
+            /* a slice of the expanded channels (channel-split mode) needs its own column sums */
+            qmat_t W = {B->qp.w + (long)c0 * PANEL, B->qp.panel_bytes, cw == B->cexp ? B->qp.colsum : NULL, B->qp.scale};
+            SFX(gemm_q)(S->dw + c0, DW_LD(B->cpad), P, cw, &W, T->bias, B->cout, T->lo, T->hi,
+                        T->out + out_pixel * T->ldo, T->ldo, P, 0, res, B->cin, S);
+        } else {
+            SFX(gemm)(S->dw + c0, DW_LD(B->cpad), P, cw, B->wp + (long)c0 * PANEL, (long)B->cexp * PANEL, T->bias,
+                      B->cout, T->lo, T->hi, T->out + out_pixel * T->ldo, T->ldo, P, 0, res, B->cin, S->apad);
+        }
     }
 }
 
@@ -349,7 +363,14 @@ TARGET static void SFX(head_chunk)(const head_t *H, const scratch_t *S, int chun
             int m = H->p - p0 < HEAD_PIX ? H->p - p0 : HEAD_PIX;
             const float *tile = in + (long)p0 * H->k + n0;
             long ld = H->k;
-            if (H->w && m < MR / 2) {
+            if (H->w && H->int8) {
+                qmat_t W = {H->q.w + (long)(n0 / PANEL) * H->q.panel_bytes, H->q.panel_bytes, H->q.colsum + n0,
+                            H->q.scale + n0};
+                SFX(gemm_q)(in + (long)p0 * H->k, H->k, m, H->k, &W, H->b + n0, cols, H->lo, H->hi, S->dw, HEAD_COLS, m,
+                            0, NULL, 0, S);
+                tile = S->dw;
+                ld = HEAD_COLS;
+            } else if (H->w && m < MR / 2) {
                 for (int p = 0; p < m; p++)
                     for (int q = 0; q * PANEL < cols; q++)
                         SFX(gemv)(in + (long)(p0 + p) * H->k, H->k, H->w + (long)(n0 / PANEL + q) * H->k * PANEL,

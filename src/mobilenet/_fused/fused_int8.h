@@ -1,0 +1,239 @@
+/* One instruction set's int8 1x1 conv (the "int8" precision), included by fused_impl.h with its macros defined
+ * (FUSED_VNNI and QTARGET only in the AVX-512 build). The weights are symmetric per output channel (int8, scale
+ * max|W[:, n]| / 127, packed by mobilenet.fused.pack_int8); A is quantized per GEMM call from the values present
+ * (dynamic quantization, no calibration): all >= 0 (after a ReLU/ReLU6) gives u8 = round(A / s), s = max / 255, and
+ * otherwise u8 = round(A / s) + 128, s = max|A| / 127, the zero point 128 taken back in the epilogue with 128 times
+ * the column sum of the weights. The products are summed exactly in int32 (four u8 x s8 products per lane and step:
+ * AVX512-VNNI's vpdpbusd, or portable C), then C = (acc - zp * colsum[n]) * (s * scale[n]) + bias[n], clamped, plus
+ * the shortcut, stored as float like the fp32 GEMM's. */
+
+/* The dequantization of one call: pointers already at the block's first column. */
+typedef struct {
+    float sa;
+    int zp;
+    const int32_t *colsum; /* unused where zp is 0 */
+    const float *scale, *bias;
+    float lo, hi;
+} SFX(qepi_t);
+
+/* The smallest and largest value of A (P rows of K floats, lda apart; 0 counts too) and whether all are finite. */
+TARGET static int SFX(scan_range)(const float *a, long lda, int P, int K, float *mn, float *mx) {
+    VEC lo = VSET1(0.0f), hi = VSET1(0.0f), poison = VSET1(0.0f), zero = VSET1(0.0f);
+    for (int p = 0; p < P; p++) {
+        const float *row = a + (long)p * lda;
+        int k = 0;
+        for (; k + VW <= K; k += VW) {
+            VEC v = VLOAD(row + k);
+            lo = VMIN(lo, v), hi = VMAX(hi, v);
+            poison = VADD(poison, VMUL(v, zero)); /* NaN from a NaN or an infinity, else 0 */
+        }
+        if (k < K) {
+            VEC v = VLOAD_PART(row + k, K - k);
+            lo = VMIN(lo, v), hi = VMAX(hi, v);
+            poison = VADD(poison, VMUL(v, zero));
+        }
+    }
+    float l[VW], h[VW], z[VW];
+    VSTORE(l, lo);
+    VSTORE(h, hi);
+    VSTORE(z, poison);
+    int finite = 1;
+    *mn = l[0], *mx = h[0];
+    for (int i = 0; i < VW; i++) {
+        *mn = l[i] < *mn ? l[i] : *mn;
+        *mx = h[i] > *mx ? h[i] : *mx;
+        finite &= z[i] == 0.0f;
+    }
+    return finite;
+}
+
+/* One row of K floats to u8 (q = round-half-even(x * inv) clamped to [qlo, qhi], plus zp), zp up to kpad bytes. */
+TARGET static void SFX(quantize_row)(const float *row, int K, long kpad, float inv, float qlo, float qhi, int zp,
+                                     uint8_t *q) {
+    int k = 0;
+#ifdef FUSED_VNNI
+    __m512 vinv = _mm512_set1_ps(inv), vlo = _mm512_set1_ps(qlo), vhi = _mm512_set1_ps(qhi);
+    __m512i vzp = _mm512_set1_epi32(zp);
+    for (; k < K; k += 16) {
+        __mmask16 mask = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1u);
+        __m512 t = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, row + k), vinv);
+        t = _mm512_min_ps(_mm512_max_ps(t, vlo), vhi);
+        __m512i v = _mm512_add_epi32(_mm512_cvtps_epi32(t), vzp); /* rounds half to even (MXCSR default) */
+        _mm512_mask_cvtepi32_storeu_epi8(q + k, mask, v);
+    }
+#else
+    for (; k < K; k++) {
+        float t = row[k] * inv;
+        t = t > qlo ? t : qlo;
+        t = t < qhi ? t : qhi;
+        q[k] = (uint8_t)((int)nearbyintf(t) + zp);
+    }
+#endif
+    for (; k < kpad; k++) q[k] = (uint8_t)zp;
+}
+
+/* Quantizes A (P rows of K floats, lda apart) into q (P rows of KPAD4(K) bytes); returns the scale (NaN where A
+ * holds a NaN or an infinity: every output of the call is then NaN before its clamp, as in the fp32 GEMM), *zp the
+ * zero point. An all-zero A (or one whose largest magnitude is subnormal) has scale 0: every u8 is the zero point. */
+TARGET static float SFX(quantize)(const float *a, long lda, int P, int K, uint8_t *q, int *zp) {
+    float mn, mx;
+    int finite = SFX(scan_range)(a, lda, P, K, &mn, &mx);
+    int is_signed = mn < 0.0f;
+    float amax = is_signed ? (mx > -mn ? mx : -mn) : mx;
+    float scale = amax / (is_signed ? 127.0f : 255.0f);
+    float inv = scale > 0.0f ? 1.0f / scale : 0.0f;
+    if (!(inv <= FLT_MAX)) scale = inv = 0.0f;
+    *zp = is_signed ? 128 : 0;
+    long kpad = KPAD4(K);
+    if (!finite) {
+        memset(q, *zp, (size_t)(P * kpad));
+        return NAN;
+    }
+    for (int p = 0; p < P; p++)
+        SFX(quantize_row)(a + (long)p * lda, K, kpad, inv, is_signed ? -127.0f : 0.0f, is_signed ? 127.0f : 255.0f,
+                          *zp, q + p * kpad);
+    return scale;
+}
+
+/* One pixel's dequantized output (valid columns of the block): scalar, shared by the portable micro-kernel. */
+static inline void SFX(qstore)(const int32_t *acc, const SFX(qepi_t) *E, int valid, float *c, const float *r) {
+    for (int n = 0; n < valid; n++) {
+        int32_t corrected = acc[n] - (E->zp ? E->zp * E->colsum[n] : 0);
+        float v = (float)corrected * (E->sa * E->scale[n]) + E->bias[n];
+        v = v > E->lo ? v : E->lo; /* max then min, as the vector clamps: NaN becomes lo */
+        v = v < E->hi ? v : E->hi;
+        c[n] = r ? v + r[n] : v;
+    }
+}
+
+/* m <= 4 pixels x one panel (PANEL columns) in portable C: every build has it; the AVX2 build and an AVX-512 CPU
+ * without VNNI run the int8 precision on it. */
+#define QROWS_PORTABLE 4
+TARGET static void SFX(qmicro_portable)(const uint8_t *a, long lda, int groups, const int8_t *w, const SFX(qepi_t) *E,
+                                        int m, int valid, float *const *cptr, const float *const *rptr) {
+    int32_t acc[QROWS_PORTABLE][PANEL] = {{0}};
+    for (int g = 0; g < groups; g++) {
+        const int8_t *wg = w + (long)g * PANEL * 4;
+        for (int i = 0; i < m; i++) {
+            const uint8_t *ai = a + (long)i * lda + 4 * g;
+            int32_t a0 = ai[0], a1 = ai[1], a2 = ai[2], a3 = ai[3];
+            for (int n = 0; n < PANEL; n++)
+                acc[i][n] += a0 * wg[4 * n] + a1 * wg[4 * n + 1] + a2 * wg[4 * n + 2] + a3 * wg[4 * n + 3];
+        }
+    }
+    for (int i = 0; i < m; i++) SFX(qstore)(acc[i], E, valid, cptr[i], rptr ? rptr[i] : NULL);
+}
+
+typedef void (*SFX(qmicro_t))(const uint8_t *, long, int, const int8_t *, const SFX(qepi_t) *, int, int,
+                              float *const *, const float *const *);
+
+#ifdef FUSED_VNNI
+/* ROWS pixels x one panel (2 vectors of 16 int32): vpdpbusd adds, per lane, the four u8 x s8 products of one group
+ * of four input channels; 24 accumulators, 2 weight vectors and the broadcast of 32 zmm registers. */
+#define DEFINE_VNNI_MICROKERNEL(NAME, ROWS)                                                                            \
+    QTARGET static void NAME(const uint8_t *a, long lda, int groups, const int8_t *w, const SFX(qepi_t) *E, int m,    \
+                             int valid, float *const *cptr, const float *const *rptr) {                               \
+        __m512i acc[ROWS][2];                                                                                          \
+        for (int i = 0; i < ROWS; i++) acc[i][0] = acc[i][1] = _mm512_setzero_si512();                                \
+        for (int g = 0; g < groups; g++) {                                                                             \
+            __m512i w0 = _mm512_loadu_si512(w + (long)g * PANEL * 4);                                                  \
+            __m512i w1 = _mm512_loadu_si512(w + (long)g * PANEL * 4 + 64);                                             \
+            for (int i = 0; i < ROWS; i++) {                                                                           \
+                int32_t four;                                                                                          \
+                memcpy(&four, a + (long)i * lda + 4 * g, 4);                                                           \
+                __m512i av = _mm512_set1_epi32(four);                                                                  \
+                acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], av, w0);                                                    \
+                acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], av, w1);                                                    \
+            }                                                                                                          \
+        }                                                                                                              \
+        for (int j = 0; j < 2; j++) {                                                                                  \
+            int left = valid - j * 16;                                                                                 \
+            if (left <= 0) break;                                                                                      \
+            __mmask16 mask = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u);                          \
+            __m512 scale = _mm512_mul_ps(_mm512_set1_ps(E->sa), _mm512_loadu_ps(E->scale + j * 16));                 \
+            __m512 bias = _mm512_maskz_loadu_ps(mask, E->bias + j * 16);                                              \
+            __m512i corr = E->zp ? _mm512_mullo_epi32(_mm512_set1_epi32(E->zp), _mm512_loadu_si512(E->colsum + j * 16)) \
+                                 : _mm512_setzero_si512();                                                             \
+            __m512 vlo = _mm512_set1_ps(E->lo), vhi = _mm512_set1_ps(E->hi);                                          \
+            for (int i = 0; i < ROWS && i < m; i++) {                                                                  \
+                __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][j], corr));                                      \
+                v = _mm512_min_ps(_mm512_max_ps(_mm512_fmadd_ps(v, scale, bias), vlo), vhi);                          \
+                if (rptr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, rptr[i] + j * 16));                         \
+                _mm512_mask_storeu_ps(cptr[i] + j * 16, mask, v);                                                      \
+            }                                                                                                          \
+        }                                                                                                              \
+    }
+DEFINE_VNNI_MICROKERNEL(SFX(qmicro_vnni), QROWS)
+DEFINE_VNNI_MICROKERNEL(SFX(qmicro_vnni_8), 8)
+DEFINE_VNNI_MICROKERNEL(SFX(qmicro_vnni_4), 4)
+DEFINE_VNNI_MICROKERNEL(SFX(qmicro_vnni_2), 2)
+DEFINE_VNNI_MICROKERNEL(SFX(qmicro_vnni_1), 1)
+#endif
+
+/* The micro-kernel for a block of at most m pixels, and its pixel rows: VNNI where the CPU has it (the fewest rows of
+ * 1, 2, 4, 8 or QROWS that hold m), else the portable one. */
+TARGET static SFX(qmicro_t) SFX(pick_qmicro)(int m, int *rows) {
+#ifdef FUSED_VNNI
+    if (cpu_has_vnni) {
+        *rows = m <= 1 ? 1 : m <= 2 ? 2 : m <= 4 ? 4 : m <= 8 ? 8 : QROWS;
+        return *rows == 1 ? SFX(qmicro_vnni_1)
+               : *rows == 2 ? SFX(qmicro_vnni_2)
+               : *rows == 4 ? SFX(qmicro_vnni_4)
+               : *rows == 8 ? SFX(qmicro_vnni_8)
+                            : SFX(qmicro_vnni);
+    }
+#endif
+    *rows = QROWS_PORTABLE;
+    return SFX(qmicro_portable);
+}
+
+/* Column sums of N columns over all of W's (KPAD4(K)) rows into sum: for a call over a slice of K rows. */
+TARGET static void SFX(qcolsum)(const qmat_t *W, int K, int N, int32_t *sum) {
+    long groups = KPAD4(K) / 4;
+    for (int n0 = 0; n0 < N; n0 += PANEL) {
+        const int8_t *panel = W->w + (long)(n0 / PANEL) * W->panel_bytes;
+        for (int n = 0; n < PANEL; n++) sum[n0 + n] = 0;
+        for (long g = 0; g < groups; g++)
+            for (int n = 0; n < PANEL; n++) {
+                const int8_t *four = panel + (g * PANEL + n) * 4;
+                sum[n0 + n] += four[0] + four[1] + four[2] + four[3];
+            }
+    }
+}
+
+/* The int8 twin of gemm (same A, output and shortcut addressing, same result up to quantization): A quantized once
+ * into S->qa, then each panel of W swept over every block of pixels. */
+TARGET static void SFX(gemm_q)(const float *a, long lda, int P, int K, const qmat_t *W, const float *bias, int N,
+                               float lo, float hi, float *c, long ldc, int cw, long c_row, const float *r, long ldr,
+                               const scratch_t *S) {
+    SFX(qepi_t) E;
+    E.sa = SFX(quantize)(a, lda, P, K, S->qa, &E.zp);
+    E.lo = lo, E.hi = hi;
+    const int32_t *colsum = W->colsum;
+    if (E.zp && !colsum) {
+        SFX(qcolsum)(W, K, N, S->qsum);
+        colsum = S->qsum;
+    }
+    long ldq = KPAD4(K);
+    float *cptr[QROWS];
+    const float *rptr[QROWS];
+    for (int n0 = 0; n0 < N; n0 += PANEL) {
+        int valid = N - n0 < PANEL ? N - n0 : PANEL;
+        const int8_t *panel = W->w + (long)(n0 / PANEL) * W->panel_bytes;
+        E.colsum = colsum ? colsum + n0 : NULL;
+        E.scale = W->scale + n0;
+        E.bias = bias + n0;
+        for (int p0 = 0; p0 < P;) {
+            int rows;
+            SFX(qmicro_t) micro = SFX(pick_qmicro)(P - p0, &rows);
+            int m = P - p0 < rows ? P - p0 : rows;
+            for (int i = 0; i < m; i++) {
+                int p = p0 + i;
+                cptr[i] = c + (long)(p / cw) * c_row + (long)(p % cw) * ldc + n0;
+                rptr[i] = r ? r + (long)p * ldr + n0 : NULL;
+            }
+            micro(S->qa + (long)p0 * ldq, ldq, (int)(ldq / 4), panel, &E, m, valid, cptr, r ? rptr : NULL);
+            p0 += m;
+        }
+    }
+}
