@@ -48,13 +48,13 @@ except ImportError:  # built without a C compiler: the package works, the fused 
 __all__ = [
     "BUILD_HINT",
     "ISA_ENV",
+    "PRECISIONS",
     "FusedBlock",
     "FusedHead",
     "FusedNetwork",
     "FusedStem",
     "Int8Weights",
     "MemoryPlan",
-    "PRECISIONS",
     "best_isa",
     "fused_available",
     "has_vnni",
@@ -133,7 +133,9 @@ def check_threads(threads: Any) -> int:
 
 def check_precision(precision: Any) -> str:
     if not isinstance(precision, str) or precision not in PRECISIONS:
-        raise MobileNetError(f"unknown precision {precision!r} for the fused kernel; expected one of {list(PRECISIONS)}")
+        raise MobileNetError(
+            f"unknown precision {precision!r} for the fused kernel; expected one of {list(PRECISIONS)}"
+        )
     return precision
 
 
@@ -447,9 +449,7 @@ def pack_block(module: nn.Module, precision: str = "fp32") -> FusedBlock:
     if residual and (stride != 1 or in_channels != out_channels):
         raise MobileNetError("a shortcut needs stride 1 and as many output channels as input channels")
     bounds = (lo1, hi1, *_bounds(depthwise.act, "the depthwise conv"), *_bounds(project.act, "the pointwise conv"))
-    return FusedBlock(
-        kind, int(in_channels), int(expanded), int(out_channels), stride, residual, tensors, bounds, int8
-    )
+    return FusedBlock(kind, int(in_channels), int(expanded), int(out_channels), stride, residual, tensors, bounds, int8)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -638,9 +638,7 @@ class FusedNetwork:
     ``precision="int8"`` runs the blocks' 1x1 convs and V2's head conv as int8 GEMMs (see the module docstring); the
     stem, the depthwise convs and the classifier stay float32."""
 
-    def __init__(
-        self, model: nn.Module, *, threads: int = 2, isa: str | None = None, precision: str = "fp32"
-    ) -> None:
+    def __init__(self, model: nn.Module, *, threads: int = 2, isa: str | None = None, precision: str = "fp32") -> None:
         _require_kernels()
         self.precision = check_precision(precision)
         if not isinstance(model, MobileNet) or model.config.family not in ("v1", "v2"):
