@@ -128,38 +128,67 @@ typedef void (*SFX(qmicro_t))(const uint8_t *, long, int, const int8_t *, const 
                               float *const *, const float *const *);
 
 #ifdef FUSED_VNNI
+/* Accumulators are named variables, one pair per row (VNNI_ROWS lists the rows): GCC 12 keeps an array of them that
+ * vpdpbusd updates in memory, copying and spilling every accumulator on every step. */
+#define VNNI_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
+#define VNNI_DECLARE(i) __m512i acc##i##_0 = _mm512_setzero_si512(), acc##i##_1 = _mm512_setzero_si512();
+/* Row i of the group at byte offset four_g: broadcast its four u8 and add their products with w0 and w1 (vpdpbusd:
+ * per int32 lane, the sum of four u8 x s8 products, without saturation). */
+#define VNNI_STEP(i)                                                                                                   \
+    if (i < vnni_rows) {                                                                                               \
+        int32_t four;                                                                                                  \
+        memcpy(&four, a + (long)(i) * lda + four_g, 4);                                                                \
+        __m512i av = _mm512_set1_epi32(four);                                                                          \
+        acc##i##_0 = _mm512_dpbusd_epi32(acc##i##_0, av, w0);                                                          \
+        acc##i##_1 = _mm512_dpbusd_epi32(acc##i##_1, av, w1);                                                          \
+    }
+#define VNNI_SAVE(i)                                                                                                   \
+    if (i < vnni_rows) acc[i][0] = acc##i##_0, acc[i][1] = acc##i##_1;
+
+/* The dequantization of columns [16j, 16j + 16) of a panel: scale (sa * scale[n]), bias, the zero point's correction
+ * (zp * colsum[n]) and the mask of the valid columns (0: none). */
+typedef struct {
+    __m512 scale, bias;
+    __m512i corr;
+    __mmask16 mask;
+} SFX(vnni_epi_t);
+
+QTARGET static inline SFX(vnni_epi_t) SFX(vnni_epilogue)(const SFX(qepi_t) *E, int valid, int j) {
+    SFX(vnni_epi_t) D;
+    int left = valid - j * 16;
+    D.mask = left >= 16 ? (__mmask16)0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1u);
+    D.scale = _mm512_mul_ps(_mm512_set1_ps(E->sa), _mm512_loadu_ps(E->scale + j * 16));
+    D.bias = _mm512_maskz_loadu_ps(D.mask, E->bias + j * 16);
+    D.corr = E->zp ? _mm512_mullo_epi32(_mm512_set1_epi32(E->zp), _mm512_loadu_si512(E->colsum + j * 16))
+                   : _mm512_setzero_si512();
+    return D;
+}
+
 /* ROWS pixels x one panel (2 vectors of 16 int32): vpdpbusd adds, per lane, the four u8 x s8 products of one group
  * of four input channels; 24 accumulators, 2 weight vectors and the broadcast of 32 zmm registers. */
-#define DEFINE_VNNI_MICROKERNEL(NAME, ROWS)                                                                            \
+#define DEFINE_VNNI_MICROKERNEL(NAME, ROWS_)                                                                           \
     QTARGET static void NAME(const uint8_t *a, long lda, int groups, const int8_t *w, const SFX(qepi_t) *E, int m,    \
                              int valid, float *const *cptr, const float *const *rptr) {                               \
-        __m512i acc[ROWS][2];                                                                                          \
-        for (int i = 0; i < ROWS; i++) acc[i][0] = acc[i][1] = _mm512_setzero_si512();                                \
+        enum { vnni_rows = ROWS_ };                                                                                    \
+        VNNI_ROWS(VNNI_DECLARE)                                                                                        \
         for (int g = 0; g < groups; g++) {                                                                             \
             __m512i w0 = _mm512_loadu_si512(w + (long)g * PANEL * 4);                                                  \
             __m512i w1 = _mm512_loadu_si512(w + (long)g * PANEL * 4 + 64);                                             \
-            for (int i = 0; i < ROWS; i++) {                                                                           \
-                int32_t four;                                                                                          \
-                memcpy(&four, a + (long)i * lda + 4 * g, 4);                                                           \
-                __m512i av = _mm512_set1_epi32(four);                                                                  \
-                acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], av, w0);                                                    \
-                acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], av, w1);                                                    \
-            }                                                                                                          \
+            int four_g = 4 * g;                                                                                        \
+            VNNI_ROWS(VNNI_STEP)                                                                                       \
         }                                                                                                              \
-        for (int j = 0; j < 2; j++) {                                                                                  \
-            int left = valid - j * 16;                                                                                 \
-            if (left <= 0) break;                                                                                      \
-            __mmask16 mask = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u);                          \
-            __m512 scale = _mm512_mul_ps(_mm512_set1_ps(E->sa), _mm512_loadu_ps(E->scale + j * 16));                 \
-            __m512 bias = _mm512_maskz_loadu_ps(mask, E->bias + j * 16);                                              \
-            __m512i corr = E->zp ? _mm512_mullo_epi32(_mm512_set1_epi32(E->zp), _mm512_loadu_si512(E->colsum + j * 16)) \
-                                 : _mm512_setzero_si512();                                                             \
-            __m512 vlo = _mm512_set1_ps(E->lo), vhi = _mm512_set1_ps(E->hi);                                          \
-            for (int i = 0; i < ROWS && i < m; i++) {                                                                  \
-                __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][j], corr));                                      \
-                v = _mm512_min_ps(_mm512_max_ps(_mm512_fmadd_ps(v, scale, bias), vlo), vhi);                          \
-                if (rptr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, rptr[i] + j * 16));                         \
-                _mm512_mask_storeu_ps(cptr[i] + j * 16, mask, v);                                                      \
+        __m512i acc[QROWS][2];                                                                                         \
+        VNNI_ROWS(VNNI_SAVE)                                                                                           \
+        SFX(vnni_epi_t) D[2] = {SFX(vnni_epilogue)(E, valid, 0), SFX(vnni_epilogue)(E, valid, 1)};                   \
+        __m512 vlo = _mm512_set1_ps(E->lo), vhi = _mm512_set1_ps(E->hi);                                              \
+        for (int i = 0; i < ROWS_; i++) {                                                                              \
+            if (i >= m) break;                                                                                         \
+            for (int j = 0; j < 2; j++) {                                                                              \
+                if (!D[j].mask) break;                                                                                 \
+                __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][j], D[j].corr));                                 \
+                v = _mm512_min_ps(_mm512_max_ps(_mm512_fmadd_ps(v, D[j].scale, D[j].bias), vlo), vhi);                \
+                if (rptr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(D[j].mask, rptr[i] + j * 16));                    \
+                _mm512_mask_storeu_ps(cptr[i] + j * 16, D[j].mask, v);                                                 \
             }                                                                                                          \
         }                                                                                                              \
     }
