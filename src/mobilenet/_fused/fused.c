@@ -723,12 +723,12 @@ static PyObject *py_gemm_int8(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS;
 #ifdef FUSED_X86
     if (isa == ISA_AVX512)
-        gemm_q_avx512(A, K, P, K, &W, b, N, lo, hi, C, N, P, 0, NULL, 0, &S);
+        gemm_q_avx512(A, K, P, K, &W, b, N, lo, hi, C, N, P, 0, NULL, 0, NULL, &S);
     else if (isa == ISA_AVX2)
-        gemm_q_avx2(A, K, P, K, &W, b, N, lo, hi, C, N, P, 0, NULL, 0, &S);
+        gemm_q_avx2(A, K, P, K, &W, b, N, lo, hi, C, N, P, 0, NULL, 0, NULL, &S);
     else
 #endif
-        gemm_q_portable(A, K, P, K, &W, b, N, lo, hi, C, N, P, 0, NULL, 0, &S);
+        gemm_q_portable(A, K, P, K, &W, b, N, lo, hi, C, N, P, 0, NULL, 0, NULL, &S);
     Py_END_ALLOW_THREADS;
     free(S.qa);
     free(S.qsum);

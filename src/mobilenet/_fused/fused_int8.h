@@ -47,6 +47,18 @@ TARGET static int SFX(scan_range)(const float *a, long lda, int P, int K, float 
     return finite;
 }
 
+/* The smallest and largest lane of range[0] and range[1] into known[0] and known[1]. */
+TARGET static void SFX(reduce_range)(const VEC range[2], float known[2]) {
+    float l[VW], h[VW];
+    VSTORE(l, range[0]);
+    VSTORE(h, range[1]);
+    known[0] = l[0], known[1] = h[0];
+    for (int i = 1; i < VW; i++) {
+        known[0] = l[i] < known[0] ? l[i] : known[0];
+        known[1] = h[i] > known[1] ? h[i] : known[1];
+    }
+}
+
 /* One row of K floats to u8 (q = round-half-even(x * inv) clamped to [qlo, qhi], plus zp), zp up to kpad bytes. */
 TARGET static void SFX(quantize_row)(const float *row, int K, long kpad, float inv, float qlo, float qhi, int zp,
                                      uint8_t *q) {
@@ -74,10 +86,13 @@ TARGET static void SFX(quantize_row)(const float *row, int K, long kpad, float i
 
 /* Quantizes A (P rows of K floats, lda apart) into q (P rows of KPAD4(K) bytes); returns the scale (NaN where A
  * holds a NaN or an infinity: every output of the call is then NaN before its clamp, as in the fp32 GEMM), *zp the
- * zero point. An all-zero A (or one whose largest magnitude is subnormal) has scale 0: every u8 is the zero point. */
-TARGET static float SFX(quantize)(const float *a, long lda, int P, int K, uint8_t *q, int *zp) {
+ * zero point. An all-zero A (or one whose largest magnitude is subnormal) has scale 0: every u8 is the zero point.
+ * known: A's smallest and largest value (0 included) where its producer tracked them (clamped values: no NaN),
+ * else NULL and A is scanned. */
+TARGET static float SFX(quantize)(const float *a, long lda, int P, int K, const float *known, uint8_t *q, int *zp) {
     float mn, mx;
-    int finite = SFX(scan_range)(a, lda, P, K, &mn, &mx);
+    int finite = known ? isfinite(known[0]) && isfinite(known[1]) : SFX(scan_range)(a, lda, P, K, &mn, &mx);
+    if (known) mn = known[0], mx = known[1];
     int is_signed = mn < 0.0f;
     float amax = is_signed ? (mx > -mn ? mx : -mn) : mx;
     float scale = amax / (is_signed ? 127.0f : 255.0f);
@@ -231,12 +246,12 @@ TARGET static void SFX(qcolsum)(const qmat_t *W, int K, int N, int32_t *sum) {
 }
 
 /* The int8 twin of gemm (same A, output and shortcut addressing, same result up to quantization): A quantized once
- * into S->qa, then each panel of W swept over every block of pixels. */
+ * into S->qa (known: its range, see quantize), then each panel of W swept over every block of pixels. */
 TARGET static void SFX(gemm_q)(const float *a, long lda, int P, int K, const qmat_t *W, const float *bias, int N,
                                float lo, float hi, float *c, long ldc, int cw, long c_row, const float *r, long ldr,
-                               const scratch_t *S) {
+                               const float *known, const scratch_t *S) {
     SFX(qepi_t) E;
-    E.sa = SFX(quantize)(a, lda, P, K, S->qa, &E.zp);
+    E.sa = SFX(quantize)(a, lda, P, K, known, S->qa, &E.zp);
     E.lo = lo, E.hi = hi;
     const int32_t *colsum = W->colsum;
     if (E.zp && !colsum) {
