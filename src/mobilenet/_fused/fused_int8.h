@@ -66,12 +66,26 @@ TARGET static void SFX(quantize_row)(const float *row, int K, long kpad, float i
 #ifdef FUSED_VNNI
     __m512 vinv = _mm512_set1_ps(inv), vlo = _mm512_set1_ps(qlo), vhi = _mm512_set1_ps(qhi);
     __m512i vzp = _mm512_set1_epi32(zp);
-    for (; k < K; k += 16) {
-        __mmask16 mask = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1u);
+    /* cvtps rounds half to even (MXCSR default); a masked narrowing store (vpmovdb to memory) is slow, so 64 values
+     * at a time are packed to bytes in registers (the packs interleave 128-bit lanes; the permute undoes it) */
+#define QUANTIZE16(p)                                                                                                  \
+    _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_loadu_ps(p), vinv), vlo), vhi)), \
+                     vzp)
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    for (; k + 64 <= K; k += 64) {
+        __m512i v0 = QUANTIZE16(row + k), v1 = QUANTIZE16(row + k + 16);
+        __m512i v2 = QUANTIZE16(row + k + 32), v3 = QUANTIZE16(row + k + 48);
+        __m512i bytes = _mm512_packus_epi16(_mm512_packs_epi32(v0, v1), _mm512_packs_epi32(v2, v3));
+        _mm512_storeu_si512(q + k, _mm512_permutexvar_epi32(order, bytes));
+    }
+    for (; k + 16 <= K; k += 16) _mm_storeu_si128((__m128i *)(q + k), _mm512_cvtepi32_epi8(QUANTIZE16(row + k)));
+#undef QUANTIZE16
+    if (k < K) {
+        __mmask16 mask = (__mmask16)((1u << (K - k)) - 1u);
         __m512 t = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, row + k), vinv);
-        t = _mm512_min_ps(_mm512_max_ps(t, vlo), vhi);
-        __m512i v = _mm512_add_epi32(_mm512_cvtps_epi32(t), vzp); /* rounds half to even (MXCSR default) */
-        _mm512_mask_cvtepi32_storeu_epi8(q + k, mask, v);
+        __m512i v = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(t, vlo), vhi)), vzp);
+        _mm_mask_storeu_epi8(q + k, mask, _mm512_cvtepi32_epi8(v));
+        k = K;
     }
 #else
     for (; k < K; k++) {
