@@ -668,12 +668,14 @@ def test_int8_head_conv_is_close_to_pytorch(isa, channels, out_channels, size):
 
 
 def _check_int8_network(network, model, x) -> None:
+    """The logits' relative error. Not their top-1: these random networks give nearly the same logits for every
+    input, their top two a hair apart (see conftest.quick_train); test_int8_network_agrees_with_pytorch_on_a_
+    trained_model checks top-1 agreement where it means something."""
     with torch.inference_mode():
         expected = model(x)
     got = network(x)
     assert got.shape == expected.shape
     assert 1e-5 < _relative_error(got, expected) < INT8_TOLERANCE
-    assert torch.equal(got.argmax(dim=1), expected.argmax(dim=1))
 
 
 @pytest.mark.parametrize(

@@ -116,6 +116,7 @@ typedef struct {
     int ring_rows, tile_rows;
     uint8_t *qa;   /* int8: a GEMM's quantized A, (P + QROWS) x KPAD4(K) bytes */
     int32_t *qsum; /* int8: column sums of a slice of K rows */
+    long *qoff;    /* int8: each pixel's output offset in a GEMM call */
 } scratch_t;
 
 /* Whether the CPU runs AVX512-VNNI (the int8 GEMM's fast micro-kernel); set when the module loads. */
@@ -374,7 +375,7 @@ typedef struct {
 } buffer_t;
 
 static buffer_t ring_buf[MAX_THREADS], dw_buf[MAX_THREADS], apad_buf[MAX_THREADS], col_buf[MAX_THREADS], zero_buf, partial_buf;
-static buffer_t qa_buf[MAX_THREADS], qsum_buf[MAX_THREADS];
+static buffer_t qa_buf[MAX_THREADS], qsum_buf[MAX_THREADS], qoff_buf[MAX_THREADS];
 
 static float *grow(buffer_t *buf, size_t floats) {
     if (buf->floats >= floats) return buf->ptr;
@@ -392,7 +393,7 @@ static size_t scratch_bytes_total(void) {
     size_t total = zero_buf.floats + partial_buf.floats;
     for (int i = 0; i < MAX_THREADS; i++) {
         total += ring_buf[i].floats + dw_buf[i].floats + apad_buf[i].floats + col_buf[i].floats;
-        total += qa_buf[i].floats + qsum_buf[i].floats;
+        total += qa_buf[i].floats + qsum_buf[i].floats + qoff_buf[i].floats;
     }
     return total * sizeof(float);
 }
@@ -418,10 +419,12 @@ static int pick_tile_rows(const block_t *B, int nt, long budget_bytes) {
 static int prepare_int8_scratch(scratch_t *S, int t, long pixels, int kmax, int nmax) {
     S->qa = NULL;
     S->qsum = NULL;
+    S->qoff = NULL;
     if (pixels == 0) return 0;
     S->qa = (uint8_t *)grow(&qa_buf[t], (size_t)((pixels + QROWS) * KPAD4(kmax) / 4 + 1));
     S->qsum = (int32_t *)grow(&qsum_buf[t], (size_t)nmax + PANEL);
-    return S->qa && S->qsum ? 0 : -1;
+    S->qoff = (long *)grow(&qoff_buf[t], (size_t)(pixels + QROWS) * sizeof(long) / sizeof(float));
+    return S->qa && S->qsum && S->qoff ? 0 : -1;
 }
 
 /* The most pixels of one int8 GEMM call of a block: a run of ring rows (expansion) or a tile (projection). */
@@ -713,9 +716,11 @@ static PyObject *py_gemm_int8(PyObject *self, PyObject *args) {
     scratch_t S = {0};
     S.qa = malloc((size_t)((P + QROWS) * KPAD4(K)));
     S.qsum = malloc(sizeof(int32_t) * (size_t)(N + PANEL));
-    if (!S.qa || !S.qsum) {
+    S.qoff = malloc(sizeof(long) * (size_t)P);
+    if (!S.qa || !S.qsum || !S.qoff) {
         free(S.qa);
         free(S.qsum);
+        free(S.qoff);
         return PyErr_NoMemory();
     }
     const float *A = (const float *)(uintptr_t)a, *b = (const float *)(uintptr_t)bias;
@@ -732,6 +737,7 @@ static PyObject *py_gemm_int8(PyObject *self, PyObject *args) {
     Py_END_ALLOW_THREADS;
     free(S.qa);
     free(S.qsum);
+    free(S.qoff);
     Py_RETURN_NONE;
 }
 

@@ -273,6 +273,8 @@ TARGET static void SFX(gemm_q)(const float *a, long lda, int P, int K, const qma
         colsum = S->qsum;
     }
     long ldq = KPAD4(K);
+    for (int p = 0, x = 0; p < P; p++, x = x + 1 == cw ? 0 : x + 1) /* no division per pixel and panel */
+        S->qoff[p] = x ? S->qoff[p - 1] + ldc : (long)(p / cw) * c_row;
     float *cptr[QROWS];
     const float *rptr[QROWS];
     for (int n0 = 0; n0 < N; n0 += PANEL) {
@@ -287,7 +289,7 @@ TARGET static void SFX(gemm_q)(const float *a, long lda, int P, int K, const qma
             int m = P - p0 < rows ? P - p0 : rows;
             for (int i = 0; i < m; i++) {
                 int p = p0 + i;
-                cptr[i] = c + (long)(p / cw) * c_row + (long)(p % cw) * ldc + n0;
+                cptr[i] = c + S->qoff[p] + n0;
                 rptr[i] = r ? r + (long)p * ldr + n0 : NULL;
             }
             micro(S->qa + (long)p0 * ldq, ldq, (int)(ldq / 4), panel, &E, m, valid, cptr, r ? rptr : NULL);
