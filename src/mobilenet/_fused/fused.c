@@ -103,6 +103,10 @@ typedef struct {
     float lo, hi;
     int int8; /* the conv runs as an int8 GEMM from q */
     qmat_t q;
+    /* int8: the input quantized once per step (fused_impl.h, head_quantize) */
+    const uint8_t *qa;
+    const float *qsa;
+    const int *qzp;
 } head_t;
 #define HEAD_COLS 64 /* a multiple of PANEL */
 #define HEAD_PIX 64
@@ -375,7 +379,7 @@ typedef struct {
 } buffer_t;
 
 static buffer_t ring_buf[MAX_THREADS], dw_buf[MAX_THREADS], apad_buf[MAX_THREADS], col_buf[MAX_THREADS], zero_buf, partial_buf;
-static buffer_t qa_buf[MAX_THREADS], qsum_buf[MAX_THREADS], qoff_buf[MAX_THREADS];
+static buffer_t qa_buf[MAX_THREADS], qsum_buf[MAX_THREADS], qoff_buf[MAX_THREADS], head_qa_buf, head_qs_buf;
 
 static float *grow(buffer_t *buf, size_t floats) {
     if (buf->floats >= floats) return buf->ptr;
@@ -390,7 +394,7 @@ static float *grow(buffer_t *buf, size_t floats) {
 }
 
 static size_t scratch_bytes_total(void) {
-    size_t total = zero_buf.floats + partial_buf.floats;
+    size_t total = zero_buf.floats + partial_buf.floats + head_qa_buf.floats + head_qs_buf.floats;
     for (int i = 0; i < MAX_THREADS; i++) {
         total += ring_buf[i].floats + dw_buf[i].floats + apad_buf[i].floats + col_buf[i].floats;
         total += qa_buf[i].floats + qsum_buf[i].floats + qoff_buf[i].floats;
@@ -492,6 +496,26 @@ static int prepare_head_scratch(const head_t *H, scratch_t *S, int nt) {
         if (!S[t].dw || !S[t].apad) return -1;
         if (prepare_int8_scratch(&S[t], t, H->int8 ? HEAD_PIX : 0, H->k, H->npad) != 0) return -1;
     }
+    return 0;
+}
+
+/* int8: the head's whole input quantized (by the calling thread) before the chunks share it. */
+static int quantize_head(head_t *H, int isa) {
+    if (!H->int8) return 0;
+    long tiles = (long)H->n * ((H->p + HEAD_PIX - 1) / HEAD_PIX);
+    uint8_t *qa = (uint8_t *)grow(&head_qa_buf, (size_t)((((long)H->n * H->p + QROWS) * KPAD4(H->k)) / 4 + 1));
+    float *qs = grow(&head_qs_buf, (size_t)(2 * tiles));
+    if (!qa || !qs) return -1;
+    int *zp = (int *)(qs + tiles);
+#ifdef FUSED_X86
+    if (isa == ISA_AVX512)
+        head_quantize_avx512(H, qa, qs, zp);
+    else if (isa == ISA_AVX2)
+        head_quantize_avx2(H, qa, qs, zp);
+    else
+#endif
+        head_quantize_portable(H, qa, qs, zp);
+    H->qa = qa, H->qsa = qs, H->qzp = zp;
     return 0;
 }
 
@@ -636,7 +660,8 @@ static int execute_step(step_t *step) {
     int nt = step->threads;
     if (ensure_workers(nt) != 0) return -1;
     if (step->is_head) {
-        if (prepare_head_scratch(&step->head, scratch, nt) != 0) return -1;
+        if (prepare_head_scratch(&step->head, scratch, nt) != 0 || quantize_head(&step->head, step->isa) != 0)
+            return -1;
         run_job(JOB_HEAD, &step->head, (step->head.nout + HEAD_COLS - 1) / HEAD_COLS, scratch, step->isa, nt);
         return 0;
     }

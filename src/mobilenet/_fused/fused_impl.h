@@ -377,8 +377,10 @@ TARGET static void SFX(head_chunk)(const head_t *H, const scratch_t *S, int chun
             if (H->w && H->int8) {
                 qmat_t W = {H->q.w + (long)(n0 / PANEL) * H->q.panel_bytes, H->q.panel_bytes, H->q.colsum + n0,
                             H->q.scale + n0};
-                SFX(gemm_q)(in + (long)p0 * H->k, H->k, m, H->k, &W, H->b + n0, cols, H->lo, H->hi, S->dw, HEAD_COLS, m,
-                            0, NULL, 0, NULL, S);
+                int tile_index = img * ((H->p + HEAD_PIX - 1) / HEAD_PIX) + p0 / HEAD_PIX;
+                SFX(gemm_q_run)(H->qa + ((long)img * H->p + p0) * KPAD4(H->k), m, H->k, H->qsa[tile_index],
+                                H->qzp[tile_index], &W, H->b + n0, cols, H->lo, H->hi, S->dw, HEAD_COLS, m, 0, NULL, 0,
+                                S);
                 tile = S->dw;
                 ld = HEAD_COLS;
             } else if (H->w && m < MR / 2) {

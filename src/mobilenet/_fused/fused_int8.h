@@ -259,13 +259,13 @@ TARGET static void SFX(qcolsum)(const qmat_t *W, int K, int N, int32_t *sum) {
     }
 }
 
-/* The int8 twin of gemm (same A, output and shortcut addressing, same result up to quantization): A quantized once
- * into S->qa (known: its range, see quantize), then each panel of W swept over every block of pixels. */
-TARGET static void SFX(gemm_q)(const float *a, long lda, int P, int K, const qmat_t *W, const float *bias, int N,
-                               float lo, float hi, float *c, long ldc, int cw, long c_row, const float *r, long ldr,
-                               const float *known, const scratch_t *S) {
+/* The int8 GEMM of an A already quantized (qa: P rows of KPAD4(K) bytes, scale sa, zero point zp; QROWS readable
+ * rows after them): each panel of W swept over every block of pixels, output as gemm's. */
+TARGET static void SFX(gemm_q_run)(const uint8_t *qa, int P, int K, float sa, int zp, const qmat_t *W,
+                                   const float *bias, int N, float lo, float hi, float *c, long ldc, int cw,
+                                   long c_row, const float *r, long ldr, const scratch_t *S) {
     SFX(qepi_t) E;
-    E.sa = SFX(quantize)(a, lda, P, K, known, S->qa, &E.zp);
+    E.sa = sa, E.zp = zp;
     E.lo = lo, E.hi = hi;
     const int32_t *colsum = W->colsum;
     if (E.zp && !colsum) {
@@ -292,8 +292,33 @@ TARGET static void SFX(gemm_q)(const float *a, long lda, int P, int K, const qma
                 cptr[i] = c + S->qoff[p] + n0;
                 rptr[i] = r ? r + (long)p * ldr + n0 : NULL;
             }
-            micro(S->qa + (long)p0 * ldq, ldq, (int)(ldq / 4), panel, &E, m, valid, cptr, r ? rptr : NULL);
+            micro(qa + (long)p0 * ldq, ldq, (int)(ldq / 4), panel, &E, m, valid, cptr, r ? rptr : NULL);
             p0 += m;
+        }
+    }
+}
+
+/* The int8 twin of gemm (same A, output and shortcut addressing, same result up to quantization): A quantized once
+ * into S->qa (known: its range, see quantize), then gemm_q_run. */
+TARGET static void SFX(gemm_q)(const float *a, long lda, int P, int K, const qmat_t *W, const float *bias, int N,
+                               float lo, float hi, float *c, long ldc, int cw, long c_row, const float *r, long ldr,
+                               const float *known, const scratch_t *S) {
+    int zp;
+    float sa = SFX(quantize)(a, lda, P, K, known, S->qa, &zp);
+    SFX(gemm_q_run)(S->qa, P, K, sa, zp, W, bias, N, lo, hi, c, ldc, cw, c_row, r, ldr, S);
+}
+
+/* The head's input quantized once, before its chunks (each a slice of the output channels) share it: tile t of
+ * HEAD_PIX pixels of image img as one GEMM call's A, at H->qa + (img * p + t * HEAD_PIX) * KPAD4(k), its scale and
+ * zero point at H->qsa[img * tiles + t], H->qzp[...]. */
+TARGET static void SFX(head_quantize)(const head_t *H, uint8_t *qa, float *qsa, int *qzp) {
+    int tiles = (H->p + HEAD_PIX - 1) / HEAD_PIX;
+    long kpad = KPAD4(H->k);
+    for (int img = 0; img < H->n; img++) {
+        for (int t = 0; t < tiles; t++) {
+            int p0 = t * HEAD_PIX, m = H->p - p0 < HEAD_PIX ? H->p - p0 : HEAD_PIX;
+            qsa[img * tiles + t] = SFX(quantize)(H->in + ((long)img * H->p + p0) * H->k, H->k, m, H->k, NULL,
+                                                  qa + ((long)img * H->p + p0) * kpad, &qzp[img * tiles + t]);
         }
     }
 }
