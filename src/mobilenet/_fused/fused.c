@@ -5,6 +5,8 @@
  *
  * Three builds of the kernels (fused_impl.h): AVX-512 (F/BW/VL), AVX2 + FMA and portable C, chosen at run time by
  * __builtin_cpu_supports, so the module runs on any x86-64 CPU (or any CPU, where only the portable one exists).
+ * The "int8" precision (fused_int8.h) runs the 1x1 convs as int8 GEMMs: AVX512-VNNI micro-kernels in the AVX-512 build
+ * where the CPU has avx512vnni, portable C otherwise (the AVX2 build included).
  * Work is split by output rows over a small persistent pthread pool. Arguments arrive as raw addresses from
  * mobilenet.fused, which validates every shape and pointer first. */
 

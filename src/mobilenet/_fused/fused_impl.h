@@ -307,7 +307,8 @@ TARGET static void SFX(run_rows)(const block_t *B, const scratch_t *S, int img, 
         int P = t * B->wout;
         if (B->int8) {
             /* a slice of the expanded channels (channel-split mode) needs its own column sums */
-            qmat_t W = {B->qp.w + (long)c0 * PANEL, B->qp.panel_bytes, cw == B->cexp ? B->qp.colsum : NULL, B->qp.scale};
+            const int32_t *colsum = cw == B->cexp ? B->qp.colsum : NULL;
+            qmat_t W = {B->qp.w + (long)c0 * PANEL, B->qp.panel_bytes, colsum, B->qp.scale};
             float known[2];
             SFX(reduce_range)(range, known);
             SFX(gemm_q)(S->dw + c0, DW_LD(B->cpad), P, cw, &W, T->bias, B->cout, T->lo, T->hi,

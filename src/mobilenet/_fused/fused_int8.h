@@ -69,8 +69,8 @@ TARGET static void SFX(quantize_row)(const float *row, int K, long kpad, float i
     /* cvtps rounds half to even (MXCSR default); a masked narrowing store (vpmovdb to memory) is slow, so 64 values
      * at a time are packed to bytes in registers (the packs interleave 128-bit lanes; the permute undoes it) */
 #define QUANTIZE16(p)                                                                                                  \
-    _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_loadu_ps(p), vinv), vlo), vhi)), \
-                     vzp)
+    _mm512_add_epi32(                                                                                                  \
+        _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_loadu_ps(p), vinv), vlo), vhi)), vzp)
     const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
     for (; k + 64 <= K; k += 64) {
         __m512i v0 = QUANTIZE16(row + k), v1 = QUANTIZE16(row + k + 16);
