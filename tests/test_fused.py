@@ -3,6 +3,7 @@ runs (the portable C build included), and its wrapper's refusals of bad input.""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -585,6 +586,15 @@ def test_pack_int8_layout_and_refusals():
         fused.int8_gemm(torch.zeros(2, 6), weight)
     with pytest.raises(MobileNetError, match="bias"):
         fused.int8_gemm(torch.zeros(2, 6), packed, torch.zeros(4))
+    with pytest.raises(MobileNetError, match="bias"):
+        fused.int8_gemm(torch.zeros(2, 6), packed, [0.0, 0.0, 0.0])
+    with pytest.raises(MobileNetError, match="bounds"):
+        fused.int8_gemm(torch.zeros(2, 6), packed, bounds=(0.0,))
+    forged = dataclasses.replace(packed, weight=packed.weight[:-4])  # the kernel would read past its end
+    with pytest.raises(MobileNetError, match=r"Int8Weights\.weight"):
+        fused.int8_gemm(torch.zeros(2, 6), forged)
+    with pytest.raises(MobileNetError, match=r"Int8Weights\.scale"):
+        fused.int8_gemm(torch.zeros(2, 6), dataclasses.replace(packed, scale=packed.scale.double()))
 
 
 def check_int8_block(module: nn.Module, size: int, *, batch: int = 2, isa: str, threads: int = 2) -> None:

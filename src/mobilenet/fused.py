@@ -214,6 +214,27 @@ class Int8Weights:
     def addresses(self) -> tuple[int, int, int]:
         return self.weight.data_ptr(), self.colsum.data_ptr(), self.scale.data_ptr()
 
+    def check(self) -> None:
+        """Refuses tensors that do not hold the layout (the kernel reads them by address, unchecked)."""
+        columns = -(-self.columns // PANEL) * PANEL
+        expected = {
+            "weight": (self.weight, torch.int8, -(-self.rows // 4) * 4 * columns),
+            "colsum": (self.colsum, torch.int32, columns),
+            "scale": (self.scale, torch.float32, columns),
+        }
+        for name, (tensor, dtype, size) in expected.items():
+            if not (
+                isinstance(tensor, torch.Tensor)
+                and tensor.dtype == dtype
+                and tensor.device.type == "cpu"
+                and tensor.is_contiguous()
+                and tensor.numel() == size
+            ):
+                raise MobileNetError(
+                    f"Int8Weights.{name} must be a contiguous {dtype} CPU tensor of {size} values "
+                    f"(mobilenet.fused.pack_int8 makes them), got {_describe(tensor)}"
+                )
+
 
 def pack_int8(matrix: torch.Tensor) -> Int8Weights:
     """Quantize a (K, N) float 1x1 weight matrix symmetrically per output channel (scale max|W[:, n]| / 127, q =
@@ -254,15 +275,19 @@ def int8_gemm(
     kernels = _require_kernels()
     if not isinstance(weights, Int8Weights):
         raise MobileNetError(f"weights must be Int8Weights (mobilenet.fused.pack_int8), got {type(weights).__name__}")
+    weights.check()
     rows, columns = weights.rows, weights.columns
-    if not isinstance(a, torch.Tensor) or a.dim() != 2 or a.shape[1] != rows or a.shape[0] < 1:
+    if not isinstance(a, torch.Tensor) or a.dim() != 2 or a.shape[1] != rows or not 1 <= a.shape[0] <= _MAX_DIM:
         raise MobileNetError(f"int8_gemm takes a (P, {rows}) float32 tensor, got {_describe(a)}")
     if a.dtype != torch.float32 or a.device.type != "cpu":
         raise MobileNetError(f"int8_gemm takes a float32 CPU tensor, got {a.dtype} on {a.device}")
-    bias = torch.zeros(columns) if bias is None else bias.detach().float().cpu().reshape(-1)
-    if bias.numel() != columns:
-        raise MobileNetError(f"int8_gemm: bias must have {columns} values, got {bias.numel()}")
-    a, bias = a.contiguous(), _pad_vector(bias, -(-columns // PANEL) * PANEL)
+    bias = torch.zeros(columns) if bias is None else bias
+    if not isinstance(bias, torch.Tensor) or bias.numel() != columns:
+        raise MobileNetError(f"int8_gemm: bias must be a tensor of {columns} values, got {_describe(bias)}")
+    if not (isinstance(bounds, tuple) and len(bounds) == 2 and all(isinstance(b, int | float) for b in bounds)):
+        raise MobileNetError(f"int8_gemm: bounds must be a (low, high) pair of numbers, got {bounds!r}")
+    bias = _pad_vector(bias.detach().float().cpu().reshape(-1), -(-columns // PANEL) * PANEL)
+    a = a.contiguous()
     out = torch.empty(int(a.shape[0]), columns)
     w, colsum, scale = weights.addresses()
     kernels.gemm_int8(
