@@ -721,6 +721,7 @@ def test_int8_network_in_one_call_and_step_by_step(monkeypatch):
     network = fused.FusedNetwork(model, threads=2, precision="int8")
     x = torch.randn(2, 3, 97, 97, generator=torch.Generator().manual_seed(3))
     one_call = network(x)
+    assert torch.equal(network(x), one_call)  # deterministic: the same calls, the same scales
     monkeypatch.setattr(network, "_one_call", lambda: False)
     step_by_step = network(x)
     assert torch.allclose(one_call, step_by_step, rtol=0, atol=1e-5 * float(one_call.abs().max()))

@@ -16,8 +16,9 @@ AVX2+FMA or portable C at run time; ``isa=`` or the ``MOBILENET_FUSED_ISA`` envi
 ``precision="int8"`` runs the 1x1 convs (expansion, projection, V1's pointwise, V2's head conv) as int8 GEMMs
 (:func:`pack_int8`): weights symmetric per output channel, activations quantized per GEMM call from the values
 present (no calibration), products summed exactly in int32 (AVX512-VNNI where the CPU has it, portable C
-elsewhere), everything else (the stem, the depthwise conv, the ring, the classifier) in float32. The result then
-depends slightly on how a block's rows are cut into calls (threads, tiles), as dynamic quantization does.
+elsewhere: on a CPU without VNNI, :func:`has_vnni` False, int8 is slower than float32), everything else (the stem, the
+depthwise conv, the ring, the classifier) in float32. The result is the same from call to call, but depends slightly
+on how a block's rows are cut into calls (threads, tiles), as dynamic quantization does.
 
 The extension is optional: :func:`fused_available` says whether it was built, and every entry point raises a
 :class:`~mobilenet.errors.MobileNetError` naming how to build it when it was not.
