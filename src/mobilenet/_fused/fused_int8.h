@@ -161,7 +161,7 @@ typedef void (*SFX(qmicro_t))(const uint8_t *, long, int, const int8_t *, const 
  * vpdpbusd updates in memory, copying and spilling every accumulator on every step. */
 #define VNNI_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
 #define VNNI_DECLARE(i) __m512i acc##i##_0 = _mm512_setzero_si512(), acc##i##_1 = _mm512_setzero_si512();
-/* Row i of the group at byte offset four_g: broadcast its four u8 and add their products with w0 and w1 (vpdpbusd:
+/* Row i of the group at byte offset four_g: broadcast its four u8 and add their products with w0 (and w1) (vpdpbusd:
  * per int32 lane, the sum of four u8 x s8 products, without saturation). */
 #define VNNI_STEP(i)                                                                                                   \
     if (i < vnni_rows) {                                                                                               \
@@ -169,7 +169,7 @@ typedef void (*SFX(qmicro_t))(const uint8_t *, long, int, const int8_t *, const 
         memcpy(&four, a + (long)(i) * lda + four_g, 4);                                                                \
         __m512i av = _mm512_set1_epi32(four);                                                                          \
         acc##i##_0 = _mm512_dpbusd_epi32(acc##i##_0, av, w0);                                                          \
-        acc##i##_1 = _mm512_dpbusd_epi32(acc##i##_1, av, w1);                                                          \
+        if (vnni_vecs > 1) acc##i##_1 = _mm512_dpbusd_epi32(acc##i##_1, av, w1);                                       \
     }
 #define VNNI_SAVE(i)                                                                                                   \
     if (i < vnni_rows) acc[i][0] = acc##i##_0, acc[i][1] = acc##i##_1;
@@ -193,16 +193,17 @@ QTARGET static inline SFX(vnni_epi_t) SFX(vnni_epilogue)(const SFX(qepi_t) *E, i
     return D;
 }
 
-/* ROWS pixels x one panel (2 vectors of 16 int32): vpdpbusd adds, per lane, the four u8 x s8 products of one group
- * of four input channels; 24 accumulators, 2 weight vectors and the broadcast of 32 zmm registers. */
-#define DEFINE_VNNI_MICROKERNEL(NAME, ROWS_)                                                                           \
+/* ROWS_ pixels x VECS_ vectors of 16 int32 of one panel (VECS_ 1: its first 16 columns, for a panel with no more
+ * valid): vpdpbusd adds, per lane, the four u8 x s8 products of one group of four input channels; at most 24
+ * accumulators, 2 weight vectors and the broadcast of 32 zmm registers. */
+#define DEFINE_VNNI_MICROKERNEL(NAME, ROWS_, VECS_)                                                                    \
     QTARGET static void NAME(const uint8_t *a, long lda, int groups, const int8_t *w, const SFX(qepi_t) *E, int m,    \
                              int valid, float *const *cptr, const float *const *rptr) {                               \
-        enum { vnni_rows = ROWS_ };                                                                                    \
+        enum { vnni_rows = ROWS_, vnni_vecs = VECS_ };                                                                 \
         VNNI_ROWS(VNNI_DECLARE)                                                                                        \
         for (int g = 0; g < groups; g++) {                                                                             \
             __m512i w0 = _mm512_loadu_si512(w + (long)g * PANEL * 4);                                                  \
-            __m512i w1 = _mm512_loadu_si512(w + (long)g * PANEL * 4 + 64);                                             \
+            __m512i w1 = vnni_vecs > 1 ? _mm512_loadu_si512(w + (long)g * PANEL * 4 + 64) : w0;                        \
             int four_g = 4 * g;                                                                                        \
             VNNI_ROWS(VNNI_STEP)                                                                                       \
         }                                                                                                              \
@@ -212,7 +213,7 @@ QTARGET static inline SFX(vnni_epi_t) SFX(vnni_epilogue)(const SFX(qepi_t) *E, i
         __m512 vlo = _mm512_set1_ps(E->lo), vhi = _mm512_set1_ps(E->hi);                                              \
         for (int i = 0; i < ROWS_; i++) {                                                                              \
             if (i >= m) break;                                                                                         \
-            for (int j = 0; j < 2; j++) {                                                                              \
+            for (int j = 0; j < vnni_vecs; j++) {                                                                      \
                 if (!D[j].mask) break;                                                                                 \
                 __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][j], D[j].corr));                                 \
                 v = _mm512_min_ps(_mm512_max_ps(_mm512_fmadd_ps(v, D[j].scale, D[j].bias), vlo), vhi);                \
@@ -221,24 +222,32 @@ QTARGET static inline SFX(vnni_epi_t) SFX(vnni_epilogue)(const SFX(qepi_t) *E, i
             }                                                                                                          \
         }                                                                                                              \
     }
-DEFINE_VNNI_MICROKERNEL(SFX(qmicro_vnni), QROWS)
-DEFINE_VNNI_MICROKERNEL(SFX(qmicro_vnni_8), 8)
-DEFINE_VNNI_MICROKERNEL(SFX(qmicro_vnni_4), 4)
-DEFINE_VNNI_MICROKERNEL(SFX(qmicro_vnni_2), 2)
-DEFINE_VNNI_MICROKERNEL(SFX(qmicro_vnni_1), 1)
+DEFINE_VNNI_MICROKERNEL(SFX(qmicro_vnni), QROWS, 2)
+DEFINE_VNNI_MICROKERNEL(SFX(qmicro_vnni_8), 8, 2)
+DEFINE_VNNI_MICROKERNEL(SFX(qmicro_vnni_4), 4, 2)
+DEFINE_VNNI_MICROKERNEL(SFX(qmicro_vnni_2), 2, 2)
+DEFINE_VNNI_MICROKERNEL(SFX(qmicro_vnni_1), 1, 2)
+DEFINE_VNNI_MICROKERNEL(SFX(qmicro_vnni_one), QROWS, 1)
+DEFINE_VNNI_MICROKERNEL(SFX(qmicro_vnni_one_8), 8, 1)
+DEFINE_VNNI_MICROKERNEL(SFX(qmicro_vnni_one_4), 4, 1)
+DEFINE_VNNI_MICROKERNEL(SFX(qmicro_vnni_one_2), 2, 1)
+DEFINE_VNNI_MICROKERNEL(SFX(qmicro_vnni_one_1), 1, 1)
 #endif
 
-/* The micro-kernel for a block of at most m pixels, and its pixel rows: VNNI where the CPU has it (the fewest rows of
- * 1, 2, 4, 8 or QROWS that hold m), else the portable one. */
-TARGET static SFX(qmicro_t) SFX(pick_qmicro)(int m, int *rows) {
+/* The micro-kernel for a block of at most m pixels and `valid` columns of a panel, and its pixel rows: VNNI where
+ * the CPU has it (the fewest rows of 1, 2, 4, 8 or QROWS that hold m; one vector wide where valid <= 16), else the
+ * portable one. */
+TARGET static SFX(qmicro_t) SFX(pick_qmicro)(int m, int valid, int *rows) {
 #ifdef FUSED_VNNI
     if (cpu_has_vnni) {
-        *rows = m <= 1 ? 1 : m <= 2 ? 2 : m <= 4 ? 4 : m <= 8 ? 8 : QROWS;
-        return *rows == 1 ? SFX(qmicro_vnni_1)
-               : *rows == 2 ? SFX(qmicro_vnni_2)
-               : *rows == 4 ? SFX(qmicro_vnni_4)
-               : *rows == 8 ? SFX(qmicro_vnni_8)
-                            : SFX(qmicro_vnni);
+        static const SFX(qmicro_t) two[5] = {SFX(qmicro_vnni_1), SFX(qmicro_vnni_2), SFX(qmicro_vnni_4),
+                                              SFX(qmicro_vnni_8), SFX(qmicro_vnni)};
+        static const SFX(qmicro_t) one[5] = {SFX(qmicro_vnni_one_1), SFX(qmicro_vnni_one_2), SFX(qmicro_vnni_one_4),
+                                              SFX(qmicro_vnni_one_8), SFX(qmicro_vnni_one)};
+        int index = m <= 1 ? 0 : m <= 2 ? 1 : m <= 4 ? 2 : m <= 8 ? 3 : 4;
+        static const int row_counts[5] = {1, 2, 4, 8, QROWS};
+        *rows = row_counts[index];
+        return valid <= 16 ? one[index] : two[index];
     }
 #endif
     *rows = QROWS_PORTABLE;
@@ -285,7 +294,7 @@ TARGET static void SFX(gemm_q_run)(const uint8_t *qa, int P, int K, float sa, in
         E.bias = bias + n0;
         for (int p0 = 0; p0 < P;) {
             int rows;
-            SFX(qmicro_t) micro = SFX(pick_qmicro)(P - p0, &rows);
+            SFX(qmicro_t) micro = SFX(pick_qmicro)(P - p0, valid, &rows);
             int m = P - p0 < rows ? P - p0 : rows;
             for (int i = 0; i < m; i++) {
                 int p = p0 + i;
