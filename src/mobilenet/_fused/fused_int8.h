@@ -118,9 +118,11 @@ TARGET static float SFX(quantize)(const float *a, long lda, int P, int K, const 
         memset(q, *zp, (size_t)(P * kpad));
         return NAN;
     }
-    for (int p = 0; p < P; p++)
-        SFX(quantize_row)(a + (long)p * lda, K, kpad, inv, is_signed ? -127.0f : 0.0f, is_signed ? 127.0f : 255.0f,
-                          *zp, q + p * kpad);
+    float qlo = is_signed ? -127.0f : 0.0f, qhi = is_signed ? 127.0f : 255.0f;
+    if (lda == K && kpad == K && (long)P * K <= INT_MAX) /* rows back to back on both sides: one long row */
+        SFX(quantize_row)(a, P * K, (long)P * K, inv, qlo, qhi, *zp, q);
+    else
+        for (int p = 0; p < P; p++) SFX(quantize_row)(a + (long)p * lda, K, kpad, inv, qlo, qhi, *zp, q + p * kpad);
     return scale;
 }
 
