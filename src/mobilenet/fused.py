@@ -782,7 +782,8 @@ class FusedNetwork:
         return current
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The feature map (NCHW view of an NHWC tensor) of a float32 NCHW batch (V2's head conv included)."""
+        """The feature map (NCHW view of an NHWC tensor) of a float32 NCHW batch (V2's head conv included, run in
+        torch in float32 whatever the precision)."""
         with torch.inference_mode():
             current = self._run_body(x)
             if self.head is not None and self.head.weight is not None:
