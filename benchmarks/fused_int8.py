@@ -30,6 +30,7 @@ MODELS = ("mobilenet_v2_1.0_224", "mobilenet_v1_1.0_224")
 
 
 def _model(name: str) -> nn.Module:
+    torch.manual_seed(0)  # the same random weights every run
     model = create_model(name)
     generator = torch.Generator().manual_seed(0)
     for bn in model.modules():
