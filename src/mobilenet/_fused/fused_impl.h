@@ -151,9 +151,9 @@ TARGET static VEC SFX(depthwise_edge)(const float *const r[3], int ox, int strid
  * rows' pixels (or outside the tensor) and the first and last output pixels take only the taps inside the image.
  * The nine weights of a channel vector stay in registers while the row is swept. Where range is not NULL, the
  * smallest and largest output go into range[0] and range[1] too (the int8 projection's quantization range). */
-TARGET static void SFX(depthwise_row)(const float *const rows[3], int wout, int stride, int C, int cpad, int win,
-                                      int edges, const float *wd, const float *bd, float lo, float hi, long ldo,
-                                      float *out, VEC *range) {
+TARGET static inline __attribute__((always_inline)) void SFX(depthwise_row_impl)(
+    const float *const rows[3], int wout, int stride, int C, int cpad, int win, int edges, const float *wd,
+    const float *bd, float lo, float hi, long ldo, float *out, VEC *range) {
     VEC vlo = VSET1(lo), vhi = VSET1(hi);
     VEC rmin = VSET1(0.0f), rmax = VSET1(0.0f); /* in registers: range may alias out */
     int x_lo = edges ? 1 : 0;
@@ -198,6 +198,19 @@ TARGET static void SFX(depthwise_row)(const float *const rows[3], int wout, int 
         }
     }
     if (range) range[0] = VMIN(range[0], rmin), range[1] = VMAX(range[1], rmax);
+}
+
+/* The two instances of depthwise_row_impl: without the range (float32, no trace of it left) and with it (int8). */
+TARGET static void SFX(depthwise_row)(const float *const rows[3], int wout, int stride, int C, int cpad, int win,
+                                      int edges, const float *wd, const float *bd, float lo, float hi, long ldo,
+                                      float *out) {
+    SFX(depthwise_row_impl)(rows, wout, stride, C, cpad, win, edges, wd, bd, lo, hi, ldo, out, NULL);
+}
+
+TARGET static void SFX(depthwise_row_range)(const float *const rows[3], int wout, int stride, int C, int cpad,
+                                            int win, int edges, const float *wd, const float *bd, float lo, float hi,
+                                            long ldo, float *out, VEC *range) {
+    SFX(depthwise_row_impl)(rows, wout, stride, C, cpad, win, edges, wd, bd, lo, hi, ldo, out, range);
 }
 
 /* One row (image row y of the block's input) of the network's stem (V1 paper Table 1, V2 paper Table 2: a 3x3
@@ -298,9 +311,13 @@ TARGET static void SFX(run_rows)(const block_t *B, const scratch_t *S, int img, 
                 else
                     rows[ky] = S->ring + (y % S->ring_rows) * row_floats + c0;
             }
-            SFX(depthwise_row)(rows, B->wout, s, cw, B->cpad, B->w, direct, B->wd + c0, B->bd + c0, B->lo2, B->hi2,
-                               DW_LD(B->cpad), S->dw + (long)i * B->wout * DW_LD(B->cpad) + c0,
-                               B->int8 ? range : NULL);
+            float *dw = S->dw + (long)i * B->wout * DW_LD(B->cpad) + c0;
+            if (B->int8)
+                SFX(depthwise_row_range)(rows, B->wout, s, cw, B->cpad, B->w, direct, B->wd + c0, B->bd + c0, B->lo2,
+                                         B->hi2, DW_LD(B->cpad), dw, range);
+            else
+                SFX(depthwise_row)(rows, B->wout, s, cw, B->cpad, B->w, direct, B->wd + c0, B->bd + c0, B->lo2,
+                                   B->hi2, DW_LD(B->cpad), dw);
         }
         long out_pixel = ((long)img * B->hout + oy0) * B->wout;
         const float *res = T->residual ? B->in + out_pixel * B->cin : NULL;
