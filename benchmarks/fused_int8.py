@@ -4,7 +4,9 @@ AVX512-VNNI where the CPU has it) against the same runtime in float32 and ONNX R
 MobileNetV2 1.0-224 and MobileNetV1 1.0-224, random weights with BatchNorm statistics set, at batch 1 and 32, timed
 interleaved in one process. Printed per model and batch: median (and minimum) ms of each, the ratio fp32 / int8, and
 the int8 logits' relative error ||int8 - fp32|| / ||fp32|| and top-1 agreement against the PyTorch model (eager,
-float32) on a batch of seeded inputs. With random weights the logits hardly depend on the input, so the top-1
+float32) on a batch of seeded inputs. The two fused runs are timed a second time without ONNX Runtime in the rotation:
+its intra-op threads spin on after each of its runs (the backend leaves them so, for back-to-back runs) and take
+cores from whichever candidate comes next. With random weights the logits hardly depend on the input, so the top-1
 agreement here is a weak check; tests/test_fused.py measures it on a trained model.
 
     python benchmarks/fused_int8.py --threads 2 --rounds 20
@@ -67,12 +69,14 @@ def measure(name: str, *, batches: tuple[int, ...], threads: int, rounds: int, w
         x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(1))
         candidates = [Candidate(n, n, runner) for n, runner in runners.items()]
         times = time_interleaved(candidates, x, rounds=rounds, warmup=warmup)
+        alone = time_interleaved(candidates[:2], x, rounds=rounds, warmup=warmup)
         rows.append(
             {
                 "model": name,
                 "batch": batch,
                 "ms": {n: 1e3 * statistics.median(t) for n, t in times.items()},
                 "min_ms": {n: 1e3 * min(t) for n, t in times.items()},
+                "fused_alone_ms": {n: 1e3 * statistics.median(t) for n, t in alone.items()},
                 **quality,
             }
         )
@@ -100,6 +104,11 @@ def main() -> None:
                 print(f"  {runner:<12} {ms[runner]:8.2f} ms (min {low[runner]:8.2f})")
             ratio = ms["fused-fp32"] / ms["fused-int8"]
             print(f"  fp32 / int8 (fused): {ratio:.2f}x faster in int8 (target ~2)")
+            alone = row["fused_alone_ms"]
+            print(
+                f"  without onnxruntime in the rotation: fp32 {alone['fused-fp32']:.2f} ms, int8 "
+                f"{alone['fused-int8']:.2f} ms: {alone['fused-fp32'] / alone['fused-int8']:.2f}x"
+            )
             if "onnxruntime" in ms:
                 print(f"  onnxruntime / int8: {ms['onnxruntime'] / ms['fused-int8']:.2f}x")
             print(
