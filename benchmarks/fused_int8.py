@@ -6,8 +6,11 @@ interleaved in one process. Printed per model and batch: median (and minimum) ms
 the int8 logits' relative error ||int8 - fp32|| / ||fp32|| and top-1 agreement against the PyTorch model (eager,
 float32) on a batch of seeded inputs. The two fused runs are timed a second time without ONNX Runtime in the rotation:
 its intra-op threads spin on after each of its runs (the backend leaves them so, for back-to-back runs) and take
-cores from whichever candidate comes next. With random weights the logits hardly depend on the input, so the top-1
-agreement here is a weak check; tests/test_fused.py measures it on a trained model.
+cores from whichever candidate comes next. And once more in bursts (each round times ``--burst`` calls of one network
+back to back, after one untimed call): caches and workers warm, as when images come one after another; interleaving
+single calls instead makes every call start on caches the other network has just filled. With random weights the
+logits hardly depend on the input, so the top-1 agreement here is a weak check; tests/test_fused.py measures it on a
+trained model.
 
     python benchmarks/fused_int8.py --threads 2 --rounds 20
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from typing import Any
 
 import torch
@@ -54,7 +58,25 @@ def accuracy(model: nn.Module, network: FusedNetwork, *, inputs: int = 8) -> dic
     }
 
 
-def measure(name: str, *, batches: tuple[int, ...], threads: int, rounds: int, warmup: int) -> list[dict[str, Any]]:
+def time_bursts(candidates: list[Candidate], x: torch.Tensor, *, rounds: int, burst: int) -> dict[str, list[float]]:
+    """Seconds per call of each candidate, each round one untimed call and then ``burst`` timed calls back to back
+    per candidate, the candidates' order rotated by one each round."""
+    times: dict[str, list[float]] = {c.name: [] for c in candidates}
+    with torch.inference_mode():
+        for round_index in range(rounds):
+            shift = round_index % len(candidates)
+            for candidate in [*candidates[shift:], *candidates[:shift]]:
+                candidate.run(x)
+                start = time.perf_counter()
+                for _ in range(burst):
+                    candidate.run(x)
+                times[candidate.name].append((time.perf_counter() - start) / burst)
+    return times
+
+
+def measure(
+    name: str, *, batches: tuple[int, ...], threads: int, rounds: int, warmup: int, burst: int
+) -> list[dict[str, Any]]:
     """Per batch size: median and minimum ms of fp32 fused, int8 fused and (where installed) ONNX Runtime."""
     model = _model(name)
     runners: dict[str, Any] = {
@@ -70,6 +92,7 @@ def measure(name: str, *, batches: tuple[int, ...], threads: int, rounds: int, w
         candidates = [Candidate(n, n, runner) for n, runner in runners.items()]
         times = time_interleaved(candidates, x, rounds=rounds, warmup=warmup)
         alone = time_interleaved(candidates[:2], x, rounds=rounds, warmup=warmup)
+        bursts = time_bursts(candidates[:2], x, rounds=rounds, burst=burst if batch == 1 else 1)
         rows.append(
             {
                 "model": name,
@@ -77,6 +100,7 @@ def measure(name: str, *, batches: tuple[int, ...], threads: int, rounds: int, w
                 "ms": {n: 1e3 * statistics.median(t) for n, t in times.items()},
                 "min_ms": {n: 1e3 * min(t) for n, t in times.items()},
                 "fused_alone_ms": {n: 1e3 * statistics.median(t) for n, t in alone.items()},
+                "fused_burst_ms": {n: 1e3 * statistics.median(t) for n, t in bursts.items()},
                 **quality,
             }
         )
@@ -89,6 +113,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--burst", type=int, default=10, help="calls back to back per round (batch 1)")
     args = parser.parse_args()
     threads = set_threads(args.threads)
     machine = describe_machine(threads)
@@ -97,7 +122,10 @@ def main() -> None:
         f"load {machine.get('load_average')}"
     )
     for name in MODELS:
-        for row in measure(name, batches=tuple(args.batches), threads=threads, rounds=args.rounds, warmup=args.warmup):
+        rows = measure(
+            name, batches=tuple(args.batches), threads=threads, rounds=args.rounds, warmup=args.warmup, burst=args.burst
+        )
+        for row in rows:
             ms, low = row["ms"], row["min_ms"]
             print(f"\n{name} batch {row['batch']}:")
             for runner in ms:
@@ -108,6 +136,11 @@ def main() -> None:
             print(
                 f"  without onnxruntime in the rotation: fp32 {alone['fused-fp32']:.2f} ms, int8 "
                 f"{alone['fused-int8']:.2f} ms: {alone['fused-fp32'] / alone['fused-int8']:.2f}x"
+            )
+            hot = row["fused_burst_ms"]
+            print(
+                f"  back to back (bursts): fp32 {hot['fused-fp32']:.2f} ms, int8 {hot['fused-int8']:.2f} ms: "
+                f"{hot['fused-fp32'] / hot['fused-int8']:.2f}x"
             )
             if "onnxruntime" in ms:
                 print(f"  onnxruntime / int8: {ms['onnxruntime'] / ms['fused-int8']:.2f}x")
