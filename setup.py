@@ -13,7 +13,11 @@ setup(
         Extension(
             "mobilenet._fused_kernels",
             sources=["src/mobilenet/_fused/fused.c"],
-            depends=["src/mobilenet/_fused/fused_impl.h", "src/mobilenet/_fused/fused_undef.h"],
+            depends=[
+                "src/mobilenet/_fused/fused_impl.h",
+                "src/mobilenet/_fused/fused_int8.h",
+                "src/mobilenet/_fused/fused_undef.h",
+            ],
             extra_compile_args=["-O3", "-std=gnu11", "-fno-math-errno", "-Wall", "-Wno-unused-function"],
             extra_link_args=["-pthread"],
             optional=True,

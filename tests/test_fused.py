@@ -3,12 +3,14 @@ runs (the portable C build included), and its wrapper's refusals of bad input.""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 from torch import nn
 
+from conftest import quick_train
 from mobilenet.errors import MobileNetError
 from mobilenet.layers import ConvBNAct, DepthwiseSeparable, InvertedResidual
 from mobilenet.spec import Block, Layer
@@ -483,3 +485,284 @@ def test_network_on_non_square_input_and_other_thread_counts(name, threads):
         expected = model(x)
     got = network(x)
     assert float((got - expected).abs().max()) <= 1e-4 * float(expected.abs().max())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The int8 precision: 1x1 convs as int8 GEMMs (weights per output channel, activations per call, int32 sums)
+# ---------------------------------------------------------------------------------------------------------------
+
+#: ||int8 - fp32|| / ||fp32|| of a block's output or a network's logits: two 8-bit roundings per 1x1 conv of
+#: Gaussian-like activations (max about 5 times the rms) cost about 1% each.
+INT8_TOLERANCE = 0.03
+
+
+def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got - expected).norm() / expected.norm())
+
+
+def _emulated_int8_gemm(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, bounds) -> torch.Tensor:
+    """The int8 scheme in torch, independently of the kernel: weights symmetric per output channel (scale max|W| /
+    127), activations per call (all >= 0: scale max / 255, zero point 0; else scale max|A| / 127, values shifted by
+    128), integer products summed exactly (float64 holds these sums exactly), dequantized, biased and clamped."""
+    w_scale = weight.abs().amax(dim=0) / 127
+    w_int = (weight / torch.where(w_scale > 0, w_scale, 1)).round().clamp(-127, 127)
+    low, high = min(float(a.min()), 0.0), max(float(a.max()), 0.0)
+    signed = low < 0
+    a_max = torch.tensor(max(high, -low) if signed else high, dtype=torch.float32)
+    a_scale = a_max / (127 if signed else 255)
+    inverse = 1 / a_scale if a_scale > 0 else torch.tensor(0.0)
+    a_int = (a * inverse).clamp(-127 if signed else 0, 127 if signed else 255).round()
+    total = a_int.double() @ w_int.double()
+    return (total * (a_scale.double() * w_scale.double()) + bias.double()).clamp(*bounds).float()
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(
+    ("rows", "k", "n"),
+    [(1, 3, 5), (13, 17, 33), (12, 4, 32), (25, 64, 16), (100, 24, 144), (49, 960, 160), (7, 320, 1280)],
+)
+@pytest.mark.parametrize("sign", ["signed", "non-negative"])
+def test_int8_gemm_matches_an_emulation_of_its_quantization(isa, rows, k, n, sign):
+    """Exact up to float rounding: a wrong packing, zero point or column sum shows far above 1e-4."""
+    generator = torch.Generator().manual_seed(rows * k + n)
+    a = torch.randn(rows, k, generator=generator)
+    a = a.clamp(min=0) if sign == "non-negative" else a
+    weight, bias = torch.randn(k, n, generator=generator), torch.randn(n, generator=generator)
+    packed = fused.pack_int8(weight)
+    for bounds in ((-math.inf, math.inf), (0.0, 6.0)):
+        expected = _emulated_int8_gemm(a, weight, bias, bounds)
+        scale = float(expected.abs().max())
+        for column_sums in (True, False):
+            got = fused.int8_gemm(a, packed, bias, bounds=bounds, column_sums=column_sums, isa=isa)
+            assert got.shape == (rows, n)
+            assert float((got - expected).abs().max()) <= 1e-4 * scale
+    unquantized = (a @ weight + bias).clamp(0.0, 6.0)
+    assert float((unquantized - expected).abs().max()) > 1e-3 * scale  # the emulation is not float32 in disguise
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_int8_gemm_on_zero_tiny_huge_and_nonfinite_activations(isa):
+    weight, bias = torch.randn(40, 20), torch.randn(20)
+    packed = fused.pack_int8(weight)
+    for a in (torch.zeros(5, 40), torch.full((5, 40), 1e-40)):  # scale 0 (or subnormal): no division by zero
+        assert torch.equal(fused.int8_gemm(a, packed, bias, isa=isa), bias.expand(5, 20))
+    huge = torch.randn(5, 40, generator=torch.Generator().manual_seed(0)) * 1e30
+    expected = _emulated_int8_gemm(huge, weight, bias, (-math.inf, math.inf))
+    assert float((fused.int8_gemm(huge, packed, bias, isa=isa) - expected).abs().max()) <= 1e-4 * float(
+        expected.abs().max()
+    )
+    for bad in (math.nan, math.inf, -math.inf):  # every output of the call is NaN before its clamp, as in fp32
+        a = torch.randn(5, 40)
+        a[2, 7] = bad
+        assert torch.equal(fused.int8_gemm(a, packed, bias, bounds=(0.0, 6.0), isa=isa), torch.zeros(5, 20))
+        assert bool((fused.int8_gemm(a, packed, bias, isa=isa) == -math.inf).all())
+
+
+def test_pack_int8_layout_and_refusals():
+    weight = torch.randn(6, 3)
+    packed = fused.pack_int8(weight)
+    assert (packed.rows, packed.columns) == (6, 3)
+    assert packed.weight.dtype == torch.int8 and packed.weight.numel() == 8 * fused.PANEL  # K padded to 8
+    grid = packed.weight.view(2, fused.PANEL, 4)  # [K / 4 groups][PANEL columns][4 consecutive k]
+    scale = weight.abs().amax(dim=0) / 127
+    expected = (weight / scale).round()
+    assert torch.equal(grid[:, :3].permute(0, 2, 1).reshape(8, 3)[:6].float(), expected)
+    assert torch.equal(grid[1, :, 2:], torch.zeros(fused.PANEL, 2, dtype=torch.int8))  # the K padding
+    assert torch.equal(packed.colsum[:3], expected.sum(dim=0).int())
+    assert torch.equal(fused.pack_int8(torch.zeros(4, 2)).scale[:2], torch.zeros(2))
+    for bad, match in (
+        ("weights", "matrix"),
+        (torch.zeros(4), "matrix"),
+        (torch.zeros(0, 3), "matrix"),
+        (torch.tensor([[1.0, math.nan]]), "NaN"),
+    ):
+        with pytest.raises(MobileNetError, match=match):
+            fused.pack_int8(bad)
+    with pytest.raises(MobileNetError, match=r"\(P, 6\)"):
+        fused.int8_gemm(torch.zeros(2, 5), packed)
+    with pytest.raises(MobileNetError, match="float32"):
+        fused.int8_gemm(torch.zeros(2, 6, dtype=torch.float64), packed)
+    with pytest.raises(MobileNetError, match="Int8Weights"):
+        fused.int8_gemm(torch.zeros(2, 6), weight)
+    with pytest.raises(MobileNetError, match="bias"):
+        fused.int8_gemm(torch.zeros(2, 6), packed, torch.zeros(4))
+    with pytest.raises(MobileNetError, match="bias"):
+        fused.int8_gemm(torch.zeros(2, 6), packed, [0.0, 0.0, 0.0])
+    with pytest.raises(MobileNetError, match="bounds"):
+        fused.int8_gemm(torch.zeros(2, 6), packed, bounds=(0.0,))
+    forged = dataclasses.replace(packed, weight=packed.weight[:-4])  # the kernel would read past its end
+    with pytest.raises(MobileNetError, match=r"Int8Weights\.weight"):
+        fused.int8_gemm(torch.zeros(2, 6), forged)
+    with pytest.raises(MobileNetError, match=r"Int8Weights\.scale"):
+        fused.int8_gemm(torch.zeros(2, 6), dataclasses.replace(packed, scale=packed.scale.double()))
+
+
+def check_int8_block(module: nn.Module, size: int, *, batch: int = 2, isa: str, threads: int = 2) -> None:
+    packed = fused.pack_block(module, "int8")
+    assert packed.precision == "int8"
+    x = torch.randn(batch, packed.in_channels, size, size, generator=torch.Generator().manual_seed(size))
+    with torch.inference_mode():
+        expected = module(x).permute(0, 2, 3, 1)
+    got = packed(x.permute(0, 2, 3, 1).contiguous(), threads=threads, isa=isa)
+    assert got.shape == expected.shape
+    assert 1e-5 < _relative_error(got, expected) < INT8_TOLERANCE  # quantized, and close
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("split_rows", [0, 10**6])
+@pytest.mark.parametrize(
+    "module",
+    [
+        inverted_residual(160, 160, 6, 1),
+        inverted_residual(24, 17, 6, 2),
+        inverted_residual(13, 40, 3, 2),
+        inverted_residual(40, 40, 1, 1),
+        separable(72, 50, 1),
+        separable(33, 64, 2),
+        separable(24, 40, 1, activation="relu6"),
+    ],
+    ids=["residual", "stride2", "odd-channels", "t1", "separable", "separable-stride2", "separable-relu6"],
+)
+def test_int8_blocks_are_close_to_pytorch_in_rows_and_channel_split(monkeypatch, isa, split_rows, module):
+    """Rows split between threads, or (few rows) the expanded channels, each slice's projection summing its own
+    int8 partial (with the column sums of its slice of K)."""
+    monkeypatch.setattr(fused, "CHANNEL_SPLIT_ROWS", split_rows)
+    for size, batch, threads in ((7, 1, 2), (9, 3, 3), (5, 2, 1), (15, 2, 2)):
+        check_int8_block(module, size, batch=batch, isa=isa, threads=threads)
+
+
+def test_int8_block_on_a_large_map_and_on_zeros():
+    check_int8_block(inverted_residual(16, 24, 6, 2), 112, batch=2, isa=ISAS[-1])
+    module = inverted_residual(24, 24, 6, 1)
+    zeros = torch.zeros(1, 9, 9, 24)  # every expansion GEMM quantizes an all-zero A (scale 0)
+    with torch.inference_mode():
+        expected = module(zeros.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    for isa in ISAS:
+        got = fused.pack_block(module, "int8")(zeros, isa=isa)
+        assert _relative_error(got, expected) < INT8_TOLERANCE
+
+
+@pytest.mark.parametrize("precision", ["int4", "FP32", "", None, 8, ("int8",)])
+def test_bad_precision_is_refused(precision):
+    module = inverted_residual(16, 16, 6, 1)
+    for make in (
+        lambda: fused.pack_block(module, precision),
+        lambda: fused.pack_head(
+            _folded(_randomized(ConvBNAct(_layer("pointwise", 8, 32, 1, 1, 1, "relu6")))), 8, precision
+        ),
+        lambda: fused.FusedNetwork(_model_with_statistics("mobilenet_v2_1.0_224", alpha=0.35), precision=precision),
+    ):
+        with pytest.raises(MobileNetError, match=r"unknown precision .*expected one of \['fp32', 'int8'\]"):
+            make()
+
+
+def test_fp32_stays_the_default():
+    assert fused.pack_block(inverted_residual(16, 16, 6, 1)).int8 is None
+    network = fused.FusedNetwork(_model_with_statistics("mobilenet_v2_1.0_224", alpha=0.35))
+    assert network.precision == "fp32" and network.head is not None and network.head.int8 is None
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(
+    ("channels", "out_channels", "size"), [(320, 1280, 7), (112, 1280, 4), (56, 40, 9), (17, 33, 1)]
+)
+def test_int8_head_conv_is_close_to_pytorch(isa, channels, out_channels, size):
+    head_module = _randomized(ConvBNAct(_layer("pointwise", channels, out_channels, 1, 1, 1, "relu6")))
+    x = torch.randn(3, channels, size, size, generator=torch.Generator().manual_seed(channels))
+    with torch.inference_mode():
+        expected = head_module(x).mean(dim=(2, 3))
+    head = fused.pack_head(_folded(head_module), channels, "int8")
+    assert head.int8 is not None
+    got = head(x.permute(0, 2, 3, 1).contiguous(), isa=isa)
+    assert 1e-5 < _relative_error(got, expected) < INT8_TOLERANCE
+
+
+def _check_int8_network(network, model, x) -> None:
+    """The logits' relative error. Not their top-1: these random networks give nearly the same logits for every
+    input, their top two a hair apart (see conftest.quick_train); test_int8_network_agrees_with_pytorch_on_a_
+    trained_model checks top-1 agreement where it means something."""
+    with torch.inference_mode():
+        expected = model(x)
+    got = network(x)
+    assert got.shape == expected.shape
+    assert 1e-5 < _relative_error(got, expected) < INT8_TOLERANCE
+
+
+@pytest.mark.parametrize(
+    ("name", "alpha", "size"),
+    [
+        ("mobilenet_v1_1.0_224", 0.25, 224),
+        ("mobilenet_v1_1.0_224", 1.0, 130),
+        ("mobilenet_v2_1.0_224", 0.35, 224),
+        ("mobilenet_v2_1.0_224", 1.0, 224),
+        ("mobilenet_v2_1.0_224", 1.4, 97),
+    ],
+)
+def test_int8_network_is_close_to_pytorch(name, alpha, size):
+    model = _model_with_statistics(name, alpha=alpha)
+    network = fused.FusedNetwork(model, threads=2, precision="int8")
+    assert network.precision == "int8" and network._one_call()
+    x = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(size))
+    _check_int8_network(network, model, x)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("name", ["mobilenet_v1_1.0_224", "mobilenet_v2_1.0_224"])
+def test_int8_network_on_every_isa_and_thread_count(isa, threads, name):
+    model = _model_with_statistics(name, alpha=0.5)
+    network = fused.FusedNetwork(model, threads=threads, isa=isa, precision="int8")
+    x = torch.randn(2, 3, 113, 67, generator=torch.Generator().manual_seed(threads))
+    _check_int8_network(network, model, x)
+
+
+def test_int8_network_in_one_call_and_step_by_step(monkeypatch):
+    model = _model_with_statistics("mobilenet_v2_1.0_224", alpha=0.5)
+    network = fused.FusedNetwork(model, threads=2, precision="int8")
+    x = torch.randn(2, 3, 97, 97, generator=torch.Generator().manual_seed(3))
+    one_call = network(x)
+    assert torch.equal(network(x), one_call)  # deterministic: the same calls, the same scales
+    monkeypatch.setattr(network, "_one_call", lambda: False)
+    step_by_step = network(x)
+    assert torch.allclose(one_call, step_by_step, rtol=0, atol=1e-5 * float(one_call.abs().max()))
+    _check_int8_network(network, model, x)
+
+
+def test_int8_network_on_nan_and_inf_input():
+    """Like the fp32 fused network (and unlike PyTorch, whose logits turn NaN), the stem's clamp maps a NaN to its
+    lower bound and an infinity to a bound, so the logits stay finite; int8 then keeps close to fp32 fused."""
+    model = _model_with_statistics("mobilenet_v2_1.0_224", alpha=0.35)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    x[0, 0, 5, 5], x[1, 1, 3, 3], x[1, 2, 9, 9] = math.nan, math.inf, -math.inf
+    fp32 = fused.FusedNetwork(model)(x)
+    int8 = fused.FusedNetwork(model, precision="int8")(x)
+    assert torch.isfinite(int8).all()
+    assert _relative_error(int8, fp32) < INT8_TOLERANCE
+
+
+@pytest.fixture(scope="module")
+def trained_digits_model():
+    """MobileNetV1 0.25 at 32 px trained briefly on scikit-learn's digits (conftest.quick_train): a network whose
+    decisions rest on real features, the only kind whose top-1 agreement says anything about quantization."""
+    pytest.importorskip("sklearn")
+    from mobilenet.data import build_eval_transform, load_digits
+    from mobilenet.models import create_model
+
+    bundle = load_digits(size=32)
+    transform = build_eval_transform(bundle.preprocessing(32))
+    torch.manual_seed(0)
+    model = create_model("mobilenet_v1_0.25_128", resolution=32, num_classes=10, dropout=0.0)
+    quick_train(model, torch.stack([transform(image) for image in bundle.train.images]), bundle.train.labels, 120)
+    return model, torch.stack([transform(image) for image in bundle.val.images]), bundle.val.labels
+
+
+def test_int8_network_agrees_with_pytorch_on_a_trained_model(trained_digits_model):
+    model, images, labels = trained_digits_model
+    with torch.inference_mode():
+        expected = model(images)
+    accuracy = float((expected.argmax(dim=1) == torch.as_tensor(labels)).float().mean())
+    assert accuracy > 0.5  # trained (chance is 0.1)
+    for isa in ISAS:
+        got = fused.FusedNetwork(model, threads=2, isa=isa, precision="int8")(images)
+        assert 1e-5 < _relative_error(got, expected) < 2 * INT8_TOLERANCE
+        assert float((got.argmax(dim=1) == expected.argmax(dim=1)).float().mean()) >= 0.95

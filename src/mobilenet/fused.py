@@ -13,6 +13,13 @@ block (V1 paper Figure 3: 3x3 depthwise + ReLU, 1x1 pointwise + ReLU) runs on th
 output channels, the layout the kernel's register-blocked 1x1 micro-kernels read. The kernel picks AVX-512,
 AVX2+FMA or portable C at run time; ``isa=`` or the ``MOBILENET_FUSED_ISA`` environment variable forces one.
 
+``precision="int8"`` runs the 1x1 convs (expansion, projection, V1's pointwise, V2's head conv) as int8 GEMMs
+(:func:`pack_int8`): weights symmetric per output channel, activations quantized per GEMM call from the values
+present (no calibration), products summed exactly in int32 (AVX512-VNNI where the CPU has it, portable C
+elsewhere: on a CPU without VNNI, :func:`has_vnni` False, int8 is slower than float32), everything else (the stem, the
+depthwise conv, the ring, the classifier) in float32. The result is the same from call to call, but depends slightly
+on how a block's rows are cut into calls (threads, tiles), as dynamic quantization does.
+
 The extension is optional: :func:`fused_available` says whether it was built, and every entry point raises a
 :class:`~mobilenet.errors.MobileNetError` naming how to build it when it was not.
 """
@@ -42,15 +49,20 @@ except ImportError:  # built without a C compiler: the package works, the fused 
 __all__ = [
     "BUILD_HINT",
     "ISA_ENV",
+    "PRECISIONS",
     "FusedBlock",
     "FusedHead",
     "FusedNetwork",
     "FusedStem",
+    "Int8Weights",
     "MemoryPlan",
     "best_isa",
     "fused_available",
+    "has_vnni",
+    "int8_gemm",
     "pack_block",
     "pack_head",
+    "pack_int8",
     "pack_linear",
     "pack_stem",
     "supported_isas",
@@ -68,6 +80,8 @@ CACHE_BUDGET = 512 * 1024
 #: Where a batch has at most this many output rows, a block's threads split its expanded channels instead of its
 #: rows: cutting few rows re-expands the depthwise conv's overlap rows and makes every thread read all the weights.
 CHANNEL_SPLIT_ROWS = 7
+#: What the 1x1 convs compute in: float32, or int8 weights and activations with int32 sums.
+PRECISIONS = ("fp32", "int8")
 #: The kernel pads channel counts to this many floats (one AVX-512 vector).
 CHANNEL_ALIGN = 16
 #: 1x1 weights are stored in panels of this many output channels (fused.c's PANEL).
@@ -116,6 +130,14 @@ def check_threads(threads: Any) -> int:
     if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
         raise MobileNetError(f"threads must be an integer in 1..{MAX_THREADS}, got {threads!r}")
     return threads
+
+
+def check_precision(precision: Any) -> str:
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise MobileNetError(
+            f"unknown precision {precision!r} for the fused kernel; expected one of {list(PRECISIONS)}"
+        )
+    return precision
 
 
 def _padded(channels: int) -> int:
@@ -177,6 +199,111 @@ def _pad_vector(vector: torch.Tensor, length: int) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class Int8Weights:
+    """A (K, N) 1x1 weight matrix in int8 for the kernel's VNNI layout: ``weight`` holds panels of PANEL output
+    channels, each ceil(K / 4) groups of PANEL x 4 bytes (four consecutive input channels of one output channel, the
+    four products one vpdpbusd lane sums; K zero padded to a multiple of 4), flattened; ``colsum`` (int32) the sum of
+    each output channel's int8 weights, for the activations' zero point; ``scale`` (float32) each output channel's
+    scale. The three are padded to whole panels with zeros."""
+
+    rows: int
+    columns: int
+    weight: torch.Tensor
+    colsum: torch.Tensor
+    scale: torch.Tensor
+
+    def addresses(self) -> tuple[int, int, int]:
+        return self.weight.data_ptr(), self.colsum.data_ptr(), self.scale.data_ptr()
+
+    def check(self) -> None:
+        """Refuses tensors that do not hold the layout (the kernel reads them by address, unchecked)."""
+        columns = -(-self.columns // PANEL) * PANEL
+        expected = {
+            "weight": (self.weight, torch.int8, -(-self.rows // 4) * 4 * columns),
+            "colsum": (self.colsum, torch.int32, columns),
+            "scale": (self.scale, torch.float32, columns),
+        }
+        for name, (tensor, dtype, size) in expected.items():
+            if not (
+                isinstance(tensor, torch.Tensor)
+                and tensor.dtype == dtype
+                and tensor.device.type == "cpu"
+                and tensor.is_contiguous()
+                and tensor.numel() == size
+            ):
+                raise MobileNetError(
+                    f"Int8Weights.{name} must be a contiguous {dtype} CPU tensor of {size} values "
+                    f"(mobilenet.fused.pack_int8 makes them), got {_describe(tensor)}"
+                )
+
+
+def pack_int8(matrix: torch.Tensor) -> Int8Weights:
+    """Quantize a (K, N) float 1x1 weight matrix symmetrically per output channel (scale max|W[:, n]| / 127, q =
+    round(W / scale) in [-127, 127]; an all-zero channel has scale 0) and pack it (:class:`Int8Weights`)."""
+    if not isinstance(matrix, torch.Tensor) or matrix.dim() != 2 or min(matrix.shape) < 1:
+        raise MobileNetError(f"pack_int8 takes a non-empty (K, N) weight matrix, got {_describe(matrix)}")
+    matrix = matrix.detach().float().cpu()
+    if not bool(torch.isfinite(matrix).all()):
+        raise MobileNetError("pack_int8: the weight matrix holds NaN or infinite values")
+    rows, columns = int(matrix.shape[0]), int(matrix.shape[1])
+    scale = matrix.abs().amax(dim=0) / 127
+    quantized = (matrix / torch.where(scale > 0, scale, 1)).round().clamp(-127, 127).to(torch.int8)
+    count, kpad = -(-columns // PANEL), -(-rows // 4) * 4
+    padded = torch.zeros(kpad, count * PANEL, dtype=torch.int8)
+    padded[:rows, :columns] = quantized
+    packed = padded.reshape(kpad // 4, 4, count, PANEL).permute(2, 0, 3, 1).contiguous().reshape(-1)
+    colsum = padded.sum(dim=0, dtype=torch.int32).contiguous()
+    return Int8Weights(rows, columns, packed, colsum, _pad_vector(scale, count * PANEL))
+
+
+def _describe(value: Any) -> str:
+    return f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def int8_gemm(
+    a: torch.Tensor,
+    weights: Int8Weights,
+    bias: torch.Tensor | None = None,
+    *,
+    bounds: tuple[float, float] = (-math.inf, math.inf),
+    column_sums: bool = True,
+    isa: str | None = None,
+) -> torch.Tensor:
+    """The kernel's int8 1x1 conv GEMM on its own, on one thread: ``clamp(dequantize(quantize(a) @ W) + bias)`` for
+    a (P, K) float32 ``a`` (quantized as one call quantizes its pixels, see fused_int8.h), as (P, N) float32.
+    ``column_sums=False`` makes the kernel sum the weights' columns itself, as it does for a slice of K rows
+    (channel-split mode). For checking the int8 arithmetic against an emulation of the quantization."""
+    kernels = _require_kernels()
+    if not isinstance(weights, Int8Weights):
+        raise MobileNetError(f"weights must be Int8Weights (mobilenet.fused.pack_int8), got {type(weights).__name__}")
+    weights.check()
+    rows, columns = weights.rows, weights.columns
+    if not isinstance(a, torch.Tensor) or a.dim() != 2 or a.shape[1] != rows or not 1 <= a.shape[0] <= _MAX_DIM:
+        raise MobileNetError(f"int8_gemm takes a (P, {rows}) float32 tensor, got {_describe(a)}")
+    if a.dtype != torch.float32 or a.device.type != "cpu":
+        raise MobileNetError(f"int8_gemm takes a float32 CPU tensor, got {a.dtype} on {a.device}")
+    bias = torch.zeros(columns) if bias is None else bias
+    if not isinstance(bias, torch.Tensor) or bias.numel() != columns:
+        raise MobileNetError(f"int8_gemm: bias must be a tensor of {columns} values, got {_describe(bias)}")
+    if not (isinstance(bounds, tuple) and len(bounds) == 2 and all(isinstance(b, int | float) for b in bounds)):
+        raise MobileNetError(f"int8_gemm: bounds must be a (low, high) pair of numbers, got {bounds!r}")
+    bias = _pad_vector(bias.detach().float().cpu().reshape(-1), -(-columns // PANEL) * PANEL)
+    a = a.contiguous()
+    out = torch.empty(int(a.shape[0]), columns)
+    w, colsum, scale = weights.addresses()
+    kernels.gemm_int8(
+        a.data_ptr(), out.data_ptr(), int(a.shape[0]), rows, columns, w, colsum if column_sums else 0, scale,
+        bias.data_ptr(), float(bounds[0]), float(bounds[1]), _isa_code(isa),
+    )  # fmt: skip
+    return out
+
+
+def has_vnni() -> bool:
+    """Whether the avx512 build's int8 GEMM runs AVX512-VNNI micro-kernels on this CPU (else portable C)."""
+    return bool(_require_kernels().has_vnni())
+
+
+@dataclass(frozen=True)
 class FusedBlock:
     """A block packed for the kernel: 1x1 weights as panels of PANEL output channels (each input channels x PANEL,
     flattened), depthwise weights as (9 taps, padded channels), biases padded; ``bounds`` are the three stages'
@@ -190,6 +317,12 @@ class FusedBlock:
     residual: bool
     tensors: dict[str, torch.Tensor | None]
     bounds: tuple[float, float, float, float, float, float]
+    #: int8 (``precision="int8"``): the expansion's (None without one) and the projection's int8 weights.
+    int8: tuple[Int8Weights | None, Int8Weights] | None = None
+
+    @property
+    def precision(self) -> str:
+        return "fp32" if self.int8 is None else "int8"
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """The output's spatial size for an input of ``height`` x ``width`` (3x3 kernel, padding 1)."""
@@ -242,8 +375,14 @@ class FusedBlock:
             0 if t["we"] is None else t["we"].data_ptr(), 0 if t["be"] is None else t["be"].data_ptr(),
             t["wd"].data_ptr(), t["bd"].data_ptr(), t["wp"].data_ptr(), t["bp"].data_ptr(),
             *self.bounds, int(self.residual), threads, code, CACHE_BUDGET,
-            None if stem is None else stem.arguments(x), CHANNEL_SPLIT_ROWS,
+            None if stem is None else stem.arguments(x), CHANNEL_SPLIT_ROWS, self._int8_arguments(),
         )  # fmt: skip
+
+    def _int8_arguments(self) -> tuple[int, ...] | None:
+        if self.int8 is None:
+            return None
+        expand, project = self.int8
+        return (*(expand.addresses() if expand is not None else (0, 0, 0)), *project.addresses())
 
     def _check_stem_input(self, image: Any, stem: Any) -> tuple[int, int, int]:
         """The batch size and the stem's output size for an NCHW ``image``, after checking the stem can feed this
@@ -292,9 +431,11 @@ def _check_output(out: Any, x: torch.Tensor, shape: tuple[int, int, int, int]) -
     return out
 
 
-def pack_block(module: nn.Module) -> FusedBlock:
+def pack_block(module: nn.Module, precision: str = "fp32") -> FusedBlock:
     """Pack an :class:`~mobilenet.layers.InvertedResidual` or :class:`~mobilenet.layers.DepthwiseSeparable` for the
-    kernel, folding its BatchNorms (eval-mode statistics) first; the module is not modified."""
+    kernel, folding its BatchNorms (eval-mode statistics) first; the module is not modified. ``precision="int8"``
+    also packs its 1x1 convs' weights in int8 (:func:`pack_int8`), which the kernel then runs them from."""
+    check_precision(precision)
     if not isinstance(module, InvertedResidual | DepthwiseSeparable):
         raise MobileNetError(
             f"the fused kernel runs InvertedResidual and DepthwiseSeparable blocks, got {type(module).__name__}"
@@ -325,12 +466,16 @@ def pack_block(module: nn.Module) -> FusedBlock:
     tensors["wd"] = _pad_columns(wd.reshape(expanded, 9).t(), _padded(expanded))
     tensors["bd"] = _pad_vector(bd, _padded(expanded))
     tensors["wp"] = _panels(wp.reshape(out_channels, expanded).t())
+    int8 = None
+    if precision == "int8":
+        expand_int8 = pack_int8(we.reshape(expanded, in_channels).t()) if expand is not None else None
+        int8 = (expand_int8, pack_int8(wp.reshape(out_channels, expanded).t()))
     tensors["bp"] = _pad_vector(bp, _padded(out_channels))
     residual = bool(getattr(folded, "use_residual", False))
     if residual and (stride != 1 or in_channels != out_channels):
         raise MobileNetError("a shortcut needs stride 1 and as many output channels as input channels")
     bounds = (lo1, hi1, *_bounds(depthwise.act, "the depthwise conv"), *_bounds(project.act, "the pointwise conv"))
-    return FusedBlock(kind, int(in_channels), int(expanded), int(out_channels), stride, residual, tensors, bounds)
+    return FusedBlock(kind, int(in_channels), int(expanded), int(out_channels), stride, residual, tensors, bounds, int8)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -403,6 +548,8 @@ class FusedHead:
     weight: torch.Tensor | None
     bias: torch.Tensor | None
     bounds: tuple[float, float]
+    #: int8 (``precision="int8"``): the conv's int8 weights, which the kernel then runs it from.
+    int8: Int8Weights | None = None
 
     def __call__(self, x: torch.Tensor, *, threads: int = 2, isa: str | None = None) -> torch.Tensor:
         """The pooled (N, out_channels) features of a contiguous NHWC float32 CPU batch."""
@@ -423,12 +570,13 @@ class FusedHead:
             x.data_ptr(), out.data_ptr(), batch, height * width, self.in_channels, self.out_channels,
             _padded(self.out_channels), 0 if self.weight is None else self.weight.data_ptr(),
             0 if self.bias is None else self.bias.data_ptr(), *self.bounds, threads, code,
-        )  # fmt: skip
+        ) + ((self.int8.addresses(),) if self.int8 is not None else ())  # fmt: skip
 
 
-def pack_head(unit: nn.Module | None, channels: int) -> FusedHead:
+def pack_head(unit: nn.Module | None, channels: int, precision: str = "fp32") -> FusedHead:
     """Pack a BatchNorm-folded 1x1 :class:`~mobilenet.layers.ConvBNAct` taking ``channels`` channels (None: the
-    pool alone) as the head run before the global average pool."""
+    pool alone) as the head run before the global average pool; ``precision="int8"`` runs the conv in int8."""
+    check_precision(precision)
     check_channels = isinstance(channels, int) and not isinstance(channels, bool) and 1 <= channels <= _MAX_DIM
     if not check_channels:
         raise MobileNetError(f"the fused head takes a positive channel count, got {channels!r}")
@@ -440,9 +588,10 @@ def pack_head(unit: nn.Module | None, channels: int) -> FusedHead:
     out_channels = int(weight.shape[0])
     if weight.shape[1] != channels:
         raise MobileNetError(f"the head conv takes {weight.shape[1]} channels, the last block gives {channels}")
-    packed = _panels(weight.reshape(out_channels, channels).t())
+    matrix = weight.reshape(out_channels, channels).t()
     bounds = _bounds(unit.act, "the head conv")
-    return FusedHead(channels, out_channels, packed, _pad_vector(bias, _padded(out_channels)), bounds)
+    int8 = pack_int8(matrix) if precision == "int8" else None
+    return FusedHead(channels, out_channels, _panels(matrix), _pad_vector(bias, _padded(out_channels)), bounds, int8)
 
 
 def pack_linear(linear: nn.Module) -> FusedHead:
@@ -511,10 +660,13 @@ class FusedNetwork:
     residual block runs fused, V2's head 1x1 conv and the global average pool run fused (a tile at a time), and the
     classifier (an ``nn.Linear``) runs on the kernel as a 1x1 conv of the pooled vector; anything else (a factored
     classifier, a pool that is not global) runs in torch, on the BatchNorm-folded model. Fused blocks write into two
-    ping-pong NHWC buffers allocated once per input shape. Takes and returns what the model does (NCHW in, logits)."""
+    ping-pong NHWC buffers allocated once per input shape. Takes and returns what the model does (NCHW in, logits).
+    ``precision="int8"`` runs the blocks' 1x1 convs and V2's head conv as int8 GEMMs (see the module docstring); the
+    stem, the depthwise convs and the classifier stay float32."""
 
-    def __init__(self, model: nn.Module, *, threads: int = 2, isa: str | None = None) -> None:
+    def __init__(self, model: nn.Module, *, threads: int = 2, isa: str | None = None, precision: str = "fp32") -> None:
         _require_kernels()
+        self.precision = check_precision(precision)
         if not isinstance(model, MobileNet) or model.config.family not in ("v1", "v2"):
             raise MobileNetError(
                 f"the fused runtime runs MobileNet V1/V2 models, got {type(model).__name__} "
@@ -526,7 +678,7 @@ class FusedNetwork:
         self.stages: list[FusedBlock | nn.Module] = []
         for block in self.model.features:
             if isinstance(block, InvertedResidual | DepthwiseSeparable):
-                self.stages.append(pack_block(block))
+                self.stages.append(pack_block(block, precision))
             elif isinstance(block, ConvBNAct):
                 self.stages.append(block.to(memory_format=torch.channels_last))
             else:
@@ -556,7 +708,7 @@ class FusedNetwork:
         conv = last.conv
         if not isinstance(previous, FusedBlock) or conv.kernel_size != (1, 1) or conv.groups != 1:
             return None
-        return pack_head(last, previous.out_channels)
+        return pack_head(last, previous.out_channels, self.precision)
 
     @property
     def _body(self) -> list[FusedBlock | nn.Module]:
@@ -630,7 +782,8 @@ class FusedNetwork:
         return current
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The feature map (NCHW view of an NHWC tensor) of a float32 NCHW batch (V2's head conv included)."""
+        """The feature map (NCHW view of an NHWC tensor) of a float32 NCHW batch (V2's head conv included, run in
+        torch in float32 whatever the precision)."""
         with torch.inference_mode():
             current = self._run_body(x)
             if self.head is not None and self.head.weight is not None:

@@ -5,12 +5,16 @@
  *
  * Three builds of the kernels (fused_impl.h): AVX-512 (F/BW/VL), AVX2 + FMA and portable C, chosen at run time by
  * __builtin_cpu_supports, so the module runs on any x86-64 CPU (or any CPU, where only the portable one exists).
+ * The "int8" precision (fused_int8.h) runs the 1x1 convs as int8 GEMMs: AVX512-VNNI micro-kernels in the AVX-512 build
+ * where the CPU has avx512vnni, portable C otherwise (the AVX2 build included).
  * Work is split by output rows over a small persistent pthread pool. Arguments arrive as raw addresses from
  * mobilenet.fused, which validates every shape and pointer first. */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <float.h>
+#include <limits.h>
 #include <math.h>
 #include <pthread.h>
 #include <sched.h>
@@ -32,6 +36,20 @@
  * or two L1 sets). */
 #define DW_LD(cpad) ((long)(cpad) + ((cpad) % 256 == 0 ? 16 : 0))
 
+/* A 1x1 conv's weights in int8 (the "int8" precision, mobilenet.fused.pack_int8): panels of PANEL output channels,
+ * each KPAD4(K) / 4 groups of PANEL x 4 bytes (four consecutive input channels of one output channel are the four
+ * bytes one VNNI lane multiplies and sums), panel_bytes apart; per output channel the sum of its int8 weights (the
+ * zero-point correction; NULL: summed when needed, for a call over a slice of K) and its scale. */
+typedef struct {
+    const int8_t *w;
+    long panel_bytes;
+    const int32_t *colsum;
+    const float *scale;
+} qmat_t;
+#define KPAD4(k) (((long)(k) + 3) & ~3L)
+/* The int8 micro-kernels' most pixel rows, and the slack rows after a quantized A they may read. */
+#define QROWS 12
+
 typedef struct {
     const float *in; /* n x h x w x cin */
     float *out;      /* n x hout x wout x cout */
@@ -52,6 +70,9 @@ typedef struct {
     int split;
     float *partial;
     const float *zero_bias;
+    /* int8: the expansion (qe, when we) and the projection (qp) run as int8 GEMMs from these weights. */
+    int int8;
+    qmat_t qe, qp;
 } block_t;
 
 /* Where a projection goes: the block's output (bias, clamp, shortcut) or a partial sum (no bias, no clamp). */
@@ -83,6 +104,12 @@ typedef struct {
     float *out;
     int n, p, k, nout, npad;
     float lo, hi;
+    int int8; /* the conv runs as an int8 GEMM from q */
+    qmat_t q;
+    /* int8: the input quantized once per step (fused_impl.h, head_quantize) */
+    const uint8_t *qa;
+    const float *qsa;
+    const int *qzp;
 } head_t;
 #define HEAD_COLS 64 /* a multiple of PANEL */
 #define HEAD_PIX 64
@@ -94,7 +121,13 @@ typedef struct {
     float *col;            /* the stem's im2col of one row: w x cimg * 9 */
     const float *zero_row; /* (w + 2) x cpad zeros, shared */
     int ring_rows, tile_rows;
+    uint8_t *qa;   /* int8: a GEMM's quantized A, (P + QROWS) x KPAD4(K) bytes */
+    int32_t *qsum; /* int8: column sums of a slice of K rows */
+    long *qoff;    /* int8: each pixel's output offset in a GEMM call */
 } scratch_t;
+
+/* Whether the CPU runs AVX512-VNNI (the int8 GEMM's fast micro-kernel); set when the module loads. */
+static int cpu_has_vnni;
 
 /* ---- portable C ------------------------------------------------------------------------------------------ */
 #define SFX(name) name##_portable
@@ -110,6 +143,7 @@ typedef struct {
 #define VSET1(x) (x)
 #define VFMA(a, b, c) ((a) * (b) + (c))
 #define VADD(a, b) ((a) + (b))
+#define VMUL(a, b) ((a) * (b))
 #define VMAX(a, b) ((a) > (b) ? (a) : (b))
 #define VMIN(a, b) ((a) < (b) ? (a) : (b))
 #include "fused_impl.h"
@@ -130,6 +164,7 @@ typedef struct {
 #define VSET1(x) _mm256_set1_ps(x)
 #define VFMA(a, b, c) _mm256_fmadd_ps((a), (b), (c))
 #define VADD(a, b) _mm256_add_ps((a), (b))
+#define VMUL(a, b) _mm256_mul_ps((a), (b))
 #define VMAX(a, b) _mm256_max_ps((a), (b))
 #define VMIN(a, b) _mm256_min_ps((a), (b))
 TARGET static inline __m256i avx2_mask(int n) {
@@ -152,8 +187,11 @@ TARGET static inline __m256i avx2_mask(int n) {
 #define VSET1(x) _mm512_set1_ps(x)
 #define VFMA(a, b, c) _mm512_fmadd_ps((a), (b), (c))
 #define VADD(a, b) _mm512_add_ps((a), (b))
+#define VMUL(a, b) _mm512_mul_ps((a), (b))
 #define VMAX(a, b) _mm512_max_ps((a), (b))
 #define VMIN(a, b) _mm512_min_ps((a), (b))
+#define FUSED_VNNI 1 /* the int8 GEMM's AVX512-VNNI micro-kernels, used where cpu_has_vnni */
+#define QTARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")))
 #include "fused_impl.h"
 #endif
 
@@ -344,6 +382,7 @@ typedef struct {
 } buffer_t;
 
 static buffer_t ring_buf[MAX_THREADS], dw_buf[MAX_THREADS], apad_buf[MAX_THREADS], col_buf[MAX_THREADS], zero_buf, partial_buf;
+static buffer_t qa_buf[MAX_THREADS], qsum_buf[MAX_THREADS], qoff_buf[MAX_THREADS], head_qa_buf, head_qs_buf;
 
 static float *grow(buffer_t *buf, size_t floats) {
     if (buf->floats >= floats) return buf->ptr;
@@ -358,8 +397,11 @@ static float *grow(buffer_t *buf, size_t floats) {
 }
 
 static size_t scratch_bytes_total(void) {
-    size_t total = zero_buf.floats + partial_buf.floats;
-    for (int i = 0; i < MAX_THREADS; i++) total += ring_buf[i].floats + dw_buf[i].floats + apad_buf[i].floats + col_buf[i].floats;
+    size_t total = zero_buf.floats + partial_buf.floats + head_qa_buf.floats + head_qs_buf.floats;
+    for (int i = 0; i < MAX_THREADS; i++) {
+        total += ring_buf[i].floats + dw_buf[i].floats + apad_buf[i].floats + col_buf[i].floats;
+        total += qa_buf[i].floats + qsum_buf[i].floats + qoff_buf[i].floats;
+    }
     return total * sizeof(float);
 }
 
@@ -379,6 +421,26 @@ static int pick_tile_rows(const block_t *B, int nt, long budget_bytes) {
     return rows;
 }
 
+/* int8: thread t's quantized A (the most pixels of one GEMM call, plus the rows a micro-kernel may read past them,
+ * times the most K) and its column sums of a K slice; 0 pixels: neither. */
+static int prepare_int8_scratch(scratch_t *S, int t, long pixels, int kmax, int nmax) {
+    S->qa = NULL;
+    S->qsum = NULL;
+    S->qoff = NULL;
+    if (pixels == 0) return 0;
+    S->qa = (uint8_t *)grow(&qa_buf[t], (size_t)((pixels + QROWS) * KPAD4(kmax) / 4 + 1));
+    S->qsum = (int32_t *)grow(&qsum_buf[t], (size_t)nmax + PANEL);
+    S->qoff = (long *)grow(&qoff_buf[t], (size_t)(pixels + QROWS) * sizeof(long) / sizeof(float));
+    return S->qa && S->qsum && S->qoff ? 0 : -1;
+}
+
+/* The most pixels of one int8 GEMM call of a block: a run of ring rows (expansion) or a tile (projection). */
+static long int8_pixels(const block_t *B, int ring_rows, int tile) {
+    if (!B->int8) return 0;
+    long expand = B->we ? (long)ring_rows * B->w : 0, project = (long)tile * B->wout;
+    return expand > project ? expand : project;
+}
+
 static int prepare_scratch(block_t *B, scratch_t *S, int nt, long budget_bytes) {
     int tile = pick_tile_rows(B, nt, budget_bytes);
     int ring_rows = (tile - 1) * B->stride + 3;
@@ -395,6 +457,8 @@ static int prepare_scratch(block_t *B, scratch_t *S, int nt, long budget_bytes) 
         S[t].apad = grow(&apad_buf[t], (size_t)MAX_MR * kmax);
         S[t].col = B->ws ? grow(&col_buf[t], (size_t)B->w * kstem) : NULL;
         if ((!in_place && !S[t].ring) || !S[t].dw || !S[t].apad || (B->ws && !S[t].col)) return -1;
+        int nmax = B->cpad > B->coutpad ? B->cpad : B->coutpad;
+        if (prepare_int8_scratch(&S[t], t, int8_pixels(B, ring_rows, tile), kmax, nmax) != 0) return -1;
         S[t].zero_row = zero;
         B->zero_bias = zero;
         S[t].ring_rows = ring_rows;
@@ -433,7 +497,28 @@ static int prepare_head_scratch(const head_t *H, scratch_t *S, int nt) {
         S[t].dw = grow(&dw_buf[t], (size_t)HEAD_PIX * HEAD_COLS);
         S[t].apad = grow(&apad_buf[t], (size_t)MAX_MR * H->k);
         if (!S[t].dw || !S[t].apad) return -1;
+        if (prepare_int8_scratch(&S[t], t, H->int8 ? HEAD_PIX : 0, H->k, H->npad) != 0) return -1;
     }
+    return 0;
+}
+
+/* int8: the head's whole input quantized (by the calling thread) before the chunks share it. */
+static int quantize_head(head_t *H, int isa) {
+    if (!H->int8) return 0;
+    long tiles = (long)H->n * ((H->p + HEAD_PIX - 1) / HEAD_PIX);
+    uint8_t *qa = (uint8_t *)grow(&head_qa_buf, (size_t)((((long)H->n * H->p + QROWS) * KPAD4(H->k)) / 4 + 1));
+    float *qs = grow(&head_qs_buf, (size_t)(2 * tiles));
+    if (!qa || !qs) return -1;
+    int *zp = (int *)(qs + tiles);
+#ifdef FUSED_X86
+    if (isa == ISA_AVX512)
+        head_quantize_avx512(H, qa, qs, zp);
+    else if (isa == ISA_AVX2)
+        head_quantize_avx2(H, qa, qs, zp);
+    else
+#endif
+        head_quantize_portable(H, qa, qs, zp);
+    H->qa = qa, H->qsa = qs, H->qzp = zp;
     return 0;
 }
 
@@ -475,6 +560,28 @@ static int parse_stem(PyObject *stem, block_t *B) {
     return 0;
 }
 
+/* The optional int8 weights of a block, (qwe, cse, swe, qwp, csp, swp) (the expansion's three 0 where it has
+ * none), or of a head, (qw, cs, sw); None: fp32. */
+static int parse_quant(PyObject *quant, int count, qmat_t *first, qmat_t *second, int *int8) {
+    unsigned long long a[6] = {0};
+    *int8 = 0;
+    if (quant == Py_None) return 0;
+    const char *format = count == 6 ? "KKKKKK" : "KKK";
+    if (!PyArg_ParseTuple(quant, format, &a[0], &a[1], &a[2], &a[3], &a[4], &a[5])) return -1;
+    qmat_t *mats[2] = {first, second};
+    for (int i = 0; i < count / 3; i++) {
+        mats[i]->w = (const int8_t *)(uintptr_t)a[3 * i];
+        mats[i]->colsum = (const int32_t *)(uintptr_t)a[3 * i + 1];
+        mats[i]->scale = (const float *)(uintptr_t)a[3 * i + 2];
+        if (!mats[i]->w != !mats[i]->colsum || !mats[i]->w != !mats[i]->scale) {
+            PyErr_SetString(PyExc_ValueError, "int8 weights: null pointers");
+            return -1;
+        }
+    }
+    *int8 = 1;
+    return 0;
+}
+
 /* One step of a run: a block or a head, with its pool settings, parsed and checked while the GIL is held. */
 typedef struct {
     int is_head, threads, isa;
@@ -486,13 +593,13 @@ typedef struct {
 static int parse_block(PyObject *args, step_t *step) {
     unsigned long long in, out, we, be, wd, bd, wp, bp;
     block_t *B = &step->block;
-    PyObject *stem = Py_None;
+    PyObject *stem = Py_None, *quant = Py_None;
     int split_rows = 0;
     step->is_head = 0;
-    if (!PyArg_ParseTuple(args, "KKiiiiiiiiiiiKKKKKKffffffiiil|Oi", &in, &out, &B->n, &B->h, &B->w, &B->cin,
+    if (!PyArg_ParseTuple(args, "KKiiiiiiiiiiiKKKKKKffffffiiil|OiO", &in, &out, &B->n, &B->h, &B->w, &B->cin,
                           &B->hout, &B->wout, &B->cout, &B->stride, &B->cexp, &B->cpad, &B->coutpad, &we, &be, &wd,
                           &bd, &wp, &bp, &B->lo1, &B->hi1, &B->lo2, &B->hi2, &B->lo3, &B->hi3, &B->residual,
-                          &step->threads, &step->isa, &step->budget, &stem, &split_rows))
+                          &step->threads, &step->isa, &step->budget, &stem, &split_rows, &quant))
         return -1;
     B->in = (const float *)(uintptr_t)in;
     B->out = (float *)(uintptr_t)out;
@@ -512,6 +619,13 @@ static int parse_block(PyObject *args, step_t *step) {
         return -1;
     }
     if (parse_stem(stem, B) != 0 || check_pool_args(step->threads, &step->isa, "run_block") != 0) return -1;
+    if (parse_quant(quant, 6, &B->qe, &B->qp, &B->int8) != 0) return -1;
+    if (B->int8 && (!B->qp.w || !B->qe.w != !B->we)) {
+        PyErr_SetString(PyExc_ValueError, "run_block: int8 weights do not match the block");
+        return -1;
+    }
+    B->qe.panel_bytes = KPAD4(B->cin) * PANEL;
+    B->qp.panel_bytes = KPAD4(B->cexp) * PANEL;
     /* Channel split where the batch has at most split_rows output rows (and more than one thread shares them). */
     B->split = step->threads > 1 && B->we && B->cexp > PANEL && (long)B->n * B->hout <= split_rows;
     B->partial = NULL;
@@ -522,17 +636,21 @@ static int parse_block(PyObject *args, step_t *step) {
 static int parse_head(PyObject *args, step_t *step) {
     unsigned long long in, out, w, b;
     head_t *H = &step->head;
+    PyObject *quant = Py_None;
+    qmat_t unused;
     step->is_head = 1;
     step->budget = 0;
-    if (!PyArg_ParseTuple(args, "KKiiiiiKKffii", &in, &out, &H->n, &H->p, &H->k, &H->nout, &H->npad, &w, &b, &H->lo,
-                          &H->hi, &step->threads, &step->isa))
+    if (!PyArg_ParseTuple(args, "KKiiiiiKKffii|O", &in, &out, &H->n, &H->p, &H->k, &H->nout, &H->npad, &w, &b, &H->lo,
+                          &H->hi, &step->threads, &step->isa, &quant))
         return -1;
+    if (parse_quant(quant, 3, &H->q, &unused, &H->int8) != 0) return -1;
+    H->q.panel_bytes = KPAD4(H->k) * PANEL;
     H->in = (const float *)(uintptr_t)in;
     H->out = (float *)(uintptr_t)out;
     H->w = (const float *)(uintptr_t)w;
     H->b = (const float *)(uintptr_t)b;
     if (H->n < 1 || H->p < 1 || H->k < 1 || H->nout < 1 || !H->in || !H->out ||
-        (H->w ? (!H->b || H->npad < H->nout || H->npad % 16) : H->nout != H->k)) {
+        (H->w ? (!H->b || H->npad < H->nout || H->npad % 16) : H->nout != H->k) || (H->int8 && (!H->w || !H->q.w))) {
         PyErr_SetString(PyExc_ValueError, "run_head: inconsistent shapes or null pointers");
         return -1;
     }
@@ -545,7 +663,8 @@ static int execute_step(step_t *step) {
     int nt = step->threads;
     if (ensure_workers(nt) != 0) return -1;
     if (step->is_head) {
-        if (prepare_head_scratch(&step->head, scratch, nt) != 0) return -1;
+        if (prepare_head_scratch(&step->head, scratch, nt) != 0 || quantize_head(&step->head, step->isa) != 0)
+            return -1;
         run_job(JOB_HEAD, &step->head, (step->head.nout + HEAD_COLS - 1) / HEAD_COLS, scratch, step->isa, nt);
         return 0;
     }
@@ -595,7 +714,7 @@ static PyObject *py_run_plan(PyObject *self, PyObject *args) {
             PyMem_Free(steps);
             return NULL;
         }
-        int ok = PyTuple_GET_SIZE(item) == 13 ? parse_head(item, &steps[i]) : parse_block(item, &steps[i]);
+        int ok = PyTuple_GET_SIZE(item) <= 14 ? parse_head(item, &steps[i]) : parse_block(item, &steps[i]);
         if (ok != 0) {
             PyMem_Free(steps);
             return NULL;
@@ -605,6 +724,52 @@ static PyObject *py_run_plan(PyObject *self, PyObject *args) {
     PyMem_Free(steps);
     return result;
 }
+
+/* One int8 GEMM on its own (the calling thread, fresh scratch), for checking it against an emulation of the
+ * quantization: out (P x N) = the int8 1x1 conv of a (P x K floats) with weights (w, colsum (0: summed per call,
+ * as for a slice of K), scale), bias, clamped to [lo, hi]. */
+static PyObject *py_gemm_int8(PyObject *self, PyObject *args) {
+    unsigned long long a, out, w, colsum, scale, bias;
+    int P, K, N, isa;
+    float lo, hi;
+    if (!PyArg_ParseTuple(args, "KKiiiKKKKffi", &a, &out, &P, &K, &N, &w, &colsum, &scale, &bias, &lo, &hi, &isa))
+        return NULL;
+    if (P < 1 || K < 1 || N < 1 || !a || !out || !w || !scale || !bias) {
+        PyErr_SetString(PyExc_ValueError, "gemm_int8: inconsistent shapes or null pointers");
+        return NULL;
+    }
+    if (check_pool_args(1, &isa, "gemm_int8") != 0) return NULL;
+    qmat_t W = {(const int8_t *)(uintptr_t)w, KPAD4(K) * PANEL, (const int32_t *)(uintptr_t)colsum,
+                (const float *)(uintptr_t)scale};
+    scratch_t S = {0};
+    S.qa = malloc((size_t)((P + QROWS) * KPAD4(K)));
+    S.qsum = malloc(sizeof(int32_t) * (size_t)(N + PANEL));
+    S.qoff = malloc(sizeof(long) * (size_t)P);
+    if (!S.qa || !S.qsum || !S.qoff) {
+        free(S.qa);
+        free(S.qsum);
+        free(S.qoff);
+        return PyErr_NoMemory();
+    }
+    const float *A = (const float *)(uintptr_t)a, *b = (const float *)(uintptr_t)bias;
+    float *C = (float *)(uintptr_t)out;
+    Py_BEGIN_ALLOW_THREADS;
+#ifdef FUSED_X86
+    if (isa == ISA_AVX512)
+        gemm_q_avx512(A, K, P, K, &W, b, N, lo, hi, C, N, P, 0, NULL, 0, NULL, &S);
+    else if (isa == ISA_AVX2)
+        gemm_q_avx2(A, K, P, K, &W, b, N, lo, hi, C, N, P, 0, NULL, 0, NULL, &S);
+    else
+#endif
+        gemm_q_portable(A, K, P, K, &W, b, N, lo, hi, C, N, P, 0, NULL, 0, NULL, &S);
+    Py_END_ALLOW_THREADS;
+    free(S.qa);
+    free(S.qsum);
+    free(S.qoff);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_has_vnni(PyObject *self, PyObject *unused) { return PyBool_FromLong(cpu_has_vnni); }
 
 static PyObject *py_supported_isas(PyObject *self, PyObject *unused) {
     PyObject *names = PyList_New(0);
@@ -643,6 +808,10 @@ static PyMethodDef methods[] = {
     {"run_head", py_run_head, METH_VARARGS,
      "run_head(in, out, n, pixels, k, nout, npad, w, b, lo, hi, threads, isa): 1x1 conv + clamp (w = 0: none) and "
      "global average pool of an NHWC tensor into n x nout (addresses as ints; see mobilenet.fused)."},
+    {"gemm_int8", py_gemm_int8, METH_VARARGS,
+     "gemm_int8(a, out, P, K, N, w, colsum, scale, bias, lo, hi, isa): one int8 1x1 conv GEMM (addresses as ints; "
+     "colsum 0: summed per call; see mobilenet.fused.pack_int8)."},
+    {"has_vnni", py_has_vnni, METH_NOARGS, "Whether the avx512 build's int8 GEMM runs AVX512-VNNI micro-kernels."},
     {"supported_isas", py_supported_isas, METH_NOARGS, "The instruction sets this CPU runs: portable, avx2, avx512."},
     {"best_isa", py_best_isa, METH_NOARGS, "The instruction set chosen when none is forced."},
     {"scratch_bytes", py_scratch_bytes, METH_NOARGS, "Bytes of ring, tile and padding buffers held by the pool."},
@@ -652,4 +821,10 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fused_kernels",
                                     "Fused MobileNet block kernels (see mobilenet.fused).", -1, methods};
 
-PyMODINIT_FUNC PyInit__fused_kernels(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__fused_kernels(void) {
+#ifdef FUSED_X86
+    __builtin_cpu_init();
+    cpu_has_vnni = isa_supported(ISA_AVX512) && __builtin_cpu_supports("avx512vnni");
+#endif
+    return PyModule_Create(&module);
+}

@@ -131,6 +131,8 @@ TARGET static void SFX(gemm)(const float *a, long lda, int P, int K, const float
     }
 }
 
+#include "fused_int8.h"
+
 /* One output pixel at an edge of the row: only the taps inside the win-pixel input row (the padding is zeros). */
 TARGET static VEC SFX(depthwise_edge)(const float *const r[3], int ox, int stride, int cpad, int win, const VEC w[9],
                                       VEC acc) {
@@ -147,11 +149,13 @@ TARGET static VEC SFX(depthwise_edge)(const float *const r[3], int ox, int strid
  * of the image, out gets wout pixels ldo floats apart. From the ring (edges 0) that column and the one right of the image are
  * zeros, so no pixel needs a bounds check; read straight from the block's input (edges 1) they are the neighbouring
  * rows' pixels (or outside the tensor) and the first and last output pixels take only the taps inside the image.
- * The nine weights of a channel vector stay in registers while the row is swept. */
-TARGET static void SFX(depthwise_row)(const float *const rows[3], int wout, int stride, int C, int cpad, int win,
-                                      int edges, const float *wd, const float *bd, float lo, float hi, long ldo,
-                                      float *out) {
+ * The nine weights of a channel vector stay in registers while the row is swept. Where range is not NULL, the
+ * smallest and largest output go into range[0] and range[1] too (the int8 projection's quantization range). */
+TARGET static inline __attribute__((always_inline)) void SFX(depthwise_row_impl)(
+    const float *const rows[3], int wout, int stride, int C, int cpad, int win, int edges, const float *wd,
+    const float *bd, float lo, float hi, long ldo, float *out, VEC *range) {
     VEC vlo = VSET1(lo), vhi = VSET1(hi);
+    VEC rmin = VSET1(0.0f), rmax = VSET1(0.0f); /* in registers: range may alias out */
     int x_lo = edges ? 1 : 0;
     int x_hi = edges && (wout - 1) * stride + 1 >= win ? wout - 1 : wout;
     for (int c0 = 0; c0 < C; c0 += VW) {
@@ -173,7 +177,9 @@ TARGET static void SFX(depthwise_row)(const float *const rows[3], int wout, int 
             acc = VFMA(VLOAD(r2), w6, acc);
             acc = VFMA(VLOAD(r2 + cpad), w7, acc);
             acc = VFMA(VLOAD(r2 + 2 * cpad), w8, acc);
-            VSTORE(out + (long)ox * ldo + c0, VMIN(VMAX(acc, vlo), vhi));
+            acc = VMIN(VMAX(acc, vlo), vhi);
+            VSTORE(out + (long)ox * ldo + c0, acc);
+            if (range) rmin = VMIN(rmin, acc), rmax = VMAX(rmax, acc);
             r0 += step;
             r1 += step;
             r2 += step;
@@ -181,14 +187,30 @@ TARGET static void SFX(depthwise_row)(const float *const rows[3], int wout, int 
         if (edges) {
             const VEC w[9] = {w0, w1, w2, w3, w4, w5, w6, w7, w8};
             const float *r[3] = {rows[0] + c0, rows[1] + c0, rows[2] + c0};
-            VEC first = SFX(depthwise_edge)(r, 0, stride, cpad, win, w, bias);
-            VSTORE(out + c0, VMIN(VMAX(first, vlo), vhi));
+            VEC first = VMIN(VMAX(SFX(depthwise_edge)(r, 0, stride, cpad, win, w, bias), vlo), vhi);
+            VSTORE(out + c0, first);
+            if (range) rmin = VMIN(rmin, first), rmax = VMAX(rmax, first);
             if (x_hi < wout && wout > 1) {
-                VEC end = SFX(depthwise_edge)(r, wout - 1, stride, cpad, win, w, bias);
-                VSTORE(out + (long)(wout - 1) * ldo + c0, VMIN(VMAX(end, vlo), vhi));
+                VEC end = VMIN(VMAX(SFX(depthwise_edge)(r, wout - 1, stride, cpad, win, w, bias), vlo), vhi);
+                VSTORE(out + (long)(wout - 1) * ldo + c0, end);
+                if (range) rmin = VMIN(rmin, end), rmax = VMAX(rmax, end);
             }
         }
     }
+    if (range) range[0] = VMIN(range[0], rmin), range[1] = VMAX(range[1], rmax);
+}
+
+/* The two instances of depthwise_row_impl: without the range (float32, no trace of it left) and with it (int8). */
+TARGET static void SFX(depthwise_row)(const float *const rows[3], int wout, int stride, int C, int cpad, int win,
+                                      int edges, const float *wd, const float *bd, float lo, float hi, long ldo,
+                                      float *out) {
+    SFX(depthwise_row_impl)(rows, wout, stride, C, cpad, win, edges, wd, bd, lo, hi, ldo, out, NULL);
+}
+
+TARGET static void SFX(depthwise_row_range)(const float *const rows[3], int wout, int stride, int C, int cpad,
+                                            int win, int edges, const float *wd, const float *bd, float lo, float hi,
+                                            long ldo, float *out, VEC *range) {
+    SFX(depthwise_row_impl)(rows, wout, stride, C, cpad, win, edges, wd, bd, lo, hi, ldo, out, range);
 }
 
 /* One row (image row y of the block's input) of the network's stem (V1 paper Table 1, V2 paper Table 2: a 3x3
@@ -234,6 +256,11 @@ TARGET static void SFX(fill_rows)(const block_t *B, const scratch_t *S, int img,
         float *dst = S->ring + slot * row_floats + B->cpad;
         if (B->ws) { /* only in row mode: all channels */
             for (int y = 0; y < count; y++) SFX(stem_row)(B, S, img, first + y, dst + y * row_floats);
+        } else if (B->we && B->int8) {
+            qmat_t W = {B->qe.w + (long)(c0 / PANEL) * B->qe.panel_bytes, B->qe.panel_bytes, B->qe.colsum + c0,
+                        B->qe.scale + c0};
+            SFX(gemm_q)(src, B->cin, count * B->w, B->cin, &W, B->be + c0, cw, B->lo1, B->hi1, dst + c0, B->cpad, B->w,
+                        row_floats, NULL, 0, NULL, S);
         } else if (B->we) {
             SFX(gemm)(src, B->cin, count * B->w, B->cin, B->we + (long)(c0 / PANEL) * B->cin * PANEL,
                       (long)B->cin * PANEL, B->be + c0, cw, B->lo1, B->hi1,
@@ -272,6 +299,7 @@ TARGET static void SFX(run_rows)(const block_t *B, const scratch_t *S, int img, 
         int last = need_last < B->h - 1 ? need_last : B->h - 1;
         if (first <= last && !direct) SFX(fill_rows)(B, S, img, first, last, c0, cw);
         next_row = need_last + 1;
+        VEC range[2] = {VSET1(0.0f), VSET1(0.0f)}; /* int8: the tile's range, 0 included (as quantize scans it) */
         for (int i = 0; i < t; i++) {
             const float *rows[3];
             for (int ky = 0; ky < 3; ky++) {
@@ -283,14 +311,29 @@ TARGET static void SFX(run_rows)(const block_t *B, const scratch_t *S, int img, 
                 else
                     rows[ky] = S->ring + (y % S->ring_rows) * row_floats + c0;
             }
-            SFX(depthwise_row)(rows, B->wout, s, cw, B->cpad, B->w, direct, B->wd + c0, B->bd + c0, B->lo2, B->hi2,
-                               DW_LD(B->cpad), S->dw + (long)i * B->wout * DW_LD(B->cpad) + c0);
+            float *dw = S->dw + (long)i * B->wout * DW_LD(B->cpad) + c0;
+            if (B->int8)
+                SFX(depthwise_row_range)(rows, B->wout, s, cw, B->cpad, B->w, direct, B->wd + c0, B->bd + c0, B->lo2,
+                                         B->hi2, DW_LD(B->cpad), dw, range);
+            else
+                SFX(depthwise_row)(rows, B->wout, s, cw, B->cpad, B->w, direct, B->wd + c0, B->bd + c0, B->lo2,
+                                   B->hi2, DW_LD(B->cpad), dw);
         }
         long out_pixel = ((long)img * B->hout + oy0) * B->wout;
         const float *res = T->residual ? B->in + out_pixel * B->cin : NULL;
         int P = t * B->wout;
-        SFX(gemm)(S->dw + c0, DW_LD(B->cpad), P, cw, B->wp + (long)c0 * PANEL, (long)B->cexp * PANEL, T->bias, B->cout, T->lo,
-                  T->hi, T->out + out_pixel * T->ldo, T->ldo, P, 0, res, B->cin, S->apad);
+        if (B->int8) {
+            /* a slice of the expanded channels (channel-split mode) needs its own column sums */
+            const int32_t *colsum = cw == B->cexp ? B->qp.colsum : NULL;
+            qmat_t W = {B->qp.w + (long)c0 * PANEL, B->qp.panel_bytes, colsum, B->qp.scale};
+            float known[2];
+            SFX(reduce_range)(range, known);
+            SFX(gemm_q)(S->dw + c0, DW_LD(B->cpad), P, cw, &W, T->bias, B->cout, T->lo, T->hi,
+                        T->out + out_pixel * T->ldo, T->ldo, P, 0, res, B->cin, known, S);
+        } else {
+            SFX(gemm)(S->dw + c0, DW_LD(B->cpad), P, cw, B->wp + (long)c0 * PANEL, (long)B->cexp * PANEL, T->bias,
+                      B->cout, T->lo, T->hi, T->out + out_pixel * T->ldo, T->ldo, P, 0, res, B->cin, S->apad);
+        }
     }
 }
 
@@ -349,7 +392,16 @@ TARGET static void SFX(head_chunk)(const head_t *H, const scratch_t *S, int chun
             int m = H->p - p0 < HEAD_PIX ? H->p - p0 : HEAD_PIX;
             const float *tile = in + (long)p0 * H->k + n0;
             long ld = H->k;
-            if (H->w && m < MR / 2) {
+            if (H->w && H->int8) {
+                qmat_t W = {H->q.w + (long)(n0 / PANEL) * H->q.panel_bytes, H->q.panel_bytes, H->q.colsum + n0,
+                            H->q.scale + n0};
+                int tile_index = img * ((H->p + HEAD_PIX - 1) / HEAD_PIX) + p0 / HEAD_PIX;
+                SFX(gemm_q_run)(H->qa + ((long)img * H->p + p0) * KPAD4(H->k), m, H->k, H->qsa[tile_index],
+                                H->qzp[tile_index], &W, H->b + n0, cols, H->lo, H->hi, S->dw, HEAD_COLS, m, 0, NULL, 0,
+                                S);
+                tile = S->dw;
+                ld = HEAD_COLS;
+            } else if (H->w && m < MR / 2) {
                 for (int p = 0; p < m; p++)
                     for (int q = 0; q * PANEL < cols; q++)
                         SFX(gemv)(in + (long)(p0 + p) * H->k, H->k, H->w + (long)(n0 / PANEL + q) * H->k * PANEL,

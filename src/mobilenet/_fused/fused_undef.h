@@ -12,5 +12,6 @@
 #undef VSET1
 #undef VFMA
 #undef VADD
+#undef VMUL
 #undef VMAX
 #undef VMIN
