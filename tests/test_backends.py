@@ -12,7 +12,7 @@ from mobilenet.backends import BACKENDS, load_source, openvino_available
 from mobilenet.errors import MobileNetError
 from mobilenet.models import create_model
 from mobilenet.predict import Predictor
-from mobilenet.runtime import has_native_bf16
+from mobilenet.runtime import has_int8_dot, has_native_bf16
 
 needs_openvino = pytest.mark.skipif(not openvino_available(), reason="needs the openvino extra (pip install openvino)")
 
@@ -99,7 +99,12 @@ def test_bf16_on_a_cpu_without_it_is_refused(model, monkeypatch):
     ]  # auto-fast without bf16 hardware is float32's candidates only
 
 
-def test_precision_refusals_name_what_would_work(model, onnx_files):
+def _no_int8_dot(monkeypatch):
+    monkeypatch.setattr(autotune, "has_int8_dot", lambda: False)
+
+
+def test_precision_refusals_name_what_would_work(model, onnx_files, monkeypatch):
+    _no_int8_dot(monkeypatch)  # where no backend quantizes a float model as it runs
     with pytest.raises(MobileNetError, match="mobilenet quantize CHECKPOINT --calibration DIR"):
         Predictor(model, precision="int8")
     with pytest.raises(MobileNetError, match="unknown precision 'fp16'; expected one of fp32, bf16, int8, auto-fast"):
@@ -156,6 +161,7 @@ def test_cli_precision_mistakes_exit_2_without_a_traceback(model, tmp_path, caps
     from PIL import Image
 
     Image.new("RGB", (40, 40)).save(image)
+    _no_int8_dot(monkeypatch)
     assert main(["predict", str(checkpoint), str(image), "--precision", "int8"]) == 2
     assert "mobilenet quantize" in capsys.readouterr().err
     monkeypatch.setattr(backends, "has_native_bf16", lambda: False)
@@ -188,3 +194,46 @@ def test_an_onnx_file_with_a_broken_graph_is_refused_by_every_runtime(
         assert main(["predict", str(broken), str(tmp_path / "a.png"), "--backend", backend]) == 2
         err = capsys.readouterr().err
         assert "broken.onnx" in err and "Traceback" not in err, backend
+
+
+needs_fused_int8 = pytest.mark.skipif(
+    not (backends.fused_available() and has_int8_dot()),
+    reason="needs the fused C extension (python setup.py build_ext --inplace) and a CPU with VNNI or ARM dot products",
+)
+
+
+@needs_fused_int8
+def test_a_float_model_runs_in_int8_in_the_fused_kernel_without_calibration(model):
+    predictor = Predictor(model, precision="int8", batch_size=8)
+    assert predictor.backend_name == "fused-int8" and predictor.precision == "int8"
+    assert autotune.tier_candidates("int8", load_source(model)) == ["fused-int8"]
+    x = _batch(8)
+    expected = model(x).detach()
+    got = predictor.logits(x)
+    # Reference: the eager float32 model. int8 rounds, so close but not equal; the classes mostly agree.
+    assert (got - expected).norm() <= 0.1 * expected.norm()
+    assert (got - expected).abs().max() > 0
+    assert (got.argmax(1) == expected.argmax(1)).float().mean() >= 0.75
+    assert Predictor(model, backend="fused-int8").precision == "int8"
+
+
+@needs_fused_int8
+def test_the_fused_int8_backend_refuses_a_model_it_computes_wrongly(model, monkeypatch):
+    from mobilenet import fused
+
+    real_call = fused.FusedNetwork.__call__
+    monkeypatch.setattr(fused.FusedNetwork, "__call__", lambda self, x: real_call(self, x).flip(1))  # classes swapped
+    with pytest.raises(
+        MobileNetError, match=r"fused-int8: the int8 logits differ from float32's by .*use precision fp32"
+    ):
+        BACKENDS["fused-int8"](load_source(model))
+
+
+@needs_fused_int8
+def test_the_fused_int8_backend_refuses_files_and_other_devices(model, onnx_files):
+    fp32, _int8 = onnx_files
+    with pytest.raises(MobileNetError, match="the fused-int8 backend runs a PyTorch MobileNet"):
+        BACKENDS["fused-int8"](load_source(fp32))
+    with pytest.raises(MobileNetError, match="fused-int8 backend runs on the CPU"):
+        BACKENDS["fused-int8"](load_source(model), device="cuda")
+    assert "fused-int8" not in autotune.tier_candidates("int8", load_source(_int8))

@@ -116,8 +116,14 @@ def test_parsers():
         "openvino-bf16",
         "auto",
     )
-    assert parse_backends("jit", int8=True, compile=True) == ("jit", "onnxruntime-int8", "openvino-int8", "compile")
-    assert parse_backends("all") == tuple(BENCH_BACKENDS) and len(parse_backends("all")) == 13
+    assert parse_backends("jit", int8=True, compile=True) == (
+        "jit",
+        "onnxruntime-int8",
+        "openvino-int8",
+        "fused-int8",
+        "compile",
+    )
+    assert parse_backends("all") == tuple(BENCH_BACKENDS) and len(parse_backends("all")) == 14
 
 
 def test_time_interleaved_rotates_and_counts():
@@ -145,7 +151,14 @@ def test_bench_int8_says_how_it_was_calibrated():
         gemm_size=64,
         threads=1,
     )
-    expected = ["onnxruntime", "onnxruntime-int8", *(["openvino-int8"] if openvino_available() else [])]
+    from mobilenet.backends import fused_available
+
+    expected = [
+        "onnxruntime",
+        "onnxruntime-int8",
+        *(["openvino-int8"] if openvino_available() else []),
+        *(["fused-int8"] if fused_available() else []),
+    ]
     assert [r["backend"] for r in report.results] == expected
     assert [r["precision"] for r in report.results] == ["fp32", *["int8"] * (len(expected) - 1)]
     assert report.results[0]["x_fastest_fp32_runtime"] == 1.0  # the only float32 row is its own yardstick

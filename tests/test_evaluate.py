@@ -257,6 +257,31 @@ def test_eval_int8_of_a_checkpoint_quantizes_compares_and_keeps_the_bound(setup,
     assert result["precision_check"] == "within bound"
 
 
+def test_eval_int8_of_a_checkpoint_without_calibration_runs_the_fused_kernels_int8(setup, capsys):
+    """Where our fused kernel runs int8 (built, CPU with VNNI), `eval --precision int8` of a float checkpoint needs
+    no calibration: the kernel quantizes as it runs, compared with the checkpoint in float32 on the same images."""
+    from mobilenet.backends import fused_available
+    from mobilenet.runtime import has_int8_dot
+
+    if not (fused_available() and has_int8_dot()):
+        pytest.skip("needs the fused C extension and a CPU with VNNI or ARM dot products")
+    _root, data, checkpoint, _model, _preprocessing = setup
+    args = ["eval", str(checkpoint), "--data", str(data), "--no-plot", "--precision", "int8", "--format", "json"]
+    code = main([*args, "--max-drop", "100"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["precision"] == "int8" and result["backend_used"] == "fused-int8"
+    assert result["reference"]["top1"] == evaluate_checkpoint(checkpoint, data, progress=False)["top1"]
+    assert result["precision_check"] == "within bound"
+
+
+def test_eval_calibration_of_an_onnx_file_is_refused(tmp_path, capsys):
+    model_file = tmp_path / "m.onnx"
+    model_file.write_bytes(b"not read")
+    code = main(["eval", str(model_file), "--data", str(tmp_path), "--precision", "int8", "--calibration", "x"])
+    err = capsys.readouterr().err
+    assert code == 2 and "is an .onnx file already" in err and "Traceback" not in err
+
+
 def test_a_precision_that_loses_more_than_its_bound_is_refused_with_the_figure(tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")
     from mobilenet import evaluate
@@ -290,13 +315,16 @@ def test_a_precision_that_loses_more_than_its_bound_is_refused_with_the_figure(t
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--precision", "int8"], "needs --calibration DIR"),
+        (["--precision", "int8"], "mobilenet quantize CHECKPOINT --calibration DIR"),
         (["--calibration", "x"], "give --precision int8 too"),
         (["--precision", "bf16", "--max-drop", "150"], "--max-drop is in percentage points from 0 to 100"),
         (["--precision", "int8", "--calibration", "/nonexistent/dir"], "/nonexistent/dir"),
     ],
 )
-def test_cli_eval_precision_mistakes_exit_2(setup, capsys, extra, message):
+def test_cli_eval_precision_mistakes_exit_2(setup, capsys, monkeypatch, extra, message):
+    from mobilenet import autotune
+
+    monkeypatch.setattr(autotune, "has_int8_dot", lambda: False)  # no backend quantizes as it runs here
     _root, data, checkpoint, _model, _preprocessing = setup
     code = main(["eval", str(checkpoint), "--data", str(data), "--no-plot", *extra])
     err = capsys.readouterr().err

@@ -23,7 +23,8 @@ every checkpoint of one architecture shares one measurement (a fine-tuned checkp
 model handed over in memory has no stored weights digest to use without hashing every tensor at each start.
 
 The tiers trade accuracy for speed: ``bf16`` where the CPU computes in bf16 natively, ``int8`` for a quantized
-model, ``auto-fast`` the fastest of float32 and bf16. Their accuracy is measured, not assumed: ``mobilenet eval
+model (or a float model in our fused kernel's int8, which quantizes as it runs, on a CPU with 8-bit dot products),
+``auto-fast`` the fastest of float32 and bf16. Their accuracy is measured, not assumed: ``mobilenet eval
 --precision`` compares a tier with float32 on a validation set and refuses one that loses more than its bound.
 
 ``MOBILENET_AUTO_MEASURE=0`` turns measuring off: ``auto`` is then the first installed candidate of the tier (for
@@ -58,6 +59,7 @@ from mobilenet.parity import seeded_batch
 from mobilenet.runtime import (
     describe_machine,
     finite_positive,
+    has_int8_dot,
     has_native_bf16,
     machine_identity,
     read_cache,
@@ -68,6 +70,7 @@ from mobilenet.timing import Candidate, summarize_timings, time_interleaved
 
 __all__ = [
     "CPU_CANDIDATES",
+    "FLOAT_INT8_BACKENDS",
     "MEASURE_ENV",
     "PRECISIONS",
     "PRECISION_BOUNDS",
@@ -85,7 +88,8 @@ __all__ = [
 #: Environment variable that turns measuring off ("0", "false", "no", "off"): ``auto`` is then a fixed order.
 MEASURE_ENV = "MOBILENET_AUTO_MEASURE"
 #: Precision tiers: ``fp32``; ``bf16`` (CPUs with AVX512-BF16 or AMX); ``int8`` (an int8 ONNX file from
-#: :mod:`mobilenet.quantize`); ``auto-fast`` (the fastest of float32 and, where the CPU has it, bf16, measured).
+#: :mod:`mobilenet.quantize`, or a float model in our fused kernel's int8 on a CPU with 8-bit dot products);
+#: ``auto-fast`` (the fastest of float32 and, where the CPU has it, bf16, measured).
 PRECISIONS = ("fp32", "bf16", "int8", "auto-fast")
 #: The most top-1 accuracy (a fraction: 0.003 is 0.3 points) a tier may lose against float32 on a validation set
 #: before ``mobilenet eval --precision`` refuses it.
@@ -94,8 +98,11 @@ PRECISION_BOUNDS: dict[str, float] = {"bf16": 0.003, "int8": 0.01}
 PRECISION_CANDIDATES: dict[str, tuple[str, ...]] = {
     "fp32": ("onnxruntime", "openvino", "torch-jit", "executorch", "fused"),
     "bf16": ("openvino-bf16",),
-    "int8": ("onnxruntime", "openvino"),
+    "int8": ("onnxruntime", "openvino", "fused-int8"),
 }
+#: The int8 backends that quantize a float model themselves (no calibration), offered where the CPU has 8-bit dot
+#: products (:func:`mobilenet.runtime.has_int8_dot`): elsewhere they would emulate them, slower than float32.
+FLOAT_INT8_BACKENDS = ("fused-int8",)
 #: The float32 candidates (kept by name: the table of :data:`PRECISION_CANDIDATES` is the one to extend).
 CPU_CANDIDATES = PRECISION_CANDIDATES["fp32"]
 #: Backends that run a model given as an ONNX file.
@@ -173,10 +180,11 @@ def resolve_precision(precision: str | None, source: ModelSource) -> str:
             f"the model{where} is already int8; precision {precision} needs the float model (its .safetensors "
             "checkpoint or fp32 .onnx)"
         )
-    if own == "fp32" and precision == "int8":
+    if own == "fp32" and precision == "int8" and not _float_int8_backends(source):
         raise MobileNetError(
             "precision int8 runs an int8 model: write one with `mobilenet quantize CHECKPOINT --calibration DIR` "
-            "and give the .onnx it writes (`mobilenet eval --precision int8 --calibration DIR` quantizes for you)"
+            "and give the .onnx it writes (`mobilenet eval --precision int8 --calibration DIR` quantizes for you); "
+            f"a float checkpoint runs in int8 as it is only in our fused kernel, on a CPU with VNNI ({_fused_state()})"
         )
     if precision == "auto-fast":
         return "int8" if own == "int8" else "auto-fast"
@@ -192,7 +200,22 @@ def tier_candidates(tier: str, source: ModelSource) -> list[str]:
         names = list(PRECISION_CANDIDATES[tier])
     if source.model is None:  # a file: only the runtimes that read it
         names = [name for name in names if name in FILE_BACKENDS]
+    elif tier == "int8":  # a float model: only the backends that quantize it themselves
+        names = [name for name in names if name in _float_int8_backends(source)]
     return [name for name in names if backend_installed(name)]
+
+
+def _float_int8_backends(source: ModelSource) -> list[str]:
+    """The installed :data:`FLOAT_INT8_BACKENDS` for ``source`` (a float PyTorch model) on this CPU."""
+    if source.model is None or not has_int8_dot():
+        return []
+    return [name for name in FLOAT_INT8_BACKENDS if backend_installed(name)]
+
+
+def _fused_state() -> str:
+    if not has_int8_dot():
+        return "this CPU has no 8-bit dot products"
+    return "the fused kernel is built" if backend_installed("fused-int8") else "the fused kernel is not built"
 
 
 def choose_backend(

@@ -50,10 +50,12 @@ from mobilenet.spec import MODELS, ModelConfig, model_config
 
 __all__ = [
     "BACKENDS",
+    "INT8_RELATIVE_ERROR",
     "ChannelsLastBackend",
     "CompiledBackend",
     "ExecuTorchBackend",
     "FusedBackend",
+    "FusedInt8Backend",
     "ModelSource",
     "OnnxRuntimeBackend",
     "OpenVinoBackend",
@@ -329,6 +331,11 @@ def _input_shape(source: ModelSource, batch: int) -> tuple[int, int, int, int]:
     return (batch, int(source.config.in_channels), size, size)
 
 
+#: The largest relative error (``||int8 - fp32|| / ||fp32||`` of the logits on a seeded batch) accepted from an int8
+#: run of a float model when it is built.
+INT8_RELATIVE_ERROR = 0.25
+
+
 def check_parity(
     run: Callable[[Any], Any], reference: torch.nn.Module, shape: tuple[int, ...], *, what: str, atol: float = 1e-4
 ) -> float:
@@ -493,24 +500,53 @@ class FusedBackend:
     with a C compiler) and a V1/V2 MobileNet. Checked against the eager model when built (as ``torch-jit``)."""
 
     name = "fused"
+    precision = "fp32"
     description = "our fused block kernel (C; AVX-512/AVX2/portable), NHWC, BatchNorm folded"
 
     def __init__(self, source: ModelSource, *, device: str = "cpu", num_threads: int | None = None) -> None:
         if source.model is None:
             raise MobileNetError(
-                f"{source.path} is an exported file; the fused backend runs a PyTorch MobileNet (a .safetensors "
-                "checkpoint or a model name)"
+                f"{source.path} is an exported file; the {self.name} backend runs a PyTorch MobileNet (a "
+                ".safetensors checkpoint or a model name)"
             )
         if str(device) != "cpu":
-            raise MobileNetError(f"the fused backend runs on the CPU; got device={device!r}")
+            raise MobileNetError(f"the {self.name} backend runs on the CPU; got device={device!r}")
         threads = set_threads(num_threads)
         tune_allocator()
         self.reference = source.model.cpu().eval()
-        self.network = FusedNetwork(self.reference, threads=check_threads(min(threads, 64)))
-        self.max_abs_diff = check_parity(self, self.reference, _input_shape(source, 3), what="fused")
+        self.network = FusedNetwork(self.reference, threads=check_threads(min(threads, 64)), precision=self.precision)
+        self.max_abs_diff = self._check(_input_shape(source, 3))
+
+    def _check(self, shape: tuple[int, ...]) -> float:
+        return check_parity(self, self.reference, shape, what=self.name)
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         return self.network(batch)
+
+
+class FusedInt8Backend(FusedBackend):
+    """Our fused kernel with every 1x1 conv (V1's pointwise, V2's expansion, projection and head) as an int8 GEMM
+    (AVX512-VNNI where the CPU has it): weights quantized per output channel when built, activations per call from
+    the values present, so a float checkpoint runs in int8 with no calibration. Depthwise convs, the stem and the
+    classifier stay float32. Checked when built: the logits' relative error against the eager model on a seeded
+    batch must stay under :data:`INT8_RELATIVE_ERROR` (a packing or scaling fault gives errors near 1)."""
+
+    name = "fused-int8"
+    precision = "int8"
+    description = "our fused kernel, 1x1 convs in int8 (VNNI), activation scales per call: no calibration"
+
+    def _check(self, shape: tuple[int, ...]) -> float:
+        batch = seeded_batch(shape)
+        with torch.inference_mode():
+            expected = self.reference(batch).float()
+            got = self(batch).float()
+        error = float((got - expected).norm() / expected.norm().clamp_min(1e-12))
+        if not error <= INT8_RELATIVE_ERROR:
+            raise MobileNetError(
+                f"{self.name}: the int8 logits differ from float32's by {error:.1%} (relative), more than the "
+                f"{INT8_RELATIVE_ERROR:.0%} an int8 run of this model should; use precision fp32"
+            )
+        return float((got - expected).abs().max())
 
 
 class ExecuTorchBackend:
@@ -572,6 +608,7 @@ BACKENDS: dict[str, Any] = {
     "openvino-bf16": OpenVinoBf16Backend,
     "exported": ExportedBackend,
     "fused": FusedBackend,
+    "fused-int8": FusedInt8Backend,
     "executorch": ExecuTorchBackend,
 }
 
@@ -598,7 +635,7 @@ def openvino_available() -> bool:
 def backend_installed(name: str) -> bool:
     """Whether the packages of :data:`BACKEND_PACKAGES` that backend ``name`` needs are installed (looked up,
     not imported: cheap, and silent when they are missing); for ``fused``, whether its C extension was built."""
-    if name == "fused":
+    if name in ("fused", "fused-int8"):
         return fused_available()
     for package in BACKEND_PACKAGES.get(name, ()):
         try:

@@ -81,6 +81,7 @@ BENCH_NAMES: dict[str, str] = {
     "openvino-bf16": "openvino-bf16",
     "executorch": "executorch",
     "fused": "fused",
+    "fused-int8": "fused-int8",
 }
 #: Backend name -> what it runs: the backends above, plus the int8 model and the Predictor's default path.
 BENCH_BACKENDS: dict[str, str] = {
@@ -96,10 +97,13 @@ BENCH_PRECISION: dict[str, str] = {
     "openvino-bf16": "bf16",
     "onnxruntime-int8": "int8",
     "openvino-int8": "int8",
+    "fused-int8": "int8",
     "auto-fast": "auto-fast",
 }
-#: The int8 rows (``--int8`` adds them): one int8 model, quantized once per model, in each runtime.
-INT8_BACKENDS = ("onnxruntime-int8", "openvino-int8")
+#: The rows of one int8 QDQ model, quantized once per model (calibrated), in each runtime.
+QDQ_BACKENDS = ("onnxruntime-int8", "openvino-int8")
+#: The int8 rows (``--int8`` adds them): the QDQ model's, and our fused kernel's int8 (quantizes as it runs).
+INT8_BACKENDS = (*QDQ_BACKENDS, "fused-int8")
 #: What runs when no --backends are given (``--int8`` adds the int8 rows; compile only when named; a backend whose
 #: package or CPU feature is missing is left out with a note).
 DEFAULT_BACKENDS = (
@@ -464,7 +468,7 @@ def bench(
             "gemm_size": gemm_size,
             "pause_s": pause,
             "int8_calibration": str(calibration) if calibration else ("random noise" if int8 else None),
-            "int8_activations": resolve_activation_type(int8_activations) if set(INT8_BACKENDS) & set(names) else None,
+            "int8_activations": resolve_activation_type(int8_activations) if set(QDQ_BACKENDS) & set(names) else None,
         },
         gemm=gemm,
         results=results,

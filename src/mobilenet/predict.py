@@ -102,7 +102,8 @@ class Predictor:
         batch_size: images per forward pass (``auto`` measures at this size).
         precision: the precision tier (:data:`mobilenet.autotune.PRECISIONS`): ``None`` (the model's own: float32,
             or int8 for an int8 ``.onnx``), ``"fp32"``, ``"bf16"`` (CPUs with AVX512-BF16 or AMX), ``"int8"`` (an
-            int8 ``.onnx`` from ``mobilenet quantize``) or ``"auto-fast"`` (the fastest of float32 and bf16, measured).
+            int8 ``.onnx`` from ``mobilenet quantize``, or a float model in our fused kernel's int8 on a CPU with
+            VNNI) or ``"auto-fast"`` (the fastest of float32 and bf16, measured).
             A lower precision's accuracy is checked by ``mobilenet eval --precision``, not here.
 
     Attributes:

@@ -16,9 +16,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "and min latency, throughput, achieved GFLOP/s (2 * MACs / latency) and the ratio to the FLOP limit "
             "set by the float32 GEMM peak measured in the same run. Backends: eager, channels_last, jit, "
             "compile, onnxruntime, openvino, executorch, fused, openvino-bf16, onnxruntime-int8, openvino-int8, "
-            "auto, auto-fast (default: all but compile, auto-fast and the int8 rows; one whose package, C extension or "
-            "CPU feature is missing is left out with a note). Each row says its precision; 'x fastest fp32' is "
-            "against the fastest float32 runtime of the same model and batch."
+            "fused-int8, auto, auto-fast (default: all but compile, auto-fast and the int8 rows; one whose package, "
+            "C extension or CPU feature is missing is left out with a note). Each row says its precision; "
+            "'x fastest fp32' is against the fastest float32 runtime of the same model and batch."
         ),
     )
     parser.add_argument(
@@ -33,7 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-sizes", default="1,32", help="comma-separated batch sizes (default: 1,32)")
     parser.add_argument("--threads", type=int, help="intra-op threads for torch and ONNX Runtime (default: torch's)")
     parser.add_argument(
-        "--int8", action="store_true", help="add the int8 rows: one static QDQ model in ONNX Runtime and OpenVINO"
+        "--int8",
+        action="store_true",
+        help="add the int8 rows: one static QDQ model in ONNX Runtime and OpenVINO, and our fused kernel's int8",
     )
     parser.add_argument("--compile", action="store_true", help="add torch.compile (compiles per batch size: slow)")
     parser.add_argument(

@@ -40,7 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--precision",
         choices=("fp32", "bf16", "int8", "auto-fast"),
         help="run in this precision tier (default: the model's own) and compare it with float32 on the same images; "
-        "refused when it loses more top-1 than --max-drop. int8 of a .safetensors checkpoint needs --calibration",
+        "refused when it loses more top-1 than --max-drop. int8 of a .safetensors checkpoint: with --calibration, "
+        "quantized first (ONNX Runtime/OpenVINO); without, our fused kernel's int8 (CPUs with VNNI)",
     )
     parser.add_argument(
         "--max-drop",
@@ -52,7 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--calibration",
         metavar="DIR",
         help="with --precision int8 and a float checkpoint: images to quantize with first (not the evaluated ones: "
-        "e.g. the training split), as `mobilenet quantize --calibration` takes",
+        "e.g. the training split), as `mobilenet quantize --calibration` takes; without it the fused kernel "
+        "quantizes as it runs, where it can",
     )
     parser.add_argument("--format", choices=("table", "json"), default="table", help="output format")
     parser.add_argument("--plot", help="confusion-matrix PNG path (default: beside the checkpoint)")
@@ -69,11 +71,13 @@ def run(args: argparse.Namespace) -> int:
         raise MobileNetError("--calibration quantizes the model for --precision int8; give --precision int8 too")
     if args.max_drop is not None and not 0 <= args.max_drop <= 100:
         raise MobileNetError(f"--max-drop is in percentage points from 0 to 100, got {args.max_drop}")
-    needs_quantizing = args.precision == "int8" and not str(args.checkpoint).lower().endswith(".onnx")
-    if needs_quantizing and args.calibration is None:
+    # Without --calibration a float checkpoint runs in int8 where a backend quantizes it as it runs (our fused
+    # kernel on a CPU with VNNI); where none does, the error names --calibration and `mobilenet quantize`.
+    needs_quantizing = args.precision == "int8" and args.calibration is not None
+    if needs_quantizing and str(args.checkpoint).lower().endswith(".onnx"):
         raise MobileNetError(
-            f"--precision int8 of {args.checkpoint} needs --calibration DIR (images to quantize with), or the int8 "
-            ".onnx that `mobilenet quantize` wrote"
+            f"--calibration quantizes a float checkpoint; {args.checkpoint} is an .onnx file already (give the "
+            ".safetensors checkpoint to quantize, or evaluate the int8 .onnx that `mobilenet quantize` wrote)"
         )
     with tempfile.TemporaryDirectory(prefix="mobilenet-eval-") as tmp:
         model = _quantized(args, Path(tmp)) if needs_quantizing else args.checkpoint

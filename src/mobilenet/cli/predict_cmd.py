@@ -18,6 +18,7 @@ PREDICT_BACKENDS = (
     "openvino-bf16",
     "exported",
     "fused",
+    "fused-int8",
     "executorch",
 )
 #: :data:`mobilenet.autotune.PRECISIONS`, spelled out for the same reason.
