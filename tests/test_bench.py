@@ -5,12 +5,13 @@ tested in test_benchmarks.py."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
 import pytest
 
-from mobilenet.backends import openvino_available
+from mobilenet.backends import fused_available, openvino_available
 from mobilenet.bench import (
     BENCH_BACKENDS,
     Candidate,
@@ -151,7 +152,6 @@ def test_bench_int8_says_how_it_was_calibrated():
         gemm_size=64,
         threads=1,
     )
-    from mobilenet.backends import fused_available
 
     expected = [
         "onnxruntime",
@@ -256,3 +256,17 @@ def test_bench_auto_chooses_for_each_batch_size():
     said = [note for note in report.notes if ": auto: batch " in note]
     assert [note.split(": auto: ")[1].split(":")[0] for note in said] == ["batch 1", "batch 2"]
     assert {r["batch_size"] for r in report.results if r["backend"] == "auto"} == {1, 2}
+
+
+def test_the_default_pause_outlasts_every_backends_idle_spin():
+    # A row timed while its predecessor's workers still spin measures the neighbour: the pause must be longer.
+    from mobilenet.bench import DEFAULT_PAUSE_S
+    from mobilenet.cli.bench_cmd import register
+
+    if fused_available():
+        from mobilenet.fused import worker_spin_seconds
+
+        assert DEFAULT_PAUSE_S > worker_spin_seconds() > 0
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    assert parser.parse_args(["bench"]).pause_ms == DEFAULT_PAUSE_S * 1e3

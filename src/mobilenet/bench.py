@@ -59,6 +59,7 @@ from mobilenet.timing import Candidate, summarize_timings, time_interleaved
 __all__ = [
     "BENCH_BACKENDS",
     "DEFAULT_BACKENDS",
+    "DEFAULT_PAUSE_S",
     "BenchReport",
     "Candidate",
     "bench",
@@ -117,6 +118,10 @@ DEFAULT_BACKENDS = (
     "openvino-bf16",
     "auto",
 )
+#: Idle seconds before each timed call: longer than any backend's idle workers spin after a call (our fused pool's,
+#: :func:`mobilenet.fused.worker_spin_seconds`, is the longest), so no row is timed against its predecessor's
+#: spinning threads; ``mobilenet bench --pause-ms`` spells the same default out.
+DEFAULT_PAUSE_S = 0.06
 #: Images the int8 model is calibrated on when no directory is given (uniform noise: measures speed, not accuracy).
 RANDOM_CALIBRATION_IMAGES = 16
 
@@ -394,7 +399,7 @@ def bench(
     warmup: int = 5,
     gemm_size: int = 1024,
     calibration: str | os.PathLike[str] | None = None,
-    pause: float = 0.02,
+    pause: float = DEFAULT_PAUSE_S,
     int8_activations: str = "auto",
     progress: Callable[[str], None] | None = None,
 ) -> BenchReport:

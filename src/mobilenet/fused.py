@@ -66,6 +66,7 @@ __all__ = [
     "pack_linear",
     "pack_stem",
     "supported_isas",
+    "worker_spin_seconds",
 ]
 
 BUILD_HINT = (
@@ -102,6 +103,11 @@ def _require_kernels() -> Any:
     if _kernels is None:
         raise MobileNetError(f"the fused kernel is not available: {BUILD_HINT}")
     return _kernels
+
+
+def worker_spin_seconds() -> float:
+    """How long the pool's idle workers keep a core busy after a call, waiting for the next (then they sleep)."""
+    return float(_require_kernels().spin_seconds())
 
 
 def supported_isas() -> list[str]:

@@ -789,6 +789,8 @@ static PyObject *py_supported_isas(PyObject *self, PyObject *unused) {
 
 static PyObject *py_best_isa(PyObject *self, PyObject *unused) { return PyUnicode_FromString(ISA_NAMES[best_isa()]); }
 
+static PyObject *py_spin_seconds(PyObject *self, PyObject *unused) { return PyFloat_FromDouble(SPIN_SECONDS); }
+
 static PyObject *py_scratch_bytes(PyObject *self, PyObject *unused) {
     pthread_mutex_lock(&pool_lock);
     size_t bytes = scratch_bytes_total();
@@ -815,6 +817,7 @@ static PyMethodDef methods[] = {
     {"supported_isas", py_supported_isas, METH_NOARGS, "The instruction sets this CPU runs: portable, avx2, avx512."},
     {"best_isa", py_best_isa, METH_NOARGS, "The instruction set chosen when none is forced."},
     {"scratch_bytes", py_scratch_bytes, METH_NOARGS, "Bytes of ring, tile and padding buffers held by the pool."},
+    {"spin_seconds", py_spin_seconds, METH_NOARGS, "Seconds an idle worker spins before it sleeps."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -53,8 +53,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--pause-ms",
         type=float,
-        default=20.0,
-        help="idle time before each timed call, so the previous backend's spinning threads go to sleep (default: 20)",
+        default=60.0,
+        help="idle time before each timed call, so the previous backend's spinning threads go to sleep (default: "
+        "60, longer than the fused kernel's workers spin)",
     )
     parser.add_argument("--gemm-size", type=int, default=1024, help="side of the GEMM-peak matrices (default: 1024)")
     parser.add_argument("--format", choices=("table", "json"), default="table", help="output format")
