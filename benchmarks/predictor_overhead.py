@@ -12,6 +12,9 @@ Three paths, each timed per image:
 
 Prints each median, the overhead of each path as a fraction of the runtime's time, and the Predictor's own
 overhead (``predict, input size`` against ``transform + runtime``: checks, conversions, stacking, softmax, top-k).
+That difference is small against the run-to-run spread of a runtime on shared cores, so it is also measured
+without a runtime: ``predict`` with the runtime replaced by a stand-in returning fixed logits, against the
+transform alone.
 
     python benchmarks/predictor_overhead.py --model mobilenet_v2_1.0_224 --threads 2
 """
@@ -54,6 +57,7 @@ def measure(model: str, threads: int, backend: str, rounds: int) -> dict:
     times = time_interleaved(candidates, None, rounds=rounds, warmup=5, pause=0.0)
     medians = {name: summarize_timings(samples)["median"] for name, samples in times.items()}
     base = medians["runtime"]
+    own = _own_work(predictor, exact, rounds * 10)
     return {
         "model": model,
         "backend": predictor.backend_name,
@@ -61,8 +65,32 @@ def measure(model: str, threads: int, backend: str, rounds: int) -> dict:
         "median_ms": medians,
         "overhead_vs_runtime": {name: ms / base - 1 for name, ms in medians.items() if name != "runtime"},
         "predictor_own_overhead": medians["predict, input size"] / medians["transform + runtime"] - 1,
+        "own_work_ms": own,
+        "own_work_vs_runtime": own["predict, stand-in runtime"] / base - own["transform alone"] / base,
         "machine": {k: describe_machine(threads)[k] for k in ("cpu", "simd", "torch", "onnxruntime", "openvino")},
     }
+
+
+def _own_work(predictor: Predictor, image: torch.Tensor, calls: int) -> dict[str, float]:
+    """Median ms of the eval transform alone and of ``predict`` with the runtime replaced by a stand-in that
+    returns fixed logits: their difference is the Predictor's own work (checks, conversions, softmax, top-k),
+    measured without a runtime whose threads would blur a difference this small."""
+    logits = predictor.logits(predictor.preprocess(image).unsqueeze(0))
+    runtime, predictor.logits = predictor.logits, lambda _batch: logits
+
+    def transform() -> torch.Tensor:
+        with torch_threads(1):
+            return predictor.preprocess(image).unsqueeze(0)
+
+    candidates = [
+        Candidate("transform alone", "eval transform on one thread", lambda _x: transform()),
+        Candidate("predict, stand-in runtime", "Predictor.predict, fixed logits", lambda _x: predictor.predict(image)),
+    ]
+    try:
+        times = time_interleaved(candidates, None, rounds=calls, warmup=20, pause=0.0)
+    finally:
+        predictor.logits = runtime
+    return {name: summarize_timings(samples)["median"] for name, samples in times.items()}
 
 
 def main() -> None:
@@ -78,6 +106,12 @@ def main() -> None:
         print(f"{name:22s} {ms:8.3f} ms" + ("" if extra is None else f"   overhead {100 * extra:+.1f}%"))
     print(
         f"the Predictor's own overhead (predict vs transform + runtime): {100 * result['predictor_own_overhead']:+.1f}%"
+    )
+    for name, ms in result["own_work_ms"].items():
+        print(f"{name:26s} {ms:8.3f} ms")
+    print(
+        "the Predictor's own work (stand-in runtime minus transform alone) as a share of the runtime: "
+        f"{100 * result['own_work_vs_runtime']:+.2f}%"
     )
     print(json.dumps(result))
 

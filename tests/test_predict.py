@@ -204,3 +204,18 @@ def test_cli_backend_choices_are_the_backend_table():
     from mobilenet.cli.predict_cmd import PREDICT_BACKENDS
 
     assert ("auto", *BACKENDS) == PREDICT_BACKENDS
+
+
+def test_top_classes_equal_torchs_softmax_and_topk():
+    from mobilenet.predict import top_classes
+
+    logits = torch.randn(6, 1000, generator=torch.Generator().manual_seed(3)) * 8
+    logits[2, [10, 20]] = 50.0  # a tie: the lower index comes first
+    indices, probabilities = top_classes(logits, 5)
+    reference = torch.softmax(logits.double(), dim=1).topk(5, dim=1)  # the independent reference
+    assert indices.shape == probabilities.shape == (6, 5)
+    assert indices[2, :2].tolist() == [10, 20]
+    assert (indices[[0, 1, 3, 4, 5]] == reference.indices.numpy()[[0, 1, 3, 4, 5]]).all()
+    assert abs(probabilities - reference.values.numpy()).max() < 1e-12
+    huge = torch.full((1, 4), 1e30)  # no overflow: max-subtracted
+    assert top_classes(huge, 4)[1].tolist() == [[0.25] * 4]

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms.v2.functional import rgb_to_grayscale
@@ -212,11 +213,8 @@ class Predictor:
             predictions, tensors, waiting = self._preprocess_chunk(chunk)
             batch = (tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)) if tensors else None
         if batch is not None:
-            logits = self.logits(batch)
-            with torch_threads(self._torch_threads):
-                probabilities = torch.softmax(logits.double(), dim=1)
-                top = probabilities.topk(topk, dim=1)
-            for prediction, values, indices in zip(waiting, top.values.tolist(), top.indices.tolist(), strict=True):
+            top, probabilities = top_classes(self.logits(batch), topk)
+            for prediction, indices, values in zip(waiting, top.tolist(), probabilities.tolist(), strict=True):
                 prediction.indices = indices
                 prediction.probabilities = values
                 prediction.labels = [self.classes[i] if self.classes else None for i in prediction.indices]
@@ -240,6 +238,20 @@ class Predictor:
                 prediction.error = str(error)
             predictions.append(prediction)
         return predictions, tensors, waiting
+
+
+def top_classes(logits: torch.Tensor, topk: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``topk`` classes of each row of ``logits`` and their softmax probabilities (float64), most likely first
+    (ties: the lower index first).
+
+    In numpy, on the calling thread: switching torch to one thread and back around two small ops would rebuild
+    torch's thread pools, which costs more than the ops themselves next to a runtime that owns the cores."""
+    scores = logits.detach().cpu().numpy().astype(np.float64)
+    scores -= scores.max(axis=1, keepdims=True)
+    probabilities = np.exp(scores)
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    indices = np.argsort(-probabilities, axis=1, kind="stable")[:, :topk]
+    return indices, np.take_along_axis(probabilities, indices, axis=1)
 
 
 def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
