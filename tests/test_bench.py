@@ -6,6 +6,7 @@ tested in test_benchmarks.py."""
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 
@@ -260,9 +261,12 @@ def test_bench_auto_chooses_for_each_batch_size():
 
 def test_the_default_pause_outlasts_every_backends_idle_spin():
     # A row timed while its predecessor's workers still spin measures the neighbour: the pause must be longer.
+    from mobilenet import timing
     from mobilenet.bench import DEFAULT_PAUSE_S
     from mobilenet.cli.bench_cmd import register
 
+    assert DEFAULT_PAUSE_S is timing.DEFAULT_PAUSE_S  # one default for bench, auto's choice and select
+    assert inspect.signature(timing.time_interleaved).parameters["pause"].default == DEFAULT_PAUSE_S
     if fused_available():
         from mobilenet.fused import worker_spin_seconds
 

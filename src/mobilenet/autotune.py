@@ -66,7 +66,7 @@ from mobilenet.runtime import (
     user_cache_path,
     write_cache,
 )
-from mobilenet.timing import Candidate, summarize_timings, time_interleaved
+from mobilenet.timing import DEFAULT_PAUSE_S, Candidate, summarize_timings, time_interleaved
 
 __all__ = [
     "CPU_CANDIDATES",
@@ -107,16 +107,18 @@ FLOAT_INT8_BACKENDS = ("fused-int8",)
 CPU_CANDIDATES = PRECISION_CANDIDATES["fp32"]
 #: Backends that run a model given as an ONNX file.
 FILE_BACKENDS = ("onnxruntime", "openvino", "openvino-bf16")
-#: Seconds of timed rounds to aim for (all candidates together), after the warm-up.
-MEASURE_BUDGET_S = 1.0
+#: Seconds of timed rounds to aim for (all candidates together, with the pause before each call that lets the
+#: previous candidate's threads go quiet), after the warm-up.
+MEASURE_BUDGET_S = 2.0
 #: Untimed calls per candidate before timing (the first calls at a new batch size allocate and specialise).
 WARMUP = 2
 #: Timed rounds, at least and at most, whatever the budget allows.
 MIN_ROUNDS, MAX_ROUNDS = 3, 25
 #: Candidates whose medians are within this factor of the fastest are timed again, as many rounds, before choosing.
 CLOSE_CALL = 1.10
-#: Version of the cache file's layout; a file of another version is ignored.
-CACHE_VERSION = 1
+#: Version of the cache file (its layout, and how its choices were measured); a file of another version is ignored.
+#: 2: each call timed after a pause longer than every backend's idle spin (1's choices could favour our kernel).
+CACHE_VERSION = 2
 # Where only one backend runs the input, what auto says about it.
 _ONLY_CHOICE = {
     "exported": "fixed: an exported .ts/.pt2/.pte file runs as it is",
@@ -350,7 +352,7 @@ def _time_candidates(runners: dict[str, Any], shape: tuple[int, ...]) -> dict[st
     x = seeded_batch(shape)
     candidates = [Candidate(name, name, runner) for name, runner in runners.items()]
     samples = time_interleaved(candidates, x, rounds=1, warmup=WARMUP)
-    per_round = max(sum(times[0] for times in samples.values()), 1e-6)
+    per_round = max(sum(times[0] for times in samples.values()) + len(candidates) * DEFAULT_PAUSE_S, 1e-6)
     more = max(MIN_ROUNDS, min(MAX_ROUNDS, int(MEASURE_BUDGET_S / per_round))) - 1
     for name, times in time_interleaved(candidates, x, rounds=more, warmup=0).items():
         samples[name].extend(times)

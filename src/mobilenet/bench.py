@@ -54,7 +54,7 @@ from mobilenet.predict import Predictor
 from mobilenet.quantize import calibration_files, quantize_onnx, resolve_activation_type
 from mobilenet.runtime import describe_machine, set_threads
 from mobilenet.spec import MODELS, model_config
-from mobilenet.timing import Candidate, summarize_timings, time_interleaved
+from mobilenet.timing import DEFAULT_PAUSE_S, Candidate, summarize_timings, time_interleaved
 
 __all__ = [
     "BENCH_BACKENDS",
@@ -118,10 +118,6 @@ DEFAULT_BACKENDS = (
     "openvino-bf16",
     "auto",
 )
-#: Idle seconds before each timed call: longer than any backend's idle workers spin after a call (our fused pool's,
-#: :func:`mobilenet.fused.worker_spin_seconds`, is the longest), so no row is timed against its predecessor's
-#: spinning threads; ``mobilenet bench --pause-ms`` spells the same default out.
-DEFAULT_PAUSE_S = 0.06
 #: Images the int8 model is calibrated on when no directory is given (uniform noise: measures speed, not accuracy).
 RANDOM_CALIBRATION_IMAGES = 16
 

@@ -19,7 +19,12 @@ import torch
 
 from mobilenet.errors import MobileNetError
 
-__all__ = ["Candidate", "summarize_timings", "time_interleaved"]
+__all__ = ["DEFAULT_PAUSE_S", "Candidate", "summarize_timings", "time_interleaved"]
+
+#: Idle seconds before each timed call: longer than any backend's idle workers spin after a call (our fused pool's,
+#: :func:`mobilenet.fused.worker_spin_seconds`, is the longest; ONNX Runtime's and torch's OpenMP pool's are
+#: shorter), so no candidate is timed against its predecessor's spinning threads.
+DEFAULT_PAUSE_S = 0.06
 
 
 @dataclass
@@ -35,15 +40,15 @@ class Candidate:
 
 
 def time_interleaved(
-    candidates: Sequence[Candidate], x: Any, *, rounds: int, warmup: int, pause: float = 0.02
+    candidates: Sequence[Candidate], x: Any, *, rounds: int, warmup: int, pause: float = DEFAULT_PAUSE_S
 ) -> dict[str, list[float]]:
     """Seconds per forward of each candidate on ``x``: ``warmup`` untimed calls each, then ``rounds`` rounds that
     time one call of every candidate, in an order rotated by one each round (so drift in the machine's speed
     reaches every candidate alike).
 
     Each timed call starts ``pause`` seconds after the previous one ended: runtimes keep their worker threads
-    spinning for a while after a call (OpenMP in torch, ONNX Runtime's pool), and on a machine with few cores the
-    spinning threads of the previous candidate would otherwise steal the cores of the next one."""
+    spinning for a while after a call (OpenMP in torch, ONNX Runtime's pool, our fused kernel's), and on a machine
+    with few cores the spinning threads of the previous candidate would otherwise steal the cores of the next one."""
     if rounds < 1:
         raise MobileNetError(f"rounds must be >= 1, got {rounds}")
     if warmup < 0:
