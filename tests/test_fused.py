@@ -677,6 +677,64 @@ def test_int8_head_conv_is_close_to_pytorch(isa, channels, out_channels, size):
     assert 1e-5 < _relative_error(got, expected) < INT8_TOLERANCE
 
 
+def _int8_stem_and_block(channels: int, stride: int, activation: str = "relu6"):
+    """A random stem packed in int8 feeding a float32 separable block: only the stem is quantized."""
+    stem_module, block_module = _stem(3, channels, stride, activation), separable(channels, 24, 1)
+    stem = fused.pack_stem(_folded(stem_module), "int8")
+    assert stem.int8 is not None and (stem.int8.rows, stem.int8.columns) == (27, channels)
+    return stem_module, block_module, stem, fused.pack_block(block_module)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(("size", "stride", "channels"), [(224, 2, 32), (97, 2, 8), (130, 2, 48), (31, 1, 16)])
+def test_int8_stem_is_close_to_pytorch(isa, size, stride, channels):
+    """The stem's im2col columns quantized per row (asymmetric, over their span) and its weights per channel."""
+    stem_module, block_module, stem, block = _int8_stem_and_block(channels, stride)
+    image = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
+    with torch.inference_mode():
+        expected = block_module(stem_module(image)).permute(0, 2, 3, 1)
+    got = block(image, stem=stem, isa=isa)
+    assert got.shape == expected.shape
+    assert 1e-5 < _relative_error(got, expected) < INT8_TOLERANCE
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_int8_stem_on_zero_one_signed_huge_and_nonfinite_images(isa):
+    # ReLU: no upper bound that would saturate the huge image's outputs (where a sign flip near 0 costs 6)
+    stem_module, block_module, stem, block = _int8_stem_and_block(16, 2, "relu")
+    fp32_stem = fused.pack_stem(_folded(stem_module))
+    zeros, negative = torch.zeros(1, 3, 20, 20), torch.full((1, 3, 20, 20), -1.5)
+    # all zeros: scale 0, the stem's output is its bias, as in float32
+    assert torch.equal(block(zeros, stem=stem, isa=isa), block(zeros, stem=fp32_stem, isa=isa))
+    with torch.inference_mode():
+        expected = block_module(stem_module(negative)).permute(0, 2, 3, 1)
+    assert _relative_error(block(negative, stem=stem, isa=isa), expected) < INT8_TOLERANCE  # one value, all < 0
+    huge = torch.randn(1, 3, 20, 20, generator=torch.Generator().manual_seed(1)) * 1e30
+    with torch.inference_mode():
+        expected = block_module(stem_module(huge)).permute(0, 2, 3, 1)
+    assert _relative_error(block(huge, stem=stem, isa=isa).double(), expected.double()) < INT8_TOLERANCE
+    huge[0, 0, 3, 3], huge[0, 1, 9, 9], huge[0, 2, 15, 15] = math.nan, math.inf, -math.inf
+    assert torch.isfinite(block(huge, stem=stem, isa=isa)).all()  # the clamps map NaN and infinities to bounds
+
+
+def test_int8_stem_refuses_bad_precision_and_forged_weights():
+    stem = fused.pack_stem(_folded(_stem(3, 16, 2)), "int8")
+    block, image = fused.pack_block(separable(16, 16, 1)), torch.randn(1, 3, 20, 20)
+    for precision in ("int4", None, 8):
+        with pytest.raises(MobileNetError, match="precision"):
+            fused.pack_stem(_folded(_stem(3, 16, 2)), precision)
+    forged = [
+        (dataclasses.replace(stem, int8="int8"), "Int8Weights or None"),
+        (dataclasses.replace(stem, int8=fused.pack_int8(torch.randn(27, 8))), r"\(27, 16\) matrix"),
+        (dataclasses.replace(stem, int8=fused.pack_int8(torch.randn(12, 16))), r"\(27, 16\) matrix"),
+        (dataclasses.replace(stem, int8=dataclasses.replace(stem.int8, scale=stem.int8.scale.double())), "scale"),
+        (dataclasses.replace(stem, int8=dataclasses.replace(stem.int8, weight=stem.int8.weight[:-4])), "weight"),
+    ]
+    for bad, match in forged:
+        with pytest.raises(MobileNetError, match=match):
+            block(image, stem=bad)
+
+
 def _check_int8_network(network, model, x) -> None:
     """The logits' relative error. Not their top-1: these random networks give nearly the same logits for every
     input, their top two a hair apart (see conftest.quick_train); test_int8_network_agrees_with_pytorch_on_a_

@@ -13,11 +13,12 @@ block (V1 paper Figure 3: 3x3 depthwise + ReLU, 1x1 pointwise + ReLU) runs on th
 output channels, the layout the kernel's register-blocked 1x1 micro-kernels read. The kernel picks AVX-512,
 AVX2+FMA or portable C at run time; ``isa=`` or the ``MOBILENET_FUSED_ISA`` environment variable forces one.
 
-``precision="int8"`` runs the 1x1 convs (expansion, projection, V1's pointwise, V2's head conv) as int8 GEMMs
-(:func:`pack_int8`): weights symmetric per output channel, activations quantized per GEMM call from the values
-present (no calibration), products summed exactly in int32 (AVX512-VNNI where the CPU has it, portable C
-elsewhere: on a CPU without VNNI, :func:`has_vnni` False, int8 is slower than float32), everything else (the stem, the
-depthwise conv, the ring, the classifier) in float32. The result is the same from call to call, but depends slightly
+``precision="int8"`` runs the 1x1 convs (expansion, projection, V1's pointwise, V2's head conv) and the fused stem
+(its im2col columns as the GEMM's input) as int8 GEMMs (:func:`pack_int8`): weights symmetric per output channel,
+activations quantized per GEMM call from the values present (no calibration; the stem's over their span, see
+fused_int8.h), products summed exactly in int32 (AVX512-VNNI where the CPU has it, portable C elsewhere: on a CPU
+without VNNI, :func:`has_vnni` False, int8 is slower than float32), everything else (the depthwise conv, the ring,
+the classifier) in float32. The result is the same from call to call, but depends slightly
 on how a block's rows are cut into calls (threads, tiles), as dynamic quantization does.
 
 The extension is optional: :func:`fused_available` says whether it was built, and every entry point raises a
@@ -395,6 +396,7 @@ class FusedBlock:
         block (no expansion, no shortcut: the ring holds the stem's rows)."""
         if not isinstance(stem, FusedStem):
             raise MobileNetError(f"stem must be a FusedStem (mobilenet.fused.pack_stem), got {type(stem).__name__}")
+        stem.check()
         if self.tensors["we"] is not None or self.residual or stem.out_channels != self.in_channels:
             raise MobileNetError(
                 f"a fused stem feeds a block without expansion or shortcut taking its {stem.out_channels} channels; "
@@ -503,22 +505,41 @@ class FusedStem:
     weight: torch.Tensor
     bias: torch.Tensor
     bounds: tuple[float, float]
+    #: int8 (``precision="int8"``): the conv's int8 weights (a (in_channels * 9, out_channels) matrix), which the
+    #: kernel then runs it from, the im2col columns quantized per output row like any int8 GEMM's input.
+    int8: Int8Weights | None = None
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         return (height - 1) // self.stride + 1, (width - 1) // self.stride + 1
 
-    def arguments(self, image: torch.Tensor) -> tuple[int | float, ...]:
+    def arguments(self, image: torch.Tensor) -> tuple[Any, ...]:
         """The kernel's stem tuple for a contiguous NCHW float32 ``image``."""
         _, channels, height, width = image.shape
+        int8 = () if self.int8 is None else (self.int8.addresses(),)
         return (
             image.data_ptr(), int(channels), int(height), int(width), self.stride, self.weight.data_ptr(),
-            self.bias.data_ptr(), *self.bounds,
+            self.bias.data_ptr(), *self.bounds, *int8,
         )  # fmt: skip
 
+    def check(self) -> None:
+        """Refuses int8 weights that do not fit this stem (the kernel reads them by address, unchecked)."""
+        if self.int8 is None:
+            return
+        if not isinstance(self.int8, Int8Weights):
+            raise MobileNetError(f"FusedStem.int8 must be Int8Weights or None, got {type(self.int8).__name__}")
+        if (self.int8.rows, self.int8.columns) != (self.in_channels * 9, self.out_channels):
+            raise MobileNetError(
+                f"FusedStem.int8 must be a ({self.in_channels * 9}, {self.out_channels}) matrix (pack_stem makes it), "
+                f"got ({self.int8.rows}, {self.int8.columns})"
+            )
+        self.int8.check()
 
-def pack_stem(unit: nn.Module) -> FusedStem:
+
+def pack_stem(unit: nn.Module, precision: str = "fp32") -> FusedStem:
     """Pack a BatchNorm-folded 3x3 :class:`~mobilenet.layers.ConvBNAct` (padding 1, stride 1 or 2, no groups) as
-    the producer of the first block's input."""
+    the producer of the first block's input; ``precision="int8"`` also packs its weights in int8
+    (:func:`pack_int8`), which the kernel then runs it from."""
+    precision = check_precision(precision)
     if not isinstance(unit, ConvBNAct):
         raise MobileNetError(f"the fused stem is a ConvBNAct, got {type(unit).__name__}")
     conv = unit.conv
@@ -536,10 +557,17 @@ def pack_stem(unit: nn.Module) -> FusedStem:
     weight = conv.weight.detach().float().cpu()
     out_channels, in_channels = int(weight.shape[0]), int(weight.shape[1])
     bias = conv.bias.detach().float().cpu() if conv.bias is not None else torch.zeros(out_channels)
-    packed = _panels(weight.reshape(out_channels, in_channels * 9).t())
+    matrix = weight.reshape(out_channels, in_channels * 9).t()
     bounds = _bounds(unit.act, "the stem")
+    int8 = pack_int8(matrix) if precision == "int8" else None
     return FusedStem(
-        in_channels, out_channels, int(conv.stride[0]), packed, _pad_vector(bias, _padded(out_channels)), bounds
+        in_channels,
+        out_channels,
+        int(conv.stride[0]),
+        _panels(matrix),
+        _pad_vector(bias, _padded(out_channels)),
+        bounds,
+        int8,
     )
 
 
@@ -667,8 +695,8 @@ class FusedNetwork:
     classifier (an ``nn.Linear``) runs on the kernel as a 1x1 conv of the pooled vector; anything else (a factored
     classifier, a pool that is not global) runs in torch, on the BatchNorm-folded model. Fused blocks write into two
     ping-pong NHWC buffers allocated once per input shape. Takes and returns what the model does (NCHW in, logits).
-    ``precision="int8"`` runs the blocks' 1x1 convs and V2's head conv as int8 GEMMs (see the module docstring); the
-    stem, the depthwise convs and the classifier stay float32."""
+    ``precision="int8"`` runs the blocks' 1x1 convs, V2's head conv and the fused stem as int8 GEMMs (see the module
+    docstring); the depthwise convs and the classifier stay float32."""
 
     def __init__(self, model: nn.Module, *, threads: int = 2, isa: str | None = None, precision: str = "fp32") -> None:
         _require_kernels()
@@ -694,7 +722,7 @@ class FusedNetwork:
                 f"{model.name or 'this model'} has no depthwise separable or inverted residual block to fuse "
                 "(the 'conv' variant of V1 is the paper's baseline of standard convs: run it with torch-jit)"
             )
-        self.stem = pack_stem(self.stages[0]) if _fusable_stem(self.model) else None
+        self.stem = pack_stem(self.stages[0], self.precision) if _fusable_stem(self.model) else None
         self.head = self._pack_head()
         classifier = self.model.classifier
         fc_fusable = self.head is not None and self.model.hidden is None and isinstance(classifier, nn.Linear)

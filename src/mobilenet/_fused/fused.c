@@ -65,6 +65,8 @@ typedef struct {
     const float *img, *ws, *bs;
     int cimg, himg, wimg, sstride;
     float los, his;
+    /* int8 (NULL qs.w: fp32): the stem's GEMM from these weights, its im2col quantized per row (quantize_span). */
+    qmat_t qs;
     /* Channel-split mode (see run_chunk): chunk k writes n x hout x wout x coutpad partial sums at
      * partial + k * (that size); zero_bias is coutpad zeros. */
     int split;
@@ -436,9 +438,11 @@ static int prepare_int8_scratch(scratch_t *S, int t, long pixels, int kmax, int 
 
 /* The most pixels of one int8 GEMM call of a block: a run of ring rows (expansion) or a tile (projection). */
 static long int8_pixels(const block_t *B, int ring_rows, int tile) {
-    if (!B->int8) return 0;
+    long stem = B->ws && B->qs.w ? B->w : 0;
+    if (!B->int8) return stem;
     long expand = B->we ? (long)ring_rows * B->w : 0, project = (long)tile * B->wout;
-    return expand > project ? expand : project;
+    long most = expand > project ? expand : project;
+    return most > stem ? most : stem;
 }
 
 static int prepare_scratch(block_t *B, scratch_t *S, int nt, long budget_bytes) {
@@ -538,16 +542,29 @@ static int check_pool_args(int threads, int *isa, const char *what) {
     return 0;
 }
 
-/* The optional stem tuple (img, cimg, himg, wimg, sstride, ws, bs, los, his); None leaves the stem off. */
+static int parse_quant(PyObject *quant, int count, qmat_t *first, qmat_t *second, int *int8);
+
+/* The optional stem tuple (img, cimg, himg, wimg, sstride, ws, bs, los, his[, (qw, cs, sw)]), the last its int8
+ * weights; None leaves the stem off. */
 static int parse_stem(PyObject *stem, block_t *B) {
     B->img = B->ws = B->bs = NULL;
     B->cimg = B->himg = B->wimg = B->sstride = 0;
     B->los = B->his = 0.0f;
+    memset(&B->qs, 0, sizeof(B->qs));
     if (stem == Py_None) return 0;
     unsigned long long img, ws, bs;
-    if (!PyArg_ParseTuple(stem, "KiiiiKKff", &img, &B->cimg, &B->himg, &B->wimg, &B->sstride, &ws, &bs, &B->los,
-                          &B->his))
+    PyObject *quant = Py_None;
+    qmat_t unused;
+    int int8;
+    if (!PyArg_ParseTuple(stem, "KiiiiKKff|O", &img, &B->cimg, &B->himg, &B->wimg, &B->sstride, &ws, &bs, &B->los,
+                          &B->his, &quant) ||
+        parse_quant(quant, 3, &B->qs, &unused, &int8) != 0)
         return -1;
+    if (int8 && !B->qs.w) {
+        PyErr_SetString(PyExc_ValueError, "run_block: the stem's int8 weights are null pointers");
+        return -1;
+    }
+    B->qs.panel_bytes = KPAD4((long)B->cimg * 9) * PANEL;
     B->img = (const float *)(uintptr_t)img;
     B->ws = (const float *)(uintptr_t)ws;
     B->bs = (const float *)(uintptr_t)bs;

@@ -215,7 +215,8 @@ TARGET static void SFX(depthwise_row_range)(const float *const rows[3], int wout
 
 /* One row (image row y of the block's input) of the network's stem (V1 paper Table 1, V2 paper Table 2: a 3x3
  * conv, padding 1, stride 2, of the RGB image): an im2col of the w output pixels (cimg * 9 taps each, read straight
- * from the NCHW image) into S->col, then the same GEMM as a 1x1 conv with K = cimg * 9, into dst. */
+ * from the NCHW image) into S->col, then the same GEMM as a 1x1 conv with K = cimg * 9, into dst: in int8 where
+ * B->qs holds its weights (the columns quantized per row over their span, see quantize_span). */
 TARGET static void SFX(stem_row)(const block_t *B, const scratch_t *S, int img, int y, float *dst) {
     int K = B->cimg * 9, s = B->sstride;
     const float *image = B->img + (long)img * B->cimg * B->himg * B->wimg;
@@ -239,8 +240,14 @@ TARGET static void SFX(stem_row)(const block_t *B, const scratch_t *S, int img, 
             }
         }
     }
-    SFX(gemm)(S->col, K, B->w, K, B->ws, (long)K * PANEL, B->bs, B->cin, B->los, B->his, dst, B->cpad, B->w, 0, NULL, 0,
-              S->apad);
+    if (B->qs.w) {
+        int zp;
+        float sa = SFX(quantize_span)(S->col, B->w, K, S->qa, &zp);
+        SFX(gemm_q_run)(S->qa, B->w, K, sa, zp, &B->qs, B->bs, B->cin, B->los, B->his, dst, B->cpad, B->w, 0, NULL, 0,
+                        S);
+    } else
+        SFX(gemm)(S->col, K, B->w, K, B->ws, (long)K * PANEL, B->bs, B->cin, B->los, B->his, dst, B->cpad, B->w, 0,
+                  NULL, 0, S->apad);
 }
 
 /* Fill ring rows [first, last] (image rows, all inside the image) of image `img`, channels [c0, c0 + cw) of the

@@ -126,6 +126,29 @@ TARGET static float SFX(quantize)(const float *a, long lda, int P, int K, const 
     return scale;
 }
 
+/* quantize's asymmetric twin for an input of either sign (the stem's im2col of the normalized image): A's whole
+ * span [min, max] (0 included, so the zero padding stays exact) over the 256 levels, s = (max - min) / 255 and u8 =
+ * round(A / s) + zp, zp = round(-min / s); a symmetric scale would leave half the levels to the side of 0 that the
+ * image barely reaches. Same NaN, zero and overflow handling as quantize. */
+TARGET static float SFX(quantize_span)(const float *a, int P, int K, uint8_t *q, int *zp) {
+    float mn, mx;
+    int finite = SFX(scan_range)(a, K, P, K, &mn, &mx);
+    float scale = mx / 255.0f - mn / 255.0f; /* no overflow where max - min would */
+    float inv = scale > 0.0f ? 1.0f / scale : 0.0f;
+    if (!(inv <= FLT_MAX)) scale = inv = 0.0f;
+    long kpad = KPAD4(K);
+    if (!finite) { /* mn or mx may be NaN: no zero point from them */
+        *zp = 0;
+        memset(q, 0, (size_t)(P * kpad));
+        return NAN;
+    }
+    float shift = nearbyintf(-mn * inv); /* mn <= 0, so within [0, 255] but for rounding */
+    *zp = shift > 255.0f ? 255 : shift < 0.0f ? 0 : (int)shift;
+    for (int p = 0; p < P; p++)
+        SFX(quantize_row)(a + (long)p * K, K, kpad, inv, (float)-*zp, (float)(255 - *zp), *zp, q + p * kpad);
+    return scale;
+}
+
 /* One pixel's dequantized output (valid columns of the block): scalar, shared by the portable micro-kernel. */
 static inline void SFX(qstore)(const int32_t *acc, const SFX(qepi_t) *E, int valid, float *c, const float *r) {
     for (int n = 0; n < valid; n++) {
