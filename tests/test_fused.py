@@ -786,16 +786,21 @@ def test_int8_network_in_one_call_and_step_by_step(monkeypatch):
     _check_int8_network(network, model, x)
 
 
-def test_int8_network_on_nan_and_inf_input():
-    """Like the fp32 fused network (and unlike PyTorch, whose logits turn NaN), the stem's clamp maps a NaN to its
-    lower bound and an infinity to a bound, so the logits stay finite; int8 then keeps close to fp32 fused."""
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_an_image_with_nan_or_inf_gets_nan_logits_and_the_others_stay(precision):
+    """The stem's clamp would map a NaN to its lower bound and an infinity to a bound, answering with confidence;
+    as PyTorch's, the logits of such an image are NaN, and the other images of the batch are untouched."""
     model = _model_with_statistics("mobilenet_v2_1.0_224", alpha=0.35)
-    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    x[0, 0, 5, 5], x[1, 1, 3, 3], x[1, 2, 9, 9] = math.nan, math.inf, -math.inf
-    fp32 = fused.FusedNetwork(model)(x)
-    int8 = fused.FusedNetwork(model, precision="int8")(x)
-    assert torch.isfinite(int8).all()
-    assert _relative_error(int8, fp32) < INT8_TOLERANCE
+    network = fused.FusedNetwork(model, precision=precision)
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    clean = network(x)
+    x[0, 0, 5, 5], x[1, 1, 3, 3], x[2, 2, 9, 9] = math.nan, math.inf, -math.inf
+    logits = network(x)
+    assert torch.isnan(logits[:3]).all()
+    assert torch.isnan(model(x[:1])).all()  # the reference: PyTorch's logits of a NaN image
+    assert torch.equal(logits[3], clean[3])
+    huge = torch.full((1, 3, 64, 64), 3e38)  # finite, though its sum overflows: computed, not marked
+    assert not torch.isnan(network(huge)).any()
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -886,7 +887,11 @@ class FusedNetwork:
         return first_out, steps, logits
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits of a float32 NCHW batch (as the model's forward)."""
+        """Logits of a float32 NCHW batch (as the model's forward); an image holding a NaN or an infinity gets NaN
+        logits, as in PyTorch (the kernel's clamps would map those values to bounds and answer with confidence)."""
+        return _nan_where_not_finite(x, self._logits(x))
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
         if self._one_call():
             return self._run_plan(x)
         if self.head is None:
@@ -902,3 +907,14 @@ class FusedNetwork:
                 if self.model.hidden is not None:
                     pooled = self.model.hidden(pooled)
                 return self.model.classifier(self.model.dropout(pooled))
+
+
+def _nan_where_not_finite(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` with the rows of images that hold a NaN or an infinity set to NaN. Checked in numpy, on the calling
+    thread: a torch reduction would wake torch's thread pool next to the kernel's."""
+    values = x.detach().cpu().numpy()
+    if np.isfinite(values).all():
+        return logits
+    with torch.inference_mode():
+        logits[torch.from_numpy(~np.isfinite(values).reshape(len(values), -1).all(axis=1))] = math.nan
+    return logits
