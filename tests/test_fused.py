@@ -801,6 +801,10 @@ def test_an_image_with_nan_or_inf_gets_nan_logits_and_the_others_stay(precision)
     assert torch.equal(logits[3], clean[3])
     huge = torch.full((1, 3, 64, 64), 3e38)  # finite, though its sum overflows: computed, not marked
     assert not torch.isnan(network(huge)).any()
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):  # read as float32, as the kernel reads them
+        logits = network(x.to(dtype))
+        assert torch.isnan(logits[:3]).all()
+        assert torch.equal(logits[3], network(x.to(dtype).float())[3])
 
 
 @pytest.fixture(scope="module")

@@ -912,7 +912,7 @@ class FusedNetwork:
 def _nan_where_not_finite(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """``logits`` with the rows of images that hold a NaN or an infinity set to NaN. Checked in numpy, on the calling
     thread: a torch reduction would wake torch's thread pool next to the kernel's."""
-    values = x.detach().cpu().numpy()
+    values = x.detach().to("cpu", torch.float32).numpy()  # as the kernel reads it (numpy has no bfloat16)
     if np.isfinite(values).all():
         return logits
     with torch.inference_mode():
