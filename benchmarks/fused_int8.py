@@ -29,6 +29,7 @@ from torch import nn
 from mobilenet.backends import BACKENDS, backend_installed, load_source
 from mobilenet.fused import FusedNetwork, best_isa, has_vnni
 from mobilenet.models import create_model
+from mobilenet.parity import relative_error
 from mobilenet.runtime import describe_machine, set_threads
 from mobilenet.timing import Candidate, time_interleaved
 
@@ -53,7 +54,7 @@ def accuracy(model: nn.Module, network: FusedNetwork, *, inputs: int = 8) -> dic
         expected = model(x)
     got = network(x)
     return {
-        "relative_error": float((got - expected).norm() / expected.norm()),
+        "relative_error": relative_error(got, expected),
         "top1_agreement": float((got.argmax(dim=1) == expected.argmax(dim=1)).float().mean()),
     }
 

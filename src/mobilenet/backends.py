@@ -44,7 +44,7 @@ from mobilenet.export import (
 )
 from mobilenet.fused import FusedNetwork, check_threads, fused_available
 from mobilenet.models import create_model
-from mobilenet.parity import compare_to_reference, seeded_batch
+from mobilenet.parity import compare_to_reference, relative_error, seeded_batch
 from mobilenet.runtime import has_native_bf16, resolve_device, set_threads, tune_allocator
 from mobilenet.spec import MODELS, ModelConfig, model_config
 
@@ -540,7 +540,7 @@ class FusedInt8Backend(FusedBackend):
         with torch.inference_mode():
             expected = self.reference(batch).float()
             got = self(batch).float()
-        error = float((got - expected).norm() / expected.norm().clamp_min(1e-12))
+        error = relative_error(got, expected, what=self.name)
         if not error <= INT8_RELATIVE_ERROR:
             raise MobileNetError(
                 f"{self.name}: the int8 logits differ from float32's by {error:.1%} (relative), more than the "

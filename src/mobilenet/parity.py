@@ -8,6 +8,7 @@ pass without loosening the check for small ones).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,7 +18,14 @@ from torch import nn
 
 from mobilenet.errors import MobileNetError
 
-__all__ = ["check_close", "compare_to_reference", "logit_difference", "max_abs_diff", "seeded_batch"]
+__all__ = [
+    "check_close",
+    "compare_to_reference",
+    "logit_difference",
+    "max_abs_diff",
+    "relative_error",
+    "seeded_batch",
+]
 
 
 def seeded_batch(shape: Sequence[int], seed: int = 0) -> torch.Tensor:
@@ -41,6 +49,18 @@ def max_abs_diff(got: Any, expected: Any, *, what: str = "output") -> tuple[floa
     if not expected_array.size:
         return 0.0, 0.0
     return float(np.max(np.abs(got_array - expected_array))), float(np.max(np.abs(expected_array)))
+
+
+def relative_error(got: Any, expected: Any, *, what: str = "output") -> float:
+    """``||got - expected|| / ||expected||`` (Frobenius norms; 0 where both are zero): how far a lower-precision
+    output is from the float32 one, whatever the logits' scale."""
+    got_array, expected_array = _as_float64(got), _as_float64(expected)
+    if got_array.shape != expected_array.shape:
+        raise MobileNetError(
+            f"{what}: output shape {got_array.shape} differs from the reference's {expected_array.shape}"
+        )
+    difference, scale = float(np.linalg.norm(got_array - expected_array)), float(np.linalg.norm(expected_array))
+    return difference / scale if scale > 0 else (0.0 if difference == 0 else math.inf)
 
 
 def check_close(
