@@ -49,7 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=PREDICT_BACKENDS,
         default="auto",
         help=(
-            "runtime (default auto: on the CPU the fastest installed of onnxruntime, openvino and torch-jit, "
+            "runtime (default auto: on the CPU the fastest installed of onnxruntime, openvino, torch-jit, executorch "
+            "and fused (fused-int8 for --precision int8), "
             "measured once for this model, precision, batch size and threads and cached; MOBILENET_AUTO_MEASURE=0: "
             "the first installed of that order)"
         ),
