@@ -336,3 +336,21 @@ def test_max_drop_of_the_wrong_type_is_refused(setup):
     for bad in (-0.1, 2.0, "0.3", True):
         with pytest.raises(MobileNetError, match="max_drop must be a fraction"):
             evaluate_checkpoint(checkpoint, data, progress=False, max_drop=bad)
+
+
+@pytest.mark.parametrize(("backend", "precision"), [("fused", "fp32"), ("fused-int8", "int8")])
+def test_cli_eval_runs_our_fused_kernel_by_name(setup, capsys, backend, precision):
+    from mobilenet.backends import fused_available
+
+    if not fused_available():
+        pytest.skip("needs the fused C extension (python setup.py build_ext --inplace)")
+    _root, data, checkpoint, _model, _preprocessing = setup
+    args = ["eval", str(checkpoint), "--data", str(data), "--no-plot", "--backend", backend, "--format", "json"]
+    code = main(args)
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["backend_used"] == backend and result["precision"] == precision
+    eager = evaluate_checkpoint(checkpoint, data, progress=False)["top1"]
+    if precision == "fp32":  # the same logits within 1e-4: the same classes
+        assert result["top1"] == eager
+    else:
+        assert abs(result["top1"] - eager) <= 0.2

@@ -94,10 +94,10 @@ class Predictor:
         checkpoint_or_model: a ``.safetensors`` checkpoint path, an ``.onnx`` file (fp32 or int8, from
             ``mobilenet export``/``quantize``), a registered model name (random weights, with a warning), a
             :class:`~mobilenet.models.MobileNet` or a :class:`mobilenet.checkpoint.Checkpoint`.
-        backend: ``"auto"`` (on the CPU, the faster of ONNX Runtime and ``"torch-jit"`` as measured for this model,
-            batch size and thread count, then cached (:mod:`mobilenet.autotune`; ``MOBILENET_AUTO_MEASURE=0``: ONNX
-            Runtime when installed, else ``"torch-jit"``); ``"torch"`` on a GPU), ``"torch"`` (eager),
-            ``"torch-jit"``, ``"onnxruntime"`` or another of :data:`mobilenet.backends.BACKENDS`.
+        backend: ``"auto"`` (on the CPU, the fastest installed candidate of the precision tier as measured for this
+            model, batch size and thread count, then cached (:mod:`mobilenet.autotune`; ``MOBILENET_AUTO_MEASURE=0``:
+            the first installed of :data:`mobilenet.autotune.PRECISION_CANDIDATES`); ``"torch"`` on a GPU),
+            ``"torch"`` (eager), ``"torch-jit"``, ``"onnxruntime"`` or another of :data:`mobilenet.backends.BACKENDS`.
         device: torch device for the torch backend.
         num_threads: CPU threads for the backend (``torch.set_num_threads`` or ONNX Runtime's intra-op threads).
         batch_size: images per forward pass (``auto`` measures at this size).

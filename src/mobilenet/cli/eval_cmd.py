@@ -25,7 +25,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, help="the split seed used in training")
     parser.add_argument(
         "--backend",
-        choices=("torch", "auto", "torch-jit", "onnxruntime", "openvino", "openvino-bf16", "exported", "executorch"),
+        choices=(
+            "torch",
+            "auto",
+            "torch-jit",
+            "onnxruntime",
+            "openvino",
+            "openvino-bf16",
+            "exported",
+            "executorch",
+            "fused",
+            "fused-int8",
+        ),
         default="torch",
         help="runtime (default torch: the eager model, as training validated, or an exported file's own runtime; "
         "auto: the fastest installed, logits within 1e-4 of PyTorch's)",
