@@ -677,6 +677,30 @@ def test_int8_head_conv_is_close_to_pytorch(isa, channels, out_channels, size):
     assert 1e-5 < _relative_error(got, expected) < INT8_TOLERANCE
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(("features", "classes", "batch"), [(1280, 1000, 1), (1024, 10, 3), (17, 5, 2)])
+def test_int8_classifier_matches_an_emulation_of_its_quantization(isa, features, classes, batch):
+    """The classifier of an int8 network is an int8 GEMM over one pixel per image: each image's pooled vector is
+    its own call, so its own activation scale."""
+    linear = _randomized(nn.Linear(features, classes)).eval()
+    x = torch.rand(batch, features, generator=torch.Generator().manual_seed(features)) * 6  # pooled ReLU6 features
+    packed = fused.pack_linear(linear, "int8")
+    assert packed.int8 is not None and (packed.int8.rows, packed.int8.columns) == (features, classes)
+    assert fused.pack_linear(linear).int8 is None
+    weight, bias = linear.weight.detach().t(), linear.bias.detach()
+    expected = torch.cat([_emulated_int8_gemm(row[None], weight, bias, (-math.inf, math.inf)) for row in x])
+    got = packed(x.view(batch, 1, 1, features), isa=isa)
+    assert float((got - expected).abs().max()) <= 1e-4 * float(expected.abs().max())
+    with pytest.raises(MobileNetError, match="precision"):
+        fused.pack_linear(linear, "int4")
+
+
+def test_int8_network_runs_its_classifier_in_int8():
+    model = _model_with_statistics("mobilenet_v2_1.0_224", alpha=0.35)
+    assert fused.FusedNetwork(model, precision="int8").classifier.int8 is not None
+    assert fused.FusedNetwork(model).classifier.int8 is None
+
+
 def _int8_stem_and_block(channels: int, stride: int, activation: str = "relu6"):
     """A random stem packed in int8 feeding a float32 separable block: only the stem is quantized."""
     stem_module, block_module = _stem(3, channels, stride, activation), separable(channels, 24, 1)

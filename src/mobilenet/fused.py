@@ -13,12 +13,12 @@ block (V1 paper Figure 3: 3x3 depthwise + ReLU, 1x1 pointwise + ReLU) runs on th
 output channels, the layout the kernel's register-blocked 1x1 micro-kernels read. The kernel picks AVX-512,
 AVX2+FMA or portable C at run time; ``isa=`` or the ``MOBILENET_FUSED_ISA`` environment variable forces one.
 
-``precision="int8"`` runs the 1x1 convs (expansion, projection, V1's pointwise, V2's head conv) and the fused stem
-(its im2col columns as the GEMM's input) as int8 GEMMs (:func:`pack_int8`): weights symmetric per output channel,
-activations quantized per GEMM call from the values present (no calibration; the stem's over their span, see
-fused_int8.h), products summed exactly in int32 (AVX512-VNNI where the CPU has it, portable C elsewhere: on a CPU
-without VNNI, :func:`has_vnni` False, int8 is slower than float32), everything else (the depthwise conv, the ring,
-the classifier) in float32. The result is the same from call to call, but depends slightly
+``precision="int8"`` runs the 1x1 convs (expansion, projection, V1's pointwise, V2's head conv), the fused stem
+(its im2col columns as the GEMM's input) and the fused classifier as int8 GEMMs (:func:`pack_int8`): weights
+symmetric per output channel, activations quantized per GEMM call from the values present (no calibration; the
+stem's over their span, see fused_int8.h), products summed exactly in int32 (AVX512-VNNI where the CPU has it,
+portable C elsewhere: on a CPU without VNNI, :func:`has_vnni` False, int8 is slower than float32), everything else
+(the depthwise conv, the ring, the pool) in float32. The result is the same from call to call, but depends slightly
 on how a block's rows are cut into calls (threads, tiles), as dynamic quantization does.
 
 The extension is optional: :func:`fused_available` says whether it was built, and every entry point raises a
@@ -629,16 +629,21 @@ def pack_head(unit: nn.Module | None, channels: int, precision: str = "fp32") ->
     return FusedHead(channels, out_channels, _panels(matrix), _pad_vector(bias, _padded(out_channels)), bounds, int8)
 
 
-def pack_linear(linear: nn.Module) -> FusedHead:
+def pack_linear(linear: nn.Module, precision: str = "fp32") -> FusedHead:
     """Pack an ``nn.Linear`` (the classifier) as a head over one pixel: a fully connected layer on the pooled
-    features is a 1x1 conv of a 1x1 image, and the pool of one pixel is that pixel."""
+    features is a 1x1 conv of a 1x1 image, and the pool of one pixel is that pixel. ``precision="int8"`` runs it
+    as an int8 GEMM like the 1x1 convs (at batch 1 the layer reads its whole weight matrix for one vector, so it
+    is bound by the bytes read: a quarter of them in int8)."""
+    check_precision(precision)
     if not isinstance(linear, nn.Linear):
         raise MobileNetError(f"the fused classifier is an nn.Linear, got {type(linear).__name__}")
     weight = linear.weight.detach().float().cpu()
     out_features, in_features = int(weight.shape[0]), int(weight.shape[1])
     bias = linear.bias.detach().float().cpu() if linear.bias is not None else torch.zeros(out_features)
     packed = _panels(weight.t())
-    return FusedHead(in_features, out_features, packed, _pad_vector(bias, _padded(out_features)), (-math.inf, math.inf))
+    int8 = pack_int8(weight.t()) if precision == "int8" else None
+    unbounded = (-math.inf, math.inf)
+    return FusedHead(in_features, out_features, packed, _pad_vector(bias, _padded(out_features)), unbounded, int8)
 
 
 @dataclass(frozen=True)
@@ -696,8 +701,8 @@ class FusedNetwork:
     classifier (an ``nn.Linear``) runs on the kernel as a 1x1 conv of the pooled vector; anything else (a factored
     classifier, a pool that is not global) runs in torch, on the BatchNorm-folded model. Fused blocks write into two
     ping-pong NHWC buffers allocated once per input shape. Takes and returns what the model does (NCHW in, logits).
-    ``precision="int8"`` runs the blocks' 1x1 convs, V2's head conv and the fused stem as int8 GEMMs (see the module
-    docstring); the depthwise convs and the classifier stay float32."""
+    ``precision="int8"`` runs the blocks' 1x1 convs, V2's head conv, the fused stem and the fused classifier as int8
+    GEMMs (see the module docstring); the depthwise convs stay float32."""
 
     def __init__(self, model: nn.Module, *, threads: int = 2, isa: str | None = None, precision: str = "fp32") -> None:
         _require_kernels()
@@ -727,7 +732,7 @@ class FusedNetwork:
         self.head = self._pack_head()
         classifier = self.model.classifier
         fc_fusable = self.head is not None and self.model.hidden is None and isinstance(classifier, nn.Linear)
-        self.classifier = pack_linear(classifier) if fc_fusable else None
+        self.classifier = pack_linear(classifier, self.precision) if fc_fusable else None
         self._buffers: dict[tuple[int, int, int], tuple[list[torch.Tensor], MemoryPlan]] = {}
         self._step_cache: dict[tuple[int, int, int], tuple[Any, ...]] = {}
 
