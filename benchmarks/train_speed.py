@@ -168,7 +168,11 @@ def main() -> None:
         shown = ", ".join(f"{v:.1f}" for v in rates[kind])
         print(f"{labels.get(kind, kind):42}: {medians[kind]:7.1f} images/s  (rounds {shown})  [{notes[kind]}]")
     for kind in ours:
-        print(f"ratio {kind} / torchvision plain loop: {medians[kind] / medians['torchvision']:.2f}")
+        paired = statistics.median(a / b for a, b in zip(rates[kind], rates["torchvision"], strict=True))
+        print(
+            f"ratio {kind} / torchvision plain loop: {medians[kind] / medians['torchvision']:.2f} (of the medians), "
+            f"{paired:.2f} (median of the rounds' ratios: each round runs both, so drift in the load cancels)"
+        )
         if args.tuned_baseline:
             ratio = medians[kind] / medians["torchvision+tuned"]
             print(f"ratio {kind} / torchvision with the same allocator tuning: {ratio:.2f}")
