@@ -74,9 +74,11 @@ def test_cli_bench_json_figures_are_consistent(tmp_path, capsys):
 
 
 def test_cli_bench_table(capsys):
-    assert main(["bench", *TINY, "--backends", "eager", "--batch-sizes", "1", "--threads", "1", "--quiet"]) == 0
+    argv = ["bench", *TINY, "--backends", "eager", "--batch-sizes", "1", "--threads", "1", "--pause-ms", "7"]
+    assert main([*argv, "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "GEMM peak" in out and "FLOP limit" in out and "eager" in out and "MACs per image" in out
+    assert "every timed call follows 7 ms of idle time" in out  # the pause the run used, said with its figures
 
 
 @pytest.mark.parametrize(

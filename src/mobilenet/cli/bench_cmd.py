@@ -138,6 +138,12 @@ def _print_table(data: dict) -> None:
         f"float32 GEMM peak (torch.mm {data['settings']['gemm_size']}^2, same run): "
         f"[bold]{data['gemm_peak']['gflops']:.1f} GFLOP/s[/bold]; {data['convention']}"
     )
+    pause_ms = 1e3 * data["settings"]["pause_s"]
+    console.print(
+        f"every timed call follows {pause_ms:g} ms of idle time (--pause-ms; longer than any runtime's idle threads "
+        "spin, so none is timed under another's): the latency of a request after idle time, which runs colder than "
+        "a stream of images (one runtime alone, back to back: benchmarks/runtime_alone.py)"
+    )
     for model in data["models"]:
         rows = [r for r in data["results"] if r["model"] == model["model"]]
         limits = ", ".join(
