@@ -525,10 +525,10 @@ class FusedBackend:
 
 
 class FusedInt8Backend(FusedBackend):
-    """Our fused kernel with every 1x1 conv (V1's pointwise, V2's expansion, projection and head) as an int8 GEMM
-    (AVX512-VNNI where the CPU has it): weights quantized per output channel when built, activations per call from
-    the values present, so a float checkpoint runs in int8 with no calibration. Depthwise convs, the stem and the
-    classifier stay float32. Checked when built: the logits' relative error against the eager model on a seeded
+    """Our fused kernel with every 1x1 conv (V1's pointwise, V2's expansion, projection and head), the stem and the
+    classifier as int8 GEMMs (AVX512-VNNI where the CPU has it): weights quantized per output channel when built,
+    activations per call from the values present, so a float checkpoint runs in int8 with no calibration. The
+    depthwise convs stay float32. Checked when built: the logits' relative error against the eager model on a seeded
     batch must stay under :data:`INT8_RELATIVE_ERROR` (a packing or scaling fault gives errors near 1)."""
 
     name = "fused-int8"
