@@ -691,8 +691,14 @@ def test_int8_classifier_matches_an_emulation_of_its_quantization(isa, features,
     expected = torch.cat([_emulated_int8_gemm(row[None], weight, bias, (-math.inf, math.inf)) for row in x])
     got = packed(x.view(batch, 1, 1, features), isa=isa)
     assert float((got - expected).abs().max()) <= 1e-4 * float(expected.abs().max())
-    with pytest.raises(MobileNetError, match="precision"):
-        fused.pack_linear(linear, "int4")
+    for precision in ("int4", None, 8, "INT8"):
+        with pytest.raises(MobileNetError, match="precision"):
+            fused.pack_linear(linear, precision)
+    broken = nn.Linear(features, classes)
+    with torch.no_grad():
+        broken.weight[0, 0] = math.nan
+    with pytest.raises(MobileNetError, match="NaN"):  # no scale can hold it: refused, not packed as garbage
+        fused.pack_linear(broken, "int8")
 
 
 def test_int8_network_runs_its_classifier_in_int8():
