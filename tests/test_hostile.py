@@ -736,6 +736,33 @@ def test_edited_checkpoint_is_refused_before_allocating(name, files):
     assert path.read_bytes() == before
 
 
+def test_checkpoint_with_nan_or_infinite_weights_is_refused_by_name(files, tmp_path, capsys, monkeypatch):
+    """A checksum-valid file whose weights hold NaN/inf (edited, converted or written by other code) would answer
+    every image with NaN probabilities and an arbitrary ranking: refused when loaded, naming the tensors."""
+    import torch
+
+    model = mobilenet.create_model(TINY, num_classes=3, resolution=32, small_input=True)
+    with torch.no_grad():
+        model.classifier.weight[0, 0] = float("nan")
+        next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)).running_var[1] = float("inf")
+    path = mobilenet.save(model, tmp_path / "broken.safetensors", classes=CLASSES)
+    before = path.read_bytes()
+    with pytest.raises(MobileNetError) as error:
+        mobilenet.load(path)
+    message = str(error.value)
+    assert "\n" not in message and "NaN or infinite values in 2 tensor(s)" in message
+    assert "classifier.weight" in message and "running_var" in message
+    code, _, err = cli(["predict", path, files.good], capsys, monkeypatch)
+    assert_clean_error(code, err, "NaN or infinite", "classifier.weight")
+    code, _, err = cli(["predict", path, files.good, "--precision", "int8"], capsys, monkeypatch)
+    assert_clean_error(code, err, "NaN or infinite")
+    assert path.read_bytes() == before
+    with torch.no_grad():  # the same file with finite weights loads: the check is about the values alone
+        model.classifier.weight[0, 0] = 0.0
+        next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)).running_var[1] = 1.0
+    assert mobilenet.load(mobilenet.save(model, path, classes=CLASSES)).config == model.config
+
+
 @pytest.mark.parametrize("name", ["classes_int", "metadata_int", "no_checksum_flipped", "alpha_1000", "tensor_shape"])
 def test_edited_checkpoint_header_reader_never_crashes(name, files):
     from mobilenet.checkpoint import read_header

@@ -485,7 +485,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: str | Any = "
     Everything is checked before memory is committed: the header's JSON, the config (sizes a machine cannot hold
     are refused by :func:`mobilenet.models.model_from_config`), and each stored tensor's shape against the model the
     config describes (built on the meta device, which allocates nothing). The weights' SHA-256 is checked after
-    reading.
+    reading, and weights holding NaN or infinity are refused.
 
     Args:
         path: a ``.safetensors`` file written by :func:`save` or ``mobilenet convert``.
@@ -521,6 +521,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: str | Any = "
         raise MobileNetError(
             f"{file} is corrupt: its tensor data does not match the checksum written with it; write it again"
         )
+    _check_finite(state_dict, file)
     model = model_from_config(config, name=name)
     model.load_state_dict(state_dict, strict=True)
     model.to(device).eval()
@@ -533,6 +534,18 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: str | Any = "
         preprocessing=model_info.preprocessing,
         metadata=model_info.origin,
     )
+
+
+def _check_finite(state_dict: Mapping[str, torch.Tensor], file: Path) -> None:
+    """Refuse weights holding NaN or infinity: every output of such a model is NaN (or its ranking arbitrary), which
+    a user would otherwise meet as confident-looking predictions. Training never saves them (it stops on a
+    non-finite loss); they come from weights edited, converted or written by other code."""
+    bad = [key for key, tensor in state_dict.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        raise MobileNetError(
+            f"{file} holds NaN or infinite values in {len(bad)} tensor(s) ({shorten(bad)}): its outputs would be "
+            "meaningless; use a checkpoint from before the values broke, or convert or train the weights again"
+        )
 
 
 def load(path: str | os.PathLike[str], *, map_location: str | Any = "cpu") -> MobileNet:
