@@ -232,6 +232,21 @@ def test_bad_inputs_are_one_line_errors(files, tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("check", [True, False])
+def test_weights_holding_nan_or_inf_are_refused_by_name(files, tmp_path, capsys, value, check):
+    """With the logit check the disagreement read 'up to nan (allowed nan)'; with --no-check the file was written
+    and only refused when loaded. Both now name the tensor before anything is written."""
+    state = {k: v.clone() for k, v in files["tv"].state_dict().items()}
+    state["classifier.1.weight"][3, 5] = value
+    source, out = tmp_path / "broken.pth", tmp_path / "out.safetensors"
+    torch.save(state, source)
+    extra = [] if check else ["--no-check"]
+    args = ["--from", "torchvision", source, "--model", "mobilenet_v2_0.5_224", "--out", out, *extra]
+    _fails(capsys, *args, match="NaN or infinite values in 1 tensor(s) (classifier.1.weight)")
+    assert not out.exists()
+
+
 def test_truncated_and_foreign_files(files, tmp_path, capsys):
     out = tmp_path / "out.safetensors"
     if "timm_v2" in files:

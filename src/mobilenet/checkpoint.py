@@ -42,6 +42,7 @@ __all__ = [
     "HEADER_KEY",
     "STATE_FILE",
     "Checkpoint",
+    "check_finite",
     "check_shapes",
     "check_state_dict",
     "describe_foreign",
@@ -521,7 +522,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: str | Any = "
         raise MobileNetError(
             f"{file} is corrupt: its tensor data does not match the checksum written with it; write it again"
         )
-    _check_finite(state_dict, file)
+    check_finite(state_dict, str(file))
     model = model_from_config(config, name=name)
     model.load_state_dict(state_dict, strict=True)
     model.to(device).eval()
@@ -536,15 +537,15 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: str | Any = "
     )
 
 
-def _check_finite(state_dict: Mapping[str, torch.Tensor], file: Path) -> None:
-    """Refuse weights holding NaN or infinity: every output of such a model is NaN (or its ranking arbitrary), which
-    a user would otherwise meet as confident-looking predictions. Training never saves them (it stops on a
-    non-finite loss); they come from weights edited, converted or written by other code."""
+def check_finite(state_dict: Mapping[str, torch.Tensor], what: str) -> None:
+    """Refuse weights holding NaN or infinity (``what`` names their file): every output of such a model is NaN (or
+    its ranking arbitrary), which a user would otherwise meet as confident-looking predictions. Training never saves
+    them (it stops on a non-finite loss); they come from weights edited, converted or written by other code."""
     bad = [key for key, tensor in state_dict.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
     if bad:
         raise MobileNetError(
-            f"{file} holds NaN or infinite values in {len(bad)} tensor(s) ({shorten(bad)}): its outputs would be "
-            "meaningless; use a checkpoint from before the values broke, or convert or train the weights again"
+            f"{what} holds NaN or infinite values in {len(bad)} tensor(s) ({shorten(bad)}): its outputs would be "
+            "meaningless; use weights from before the values broke, or convert or train them again"
         )
 
 

@@ -27,6 +27,7 @@ from torch import nn
 
 from mobilenet.checkpoint import (
     HEADER_KEY,
+    check_finite,
     is_pytorch_file,
     read_raw_header,
     regular_file_size,
@@ -347,7 +348,8 @@ class ConversionReport:
 def read_foreign_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Read a torchvision/timm checkpoint (``.pth`` via ``torch.load(weights_only=True)``, or ``.safetensors``)
     as a flat ``{name: tensor}`` dict; training wrappers (``state_dict``, ``model``) and DDP's ``module.`` prefix
-    are removed. Nothing but tensors and plain containers is ever unpickled."""
+    are removed; weights holding NaN or infinity are refused. Nothing but tensors and plain containers is ever
+    unpickled."""
     file = Path(path)
     regular_file_size(file, "checkpoint", "a torchvision/timm .pth or .safetensors file")
     with open(file, "rb") as handle:
@@ -371,7 +373,9 @@ def read_foreign_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Ten
             f"{file} is neither a PyTorch checkpoint (.pth, zip or pickle) nor a .safetensors file; expected the "
             "weights file of a torchvision or timm MobileNet"
         )
-    return _flatten_state_dict(file, data)
+    state = _flatten_state_dict(file, data)
+    check_finite(state, str(file))
+    return state
 
 
 def _torch_load_tensors(file: Path, prefix: bytes) -> Any:
