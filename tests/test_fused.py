@@ -459,6 +459,33 @@ def test_whole_network_runs_in_one_kernel_call_like_step_by_step(monkeypatch):
     assert not torch.equal(second, one_call)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_later_calls_reuse_the_first_blocks_checked_arguments_with_the_new_image(monkeypatch, precision):
+    """After one call at a shape, a plain contiguous float32 image of that shape skips building and checking the
+    first block's arguments again; the result is the full path's, and anything else still takes the full path."""
+    model = _model_with_statistics("mobilenet_v2_1.0_224", alpha=0.35)
+    network = fused.FusedNetwork(model, threads=2, precision=precision)
+    generator = torch.Generator().manual_seed(5)
+    first, second = torch.randn(2, 3, 64, 64, generator=generator), torch.randn(2, 3, 64, 64, generator=generator)
+    expected = network(second).clone()  # the full path, at the shape's first call
+    network_first = network(first).clone()
+    calls = []
+    original = fused.FusedBlock.arguments
+    monkeypatch.setattr(fused.FusedBlock, "arguments", lambda *a, **k: calls.append(1) or original(*a, **k))
+    assert torch.equal(network(second), expected)  # the fast path: the same kernel call, the new address
+    assert torch.equal(network(first), network_first)
+    assert calls == []
+    with torch.inference_mode():
+        reference = model(second)
+    assert _relative_error(expected, reference) < (INT8_TOLERANCE if precision == "int8" else 1e-5)
+    wide = second.repeat_interleave(2, dim=3)[..., ::2]  # same values, not contiguous
+    for other in (wide, second.double(), nn.Parameter(second.clone()), second[:1]):
+        calls.clear()
+        got = network(other)
+        assert calls, type(other)  # the full path, with its checks
+        assert torch.equal(got, expected[: len(other)]) or len(other) == 1
+
+
 def test_run_plan_refuses_malformed_steps():
     kernels = fused._require_kernels()
     with pytest.raises(TypeError):

@@ -386,6 +386,14 @@ class FusedBlock:
             None if stem is None else stem.arguments(x), CHANNEL_SPLIT_ROWS, self._int8_arguments(),
         )  # fmt: skip
 
+    @staticmethod
+    def with_image(arguments: tuple[Any, ...], image: torch.Tensor) -> tuple[Any, ...]:
+        """``arguments`` (built by :meth:`arguments` with a stem) for another image of the same shape, dtype and
+        layout: only its address changes, in the block's input slot and in the stem's tuple (third from the end)."""
+        address = image.data_ptr()
+        stem = arguments[-3]
+        return (address, *arguments[1:-3], (address, *stem[1:]), *arguments[-2:])
+
     def _int8_arguments(self) -> tuple[int, ...] | None:
         if self.int8 is None:
             return None
@@ -735,6 +743,8 @@ class FusedNetwork:
         self.classifier = pack_linear(classifier, self.precision) if fc_fusable else None
         self._buffers: dict[tuple[int, int, int], tuple[list[torch.Tensor], MemoryPlan]] = {}
         self._step_cache: dict[tuple[int, int, int], tuple[Any, ...]] = {}
+        #: The first block's checked arguments per NCHW input shape (with a fused stem), for :meth:`_fast_arguments`.
+        self._first_arguments: dict[tuple[int, ...], tuple[Any, ...]] = {}
 
     def _pack_head(self) -> FusedHead | None:
         """The fused head: V2's last 1x1 conv + pool, or V1's pool alone; None where the pool is not global."""
@@ -847,17 +857,31 @@ class FusedNetwork:
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.model.config.in_channels:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise MobileNetError(f"expected an NCHW batch with {self.model.config.in_channels} channels, got {shape}")
-        x = x.detach().to("cpu", torch.float32)
-        if self.stem is not None:
-            image = x.contiguous()  # NCHW: the fused stem reads it directly
-        else:
-            image = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)  # NHWC, contiguous
         first_out, steps, logits = self._steps((int(x.shape[0]), int(x.shape[2]), int(x.shape[3])))
-        first = self._body[0]
-        assert isinstance(first, FusedBlock)
-        _, arguments = first.arguments(image, out=first_out, threads=self.threads, isa=self.isa, stem=self.stem)
+        arguments = self._fast_arguments(x)
+        if arguments is None:
+            x = x.detach().to("cpu", torch.float32)
+            if self.stem is not None:
+                image = x.contiguous()  # NCHW: the fused stem reads it directly
+            else:
+                image = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)  # NHWC, contiguous
+            first = self._body[0]
+            assert isinstance(first, FusedBlock)
+            _, arguments = first.arguments(image, out=first_out, threads=self.threads, isa=self.isa, stem=self.stem)
+            if self.stem is not None:
+                self._first_arguments[tuple(image.shape)] = arguments
         _require_kernels().run_plan([arguments, *steps])
         return logits.clone()
+
+    def _fast_arguments(self, x: torch.Tensor) -> tuple[Any, ...] | None:
+        """The first block's arguments without building and checking them again, where ``x`` is already what the
+        fused stem reads (a plain contiguous float32 CPU tensor of a shape checked before): only its address
+        differs. Every torch call in a batch-1 forward costs time, most of all in the first call after the
+        machine was idle, when their code is no longer in the caches; None where the full path must run."""
+        if type(x) is not torch.Tensor or x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous():
+            return None
+        template = self._first_arguments.get(tuple(x.shape))
+        return None if template is None else FusedBlock.with_image(template, x)
 
     def _steps(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, list[tuple[Any, ...]], torch.Tensor]:
         """For one input shape: the first block's output buffer, the argument tuples of the later blocks, the head
