@@ -778,6 +778,74 @@ def test_int8_stem_on_zero_one_signed_huge_and_nonfinite_images(isa):
     assert torch.isfinite(block(huge, stem=stem, isa=isa)).all()  # the clamps map NaN and infinities to bounds
 
 
+def _flags_from_kernel(block, stem, image, isa):
+    """The kernel's per-image non-finite flags for ``image`` through ``stem`` into ``block``, and its count."""
+    flags = torch.full((image.shape[0],), 7, dtype=torch.int32)  # stale values: the kernel clears them first
+    _, arguments = block.arguments(image, isa=isa, stem=stem, nonfinite=flags)
+    count = fused._require_kernels().run_block(*arguments)
+    return flags.tolist(), count
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+@pytest.mark.parametrize(("size", "stride"), [(20, 2), (21, 2), (9, 1), (2, 2), (1, 1)])
+def test_stem_flags_every_image_holding_nan_or_inf_wherever_it_is(isa, precision, size, stride):
+    """A 3x3 conv with padding 1 reads every pixel at stride 1 or 2, even and odd sizes: a NaN or an infinity in
+    any pixel, the corners and the last row and column included, flags its image and no other."""
+    stem = fused.pack_stem(_folded(_stem(3, 16, stride)), precision)
+    block = fused.pack_block(separable(16, 16, 1))
+    clean = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(size))
+    assert _flags_from_kernel(block, stem, clean, isa) == ([0, 0, 0], 0)
+    last = size - 1
+    for channel, y, x in ((0, 0, 0), (1, last, last), (2, 0, last), (0, last, 0), (1, size // 2, size // 2)):
+        for bad in (math.nan, math.inf, -math.inf):
+            image = clean.clone()
+            image[1, channel, y, x] = bad
+            assert _flags_from_kernel(block, stem, image, isa) == ([0, 1, 0], 1), (channel, y, x, bad)
+    image = clean.clone()
+    image[0, 0, 0, 0], image[2, 2, last, last] = math.nan, math.inf
+    assert _flags_from_kernel(block, stem, image, isa) == ([1, 0, 1], 2)
+    huge = torch.full((3, 3, size, size), 3e38)  # finite: not flagged, though sums of it overflow
+    assert _flags_from_kernel(block, stem, huge, isa) == ([0, 0, 0], 0)
+
+
+def test_nonfinite_flags_refuse_what_the_kernel_could_not_write_safely():
+    stem = fused.pack_stem(_folded(_stem(3, 16, 2)))
+    block, image = fused.pack_block(separable(16, 16, 1)), torch.randn(2, 3, 20, 20)
+    bad_flags = [
+        torch.zeros(2, dtype=torch.int64),
+        torch.zeros(3, dtype=torch.int32),
+        torch.zeros(1, dtype=torch.int32),
+        torch.zeros(4, dtype=torch.int32)[::2],
+        torch.zeros(2, dtype=torch.int32, device="meta"),
+        [0, 0],
+        "0,0",
+    ]
+    for flags in bad_flags:
+        with pytest.raises(MobileNetError, match="nonfinite must be a contiguous int32 CPU tensor of 2 flags"):
+            block.arguments(image, stem=stem, nonfinite=flags)
+    nhwc = torch.randn(2, 10, 10, 16)
+    with pytest.raises(MobileNetError, match="pass stem= too"):
+        block.arguments(nhwc, nonfinite=torch.zeros(2, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_network_with_a_fused_stem_marks_nonfinite_images_from_the_kernels_flags(monkeypatch, precision):
+    """In one kernel call with a fused stem, the kernel's flags mark the NaN rows: no second pass over the image."""
+    model = _model_with_statistics("mobilenet_v2_1.0_224", alpha=0.35)
+    network = fused.FusedNetwork(model, precision=precision)
+    assert network.stem is not None and network._one_call()
+    x = torch.randn(3, 3, 33, 33, generator=torch.Generator().manual_seed(2))
+    clean = network(x).clone()
+    monkeypatch.setattr(fused, "_nan_where_not_finite", lambda *a: pytest.fail("the image was checked again"))
+    x[1, 2, 32, 32] = math.inf  # the last pixel
+    for _ in range(2):  # the checked path, then the fast one
+        logits = network(x)
+        assert torch.isnan(logits[1]).all() and not torch.isnan(logits[[0, 2]]).any()
+        assert torch.equal(logits[[0, 2]], clean[[0, 2]])
+    assert not torch.isnan(network(x[[0, 2]])).any()  # the flags are cleared for each call
+
+
 def test_int8_stem_refuses_bad_precision_and_forged_weights():
     stem = fused.pack_stem(_folded(_stem(3, 16, 2)), "int8")
     block, image = fused.pack_block(separable(16, 16, 1)), torch.randn(1, 3, 20, 20)

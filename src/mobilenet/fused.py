@@ -367,12 +367,17 @@ class FusedBlock:
         threads: int = 2,
         isa: str | None = None,
         stem: FusedStem | None = None,
+        nonfinite: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[Any, ...]]:
         """The output tensor and the kernel's argument tuple of :meth:`__call__` (checked as it checks them), for
-        running several steps in one kernel call (:class:`FusedNetwork`)."""
+        running several steps in one kernel call (:class:`FusedNetwork`). With a stem, ``nonfinite`` (a contiguous
+        int32 CPU tensor of one flag per image) receives 1 for each image holding a NaN or an infinity, and the
+        kernel call returns how many did (the stem reads every pixel anyway, so the check costs no pass of its own)."""
         batch, height, width = (
             self._check_stem_input(x, stem) if stem is not None else _check_input(x, self.in_channels)
         )
+        if nonfinite is not None:
+            _check_flags(nonfinite, batch, stem)
         out_h, out_w = self.output_size(height, width)
         out = _check_output(out, x, (batch, out_h, out_w, self.out_channels))
         threads, code = check_threads(threads), _isa_code(isa)
@@ -383,7 +388,7 @@ class FusedBlock:
             0 if t["we"] is None else t["we"].data_ptr(), 0 if t["be"] is None else t["be"].data_ptr(),
             t["wd"].data_ptr(), t["bd"].data_ptr(), t["wp"].data_ptr(), t["bp"].data_ptr(),
             *self.bounds, int(self.residual), threads, code, CACHE_BUDGET,
-            None if stem is None else stem.arguments(x), CHANNEL_SPLIT_ROWS, self._int8_arguments(),
+            None if stem is None else stem.arguments(x, nonfinite), CHANNEL_SPLIT_ROWS, self._int8_arguments(),
         )  # fmt: skip
 
     @staticmethod
@@ -433,6 +438,20 @@ def _check_input(x: Any, channels: int, *, contiguous: bool = True) -> tuple[int
     if min(batch, height, width) < 1 or max(batch * height, width, channels) > _MAX_DIM or x.numel() > 2**40:
         raise MobileNetError(f"the fused kernel takes a non-empty batch of sane size, got shape {tuple(x.shape)}")
     return batch, height, width
+
+
+def _check_flags(flags: Any, batch: int, stem: FusedStem | None) -> None:
+    if stem is None:
+        raise MobileNetError("nonfinite flags come from the fused stem: pass stem= too")
+    if (
+        not isinstance(flags, torch.Tensor)
+        or flags.dtype != torch.int32
+        or flags.device.type != "cpu"
+        or not flags.is_contiguous()
+        or flags.numel() != batch
+    ):
+        described = f"{flags.dtype} {_describe(flags)}" if isinstance(flags, torch.Tensor) else _describe(flags)
+        raise MobileNetError(f"nonfinite must be a contiguous int32 CPU tensor of {batch} flags, got {described}")
 
 
 def _check_output(out: Any, x: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.Tensor:
@@ -521,13 +540,17 @@ class FusedStem:
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         return (height - 1) // self.stride + 1, (width - 1) // self.stride + 1
 
-    def arguments(self, image: torch.Tensor) -> tuple[Any, ...]:
-        """The kernel's stem tuple for a contiguous NCHW float32 ``image``."""
+    def arguments(self, image: torch.Tensor, nonfinite: torch.Tensor | None = None) -> tuple[Any, ...]:
+        """The kernel's stem tuple for a contiguous NCHW float32 ``image`` (and the address of its per-image
+        non-finite flags, checked by :meth:`FusedBlock.arguments`)."""
         _, channels, height, width = image.shape
-        int8 = () if self.int8 is None else (self.int8.addresses(),)
+        int8 = None if self.int8 is None else self.int8.addresses()
+        optional: tuple[Any, ...] = () if int8 is None else (int8,)
+        if nonfinite is not None:
+            optional = (int8, nonfinite.data_ptr())
         return (
             image.data_ptr(), int(channels), int(height), int(width), self.stride, self.weight.data_ptr(),
-            self.bias.data_ptr(), *self.bounds, *int8,
+            self.bias.data_ptr(), *self.bounds, *optional,
         )  # fmt: skip
 
     def check(self) -> None:
@@ -702,6 +725,20 @@ def _fusable_stem(model: MobileNet) -> bool:
     return packed.tensors["we"] is None and not packed.residual and packed.in_channels == stem.out_channels
 
 
+@dataclass
+class _Steps:
+    """What :class:`FusedNetwork` runs for one input shape in one kernel call: the first block's output buffer, the
+    argument tuples of the later steps, the pooled vector and the logits they write, the per-image non-finite flags
+    the fused stem sets (None without one), and the first block's checked arguments once known."""
+
+    first_out: torch.Tensor
+    later: list[tuple[Any, ...]]
+    logits: torch.Tensor
+    pooled: torch.Tensor
+    nonfinite: torch.Tensor | None
+    first: tuple[Any, ...] | None = None
+
+
 class FusedNetwork:
     """A V1 or V2 MobileNet (any width, any resolution) on the fused kernel: the stem conv is computed inside the
     first block's call (its rows go straight into that block's ring buffer), every depthwise separable / inverted
@@ -742,9 +779,15 @@ class FusedNetwork:
         fc_fusable = self.head is not None and self.model.hidden is None and isinstance(classifier, nn.Linear)
         self.classifier = pack_linear(classifier, self.precision) if fc_fusable else None
         self._buffers: dict[tuple[int, int, int], tuple[list[torch.Tensor], MemoryPlan]] = {}
-        self._step_cache: dict[tuple[int, int, int], tuple[Any, ...]] = {}
-        #: The first block's checked arguments per NCHW input shape (with a fused stem), for :meth:`_fast_arguments`.
-        self._first_arguments: dict[tuple[int, ...], tuple[Any, ...]] = {}
+        self._step_cache: dict[tuple[int, int, int], _Steps] = {}
+        #: The steps per NCHW input shape whose first block's checked arguments are known (with a fused stem), for
+        #: :meth:`_fast_arguments`.
+        self._checked_shapes: dict[tuple[int, ...], _Steps] = {}
+        self._single_call = (
+            self.classifier is not None
+            and self.head is not None
+            and all(isinstance(stage, FusedBlock) for stage in self._body)
+        )
 
     def _pack_head(self) -> FusedHead | None:
         """The fused head: V2's last 1x1 conv + pool, or V1's pool alone; None where the pool is not global."""
@@ -844,48 +887,65 @@ class FusedNetwork:
 
     def _one_call(self) -> bool:
         """Whether the whole forward is kernel steps (no torch op left): then it runs in one kernel call."""
-        return (
-            self.classifier is not None
-            and self.head is not None
-            and all(isinstance(stage, FusedBlock) for stage in self._body)
-        )
+        return self._single_call
 
     def _run_plan(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of the whole network in one kernel call (:meth:`_one_call`): no Python between the steps, so the
         kernel's workers, spinning between jobs, are still on their cores when the next step starts. Every step's
-        arguments but the first block's (it reads the caller's image) are built once per input shape."""
+        arguments but the first block's (it reads the caller's image) are built once per input shape. With a fused
+        stem the kernel flags images holding a NaN or an infinity as it reads them; their logits are NaN."""
+        fast = self._fast_arguments(x)
+        if fast is None:
+            # image: what the kernel reads (maybe a converted copy of x); it must outlive the call
+            steps, arguments, image = self._checked_arguments(x)
+        else:
+            (steps, arguments), image = fast, x
+        flagged = _require_kernels().run_plan([arguments, *steps.later])
+        logits = steps.logits.clone()
+        if steps.nonfinite is None:
+            return _nan_where_not_finite(x, logits)
+        if flagged:
+            logits[steps.nonfinite.bool()] = math.nan
+        return logits
+
+    def _checked_arguments(self, x: torch.Tensor) -> tuple[_Steps, tuple[Any, ...], torch.Tensor]:
+        """The steps for ``x``'s shape, the first block's arguments, built and checked, and the image they point to
+        (``x``, or its float32 contiguous copy, which the caller keeps alive until the kernel has run)."""
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.model.config.in_channels:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise MobileNetError(f"expected an NCHW batch with {self.model.config.in_channels} channels, got {shape}")
-        first_out, steps, logits = self._steps((int(x.shape[0]), int(x.shape[2]), int(x.shape[3])))
-        arguments = self._fast_arguments(x)
-        if arguments is None:
-            x = x.detach().to("cpu", torch.float32)
-            if self.stem is not None:
-                image = x.contiguous()  # NCHW: the fused stem reads it directly
-            else:
-                image = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)  # NHWC, contiguous
-            first = self._body[0]
-            assert isinstance(first, FusedBlock)
-            _, arguments = first.arguments(image, out=first_out, threads=self.threads, isa=self.isa, stem=self.stem)
-            if self.stem is not None:
-                self._first_arguments[tuple(image.shape)] = arguments
-        _require_kernels().run_plan([arguments, *steps])
-        return logits.clone()
+        steps = self._steps((int(x.shape[0]), int(x.shape[2]), int(x.shape[3])))
+        x = x.detach().to("cpu", torch.float32)
+        if self.stem is not None:
+            image = x.contiguous()  # NCHW: the fused stem reads it directly
+        else:
+            image = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)  # NHWC, contiguous
+        first = self._body[0]
+        assert isinstance(first, FusedBlock)
+        _, arguments = first.arguments(
+            image, out=steps.first_out, threads=self.threads, isa=self.isa, stem=self.stem, nonfinite=steps.nonfinite
+        )
+        if self.stem is not None:
+            steps.first = arguments
+            self._checked_shapes[tuple(image.shape)] = steps
+        return steps, arguments, image
 
-    def _fast_arguments(self, x: torch.Tensor) -> tuple[Any, ...] | None:
-        """The first block's arguments without building and checking them again, where ``x`` is already what the
-        fused stem reads (a plain contiguous float32 CPU tensor of a shape checked before): only its address
-        differs. Every torch call in a batch-1 forward costs time, most of all in the first call after the
-        machine was idle, when their code is no longer in the caches; None where the full path must run."""
-        if type(x) is not torch.Tensor or x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous():
+    def _fast_arguments(self, x: torch.Tensor) -> tuple[_Steps, tuple[Any, ...]] | None:
+        """The steps and the first block's arguments without building and checking them again, where ``x`` is
+        already what the fused stem reads (a plain contiguous float32 CPU tensor of a shape checked before): only
+        its address differs. Every torch call in a batch-1 forward costs time, most of all in the first call after
+        the machine was idle, when their code is no longer in the caches; None where the full path must run."""
+        if type(x) is not torch.Tensor or x.dtype != torch.float32 or not x.is_cpu or not x.is_contiguous():
             return None
-        template = self._first_arguments.get(tuple(x.shape))
-        return None if template is None else FusedBlock.with_image(template, x)
+        steps = self._checked_shapes.get(x.shape)
+        if steps is None or steps.first is None:
+            return None
+        return steps, FusedBlock.with_image(steps.first, x)
 
-    def _steps(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, list[tuple[Any, ...]], torch.Tensor]:
-        """For one input shape: the first block's output buffer, the argument tuples of the later blocks, the head
-        and the classifier, and the logits tensor they write (kept with the tuples: these hold its address)."""
+    def _steps(self, key: tuple[int, int, int]) -> _Steps:
+        """For one input shape (batch, height, width): the first block's output buffer, the argument tuples of the
+        later blocks, the head and the classifier, and the tensors they write (kept with the tuples: these hold
+        their addresses)."""
         if key not in self._step_cache:
             buffers, _ = self._plan(*key)
             batch, height, width = key
@@ -897,32 +957,33 @@ class FusedNetwork:
                 height, width = block.output_size(height, width)
                 shape = (batch, height, width, block.out_channels)
                 outputs.append(buffers[index % 2][: math.prod(shape)].view(shape))
-            steps = []
+            later = []
             for index in range(1, len(outputs)):
                 block = self._body[index]
                 assert isinstance(block, FusedBlock)
                 _, arguments = block.arguments(
                     outputs[index - 1], out=outputs[index], threads=self.threads, isa=self.isa
                 )
-                steps.append(arguments)
+                later.append(arguments)
             assert self.head is not None and self.classifier is not None
             pooled = torch.empty(batch, self.head.out_channels)
             logits = torch.empty(batch, self.classifier.out_channels)
-            steps.append(self.head.arguments(outputs[-1], pooled, threads=self.threads, isa=self.isa))
+            later.append(self.head.arguments(outputs[-1], pooled, threads=self.threads, isa=self.isa))
             flat = pooled.view(batch, 1, 1, self.head.out_channels)
-            steps.append(self.classifier.arguments(flat, logits, threads=self.threads, isa=self.isa))
-            self._step_cache[key] = (outputs[0], steps, logits, pooled)
-        first_out, steps, logits, _ = self._step_cache[key]
-        return first_out, steps, logits
+            later.append(self.classifier.arguments(flat, logits, threads=self.threads, isa=self.isa))
+            nonfinite = torch.zeros(batch, dtype=torch.int32) if self.stem is not None else None
+            self._step_cache[key] = _Steps(outputs[0], later, logits, pooled, nonfinite)
+        return self._step_cache[key]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of a float32 NCHW batch (as the model's forward); an image holding a NaN or an infinity gets NaN
         logits, as in PyTorch (the kernel's clamps would map those values to bounds and answer with confidence)."""
+        if self._one_call():
+            return self._run_plan(x)
         return _nan_where_not_finite(x, self._logits(x))
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        if self._one_call():
-            return self._run_plan(x)
+        """Logits, step by step (a stage runs in torch), NaN or infinite inputs not marked."""
         if self.head is None:
             features = self.features(x)
             with torch.inference_mode(), _torch_single_threaded():

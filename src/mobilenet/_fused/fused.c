@@ -67,6 +67,9 @@ typedef struct {
     float los, his;
     /* int8 (NULL qs.w: fp32): the stem's GEMM from these weights, its im2col quantized per row (quantize_span). */
     qmat_t qs;
+    /* Per image of the batch (NULL: not tracked): set to 1 where the stem read a NaN or an infinity, which its clamps
+     * would otherwise turn into confident logits. A 3x3 conv with padding 1 and stride 1 or 2 reads every pixel. */
+    int *nonfinite;
     /* Channel-split mode (see run_chunk): chunk k writes n x hout x wout x coutpad partial sums at
      * partial + k * (that size); zero_bias is coutpad zeros. */
     int split;
@@ -544,20 +547,22 @@ static int check_pool_args(int threads, int *isa, const char *what) {
 
 static int parse_quant(PyObject *quant, int count, qmat_t *first, qmat_t *second, int *int8);
 
-/* The optional stem tuple (img, cimg, himg, wimg, sstride, ws, bs, los, his[, (qw, cs, sw)]), the last its int8
- * weights; None leaves the stem off. */
+/* The optional stem tuple (img, cimg, himg, wimg, sstride, ws, bs, los, his[, (qw, cs, sw) or None[, nonfinite]]):
+ * its int8 weights, and the address of n ints that flag images holding a NaN or an infinity (0: not tracked); None
+ * leaves the stem off. */
 static int parse_stem(PyObject *stem, block_t *B) {
     B->img = B->ws = B->bs = NULL;
     B->cimg = B->himg = B->wimg = B->sstride = 0;
     B->los = B->his = 0.0f;
     memset(&B->qs, 0, sizeof(B->qs));
+    B->nonfinite = NULL;
     if (stem == Py_None) return 0;
-    unsigned long long img, ws, bs;
+    unsigned long long img, ws, bs, nonfinite = 0;
     PyObject *quant = Py_None;
     qmat_t unused;
     int int8;
-    if (!PyArg_ParseTuple(stem, "KiiiiKKff|O", &img, &B->cimg, &B->himg, &B->wimg, &B->sstride, &ws, &bs, &B->los,
-                          &B->his, &quant) ||
+    if (!PyArg_ParseTuple(stem, "KiiiiKKff|OK", &img, &B->cimg, &B->himg, &B->wimg, &B->sstride, &ws, &bs, &B->los,
+                          &B->his, &quant, &nonfinite) ||
         parse_quant(quant, 3, &B->qs, &unused, &int8) != 0)
         return -1;
     if (int8 && !B->qs.w) {
@@ -568,6 +573,7 @@ static int parse_stem(PyObject *stem, block_t *B) {
     B->img = (const float *)(uintptr_t)img;
     B->ws = (const float *)(uintptr_t)ws;
     B->bs = (const float *)(uintptr_t)bs;
+    B->nonfinite = (int *)(uintptr_t)nonfinite;
     if (!B->img || !B->ws || !B->bs || B->cimg < 1 || B->himg < 1 || B->wimg < 1 ||
         (B->sstride != 1 && B->sstride != 2) || B->h != (B->himg - 1) / B->sstride + 1 ||
         B->w != (B->wimg - 1) / B->sstride + 1 || B->we || B->residual) {
@@ -674,7 +680,8 @@ static int parse_head(PyObject *args, step_t *step) {
     return check_pool_args(step->threads, &step->isa, "run_head");
 }
 
-/* Runs one step on the pool (pool_lock held, GIL released); -1 when scratch memory ran out. */
+/* Runs one step on the pool (pool_lock held, GIL released); -1 when scratch memory ran out, else the number of
+ * images the step's stem found a NaN or an infinity in (0 where it has no stem or does not track them). */
 static int execute_step(step_t *step) {
     scratch_t scratch[MAX_THREADS];
     int nt = step->threads;
@@ -688,20 +695,29 @@ static int execute_step(step_t *step) {
     block_t *B = &step->block;
     int chunks = chunk_count(B, nt);
     if (prepare_scratch(B, scratch, nt, step->budget) != 0 || prepare_partials(B, chunks) != 0) return -1;
+    if (B->nonfinite) memset(B->nonfinite, 0, sizeof(int) * (size_t)B->n);
     run_job(JOB_BLOCK, B, chunks, scratch, step->isa, nt);
     if (B->split) reduce_partials(B, chunks);
-    return 0;
+    int flagged = 0;
+    for (int img = 0; B->nonfinite && img < B->n; img++) flagged += B->nonfinite[img] != 0;
+    return flagged;
 }
 
+/* Runs the steps in order; returns the number of images flagged non-finite (see execute_step). */
 static PyObject *run_steps(step_t *steps, Py_ssize_t count) {
     int failed = 0;
+    long flagged = 0;
     Py_BEGIN_ALLOW_THREADS;
     pthread_mutex_lock(&pool_lock);
-    for (Py_ssize_t i = 0; i < count && !failed; i++) failed = execute_step(&steps[i]) != 0;
+    for (Py_ssize_t i = 0; i < count && !failed; i++) {
+        int result = execute_step(&steps[i]);
+        failed = result < 0;
+        flagged += result > 0 ? result : 0;
+    }
     pthread_mutex_unlock(&pool_lock);
     Py_END_ALLOW_THREADS;
     if (failed) return PyErr_NoMemory();
-    Py_RETURN_NONE;
+    return PyLong_FromLong(flagged);
 }
 
 static PyObject *py_run_block(PyObject *self, PyObject *args) {
@@ -819,11 +835,13 @@ static PyMethodDef methods[] = {
     {"run_block", py_run_block, METH_VARARGS,
      "run_block(in, out, n, h, w, cin, hout, wout, cout, stride, cexp, cpad, coutpad, we, be, wd, bd, wp, "
      "bp, lo1, hi1, lo2, hi2, lo3, hi3, residual, threads, isa, cache_budget_bytes[, stem[, split_rows]]): one fused block, NHWC "
-     "float32 (addresses as ints; stem: None or (img, cimg, himg, wimg, stride, ws, bs, lo, hi), the stem conv of an "
-     "NCHW image as the block's input; split_rows: at most that many output rows in the batch split the expanded "
+     "float32 (addresses as ints; stem: None or (img, cimg, himg, wimg, stride, ws, bs, lo, hi[, int8 or None[, nonfinite]]), the stem conv "
+     "of an NCHW image as the block's input, nonfinite the address of n ints set to 1 for images holding a NaN or an "
+     "infinity (the call returns their count); split_rows: at most that many output rows in the batch split the expanded "
      "channels between threads instead of the rows; see mobilenet.fused)."},
     {"run_plan", py_run_plan, METH_VARARGS,
-     "run_plan(steps): run_block and run_head argument tuples (a head's has 13 items), in order, in one call."},
+     "run_plan(steps): run_block and run_head argument tuples (a head's has 13 items), in order, in one call; returns "
+     "the number of images a stem found a NaN or an infinity in (where its tuple gives a nonfinite address)."},
     {"run_head", py_run_head, METH_VARARGS,
      "run_head(in, out, n, pixels, k, nout, npad, w, b, lo, hi, threads, isa): 1x1 conv + clamp (w = 0: none) and "
      "global average pool of an NHWC tensor into n x nout (addresses as ints; see mobilenet.fused)."},

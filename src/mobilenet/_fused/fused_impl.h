@@ -240,9 +240,14 @@ TARGET static void SFX(stem_row)(const block_t *B, const scratch_t *S, int img, 
             }
         }
     }
+    if (B->nonfinite && !B->qs.w) {
+        float mn, mx;
+        if (!SFX(scan_range)(S->col, K, B->w, K, &mn, &mx)) __atomic_store_n(&B->nonfinite[img], 1, __ATOMIC_RELAXED);
+    }
     if (B->qs.w) {
         int zp;
         float sa = SFX(quantize_span)(S->col, B->w, K, S->qa, &zp);
+        if (B->nonfinite && isnan(sa)) __atomic_store_n(&B->nonfinite[img], 1, __ATOMIC_RELAXED);
         SFX(gemm_q_run)(S->qa, B->w, K, sa, zp, &B->qs, B->bs, B->cin, B->los, B->his, dst, B->cpad, B->w, 0, NULL, 0,
                         S);
     } else
