@@ -901,6 +901,7 @@ class FusedNetwork:
         else:
             (steps, arguments), image = fast, x
         flagged = _require_kernels().run_plan([arguments, *steps.later])
+        del image  # the kernel has read it
         logits = steps.logits.clone()
         if steps.nonfinite is None:
             return _nan_where_not_finite(x, logits)
