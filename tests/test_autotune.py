@@ -4,12 +4,13 @@ keeps the fastest, caches the choice and says why; measuring off is the fixed or
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 from PIL import Image
 
-from mobilenet import autotune
+from mobilenet import autotune, runtime
 from mobilenet.backends import BACKENDS, backend_installed, load_source, onnxruntime_available
 from mobilenet.checkpoint import save
 from mobilenet.cli import main
@@ -149,6 +150,37 @@ def test_a_corrupt_cache_is_ignored(measuring, monkeypatch, model, content):
     predictor = Predictor(model, num_threads=1, batch_size=4)
     assert timer.calls and predictor.backend_name == "onnxruntime"
     assert json.loads(measuring.read_text())["version"] == autotune.CACHE_VERSION  # rewritten, readable again
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "directory", "deep-json", "huge"])
+def test_a_cache_path_holding_a_special_or_hostile_file_is_ignored(measuring, monkeypatch, model, kind):
+    """A FIFO would block the reader forever, /dev/zero never ends, a deeply nested document would escape the JSON
+    parser as a RecursionError: each is passed over with a note, and measuring goes on."""
+    timer = _timer(monkeypatch, onnxruntime=3.0, torch_jit=4.0)
+    measuring.parent.mkdir(parents=True)
+    if kind == "fifo":
+        os.mkfifo(measuring)
+    elif kind == "dev-zero":
+        measuring.symlink_to("/dev/zero")
+    elif kind == "directory":
+        measuring.mkdir()
+    elif kind == "deep-json":
+        measuring.write_text("[" * 100_000 + "]" * 100_000)
+    else:
+        with open(measuring, "wb") as handle:  # sparse: over the limit without writing it
+            handle.truncate(runtime.MAX_CACHE_BYTES + 1)
+    predictor = Predictor(model, num_threads=1, batch_size=4)
+    assert timer.calls and predictor.backend_name == "onnxruntime"
+    words = {
+        "fifo": "not a regular file",
+        "dev-zero": "not a regular file",
+        "directory": "is a directory",
+        "deep-json": "could not be read (JSONDecodeError)",
+        "huge": "over its 16,777,216-byte limit",
+    }[kind]
+    assert words in predictor.backend_reason and "ignored, measuring again" in predictor.backend_reason
+    if kind != "directory":  # the measurement replaced what was there with a readable cache
+        assert json.loads(measuring.read_text())["version"] == autotune.CACHE_VERSION
 
 
 def test_an_unwritable_cache_is_ignored(measuring, monkeypatch, model, tmp_path):

@@ -122,6 +122,10 @@ BAD_CHECKPOINTS: dict[str, tuple[Callable[[dict], None], str]] = {
     "metadata_int": (lambda h: h["__metadata__"].__setitem__("mobilenet", 5), "metadata"),
     "metadata_list": (lambda h: h.__setitem__("__metadata__", [1]), "mobilenet metadata"),
     "metadata_not_json": (lambda h: h["__metadata__"].__setitem__("mobilenet", "{nope"), "corrupt"),
+    "metadata_nested": (  # deeper than Python's JSON parser recurses
+        lambda h: h["__metadata__"].__setitem__("mobilenet", "[" * 100_000 + "]" * 100_000),
+        "nested too deeply",
+    ),
     "metadata_missing": (lambda h: h.pop("__metadata__"), "without mobilenet metadata"),
     "config_missing": (edit_mobilenet(_delete("config")), "config"),
     "config_list": (edit_mobilenet(_set("config", [1])), "config"),
@@ -761,6 +765,20 @@ def test_checkpoint_with_nan_or_infinite_weights_is_refused_by_name(files, tmp_p
         model.classifier.weight[0, 0] = 0.0
         next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)).running_var[1] = 1.0
     assert mobilenet.load(mobilenet.save(model, path, classes=CLASSES)).config == model.config
+
+
+def test_checkpoint_whose_header_is_nested_too_deeply_is_refused(tmp_path, capsys, monkeypatch):
+    """A header JSON nested deeper than the parser recurses (a few hundred KB) is a corrupt header, not a
+    RecursionError traceback."""
+    deep = b'{"x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    path = tmp_path / "deep.safetensors"
+    path.write_bytes(struct.pack("<Q", len(deep)) + deep)
+    with pytest.raises(MobileNetError, match=r"corrupt safetensors header \(nested too deeply"):
+        mobilenet.load(path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["predict", str(path), str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "nested too deeply" in err and "Traceback" not in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("name", ["classes_int", "metadata_int", "no_checksum_flipped", "alpha_1000", "tensor_shape"])

@@ -11,7 +11,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mobilenet.io import atomic_path, atomic_write_text, json_safe, remove_stale_temporaries
+from mobilenet.errors import MobileNetError
+from mobilenet.io import (
+    atomic_path,
+    atomic_write_text,
+    json_safe,
+    loads_json,
+    read_regular_file,
+    remove_stale_temporaries,
+)
 
 
 def test_atomic_write_replaces_whole_file(tmp_path):
@@ -175,3 +183,42 @@ def test_a_failed_write_leaves_no_directory_it_created(tmp_path):
     with pytest.raises(RuntimeError), atomic_path(tmp_path / "kept" / "f.txt"):
         raise RuntimeError("x")
     assert (tmp_path / "kept").is_dir()  # it was there before
+
+
+def test_read_regular_file_reads_within_its_limit_and_refuses_the_rest(tmp_path):
+    small = tmp_path / "small.json"
+    small.write_bytes(b'{"a": 1}')
+    assert read_regular_file(small, "the cache", "a JSON file", limit=8) == b'{"a": 1}'
+    with pytest.raises(MobileNetError, match=r"the cache .*small.json holds 8 bytes, over its 7-byte limit"):
+        read_regular_file(small, "the cache", "a JSON file", limit=7)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # no writer: a blocking open or read would never return
+    zero = tmp_path / "zero"
+    zero.symlink_to("/dev/zero")  # endless: read whole, it would fill the memory
+    cases = [
+        (fifo, "not a regular file .a FIFO, socket or device.; expected a JSON file"),
+        (zero, "not a regular file"),
+        (tmp_path, "is a directory; expected a JSON file"),
+        (tmp_path / "missing", "does not exist; expected a JSON file"),
+        (tmp_path / "dangling", "does not exist"),
+    ]
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    for path, words in cases:
+        with pytest.raises(MobileNetError, match=words):
+            read_regular_file(path, "the cache", "a JSON file", limit=1 << 20)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_read_regular_file_refuses_an_unreadable_file(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("{}")
+    secret.chmod(0)
+    with pytest.raises(MobileNetError, match=r"cannot read the cache .*Permission denied"):
+        read_regular_file(secret, "the cache", "a JSON file", limit=100)
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"])
+def test_loads_json_reports_a_document_nested_too_deeply_as_malformed(text):
+    with pytest.raises(json.JSONDecodeError, match="nested too deeply"):
+        loads_json(text)
+    assert loads_json(b'{"a": [[1]]}') == {"a": [[1]]}

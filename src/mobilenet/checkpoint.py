@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from mobilenet.data import Preprocessing
 from mobilenet.errors import MobileNetError
-from mobilenet.io import atomic_path, check_output_file, regular_file_size
+from mobilenet.io import atomic_path, check_output_file, loads_json, regular_file_size
 from mobilenet.models import MobileNet, ModelInfo, model_from_config
 from mobilenet.runtime import resolve_device
 from mobilenet.spec import ModelConfig
@@ -319,7 +319,7 @@ def read_raw_header(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]
         handle.seek(8)
         raw = handle.read(header_len)
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = loads_json(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise MobileNetError(f"{file} has a corrupt safetensors header ({error}); write it again") from None
     if not isinstance(header, dict):
@@ -359,7 +359,7 @@ def _mobilenet_header(file: Path, header: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(text, str):  # safetensors metadata values are strings; anything else is an edited header
         raise MobileNetError(f"{file} has corrupt mobilenet metadata (not a JSON string); write it again")
     try:
-        info = json.loads(text)
+        info = loads_json(text)
     except json.JSONDecodeError as error:
         raise MobileNetError(f"{file} has corrupt mobilenet metadata ({error})") from None
     if not isinstance(info, dict) or "config" not in info:
@@ -620,7 +620,7 @@ def read_state(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if STATE_KEY not in metadata:
         raise MobileNetError(f"{path} is not a mobilenet training state (no '{STATE_KEY}' metadata)")
     try:
-        header = json.loads(metadata[STATE_KEY])
+        header = loads_json(metadata[STATE_KEY])
         version, structure, info = header["format_version"], header["structure"], header["info"]
     except (json.JSONDecodeError, KeyError, TypeError):
         raise MobileNetError(f"{path} has a corrupt training-state header; it cannot be resumed") from None

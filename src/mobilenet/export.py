@@ -46,7 +46,7 @@ except ImportError:  # pragma: no cover - a torch that moved it
 
 from mobilenet.data import resolve_preprocessing
 from mobilenet.errors import INSTALL_HINTS, MobileNetError
-from mobilenet.io import atomic_path, atomic_write_text, check_output_file, regular_file_size
+from mobilenet.io import atomic_path, atomic_write_text, check_output_file, loads_json, regular_file_size
 from mobilenet.parity import compare_to_reference, seeded_batch
 
 __all__ = [
@@ -396,7 +396,7 @@ def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     if "mobilenet" not in props:
         raise MobileNetError(f"{file} has no mobilenet metadata; expected a file written by `mobilenet export`")
     try:
-        metadata = json.loads(props["mobilenet"])
+        metadata = loads_json(props["mobilenet"])
     except json.JSONDecodeError as error:
         raise MobileNetError(f"{file} has corrupt mobilenet metadata ({error})") from None
     if not isinstance(metadata, dict) or not isinstance(metadata.get("config"), dict):
@@ -965,7 +965,7 @@ def _first_line(error: BaseException) -> str:
 
 def _metadata_text(file: Path, text: str) -> dict[str, Any]:
     try:
-        metadata = json.loads(text) if text else None
+        metadata = loads_json(text) if text else None
     except json.JSONDecodeError:
         metadata = None
     if not isinstance(metadata, dict) or not isinstance(metadata.get("config"), dict):

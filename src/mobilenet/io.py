@@ -10,12 +10,15 @@ A process killed between creating the temporary file and the rename cannot remov
 Nothing is lost either when a long job cannot write its result at the end: :func:`check_output_file` and
 :func:`check_output_dir` refuse an output path before the work starts (a directory where a file goes, a path below
 a file, a directory that cannot be written, an input about to be overwritten); :func:`regular_file_size` refuses an
-input that is not a regular file (a FIFO would block a reader forever).
+input that is not a regular file (a FIFO would block a reader forever), :func:`read_regular_file` reads a small one
+within a size limit, and :func:`loads_json` parses JSON from a file without letting a hostile document escape as
+anything but a malformed one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import re
@@ -35,6 +38,8 @@ __all__ = [
     "check_output_dir",
     "check_output_file",
     "json_safe",
+    "loads_json",
+    "read_regular_file",
     "regular_file_size",
     "remove_stale_temporaries",
 ]
@@ -261,6 +266,50 @@ def regular_file_size(file: Path, what: str, expected: str) -> int:
     if not stat.S_ISREG(info.st_mode):
         raise MobileNetError(f"{what} {file} is not a regular file (a FIFO, socket or device); expected {expected}")
     return info.st_size
+
+
+def read_regular_file(file: Path, what: str, expected: str, *, limit: int) -> bytes:
+    """The bytes of ``file``, refusing (with a message that says what was ``expected``) what
+    :func:`regular_file_size` refuses and a file of more than ``limit`` bytes. The file is opened without blocking
+    and checked through the open descriptor, so a path swapped for a FIFO after a check cannot hang the reader, and
+    a device such as /dev/zero is never read."""
+    try:
+        fd = os.open(file, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise MobileNetError(f"{what} {file} does not exist; expected {expected}") from None
+    except OSError as error:
+        raise MobileNetError(f"cannot read {what} {file}: {error.strerror or error}") from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise MobileNetError(f"{what} {file} is a directory; expected {expected}")
+        if not stat.S_ISREG(info.st_mode):
+            raise MobileNetError(f"{what} {file} is not a regular file (a FIFO, socket or device); expected {expected}")
+        if info.st_size > limit:
+            raise MobileNetError(f"{what} {file} holds {info.st_size:,} bytes, over its {limit:,}-byte limit")
+        chunks, total = [], 0
+        while total <= limit:
+            chunk = os.read(fd, limit + 1 - total)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+    except OSError as error:
+        raise MobileNetError(f"cannot read {what} {file}: {error.strerror or error}") from None
+    finally:
+        os.close(fd)
+    if total > limit:  # grew while being read
+        raise MobileNetError(f"{what} {file} holds more than its {limit:,}-byte limit")
+    return b"".join(chunks)
+
+
+def loads_json(text: str | bytes) -> Any:
+    """``json.loads``, where a document nested too deeply for the parser (which would raise RecursionError) is a
+    ``json.JSONDecodeError`` like any other malformed JSON, so a reader's handling of corrupt files covers it."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply to parse", text if isinstance(text, str) else "", 0) from None
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -26,7 +26,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from mobilenet.errors import MobileNetError
-from mobilenet.io import atomic_write_bytes, regular_file_size
+from mobilenet.io import atomic_write_bytes, loads_json, regular_file_size
 
 __all__ = ["MAGIC", "ImagePack", "PackSplit", "decode_split", "read_pack", "write_pack"]
 
@@ -105,7 +105,7 @@ def read_pack(path: str | os.PathLike[str]) -> ImagePack:
     start = len(MAGIC) + _LENGTH.size
     try:
         (length,) = _LENGTH.unpack_from(raw, len(MAGIC))
-        header = json.loads(raw[start : start + length])
+        header = loads_json(raw[start : start + length])
         body = torch.frombuffer(bytearray(raw[start + length :]), dtype=torch.uint8)
         splits = {split: _split(body, where) for split, where in header["splits"].items()}
         return ImagePack(header["name"], list(header["classes"]), splits)

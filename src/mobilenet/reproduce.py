@@ -31,7 +31,7 @@ from mobilenet.checkpoint import STATE_FILE, load
 from mobilenet.cost import count_costs
 from mobilenet.data import PACK_SUFFIX, TensorImageDataset, channel_stats, load_data
 from mobilenet.errors import MobileNetError
-from mobilenet.io import atomic_write_text
+from mobilenet.io import atomic_write_text, loads_json
 from mobilenet.progress import new_progress
 from mobilenet.reproduce_experiments import (
     BASE_RESOLUTION,
@@ -212,7 +212,7 @@ def measure_latency_ms(model: Any, resolution: int, runs: int = 50, warmup: int 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
-        return json.loads(path.read_text())
+        return loads_json(path.read_text())
     except (OSError, ValueError):
         return None
 

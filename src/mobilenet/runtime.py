@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 from mobilenet.errors import MobileNetError
-from mobilenet.io import atomic_write_text, json_safe
+from mobilenet.io import atomic_write_text, json_safe, loads_json, read_regular_file
 
 try:
     import resource
@@ -78,6 +78,8 @@ __all__ = [
 
 #: Environment variable that turns the allocator tuning off ("1", "true", "yes").
 NO_TUNING_ENV = "MOBILENET_NO_MALLOC_TUNING"
+#: The most bytes a measurement cache may hold: a few KiB per model measured; anything larger is not ours.
+MAX_CACHE_BYTES = 16 * 1024 * 1024
 #: M_TRIM_THRESHOLD used (mallopt takes a C int): 2 GiB of free heap top before glibc trims, i.e. practically never.
 TRIM_THRESHOLD = 2**31 - 1
 # mallopt parameter numbers from glibc's <malloc.h>.
@@ -371,11 +373,14 @@ def read_cache(
 ) -> dict[str, Any]:
     """The entries of the ``what`` cache at ``path`` that ``valid`` accepts, or none (with a line in ``notes``)
     when the file is unreadable or not of ``version``; a missing file is an empty cache, with no note."""
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         return {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    try:
+        data = loads_json(read_regular_file(path, "the cache", f"a {what} cache file", limit=MAX_CACHE_BYTES))
+    except MobileNetError as error:
+        notes.append(f"{error}: ignored, measuring again")
+        return {}
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
         notes.append(f"the cache {path} could not be read ({type(error).__name__}): ignored, measuring again")
         return {}
     entries = data.get("entries") if isinstance(data, dict) and data.get("version") == version else None
