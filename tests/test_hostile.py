@@ -486,6 +486,7 @@ def cli_cases(f: Files, unwritable: Path) -> dict[str, tuple[list[str], tuple[st
         "predict-topk-0": (["predict", ck, str(f.good), "--topk", "0"], ("--topk",)),
         "predict-batch-0": (["predict", ck, str(f.good), "--batch-size", "0"], ("--batch-size",)),
         "predict-threads-0": (["predict", ck, str(f.good), "--threads", "0"], ("--threads",)),
+        "predict-threads-huge": (["predict", ck, str(f.good), "--threads", "100000"], ("--threads", "from 1 to")),
         "predict-device-bogus": (["predict", ck, str(f.good), "--device", "tpu"], ("--device",)),
         "predict-device-meta": (["predict", ck, str(f.good), "--device", "meta"], ("--device",)),
         "predict-empty-dir": (["predict", ck, str(f.a_dir)], ("no image files",)),
@@ -572,6 +573,10 @@ def cli_cases(f: Files, unwritable: Path) -> dict[str, tuple[list[str], tuple[st
         "train-threads-0": (
             ["train", "--model", TINY, "--data", "digits", "--out", out, "--threads", "0"],
             ("--threads",),
+        ),
+        "train-threads-huge": (
+            ["train", "--model", TINY, "--data", "digits", "--out", out, "--threads", "100000"],
+            ("--threads", "from 1 to"),
         ),
         "train-ema": (
             ["train", "--model", TINY, "--data", "digits", "--out", out, "--ema-decay", "1"],
@@ -685,6 +690,7 @@ def cli_cases(f: Files, unwritable: Path) -> dict[str, tuple[list[str], tuple[st
         "bench-rounds-0": (["bench", TINY, "--rounds", "0"], ("--rounds",)),
         "bench-warmup-negative": (["bench", TINY, "--warmup", "-1"], ("--warmup",)),
         "bench-threads-0": (["bench", TINY, "--threads", "0"], ("--threads",)),
+        "bench-threads-huge": (["bench", TINY, "--threads", "100000"], ("--threads", "from 1 to")),
         "bench-resolution-31": (["bench", TINY, "--resolution", "31"], ("resolution",)),
         "bench-backend-bogus": (["bench", TINY, "--backends", "bogus"], ("bogus",)),
         "bench-model-bogus": (["bench", "mobilenet_v9", "--backends", "eager"], ("mobilenet_v9",)),
@@ -817,6 +823,9 @@ def test_edited_checkpoint_header_reader_never_crashes(name, files):
         (lambda: mobilenet.Predictor(TINY, device="cuda:7"), "cuda:7"),
         (lambda: mobilenet.Predictor(TINY, device=7), "device"),
         (lambda: mobilenet.Predictor(TINY, batch_size=0), "batch_size"),
+        (lambda: mobilenet.Predictor(TINY, num_threads=0), "num_threads must be an integer from 1 to"),
+        (lambda: mobilenet.Predictor(TINY, num_threads=10**5), "num_threads must be an integer from 1 to"),
+        (lambda: mobilenet.Predictor(TINY, num_threads=2.0), "num_threads must be an integer"),
         (lambda: mobilenet.Predictor(TINY, batch_size=10**9), "GB of float32 activations"),
         (lambda: mobilenet.Predictor(5), "cannot predict"),
     ],

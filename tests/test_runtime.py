@@ -14,7 +14,7 @@ import torch
 from mobilenet.errors import MobileNetError
 from mobilenet.models import create_model
 from mobilenet.predict import Predictor
-from mobilenet.runtime import NO_TUNING_ENV, AllocatorTuning, set_threads, tune_allocator
+from mobilenet.runtime import NO_TUNING_ENV, AllocatorTuning, max_threads, set_threads, tune_allocator
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
@@ -87,9 +87,11 @@ def test_set_threads():
         assert set_threads(None) == 1
     finally:
         torch.set_num_threads(before)
-    for bad in (0, -2, 1.5, True):
-        with pytest.raises(MobileNetError, match="threads must be an integer >= 1"):
+    for bad in (0, -2, 1.5, True, "2", max_threads() + 1, 10**5):  # 100,000 would exhaust memory starting a pool
+        with pytest.raises(MobileNetError, match=f"threads must be an integer from 1 to {max_threads()}"):
             set_threads(bad)
+    assert torch.get_num_threads() == before
+    assert max_threads() >= max(64, 4 * (os.cpu_count() or 1))
 
 
 @pytest.fixture(scope="module")

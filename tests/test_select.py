@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 
@@ -185,11 +186,31 @@ def test_cli_bad_input_is_one_line_and_exit_2(args, message, timer, tmp_path, ca
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
-def test_cli_an_unwritable_plot_is_a_note(timer, tmp_path, capsys):
+@pytest.mark.parametrize("where", ["below-a-file", "directory", "fifo"])
+def test_cli_an_explicit_plot_path_that_cannot_be_written_is_refused_before_measuring(where, timer, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    code, out, _err = _cli(["--latency-ms", "10", "--plot", str(blocker / "p.png")], tmp_path, capsys)
-    assert code == 0 and "pick for 10 ms" in out and "the plot could not be written" in out
+    (tmp_path / "dir").mkdir()
+    os.mkfifo(tmp_path / "fifo.png")
+    plot = {"below-a-file": blocker / "p.png", "directory": tmp_path / "dir", "fifo": tmp_path / "fifo.png"}[where]
+    code, out, err = _cli(["--latency-ms", "10", "--plot", str(plot)], tmp_path, capsys)
+    assert code == 2 and "--plot" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert timer.calls == [] and out == ""  # nothing measured
+
+
+def test_cli_a_default_plot_path_that_cannot_be_written_is_a_note(timer, tmp_path, capsys, monkeypatch):
+    """Not asked for, the plot must not cost the measurements: where the working directory holds something else
+    at the default name (or cannot be written), the table still comes, with a note."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "select_pareto.png").mkdir()
+    code, out, _err = _cli(["--latency-ms", "10"], tmp_path, capsys)
+    assert code == 0 and "pick for 10 ms" in out and "the plot could not be written to select_pareto.png" in out
+
+
+def test_cli_refuses_a_thread_count_no_machine_could_start(timer, tmp_path, capsys):
+    code = main(["select", "--quiet", "--latency-ms", "5", "--threads", "100000"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--threads must be an integer from 1 to" in err and timer.calls == []
 
 
 def test_cli_a_corrupt_cache_is_a_note(timer, tmp_path, capsys):

@@ -30,7 +30,7 @@ from mobilenet.data import build_eval_transform
 from mobilenet.errors import MobileNetError
 from mobilenet.images import BadImageError, decode_image
 from mobilenet.progress import progress_bar
-from mobilenet.runtime import resolve_device, torch_threads
+from mobilenet.runtime import check_thread_count, resolve_device, torch_threads
 
 __all__ = ["TORCH_BACKENDS", "Prediction", "Predictor"]
 
@@ -130,8 +130,8 @@ class Predictor:
     ) -> None:
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise MobileNetError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
-            raise MobileNetError(f"num_threads must be an integer >= 1, got {num_threads!r}")
+        if num_threads is not None:
+            check_thread_count(num_threads, "num_threads")
         device = str(resolve_device(device))  # a device that does not exist is refused before anything loads
         self.source = load_source(checkpoint_or_model, device=device)
         input_size = int(self.source.preprocessing["input_size"])

@@ -60,12 +60,14 @@ __all__ = [
     "TRIM_THRESHOLD",
     "AllocatorTuning",
     "allocator_state",
+    "check_thread_count",
     "cpu_flags",
     "describe_machine",
     "finite_positive",
     "has_int8_dot",
     "has_native_bf16",
     "machine_identity",
+    "max_threads",
     "minor_faults",
     "read_cache",
     "resolve_device",
@@ -194,15 +196,31 @@ def minor_faults() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
 
 
+def max_threads() -> int:
+    """The most threads a run may ask for: 4 per CPU of this machine, at least 64. More only oversubscribes the
+    cores, and a thread pool of 100,000 (a typo) exhausts the memory or hangs while it starts."""
+    return max(64, 4 * (os.cpu_count() or 1))
+
+
+def check_thread_count(value: Any, what: str = "threads") -> int:
+    """``value`` as a thread count: an integer in 1..:func:`max_threads`, else :class:`MobileNetError`."""
+    limit = max_threads()
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+        raise MobileNetError(
+            f"{what} must be an integer from 1 to {limit} (4 per CPU of this machine's {os.cpu_count() or 1}, at "
+            f"least 64), got {value!r}"
+        )
+    return value
+
+
 def set_threads(num_threads: int | None) -> int:
     """Use ``num_threads`` intra-op threads in torch (None: leave torch's default, the number of physical cores)
     and one inter-op thread where torch still allows setting it; returns the intra-op count now in effect.
 
-    Raises :class:`MobileNetError` for a count below 1.
+    Raises :class:`MobileNetError` for a count outside :func:`check_thread_count`'s range.
     """
     if num_threads is not None:
-        if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
-            raise MobileNetError(f"threads must be an integer >= 1, got {num_threads!r}")
+        check_thread_count(num_threads)
         if torch.get_num_threads() != num_threads:
             torch.set_num_threads(num_threads)
     with contextlib.suppress(RuntimeError):  # settable only before inter-op work starts; then it stays as it is

@@ -13,6 +13,7 @@ from typing import Any
 from mobilenet.cost import check_fits_memory
 from mobilenet.errors import MobileNetError
 from mobilenet.optim import OPTIMIZERS, RECIPES, SCHEDULES
+from mobilenet.runtime import check_thread_count
 from mobilenet.spec import model_config
 
 __all__ = ["AMP_MODES", "TrainConfig"]
@@ -131,7 +132,7 @@ class TrainConfig:
         if self.on_bad_image not in ("skip", "error"):
             raise MobileNetError(f"--on-bad-image must be 'skip' or 'error', got {self.on_bad_image!r}")
         if self.threads is not None:
-            positive_int("--threads", self.threads)
+            check_thread_count(self.threads, "--threads")
         if not 0.0 < self.crop_scale_min <= 1.0:
             raise MobileNetError(f"crop_scale_min must be in (0, 1], got {self.crop_scale_min!r}")
         if self.freeze_backbone and not self.init:

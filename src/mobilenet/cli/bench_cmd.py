@@ -71,13 +71,14 @@ def run(args: argparse.Namespace) -> int:
     from mobilenet.bench import bench, parse_backends, parse_batch_sizes
     from mobilenet.errors import MobileNetError
     from mobilenet.io import check_output_file
+    from mobilenet.runtime import check_thread_count
 
     # (The allocator is tuned at start-up by mobilenet.cli.main for every command that runs models.)
     # Argument mistakes stop here, before any model is built.
     parse_batch_sizes(args.batch_sizes)
     parse_backends(args.backends, int8=args.int8, compile=args.compile)
-    if args.threads is not None and args.threads < 1:
-        raise MobileNetError(f"--threads must be at least 1, got {args.threads}")
+    if args.threads is not None:
+        check_thread_count(args.threads, "--threads")
     if args.rounds < 1:
         raise MobileNetError(f"--rounds must be at least 1, got {args.rounds}")
     if args.warmup < 0:

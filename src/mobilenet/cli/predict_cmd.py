@@ -81,13 +81,14 @@ def run(args: argparse.Namespace) -> int:
     from mobilenet.errors import MobileNetError
     from mobilenet.images import find_images
     from mobilenet.predict import Predictor
+    from mobilenet.runtime import check_thread_count
 
     if args.topk < 1:
         raise MobileNetError(f"--topk must be at least 1, got {args.topk}")
     if args.batch_size < 1:
         raise MobileNetError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.threads is not None and args.threads < 1:
-        raise MobileNetError(f"--threads must be at least 1, got {args.threads}")
+    if args.threads is not None:
+        check_thread_count(args.threads, "--threads")
     files = find_images(args.images)  # a missing path or an empty directory stops here, before loading a model
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RandomWeightsWarning)

@@ -12,6 +12,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from mobilenet.select import SelectResult
 
+#: Where the Pareto plot goes when --plot is not given.
+DEFAULT_PLOT = "select_pareto.png"
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -47,7 +50,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--rounds", type=int, default=15, help="timed interleaved rounds per model (default: 15)")
     parser.add_argument("--no-cache", action="store_true", help="measure again, ignoring cached measurements")
     parser.add_argument("--cache", metavar="FILE", help="cache file (default: $XDG_CACHE_HOME/mobilenet/select.json)")
-    parser.add_argument("--plot", default="select_pareto.png", help="PNG of accuracy vs latency (default: %(default)s)")
+    parser.add_argument(
+        "--plot",
+        help=f"PNG of accuracy vs latency, checked before measuring (default: {DEFAULT_PLOT} in the current "
+        "directory, where it can be written)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     parser.add_argument(
         "--format", choices=("table", "json"), default="table", help="output: a table, or the whole result as JSON"
@@ -57,11 +64,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mobilenet.errors import MobileNetError
+    from mobilenet.io import check_output_file
+    from mobilenet.runtime import check_thread_count
     from mobilenet.select import parse_families, select_model
 
     if not math.isfinite(args.latency_ms) or args.latency_ms <= 0:
         raise MobileNetError(f"--latency-ms must be a finite number of milliseconds > 0, got {args.latency_ms}")
     parse_families(args.family)  # an unknown family is refused before torch starts measuring
+    if args.threads is not None:
+        check_thread_count(args.threads, "--threads")
+    if args.plot is not None:  # asked for: a path it cannot be written to is refused before measuring
+        check_output_file(args.plot, "--plot")
 
     def progress(line: str) -> None:
         if not args.quiet:
@@ -79,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         rounds=args.rounds,
         progress=progress,
     )
-    plot_note = _write_plot(result, args.plot)
+    plot_note = _write_plot(result, args.plot or DEFAULT_PLOT)
     if result.pick is None:
         fastest = result.fastest
         raise MobileNetError(
@@ -96,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _write_plot(result: SelectResult, path: str) -> str:
-    """Write the plot; a path that cannot be written is a note, not a failure (the measurements are the point)."""
+    """Write the plot; where the default path cannot be written (a read-only working directory), a note, not a
+    failure: the measurements are the point, and an explicit --plot was checked before they started."""
     from mobilenet.select import write_plot
 
     try:
