@@ -89,7 +89,8 @@ def test_cli_bench_table(capsys):
         (["--batch-sizes", "0"], "batch sizes must be integers >= 1"),
         (["--batch-sizes", "4,4"], "given twice"),
         (["--rounds", "0"], "--rounds must be at least 1"),
-        (["--threads", "0"], "--threads must be at least 1"),
+        (["--threads", "0"], "--threads must be an integer from 1 to"),
+        (["--threads", "100000"], "--threads must be an integer from 1 to"),
     ],
 )
 def test_cli_bench_argument_errors(extra, message, capsys):
