@@ -56,3 +56,38 @@ def test_models_lists_who_publishes_weights(capsys):
     assert "torchvision, timm" in out.splitlines()[1]
     assert main(["models", "zzz"]) == 2
     assert "no registered model matches 'zzz'" in capsys.readouterr().err
+
+
+def test_an_error_naming_a_path_with_a_newline_stays_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad\nname.safetensors"
+    bad.write_bytes(b"junk")
+    assert main(["predict", str(bad), str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bad\\nname.safetensors" in err and err.startswith("mobilenet predict: error:")
+
+
+def test_mobilenets_own_warnings_are_one_line_and_others_keep_pythons_format(tmp_path, capsys, monkeypatch):
+    """A model name where a checkpoint belongs warns (its weights are random) in one line, not as Python's file,
+    line and source; a warning from another library is left as Python prints it."""
+    import warnings
+
+    data = tmp_path / "data" / "cat"
+    data.mkdir(parents=True)  # no images: the command stops after the warning
+    assert main(["eval", "mobilenet_v1_0.25_128", "--data", str(tmp_path / "data")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("mobilenet eval: warning: mobilenet_v1_0.25_128 is a model name, not a checkpoint")
+    assert len(err) == 2 and err[1].startswith("mobilenet eval: error:")
+
+    def handler(args: argparse.Namespace) -> int:
+        warnings.warn("from elsewhere", UserWarning, stacklevel=1)  # this file is not mobilenet's package
+        return 0
+
+    parser = build_parser()
+    monkeypatch.setattr("mobilenet.cli.build_parser", lambda: parser)
+    monkeypatch.setattr(parser, "parse_args", lambda argv: argparse.Namespace(command="models", handler=handler))
+    with warnings.catch_warnings(record=True) as caught:  # what Python's own handling receives
+        warnings.simplefilter("always")
+        assert main(["models"]) == 0
+        assert warnings.showwarning is warnings._showwarning_orig  # restored after the command
+    assert [str(w.message) for w in caught] == ["from elsewhere"] and caught[0].filename == __file__
+    assert "mobilenet models: warning" not in capsys.readouterr().err

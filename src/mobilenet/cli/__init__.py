@@ -9,10 +9,14 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TextIO
 
 from mobilenet import __version__
 from mobilenet.errors import MobileNetError
@@ -84,9 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         tune_allocator()
     try:
-        return int(args.handler(args) or 0)
+        with _one_line_warnings(args.command):
+            return int(args.handler(args) or 0)
     except MobileNetError as error:
-        print(f"mobilenet {args.command}: error: {error}", file=sys.stderr)
+        print(f"mobilenet {args.command}: error: {_one_line(str(error))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"mobilenet {args.command}: interrupted", file=sys.stderr)
@@ -96,3 +101,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         # about the unflushed stdout at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+
+
+def _one_line(text: str) -> str:
+    """``text`` on one line: a path may hold a newline, and a message on stderr is one line per problem."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+@contextlib.contextmanager
+def _one_line_warnings(command: str) -> Iterator[None]:
+    """Warnings that mobilenet's own code raises (a model name used where trained weights belong, ...) printed as
+    one line, ``mobilenet COMMAND: warning: ...``, instead of Python's file, line number and source line; warnings
+    from other libraries keep Python's format."""
+    package = str(Path(__file__).resolve().parent.parent) + os.sep
+    original = warnings.showwarning
+
+    def show(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: TextIO | None = None,
+        line: str | None = None,
+    ) -> None:
+        if not str(filename).startswith(package):
+            original(message, category, filename, lineno, file, line)
+            return
+        print(f"mobilenet {command}: warning: {_one_line(str(message))}", file=file or sys.stderr)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = original
