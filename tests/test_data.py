@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -212,6 +213,36 @@ def test_real_cifar10_folder(cifar10):
     assert len(dataset.classes) == 10 and len(dataset) == 10000
     image, _ = dataset[0]
     assert image.shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize("kind", ["missing", "file", "fifo", "empty-dir", "train-only"])
+def test_a_cifar10_variable_that_holds_no_tree_is_refused_not_replaced_by_a_download(kind, tmp_path, monkeypatch):
+    target = tmp_path / "c10"
+    if kind == "file":
+        target.write_text("not a folder")
+    elif kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "empty-dir":
+        target.mkdir()
+    elif kind == "train-only":
+        (target / "train" / "cat").mkdir(parents=True)
+    monkeypatch.setenv("MOBILENET_CIFAR10", str(target))
+    monkeypatch.setenv("MOBILENET_DATA", str(tmp_path / "download"))  # never reached
+    with pytest.raises(MobileNetError, match=r"MOBILENET_CIFAR10=.* holds no CIFAR-10 ImageFolder tree"):
+        load_data("cifar10")
+    assert not (tmp_path / "download").exists()
+
+
+def test_a_cifar10_variable_naming_a_tree_is_used(tmp_path, monkeypatch):
+    from mobilenet.data import cifar10_folder
+
+    for split in ("train", "test"):
+        write_folder(tmp_path / "c10" / split, per_class=1)
+    monkeypatch.setenv("MOBILENET_CIFAR10", str(tmp_path / "c10"))
+    assert cifar10_folder() == tmp_path / "c10"
+    monkeypatch.setenv("MOBILENET_CIFAR10", "")  # empty: as if unset
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "none"))
+    assert cifar10_folder() is None
 
 
 def test_worker_errors_come_back_as_one_line(tmp_path):

@@ -623,14 +623,19 @@ def user_data_dir() -> Path:
 
 def cifar10_folder() -> Path | None:
     """The real CIFAR-10 ImageFolder tree (``train/<class>/*.jpg``, ``test/<class>/*.jpg``): ``$MOBILENET_CIFAR10``,
-    else :func:`user_data_dir` ``/cifar10``; ``None`` when neither holds one."""
+    else :func:`user_data_dir` ``/cifar10``; ``None`` when neither holds one. A ``$MOBILENET_CIFAR10`` that holds
+    no such tree is refused: the user asked for that folder, and falling back to a download would hide the typo."""
     env = os.environ.get("MOBILENET_CIFAR10")
-    candidates = [Path(env)] if env else []
-    candidates.append(user_data_dir() / "cifar10")
-    for candidate in candidates:
-        if (candidate / "train").is_dir() and (candidate / "test").is_dir():
-            return candidate
-    return None
+    if env:
+        folder = Path(env)
+        if not ((folder / "train").is_dir() and (folder / "test").is_dir()):
+            raise MobileNetError(
+                f"MOBILENET_CIFAR10={env} holds no CIFAR-10 ImageFolder tree (train/<class>/*.jpg and "
+                "test/<class>/*.jpg); point it at one, or unset it to use the download"
+            )
+        return folder
+    candidate = user_data_dir() / "cifar10"
+    return candidate if (candidate / "train").is_dir() and (candidate / "test").is_dir() else None
 
 
 def data_root() -> Path:
