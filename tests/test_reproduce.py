@@ -246,3 +246,31 @@ def test_several_seeds_train_each_model_per_seed_on_data_held_on_the_device(tmp_
         ReproduceConfig(data="digits", out=str(out), experiments=[ONE], budget=budget), progress=False, log=None
     )
     assert len(counter.calls) == 4 and again.trained == []
+
+
+@pytest.mark.parametrize("content", ["fifo", "[1]", '{"budget": [1]}', "deep", "budget-fifo", "budget-list"])
+def test_a_run_record_or_budget_file_that_is_not_ours_neither_hangs_nor_crashes(tmp_path, counting, content):
+    """A FIFO where a record belongs would block the reader forever, JSON of the wrong shape or nested too deeply
+    would escape as a traceback: the run counts as unfinished and is trained again, its record (and an unreadable
+    budget file) rewritten."""
+    counter = counting()
+    out = tmp_path / "rep"
+    config = ReproduceConfig(data="digits", out=str(out), experiments=[ONE], budget=SMOKE)
+    first = run_reproduce(config, progress=False, log=None)
+    assert A.key in first.trained
+    record, budget_file = out / A.key / "result.json", out / "budget.json"
+    target = budget_file if content.startswith("budget") else record
+    target.unlink()
+    if target == budget_file:  # read only when a run is left to train
+        record.unlink()
+    if content.endswith("fifo"):
+        os.mkfifo(target)
+    elif content == "deep":
+        target.write_text("[" * 100_000 + "]" * 100_000)
+    else:
+        target.write_text("[1]" if content == "budget-list" else content)
+    calls_before = len(counter.calls)
+    again = run_reproduce(config, progress=False, log=None)
+    assert A.key in again.trained and len(counter.calls) > calls_before
+    assert json.loads(record.read_text())["budget"]["training"] == SMOKE.training_fields()
+    assert json.loads(budget_file.read_text())["name"] == "smoke"

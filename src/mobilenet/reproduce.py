@@ -31,7 +31,7 @@ from mobilenet.checkpoint import STATE_FILE, load
 from mobilenet.cost import count_costs
 from mobilenet.data import PACK_SUFFIX, TensorImageDataset, channel_stats, load_data
 from mobilenet.errors import MobileNetError
-from mobilenet.io import atomic_write_text, loads_json
+from mobilenet.io import atomic_write_text, loads_json, read_regular_file
 from mobilenet.progress import new_progress
 from mobilenet.reproduce_experiments import (
     BASE_RESOLUTION,
@@ -211,10 +211,13 @@ def measure_latency_ms(model: Any, resolution: int, runs: int = 50, warmup: int 
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
+    """The JSON object a run wrote at ``path``; None where there is none, or something else is there (not a regular
+    file, over 64 MiB, not JSON, not an object): the run is then treated as not finished."""
     try:
-        return loads_json(path.read_text())
-    except (OSError, ValueError):
+        value = loads_json(read_regular_file(path, "run record", "a JSON file this command wrote", limit=64 << 20))
+    except (MobileNetError, ValueError):
         return None
+    return value if isinstance(value, dict) else None
 
 
 def _check_budget_file(out: Path, budget: Budget) -> None:
@@ -248,7 +251,8 @@ def _finished_runs(out: Path, runs: Sequence[RunSpec], budget: Budget) -> dict[s
     finished: dict[str, dict[str, Any]] = {}
     for spec in runs:
         stored = _read_json(out / spec.key / RESULT_FILE)
-        if stored is not None and stored.get("budget", {}).get("training") == budget.training_fields():
+        recorded = stored.get("budget") if stored is not None else None
+        if isinstance(recorded, dict) and recorded.get("training") == budget.training_fields():
             finished[spec.key] = stored
     return finished
 
