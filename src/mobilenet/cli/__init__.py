@@ -111,26 +111,26 @@ def _one_line(text: str) -> str:
 @contextlib.contextmanager
 def _one_line_warnings(command: str) -> Iterator[None]:
     """Warnings that mobilenet's own code raises (a model name used where trained weights belong, ...) printed as
-    one line, ``mobilenet COMMAND: warning: ...``, instead of Python's file, line number and source line; warnings
-    from other libraries keep Python's format."""
+    one line, ``mobilenet COMMAND: warning: ...``, every time (not once per place, so a second command in one
+    process warns too), instead of Python's file, line number and source line; warnings from other libraries keep
+    Python's handling."""
     package = str(Path(__file__).resolve().parent.parent) + os.sep
-    original = warnings.showwarning
+    with warnings.catch_warnings():  # restores the filters and showwarning afterwards
+        warnings.filterwarnings("always", module=r"mobilenet(\.|$)")
+        original = warnings.showwarning
 
-    def show(
-        message: Warning | str,
-        category: type[Warning],
-        filename: str,
-        lineno: int,
-        file: TextIO | None = None,
-        line: str | None = None,
-    ) -> None:
-        if not str(filename).startswith(package):
-            original(message, category, filename, lineno, file, line)
-            return
-        print(f"mobilenet {command}: warning: {_one_line(str(message))}", file=file or sys.stderr)
+        def show(
+            message: Warning | str,
+            category: type[Warning],
+            filename: str,
+            lineno: int,
+            file: TextIO | None = None,
+            line: str | None = None,
+        ) -> None:
+            if not str(filename).startswith(package):
+                original(message, category, filename, lineno, file, line)
+                return
+            print(f"mobilenet {command}: warning: {_one_line(str(message))}", file=file or sys.stderr)
 
-    warnings.showwarning = show
-    try:
+        warnings.showwarning = show
         yield
-    finally:
-        warnings.showwarning = original

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
-import warnings
 
 FORMATS = ("onnx", "torchscript", "pt2", "pte", "litert")
 
@@ -49,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from mobilenet.backends import RandomWeightsWarning, load_source
+    from mobilenet.backends import load_source
     from mobilenet.errors import MobileNetError
     from mobilenet.export import EXPORT_FORMATS, check_opset, check_pte_max_batch, export_model
     from mobilenet.io import check_output_file
@@ -67,11 +65,7 @@ def run(args: argparse.Namespace) -> int:
         raise MobileNetError(f"--atol must be a positive number, got {args.atol}")
     if args.out:  # before the checkpoint is read; the default path is known only once it is
         check_output_file(args.out, "--out", inputs=[args.checkpoint])
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", RandomWeightsWarning)
-        source = load_source(args.checkpoint)
-    for warning in caught:
-        print(f"mobilenet export: warning: {warning.message}", file=sys.stderr)
+    source = load_source(args.checkpoint)  # a model name warns that its weights are random (mobilenet.cli)
     if source.model is None:
         raise MobileNetError(f"{args.checkpoint} is already an ONNX file; export takes a .safetensors checkpoint")
     out = Path(args.out) if args.out else _default_out(args.checkpoint, source.name, EXPORT_FORMATS[args.format])

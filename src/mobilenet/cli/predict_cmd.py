@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 
 #: ``auto`` and the names of :data:`mobilenet.backends.BACKENDS` (spelled out: the CLI starts without torch).
 PREDICT_BACKENDS = (
@@ -77,7 +76,6 @@ def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from mobilenet.backends import RandomWeightsWarning
     from mobilenet.errors import MobileNetError
     from mobilenet.images import find_images
     from mobilenet.predict import Predictor
@@ -90,18 +88,14 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         check_thread_count(args.threads, "--threads")
     files = find_images(args.images)  # a missing path or an empty directory stops here, before loading a model
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", RandomWeightsWarning)
-        predictor = Predictor(
-            args.model,
-            backend=args.backend,
-            device=args.device,
-            num_threads=args.threads,
-            batch_size=args.batch_size,
-            precision=args.precision,
-        )
-    for warning in caught:
-        print(f"mobilenet predict: warning: {warning.message}", file=sys.stderr)
+    predictor = Predictor(  # a model name warns that its weights are random (one line, mobilenet.cli)
+        args.model,
+        backend=args.backend,
+        device=args.device,
+        num_threads=args.threads,
+        batch_size=args.batch_size,
+        precision=args.precision,
+    )
     if args.verbose:
         print(
             f"mobilenet predict: backend {predictor.backend_name}, {predictor.precision} ({predictor.backend_reason})",
