@@ -261,11 +261,15 @@ def regular_file_size(file: Path, what: str, expected: str) -> int:
         raise MobileNetError(f"{what} {file} does not exist; expected {expected}") from None
     except OSError as error:
         raise MobileNetError(f"cannot read {what} {file}: {error.strerror or error}") from None
+    _refuse_special_file(info, file, what, expected)
+    return info.st_size
+
+
+def _refuse_special_file(info: os.stat_result, file: Path, what: str, expected: str) -> None:
     if stat.S_ISDIR(info.st_mode):
         raise MobileNetError(f"{what} {file} is a directory; expected {expected}")
     if not stat.S_ISREG(info.st_mode):
         raise MobileNetError(f"{what} {file} is not a regular file (a FIFO, socket or device); expected {expected}")
-    return info.st_size
 
 
 def read_regular_file(file: Path, what: str, expected: str, *, limit: int) -> bytes:
@@ -281,10 +285,7 @@ def read_regular_file(file: Path, what: str, expected: str, *, limit: int) -> by
         raise MobileNetError(f"cannot read {what} {file}: {error.strerror or error}") from None
     try:
         info = os.fstat(fd)
-        if stat.S_ISDIR(info.st_mode):
-            raise MobileNetError(f"{what} {file} is a directory; expected {expected}")
-        if not stat.S_ISREG(info.st_mode):
-            raise MobileNetError(f"{what} {file} is not a regular file (a FIFO, socket or device); expected {expected}")
+        _refuse_special_file(info, file, what, expected)
         if info.st_size > limit:
             raise MobileNetError(f"{what} {file} holds {info.st_size:,} bytes, over its {limit:,}-byte limit")
         chunks, total = [], 0
