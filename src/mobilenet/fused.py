@@ -544,13 +544,10 @@ class FusedStem:
         """The kernel's stem tuple for a contiguous NCHW float32 ``image`` (and the address of its per-image
         non-finite flags, checked by :meth:`FusedBlock.arguments`)."""
         _, channels, height, width = image.shape
-        int8 = None if self.int8 is None else self.int8.addresses()
-        optional: tuple[Any, ...] = () if int8 is None else (int8,)
-        if nonfinite is not None:
-            optional = (int8, nonfinite.data_ptr())
         return (
             image.data_ptr(), int(channels), int(height), int(width), self.stride, self.weight.data_ptr(),
-            self.bias.data_ptr(), *self.bounds, *optional,
+            self.bias.data_ptr(), *self.bounds, None if self.int8 is None else self.int8.addresses(),
+            0 if nonfinite is None else nonfinite.data_ptr(),
         )  # fmt: skip
 
     def check(self) -> None:
