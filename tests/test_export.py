@@ -111,6 +111,28 @@ def test_onnx_metadata(model, onnx_file):
     assert metadata["name"] == NAME and metadata["classes"] == CLASSES
 
 
+def test_onnx_metadata_nested_too_deeply_is_corrupt_metadata(onnx_file, tmp_path):
+    from mobilenet.errors import MobileNetError
+
+    path, _ = onnx_file
+    proto = onnx.load(str(path))
+    for prop in proto.metadata_props:
+        if prop.key == "mobilenet":
+            prop.value = "[" * 100_000 + "]" * 100_000  # the JSON parser would raise RecursionError
+    deep = tmp_path / "deep.onnx"
+    onnx.save(proto, str(deep))
+    with pytest.raises(MobileNetError, match=r"corrupt mobilenet metadata \(nested too deeply"):
+        read_onnx_metadata(deep)
+
+
+def test_a_runtime_files_metadata_nested_too_deeply_is_no_metadata(tmp_path):
+    from mobilenet.errors import MobileNetError
+    from mobilenet.export import _metadata_text
+
+    with pytest.raises(MobileNetError, match="has no mobilenet metadata"):
+        _metadata_text(tmp_path / "m.tflite", "[" * 100_000 + "]" * 100_000)
+
+
 def test_torchscript_and_pt2_round_trip(model, tmp_path):
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():

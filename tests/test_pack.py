@@ -59,3 +59,12 @@ def test_a_fifo_or_a_corrupt_jpeg_in_a_pack_is_one_error(tmp_path):
     write_pack(tmp_path / "bad.pack", name="b", classes=["a"], splits={"train": ([b"\xff\xd8 not a jpeg"], [0])})
     with pytest.raises(MobileNetError, match="not a decodable JPEG"):
         decode_split(read_pack(tmp_path / "bad.pack").splits["train"])
+
+
+def test_a_pack_header_nested_too_deeply_is_a_damaged_header(tmp_path):
+    import struct
+
+    header = b"[" * 100_000 + b"]" * 100_000  # the JSON parser would raise RecursionError
+    (tmp_path / "deep.pack").write_bytes(b"MNPACK01" + struct.pack("<Q", len(header)) + header)
+    with pytest.raises(MobileNetError, match="header is damaged"):
+        read_pack(tmp_path / "deep.pack")

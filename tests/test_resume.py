@@ -191,3 +191,15 @@ def test_sigint_then_kills_with_per_image_augmentation(killer, tmp_path):
         killer, tmp_path / "run", ["sigint-step:2", "step:3", "sigint-step:1", "write:last.safetensors:1"], *extra
     )
     assert_same_run(tmp_path / "run", reference)
+
+
+def test_a_training_state_whose_header_is_nested_too_deeply_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from mobilenet.checkpoint import STATE_KEY
+    from mobilenet.errors import MobileNetError
+
+    path = tmp_path / "train_state.safetensors"
+    save_file({"x": torch.zeros(1)}, str(path), metadata={STATE_KEY: "[" * 100_000 + "]" * 100_000})
+    with pytest.raises(MobileNetError, match="corrupt training-state header"):
+        read_state(path)
