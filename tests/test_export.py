@@ -133,6 +133,18 @@ def test_a_runtime_files_metadata_nested_too_deeply_is_no_metadata(tmp_path):
         _metadata_text(tmp_path / "m.tflite", "[" * 100_000 + "]" * 100_000)
 
 
+def test_a_runtime_files_metadata_sidecar_over_its_limit_is_refused_unread(tmp_path):
+    from mobilenet.errors import MobileNetError
+    from mobilenet.export import SIDECAR_MAX_BYTES, _sidecar_metadata
+
+    program = tmp_path / "m.tflite"
+    program.write_bytes(b"")
+    with open(tmp_path / "m.tflite.json", "wb") as handle:  # sparse: over the limit without writing it
+        handle.truncate(SIDECAR_MAX_BYTES + 1)
+    with pytest.raises(MobileNetError, match=r"metadata file .*m\.tflite\.json holds .* over its"):
+        _sidecar_metadata(program)
+
+
 def test_torchscript_and_pt2_round_trip(model, tmp_path):
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():

@@ -46,7 +46,14 @@ except ImportError:  # pragma: no cover - a torch that moved it
 
 from mobilenet.data import resolve_preprocessing
 from mobilenet.errors import INSTALL_HINTS, MobileNetError
-from mobilenet.io import atomic_path, atomic_write_text, check_output_file, loads_json, regular_file_size
+from mobilenet.io import (
+    atomic_path,
+    atomic_write_text,
+    check_output_file,
+    loads_json,
+    read_regular_file,
+    regular_file_size,
+)
 from mobilenet.parity import compare_to_reference, seeded_batch
 
 __all__ = [
@@ -103,6 +110,8 @@ INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
 #: Name of the JSON with name/config/classes/preprocessing inside TorchScript and .pt2 archives.
 METADATA_FILE = "mobilenet.json"
+#: The most bytes a .pte/.tflite metadata file beside the program may hold (a few KiB are written).
+SIDECAR_MAX_BYTES = 16 * 1024 * 1024
 #: The largest batch an ExecuTorch program accepts by default (the Predictor's default batch): the memory plan and
 #: the XNNPACK runtime's buffers are sized for this upper bound of the dynamic batch whatever batch runs, so a
 #: larger bound costs memory at batch 1 too (a phone runs batch 1: ``max_batch=1`` is the smallest program).
@@ -944,7 +953,8 @@ def _sidecar_metadata(file: Path) -> dict[str, Any]:
     sidecar = file.with_name(file.name + ".json")
     if not sidecar.is_file():
         raise MobileNetError(f"{file} has no metadata beside it; expected {sidecar.name} as mobilenet export wrote")
-    return _metadata_text(sidecar, sidecar.read_text(encoding="utf-8", errors="replace"))
+    raw = read_regular_file(sidecar, "metadata file", "the JSON mobilenet export wrote", limit=SIDECAR_MAX_BYTES)
+    return _metadata_text(sidecar, raw.decode("utf-8", errors="replace"))
 
 
 @contextlib.contextmanager
