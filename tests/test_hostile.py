@@ -908,6 +908,26 @@ def test_decoder_refuses_each_bad_image(image, files):
     assert getattr(files, image).name in str(error.value)
 
 
+def test_animated_gif_is_its_first_frame(tmp_path):
+    """torchvision decodes an animated GIF to every frame (N, 3, H, W); one such file in a training folder made the
+    batch collation fail with a traceback. The image is its first frame, as PIL reads it."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from mobilenet.images import decode_image
+
+    frames = [Image.fromarray(np.full((16, 16, 3), value, np.uint8)) for value in (10, 200, 90)]
+    path = tmp_path / "anim.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+    with Image.open(path) as reference:
+        assert reference.n_frames == 3
+        expected = torch.from_numpy(np.array(reference.convert("RGB"))).permute(2, 0, 1)
+    image = decode_image(path)
+    assert image.shape == (3, 16, 16) and image.dtype == torch.uint8
+    assert torch.equal(image, expected)
+
+
 def test_train_config_refuses_before_loading_data():
     from mobilenet.train import TrainConfig
 
