@@ -928,6 +928,39 @@ def test_animated_gif_is_its_first_frame(tmp_path):
     assert torch.equal(image, expected)
 
 
+def test_image_whose_resized_copy_is_a_bomb_is_refused_by_name(files, tmp_path, monkeypatch):
+    """An image of one pixel by a million is a few KB and within the decoder's pixel limit, but the transforms
+    resize its short side up to the input size: at 32 px that copy is 1.02e9 pixels, about 10 GB on the way. It is
+    refused, by file name, in prediction, evaluation and training alike (the limit is lowered here so the image
+    stays small: before the check, each of these resized it without complaint)."""
+    import torch
+    from PIL import Image
+
+    from mobilenet.data import build_eval_transform, build_train_transform, load_data
+    from mobilenet.images import BadImageError
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)
+    thin = tmp_path / "thin.png"
+    Image.new("RGB", (2000, 1), "white").save(thin)  # 2,000 pixels; resized to a short side of 32: 2,048,000
+    predictor = mobilenet.Predictor(files.ck, device="cpu")
+    bad, good = predictor.predict([thin, files.good])
+    assert good.ok and not bad.ok
+    assert str(thin) in bad.error and "2000x1" in bad.error and "aspect ratio" in bad.error and "\n" not in bad.error
+    for split in ("train", "val"):
+        for name in CLASSES:
+            (tmp_path / "data" / split / name).mkdir(parents=True)
+            (tmp_path / "data" / split / name / "0.png").write_bytes(files.good.read_bytes())
+        (tmp_path / "data" / split / "b" / "thin.png").write_bytes(thin.read_bytes())
+    bundle = load_data(tmp_path / "data")
+    preprocessing = bundle.preprocessing(32)
+    for split, dataset in (("val", bundle.val_dataset(preprocessing)), ("train", bundle.train_dataset(preprocessing))):
+        with pytest.raises(BadImageError, match=rf"{split}/b/thin\.png: an image of 2000x1 px"):
+            [dataset[i] for i in range(len(dataset))]
+    ordinary = torch.zeros(3, 16, 32, dtype=torch.uint8)
+    for transform in (build_eval_transform(preprocessing), build_train_transform(preprocessing)):
+        assert transform(ordinary).shape == (3, 32, 32)
+
+
 def test_train_config_refuses_before_loading_data():
     from mobilenet.train import TrainConfig
 

@@ -42,7 +42,7 @@ from torchvision import datasets
 from torchvision.transforms import InterpolationMode, v2
 
 from mobilenet.errors import INSTALL_HINTS, MobileNetError
-from mobilenet.images import IMAGE_SUFFIXES, BadImageError, decode_image, image_files_under
+from mobilenet.images import IMAGE_SUFFIXES, BadImageError, decode_image, image_files_under, max_image_pixels
 from mobilenet.pack import decode_split, read_pack
 from mobilenet.progress import progress_bar
 
@@ -62,6 +62,7 @@ __all__ = [
     "TransformedDataset",
     "build_eval_transform",
     "build_train_transform",
+    "check_resize_fits",
     "cifar10_folder",
     "derive_seed",
     "load_data",
@@ -207,6 +208,39 @@ def _interpolation(name: str) -> Any:
     return InterpolationMode(name)
 
 
+def check_resize_fits(height: int, width: int, short_side: int) -> None:
+    """Refuse an image that, resized so its short side is ``short_side`` (as the transforms resize), would hold more
+    than :func:`mobilenet.images.max_image_pixels` pixels: a few-KB PNG of one pixel by a million decodes within
+    the decompression-bomb limit, yet its resized copy would take gigabytes. Raises :class:`BadImageError`."""
+    short, long = min(height, width), max(height, width)
+    if short < 1:
+        return  # an empty image: the decoder has refused it already
+    resized_long = int(short_side * long / short)  # torchvision's rule for a one-number resize
+    pixels = short_side * resized_long
+    limit = max_image_pixels()
+    if pixels > limit:
+        raise BadImageError(
+            f"an image of {width}x{height} px resized to a short side of {short_side} px would hold {pixels:,} "
+            f"pixels, over the limit of {limit:,} (PIL.Image.MAX_IMAGE_PIXELS, which guards against decompression "
+            f"bombs); expected an aspect ratio of at most {max(limit // short_side**2, 1):,}:1"
+        )
+
+
+class _RefuseOversizedResize:
+    """A transform step that passes an image through after :func:`check_resize_fits` (before the resize)."""
+
+    def __init__(self, short_side: int) -> None:
+        self.short_side = short_side
+
+    def __call__(self, image: Any) -> Any:
+        height, width = image.shape[-2:]
+        check_resize_fits(int(height), int(width), self.short_side)
+        return image
+
+    def __repr__(self) -> str:
+        return f"RefuseOversizedResize(short_side={self.short_side})"
+
+
 def _normalize_tail(p: Preprocessing) -> list[Any]:
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(p.mean), std=list(p.std)), v2.ToPureTensor()]
 
@@ -223,9 +257,11 @@ class EvalTransform:
     def __init__(self, preprocessing: Preprocessing) -> None:
         self.preprocessing = preprocessing
         self.interpolation = _interpolation(preprocessing.interpolation)
+        self.refuse_oversized = _RefuseOversizedResize(preprocessing.resize_size)
         self.compose = v2.Compose(
             [
                 v2.ToImage(),
+                self.refuse_oversized,
                 v2.Resize(preprocessing.resize_size, interpolation=self.interpolation, antialias=True),
                 v2.CenterCrop(preprocessing.input_size),
                 *_normalize_tail(preprocessing),
@@ -236,7 +272,8 @@ class EvalTransform:
         if type(image) is not torch.Tensor or image.dtype != torch.uint8 or image.ndim < 3:
             return self.compose(image)
         p = self.preprocessing
-        x = v2.functional.resize(image, [p.resize_size], interpolation=self.interpolation, antialias=True)
+        x = self.refuse_oversized(image)
+        x = v2.functional.resize(x, [p.resize_size], interpolation=self.interpolation, antialias=True)
         x = v2.functional.center_crop(x, [p.input_size, p.input_size])
         x = v2.functional.to_dtype(x, torch.float32, scale=True)
         return v2.functional.normalize(x, mean=list(p.mean), std=list(p.std))
@@ -279,6 +316,7 @@ def build_train_transform(
         )
     else:
         steps += [
+            _RefuseOversizedResize(p.input_size),
             v2.Resize(p.input_size, interpolation=_interpolation(p.interpolation), antialias=True),
             v2.CenterCrop(p.input_size),
             v2.RandomCrop(p.input_size, padding=max(1, p.input_size // 8), padding_mode="reflect"),
@@ -549,7 +587,13 @@ class TransformedDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image, label = self.base[index]
-        return self.transform(image), label
+        try:
+            return self.transform(image), label
+        except BadImageError as error:  # the transform knows the image, not its file: name the file when known
+            samples = getattr(self.base, "samples", None)
+            if samples is None:
+                raise
+            raise BadImageError(f"image {samples[index][0]}: {error}; fix or remove the file") from None
 
 
 def derive_seed(*parts: int) -> int:
