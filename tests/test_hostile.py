@@ -513,6 +513,10 @@ def cli_cases(f: Files, unwritable: Path) -> dict[str, tuple[list[str], tuple[st
             ("metadata",),
         ),
         "eval-missing-data": (["eval", ck, "--data", str(f.root / "nodata"), "--no-plot"], ("nodata",)),
+        "eval-seed-huge": (  # a single tree, split by the seed, which torch's generator cannot take
+            ["eval", ck, "--data", str(f.data / "train"), "--no-plot", "--device", "cpu", "--seed", str(2**70)],
+            ("--seed", "64-bit"),
+        ),
         # train: the flags, before any data is loaded
         "train-momentum": (
             ["train", "--model", TINY, "--data", "digits", "--out", out, "--momentum", "-1"],
@@ -529,6 +533,10 @@ def cli_cases(f: Files, unwritable: Path) -> dict[str, tuple[list[str], tuple[st
         "train-batch-0": (
             ["train", "--model", TINY, "--data", "digits", "--out", out, "--batch-size", "0"],
             ("batch",),
+        ),
+        "train-seed-huge": (
+            ["train", "--model", TINY, "--data", "digits", "--out", out, "--seed", str(2**70)],
+            ("--seed", "64-bit"),
         ),
         "train-lr-negative": (["train", "--model", TINY, "--data", "digits", "--out", out, "--lr", "-1"], ("--lr",)),
         "train-lr-nan": (["train", "--model", TINY, "--data", "digits", "--out", out, "--lr", "nan"], ("--lr",)),

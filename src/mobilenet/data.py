@@ -63,6 +63,7 @@ __all__ = [
     "build_eval_transform",
     "build_train_transform",
     "check_resize_fits",
+    "check_seed",
     "cifar10_folder",
     "derive_seed",
     "load_data",
@@ -720,10 +721,23 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
     return tuple(round(float(v), 4) for v in mean), tuple(round(float(v), 4) for v in std)
 
 
+#: The seeds torch's generators take (``torch.manual_seed``): a 64-bit integer, signed or unsigned.
+SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
+def check_seed(seed: Any, what: str = "seed") -> int:
+    """``seed`` if torch's generators can take it, else :class:`MobileNetError` naming ``what``."""
+    low, high = SEED_RANGE
+    if isinstance(seed, bool) or not isinstance(seed, int) or not low <= seed <= high:
+        raise MobileNetError(f"{what} must be an integer from {low} to {high} (a 64-bit seed), got {seed!r}")
+    return seed
+
+
 def stratified_split(labels: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Split indices per class: ``val_fraction`` of each class (at least one image) to validation, seeded."""
     if not 0.0 < val_fraction < 1.0:
         raise MobileNetError(f"validation fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    check_seed(seed, "--seed")
     generator = torch.Generator().manual_seed(seed)
     by_class: dict[int, list[int]] = {}
     for index, label in enumerate(labels):

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from mobilenet.cost import check_fits_memory
+from mobilenet.data import check_seed
 from mobilenet.errors import MobileNetError
 from mobilenet.optim import OPTIMIZERS, RECIPES, SCHEDULES
 from mobilenet.runtime import check_thread_count
@@ -104,6 +105,7 @@ class TrainConfig:
         positive_int("--epochs", self.epochs)
         positive_int("--batch-size", self.batch_size)
         positive_int("--num-workers", self.num_workers, 0)
+        check_seed(self.seed, "--seed")
         if self.limit_train_batches is not None:
             positive_int("limit_train_batches", self.limit_train_batches)
         if self.recipe not in RECIPES:
