@@ -513,6 +513,14 @@ def cli_cases(f: Files, unwritable: Path) -> dict[str, tuple[list[str], tuple[st
             ("metadata",),
         ),
         "eval-missing-data": (["eval", ck, "--data", str(f.root / "nodata"), "--no-plot"], ("nodata",)),
+        "eval-workers-negative": (
+            ["eval", ck, "--data", str(f.data), "--no-plot", "--num-workers", "-1"],
+            ("--num-workers", "from 0 to"),
+        ),
+        "eval-workers-huge": (
+            ["eval", ck, "--data", str(f.data), "--no-plot", "--num-workers", "100000"],
+            ("--num-workers", "from 0 to"),
+        ),
         "eval-seed-huge": (  # a single tree, split by the seed, which torch's generator cannot take
             ["eval", ck, "--data", str(f.data / "train"), "--no-plot", "--device", "cpu", "--seed", str(2**70)],
             ("--seed", "64-bit"),
@@ -533,6 +541,10 @@ def cli_cases(f: Files, unwritable: Path) -> dict[str, tuple[list[str], tuple[st
         "train-batch-0": (
             ["train", "--model", TINY, "--data", "digits", "--out", out, "--batch-size", "0"],
             ("batch",),
+        ),
+        "train-workers-huge": (  # one process each: a typo of 100,000 forked until the machine stalled
+            ["train", "--model", TINY, "--data", "digits", "--out", out, "--num-workers", "100000"],
+            ("--num-workers", "from 0 to"),
         ),
         "train-seed-huge": (
             ["train", "--model", TINY, "--data", "digits", "--out", out, "--seed", str(2**70)],

@@ -14,7 +14,7 @@ from mobilenet.cost import check_fits_memory
 from mobilenet.data import check_seed
 from mobilenet.errors import MobileNetError
 from mobilenet.optim import OPTIMIZERS, RECIPES, SCHEDULES
-from mobilenet.runtime import check_thread_count
+from mobilenet.runtime import check_thread_count, check_worker_count
 from mobilenet.spec import model_config
 
 __all__ = ["AMP_MODES", "TrainConfig"]
@@ -104,7 +104,7 @@ class TrainConfig:
 
         positive_int("--epochs", self.epochs)
         positive_int("--batch-size", self.batch_size)
-        positive_int("--num-workers", self.num_workers, 0)
+        check_worker_count(self.num_workers, "--num-workers")
         check_seed(self.seed, "--seed")
         if self.limit_train_batches is not None:
             positive_int("limit_train_batches", self.limit_train_batches)
