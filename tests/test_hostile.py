@@ -551,6 +551,14 @@ def cli_cases(f: Files, unwritable: Path) -> dict[str, tuple[list[str], tuple[st
             ("--seed", "64-bit"),
         ),
         "train-lr-negative": (["train", "--model", TINY, "--data", "digits", "--out", out, "--lr", "-1"], ("--lr",)),
+        "train-lr-float64": (  # SGD multiplied float32 tensors by it and crashed
+            ["train", "--model", TINY, "--data", "digits", "--out", out, "--lr", "1e308"],
+            ("--lr", "float32"),
+        ),
+        "train-weight-decay-float64": (
+            ["train", "--model", TINY, "--data", "digits", "--out", out, "--weight-decay", "1e300"],
+            ("--weight-decay", "float32"),
+        ),
         "train-lr-nan": (["train", "--model", TINY, "--data", "digits", "--out", out, "--lr", "nan"], ("--lr",)),
         "train-dropout": (
             ["train", "--model", TINY, "--data", "digits", "--out", out, "--dropout", "1.5"],
@@ -979,6 +987,18 @@ def test_image_whose_resized_copy_is_a_bomb_is_refused_by_name(files, tmp_path, 
     ordinary = torch.zeros(3, 16, 32, dtype=torch.uint8)
     for transform in (build_eval_transform(preprocessing), build_train_transform(preprocessing)):
         assert transform(ordinary).shape == (3, 32, 32)
+
+
+def test_train_whose_optimizer_step_overflows_stops_as_diverged(tmp_path, capsys, monkeypatch):
+    """A learning rate within float32 can still overflow inside the optimizer (AdamW divides it by its bias
+    correction, 0.1 at the first step): the run stops in one line, as a divergence does, not with torch's
+    RuntimeError."""
+    out = tmp_path / "run"
+    argv = ["train", "--model", TINY, "--data", "digits", "--out", out, "--optimizer", "adamw", "--lr", "3e38"]
+    argv += ["--epochs", "1", "--limit-train-batches", "1", "--num-workers", "0", "--device", "cpu", "--no-progress"]
+    code, _, err = cli(argv, capsys, monkeypatch)
+    assert_clean_error(code, err, "overflowed float32", "no checkpoint was written", "--lr")
+    assert not (out / "last.safetensors").exists()
 
 
 def test_train_config_refuses_before_loading_data():

@@ -649,7 +649,7 @@ def _train_step(run: _Run, state: _Progress, images: torch.Tensor, labels: torch
     if run.config.grad_clip > 0:
         run.scaler.unscale_(run.optimizer)
         nn.utils.clip_grad_norm_(run.model.parameters(), run.config.grad_clip)
-    run.scaler.step(run.optimizer)
+    _optimizer_step(run, state, bar)
     run.scaler.update()
     if run.ema is not None:
         run.ema.update(run.model)
@@ -660,6 +660,23 @@ def _train_step(run: _Run, state: _Progress, images: torch.Tensor, labels: torch
     state.partial["correct"] += int((logits.argmax(1) == labels).sum())
     state.partial["seen"] += batch
     return lr
+
+
+def _optimizer_step(run: _Run, state: _Progress, bar: Progress) -> None:
+    """The optimizer's step; a factor it computes from the learning rate and weight decay that overflows float32
+    (AdamW divides the rate by its bias correction, 0.1 at the first step) stops the run as a divergence would."""
+    try:
+        run.scaler.step(run.optimizer)
+    except RuntimeError as error:
+        if "without overflow" not in str(error):
+            raise
+        bar.stop()
+        raise _diverged(
+            run,
+            state,
+            f"the optimizer step at epoch {state.epoch + 1}, batch {state.step_in_epoch + 1} overflowed float32 "
+            f"(weight decay {run.recipe.weight_decay:g})",
+        ) from None
 
 
 def _stop_if_diverged(run: _Run, state: _Progress, loss: torch.Tensor, bar: Progress) -> None:

@@ -20,6 +20,9 @@ from mobilenet.spec import model_config
 __all__ = ["AMP_MODES", "TrainConfig"]
 
 AMP_MODES = ("auto", "off", "bf16", "fp16")
+#: The largest float32: the optimizers multiply float32 tensors by the learning rate and the weight decay, and a
+#: larger factor cannot be converted (torch raises mid-step).
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 @dataclass
@@ -117,13 +120,14 @@ class TrainConfig:
         if self.amp not in AMP_MODES:
             raise MobileNetError(f"--amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
         for name, value, low, high in (
-            ("--lr", self.lr, 0.0, math.inf),
-            ("--weight-decay", self.weight_decay, 0.0, math.inf),
+            ("--lr", self.lr, 0.0, FLOAT32_MAX),
+            ("--weight-decay", self.weight_decay, 0.0, FLOAT32_MAX),
             ("--warmup-epochs", self.warmup_epochs, 0.0, math.inf),
             ("--label-smoothing", self.label_smoothing, 0.0, 1.0),
         ):
             if value is not None and not (math.isfinite(value) and low <= value < high):
-                bound = f"in [{low:g}, {high:g})" if math.isfinite(high) else f">= {low:g}"
+                bound = f">= {low:g}" if not math.isfinite(high) else f"in [{low:g}, {high:g})"
+                bound += " (a float32)" if high == FLOAT32_MAX else ""
                 raise MobileNetError(f"{name} must be a number {bound}, got {value!r}")
         if self.lr is not None and self.lr <= 0:
             raise MobileNetError(f"--lr must be a positive number, got {self.lr!r}")
