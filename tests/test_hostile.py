@@ -119,6 +119,8 @@ BAD_CHECKPOINTS: dict[str, tuple[Callable[[dict], None], str]] = {
     "classes_int": (edit_mobilenet(_set("classes", 5)), "classes"),
     "classes_wrong_count": (edit_mobilenet(_set("classes", ["x"])), "class names"),
     "classes_not_strings": (edit_mobilenet(_set("classes", [1, 2, 3])), "classes"),
+    # JSON's "\udcff" escape: a lone surrogate, which the confusion plot's font crashed on after a whole evaluation
+    "classes_surrogate": (edit_mobilenet(_set("classes", ["a", "b", "bad\udcff"])), "UTF-8"),
     "metadata_int": (lambda h: h["__metadata__"].__setitem__("mobilenet", 5), "metadata"),
     "metadata_list": (lambda h: h.__setitem__("__metadata__", [1]), "mobilenet metadata"),
     "metadata_not_json": (lambda h: h["__metadata__"].__setitem__("mobilenet", "{nope"), "corrupt"),
@@ -999,6 +1001,27 @@ def test_train_whose_optimizer_step_overflows_stops_as_diverged(tmp_path, capsys
     code, _, err = cli(argv, capsys, monkeypatch)
     assert_clean_error(code, err, "overflowed float32", "no checkpoint was written", "--lr")
     assert not (out / "last.safetensors").exists()
+
+
+@pytest.mark.parametrize("name", [b"bad\xff", b"new\nline", b"tab\there"])
+def test_class_folder_whose_name_is_not_a_label_is_refused(name, files, tmp_path, capsys, monkeypatch):
+    """A class folder's name becomes a label in the checkpoint, tables and plots: a non-UTF-8 name trained into a
+    checkpoint whose evaluation then crashed in the plot's font; a newline split every table row it was in."""
+    from mobilenet.data import load_data
+
+    root = tmp_path / "data"
+    for folder in (b"a", b"b", name):
+        directory = os.fsencode(root) + b"/" + folder
+        os.makedirs(directory)
+        for k in range(2):
+            with open(directory + f"/{k}.png".encode(), "wb") as handle:
+                handle.write(files.good.read_bytes())
+    with pytest.raises(MobileNetError) as error:
+        load_data(root)
+    message = str(error.value)
+    assert repr(name) in message and "rename the folder" in message and "\n" not in message
+    code, _, err = cli(["eval", files.ck, "--data", root, "--no-plot", "--device", "cpu"], capsys, monkeypatch)
+    assert_clean_error(code, err, repr(name), "rename the folder")
 
 
 def test_train_config_refuses_before_loading_data():

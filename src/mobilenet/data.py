@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -551,6 +552,7 @@ def scan_class_folders(root: Path) -> dict[str, list[Path]]:
         )
     found: dict[str, list[Path]] = {}
     for class_dir in class_dirs:
+        _check_class_name(class_dir)
         files = image_files_under(class_dir)
         if not files:
             raise MobileNetError(
@@ -560,6 +562,25 @@ def scan_class_folders(root: Path) -> dict[str, list[Path]]:
     if len(found) < 2:
         raise MobileNetError(f"{root} has only one class folder ({class_dirs[0].name}); a classifier needs at least 2")
     return found
+
+
+def _check_class_name(class_dir: Path) -> None:
+    """A class folder's name becomes a label in the checkpoint's JSON, tables and plots: it must be text (a name
+    that is not UTF-8 reaches Python as lone surrogates, which no encoder or font takes) without control
+    characters (a newline splits every table row and message it appears in)."""
+    name = class_dir.name
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        problem = "is not UTF-8 text"
+    else:
+        if not any(unicodedata.category(char) == "Cc" for char in name):
+            return
+        problem = "holds a control character"
+    raise MobileNetError(
+        f"class folder name {os.fsencode(name)!r} in {class_dir.parent} {problem}; class names become the model's "
+        "labels: rename the folder"
+    )
 
 
 def _class_mismatch_message(root: Path, expected: list[str], found: list[str]) -> str:
