@@ -217,6 +217,7 @@ class Files:
         self.a_file.write_text("I am a file\n")
         self.a_dir = root / "a_dir"
         self.a_dir.mkdir()
+        (root / "loop").symlink_to("loop")  # a symlink to itself: every stat of it fails with ELOOP
         # Data trees: an ImageFolder with one bad image among good ones, and a calibration folder of bad ones only.
         self.data = root / "data"
         for split in ("train", "val"):
@@ -543,6 +544,14 @@ def cli_cases(f: Files, unwritable: Path) -> dict[str, tuple[list[str], tuple[st
         "train-batch-0": (
             ["train", "--model", TINY, "--data", "digits", "--out", out, "--batch-size", "0"],
             ("batch",),
+        ),
+        "train-out-name-too-long": (  # Path.exists() raised ENAMETOOLONG through the check, a traceback
+            ["train", "--model", TINY, "--data", "digits", "--out", str(f.root / ("x" * 300))],
+            ("--out", "File name too long"),
+        ),
+        "train-out-symlink-loop": (
+            ["train", "--model", TINY, "--data", "digits", "--out", str(f.root / "loop")],
+            ("--out", "symbolic links"),
         ),
         "train-workers-huge": (  # one process each: a typo of 100,000 forked until the machine stalled
             ["train", "--model", TINY, "--data", "digits", "--out", out, "--num-workers", "100000"],
