@@ -1033,6 +1033,50 @@ def test_class_folder_whose_name_is_not_a_label_is_refused(name, files, tmp_path
     assert_clean_error(code, err, repr(name), "rename the folder")
 
 
+def test_training_state_with_edited_json_is_refused_on_resume(tmp_path, capsys, monkeypatch):
+    """The checksum of a training state covers its tensors, not its JSON: an edited or damaged counter, history or
+    structure crashed the resume with a KeyError or TypeError, or was used as it stood (an epoch of 10^6)."""
+    from mobilenet.checkpoint import STATE_KEY
+
+    out = tmp_path / "run"
+    argv = ["train", "--model", TINY, "--data", "digits", "--out", out, "--limit-train-batches", "1"]
+    argv += ["--batch-size", "16", "--num-workers", "0", "--device", "cpu", "--no-progress"]
+    assert cli([*argv, "--epochs", "1"], capsys, monkeypatch)[0] == 0  # a finished epoch's state to resume from
+    argv += ["--epochs", "2", "--resume"]
+    state = out / "train_state.safetensors"
+    good = state.read_bytes()
+
+    def edit_state(change: Callable[[dict], None]) -> None:
+        (length,) = struct.unpack("<Q", good[:8])
+        header = json.loads(good[8 : 8 + length])
+        inner = json.loads(header["__metadata__"][STATE_KEY])
+        change(inner)
+        header["__metadata__"][STATE_KEY] = json.dumps(inner)
+        text = json.dumps(header).encode()
+        text += b" " * (-len(text) % 8)
+        state.write_bytes(struct.pack("<Q", len(text)) + text + good[8 + length :])
+
+    edits = {
+        "epoch-missing": (lambda h: h["info"].pop("epoch"), "'epoch' must be an integer"),
+        "epoch-huge": (lambda h: h["info"].__setitem__("epoch", 10**6), "'history' holds 1 finished epochs"),
+        "step-negative": (lambda h: h["info"].__setitem__("step_in_epoch", -3), "'step_in_epoch'"),
+        "partial-null": (lambda h: h["info"].__setitem__("partial", None), "'partial'"),
+        "info-list": (lambda h: h.__setitem__("info", [1]), "not a JSON object"),
+        "no-model": (
+            lambda h: h["structure"].__setitem__(
+                "__dict__", [pair for pair in h["structure"]["__dict__"] if pair[0] != "model"]
+            ),
+            "no model or optimizer tensors",
+        ),
+    }
+    for change, words in edits.values():
+        edit_state(change)
+        before = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}
+        code, _, err = cli(argv, capsys, monkeypatch)
+        assert_clean_error(code, err, "corrupt training state", words)
+        assert {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()} == before
+
+
 def test_train_config_refuses_before_loading_data():
     from mobilenet.train import TrainConfig
 
