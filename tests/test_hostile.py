@@ -119,6 +119,8 @@ BAD_CHECKPOINTS: dict[str, tuple[Callable[[dict], None], str]] = {
     "classes_int": (edit_mobilenet(_set("classes", 5)), "classes"),
     "classes_wrong_count": (edit_mobilenet(_set("classes", ["x"])), "class names"),
     "classes_not_strings": (edit_mobilenet(_set("classes", [1, 2, 3])), "classes"),
+    # JSON's "\udcff" escape: a lone surrogate, which the confusion plot's font crashed on after a whole evaluation
+    "classes_surrogate": (edit_mobilenet(_set("classes", ["a", "b", "bad\udcff"])), "UTF-8"),
     "metadata_int": (lambda h: h["__metadata__"].__setitem__("mobilenet", 5), "metadata"),
     "metadata_list": (lambda h: h.__setitem__("__metadata__", [1]), "mobilenet metadata"),
     "metadata_not_json": (lambda h: h["__metadata__"].__setitem__("mobilenet", "{nope"), "corrupt"),
@@ -215,6 +217,7 @@ class Files:
         self.a_file.write_text("I am a file\n")
         self.a_dir = root / "a_dir"
         self.a_dir.mkdir()
+        (root / "loop").symlink_to("loop")  # a symlink to itself: every stat of it fails with ELOOP
         # Data trees: an ImageFolder with one bad image among good ones, and a calibration folder of bad ones only.
         self.data = root / "data"
         for split in ("train", "val"):
@@ -513,6 +516,18 @@ def cli_cases(f: Files, unwritable: Path) -> dict[str, tuple[list[str], tuple[st
             ("metadata",),
         ),
         "eval-missing-data": (["eval", ck, "--data", str(f.root / "nodata"), "--no-plot"], ("nodata",)),
+        "eval-workers-negative": (
+            ["eval", ck, "--data", str(f.data), "--no-plot", "--num-workers", "-1"],
+            ("--num-workers", "from 0 to"),
+        ),
+        "eval-workers-huge": (
+            ["eval", ck, "--data", str(f.data), "--no-plot", "--num-workers", "100000"],
+            ("--num-workers", "from 0 to"),
+        ),
+        "eval-seed-huge": (  # a single tree, split by the seed, which torch's generator cannot take
+            ["eval", ck, "--data", str(f.data / "train"), "--no-plot", "--device", "cpu", "--seed", str(2**70)],
+            ("--seed", "64-bit"),
+        ),
         # train: the flags, before any data is loaded
         "train-momentum": (
             ["train", "--model", TINY, "--data", "digits", "--out", out, "--momentum", "-1"],
@@ -530,7 +545,31 @@ def cli_cases(f: Files, unwritable: Path) -> dict[str, tuple[list[str], tuple[st
             ["train", "--model", TINY, "--data", "digits", "--out", out, "--batch-size", "0"],
             ("batch",),
         ),
+        "train-out-name-too-long": (  # Path.exists() raised ENAMETOOLONG through the check, a traceback
+            ["train", "--model", TINY, "--data", "digits", "--out", str(f.root / ("x" * 300))],
+            ("--out", "File name too long"),
+        ),
+        "train-out-symlink-loop": (
+            ["train", "--model", TINY, "--data", "digits", "--out", str(f.root / "loop")],
+            ("--out", "symbolic links"),
+        ),
+        "train-workers-huge": (  # one process each: a typo of 100,000 forked until the machine stalled
+            ["train", "--model", TINY, "--data", "digits", "--out", out, "--num-workers", "100000"],
+            ("--num-workers", "from 0 to"),
+        ),
+        "train-seed-huge": (
+            ["train", "--model", TINY, "--data", "digits", "--out", out, "--seed", str(2**70)],
+            ("--seed", "64-bit"),
+        ),
         "train-lr-negative": (["train", "--model", TINY, "--data", "digits", "--out", out, "--lr", "-1"], ("--lr",)),
+        "train-lr-float64": (  # SGD multiplied float32 tensors by it and crashed
+            ["train", "--model", TINY, "--data", "digits", "--out", out, "--lr", "1e308"],
+            ("--lr", "float32"),
+        ),
+        "train-weight-decay-float64": (
+            ["train", "--model", TINY, "--data", "digits", "--out", out, "--weight-decay", "1e300"],
+            ("--weight-decay", "float32"),
+        ),
         "train-lr-nan": (["train", "--model", TINY, "--data", "digits", "--out", out, "--lr", "nan"], ("--lr",)),
         "train-dropout": (
             ["train", "--model", TINY, "--data", "digits", "--out", out, "--dropout", "1.5"],
@@ -906,6 +945,136 @@ def test_decoder_refuses_each_bad_image(image, files):
     with pytest.raises(BadImageError) as error:
         decode_image(getattr(files, image))
     assert getattr(files, image).name in str(error.value)
+
+
+def test_animated_gif_is_its_first_frame(tmp_path):
+    """torchvision decodes an animated GIF to every frame (N, 3, H, W); one such file in a training folder made the
+    batch collation fail with a traceback. The image is its first frame, as PIL reads it."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from mobilenet.images import decode_image
+
+    frames = [Image.fromarray(np.full((16, 16, 3), value, np.uint8)) for value in (10, 200, 90)]
+    path = tmp_path / "anim.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+    with Image.open(path) as reference:
+        assert reference.n_frames == 3
+        expected = torch.from_numpy(np.array(reference.convert("RGB"))).permute(2, 0, 1)
+    image = decode_image(path)
+    assert image.shape == (3, 16, 16) and image.dtype == torch.uint8
+    assert torch.equal(image, expected)
+
+
+def test_image_whose_resized_copy_is_a_bomb_is_refused_by_name(files, tmp_path, monkeypatch):
+    """An image of one pixel by a million is a few KB and within the decoder's pixel limit, but the transforms
+    resize its short side up to the input size: at 32 px that copy is 1.02e9 pixels, about 10 GB on the way. It is
+    refused, by file name, in prediction, evaluation and training alike (the limit is lowered here so the image
+    stays small: before the check, each of these resized it without complaint)."""
+    import torch
+    from PIL import Image
+
+    from mobilenet.data import build_eval_transform, build_train_transform, load_data
+    from mobilenet.images import BadImageError
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)
+    thin = tmp_path / "thin.png"
+    Image.new("RGB", (2000, 1), "white").save(thin)  # 2,000 pixels; resized to a short side of 32: 2,048,000
+    predictor = mobilenet.Predictor(files.ck, device="cpu")
+    bad, good = predictor.predict([thin, files.good])
+    assert good.ok and not bad.ok
+    assert str(thin) in bad.error and "2000x1" in bad.error and "aspect ratio" in bad.error and "\n" not in bad.error
+    for split in ("train", "val"):
+        for name in CLASSES:
+            (tmp_path / "data" / split / name).mkdir(parents=True)
+            (tmp_path / "data" / split / name / "0.png").write_bytes(files.good.read_bytes())
+        (tmp_path / "data" / split / "b" / "thin.png").write_bytes(thin.read_bytes())
+    bundle = load_data(tmp_path / "data")
+    preprocessing = bundle.preprocessing(32)
+    for split, dataset in (("val", bundle.val_dataset(preprocessing)), ("train", bundle.train_dataset(preprocessing))):
+        with pytest.raises(BadImageError, match=rf"{split}/b/thin\.png: an image of 2000x1 px"):
+            [dataset[i] for i in range(len(dataset))]
+    ordinary = torch.zeros(3, 16, 32, dtype=torch.uint8)
+    for transform in (build_eval_transform(preprocessing), build_train_transform(preprocessing)):
+        assert transform(ordinary).shape == (3, 32, 32)
+
+
+def test_train_whose_optimizer_step_overflows_stops_as_diverged(tmp_path, capsys, monkeypatch):
+    """A learning rate within float32 can still overflow inside the optimizer (AdamW divides it by its bias
+    correction, 0.1 at the first step): the run stops in one line, as a divergence does, not with torch's
+    RuntimeError."""
+    out = tmp_path / "run"
+    argv = ["train", "--model", TINY, "--data", "digits", "--out", out, "--optimizer", "adamw", "--lr", "3e38"]
+    argv += ["--epochs", "1", "--limit-train-batches", "1", "--num-workers", "0", "--device", "cpu", "--no-progress"]
+    code, _, err = cli(argv, capsys, monkeypatch)
+    assert_clean_error(code, err, "overflowed float32", "no checkpoint was written", "--lr")
+    assert not (out / "last.safetensors").exists()
+
+
+@pytest.mark.parametrize("name", [b"bad\xff", b"new\nline", b"tab\there"])
+def test_class_folder_whose_name_is_not_a_label_is_refused(name, files, tmp_path, capsys, monkeypatch):
+    """A class folder's name becomes a label in the checkpoint, tables and plots: a non-UTF-8 name trained into a
+    checkpoint whose evaluation then crashed in the plot's font; a newline split every table row it was in."""
+    from mobilenet.data import load_data
+
+    root = tmp_path / "data"
+    for folder in (b"a", b"b", name):
+        directory = os.fsencode(root) + b"/" + folder
+        os.makedirs(directory)
+        for k in range(2):
+            with open(directory + f"/{k}.png".encode(), "wb") as handle:
+                handle.write(files.good.read_bytes())
+    with pytest.raises(MobileNetError) as error:
+        load_data(root)
+    message = str(error.value)
+    assert repr(name) in message and "rename the folder" in message and "\n" not in message
+    code, _, err = cli(["eval", files.ck, "--data", root, "--no-plot", "--device", "cpu"], capsys, monkeypatch)
+    assert_clean_error(code, err, repr(name), "rename the folder")
+
+
+def test_training_state_with_edited_json_is_refused_on_resume(tmp_path, capsys, monkeypatch):
+    """The checksum of a training state covers its tensors, not its JSON: an edited or damaged counter, history or
+    structure crashed the resume with a KeyError or TypeError, or was used as it stood (an epoch of 10^6)."""
+    from mobilenet.checkpoint import STATE_KEY
+
+    out = tmp_path / "run"
+    argv = ["train", "--model", TINY, "--data", "digits", "--out", out, "--limit-train-batches", "1"]
+    argv += ["--batch-size", "16", "--num-workers", "0", "--device", "cpu", "--no-progress"]
+    assert cli([*argv, "--epochs", "1"], capsys, monkeypatch)[0] == 0  # a finished epoch's state to resume from
+    argv += ["--epochs", "2", "--resume"]
+    state = out / "train_state.safetensors"
+    good = state.read_bytes()
+
+    def edit_state(change: Callable[[dict], None]) -> None:
+        (length,) = struct.unpack("<Q", good[:8])
+        header = json.loads(good[8 : 8 + length])
+        inner = json.loads(header["__metadata__"][STATE_KEY])
+        change(inner)
+        header["__metadata__"][STATE_KEY] = json.dumps(inner)
+        text = json.dumps(header).encode()
+        text += b" " * (-len(text) % 8)
+        state.write_bytes(struct.pack("<Q", len(text)) + text + good[8 + length :])
+
+    edits = {
+        "epoch-missing": (lambda h: h["info"].pop("epoch"), "'epoch' must be an integer"),
+        "epoch-huge": (lambda h: h["info"].__setitem__("epoch", 10**6), "'history' holds 1 finished epochs"),
+        "step-negative": (lambda h: h["info"].__setitem__("step_in_epoch", -3), "'step_in_epoch'"),
+        "partial-null": (lambda h: h["info"].__setitem__("partial", None), "'partial'"),
+        "info-list": (lambda h: h.__setitem__("info", [1]), "not a JSON object"),
+        "no-model": (
+            lambda h: h["structure"].__setitem__(
+                "__dict__", [pair for pair in h["structure"]["__dict__"] if pair[0] != "model"]
+            ),
+            "no model or optimizer tensors",
+        ),
+    }
+    for change, words in edits.values():
+        edit_state(change)
+        before = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}
+        code, _, err = cli(argv, capsys, monkeypatch)
+        assert_clean_error(code, err, "corrupt training state", words)
+        assert {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()} == before
 
 
 def test_train_config_refuses_before_loading_data():

@@ -218,8 +218,8 @@ def _unwrap(model: Any) -> Any:
 def _validate_classes(classes: Sequence[str] | None, num_classes: int) -> list[str] | None:
     if classes is None:
         return None
-    if isinstance(classes, str) or not all(isinstance(name, str) for name in classes):
-        raise MobileNetError("classes must be a sequence of class-name strings, one per classifier output")
+    if isinstance(classes, str) or not all(_is_text(name) for name in classes):
+        raise MobileNetError("classes must be a sequence of class-name strings (UTF-8 text), one per classifier output")
     class_list = list(classes)
     if len(class_list) != num_classes:
         raise MobileNetError(
@@ -227,6 +227,18 @@ def _validate_classes(classes: Sequence[str] | None, num_classes: int) -> list[s
             "output"
         )
     return class_list
+
+
+def _is_text(name: Any) -> bool:
+    """A string that UTF-8 can encode: JSON's ``"\\udcff"`` escape (or a non-UTF-8 folder name) gives Python a lone
+    surrogate, which no encoder, terminal or font takes."""
+    if not isinstance(name, str):
+        return False
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _preprocessing_dict(preprocessing: Mapping[str, Any] | Any | None) -> dict[str, Any] | None:
@@ -458,8 +470,10 @@ def _config_from_header(file: Path, info: Mapping[str, Any]) -> ModelConfig:
 def _info_from_header(file: Path, info: Mapping[str, Any], config: ModelConfig) -> ModelInfo:
     classes = info.get("classes")
     if classes is not None:
-        if not isinstance(classes, list) or not all(isinstance(name, str) for name in classes):
-            raise MobileNetError(f"{file} has corrupt mobilenet metadata: 'classes' must be a list of names or null")
+        if not isinstance(classes, list) or not all(_is_text(name) for name in classes):
+            raise MobileNetError(
+                f"{file} has corrupt mobilenet metadata: 'classes' must be a list of names (UTF-8 text) or null"
+            )
         if len(classes) != config.num_classes:
             raise MobileNetError(f"{file} stores {len(classes)} class names for {config.num_classes} outputs")
     preprocessing = info.get("preprocessing")

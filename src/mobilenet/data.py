@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,7 +43,7 @@ from torchvision import datasets
 from torchvision.transforms import InterpolationMode, v2
 
 from mobilenet.errors import INSTALL_HINTS, MobileNetError
-from mobilenet.images import IMAGE_SUFFIXES, BadImageError, decode_image, image_files_under
+from mobilenet.images import IMAGE_SUFFIXES, BadImageError, decode_image, image_files_under, max_image_pixels
 from mobilenet.pack import decode_split, read_pack
 from mobilenet.progress import progress_bar
 
@@ -62,6 +63,8 @@ __all__ = [
     "TransformedDataset",
     "build_eval_transform",
     "build_train_transform",
+    "check_resize_fits",
+    "check_seed",
     "cifar10_folder",
     "derive_seed",
     "load_data",
@@ -207,6 +210,39 @@ def _interpolation(name: str) -> Any:
     return InterpolationMode(name)
 
 
+def check_resize_fits(height: int, width: int, short_side: int) -> None:
+    """Refuse an image that, resized so its short side is ``short_side`` (as the transforms resize), would hold more
+    than :func:`mobilenet.images.max_image_pixels` pixels: a few-KB PNG of one pixel by a million decodes within
+    the decompression-bomb limit, yet its resized copy would take gigabytes. Raises :class:`BadImageError`."""
+    short, long = min(height, width), max(height, width)
+    if short < 1:
+        return  # an empty image: the decoder has refused it already
+    resized_long = int(short_side * long / short)  # torchvision's rule for a one-number resize
+    pixels = short_side * resized_long
+    limit = max_image_pixels()
+    if pixels > limit:
+        raise BadImageError(
+            f"an image of {width}x{height} px resized to a short side of {short_side} px would hold {pixels:,} "
+            f"pixels, over the limit of {limit:,} (PIL.Image.MAX_IMAGE_PIXELS, which guards against decompression "
+            f"bombs); expected an aspect ratio of at most {max(limit // short_side**2, 1):,}:1"
+        )
+
+
+class _RefuseOversizedResize:
+    """A transform step that passes an image through after :func:`check_resize_fits` (before the resize)."""
+
+    def __init__(self, short_side: int) -> None:
+        self.short_side = short_side
+
+    def __call__(self, image: Any) -> Any:
+        height, width = image.shape[-2:]
+        check_resize_fits(int(height), int(width), self.short_side)
+        return image
+
+    def __repr__(self) -> str:
+        return f"RefuseOversizedResize(short_side={self.short_side})"
+
+
 def _normalize_tail(p: Preprocessing) -> list[Any]:
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(p.mean), std=list(p.std)), v2.ToPureTensor()]
 
@@ -223,9 +259,11 @@ class EvalTransform:
     def __init__(self, preprocessing: Preprocessing) -> None:
         self.preprocessing = preprocessing
         self.interpolation = _interpolation(preprocessing.interpolation)
+        self.refuse_oversized = _RefuseOversizedResize(preprocessing.resize_size)
         self.compose = v2.Compose(
             [
                 v2.ToImage(),
+                self.refuse_oversized,
                 v2.Resize(preprocessing.resize_size, interpolation=self.interpolation, antialias=True),
                 v2.CenterCrop(preprocessing.input_size),
                 *_normalize_tail(preprocessing),
@@ -236,7 +274,8 @@ class EvalTransform:
         if type(image) is not torch.Tensor or image.dtype != torch.uint8 or image.ndim < 3:
             return self.compose(image)
         p = self.preprocessing
-        x = v2.functional.resize(image, [p.resize_size], interpolation=self.interpolation, antialias=True)
+        x = self.refuse_oversized(image)
+        x = v2.functional.resize(x, [p.resize_size], interpolation=self.interpolation, antialias=True)
         x = v2.functional.center_crop(x, [p.input_size, p.input_size])
         x = v2.functional.to_dtype(x, torch.float32, scale=True)
         return v2.functional.normalize(x, mean=list(p.mean), std=list(p.std))
@@ -279,6 +318,7 @@ def build_train_transform(
         )
     else:
         steps += [
+            _RefuseOversizedResize(p.input_size),
             v2.Resize(p.input_size, interpolation=_interpolation(p.interpolation), antialias=True),
             v2.CenterCrop(p.input_size),
             v2.RandomCrop(p.input_size, padding=max(1, p.input_size // 8), padding_mode="reflect"),
@@ -512,6 +552,7 @@ def scan_class_folders(root: Path) -> dict[str, list[Path]]:
         )
     found: dict[str, list[Path]] = {}
     for class_dir in class_dirs:
+        _check_class_name(class_dir)
         files = image_files_under(class_dir)
         if not files:
             raise MobileNetError(
@@ -521,6 +562,25 @@ def scan_class_folders(root: Path) -> dict[str, list[Path]]:
     if len(found) < 2:
         raise MobileNetError(f"{root} has only one class folder ({class_dirs[0].name}); a classifier needs at least 2")
     return found
+
+
+def _check_class_name(class_dir: Path) -> None:
+    """A class folder's name becomes a label in the checkpoint's JSON, tables and plots: it must be text (a name
+    that is not UTF-8 reaches Python as lone surrogates, which no encoder or font takes) without control
+    characters (a newline splits every table row and message it appears in)."""
+    name = class_dir.name
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        problem = "is not UTF-8 text"
+    else:
+        if not any(unicodedata.category(char) == "Cc" for char in name):
+            return
+        problem = "holds a control character"
+    raise MobileNetError(
+        f"class folder name {os.fsencode(name)!r} in {class_dir.parent} {problem}; class names become the model's "
+        "labels: rename the folder"
+    )
 
 
 def _class_mismatch_message(root: Path, expected: list[str], found: list[str]) -> str:
@@ -549,7 +609,13 @@ class TransformedDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image, label = self.base[index]
-        return self.transform(image), label
+        try:
+            return self.transform(image), label
+        except BadImageError as error:  # the transform knows the image, not its file: name the file when known
+            samples = getattr(self.base, "samples", None)
+            if samples is None:
+                raise
+            raise BadImageError(f"image {samples[index][0]}: {error}; fix or remove the file") from None
 
 
 def derive_seed(*parts: int) -> int:
@@ -676,10 +742,23 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
     return tuple(round(float(v), 4) for v in mean), tuple(round(float(v), 4) for v in std)
 
 
+#: The seeds torch's generators take (``torch.manual_seed``): a 64-bit integer, signed or unsigned.
+SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
+def check_seed(seed: Any, what: str = "seed") -> int:
+    """``seed`` if torch's generators can take it, else :class:`MobileNetError` naming ``what``."""
+    low, high = SEED_RANGE
+    if isinstance(seed, bool) or not isinstance(seed, int) or not low <= seed <= high:
+        raise MobileNetError(f"{what} must be an integer from {low} to {high} (a 64-bit seed), got {seed!r}")
+    return seed
+
+
 def stratified_split(labels: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Split indices per class: ``val_fraction`` of each class (at least one image) to validation, seeded."""
     if not 0.0 < val_fraction < 1.0:
         raise MobileNetError(f"validation fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    check_seed(seed, "--seed")
     generator = torch.Generator().manual_seed(seed)
     by_class: dict[int, list[int]] = {}
     for index, label in enumerate(labels):

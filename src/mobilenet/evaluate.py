@@ -25,7 +25,7 @@ from mobilenet.data import TransformedDataset, build_eval_transform, iterate_loa
 from mobilenet.errors import MobileNetError
 from mobilenet.predict import Predictor
 from mobilenet.progress import progress_bar
-from mobilenet.runtime import resolve_device
+from mobilenet.runtime import check_worker_count, resolve_device
 
 __all__ = ["AccuracyBoundError", "EvalCounts", "accumulate", "evaluate_checkpoint", "summarize"]
 
@@ -159,6 +159,7 @@ def evaluate_checkpoint(
         raise MobileNetError(f"--batch-size must be an integer >= 1, got {batch_size!r}")
     if split not in ("val", "train"):
         raise MobileNetError(f"split must be 'val' or 'train', got {split!r}")
+    check_worker_count(num_workers, "--num-workers")
     torch_device = resolve_device(device)
     if isinstance(reference, str | os.PathLike) and not Path(reference).is_file():
         raise MobileNetError(f"--reference {reference} does not exist; expected a model file to compare with")

@@ -126,9 +126,12 @@ def decode_bytes(data: bytes, label: str) -> torch.Tensor:
     _check_pixels(size, label)
     if image_format in _TORCHVISION_FORMATS:
         try:
-            return _to_uint8(tv_decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB))
+            decoded = tv_decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB)
         except (RuntimeError, ValueError):
             pass  # a corrupt stream: PIL decodes it or says why in one line
+        else:
+            # An animated GIF decodes to every frame (N, 3, H, W): the image is its first frame, as in PIL.
+            return _to_uint8(decoded[0] if decoded.ndim == 4 else decoded)
     if image_format == "PNG" and not png_data_is_complete(data):
         raise BadImageError(f"cannot decode image {label}: its PNG data holds fewer rows than its header declares")
     return _decode_with_pil(data, label)

@@ -203,12 +203,19 @@ def check_output_dir(path: str | os.PathLike[str], what: str) -> Path:
     target = Path(path)
     if str(path) == "":
         raise MobileNetError(f"{what} is empty; expected a directory path")
-    if target.exists() and not target.is_dir():
-        raise MobileNetError(f"{what} {target} is a file, not a directory; expected a directory path")
-    if target.is_dir():
+    try:
+        info = target.stat()
+    except (FileNotFoundError, NotADirectoryError):  # the parent check below says which part is missing or a file
+        info = None
+    except OSError as error:  # a name too long, a symlink loop: Path.exists() raises some of these itself
+        reason = error.strerror or error
+        raise MobileNetError(f"{what} {target}: {reason}; expected a writable directory path") from None
+    if info is None:
+        _check_writable_parent(target, what)
+    elif stat.S_ISDIR(info.st_mode):
         _probe_directory(target, what, target)
     else:
-        _check_writable_parent(target, what)
+        raise MobileNetError(f"{what} {target} is a file, not a directory; expected a directory path")
     return target
 
 

@@ -178,7 +178,11 @@ class Predictor:
         rgb = decode_image(image, name=name)
         if self.source.config.in_channels == 1:
             rgb = rgb_to_grayscale(rgb)
-        return self.transform(rgb)
+        try:
+            return self.transform(rgb)
+        except BadImageError as error:  # the transform knows the pixels, not where they came from
+            label = name or (str(image) if isinstance(image, str | os.PathLike) else type(image).__name__)
+            raise BadImageError(f"image {label}: {error}") from None
 
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
         """The backend's logits for a preprocessed float NCHW batch."""

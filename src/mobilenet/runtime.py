@@ -61,6 +61,7 @@ __all__ = [
     "AllocatorTuning",
     "allocator_state",
     "check_thread_count",
+    "check_worker_count",
     "cpu_flags",
     "describe_machine",
     "finite_positive",
@@ -209,6 +210,18 @@ def check_thread_count(value: Any, what: str = "threads") -> int:
         raise MobileNetError(
             f"{what} must be an integer from 1 to {limit} (4 per CPU of this machine's {os.cpu_count() or 1}, at "
             f"least 64), got {value!r}"
+        )
+    return value
+
+
+def check_worker_count(value: Any, what: str = "--num-workers") -> int:
+    """``value`` as a number of data-loading processes: an integer in 0..:func:`max_threads` (each worker is a
+    process, so a typo of 100,000 would fork until the machine stalls), else :class:`MobileNetError`."""
+    limit = max_threads()
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
+        raise MobileNetError(
+            f"{what} must be an integer from 0 to {limit} (0: load in this process; at most 4 per CPU of this "
+            f"machine's {os.cpu_count() or 1}, at least 64), got {value!r}"
         )
     return value
 

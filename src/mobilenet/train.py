@@ -447,6 +447,7 @@ def _resume(run: _Run) -> _Progress:
         )
         return _Progress()
     tree, info = read_state(run.state_path)
+    _check_state(run.state_path, tree, info)
     stored = info["model"]
     if stored["name"] != run.config.model or stored["config"] != run.model.config.to_dict():
         raise MobileNetError(
@@ -454,13 +455,16 @@ def _resume(run: _Run) -> _Progress:
             f"{run.config.model} ({_short_config(run.model.config.to_dict())}); use the same --model and options "
             "or another --out"
         )
-    run.model.load_state_dict(tree["model"])
-    run.optimizer.load_state_dict(tree["optimizer"])
-    if run.ema is not None and tree.get("ema") is not None:
-        run.ema.module.load_state_dict(tree["ema"])
-        run.ema.updates = info.get("ema_updates", 0)
-    if info.get("scaler"):
-        run.scaler.load_state_dict(info["scaler"])
+    try:
+        run.model.load_state_dict(tree["model"])
+        run.optimizer.load_state_dict(tree["optimizer"])
+        if run.ema is not None and tree.get("ema") is not None:
+            run.ema.module.load_state_dict(tree["ema"])
+            run.ema.updates = info.get("ema_updates", 0)
+        if info.get("scaler"):
+            run.scaler.load_state_dict(info["scaler"])
+    except (RuntimeError, KeyError, TypeError, ValueError) as error:
+        raise _corrupt_state(run.state_path, f"its tensors do not fit this run: {str(error).splitlines()[0]}") from None
     state = _Progress(
         epoch=info["epoch"],
         step_in_epoch=info["step_in_epoch"],
@@ -481,6 +485,55 @@ def _resume(run: _Run) -> _Progress:
     if state.epoch >= run.config.epochs:
         run.say(f"the run already finished its {state.epoch} epochs; pass a larger --epochs to continue")
     return state
+
+
+def _corrupt_state(path: Path, what: str) -> MobileNetError:
+    return MobileNetError(
+        f"{path} is a corrupt training state ({what}); it cannot be resumed (start the run again, or resume from a "
+        "copy)"
+    )
+
+
+def _check_state(path: Path, tree: Any, info: Any) -> None:
+    """The JSON of a training state, which its tensors' checksum does not cover, before any of it is used: every
+    counter a count, one history row per finished epoch, the tensors a model and an optimizer."""
+
+    def count(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    def number(value: Any) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+
+    if not isinstance(info, dict) or not isinstance(tree, dict):
+        raise _corrupt_state(path, "its header is not a JSON object")
+    model = info.get("model")
+    if (
+        not isinstance(model, dict)
+        or not isinstance(model.get("name"), str)
+        or not isinstance(model.get("config"), dict)
+    ):
+        raise _corrupt_state(path, "'model' must hold the model's name and config")
+    for key in ("epoch", "step_in_epoch", "global_step"):
+        if not count(info.get(key)):
+            raise _corrupt_state(path, f"'{key}' must be an integer >= 0, got {info.get(key)!r}")
+    history, partial = info.get("history"), info.get("partial")
+    if not isinstance(history, list) or not all(
+        isinstance(row, dict) and number(row.get("val_top1")) for row in history
+    ):
+        raise _corrupt_state(path, "'history' must be a list of epoch rows")
+    if len(history) != info["epoch"]:
+        raise _corrupt_state(path, f"'epoch' is {info['epoch']} but 'history' holds {len(history)} finished epochs")
+    if not number(info.get("best_top1")):
+        raise _corrupt_state(path, f"'best_top1' must be a number, got {info.get('best_top1')!r}")
+    if not isinstance(partial, dict) or not all(number(partial.get(key)) for key in _fresh_partial()):
+        raise _corrupt_state(path, f"'partial' must hold the numbers {', '.join(_fresh_partial())}")
+    checkpoints = info.get("checkpoints")
+    if checkpoints is not None and (
+        not isinstance(checkpoints, dict) or not all(isinstance(entry, dict) for entry in checkpoints.values())
+    ):
+        raise _corrupt_state(path, "'checkpoints' must map file names to records")
+    if not isinstance(tree.get("model"), dict) or not isinstance(tree.get("optimizer"), dict):
+        raise _corrupt_state(path, "it holds no model or optimizer tensors")
 
 
 def _legacy_checkpoints(info: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -649,7 +702,7 @@ def _train_step(run: _Run, state: _Progress, images: torch.Tensor, labels: torch
     if run.config.grad_clip > 0:
         run.scaler.unscale_(run.optimizer)
         nn.utils.clip_grad_norm_(run.model.parameters(), run.config.grad_clip)
-    run.scaler.step(run.optimizer)
+    _optimizer_step(run, state, bar)
     run.scaler.update()
     if run.ema is not None:
         run.ema.update(run.model)
@@ -660,6 +713,23 @@ def _train_step(run: _Run, state: _Progress, images: torch.Tensor, labels: torch
     state.partial["correct"] += int((logits.argmax(1) == labels).sum())
     state.partial["seen"] += batch
     return lr
+
+
+def _optimizer_step(run: _Run, state: _Progress, bar: Progress) -> None:
+    """The optimizer's step; a factor it computes from the learning rate and weight decay that overflows float32
+    (AdamW divides the rate by its bias correction, 0.1 at the first step) stops the run as a divergence would."""
+    try:
+        run.scaler.step(run.optimizer)
+    except RuntimeError as error:
+        if "without overflow" not in str(error):
+            raise
+        bar.stop()
+        raise _diverged(
+            run,
+            state,
+            f"the optimizer step at epoch {state.epoch + 1}, batch {state.step_in_epoch + 1} overflowed float32 "
+            f"(weight decay {run.recipe.weight_decay:g})",
+        ) from None
 
 
 def _stop_if_diverged(run: _Run, state: _Progress, loss: torch.Tensor, bar: Progress) -> None:

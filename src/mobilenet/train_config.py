@@ -11,14 +11,18 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from mobilenet.cost import check_fits_memory
+from mobilenet.data import check_seed
 from mobilenet.errors import MobileNetError
 from mobilenet.optim import OPTIMIZERS, RECIPES, SCHEDULES
-from mobilenet.runtime import check_thread_count
+from mobilenet.runtime import check_thread_count, check_worker_count
 from mobilenet.spec import model_config
 
 __all__ = ["AMP_MODES", "TrainConfig"]
 
 AMP_MODES = ("auto", "off", "bf16", "fp16")
+#: The largest float32: the optimizers multiply float32 tensors by the learning rate and the weight decay, and a
+#: larger factor cannot be converted (torch raises mid-step).
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 @dataclass
@@ -103,7 +107,8 @@ class TrainConfig:
 
         positive_int("--epochs", self.epochs)
         positive_int("--batch-size", self.batch_size)
-        positive_int("--num-workers", self.num_workers, 0)
+        check_worker_count(self.num_workers, "--num-workers")
+        check_seed(self.seed, "--seed")
         if self.limit_train_batches is not None:
             positive_int("limit_train_batches", self.limit_train_batches)
         if self.recipe not in RECIPES:
@@ -115,13 +120,14 @@ class TrainConfig:
         if self.amp not in AMP_MODES:
             raise MobileNetError(f"--amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
         for name, value, low, high in (
-            ("--lr", self.lr, 0.0, math.inf),
-            ("--weight-decay", self.weight_decay, 0.0, math.inf),
+            ("--lr", self.lr, 0.0, FLOAT32_MAX),
+            ("--weight-decay", self.weight_decay, 0.0, FLOAT32_MAX),
             ("--warmup-epochs", self.warmup_epochs, 0.0, math.inf),
             ("--label-smoothing", self.label_smoothing, 0.0, 1.0),
         ):
             if value is not None and not (math.isfinite(value) and low <= value < high):
-                bound = f"in [{low:g}, {high:g})" if math.isfinite(high) else f">= {low:g}"
+                bound = f">= {low:g}" if not math.isfinite(high) else f"in [{low:g}, {high:g})"
+                bound += " (a float32)" if high == FLOAT32_MAX else ""
                 raise MobileNetError(f"{name} must be a number {bound}, got {value!r}")
         if self.lr is not None and self.lr <= 0:
             raise MobileNetError(f"--lr must be a positive number, got {self.lr!r}")
