@@ -36,6 +36,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mobilenet
+import mobilenet.runtime
 from mobilenet.cli import main
 from mobilenet.errors import MobileNetError
 
@@ -299,8 +300,11 @@ def assert_clean_error(returncode: int, stderr: str, *words: str) -> str:
 
 
 def cli(argv: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
-    """``mobilenet ARGV`` in this process: exit code, stdout, stderr (argparse's exits included)."""
+    """``mobilenet ARGV`` in this process: exit code, stdout, stderr (argparse's exits included). The allocator's
+    opt-out is set for the call, and the process's allocator decision (made once, by the first command that gets
+    far enough) is put back afterwards, so it does not leak into later tests."""
     monkeypatch.setenv("MOBILENET_NO_MALLOC_TUNING", "1")
+    monkeypatch.setattr(mobilenet.runtime, "_STATE", mobilenet.runtime._STATE)
     capsys.readouterr()
     try:
         code = main([str(arg) for arg in argv])
