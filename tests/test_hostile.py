@@ -18,6 +18,7 @@ Three levels, by cost (starting Python with torch takes seconds):
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -887,6 +888,69 @@ def test_zip_bomb_is_refused_from_its_directory_alone(files, monkeypatch):
     monkeypatch.setattr(torch, "load", never)
     with pytest.raises(MobileNetError, match="1,073,741,824"):
         read_foreign_state_dict(files.zip_bomb)
+
+
+def _evil_torch_save(marker: Path) -> bytes:
+    """torch.save's zip layout whose pickle would run ``touch MARKER`` under an unrestricted unpickler."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("archive/data.pkl", pickle.dumps({"w": Evil(marker)}, protocol=2))
+        archive.writestr("archive/version", "3\n")
+        archive.writestr("archive/byteorder", "little")
+    return buffer.getvalue()
+
+
+def _edit_archive(source: Path, target: Path, edit: Callable[[str, bytes], bytes | None], add: dict) -> Path:
+    """Copy a zip archive with each member's bytes passed through ``edit`` (None drops it) and ``add``'s members."""
+    with zipfile.ZipFile(source) as original, zipfile.ZipFile(target, "w") as copy:
+        prefix = original.namelist()[0].split("/", 1)[0]
+        for info in original.infolist():
+            data = edit(info.filename.split("/", 1)[1], original.read(info))
+            if data is not None:
+                copy.writestr(info, data)
+        for name, data in add.items():
+            copy.writestr(f"{prefix}/{name}", data)
+    return target
+
+
+@pytest.fixture(scope="module")
+def good_pt2(files) -> Path:
+    from mobilenet.export import export_pt2
+
+    return export_pt2(mobilenet.load(files.ck), files.root / "good.pt2").path
+
+
+def _pickled_weight(name: str, data: bytes, evil: bytes) -> bytes:
+    if name.endswith("weights_config.json"):
+        config = json.loads(data)
+        next(iter(config["config"].values()))["use_pickle"] = True
+        return json.dumps(config).encode()
+    return evil if name == "data/weights/weight_0" else data
+
+
+@pytest.mark.parametrize("kind", ["sample-inputs", "pickled-weight", "aotinductor"])
+def test_pt2_that_would_unpickle_or_run_native_code_is_refused_unloaded(
+    kind, good_pt2, files, tmp_path, capsys, monkeypatch
+):
+    """torch.export.load unpickles without restriction a weight marked use_pickle, and sample inputs that fail the
+    weights-only unpickler; it loads an AOTInductor library. A .pt2 holding any of these is refused unloaded."""
+    from mobilenet.export import load_export
+
+    marker = tmp_path / "PAYLOAD"
+    evil = _evil_torch_save(marker)
+    edits = {
+        "sample-inputs": (lambda name, data: evil if name == "data/sample_inputs/model.pt" else data, {}),
+        "pickled-weight": (lambda name, data: _pickled_weight(name, data, evil), {}),
+        "aotinductor": (lambda name, data: data, {"data/aotinductor/model/model.so": b"\x7fELF"}),
+    }
+    path = _edit_archive(good_pt2, tmp_path / "evil.pt2", *edits[kind])
+    with pytest.raises(MobileNetError, match="never loaded") as error:
+        load_export(path)
+    assert "\n" not in str(error.value)
+    code, _, err = cli(["bench", path, "--rounds", "1", "--warmup", "0", "--batch-sizes", "1"], capsys, monkeypatch)
+    assert_clean_error(code, err, "evil.pt2", "never loaded")
+    assert not marker.exists()
+    assert load_export(good_pt2).format == "pt2"  # the file they were made from loads
 
 
 def test_torch_reason_drops_the_advice_to_unpickle():
