@@ -678,7 +678,16 @@ def cli_cases(f: Files, unwritable: Path) -> dict[str, tuple[list[str], tuple[st
             ["convert", str(f.evil_zip), "--download", "--from", "timm", "--model", TINY, "--out", out + "/c.st"],
             ("either",),
         ),
+        # compress: the output is checked before the SVD (and any fine-tuning) starts
+        "compress-out-ck": (["compress", ck, "--classifier-rank", "1", "--out", ck], ("--out", "same file")),
+        "compress-out-dir": (["compress", ck, "--classifier-rank", "1", "--out", str(f.a_dir)], ("--out", "directory")),
+        # select: before anything is measured
+        "select-plot-is-cache": (
+            ["select", "--latency-ms", "5", "--plot", out + "/s.json", "--cache", out + "/s.json"],
+            ("--plot", "same file"),
+        ),
         # bench
+        "bench-plot-is-model": (["bench", ck, "--plot", ck, "--backends", "eager"], ("--plot", "same file")),
         "bench-plot-dir": (["bench", TINY, "--plot", str(f.a_dir), "--backends", "eager"], ("--plot", "directory")),
         "bench-plot-under-file": (["bench", TINY, "--plot", under_file, "--backends", "eager"], ("--plot", "a_file")),
         "bench-calibration-without-int8": (["bench", TINY, "--calibration", str(f.data)], ("--int8",)),
