@@ -483,6 +483,8 @@ def cli_cases(f: Files, unwritable: Path) -> dict[str, tuple[list[str], tuple[st
         "cost-alpha-not-number": (["cost", TINY, "--alpha", "wide"], ("--alpha",)),
         "models-no-match": (["models", "zzz"], ("zzz",)),
         "models-glob-no-match": (["models", "mobilenet_v7_*"], ("mobilenet_v7_*",)),
+        "models-glob-unclosed": (["models", "[[["], ("[[[",)),  # not a regex error
+        "cost-name-too-long": (["cost", "m" * 300], ("unknown model",)),  # longer than a file name may be
         # predict
         "predict-topk-0": (["predict", ck, str(f.good), "--topk", "0"], ("--topk",)),
         "predict-batch-0": (["predict", ck, str(f.good), "--batch-size", "0"], ("--batch-size",)),
