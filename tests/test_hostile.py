@@ -22,6 +22,7 @@ import io
 import json
 import os
 import pickle
+import re
 import stat
 import struct
 import subprocess
@@ -962,6 +963,58 @@ def test_pt2_that_would_unpickle_or_run_native_code_is_refused_unloaded(
     assert_clean_error(code, err, "evil.pt2", "never loaded")
     assert not marker.exists()
     assert load_export(good_pt2).format == "pt2"  # the file they were made from loads
+
+
+@pytest.fixture(scope="module")
+def good_onnx(files) -> Path:
+    from mobilenet.export import export_onnx
+
+    return export_onnx(mobilenet.load(files.ck), files.root / "good.onnx").path
+
+
+def _edit_onnx(source: Path, target: Path, edit: Callable[[object, dict], None]) -> Path:
+    """Copy an exported ONNX file with its graph and its mobilenet metadata (a dict) edited."""
+    import onnx
+
+    model = onnx.load(str(source))
+    entry = next(prop for prop in model.metadata_props if prop.key == "mobilenet")
+    metadata = json.loads(entry.value)
+    edit(model.graph, metadata)
+    entry.value = json.dumps(metadata)
+    onnx.save(model, str(target))
+    return target
+
+
+def _rename_input(graph, metadata) -> None:
+    for node in graph.node:
+        node.input[:] = ["x" if name == "image" else name for name in node.input]
+    graph.input[0].name = "x"
+
+
+ONNX_EDITS = {
+    # the graph takes 3 channels, the metadata says 1: every batch built from the metadata is refused by the runtime
+    "channels": (lambda graph, metadata: metadata["config"].update(in_channels=1), "['batch', 1, 32, 32]"),
+    "input-renamed": (_rename_input, "'x'"),
+    "preprocessing-string": (lambda graph, metadata: metadata.update(preprocessing="x"), "preprocessing"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(ONNX_EDITS))
+def test_onnx_file_whose_graph_or_metadata_disagree_is_refused_in_one_line(
+    kind, good_onnx, tmp_path, capsys, monkeypatch
+):
+    """An .onnx whose graph does not take what its metadata describes, or whose preprocessing is not an object, was
+    a runtime traceback on the first batch (bench, predict); it is refused when read."""
+    from mobilenet.backends import load_source
+
+    edit, words = ONNX_EDITS[kind]
+    path = _edit_onnx(good_onnx, tmp_path / f"{kind}.onnx", edit)
+    with pytest.raises(MobileNetError, match=re.escape(words)) as error:
+        load_source(path)
+    assert "\n" not in str(error.value)
+    code, _, err = cli(["bench", path, "--rounds", "1", "--warmup", "0", "--batch-sizes", "1"], capsys, monkeypatch)
+    assert_clean_error(code, err, f"{kind}.onnx", words)
+    assert load_source(good_onnx).config.in_channels == 3  # the file they were made from loads
 
 
 def test_torch_reason_drops_the_advice_to_unpickle():

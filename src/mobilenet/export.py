@@ -421,7 +421,38 @@ def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise MobileNetError(f"{file} has corrupt mobilenet metadata ({error})") from None
     if not isinstance(metadata, dict) or not isinstance(metadata.get("config"), dict):
         raise MobileNetError(f"{file} has corrupt mobilenet metadata (no 'config' object)")
+    _check_onnx_signature(file, graph.graph, metadata)
     return metadata
+
+
+def _check_onnx_signature(file: Path, graph: Any, metadata: dict[str, Any]) -> None:
+    """Refuse an ONNX graph that does not take what its metadata describes (one NCHW input :data:`INPUT_NAME` with
+    the config's channels at the preprocessing's input size, an output :data:`OUTPUT_NAME`): every runtime would
+    fail on the first batch. A symbolic dimension accepts any size; a value of the wrong type in the metadata is
+    left to the config's own checks."""
+    weights = {initializer.name for initializer in graph.initializer}
+    inputs = [value for value in graph.input if value.name not in weights]
+    outputs = [value.name for value in graph.output]
+    config, preprocessing = metadata["config"], metadata.get("preprocessing")
+    side = (preprocessing.get("input_size") if isinstance(preprocessing, dict) else None) or config.get("resolution")
+    expected = ["batch", config.get("in_channels", 3), side, side]
+    found = _input_dims(inputs[0]) if len(inputs) == 1 else []
+    fits = len(found) == 4 and all(
+        not isinstance(want, int) or isinstance(want, bool) or not isinstance(have, int) or have == want
+        for have, want in zip(found, expected, strict=True)
+    )
+    if [value.name for value in inputs] != [INPUT_NAME] or OUTPUT_NAME not in outputs or not fits:
+        shown = ", ".join(f"{value.name!r} {_input_dims(value)}" for value in inputs) or "nothing"
+        raise MobileNetError(
+            f"{file} takes {shown} and gives {outputs}, not what its metadata describes ({INPUT_NAME!r} {expected} "
+            f"-> {OUTPUT_NAME!r}); expected a file written by `mobilenet export` or `mobilenet quantize`"
+        )
+
+
+def _input_dims(value: Any) -> list[int | str]:
+    """A graph input's dimensions: each a size, or the name of a symbolic one."""
+    dims = value.type.tensor_type.shape.dim
+    return [dim.dim_value if dim.HasField("dim_value") else dim.dim_param or "?" for dim in dims]
 
 
 def ort_session(path: Path | str, num_threads: int | None = None, *, spin: bool = False) -> Any:
