@@ -786,6 +786,42 @@ def test_checkpoint_with_nan_or_infinite_weights_is_refused_by_name(files, tmp_p
     assert mobilenet.load(mobilenet.save(model, path, classes=CLASSES)).config == model.config
 
 
+@pytest.mark.parametrize(
+    "key, dtype, shown",
+    [
+        ("classifier.weight", "int64", "classifier.weight I64"),
+        ("classifier.weight", "bool", "classifier.weight BOOL"),
+        ("features.0.bn.running_var", "uint8", "features.0.bn.running_var U8"),
+        ("features.0.bn.num_batches_tracked", "float32", "features.0.bn.num_batches_tracked F32"),
+    ],
+)
+def test_checkpoint_with_tensors_of_the_wrong_kind_of_dtype_is_refused(
+    key, dtype, shown, files, tmp_path, capsys, monkeypatch
+):
+    """A checksum-valid file whose weights are stored as integers or booleans (or a counter as floats) was cast
+    silently by load_state_dict into meaningless weights; it is refused from the header, naming the tensors."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from mobilenet.checkpoint import HEADER_KEY, read_header, tensors_digest
+
+    tensors = load_file(str(files.ck))
+    tensors[key] = tensors[key].to(getattr(torch, dtype))
+    info = {**read_header(files.ck), "weights_sha256": tensors_digest(tensors)}
+    path = tmp_path / "kind.safetensors"
+    save_file(tensors, str(path), metadata={HEADER_KEY: json.dumps(info)})
+    with pytest.raises(MobileNetError, match="wrong kind") as error:
+        mobilenet.load(path)
+    assert shown in str(error.value) and "\n" not in str(error.value)
+    code, _, err = cli(["export", path, "--out", tmp_path / "e.onnx"], capsys, monkeypatch)
+    assert_clean_error(code, err, shown)
+    assert not (tmp_path / "e.onnx").exists()
+    tensors[key] = tensors[key].to(torch.float16 if dtype != "float32" else torch.int64)  # a half model loads
+    info["weights_sha256"] = tensors_digest(tensors)
+    save_file(tensors, str(path), metadata={HEADER_KEY: json.dumps(info)})
+    assert mobilenet.load(path).config == mobilenet.load(files.ck).config
+
+
 def test_checkpoint_whose_header_is_nested_too_deeply_is_refused(tmp_path, capsys, monkeypatch):
     """A header JSON nested deeper than the parser recurses (a few hundred KB) is a corrupt header, not a
     RecursionError traceback."""
