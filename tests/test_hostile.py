@@ -27,6 +27,7 @@ import stat
 import struct
 import subprocess
 import sys
+import warnings
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -1051,6 +1052,56 @@ def test_onnx_file_whose_graph_or_metadata_disagree_is_refused_in_one_line(
     code, _, err = cli(["bench", path, "--rounds", "1", "--warmup", "0", "--batch-sizes", "1"], capsys, monkeypatch)
     assert_clean_error(code, err, f"{kind}.onnx", words)
     assert load_source(good_onnx).config.in_channels == 3  # the file they were made from loads
+
+
+def _tiny_torchvision_state() -> dict:
+    import torchvision
+
+    return torchvision.models.mobilenet_v2(width_mult=0.5).state_dict()
+
+
+@pytest.mark.parametrize(
+    "kind, words",
+    [
+        ("int64", "integers or booleans"),
+        ("bool-safetensors", "integers or booleans"),
+        ("sparse", "sparse, quantized or data-less"),
+        ("meta", "sparse, quantized or data-less"),
+        ("quantized", "sparse, quantized or data-less"),
+    ],
+)
+def test_convert_refuses_weights_that_are_not_plain_float_tensors(kind, words, tmp_path, capsys, monkeypatch):
+    """Integer or boolean weights were cast silently into a checkpoint of meaningless weights; sparse and meta
+    tensors were a traceback; a quantized one printed torch's warnings before the error."""
+    import torch
+    from safetensors.torch import save_file
+
+    from mobilenet.convert import read_foreign_state_dict
+
+    state = _tiny_torchvision_state()
+    key = "classifier.1.weight"
+    path = tmp_path / f"{kind}.pth"
+    if kind == "int64":
+        torch.save({**state, key: state[key].to(torch.int64)}, path)
+    elif kind == "bool-safetensors":
+        path = tmp_path / "bool.safetensors"
+        save_file({**state, key: state[key].to(torch.bool)}, str(path))
+    elif kind == "sparse":
+        torch.save({**state, key: state[key].to_sparse()}, path)
+    elif kind == "meta":
+        torch.save({**state, key: torch.empty(state[key].shape, device="meta")}, path)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.save({**state, key: torch.quantize_per_tensor(state[key], 0.1, 0, torch.qint8)}, path)
+    with pytest.raises(MobileNetError, match=words) as error:
+        read_foreign_state_dict(path)
+    assert key in str(error.value) and "\n" not in str(error.value)
+    out = tmp_path / "c.safetensors"
+    argv = ["convert", path, "--from", "torchvision", "--model", "mobilenet_v2_0.5_224", "--out", out]
+    code, _, err = cli(argv, capsys, monkeypatch)
+    assert_clean_error(code, err, words)
+    assert not out.exists()
 
 
 def test_torch_reason_drops_the_advice_to_unpickle():
