@@ -690,6 +690,10 @@ def cli_cases(f: Files, unwritable: Path) -> dict[str, tuple[list[str], tuple[st
             ["select", "--latency-ms", "5", "--plot", out + "/s.json", "--cache", out + "/s.json"],
             ("--plot", "same file"),
         ),
+        "select-batch-huge": (  # was a traceback from torch.randn when the first model was prepared
+            ["select", "--latency-ms", "5", "--batch", "100000000", "--cache", out + "/s.json"],
+            ("batch 100000000", "GB of float32 activations"),
+        ),
         # bench
         "bench-plot-is-model": (["bench", ck, "--plot", ck, "--backends", "eager"], ("--plot", "same file")),
         "bench-plot-dir": (["bench", TINY, "--plot", str(f.a_dir), "--backends", "eager"], ("--plot", "directory")),
