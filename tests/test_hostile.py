@@ -1108,6 +1108,33 @@ def test_convert_refuses_weights_that_are_not_plain_float_tensors(kind, words, t
     assert not out.exists()
 
 
+@pytest.mark.parametrize("location", [".", "fifo.bin", "../../../etc/passwd", "/dev/zero"])
+def test_onnx_external_data_outside_or_not_a_file_is_refused_in_one_line(location, good_onnx, tmp_path, capfd):
+    """An initializer stored as external data at a directory, a FIFO, a path outside the model's folder or a device:
+    ONNX Runtime refuses it, and its own error log (a second, coloured line on stderr) is not printed too."""
+    import onnx
+    from onnx import TensorProto
+
+    from mobilenet.export import ort_session
+
+    os.mkfifo(tmp_path / "fifo.bin")
+    model = onnx.load(str(good_onnx))
+    tensor = max(model.graph.initializer, key=lambda initializer: len(initializer.raw_data))
+    size = len(tensor.raw_data)
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", str(size))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    path = tmp_path / "external.onnx"
+    onnx.save(model, str(path))
+    capfd.readouterr()
+    with pytest.raises(MobileNetError, match="not a model ONNX Runtime can load") as error:
+        ort_session(path)
+    assert "\n" not in str(error.value)
+    assert capfd.readouterr().err == ""
+
+
 def test_torch_reason_drops_the_advice_to_unpickle():
     from mobilenet.convert import _torch_reason
 

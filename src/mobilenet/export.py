@@ -469,7 +469,7 @@ def ort_session(path: Path | str, num_threads: int | None = None, *, spin: bool 
     if num_threads:
         options.intra_op_num_threads = num_threads
         options.inter_op_num_threads = 1
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: an error is raised as one MobileNetError line, not logged too
     if not spin:
         options.add_session_config_entry("session.force_spinning_stop", "1")
     try:
