@@ -642,6 +642,12 @@ def cli_cases(f: Files, unwritable: Path) -> dict[str, tuple[list[str], tuple[st
         "export-atol-0": (["export", ck, "--out", out + "/e.onnx", "--atol", "0"], ("--atol",)),
         "export-atol-nan": (["export", ck, "--out", out + "/e.onnx", "--atol", "nan"], ("--atol",)),
         "export-max-batch-onnx": (["export", ck, "--out", out + "/e.onnx", "--max-batch", "4"], ("--max-batch",)),
+        # an ONNX model named .pt2 (or a checkpoint's suffix) would be read as that format by predict, eval, bench
+        "export-out-other-suffix": (["export", ck, "--out", out + "/e.pt2"], ("--out", ".pt2", "--format is onnx")),
+        "export-out-checkpoint-suffix": (
+            ["export", ck, "--format", "torchscript", "--out", out + "/e.safetensors"],
+            ("--out", "checkpoint"),
+        ),
         "export-ck-flipped": (["export", str(f.flipped), "--out", out + "/e.onnx"], ("checksum",)),
         "export-ck-alpha": (["export", str(f.bad_checkpoints["alpha_1000"]), "--out", out + "/e.onnx"], ("GB",)),
         # convert
