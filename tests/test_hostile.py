@@ -1141,6 +1141,30 @@ def test_onnx_external_data_outside_or_not_a_file_is_refused_in_one_line(locatio
     assert capfd.readouterr().err == ""
 
 
+@pytest.mark.parametrize("fmt", ["torchscript", "pt2"])
+def test_exported_program_whose_metadata_describes_another_input_is_refused(fmt, files, tmp_path, capsys, monkeypatch):
+    """A .ts or .pt2 whose metadata says 1 channel where its program takes 3 was a traceback from the runtime (a
+    conv's channel check, a torch.export guard) on the first batch; it is refused when loaded."""
+    from mobilenet.export import EXPORT_FORMATS, export_model, load_export
+
+    good = export_model(mobilenet.load(files.ck), tmp_path / f"good{EXPORT_FORMATS[fmt]}", format=fmt).path
+
+    def one_channel(name: str, data: bytes) -> bytes:
+        if name.endswith("mobilenet.json"):
+            metadata = json.loads(data)
+            metadata["config"]["in_channels"] = 1
+            return json.dumps(metadata).encode()
+        return data
+
+    path = _edit_archive(good, tmp_path / f"edited{good.suffix}", one_channel, {})
+    with pytest.raises(MobileNetError, match="does not take what its metadata describes") as error:
+        load_export(path)
+    assert "\n" not in str(error.value)
+    code, _, err = cli(["bench", path, "--rounds", "1", "--warmup", "0", "--batch-sizes", "1"], capsys, monkeypatch)
+    assert_clean_error(code, err, path.name, "metadata describes")
+    assert load_export(good).metadata["config"]["in_channels"] == 3
+
+
 def test_torch_reason_drops_the_advice_to_unpickle():
     from mobilenet.convert import _torch_reason
 

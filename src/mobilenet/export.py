@@ -977,7 +977,7 @@ def load_export(path: str | os.PathLike[str]) -> LoadedExport:
                 module = torch.jit.load(str(file), map_location="cpu", _extra_files=extra)
         except (RuntimeError, ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as error:
             raise MobileNetError(f"{file} is not a readable {suffix} export ({_first_line(error)})") from None
-        return LoadedExport(file, "torchscript", _metadata_text(file, extra[METADATA_FILE]), module)
+        return _checked_program(LoadedExport(file, "torchscript", _metadata_text(file, extra[METADATA_FILE]), module))
     if suffix == ".pt2":
         return _load_pt2(file)
     if suffix == ".pte":
@@ -999,7 +999,23 @@ def _load_pt2(file: Path) -> LoadedExport:
         module = program.module()
     except Exception as error:  # torch.export's verifier and deserializer raise their own types (SpecViolationError..)
         raise MobileNetError(f"{file} is not a readable .pt2 export ({_first_line(error)})") from None
-    return LoadedExport(file, "pt2", _metadata_text(file, extra[METADATA_FILE]), module)
+    return _checked_program(LoadedExport(file, "pt2", _metadata_text(file, extra[METADATA_FILE]), module))
+
+
+def _checked_program(loaded: LoadedExport) -> LoadedExport:
+    """``loaded`` once its program has run one input shaped as its metadata describes (channels, input size): a
+    program and metadata that disagree would otherwise fail on the first batch, deep in the runtime."""
+    try:
+        with torch.no_grad():
+            loaded.run(_check_input(loaded.metadata, 1))
+    except Exception as error:  # the program's own failure (a shape guard, a conv's channel check) or bad metadata
+        # TorchScript's message starts with its interpreter's frames; the reason is its last line.
+        reason = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+        raise MobileNetError(
+            f"{loaded.path}'s program does not take what its metadata describes ({reason[-1][:300]}); expected a "
+            "file written by `mobilenet export`"
+        ) from None
+    return loaded
 
 
 def _check_pt2_archive(file: Path, data: bytes) -> None:
