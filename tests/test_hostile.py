@@ -833,6 +833,26 @@ def test_checkpoint_with_tensors_of_the_wrong_kind_of_dtype_is_refused(
     assert mobilenet.load(path).config == mobilenet.load(files.ck).config
 
 
+def test_checkpoint_with_a_negative_batchnorm_variance_is_refused_by_name(files, tmp_path, capsys, monkeypatch):
+    """A checksum-valid file whose BatchNorm running_var is negative (edited, or written by other code) answered
+    every image with NaN; refused when loaded, naming the tensor. A zero variance is a valid one (eps keeps it)."""
+    import torch
+
+    model = mobilenet.load(files.ck)
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    with torch.no_grad():
+        bn.running_var[0] = -1.0
+    path = mobilenet.save(model, tmp_path / "negative.safetensors")
+    with pytest.raises(MobileNetError, match="negative BatchNorm variances in 1 tensor") as error:
+        mobilenet.load(path)
+    assert "running_var" in str(error.value) and "\n" not in str(error.value)
+    code, _, err = cli(["export", path, "--out", tmp_path / "e.onnx"], capsys, monkeypatch)
+    assert_clean_error(code, err, "negative BatchNorm variances")
+    with torch.no_grad():
+        bn.running_var[0] = 0.0
+    assert torch.isfinite(mobilenet.load(mobilenet.save(model, path))(torch.rand(1, 3, 32, 32))).all()
+
+
 def test_checkpoint_whose_header_is_nested_too_deeply_is_refused(tmp_path, capsys, monkeypatch):
     """A header JSON nested deeper than the parser recurses (a few hundred KB) is a corrupt header, not a
     RecursionError traceback."""

@@ -567,6 +567,18 @@ def check_finite(state_dict: Mapping[str, torch.Tensor], what: str) -> None:
             f"{what} holds NaN or infinite values in {len(bad)} tensor(s) ({shorten(bad)}): its outputs would be "
             "meaningless; use weights from before the values broke, or convert or train them again"
         )
+    # A variance below zero (BatchNorm's running_var; a variance is a mean of squares) makes the normalisation's
+    # square root NaN for every image.
+    negative = [
+        key
+        for key, tensor in state_dict.items()
+        if key.endswith("running_var") and tensor.is_floating_point() and bool((tensor < 0).any())
+    ]
+    if negative:
+        raise MobileNetError(
+            f"{what} holds negative BatchNorm variances in {len(negative)} tensor(s) ({shorten(negative)}): every "
+            "output would be NaN; use weights from before the values broke, or convert or train them again"
+        )
 
 
 def load(path: str | os.PathLike[str], *, map_location: str | Any = "cpu") -> MobileNet:
