@@ -18,13 +18,16 @@ Three levels, by cost (starting Python with torch takes seconds):
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pickle
+import re
 import stat
 import struct
 import subprocess
 import sys
+import warnings
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -489,6 +492,8 @@ def cli_cases(f: Files, unwritable: Path) -> dict[str, tuple[list[str], tuple[st
         "cost-alpha-not-number": (["cost", TINY, "--alpha", "wide"], ("--alpha",)),
         "models-no-match": (["models", "zzz"], ("zzz",)),
         "models-glob-no-match": (["models", "mobilenet_v7_*"], ("mobilenet_v7_*",)),
+        "models-glob-unclosed": (["models", "[[["], ("[[[",)),  # not a regex error
+        "cost-name-too-long": (["cost", "m" * 300], ("unknown model",)),  # longer than a file name may be
         # predict
         "predict-topk-0": (["predict", ck, str(f.good), "--topk", "0"], ("--topk",)),
         "predict-batch-0": (["predict", ck, str(f.good), "--batch-size", "0"], ("--batch-size",)),
@@ -680,6 +685,12 @@ def cli_cases(f: Files, unwritable: Path) -> dict[str, tuple[list[str], tuple[st
         "export-atol-0": (["export", ck, "--out", out + "/e.onnx", "--atol", "0"], ("--atol",)),
         "export-atol-nan": (["export", ck, "--out", out + "/e.onnx", "--atol", "nan"], ("--atol",)),
         "export-max-batch-onnx": (["export", ck, "--out", out + "/e.onnx", "--max-batch", "4"], ("--max-batch",)),
+        # an ONNX model named .pt2 (or a checkpoint's suffix) would be read as that format by predict, eval, bench
+        "export-out-other-suffix": (["export", ck, "--out", out + "/e.pt2"], ("--out", ".pt2", "--format is onnx")),
+        "export-out-checkpoint-suffix": (
+            ["export", ck, "--format", "torchscript", "--out", out + "/e.safetensors"],
+            ("--out", "checkpoint"),
+        ),
         "export-ck-flipped": (["export", str(f.flipped), "--out", out + "/e.onnx"], ("checksum",)),
         "export-ck-alpha": (["export", str(f.bad_checkpoints["alpha_1000"]), "--out", out + "/e.onnx"], ("GB",)),
         # convert
@@ -720,7 +731,20 @@ def cli_cases(f: Files, unwritable: Path) -> dict[str, tuple[list[str], tuple[st
             ["convert", str(f.evil_zip), "--download", "--from", "timm", "--model", TINY, "--out", out + "/c.st"],
             ("either",),
         ),
+        # compress: the output is checked before the SVD (and any fine-tuning) starts
+        "compress-out-ck": (["compress", ck, "--classifier-rank", "1", "--out", ck], ("--out", "same file")),
+        "compress-out-dir": (["compress", ck, "--classifier-rank", "1", "--out", str(f.a_dir)], ("--out", "directory")),
+        # select: before anything is measured
+        "select-plot-is-cache": (
+            ["select", "--latency-ms", "5", "--plot", out + "/s.json", "--cache", out + "/s.json"],
+            ("--plot", "same file"),
+        ),
+        "select-batch-huge": (  # was a traceback from torch.randn when the first model was prepared
+            ["select", "--latency-ms", "5", "--batch", "100000000", "--cache", out + "/s.json"],
+            ("batch 100000000", "GB of float32 activations"),
+        ),
         # bench
+        "bench-plot-is-model": (["bench", ck, "--plot", ck, "--backends", "eager"], ("--plot", "same file")),
         "bench-plot-dir": (["bench", TINY, "--plot", str(f.a_dir), "--backends", "eager"], ("--plot", "directory")),
         "bench-plot-under-file": (["bench", TINY, "--plot", under_file, "--backends", "eager"], ("--plot", "a_file")),
         "bench-calibration-without-int8": (["bench", TINY, "--calibration", str(f.data)], ("--int8",)),
@@ -814,6 +838,62 @@ def test_checkpoint_with_nan_or_infinite_weights_is_refused_by_name(files, tmp_p
         model.classifier.weight[0, 0] = 0.0
         next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)).running_var[1] = 1.0
     assert mobilenet.load(mobilenet.save(model, path, classes=CLASSES)).config == model.config
+
+
+@pytest.mark.parametrize(
+    "key, dtype, shown",
+    [
+        ("classifier.weight", "int64", "classifier.weight I64"),
+        ("classifier.weight", "bool", "classifier.weight BOOL"),
+        ("features.0.bn.running_var", "uint8", "features.0.bn.running_var U8"),
+        ("features.0.bn.num_batches_tracked", "float32", "features.0.bn.num_batches_tracked F32"),
+    ],
+)
+def test_checkpoint_with_tensors_of_the_wrong_kind_of_dtype_is_refused(
+    key, dtype, shown, files, tmp_path, capsys, monkeypatch
+):
+    """A checksum-valid file whose weights are stored as integers or booleans (or a counter as floats) was cast
+    silently by load_state_dict into meaningless weights; it is refused from the header, naming the tensors."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from mobilenet.checkpoint import HEADER_KEY, read_header, tensors_digest
+
+    tensors = load_file(str(files.ck))
+    tensors[key] = tensors[key].to(getattr(torch, dtype))
+    info = {**read_header(files.ck), "weights_sha256": tensors_digest(tensors)}
+    path = tmp_path / "kind.safetensors"
+    save_file(tensors, str(path), metadata={HEADER_KEY: json.dumps(info)})
+    with pytest.raises(MobileNetError, match="wrong kind") as error:
+        mobilenet.load(path)
+    assert shown in str(error.value) and "\n" not in str(error.value)
+    code, _, err = cli(["export", path, "--out", tmp_path / "e.onnx"], capsys, monkeypatch)
+    assert_clean_error(code, err, shown)
+    assert not (tmp_path / "e.onnx").exists()
+    tensors[key] = tensors[key].to(torch.float16 if dtype != "float32" else torch.int64)  # a half model loads
+    info["weights_sha256"] = tensors_digest(tensors)
+    save_file(tensors, str(path), metadata={HEADER_KEY: json.dumps(info)})
+    assert mobilenet.load(path).config == mobilenet.load(files.ck).config
+
+
+def test_checkpoint_with_a_negative_batchnorm_variance_is_refused_by_name(files, tmp_path, capsys, monkeypatch):
+    """A checksum-valid file whose BatchNorm running_var is negative (edited, or written by other code) answered
+    every image with NaN; refused when loaded, naming the tensor. A zero variance is a valid one (eps keeps it)."""
+    import torch
+
+    model = mobilenet.load(files.ck)
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    with torch.no_grad():
+        bn.running_var[0] = -1.0
+    path = mobilenet.save(model, tmp_path / "negative.safetensors")
+    with pytest.raises(MobileNetError, match="negative BatchNorm variances in 1 tensor") as error:
+        mobilenet.load(path)
+    assert "running_var" in str(error.value) and "\n" not in str(error.value)
+    code, _, err = cli(["export", path, "--out", tmp_path / "e.onnx"], capsys, monkeypatch)
+    assert_clean_error(code, err, "negative BatchNorm variances")
+    with torch.no_grad():
+        bn.running_var[0] = 0.0
+    assert torch.isfinite(mobilenet.load(mobilenet.save(model, path))(torch.rand(1, 3, 32, 32))).all()
 
 
 def test_checkpoint_whose_header_is_nested_too_deeply_is_refused(tmp_path, capsys, monkeypatch):
@@ -930,6 +1010,222 @@ def test_zip_bomb_is_refused_from_its_directory_alone(files, monkeypatch):
     monkeypatch.setattr(torch, "load", never)
     with pytest.raises(MobileNetError, match="1,073,741,824"):
         read_foreign_state_dict(files.zip_bomb)
+
+
+def _evil_torch_save(marker: Path) -> bytes:
+    """torch.save's zip layout whose pickle would run ``touch MARKER`` under an unrestricted unpickler."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("archive/data.pkl", pickle.dumps({"w": Evil(marker)}, protocol=2))
+        archive.writestr("archive/version", "3\n")
+        archive.writestr("archive/byteorder", "little")
+    return buffer.getvalue()
+
+
+def _edit_archive(source: Path, target: Path, edit: Callable[[str, bytes], bytes | None], add: dict) -> Path:
+    """Copy a zip archive with each member's bytes passed through ``edit`` (None drops it) and ``add``'s members."""
+    with zipfile.ZipFile(source) as original, zipfile.ZipFile(target, "w") as copy:
+        prefix = original.namelist()[0].split("/", 1)[0]
+        for info in original.infolist():
+            data = edit(info.filename.split("/", 1)[1], original.read(info))
+            if data is not None:
+                copy.writestr(info, data)
+        for name, data in add.items():
+            copy.writestr(f"{prefix}/{name}", data)
+    return target
+
+
+@pytest.fixture(scope="module")
+def good_pt2(files) -> Path:
+    from mobilenet.export import export_pt2
+
+    return export_pt2(mobilenet.load(files.ck), files.root / "good.pt2").path
+
+
+def _pickled_weight(name: str, data: bytes, evil: bytes) -> bytes:
+    if name.endswith("weights_config.json"):
+        config = json.loads(data)
+        next(iter(config["config"].values()))["use_pickle"] = True
+        return json.dumps(config).encode()
+    return evil if name == "data/weights/weight_0" else data
+
+
+@pytest.mark.parametrize("kind", ["sample-inputs", "pickled-weight", "aotinductor"])
+def test_pt2_that_would_unpickle_or_run_native_code_is_refused_unloaded(
+    kind, good_pt2, files, tmp_path, capsys, monkeypatch
+):
+    """torch.export.load unpickles without restriction a weight marked use_pickle, and sample inputs that fail the
+    weights-only unpickler; it loads an AOTInductor library. A .pt2 holding any of these is refused unloaded."""
+    from mobilenet.export import load_export
+
+    marker = tmp_path / "PAYLOAD"
+    evil = _evil_torch_save(marker)
+    edits = {
+        "sample-inputs": (lambda name, data: evil if name == "data/sample_inputs/model.pt" else data, {}),
+        "pickled-weight": (lambda name, data: _pickled_weight(name, data, evil), {}),
+        "aotinductor": (lambda name, data: data, {"data/aotinductor/model/model.so": b"\x7fELF"}),
+    }
+    path = _edit_archive(good_pt2, tmp_path / "evil.pt2", *edits[kind])
+    with pytest.raises(MobileNetError, match="never loaded") as error:
+        load_export(path)
+    assert "\n" not in str(error.value)
+    code, _, err = cli(["bench", path, "--rounds", "1", "--warmup", "0", "--batch-sizes", "1"], capsys, monkeypatch)
+    assert_clean_error(code, err, "evil.pt2", "never loaded")
+    assert not marker.exists()
+    assert load_export(good_pt2).format == "pt2"  # the file they were made from loads
+
+
+@pytest.fixture(scope="module")
+def good_onnx(files) -> Path:
+    from mobilenet.export import export_onnx
+
+    return export_onnx(mobilenet.load(files.ck), files.root / "good.onnx").path
+
+
+def _edit_onnx(source: Path, target: Path, edit: Callable[[object, dict], None]) -> Path:
+    """Copy an exported ONNX file with its graph and its mobilenet metadata (a dict) edited."""
+    import onnx
+
+    model = onnx.load(str(source))
+    entry = next(prop for prop in model.metadata_props if prop.key == "mobilenet")
+    metadata = json.loads(entry.value)
+    edit(model.graph, metadata)
+    entry.value = json.dumps(metadata)
+    onnx.save(model, str(target))
+    return target
+
+
+def _rename_input(graph, metadata) -> None:
+    for node in graph.node:
+        node.input[:] = ["x" if name == "image" else name for name in node.input]
+    graph.input[0].name = "x"
+
+
+ONNX_EDITS = {
+    # the graph takes 3 channels, the metadata says 1: every batch built from the metadata is refused by the runtime
+    "channels": (lambda graph, metadata: metadata["config"].update(in_channels=1), "['batch', 1, 32, 32]"),
+    "input-renamed": (_rename_input, "'x'"),
+    "preprocessing-string": (lambda graph, metadata: metadata.update(preprocessing="x"), "preprocessing"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(ONNX_EDITS))
+def test_onnx_file_whose_graph_or_metadata_disagree_is_refused_in_one_line(
+    kind, good_onnx, tmp_path, capsys, monkeypatch
+):
+    """An .onnx whose graph does not take what its metadata describes, or whose preprocessing is not an object, was
+    a runtime traceback on the first batch (bench, predict); it is refused when read."""
+    from mobilenet.backends import load_source
+
+    edit, words = ONNX_EDITS[kind]
+    path = _edit_onnx(good_onnx, tmp_path / f"{kind}.onnx", edit)
+    with pytest.raises(MobileNetError, match=re.escape(words)) as error:
+        load_source(path)
+    assert "\n" not in str(error.value)
+    code, _, err = cli(["bench", path, "--rounds", "1", "--warmup", "0", "--batch-sizes", "1"], capsys, monkeypatch)
+    assert_clean_error(code, err, f"{kind}.onnx", words)
+    assert load_source(good_onnx).config.in_channels == 3  # the file they were made from loads
+
+
+def _tiny_torchvision_state() -> dict:
+    import torchvision
+
+    return torchvision.models.mobilenet_v2(width_mult=0.5).state_dict()
+
+
+@pytest.mark.parametrize(
+    "kind, words",
+    [
+        ("int64", "integers or booleans"),
+        ("bool-safetensors", "integers or booleans"),
+        ("sparse", "sparse, quantized or data-less"),
+        ("meta", "sparse, quantized or data-less"),
+        ("quantized", "sparse, quantized or data-less"),
+    ],
+)
+def test_convert_refuses_weights_that_are_not_plain_float_tensors(kind, words, tmp_path, capsys, monkeypatch):
+    """Integer or boolean weights were cast silently into a checkpoint of meaningless weights; sparse and meta
+    tensors were a traceback; a quantized one printed torch's warnings before the error."""
+    import torch
+    from safetensors.torch import save_file
+
+    from mobilenet.convert import read_foreign_state_dict
+
+    state = _tiny_torchvision_state()
+    key = "classifier.1.weight"
+    path = tmp_path / f"{kind}.pth"
+    if kind == "int64":
+        torch.save({**state, key: state[key].to(torch.int64)}, path)
+    elif kind == "bool-safetensors":
+        path = tmp_path / "bool.safetensors"
+        save_file({**state, key: state[key].to(torch.bool)}, str(path))
+    elif kind == "sparse":
+        torch.save({**state, key: state[key].to_sparse()}, path)
+    elif kind == "meta":
+        torch.save({**state, key: torch.empty(state[key].shape, device="meta")}, path)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.save({**state, key: torch.quantize_per_tensor(state[key], 0.1, 0, torch.qint8)}, path)
+    with pytest.raises(MobileNetError, match=words) as error:
+        read_foreign_state_dict(path)
+    assert key in str(error.value) and "\n" not in str(error.value)
+    out = tmp_path / "c.safetensors"
+    argv = ["convert", path, "--from", "torchvision", "--model", "mobilenet_v2_0.5_224", "--out", out]
+    code, _, err = cli(argv, capsys, monkeypatch)
+    assert_clean_error(code, err, words)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("location", [".", "fifo.bin", "../../../etc/passwd", "/dev/zero"])
+def test_onnx_external_data_outside_or_not_a_file_is_refused_in_one_line(location, good_onnx, tmp_path, capfd):
+    """An initializer stored as external data at a directory, a FIFO, a path outside the model's folder or a device:
+    ONNX Runtime refuses it, and its own error log (a second, coloured line on stderr) is not printed too."""
+    import onnx
+    from onnx import TensorProto
+
+    from mobilenet.export import ort_session
+
+    os.mkfifo(tmp_path / "fifo.bin")
+    model = onnx.load(str(good_onnx))
+    tensor = max(model.graph.initializer, key=lambda initializer: len(initializer.raw_data))
+    size = len(tensor.raw_data)
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", str(size))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    path = tmp_path / "external.onnx"
+    onnx.save(model, str(path))
+    capfd.readouterr()
+    with pytest.raises(MobileNetError, match="not a model ONNX Runtime can load") as error:
+        ort_session(path)
+    assert "\n" not in str(error.value)
+    assert capfd.readouterr().err == ""
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "pt2"])
+def test_exported_program_whose_metadata_describes_another_input_is_refused(fmt, files, tmp_path, capsys, monkeypatch):
+    """A .ts or .pt2 whose metadata says 1 channel where its program takes 3 was a traceback from the runtime (a
+    conv's channel check, a torch.export guard) on the first batch; it is refused when loaded."""
+    from mobilenet.export import EXPORT_FORMATS, export_model, load_export
+
+    good = export_model(mobilenet.load(files.ck), tmp_path / f"good{EXPORT_FORMATS[fmt]}", format=fmt).path
+
+    def one_channel(name: str, data: bytes) -> bytes:
+        if name.endswith("mobilenet.json"):
+            metadata = json.loads(data)
+            metadata["config"]["in_channels"] = 1
+            return json.dumps(metadata).encode()
+        return data
+
+    path = _edit_archive(good, tmp_path / f"edited{good.suffix}", one_channel, {})
+    with pytest.raises(MobileNetError, match="does not take what its metadata describes") as error:
+        load_export(path)
+    assert "\n" not in str(error.value)
+    code, _, err = cli(["bench", path, "--rounds", "1", "--warmup", "0", "--batch-sizes", "1"], capsys, monkeypatch)
+    assert_clean_error(code, err, path.name, "metadata describes")
+    assert load_export(good).metadata["config"]["in_channels"] == 3
 
 
 def test_torch_reason_drops_the_advice_to_unpickle():

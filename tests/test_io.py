@@ -129,6 +129,23 @@ def test_check_output_file_refuses_directory_file_parent_and_an_input(tmp_path):
     assert a_file.read_text() == "x"
 
 
+def test_check_output_file_with_an_input_in_a_symlink_loop_is_no_traceback(tmp_path, capsys):
+    """A symlink loop as the input (Path.resolve raises RuntimeError there, not OSError) is no other file: the output
+    check passes and the reader refuses the input in one line."""
+    from mobilenet.cli import main
+    from mobilenet.io import check_output_file
+
+    loop = tmp_path / "loop.safetensors"
+    loop.symlink_to(tmp_path / "back.safetensors")
+    (tmp_path / "back.safetensors").symlink_to(loop)
+    out = tmp_path / "out.onnx"
+    assert check_output_file(out, "--out", inputs=[loop]) == out
+    assert main(["export", str(loop), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1 and "loop.safetensors" in err, err
+    assert not out.exists()
+
+
 def test_check_output_dir_refuses_a_file(tmp_path):
     from mobilenet.errors import MobileNetError
     from mobilenet.io import check_output_dir

@@ -201,6 +201,11 @@ def _file_source(path: Path, metadata: dict[str, Any], **runner: Any) -> ModelSo
     classes = metadata.get("classes")
     if classes is not None and (not isinstance(classes, list) or len(classes) != config.num_classes):
         raise MobileNetError(f"{path} has invalid class names in its metadata; expected {config.num_classes} names")
+    preprocessing = metadata.get("preprocessing")
+    if preprocessing is not None and not isinstance(preprocessing, dict):
+        raise MobileNetError(
+            f"{path} has invalid preprocessing in its metadata ({type(preprocessing).__name__}); expected an object"
+        )
     return ModelSource(
         name=str(metadata.get("name") or ""),
         config=config,

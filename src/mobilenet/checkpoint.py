@@ -76,6 +76,9 @@ _MAX_HEADER_BYTES = 100_000_000
 _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_PROTO = b"\x80"
 _CONVERT_HINT = "mobilenet convert --from torchvision|timm FILE --model NAME --out OUT.safetensors"
+# The safetensors dtypes a model's floating-point tensors may be stored in (mobilenet.save writes what the model
+# holds: float32, or a half/bfloat16/double model's own type); loading casts them to the model's dtype.
+_FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 # Bytes per element of the safetensors dtypes, to check that the data section is complete.
 _DTYPE_BYTES = {
     "BOOL": 1,
@@ -521,6 +524,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: str | Any = "
         skeleton = model_from_config(config, name=name)
     expected = {key: tuple(value.shape) for key, value in skeleton.state_dict().items()}
     check_shapes(expected, _stored_shapes(header), what=str(file), target=name or config.family)
+    _check_dtypes(file, header, skeleton.state_dict())
     expected_digest = info.get("weights_sha256")
     if not isinstance(expected_digest, str):
         raise MobileNetError(
@@ -551,6 +555,22 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: str | Any = "
     )
 
 
+def _check_dtypes(file: Path, header: Mapping[str, Any], expected: Mapping[str, torch.Tensor]) -> None:
+    """Refuse tensors stored in a type of the wrong kind (weights as integers or booleans, a counter as floats):
+    ``load_state_dict`` would cast them silently into meaningless weights. Checked from the header alone."""
+    wrong = [
+        f"{key} {entry['dtype']}"
+        for key, entry in header.items()
+        if key != "__metadata__" and (entry["dtype"] in _FLOAT_DTYPES) != expected[key].is_floating_point()
+    ]
+    if wrong:
+        raise MobileNetError(
+            f"{file} stores {len(wrong)} tensor(s) in a type of the wrong kind ({shorten(wrong)}); expected weights "
+            f"and BatchNorm statistics in {', '.join(_FLOAT_DTYPES)} and num_batches_tracked as an integer; write it "
+            "again"
+        )
+
+
 def check_finite(state_dict: Mapping[str, torch.Tensor], what: str) -> None:
     """Refuse weights holding NaN or infinity (``what`` names their file): every output of such a model is NaN (or
     its ranking arbitrary), which a user would otherwise meet as confident-looking predictions. Training never saves
@@ -560,6 +580,18 @@ def check_finite(state_dict: Mapping[str, torch.Tensor], what: str) -> None:
         raise MobileNetError(
             f"{what} holds NaN or infinite values in {len(bad)} tensor(s) ({shorten(bad)}): its outputs would be "
             "meaningless; use weights from before the values broke, or convert or train them again"
+        )
+    # A variance below zero (BatchNorm's running_var; a variance is a mean of squares) makes the normalisation's
+    # square root NaN for every image.
+    negative = [
+        key
+        for key, tensor in state_dict.items()
+        if key.endswith("running_var") and tensor.is_floating_point() and bool((tensor < 0).any())
+    ]
+    if negative:
+        raise MobileNetError(
+            f"{what} holds negative BatchNorm variances in {len(negative)} tensor(s) ({shorten(negative)}): every "
+            "output would be NaN; use weights from before the values broke, or convert or train them again"
         )
 
 

@@ -12,6 +12,7 @@ import math
 import os
 import pickle
 import urllib.error
+import warnings
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -374,8 +375,31 @@ def read_foreign_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Ten
             "weights file of a torchvision or timm MobileNet"
         )
     state = _flatten_state_dict(file, data)
+    _check_plain_weights(file, state)
     check_finite(state, str(file))
     return state
+
+
+def _check_plain_weights(file: Path, state: Mapping[str, torch.Tensor]) -> None:
+    """Refuse tensors a published checkpoint never holds: sparse, quantized or data-less (meta) tensors, on which the
+    checks and the copy fail, and weights stored as integers or booleans, which ``load_state_dict`` would cast
+    silently into meaningless weights (BatchNorm's ``num_batches_tracked`` counter is an integer)."""
+    odd = [key for key, value in state.items() if value.layout != torch.strided or value.is_quantized or value.is_meta]
+    if odd:
+        raise MobileNetError(
+            f"{file} holds sparse, quantized or data-less tensors ({shorten(odd)}); expected the plain float weights "
+            "torchvision/timm publish"
+        )
+    integral = [
+        f"{key} {value.dtype}".replace("torch.", "")
+        for key, value in state.items()
+        if not value.is_floating_point() and not key.endswith("num_batches_tracked")
+    ]
+    if integral:
+        raise MobileNetError(
+            f"{file} stores weights as integers or booleans ({shorten(integral)}); expected the floating-point "
+            "weights torchvision/timm publish"
+        )
 
 
 def _torch_load_tensors(file: Path, prefix: bytes) -> Any:
@@ -384,7 +408,8 @@ def _torch_load_tensors(file: Path, prefix: bytes) -> Any:
     _check_unpacked_size(file, prefix)
     try:
         # An open file, not the path: torch.load hands a path ending in .safetensors to safetensors by its name.
-        with open(file, "rb") as handle:
+        with open(file, "rb") as handle, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's deprecation notes about what the file holds: not the user's
             return torch.load(handle, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise MobileNetError(

@@ -27,6 +27,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
@@ -112,6 +113,16 @@ OUTPUT_NAME = "logits"
 METADATA_FILE = "mobilenet.json"
 #: The most bytes a .pte/.tflite metadata file beside the program may hold (a few KiB are written).
 SIDECAR_MAX_BYTES = 16 * 1024 * 1024
+#: The most bytes a .pt2 may hold to be read (it is read whole, then checked): far above any MobileNet's weights.
+PT2_MAX_BYTES = 4 * 1024**3
+#: The members of a .pt2 archive that :func:`export_pt2` writes (``torch.export.save`` of one program "model").
+_PT2_RECORD = re.compile(
+    r"archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id|models/model\.json"
+    r"|data/weights/model_weights_config\.json|data/weights/weight_\d+|data/constants/model_constants_config\.json"
+    r"|data/constants/tensor_\d+|data/sample_inputs/model\.pt|extra/[\w.-]+"
+)
+#: A raw tensor payload's name in a weights or constants config (not ``custom_obj_*`` or ``opaque_obj_*``).
+_PT2_PAYLOAD = re.compile(r"(weight|tensor)_\d+")
 #: The largest batch an ExecuTorch program accepts by default (the Predictor's default batch): the memory plan and
 #: the XNNPACK runtime's buffers are sized for this upper bound of the dynamic batch whatever batch runs, so a
 #: larger bound costs memory at batch 1 too (a phone runs batch 1: ``max_batch=1`` is the smallest program).
@@ -410,7 +421,38 @@ def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise MobileNetError(f"{file} has corrupt mobilenet metadata ({error})") from None
     if not isinstance(metadata, dict) or not isinstance(metadata.get("config"), dict):
         raise MobileNetError(f"{file} has corrupt mobilenet metadata (no 'config' object)")
+    _check_onnx_signature(file, graph.graph, metadata)
     return metadata
+
+
+def _check_onnx_signature(file: Path, graph: Any, metadata: dict[str, Any]) -> None:
+    """Refuse an ONNX graph that does not take what its metadata describes (one NCHW input :data:`INPUT_NAME` with
+    the config's channels at the preprocessing's input size, an output :data:`OUTPUT_NAME`): every runtime would
+    fail on the first batch. A symbolic dimension accepts any size; a value of the wrong type in the metadata is
+    left to the config's own checks."""
+    weights = {initializer.name for initializer in graph.initializer}
+    inputs = [value for value in graph.input if value.name not in weights]
+    outputs = [value.name for value in graph.output]
+    config, preprocessing = metadata["config"], metadata.get("preprocessing")
+    side = (preprocessing.get("input_size") if isinstance(preprocessing, dict) else None) or config.get("resolution")
+    expected = ["batch", config.get("in_channels", 3), side, side]
+    found = _input_dims(inputs[0]) if len(inputs) == 1 else []
+    fits = len(found) == 4 and all(
+        not isinstance(want, int) or isinstance(want, bool) or not isinstance(have, int) or have == want
+        for have, want in zip(found, expected, strict=True)
+    )
+    if [value.name for value in inputs] != [INPUT_NAME] or OUTPUT_NAME not in outputs or not fits:
+        shown = ", ".join(f"{value.name!r} {_input_dims(value)}" for value in inputs) or "nothing"
+        raise MobileNetError(
+            f"{file} takes {shown} and gives {outputs}, not what its metadata describes ({INPUT_NAME!r} {expected} "
+            f"-> {OUTPUT_NAME!r}); expected a file written by `mobilenet export` or `mobilenet quantize`"
+        )
+
+
+def _input_dims(value: Any) -> list[int | str]:
+    """A graph input's dimensions: each a size, or the name of a symbolic one."""
+    dims = value.type.tensor_type.shape.dim
+    return [dim.dim_value if dim.HasField("dim_value") else dim.dim_param or "?" for dim in dims]
 
 
 def ort_session(path: Path | str, num_threads: int | None = None, *, spin: bool = False) -> Any:
@@ -427,7 +469,7 @@ def ort_session(path: Path | str, num_threads: int | None = None, *, spin: bool 
     if num_threads:
         options.intra_op_num_threads = num_threads
         options.inter_op_num_threads = 1
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: an error is raised as one MobileNetError line, not logged too
     if not spin:
         options.add_session_config_entry("session.force_spinning_stop", "1")
     try:
@@ -927,25 +969,98 @@ def load_export(path: str | os.PathLike[str]) -> LoadedExport:
     suffix = file.suffix.lower()
     if not file.is_file():
         raise MobileNetError(f"exported model {file} does not exist or is not a file")
-    try:
-        if suffix == ".ts":
-            extra = {METADATA_FILE: ""}
+    if suffix == ".ts":
+        extra = {METADATA_FILE: ""}
+        try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch.jit is deprecated upstream
                 module = torch.jit.load(str(file), map_location="cpu", _extra_files=extra)
-            return LoadedExport(file, "torchscript", _metadata_text(file, extra[METADATA_FILE]), module)
-        if suffix == ".pt2":
-            extra = {METADATA_FILE: ""}
-            with _quiet_logger("torch.export"):  # it logs its own copy of the error before raising it
-                program = torch.export.load(str(file), extra_files=extra)
-            return LoadedExport(file, "pt2", _metadata_text(file, extra[METADATA_FILE]), program.module())
-    except (RuntimeError, ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as error:
-        raise MobileNetError(f"{file} is not a readable {suffix} export ({_first_line(error)})") from None
+        except (RuntimeError, ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as error:
+            raise MobileNetError(f"{file} is not a readable {suffix} export ({_first_line(error)})") from None
+        return _checked_program(LoadedExport(file, "torchscript", _metadata_text(file, extra[METADATA_FILE]), module))
+    if suffix == ".pt2":
+        return _load_pt2(file)
     if suffix == ".pte":
         return LoadedExport(file, "pte", _sidecar_metadata(file), in_chunks(pte_runner(file)))
     if suffix == ".tflite":
         return LoadedExport(file, "litert", _sidecar_metadata(file), in_chunks(tflite_runner(file)))
     raise MobileNetError(f"{file}: unknown export suffix {suffix!r}; expected .ts, .pt2, .pte or .tflite")
+
+
+def _load_pt2(file: Path) -> LoadedExport:
+    """A ``.pt2`` read once into memory, its archive checked by :func:`_check_pt2_archive`, then loaded from those
+    same bytes (a file swapped after the check is never what torch reads)."""
+    data = read_regular_file(file, ".pt2 export", "a .pt2 file written by `mobilenet export`", limit=PT2_MAX_BYTES)
+    _check_pt2_archive(file, data)
+    extra = {METADATA_FILE: ""}
+    try:
+        with _quiet_logger("torch.export"):  # it logs its own copy of the error before raising it
+            program = torch.export.load(io.BytesIO(data), extra_files=extra)
+        module = program.module()
+    except Exception as error:  # torch.export's verifier and deserializer raise their own types (SpecViolationError..)
+        raise MobileNetError(f"{file} is not a readable .pt2 export ({_first_line(error)})") from None
+    return _checked_program(LoadedExport(file, "pt2", _metadata_text(file, extra[METADATA_FILE]), module))
+
+
+def _checked_program(loaded: LoadedExport) -> LoadedExport:
+    """``loaded`` once its program has run one input shaped as its metadata describes (channels, input size): a
+    program and metadata that disagree would otherwise fail on the first batch, deep in the runtime."""
+    try:
+        with torch.no_grad():
+            loaded.run(_check_input(loaded.metadata, 1))
+    except Exception as error:  # the program's own failure (a shape guard, a conv's channel check) or bad metadata
+        # TorchScript's message starts with its interpreter's frames; the reason is its last line.
+        reason = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+        raise MobileNetError(
+            f"{loaded.path}'s program does not take what its metadata describes ({reason[-1][:300]}); expected a "
+            "file written by `mobilenet export`"
+        ) from None
+    return loaded
+
+
+def _check_pt2_archive(file: Path, data: bytes) -> None:
+    """Refuse a ``.pt2`` whose loading would unpickle, or run native code: ``torch.export.load`` unpickles a weight or
+    constant marked ``use_pickle``, an opaque constant, and a legacy-format archive without restriction, loads an
+    AOTInductor shared library, and retries its sample inputs' weights-only unpickling without the restriction when
+    it fails. What :func:`export_pt2` writes holds none of these: JSON, raw tensor bytes and sample inputs that the
+    weights-only unpickler reads; anything else in the archive is refused before torch reads it."""
+    refuse = f"{file} is not a .pt2 written by `mobilenet export`"
+    try:
+        reader = torch._C.PyTorchFileReader(io.BytesIO(data))
+        names = list(reader.get_all_records())
+    except RuntimeError as error:
+        raise MobileNetError(f"{file} is not a readable .pt2 export ({_first_line(error)})") from None
+    unknown = sorted(name for name in names if not _PT2_RECORD.fullmatch(name))
+    if unknown or len(set(names)) != len(names) or not _same_zip_members(data, names):
+        listed = ", ".join(unknown[:3]) or "duplicate or hidden archive members"
+        raise MobileNetError(f"{refuse}: it holds {listed}, which loading could unpickle or run; never loaded")
+    for config_name in (n for n in names if n.endswith("_config.json")):
+        try:
+            entries = loads_json(reader.get_record(config_name)).get("config", {})
+            pickled = [key for key, entry in entries.items() if entry.get("use_pickle") is not False]
+            pickled += [key for key, entry in entries.items() if not _PT2_PAYLOAD.fullmatch(entry.get("path_name", ""))]
+        except (AttributeError, TypeError, json.JSONDecodeError):
+            raise MobileNetError(f"{refuse}: its {config_name} is corrupt") from None
+        if pickled:
+            raise MobileNetError(f"{refuse}: tensors {', '.join(pickled[:3])} are stored as pickles; never loaded")
+    for name in (n for n in names if n.startswith("data/sample_inputs/")):
+        try:
+            torch.load(io.BytesIO(reader.get_record(name)), weights_only=True)
+        except Exception:  # any failure here would send torch.export.load to its unrestricted unpickler
+            raise MobileNetError(f"{refuse}: its {name} is a pickle that could run code; never loaded") from None
+
+
+def _same_zip_members(data: bytes, names: Sequence[str]) -> bool:
+    """Whether Python's zip reader sees the members torch's reader sees, all below one folder, no others (the legacy
+    fallback of ``torch.export.load`` reads the archive with :mod:`zipfile`)."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            members = archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
+    folders = {member.split("/", 1)[0] for member in members}
+    relative = [member.split("/", 1)[-1] for member in members]
+    return len(folders) == 1 and all("/" in m for m in members) and sorted(relative) == sorted(names)
 
 
 def _sidecar_metadata(file: Path) -> dict[str, Any]:

@@ -225,7 +225,8 @@ def _refuse_input(target: Path, what: str, inputs: Iterable[str | os.PathLike[st
             continue
         source_path = Path(source)
         same = False
-        with contextlib.suppress(OSError):
+        # Path.resolve raises RuntimeError on a symlink loop (Python < 3.13): such a path is no other file.
+        with contextlib.suppress(OSError, RuntimeError):
             same = target.resolve() == source_path.resolve() or (
                 target.exists() and source_path.exists() and os.path.samefile(target, source_path)
             )

@@ -31,7 +31,7 @@ import torch
 
 from mobilenet.autotune import choose_backend
 from mobilenet.backends import BACKENDS, ModelSource, require_native_bf16
-from mobilenet.cost import count_costs
+from mobilenet.cost import check_fits_memory, count_costs
 from mobilenet.data import resolve_preprocessing
 from mobilenet.errors import MobileNetError
 from mobilenet.io import json_safe
@@ -356,6 +356,8 @@ def select_model(
     """
     _check_inputs(latency_ms, precision, batch, backend, rounds)
     grid = published_points(parse_families(families))
+    for point in grid:  # a batch none of them could hold is refused before anything is built or measured
+        check_fits_memory(model_config(point.model), batch_size=batch, name=point.model)
     say = progress or (lambda _line: None)
     threads = set_threads(threads)
     notes: list[str] = []

@@ -18,8 +18,8 @@ Sources:
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import math
-import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
@@ -670,12 +670,8 @@ def list_models(pattern: str = "", *, baselines: bool = False) -> list[str]:
     if not pattern:
         return names
     if any(char in pattern for char in "*?["):
-        regex = re.compile(
-            "^"
-            + re.escape(pattern).replace(r"\*", ".*").replace(r"\?", ".").replace(r"\[", "[").replace(r"\]", "]")
-            + "$"
-        )
-        return [name for name in names if regex.match(name)]
+        # fnmatch reads an unclosed "[" as itself, where a hand-made regex would not compile.
+        return [name for name in names if fnmatch.fnmatchcase(name, pattern)]
     return [name for name in names if pattern in name]
 
 

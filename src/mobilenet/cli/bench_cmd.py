@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     if not (math.isfinite(args.pause_ms) and args.pause_ms >= 0):
         raise MobileNetError(f"--pause-ms must be a number of milliseconds >= 0, got {args.pause_ms}")
     if args.plot:
-        check_output_file(args.plot, "--plot")
+        check_output_file(args.plot, "--plot", inputs=args.models)
     backends = args.backends
     if args.compile:
         backends = ",".join(parse_backends(args.backends, compile=True))

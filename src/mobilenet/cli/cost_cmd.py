@@ -169,7 +169,12 @@ _MODEL_FILE_SUFFIXES = (".safetensors", ".onnx")
 def _is_file(name: str) -> bool:
     from pathlib import Path
 
-    return Path(name).suffix.lower() in _MODEL_FILE_SUFFIXES or "/" in name or Path(name).exists()
+    if Path(name).suffix.lower() in _MODEL_FILE_SUFFIXES or "/" in name:
+        return True
+    try:
+        return Path(name).exists()
+    except OSError:  # a name too long for a file name (ENAMETOOLONG) is no file: looked up as a model name
+        return False
 
 
 def _file_config(name: str) -> Any:

@@ -65,9 +65,11 @@ def run(args: argparse.Namespace) -> int:
         raise MobileNetError(f"--atol must be a positive number, got {args.atol}")
     if args.out:  # before the checkpoint is read; the default path is known only once it is
         check_output_file(args.out, "--out", inputs=[args.checkpoint])
+        _check_out_suffix(args.out, args.format)
     source = load_source(args.checkpoint)  # a model name warns that its weights are random (mobilenet.cli)
     if source.model is None:
-        raise MobileNetError(f"{args.checkpoint} is already an ONNX file; export takes a .safetensors checkpoint")
+        kind = "an ONNX file" if str(args.checkpoint).lower().endswith(".onnx") else "an exported model"
+        raise MobileNetError(f"{args.checkpoint} is already {kind}; export takes a .safetensors checkpoint")
     out = Path(args.out) if args.out else _default_out(args.checkpoint, source.name, EXPORT_FORMATS[args.format])
     check_output_file(out, "--out", inputs=[args.checkpoint])
     options: dict[str, object] = {"atol": args.atol}
@@ -89,6 +91,24 @@ def run(args: argparse.Namespace) -> int:
     for check in result.checks:
         print(f"  ok: {check}")
     return 0
+
+
+def _check_out_suffix(out: str, fmt: str) -> None:
+    """Refuse an --out named as another format's file (predict, eval and bench tell formats by the suffix, so an
+    ONNX model named .pt2 would be read as a torch.export archive) or as a checkpoint."""
+    from pathlib import Path
+
+    from mobilenet.errors import MobileNetError
+    from mobilenet.export import EXPORT_FORMATS
+
+    owners = {suffix: name for name, suffix in EXPORT_FORMATS.items()}
+    owners[".safetensors"] = "checkpoint"
+    suffix = Path(out).suffix.lower()
+    if owners.get(suffix, fmt) != fmt:
+        raise MobileNetError(
+            f"--out {out} ends in {suffix}, the suffix of {owners[suffix]} files, but --format is {fmt}; expected a "
+            f"name ending in {EXPORT_FORMATS[fmt]}"
+        )
 
 
 def _default_out(checkpoint: str, name: str, suffix: str):

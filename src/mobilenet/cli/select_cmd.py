@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         check_thread_count(args.threads, "--threads")
     if args.plot is not None:  # asked for: a path it cannot be written to is refused before measuring
-        check_output_file(args.plot, "--plot")
+        check_output_file(args.plot, "--plot", inputs=[args.cache])
 
     def progress(line: str) -> None:
         if not args.quiet:
