@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 
 import pytest
 
@@ -148,6 +149,34 @@ def test_a_corrupt_cache_is_ignored_with_a_note(timer, tmp_path):
         result = select.select_model(10, cache_path=cache, threads=1)
         assert len(result.measured) == 10 and any("ignored" in note for note in result.notes)
     assert len(select.select_model(10, cache_path=cache, threads=1).cached) == 10  # rewritten, readable again
+
+
+def test_a_file_at_the_cache_path_that_is_no_cache_is_kept_aside_not_overwritten(timer, tmp_path):
+    """A --cache naming someone's file by mistake must not cost them the file: it is renamed NAME.unusable, and the
+    new cache is written in its place."""
+    cache = tmp_path / "weights.safetensors"
+    cache.write_bytes(b"precious bytes, not a cache")
+    result = select.select_model(10, cache_path=cache, threads=1)
+    assert len(result.measured) == 10 and any("kept as" in note for note in result.notes)
+    assert (tmp_path / "weights.safetensors.unusable").read_bytes() == b"precious bytes, not a cache"
+    assert len(select.select_model(10, cache_path=cache, threads=1).cached) == 10  # the new cache is readable
+
+
+def test_a_special_file_at_the_cache_path_is_left_as_it_is(timer, tmp_path):
+    """A FIFO (or, for root, a device such as /dev/null) at the cache path is neither read nor replaced by a file."""
+    fifo = tmp_path / "c.json"
+    os.mkfifo(fifo)
+    for _ in range(2):
+        result = select.select_model(10, cache_path=fifo, threads=1)
+        assert len(result.measured) == 10 and any("left as it is" in note for note in result.notes)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    device = tmp_path / "null"
+    try:
+        os.mknod(device, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    except PermissionError:
+        return  # not root: a device node cannot be made here (nor could an unprivileged run replace /dev/null)
+    select.select_model(10, cache_path=device, threads=1)
+    assert stat.S_ISCHR(os.lstat(device).st_mode)
 
 
 # -- the command line -----------------------------------------------------------------------------------------

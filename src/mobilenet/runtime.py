@@ -37,6 +37,7 @@ import json
 import math
 import os
 import platform
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -422,11 +423,46 @@ def read_cache(
 
 
 def write_cache(path: Path, entries: dict[str, Any], *, version: int, notes: list[str]) -> None:
-    """Write ``entries`` to ``path`` atomically; a failure is a line in ``notes``."""
+    """Write ``entries`` to ``path`` atomically; a failure is a line in ``notes``. What was at ``path`` is never
+    lost: a FIFO, a device, a socket or a directory there is left as it is (nothing is written), and a regular file
+    that is not a version-``version`` cache (a file named by mistake, a damaged cache) is first renamed to
+    ``NAME.unusable``. A symbolic link is replaced, never what it points to."""
     try:
+        if not _make_room_for_cache(path, version, notes):
+            return
         atomic_write_text(path, json.dumps({"version": version, "entries": json_safe(entries)}, indent=1))
     except OSError as error:
         notes.append(f"the cache {path} could not be written ({error.strerror or error}): the next call measures again")
+
+
+def _make_room_for_cache(path: Path, version: int, notes: list[str]) -> bool:
+    """Whether the cache may be written at ``path``: nothing there, a link, or a regular file (set aside first
+    when it is not a cache of ``version``)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return True
+    if stat.S_ISLNK(mode):
+        return True
+    if not stat.S_ISREG(mode):
+        notes.append(
+            f"the cache {path} is not a regular file: left as it is, not written; the next call measures again"
+        )
+        return False
+    if not _is_cache(path, version):
+        aside = path.with_name(path.name + ".unusable")
+        os.replace(path, aside)
+        notes.append(f"the file that was at {path} is not a version-{version} cache: kept as {aside}")
+    return True
+
+
+def _is_cache(path: Path, version: int) -> bool:
+    """Whether ``path`` holds a version-``version`` cache document (its entries may still be stale)."""
+    try:
+        data = loads_json(read_regular_file(path, "the cache", "a cache file", limit=MAX_CACHE_BYTES))
+    except (MobileNetError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("version") == version and isinstance(data.get("entries"), dict)
 
 
 def finite_positive(value: Any) -> bool:
