@@ -206,23 +206,23 @@ def max_threads() -> int:
 
 def check_thread_count(value: Any, what: str = "threads") -> int:
     """``value`` as a thread count: an integer in 1..:func:`max_threads`, else :class:`MobileNetError`."""
-    limit = max_threads()
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
-        raise MobileNetError(
-            f"{what} must be an integer from 1 to {limit} (4 per CPU of this machine's {os.cpu_count() or 1}, at "
-            f"least 64), got {value!r}"
-        )
-    return value
+    return _check_count(value, what, lowest=1, meaning="4 per CPU")
 
 
 def check_worker_count(value: Any, what: str = "--num-workers") -> int:
     """``value`` as a number of data-loading processes: an integer in 0..:func:`max_threads` (each worker is a
     process, so a typo of 100,000 would fork until the machine stalls), else :class:`MobileNetError`."""
+    return _check_count(value, what, lowest=0, meaning="0: load in this process; at most 4 per CPU")
+
+
+def _check_count(value: Any, what: str, *, lowest: int, meaning: str) -> int:
+    """``value`` if it is an integer (not a bool) in ``lowest``..:func:`max_threads`, else :class:`MobileNetError`
+    naming the range and what bounds it (``meaning``)."""
     limit = max_threads()
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
+    if isinstance(value, bool) or not isinstance(value, int) or not lowest <= value <= limit:
         raise MobileNetError(
-            f"{what} must be an integer from 0 to {limit} (0: load in this process; at most 4 per CPU of this "
-            f"machine's {os.cpu_count() or 1}, at least 64), got {value!r}"
+            f"{what} must be an integer from {lowest} to {limit} ({meaning} of this machine's {os.cpu_count() or 1}, "
+            f"at least 64), got {value!r}"
         )
     return value
 
