@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from mobilenet.checkpoint import save
 from mobilenet.cli import main
 from mobilenet.data import build_eval_transform, load_data
 from mobilenet.errors import MobileNetError
-from mobilenet.evaluate import evaluate_checkpoint
+from mobilenet.evaluate import _matching_classes, evaluate_checkpoint
 from mobilenet.models import create_model
 
 
@@ -79,6 +80,19 @@ def test_eval_rejects_other_classes(setup, tmp_path, capsys):
     assert main(["eval", str(checkpoint), "--data", str(other)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("mobilenet eval: error:") and len(err.strip().splitlines()) == 1
+
+
+def test_a_class_mismatch_of_thousands_of_names_is_a_readable_line():
+    """A model of 1,500 classes against a folder of 3: the message names the first of each list and counts the
+    rest, instead of printing every name (a 10 KB line)."""
+    classes = [f"class{index:04d}" for index in range(1500)]
+    source = SimpleNamespace(classes=classes, config=SimpleNamespace(num_classes=1500))
+    with pytest.raises(MobileNetError) as raised:
+        _matching_classes(source, ["class0000", "class0001", "zebra"], "m.safetensors", "DIR")
+    message = str(raised.value)
+    assert "missing class0002, class0003" in message and "and 1,478 more" in message  # 1,498 missing, 20 shown
+    assert "extra zebra" in message and "expected: class0000" in message and "and 1,480 more" in message
+    assert len(message) < 1000 and "class1499" not in message
 
 
 @pytest.mark.parametrize(

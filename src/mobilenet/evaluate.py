@@ -8,6 +8,7 @@ images are transformed with the preprocessing stored in it, so evaluation sees e
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,12 +264,17 @@ def _matching_classes(source: Any, data_classes: list[str], checkpoint: Any, dat
     if list(classes) != list(data_classes):
         missing = sorted(set(classes) - set(data_classes))
         extra = sorted(set(data_classes) - set(classes))
-        parts = [f"missing {', '.join(missing)}" if missing else "", f"extra {', '.join(extra)}" if extra else ""]
+        parts = [f"missing {_some(missing)}" if missing else "", f"extra {_some(extra)}" if extra else ""]
         detail = "; ".join(part for part in parts if part) or "same names in a different order"
-        raise MobileNetError(
-            f"the classes of {data} differ from the checkpoint's ({detail}); expected: {', '.join(classes)}"
-        )
+        expected = _some(classes)
+        raise MobileNetError(f"the classes of {data} differ from the checkpoint's ({detail}); expected: {expected}")
     return list(classes)
+
+
+def _some(names: Sequence[str], shown: int = 20) -> str:
+    """The first ``shown`` names and how many more: a model of thousands of classes still gets a readable line."""
+    listed = ", ".join(names[:shown])
+    return listed if len(names) <= shown else f"{listed} and {len(names) - shown:,} more"
 
 
 class _Runner(nn.Module):
