@@ -407,19 +407,25 @@ def read_cache(
     when the file is unreadable or not of ``version``; a missing file is an empty cache, with no note."""
     if not os.path.lexists(path):
         return {}
+    entries, problem = _cache_entries(path, version, what)
+    if entries is None:
+        notes.append(f"{problem}: ignored, measuring again")
+        return {}
+    return {key: value for key, value in entries.items() if valid(value)}
+
+
+def _cache_entries(path: Path, version: int, what: str) -> tuple[dict[str, Any] | None, str]:
+    """The entries of the version-``version`` ``what`` cache at ``path``, or None and why it is none."""
     try:
         data = loads_json(read_regular_file(path, "the cache", f"a {what} cache file", limit=MAX_CACHE_BYTES))
     except MobileNetError as error:
-        notes.append(f"{error}: ignored, measuring again")
-        return {}
+        return None, str(error)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        notes.append(f"the cache {path} could not be read ({type(error).__name__}): ignored, measuring again")
-        return {}
+        return None, f"the cache {path} could not be read ({type(error).__name__})"
     entries = data.get("entries") if isinstance(data, dict) and data.get("version") == version else None
     if not isinstance(entries, dict):
-        notes.append(f"the cache {path} is not a version-{version} {what} cache: ignored, measuring again")
-        return {}
-    return {key: value for key, value in entries.items() if valid(value)}
+        return None, f"the cache {path} is not a version-{version} {what} cache"
+    return entries, ""
 
 
 def write_cache(path: Path, entries: dict[str, Any], *, version: int, notes: list[str]) -> None:
@@ -449,20 +455,11 @@ def _make_room_for_cache(path: Path, version: int, notes: list[str]) -> bool:
             f"the cache {path} is not a regular file: left as it is, not written; the next call measures again"
         )
         return False
-    if not _is_cache(path, version):
+    if _cache_entries(path, version, "measurement")[0] is None:
         aside = path.with_name(path.name + ".unusable")
         os.replace(path, aside)
         notes.append(f"the file that was at {path} is not a version-{version} cache: kept as {aside}")
     return True
-
-
-def _is_cache(path: Path, version: int) -> bool:
-    """Whether ``path`` holds a version-``version`` cache document (its entries may still be stale)."""
-    try:
-        data = loads_json(read_regular_file(path, "the cache", "a cache file", limit=MAX_CACHE_BYTES))
-    except (MobileNetError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(data, dict) and data.get("version") == version and isinstance(data.get("entries"), dict)
 
 
 def finite_positive(value: Any) -> bool:
