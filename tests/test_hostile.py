@@ -40,6 +40,7 @@ from hypothesis import strategies as st
 
 import mobilenet
 import mobilenet.runtime
+from conftest import tiny_folder
 from mobilenet.cli import main
 from mobilenet.errors import MobileNetError
 
@@ -1524,3 +1525,50 @@ def test_checkpoint_with_any_header_bytes_is_refused_in_one_line(junk, tmp_path_
     with pytest.raises(MobileNetError) as error:
         mobilenet.load(path)
     assert "\n" not in str(error.value)
+
+
+# --- training, evaluation, reproduce (sweep 7)
+
+
+def tree_digests(root: Path) -> dict[str, str]:
+    """SHA-256 of every file below ``root``, and its directories by name: a new file or folder shows too."""
+    return {
+        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
+        for path in sorted(root.rglob("*"))
+    }
+
+
+@pytest.fixture
+def small_data(tmp_path) -> Path:
+    return tiny_folder(tmp_path / "data", per_class=3, size=16)
+
+
+@pytest.mark.parametrize("where", ["a/0.png", "a/plot.png", "new/plot.png", "plot.png"])
+def test_eval_plot_inside_the_data_folder_is_refused(where, files, small_data, capsys, monkeypatch):
+    """A confusion plot written into the evaluated folder changed it: over an image (a/0.png became the plot), as
+    one more image of a class, or as a new class, which the next evaluation or training read."""
+    before = tree_digests(small_data)
+    argv = ["eval", files.ck, "--data", small_data, "--device", "cpu", "--num-workers", "0", "--plot"]
+    code, _, err = cli([*argv, small_data / where], capsys, monkeypatch)
+    assert_clean_error(code, err, "--plot", "inside the --data folder", "choose a path outside it")
+    assert tree_digests(small_data) == before
+
+
+@pytest.mark.parametrize("where", [".", "run", "a/run", "a/../run"])
+def test_train_out_inside_the_data_folder_is_refused(where, small_data, capsys, monkeypatch):
+    """A run directory inside the data folder became a new class (its curves.png an image of it) for the next run,
+    or put checkpoints among the images."""
+    before = tree_digests(small_data)
+    argv = ["train", "--model", TINY, "--data", small_data, "--out", small_data / where, "--epochs", "1"]
+    code, _, err = cli([*argv, "--num-workers", "0", "--device", "cpu", "--no-progress"], capsys, monkeypatch)
+    assert_clean_error(code, err, "--out", "inside the --data folder")
+    assert tree_digests(small_data) == before
+
+
+def test_eval_plot_may_not_overwrite_the_reference_model(files, tmp_path, capsys, monkeypatch):
+    reference = tmp_path / "reference.safetensors"
+    reference.write_bytes(files.ck.read_bytes())
+    argv = ["eval", files.ck, "--data", files.data, "--device", "cpu", "--reference", reference, "--plot", reference]
+    code, _, err = cli(argv, capsys, monkeypatch)
+    assert_clean_error(code, err, "--plot", "same file")
+    assert reference.read_bytes() == files.ck.read_bytes()

@@ -239,3 +239,20 @@ def test_loads_json_reports_a_document_nested_too_deeply_as_malformed(text):
     with pytest.raises(json.JSONDecodeError, match="nested too deeply"):
         loads_json(text)
     assert loads_json(b'{"a": [[1]]}') == {"a": [[1]]}
+
+
+def test_check_outside_directory_refuses_the_folder_and_below_it(tmp_path):
+    from mobilenet.io import check_outside_directory
+
+    data = tmp_path / "data"
+    (data / "a").mkdir(parents=True)
+    for inside in (data, data / "a" / "x.png", data / "new" / "run", data / "a" / ".." / "b"):
+        with pytest.raises(MobileNetError, match="inside the --data folder"):
+            check_outside_directory(inside, "--out", data, "the --data folder")
+    (tmp_path / "link").symlink_to(data)
+    with pytest.raises(MobileNetError, match="inside"):
+        check_outside_directory(tmp_path / "link" / "run", "--out", data, "the --data folder")
+    for outside in (tmp_path / "run", tmp_path / "data2", tmp_path):
+        check_outside_directory(outside, "--out", data, "the --data folder")
+    check_outside_directory(data / "run", "--out", tmp_path / "missing", "the --data folder")  # no such folder
+    check_outside_directory(data / "run", "--out", None, "the --data folder")

@@ -48,6 +48,7 @@ from mobilenet.pack import decode_split, read_pack
 from mobilenet.progress import progress_bar
 
 __all__ = [
+    "BUILTIN_DATA",
     "CIFAR10_MEAN",
     "CIFAR10_STD",
     "IMAGENET_MEAN",
@@ -74,6 +75,9 @@ __all__ = [
     "resolve_preprocessing",
     "style_for_resolution",
 ]
+
+#: The data sources named rather than found at a path (a folder of the same name in the working directory is not read).
+BUILTIN_DATA = ("digits", "cifar10", "cifar100")
 
 Style = Literal["imagenet", "small"]
 OnBadImage = Literal["skip", "error"]

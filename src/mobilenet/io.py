@@ -37,6 +37,7 @@ __all__ = [
     "atomic_write_text",
     "check_output_dir",
     "check_output_file",
+    "check_outside_directory",
     "json_safe",
     "loads_json",
     "read_regular_file",
@@ -235,6 +236,28 @@ def _refuse_input(target: Path, what: str, inputs: Iterable[str | os.PathLike[st
                 f"{what} {target} is the same file as {source_path}, which this command reads or writes: choose "
                 "another path"
             )
+
+
+def check_outside_directory(
+    path: str | os.PathLike[str], what: str, directory: str | os.PathLike[str] | None, directory_what: str
+) -> None:
+    """Refuse an output ``path`` that is ``directory`` or lies below it, when ``directory`` is an existing folder
+    the command reads (a data folder): what is written there changes the input (a plot saved in a class folder is
+    a new image of that class, a run directory in a data folder a new class, a plot may overwrite an image)."""
+    if directory is None:
+        return
+    inside = False
+    # Path.resolve raises RuntimeError on a symlink loop (Python < 3.13): such a path is in no folder.
+    with contextlib.suppress(OSError, RuntimeError):
+        folder = Path(directory)
+        if folder.is_dir():
+            target, outer = Path(path).resolve(), folder.resolve()
+            inside = target == outer or outer in target.parents
+    if inside:
+        raise MobileNetError(
+            f"{what} {path} is inside {directory_what} {directory}, which this command reads: writing there would "
+            "change its images; choose a path outside it"
+        )
 
 
 def _check_writable_parent(target: Path, what: str) -> None:

@@ -23,6 +23,7 @@ import csv
 import io
 import json
 import math
+import os
 import signal
 import threading
 import time
@@ -42,6 +43,7 @@ from mobilenet.checkpoint import STATE_FILE, check_shapes, load_checkpoint, read
 from mobilenet.checkpoint import save as save_weights
 from mobilenet.convert import pretrained
 from mobilenet.data import (
+    BUILTIN_DATA,
     BatchSmallAugment,
     DataBundle,
     DeviceBatches,
@@ -63,7 +65,13 @@ from mobilenet.distributed import (
 )
 from mobilenet.errors import MobileNetError
 from mobilenet.evaluate import accumulate, summarize
-from mobilenet.io import atomic_write_text, check_output_dir, json_safe, remove_stale_temporaries
+from mobilenet.io import (
+    atomic_write_text,
+    check_output_dir,
+    check_outside_directory,
+    json_safe,
+    remove_stale_temporaries,
+)
 from mobilenet.models import MobileNet, create_model
 from mobilenet.optim import ModelEMA, Recipe, build_optimizer, lr_at, resolve_recipe
 from mobilenet.plots import plot_training_curves
@@ -218,7 +226,7 @@ def _prepare(config: TrainConfig, *, log: Callable[[str], None] | None, data: An
     setup_distributed(dist_ctx, device)
     say = log if dist_ctx.is_main and log is not None else _silent
     run_dir = Path(config.out)
-    _check_run_dir(run_dir, resume=config.resume)
+    _check_run_dir(run_dir, resume=config.resume, data=None if data is not None else config.data)
 
     torch.manual_seed(config.seed)
     bundle = (
@@ -277,11 +285,13 @@ def _silent(_message: str) -> None:
     """The log of processes other than rank 0 (and of ``log=None``)."""
 
 
-def _check_run_dir(run_dir: Path, *, resume: bool) -> None:
-    """A new run needs a directory without a run in it; a resume needs the directory of a run: with a training
-    state, or without one when the run stopped before its first state was saved (it then starts from the
-    beginning)."""
+def _check_run_dir(run_dir: Path, *, resume: bool, data: Any = None) -> None:
+    """A new run needs a directory without a run in it, outside its data folder; a resume needs the directory of a
+    run: with a training state, or without one when the run stopped before its first state was saved (it then
+    starts from the beginning)."""
     check_output_dir(run_dir, "--out")
+    if isinstance(data, str | os.PathLike) and str(data) not in BUILTIN_DATA:
+        check_outside_directory(run_dir, "--out", data, "the --data folder")
     state_path = run_dir / STATE_FILE
     if state_path.exists() and not resume:
         raise MobileNetError(

@@ -108,15 +108,18 @@ def _quantized(args: argparse.Namespace, directory: Path) -> str:
 
 def _evaluate(args: argparse.Namespace, model: str) -> int:
 
+    from mobilenet.data import BUILTIN_DATA
     from mobilenet.evaluate import evaluate_checkpoint
-    from mobilenet.io import check_output_file
+    from mobilenet.io import check_output_file, check_outside_directory
     from mobilenet.plots import plot_confusion
 
     plot_path = None
     if not args.no_plot:  # checked now: an unwritable plot must not be found only after the whole evaluation
         plot_path = Path(args.plot) if args.plot else Path(args.checkpoint).with_suffix(".confusion.png")
         what = "--plot" if args.plot else "the confusion plot beside the checkpoint (choose --plot FILE or --no-plot)"
-        check_output_file(plot_path, what, inputs=[args.checkpoint])
+        check_output_file(plot_path, what, inputs=[args.checkpoint, args.reference])
+        if args.data not in BUILTIN_DATA:  # a plot in a class folder would be one more image of that class
+            check_outside_directory(plot_path, what, args.data, "the --data folder")
     result = evaluate_checkpoint(
         model,
         args.data,
