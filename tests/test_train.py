@@ -112,6 +112,34 @@ def test_refuses_to_overwrite_or_resume_wrong_model(data_dir, tmp_path):
         train(tiny_config(data_dir, tmp_path / "big", batch_size=500), progress=False, log=None)
 
 
+def test_resume_with_other_options_or_data_is_refused(data_dir, tmp_path):
+    """A resume with another seed (the held-out split moved images into training), batch size or recipe went on
+    silently as another run; one on other data with as many classes trained into checkpoints labelled with its
+    names."""
+    run = tmp_path / "run"
+    train(tiny_config(data_dir, run, epochs=1, limit_train_batches=1), progress=False, log=None)
+    state = (run / "train_state.safetensors").read_bytes()
+    renamed = tiny_folder(tmp_path / "renamed", classes=("a", "b", "z"))
+    cases = [
+        ({"seed": 4}, "--seed 3 (now 4)"),
+        ({"batch_size": 3}, "--batch-size 6 (now 3)"),
+        ({"lr": 0.5}, "--lr (not given) (now 0.5)"),
+        ({"optimizer": "adamw", "val_fraction": 0.5}, "--val-fraction 0.25 (now 0.5); --optimizer"),
+        ({"batch_augment": False}, "--[no-]batch-augment True (now False)"),
+        ({"data": renamed}, "class 2 'c' (now 'z' in the --data)"),
+    ]
+    for options, words in cases:
+        data = options.pop("data", data_dir)
+        config = tiny_config(data, run, epochs=2, limit_train_batches=1, resume=True, **options)
+        with pytest.raises(MobileNetError, match="only --epochs, the device") as error:
+            train(config, progress=False, log=None)
+        assert words in str(error.value)
+        assert (run / "train_state.safetensors").read_bytes() == state
+    # What may change: --epochs, the device, threads and workers.
+    config = tiny_config(data_dir, run, epochs=2, limit_train_batches=1, resume=True, num_workers=1, threads=1)
+    assert train(config, progress=False, log=None).epochs_done == 2
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
     run = tmp_path / "run"
     holder = {}

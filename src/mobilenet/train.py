@@ -465,6 +465,7 @@ def _resume(run: _Run) -> _Progress:
             f"{run.config.model} ({_short_config(run.model.config.to_dict())}); use the same --model and options "
             "or another --out"
         )
+    _check_same_run(run, info)
     try:
         run.model.load_state_dict(tree["model"])
         run.optimizer.load_state_dict(tree["optimizer"])
@@ -495,6 +496,68 @@ def _resume(run: _Run) -> _Progress:
     if state.epoch >= run.config.epochs:
         run.say(f"the run already finished its {state.epoch} epochs; pass a larger --epochs to continue")
     return state
+
+
+#: The options that make a run what it is. Resumed with another value of one of them, the run would not continue but
+#: become another: a new seed or validation fraction moves images between the held-out and the training set, a new
+#: batch size or recipe changes every later step. ``--epochs``, the device, threads and workers may change.
+RUN_OPTIONS = (
+    "seed",
+    "batch_size",
+    "val_fraction",
+    "recipe",
+    "optimizer",
+    "lr",
+    "schedule",
+    "warmup_epochs",
+    "weight_decay",
+    "decay_depthwise",
+    "label_smoothing",
+    "momentum",
+    "ema_decay",
+    "grad_clip",
+    "crop_scale_min",
+    "hflip",
+    "batch_augment",
+    "freeze_backbone",
+    "limit_train_batches",
+)
+
+
+def _check_same_run(run: _Run, info: dict[str, Any]) -> None:
+    """Refuse a resume whose options or data are not the run's: it went on silently (another --seed put validation
+    images into training; other data with as many classes was trained into checkpoints labelled with its names)."""
+    stored, current = info.get("train_config"), run.config.to_dict()
+    if not isinstance(stored, dict):
+        raise _corrupt_state(run.state_path, "'train_config' must be a JSON object")
+    differences = [
+        f"{_option_name(key)} {_shown(stored[key])} (now {_shown(current[key])})"
+        for key in RUN_OPTIONS
+        if key in stored and stored[key] != current[key]
+    ]
+    classes = info.get("classes")
+    if classes is not None and classes != run.bundle.classes:
+        differences.append(_class_difference(classes, run.bundle.classes))
+    if differences:
+        raise MobileNetError(
+            f"--resume: {run.run_dir} is a run with {'; '.join(differences)}; resume it with its own options and "
+            "data (only --epochs, the device, threads and workers may change) or choose another --out"
+        )
+
+
+def _option_name(key: str) -> str:
+    return "--[no-]batch-augment" if key == "batch_augment" else "--" + key.replace("_", "-")
+
+
+def _shown(value: Any) -> str:
+    return "(not given)" if value is None else repr(value)
+
+
+def _class_difference(stored: list[str], current: list[str]) -> str:
+    if len(stored) != len(current):
+        return f"{len(stored)} classes (now {len(current)} in the --data)"
+    index = next(i for i, (a, b) in enumerate(zip(stored, current, strict=True)) if a != b)
+    return f"class {index} {stored[index]!r} (now {current[index]!r} in the --data)"
 
 
 def _corrupt_state(path: Path, what: str) -> MobileNetError:
@@ -542,6 +605,9 @@ def _check_state(path: Path, tree: Any, info: Any) -> None:
         not isinstance(checkpoints, dict) or not all(isinstance(entry, dict) for entry in checkpoints.values())
     ):
         raise _corrupt_state(path, "'checkpoints' must map file names to records")
+    classes = info.get("classes")
+    if classes is not None and (not isinstance(classes, list) or not all(isinstance(c, str) for c in classes)):
+        raise _corrupt_state(path, "'classes' must be a list of class names")
     if not isinstance(tree.get("model"), dict) or not isinstance(tree.get("optimizer"), dict):
         raise _corrupt_state(path, "it holds no model or optimizer tensors")
 
@@ -885,6 +951,7 @@ def _state_info(run: _Run, state: _Progress) -> dict[str, Any]:
     return {
         "model": {"name": run.config.model, "config": run.model.config.to_dict()},
         "train_config": run.config.to_dict(),
+        "classes": run.bundle.classes,
         "recipe": asdict(run.recipe),
         "epoch": state.epoch,
         "step_in_epoch": state.step_in_epoch,
