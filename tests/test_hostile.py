@@ -1572,3 +1572,21 @@ def test_eval_plot_may_not_overwrite_the_reference_model(files, tmp_path, capsys
     code, _, err = cli(argv, capsys, monkeypatch)
     assert_clean_error(code, err, "--plot", "same file")
     assert reference.read_bytes() == files.ck.read_bytes()
+
+
+@pytest.mark.parametrize("out", ["under-file", "device", "proc", "inside-data"])
+def test_reproduce_refuses_an_unusable_out_before_anything(out, files, small_data, capsys, monkeypatch):
+    """reproduce made its --out with mkdir and no check: below a file, at a device or where nothing can be created
+    it was a traceback (NotADirectoryError, FileExistsError, FileNotFoundError); inside the data folder, even with
+    --report-only, it made a folder there that the next run read as one more class."""
+    path, words = {
+        "under-file": (files.a_file / "x", ("--out", "which is a file")),
+        "device": (Path("/dev/null"), ("--out", "not a directory")),
+        "proc": (Path("/proc/self/x"), ("--out", "cannot write")),
+        "inside-data": (small_data / "runs", ("--out", "inside the --data folder")),
+    }[out]
+    before = tree_digests(small_data)
+    argv = ["reproduce", "--data", small_data, "--out", path, "--experiments", "table4", "--report-only"]
+    code, _, err = cli([*argv, "--no-progress"], capsys, monkeypatch)
+    assert_clean_error(code, err, *words)
+    assert tree_digests(small_data) == before

@@ -29,9 +29,15 @@ from torchvision.transforms.v2 import functional as F
 
 from mobilenet.checkpoint import STATE_FILE, load
 from mobilenet.cost import count_costs
-from mobilenet.data import PACK_SUFFIX, TensorImageDataset, channel_stats, load_data
+from mobilenet.data import BUILTIN_DATA, PACK_SUFFIX, TensorImageDataset, channel_stats, load_data
 from mobilenet.errors import MobileNetError
-from mobilenet.io import atomic_write_text, loads_json, read_regular_file
+from mobilenet.io import (
+    atomic_write_text,
+    check_output_dir,
+    check_outside_directory,
+    loads_json,
+    read_regular_file,
+)
 from mobilenet.progress import new_progress
 from mobilenet.reproduce_experiments import (
     BASE_RESOLUTION,
@@ -81,7 +87,7 @@ BUDGET_FILE = "budget.json"
 
 
 def _check_source(source: str) -> None:
-    if source in ("digits", "cifar10", "cifar100"):
+    if source in BUILTIN_DATA:
         return
     path = Path(source).expanduser()
     if path.is_file() and path.suffix == PACK_SUFFIX:
@@ -428,6 +434,9 @@ def run_reproduce(
     chosen = select_experiments(config.experiments)
     budget = resolve_budget(config.budget)
     _check_source(str(config.data))
+    check_output_dir(config.out, "--out")
+    if str(config.data) not in BUILTIN_DATA:  # a run directory in a data folder is one more class of images
+        check_outside_directory(config.out, "--out", config.data, "the --data folder")
     data_source = _Data.lazy(str(config.data), budget.all_seeds[0])
     if len(budget.all_seeds) == 1:
         return _reproduce_seed(config, chosen, budget, data_source, progress=progress, log=log, report_only=report_only)
