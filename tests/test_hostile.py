@@ -1590,3 +1590,36 @@ def test_reproduce_refuses_an_unusable_out_before_anything(out, files, small_dat
     code, _, err = cli([*argv, "--no-progress"], capsys, monkeypatch)
     assert_clean_error(code, err, *words)
     assert tree_digests(small_data) == before
+
+
+def test_train_on_a_full_disk_stops_in_one_line_and_resumes(small_data, tmp_path, capsys, monkeypatch):
+    """A checkpoint write that meets a full disk was an OSError traceback; now one line, every file of the run as
+    it was (the atomic write), and the run resumes once there is room."""
+    import errno
+
+    import mobilenet.io
+
+    out = tmp_path / "run"
+    argv = ["train", "--model", TINY, "--data", small_data, "--out", out, "--batch-size", "4", "--num-workers", "0"]
+    argv += ["--device", "cpu", "--no-progress"]
+    assert cli([*argv, "--epochs", "1"], capsys, monkeypatch)[0] == 0
+    argv.append("--resume")
+    before = tree_digests(out)
+    real_fsync = os.fsync
+
+    def full_for_checkpoints(fd: int) -> None:
+        if ".last.safetensors." in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(mobilenet.io.os, "fsync", full_for_checkpoints)
+        code, _, err = cli([*argv, "--epochs", "2"], capsys, monkeypatch)
+    assert_clean_error(code, err, "cannot write", "last.safetensors", "No space left on device", "as it was")
+
+    def weights(digests: dict[str, str]) -> dict[str, str]:  # config.json and the metrics are rewritten on resume
+        return {name: digest for name, digest in digests.items() if name.endswith(".safetensors")}
+
+    assert weights(tree_digests(out)) == weights(before) and len(weights(before)) == 3
+    assert cli([*argv, "--epochs", "2"], capsys, monkeypatch)[0] == 0
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2

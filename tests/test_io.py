@@ -256,3 +256,32 @@ def test_check_outside_directory_refuses_the_folder_and_below_it(tmp_path):
         check_outside_directory(outside, "--out", data, "the --data folder")
     check_outside_directory(data / "run", "--out", tmp_path / "missing", "the --data folder")  # no such folder
     check_outside_directory(data / "run", "--out", None, "the --data folder")
+
+
+def test_a_write_that_finds_no_room_is_one_error_and_leaves_the_file(tmp_path, monkeypatch):
+    import errno
+
+    import mobilenet.io
+    from mobilenet.errors import OutputWriteError
+
+    target = tmp_path / "kept.bin"
+    target.write_bytes(b"old")
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(mobilenet.io.os, "fsync", full)
+    with pytest.raises(OutputWriteError) as error:
+        mobilenet.io.atomic_write_bytes(target, b"new")
+    assert isinstance(error.value, OSError) and isinstance(error.value, MobileNetError)
+    assert error.value.errno == errno.ENOSPC and error.value.strerror == os.strerror(errno.ENOSPC)
+    assert str(error.value).startswith(f"cannot write {target}: No space left on device;")
+    assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["kept.bin"]
+
+    def broken(fd: int) -> None:  # other failures stay what they are
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(mobilenet.io.os, "fsync", broken)
+    with pytest.raises(OSError) as error:
+        mobilenet.io.atomic_write_bytes(target, b"new")
+    assert not isinstance(error.value, MobileNetError)

@@ -11,6 +11,16 @@ class MobileNetError(ValueError):
     """A user's input was wrong: the message names what was wrong and what is expected."""
 
 
+class OutputWriteError(MobileNetError, OSError):
+    """A file could not be written for want of room or of a writable filesystem (disk full, quota, read-only): no
+    mistake in the command, but nothing the program can fix either, so it is one line too. Still an ``OSError``
+    (with the original ``errno`` and ``strerror``) for code that handles failed writes as such."""
+
+    def __str__(self) -> str:
+        # OSError's own text is "[Errno N] strerror: filename" once those are set; the message says more.
+        return str(self.args[0]) if self.args else ""
+
+
 #: How to install each optional extra: the packages themselves (the names on the package index), and the extra of a
 #: checkout of this project, which is how mobilenet itself is installed.
 INSTALL_HINTS: dict[str, str] = {

@@ -18,6 +18,7 @@ anything but a malformed one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -29,7 +30,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from mobilenet.errors import MobileNetError
+from mobilenet.errors import MobileNetError, OutputWriteError
 
 __all__ = [
     "atomic_path",
@@ -74,14 +75,30 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             os.fsync(handle.fileno())
         os.replace(tmp, target)
         _fsync_directory(target.parent)
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
         for directory in created:
             with contextlib.suppress(OSError):  # not empty (another writer) or gone: leave it
                 directory.rmdir()
+        if isinstance(error, OSError) and error.errno in _NO_ROOM and not isinstance(error, OutputWriteError):
+            raise _no_room(target, error) from None
         raise
     finally:
         _ACTIVE.discard(tmp)
+
+
+#: Write failures that say the filesystem has no room or takes no writes, whatever was being written (reading a
+#: file never fails so): a disk full, a quota, a file too large for the filesystem, a filesystem mounted read-only.
+_NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+
+def _no_room(target: Path, error: OSError) -> OutputWriteError:
+    failure = OutputWriteError(
+        f"cannot write {target}: {error.strerror or error}; what was at {target} is as it was (free some space or "
+        "choose another path)"
+    )
+    failure.errno, failure.strerror, failure.filename = error.errno, error.strerror, str(target)
+    return failure
 
 
 def _make_parents(directory: Path) -> list[Path]:
