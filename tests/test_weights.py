@@ -191,6 +191,17 @@ def test_safetensors_without_our_metadata(tmp_path, small_model):
         load(path)
 
 
+def test_a_training_state_given_as_a_checkpoint_is_named_as_such(tmp_path, small_model):
+    """``--init RUN/train_state.safetensors`` or ``eval`` of it was told to convert a timm state_dict."""
+    from mobilenet.checkpoint import write_state
+
+    path = tmp_path / "train_state.safetensors"
+    write_state(path, {"model": small_model.state_dict()}, {"epoch": 1})
+    for reader in (load, load_checkpoint, read_header):
+        with pytest.raises(MobileNetError, match=r"is a training state, not a checkpoint; use last\.safetensors"):
+            reader(path)
+
+
 def test_other_architecture_lists_keys(tmp_path, small_model):
     """A header whose config disagrees with the stored tensors (V1 config, V2 weights) is refused with the lists."""
     from safetensors.torch import save_file

@@ -366,6 +366,11 @@ def read_raw_header(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]
 def _mobilenet_header(file: Path, header: Mapping[str, Any]) -> dict[str, Any]:
     metadata = header.get("__metadata__") or {}
     text = metadata.get(HEADER_KEY) if isinstance(metadata, dict) else None
+    if text is None and isinstance(metadata, dict) and STATE_KEY in metadata:
+        raise MobileNetError(
+            f"{file} is a training state, not a checkpoint; use last.safetensors or best.safetensors from its run "
+            "directory (or continue the run with `mobilenet train ... --resume`)"
+        )
     if text is None:
         raise MobileNetError(
             f"{file} is a safetensors file without mobilenet metadata (a bare state_dict, e.g. from timm); convert it "
