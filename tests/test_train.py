@@ -140,6 +140,19 @@ def test_resume_with_other_options_or_data_is_refused(data_dir, tmp_path):
     assert train(config, progress=False, log=None).epochs_done == 2
 
 
+def test_a_split_with_an_empty_set_is_refused_before_training(tmp_path):
+    """Classes of one image each left nothing to hold out: the run trained an epoch, then stopped on 'the evaluation
+    set is empty'; a --val-fraction that held out every image was called a batch larger than the training set."""
+    single = tiny_folder(tmp_path / "single", per_class=1)
+    with pytest.raises(MobileNetError, match=r"validation set of single is empty.*or a val/ folder beside train/"):
+        train(tiny_config(single, tmp_path / "run", batch_size=1), progress=False, log=None)
+    assert not (tmp_path / "run").exists()
+    data = tiny_folder(tmp_path / "data", per_class=3)
+    with pytest.raises(MobileNetError, match=r"training set of data is empty.*all its 9 images.*--val-fraction"):
+        train(tiny_config(data, tmp_path / "run", batch_size=1, val_fraction=0.9), progress=False, log=None)
+    assert not (tmp_path / "run").exists()
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
     run = tmp_path / "run"
     holder = {}

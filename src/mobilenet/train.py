@@ -236,6 +236,7 @@ def _prepare(config: TrainConfig, *, log: Callable[[str], None] | None, data: An
             config.data, val_fraction=config.val_fraction, seed=config.seed, on_bad_image=config.on_bad_image
         )
     )
+    _check_split(bundle)
     for note in bundle.notes:
         say(f"note: {note}")
     model, resolution, small_input = _create_model(config, bundle, say)
@@ -279,6 +280,21 @@ def _prepare(config: TrainConfig, *, log: Callable[[str], None] | None, data: An
         criterion=nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing),
         train_model=model,
     )
+
+
+def _check_split(bundle: DataBundle) -> None:
+    """Both sets must hold images before anything is built: an empty validation set was found only after the first
+    epoch's training, an empty training set reported as a batch larger than it."""
+    if len(bundle.train) == 0:
+        raise MobileNetError(
+            f"the training set of {bundle.name} is empty: the validation set ({bundle.val_name}) takes all its "
+            f"{len(bundle.val)} images; use a smaller --val-fraction"
+        )
+    if len(bundle.val) == 0:
+        raise MobileNetError(
+            f"the validation set of {bundle.name} is empty: a class with a single image keeps it for training, and "
+            "every class has one; expected classes of 2 images or more, or a val/ folder beside train/"
+        )
 
 
 def _silent(_message: str) -> None:
