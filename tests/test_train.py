@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -52,6 +53,37 @@ def test_config_rejects_bad_values(tmp_path):
         tiny_config(tmp_path, tmp_path, optimizer="lbfgs")
     with pytest.raises(MobileNetError, match="--ema-decay"):
         tiny_config(tmp_path, tmp_path, ema_decay=1.5)
+
+
+def test_config_refuses_values_of_the_wrong_type(tmp_path):
+    """The API takes what the CLI's parser never gives: lr="0.1" was a TypeError, hflip="no" turned flips on, and
+    out=None a TypeError deep in the run."""
+    cases = {
+        "lr": ("0.1", "--lr must be a number"),
+        "warmup_epochs": ("1", "--warmup-epochs must be a number"),
+        "ema_decay": ("0.5", "--ema-decay must be a number"),
+        "crop_scale_min": ("0.5", "crop_scale_min must be a number"),
+        "hflip": ("no", "hflip must be True, False or None"),
+        "small_input": ("yes", "small_input must be True, False or None"),
+        "channels_last": (0, "channels_last must be True, False or None"),
+        "resume": ("no", "resume must be True or False"),
+        "freeze_backbone": (1, "freeze_backbone must be True or False"),
+        "out": (None, "out must be a non-empty path"),
+        "data": (b"data", "data must be a non-empty path"),
+        "init": (5, "init must be a non-empty path"),
+    }
+    for name, (value, words) in cases.items():
+        options = tiny_config(tmp_path, tmp_path / "run").to_dict()
+        with pytest.raises(MobileNetError, match=re.escape(words)):
+            TrainConfig(**{**options, name: value})
+
+
+def test_config_takes_paths_as_paths(data_dir, tmp_path):
+    """A Path as the data or the run directory (as any Python caller writes) crashed on writing config.json."""
+    config = tiny_config(data_dir, tmp_path / "run", epochs=1, limit_train_batches=1)
+    config = TrainConfig(**{**config.to_dict(), "data": data_dir, "out": tmp_path / "run"})
+    assert (config.data, config.out) == (str(data_dir), str(tmp_path / "run"))
+    assert train(config, progress=False, log=None).epochs_done == 1
 
 
 def _final_weights(run: Path) -> dict[str, torch.Tensor]:

@@ -7,6 +7,7 @@ field means the recipe's default (:func:`mobilenet.optim.resolve_recipe`).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -101,6 +102,8 @@ class TrainConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
+        self._check_types()
+
         def positive_int(name: str, value: Any, minimum: int = 1) -> None:
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise MobileNetError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -145,6 +148,31 @@ class TrainConfig:
             raise MobileNetError("--freeze-backbone needs --init: a random body is not worth freezing")
         self._check_numbers()
         self._check_model_options()
+
+    def _check_types(self) -> None:
+        """What the Python API may be handed that the CLI's parser never gives: a string where a number goes (a
+        TypeError at the first comparison), a string where a flag goes (``hflip="no"`` was true), a Path for the data
+        or the run (the run wrote its config.json and crashed), None or a number as the run directory."""
+        for name in ("data", "out", "init"):
+            value = getattr(self, name)
+            if value is None and name == "init":
+                continue
+            text = os.fspath(value) if isinstance(value, str | os.PathLike) else None
+            if not isinstance(text, str) or not text:
+                raise MobileNetError(f"{name} must be a non-empty path (str or os.PathLike), got {value!r}")
+            setattr(self, name, text)
+        for name in ("lr", "weight_decay", "warmup_epochs", "label_smoothing", "ema_decay", "grad_clip"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+                raise MobileNetError(f"--{name.replace('_', '-')} must be a number, got {value!r}")
+        if isinstance(self.crop_scale_min, bool) or not isinstance(self.crop_scale_min, int | float):
+            raise MobileNetError(f"crop_scale_min must be a number in (0, 1], got {self.crop_scale_min!r}")
+        for name in ("decay_depthwise", "resume", "freeze_backbone", "sync_bn", "batch_augment"):
+            if not isinstance(getattr(self, name), bool):
+                raise MobileNetError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name in ("channels_last", "small_input", "hflip", "device_data"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise MobileNetError(f"{name} must be True, False or None (the default), got {getattr(self, name)!r}")
 
     def _check_numbers(self) -> None:
         """Fractions outside what the optimizer and the data split can use (an SGD or RMSprop momentum >= 1 makes
