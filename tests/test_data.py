@@ -160,6 +160,13 @@ def test_stratified_split_is_disjoint_and_seeded():
         stratified_split(labels, 1.5, 0)
 
 
+def test_stratified_split_refuses_a_fraction_that_is_not_a_number():
+    """evaluate_checkpoint(val_fraction="0.1") was a TypeError from the comparison."""
+    for fraction in ("0.1", None, True, [0.1]):
+        with pytest.raises(MobileNetError, match="validation fraction must be between 0 and 1"):
+            stratified_split([0, 0, 1, 1], fraction, 0)
+
+
 def test_folder_with_train_and_val(tmp_path):
     write_folder(tmp_path / "train")
     write_folder(tmp_path / "val", per_class=2, seed=1)

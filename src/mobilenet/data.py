@@ -760,8 +760,9 @@ def check_seed(seed: Any, what: str = "seed") -> int:
 
 def stratified_split(labels: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Split indices per class: ``val_fraction`` of each class (at least one image) to validation, seeded."""
-    if not 0.0 < val_fraction < 1.0:
-        raise MobileNetError(f"validation fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    number = isinstance(val_fraction, int | float) and not isinstance(val_fraction, bool)
+    if not number or not 0.0 < val_fraction < 1.0:  # a string from the API compared as a TypeError
+        raise MobileNetError(f"validation fraction must be between 0 and 1 (exclusive), got {val_fraction!r}")
     check_seed(seed, "--seed")
     generator = torch.Generator().manual_seed(seed)
     by_class: dict[int, list[int]] = {}
