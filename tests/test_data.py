@@ -184,6 +184,14 @@ def test_single_tree_is_split_by_fraction(tmp_path):
     assert bundle.notes and "held out" in bundle.notes[0]
 
 
+def test_an_empty_data_source_is_not_the_working_directory(tmp_path, monkeypatch):
+    """``--data ""`` was Path(""), the working directory, read as a folder of classes (its subfolders)."""
+    write_folder(tmp_path, classes=("cat", "dog"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(MobileNetError, match=r"the data source is empty \(''\); expected 'digits'"):
+        load_data("")
+
+
 def test_folder_errors(tmp_path):
     with pytest.raises(MobileNetError, match="not found"):
         load_data(tmp_path / "nope")

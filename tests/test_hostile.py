@@ -1623,3 +1623,14 @@ def test_train_on_a_full_disk_stops_in_one_line_and_resumes(small_data, tmp_path
     assert weights(tree_digests(out)) == weights(before) and len(weights(before)) == 3
     assert cli([*argv, "--epochs", "2"], capsys, monkeypatch)[0] == 0
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("command", ["eval", "train"])
+def test_an_empty_data_argument_is_refused_not_read_as_the_working_directory(command, files, capsys, monkeypatch):
+    monkeypatch.chdir(files.data / "train")  # a folder of class folders: "" read it as the data
+    if command == "eval":
+        argv = ["eval", files.ck, "--data", "", "--no-plot", "--device", "cpu", "--num-workers", "0"]
+    else:
+        argv = ["train", "--model", TINY, "--data", "", "--out", files.root / "runs" / "empty", "--no-progress"]
+    code, _, err = cli(argv, capsys, monkeypatch)
+    assert_clean_error(code, err, "empty")

@@ -899,6 +899,11 @@ def load_data(
     if on_bad_image not in ("skip", "error"):
         raise MobileNetError(f"--on-bad-image must be 'skip' or 'error', got {on_bad_image!r}")
     text = str(source)
+    if not text:  # Path("") is the working directory, which was then read as the data folder
+        raise MobileNetError(
+            f"the data source is empty ({text!r}); expected 'digits', 'cifar10', 'cifar100' or a directory of class "
+            "folders"
+        )
     if text == "digits":
         return load_digits(size=digits_size, val_fraction=0.2 if val_fraction is None else val_fraction, seed=seed)
     val_fraction = 0.1 if val_fraction is None else val_fraction
