@@ -1634,3 +1634,16 @@ def test_an_empty_data_argument_is_refused_not_read_as_the_working_directory(com
         argv = ["train", "--model", TINY, "--data", "", "--out", files.root / "runs" / "empty", "--no-progress"]
     code, _, err = cli(argv, capsys, monkeypatch)
     assert_clean_error(code, err, "empty")
+
+
+@pytest.mark.parametrize("where", ["under-file", "in-calibration"])
+def test_eval_checks_the_plot_before_quantizing(where, files, small_data, tmp_path, capsys, monkeypatch):
+    """With --precision int8 --calibration, the model was quantized (calibrated over every image) before an
+    unwritable --plot was found; a plot in the calibration folder became one of its images."""
+    calibration = tiny_folder(tmp_path / "calibration", per_class=2, size=16)
+    before = tree_digests(calibration)
+    plot = files.a_file / "p.png" if where == "under-file" else calibration / "a" / "p.png"
+    argv = ["eval", files.ck, "--data", small_data, "--device", "cpu", "--num-workers", "0", "--precision", "int8"]
+    code, _, err = cli([*argv, "--calibration", calibration, "--plot", plot], capsys, monkeypatch)
+    assert_clean_error(code, err, "--plot")
+    assert "calibrating" not in err and tree_digests(calibration) == before

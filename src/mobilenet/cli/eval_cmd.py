@@ -90,9 +90,10 @@ def run(args: argparse.Namespace) -> int:
             f"--calibration quantizes a float checkpoint; {args.checkpoint} is an .onnx file already (give the "
             ".safetensors checkpoint to quantize, or evaluate the int8 .onnx that `mobilenet quantize` wrote)"
         )
+    plot_path = _checked_plot(args)  # before quantizing too: a plot it could not write is found before any work
     with tempfile.TemporaryDirectory(prefix="mobilenet-eval-") as tmp:
         model = _quantized(args, Path(tmp)) if needs_quantizing else args.checkpoint
-        return _evaluate(args, model)
+        return _evaluate(args, model, plot_path)
 
 
 def _quantized(args: argparse.Namespace, directory: Path) -> str:
@@ -106,20 +107,27 @@ def _quantized(args: argparse.Namespace, directory: Path) -> str:
     return str(result.path)
 
 
-def _evaluate(args: argparse.Namespace, model: str) -> int:
-
+def _checked_plot(args: argparse.Namespace) -> Path | None:
+    """The confusion plot's path, checked now: an unwritable plot must not be found only after the whole
+    evaluation."""
     from mobilenet.data import BUILTIN_DATA
-    from mobilenet.evaluate import evaluate_checkpoint
     from mobilenet.io import check_output_file, check_outside_directory
+
+    if args.no_plot:
+        return None
+    plot_path = Path(args.plot) if args.plot else Path(args.checkpoint).with_suffix(".confusion.png")
+    what = "--plot" if args.plot else "the confusion plot beside the checkpoint (choose --plot FILE or --no-plot)"
+    check_output_file(plot_path, what, inputs=[args.checkpoint, args.reference, args.calibration])
+    if args.data not in BUILTIN_DATA:  # a plot in a class folder would be one more image of that class
+        check_outside_directory(plot_path, what, args.data, "the --data folder")
+    check_outside_directory(plot_path, what, args.calibration, "the --calibration folder")
+    return plot_path
+
+
+def _evaluate(args: argparse.Namespace, model: str, plot_path: Path | None) -> int:
+    from mobilenet.evaluate import evaluate_checkpoint
     from mobilenet.plots import plot_confusion
 
-    plot_path = None
-    if not args.no_plot:  # checked now: an unwritable plot must not be found only after the whole evaluation
-        plot_path = Path(args.plot) if args.plot else Path(args.checkpoint).with_suffix(".confusion.png")
-        what = "--plot" if args.plot else "the confusion plot beside the checkpoint (choose --plot FILE or --no-plot)"
-        check_output_file(plot_path, what, inputs=[args.checkpoint, args.reference])
-        if args.data not in BUILTIN_DATA:  # a plot in a class folder would be one more image of that class
-            check_outside_directory(plot_path, what, args.data, "the --data folder")
     result = evaluate_checkpoint(
         model,
         args.data,
