@@ -4,7 +4,9 @@ single process's step on the global batch."""
 from __future__ import annotations
 
 import os
+import re
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -121,3 +123,26 @@ def test_ddp_averaged_step_equals_single_process_step(tmp_path):
             not torch.equal(value, create_model(TINY, resolution=32, small_input=True, num_classes=3).state_dict()[key])
         )
     assert changed > 0
+
+
+def test_context_refuses_variables_torchrun_never_sets(monkeypatch):
+    """WORLD_SIZE=abc was a ValueError traceback; RANK past the world, or WORLD_SIZE without torchrun's rendezvous
+    address, a process group that never formed or init_process_group's ValueError."""
+    from mobilenet.distributed import setup_distributed
+    from mobilenet.errors import MobileNetError
+
+    for variables, words in (
+        ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' must be an integer >= 0"),
+        ({"WORLD_SIZE": "2", "RANK": "5"}, "RANK=5 is not below WORLD_SIZE=2"),
+        ({"WORLD_SIZE": "2", "RANK": "x"}, "RANK='x' must be an integer"),
+        ({"WORLD_SIZE": "2", "LOCAL_RANK": "-1"}, "LOCAL_RANK='-1' must be an integer >= 0"),
+    ):
+        with monkeypatch.context() as patch:
+            for name, value in variables.items():
+                patch.setenv(name, value)
+            with pytest.raises(MobileNetError, match=re.escape(words)):
+                DistContext.from_env()
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    with pytest.raises(MobileNetError, match="MASTER_ADDR and MASTER_PORT are not set; start it with torchrun"):
+        setup_distributed(DistContext(0, 2, 0), torch.device("cpu"))

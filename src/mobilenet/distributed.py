@@ -18,6 +18,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
+from mobilenet.errors import MobileNetError
+
 __all__ = [
     "DistContext",
     "EpochSampler",
@@ -46,15 +48,41 @@ class DistContext:
 
     @classmethod
     def from_env(cls) -> DistContext:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        """From torchrun's variables; ones it would never set (a WORLD_SIZE left in a shell as text, a RANK past
+        the world) are refused by name instead of a ValueError traceback or a process group that never forms."""
+        world = _env_count("WORLD_SIZE", "1", minimum=0)
         if world <= 1:
             return cls()
-        return cls(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+        rank, local_rank = _env_count("RANK", "0", minimum=0), _env_count("LOCAL_RANK", "0", minimum=0)
+        if rank >= world:
+            raise MobileNetError(f"RANK={rank} is not below WORLD_SIZE={world}; expected torchrun's variables")
+        return cls(rank, world, local_rank)
+
+
+def _env_count(name: str, default: str, *, minimum: int) -> int:
+    text = os.environ.get(name, default)
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise MobileNetError(
+            f"the environment variable {name}={text!r} must be an integer >= {minimum}; torchrun sets it (unset it "
+            "for a run in one process)"
+        )
+    return value
 
 
 def setup_distributed(dist_ctx: DistContext, device: torch.device) -> None:
     """Join the ``torchrun`` process group: NCCL between GPUs, gloo on CPU."""
     if dist_ctx.enabled and not dist.is_initialized():
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+        if missing:  # init_process_group's own error is a ValueError traceback
+            raise MobileNetError(
+                f"WORLD_SIZE={dist_ctx.world_size} makes this one process of a distributed run, but "
+                f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set; start it with torchrun "
+                "--nproc_per_node=N -m mobilenet train ..., or unset WORLD_SIZE for a run in one process"
+            )
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
 
 
