@@ -103,6 +103,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def shown_path(path: object) -> str:
+    """``path`` as a success line names it: as it is, or quoted with its control characters escaped (Python's
+    repr) when it holds any, since a newline in an --out or --plot path would split the line in two."""
+    text = str(path)
+    return text if text.isprintable() else repr(text)
+
+
 def _one_line(text: str) -> str:
     """``text`` on one line: a path may hold a newline, and a message on stderr is one line per problem."""
     return text.replace("\r", "\\r").replace("\n", "\\n")

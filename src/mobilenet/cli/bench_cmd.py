@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mobilenet.cli import shown_path
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -124,12 +126,14 @@ def run(args: argparse.Namespace) -> int:
 
 def _print_table(data: dict) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 150)
     machine = data["machine"]
     console.print(
-        f"[bold]{machine['cpu']}[/bold], {machine['logical_cpus']} logical CPUs, SIMD {' '.join(machine['simd'])}, "
+        f"[bold]{escape(machine['cpu'])}[/bold], {machine['logical_cpus']} logical CPUs, "
+        f"SIMD {' '.join(machine['simd'])}, "
         f"{machine['threads']} threads; torch {machine['torch']} ({machine['torch_cpu_capability']}), onnxruntime "
         f"{machine['onnxruntime'] or '-'}, openvino {machine.get('openvino') or '-'}; "
         f"allocator: {machine['allocator']['reason']}; load average at start "
@@ -152,7 +156,9 @@ def _print_table(data: dict) -> None:
             for batch in dict.fromkeys(r["batch_size"] for r in rows)
         )
         table = Table(
-            title=f"{model['model']} at {model['resolution']}px: {model['macs_per_image'] / 1e6:.1f}M MACs per image",
+            # A model's path may hold "[/b]", which rich would read as markup.
+            title=f"{escape(model['model'])} at {model['resolution']}px: {model['macs_per_image'] / 1e6:.1f}M MACs "
+            "per image",
             caption=f"FLOP limit (2 * MACs * batch / GEMM peak): {limits}",
         )
         table.add_column("batch", justify="right")
@@ -183,6 +189,6 @@ def _print_table(data: dict) -> None:
                 )
         console.print(table)
     for note in data["notes"]:
-        console.print(f"note: {note}")
+        console.print(f"note: {note}", markup=False)
     if data.get("plot"):
-        console.print(f"plot: {data['plot']}")
+        console.print(f"plot: {shown_path(data['plot'])}", markup=False)
