@@ -661,6 +661,6 @@ def pick_backend(backend: str, source: ModelSource, device: str = "cpu") -> str:
         if str(device).split(":")[0] != "cpu":
             return "torch"
         return "onnxruntime" if onnxruntime_available() else "torch-jit"
-    if backend not in BACKENDS:
+    if not isinstance(backend, str) or backend not in BACKENDS:  # a list is unhashable: not looked up
         raise MobileNetError(f"unknown backend {backend!r}; expected one of auto, {', '.join(BACKENDS)}")
     return backend

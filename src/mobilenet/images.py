@@ -266,6 +266,8 @@ def _tensor_to_rgb(tensor: torch.Tensor, label: str) -> torch.Tensor:
         raise BadImageError(
             f"image {label} has shape {tuple(tensor.shape)}; expected a (C, H, W) tensor with C = 1, 3 or 4"
         )
+    if tensor.device.type == "meta" or tensor.is_complex():
+        raise BadImageError(f"image {label} is a {tensor.dtype} tensor on {tensor.device}; expected real pixels")
     return _channels_to_rgb(_to_uint8(tensor.detach().cpu()), label)
 
 

@@ -364,7 +364,7 @@ def resolve_device(name: str | torch.device = "auto", local_rank: int = 0) -> to
         device = torch.device(name)
     except RuntimeError:
         raise MobileNetError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {name!r}") from None
-    if device.type not in ("cpu", "cuda", "mps"):
+    if device.type not in ("cpu", "cuda", "mps") or (device.type == "cpu" and device.index not in (None, 0)):
         raise MobileNetError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MobileNetError(f"--device {name} was asked for but no CUDA GPU is available; use --device cpu or auto")
