@@ -962,3 +962,14 @@ def test_int8_network_agrees_with_pytorch_on_a_trained_model(trained_digits_mode
         got = fused.FusedNetwork(model, threads=2, isa=isa, precision="int8")(images)
         assert 1e-5 < _relative_error(got, expected) < 2 * INT8_TOLERANCE
         assert float((got.argmax(dim=1) == expected.argmax(dim=1)).float().mean()) >= 0.95
+
+
+def test_an_instruction_set_from_the_environment_is_named_as_such(monkeypatch):
+    """A MOBILENET_FUSED_ISA set long ago and forgotten: the refusal says where the name came from."""
+    module = inverted_residual(24, 17, 6, 1)
+    monkeypatch.setenv(fused.ISA_ENV, "AVX512 ")
+    with pytest.raises(MobileNetError, match=f"'AVX512 ' \\(from the environment variable {fused.ISA_ENV}\\)"):
+        check_block(module, 9, isa=None)
+    with pytest.raises(MobileNetError) as error:
+        check_block(module, 9, isa="sse9")
+    assert fused.ISA_ENV not in str(error.value)  # asked for in the call, not by the environment

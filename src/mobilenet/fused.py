@@ -125,12 +125,16 @@ def best_isa() -> str:
 def _isa_code(isa: str | None) -> int:
     """``isa``, else ``$MOBILENET_FUSED_ISA``, else the best one, as the kernel's code; refuses one this CPU lacks."""
     name = isa if isa is not None else (os.environ.get(ISA_ENV) or "auto")
+    # A name from the environment may have been set long before: the message says where it came from.
+    where = "" if isa is not None else f" (from the environment variable {ISA_ENV})"
     if not isinstance(name, str) or name not in _ISA_CODES:
         raise MobileNetError(
-            f"unknown instruction set {name!r} for the fused kernel; expected one of {list(_ISA_CODES)}"
+            f"unknown instruction set {name!r}{where} for the fused kernel; expected one of {list(_ISA_CODES)}"
         )
     if name != "auto" and name not in supported_isas():
-        raise MobileNetError(f"this CPU does not run the fused kernel's {name} build; it runs {supported_isas()}")
+        raise MobileNetError(
+            f"this CPU does not run the fused kernel's {name} build{where}; it runs {supported_isas()}"
+        )
     return _ISA_CODES[name]
 
 
