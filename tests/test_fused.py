@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import pytest
 import torch
@@ -973,3 +974,25 @@ def test_an_instruction_set_from_the_environment_is_named_as_such(monkeypatch):
     with pytest.raises(MobileNetError) as error:
         check_block(module, 9, isa="sse9")
     assert fused.ISA_ENV not in str(error.value)  # asked for in the call, not by the environment
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_network_refuses_tensors_the_model_would_not_take(precision):
+    """The eager model refuses integer, boolean and complex batches; the fused network read them as float32 (a
+    complex batch lost its imaginary part silently), and a meta tensor raised NotImplementedError. An empty batch
+    was refused by its internal NHWC shape."""
+    if precision == "int8" and not fused.has_vnni():
+        pytest.skip("int8 needs VNNI or ARM dot products")
+    network = fused.FusedNetwork(_model_with_statistics("mobilenet_v1_1.0_224", alpha=0.25), precision=precision)
+    network(torch.zeros(1, 3, 32, 32))  # a shape seen before: later calls may take the fast path
+    for batch in (
+        torch.zeros(1, 3, 32, 32, dtype=torch.uint8),
+        torch.zeros(1, 3, 32, 32, dtype=torch.int64),
+        torch.zeros(1, 3, 32, 32, dtype=torch.bool),
+        torch.zeros(1, 3, 32, 32, dtype=torch.complex64),
+        torch.zeros(1, 3, 32, 32, device="meta"),
+    ):
+        with pytest.raises(MobileNetError, match=f"float NCHW batch with 3 channels, got a {batch.dtype} tensor"):
+            network(batch)
+    with pytest.raises(MobileNetError, match=re.escape("got (0, 3, 32, 32)")):
+        network(torch.zeros(0, 3, 32, 32))

@@ -844,12 +844,22 @@ class FusedNetwork:
             self._buffers[key] = ([torch.empty(size) for size in sizes], plan)
         return self._buffers[key]
 
+    def _checked_batch(self, x: Any) -> torch.Tensor:
+        """``x`` as the kernel reads it (float32, on the CPU, detached), after checking that it is what the model
+        takes: a non-empty NCHW batch of real numbers with the model's channels (the model refuses integer,
+        boolean and complex tensors too; a meta tensor holds no pixels)."""
+        channels = self.model.config.in_channels
+        expected = f"expected a non-empty float NCHW batch with {channels} channels"
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != channels or 0 in x.shape:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise MobileNetError(f"{expected}, got {shape}")
+        if not x.is_floating_point() or x.device.type == "meta":
+            raise MobileNetError(f"{expected}, got a {x.dtype} tensor on {x.device}")
+        return x.detach().to("cpu", torch.float32)
+
     def _run_body(self, x: torch.Tensor) -> torch.Tensor:
         """The stem and the blocks (and any stage left in torch) on a float32 NCHW batch: an NHWC tensor."""
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.model.config.in_channels:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise MobileNetError(f"expected an NCHW batch with {self.model.config.in_channels} channels, got {shape}")
-        x = x.detach().to("cpu", torch.float32)
+        x = self._checked_batch(x)
         buffers, _ = self._plan(int(x.shape[0]), int(x.shape[2]), int(x.shape[3]))
         stem = self.stem
         if stem is not None:
@@ -913,11 +923,8 @@ class FusedNetwork:
     def _checked_arguments(self, x: torch.Tensor) -> tuple[_Steps, tuple[Any, ...], torch.Tensor]:
         """The steps for ``x``'s shape, the first block's arguments, built and checked, and the image they point to
         (``x``, or its float32 contiguous copy, which the caller keeps alive until the kernel has run)."""
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.model.config.in_channels:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise MobileNetError(f"expected an NCHW batch with {self.model.config.in_channels} channels, got {shape}")
+        x = self._checked_batch(x)
         steps = self._steps((int(x.shape[0]), int(x.shape[2]), int(x.shape[3])))
-        x = x.detach().to("cpu", torch.float32)
         if self.stem is not None:
             image = x.contiguous()  # NCHW: the fused stem reads it directly
         else:
