@@ -996,3 +996,14 @@ def test_network_refuses_tensors_the_model_would_not_take(precision):
             network(batch)
     with pytest.raises(MobileNetError, match=re.escape("got (0, 3, 32, 32)")):
         network(torch.zeros(0, 3, 32, 32))
+
+
+def test_packing_refuses_weights_it_cannot_run():
+    """A complex matrix was packed without its imaginary part and a meta one raised NotImplementedError; a Linear
+    with no in or out features packed, and its first call raised the kernel's ValueError."""
+    for matrix in (torch.zeros(4, 4, dtype=torch.complex64), torch.zeros(4, 4, device="meta")):
+        with pytest.raises(MobileNetError, match=f"real float weights, got a {matrix.dtype} matrix"):
+            fused.pack_int8(matrix)
+    for features in ((0, 3), (4, 0)):
+        with pytest.raises(MobileNetError, match="in and out features >= 1"):
+            fused.pack_linear(nn.Linear(*features))

@@ -254,6 +254,8 @@ def pack_int8(matrix: torch.Tensor) -> Int8Weights:
     round(W / scale) in [-127, 127]; an all-zero channel has scale 0) and pack it (:class:`Int8Weights`)."""
     if not isinstance(matrix, torch.Tensor) or matrix.dim() != 2 or min(matrix.shape) < 1:
         raise MobileNetError(f"pack_int8 takes a non-empty (K, N) weight matrix, got {_describe(matrix)}")
+    if not matrix.is_floating_point() or matrix.device.type == "meta":
+        raise MobileNetError(f"pack_int8 takes real float weights, got a {matrix.dtype} matrix on {matrix.device}")
     matrix = matrix.detach().float().cpu()
     if not bool(torch.isfinite(matrix).all()):
         raise MobileNetError("pack_int8: the weight matrix holds NaN or infinite values")
@@ -669,6 +671,8 @@ def pack_linear(linear: nn.Module, precision: str = "fp32") -> FusedHead:
     check_precision(precision)
     if not isinstance(linear, nn.Linear):
         raise MobileNetError(f"the fused classifier is an nn.Linear, got {type(linear).__name__}")
+    if min(linear.weight.shape) < 1:  # the kernel would refuse the empty matrix only when called
+        raise MobileNetError(f"the fused classifier needs in and out features >= 1, got {linear}")
     weight = linear.weight.detach().float().cpu()
     out_features, in_features = int(weight.shape[0]), int(weight.shape[1])
     bias = linear.bias.detach().float().cpu() if linear.bias is not None else torch.zeros(out_features)
