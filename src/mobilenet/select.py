@@ -370,6 +370,8 @@ def select_model(
     notes: list[str] = []
     backend = _resolve_backend(backend, grid, precision, batch, threads, notes)
     machine = describe_machine(threads)
+    if cache_path is not None and not isinstance(cache_path, str | os.PathLike):
+        raise MobileNetError(f"cache_path must be a file path, got {type(cache_path).__name__}")
     path = Path(cache_path) if cache_path is not None else default_cache_path()
     entries = _read_cache(path, notes)
     keys = {

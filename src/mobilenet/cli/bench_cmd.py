@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     import json
     import math
 
-    from mobilenet.bench import bench, parse_backends, parse_batch_sizes
+    from mobilenet.bench import MAX_PAUSE_S, bench, parse_backends, parse_batch_sizes
     from mobilenet.errors import MobileNetError
     from mobilenet.io import check_output_file
     from mobilenet.runtime import check_thread_count
@@ -85,8 +85,10 @@ def run(args: argparse.Namespace) -> int:
         raise MobileNetError(f"--rounds must be at least 1, got {args.rounds}")
     if args.warmup < 0:
         raise MobileNetError(f"--warmup must be at least 0, got {args.warmup}")
-    if not (math.isfinite(args.pause_ms) and args.pause_ms >= 0):
-        raise MobileNetError(f"--pause-ms must be a number of milliseconds >= 0, got {args.pause_ms}")
+    if not (math.isfinite(args.pause_ms) and 0 <= args.pause_ms <= 1e3 * MAX_PAUSE_S):
+        raise MobileNetError(
+            f"--pause-ms must be a number of milliseconds from 0 to {1e3 * MAX_PAUSE_S:g}, got {args.pause_ms}"
+        )
     if args.plot:
         check_output_file(args.plot, "--plot", inputs=args.models)
     backends = args.backends
