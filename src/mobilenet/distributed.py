@@ -18,8 +18,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
-from mobilenet.errors import MobileNetError
-
 __all__ = [
     "DistContext",
     "EpochSampler",
@@ -48,30 +46,10 @@ class DistContext:
 
     @classmethod
     def from_env(cls) -> DistContext:
-        """The context ``torchrun`` describes in ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK``; values that are not
-        such a context (text, a rank outside the world) are refused by name."""
-        world = _env_count("WORLD_SIZE", "1")
+        world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls()
-        rank, local_rank = _env_count("RANK", "0"), _env_count("LOCAL_RANK", "0")
-        if rank >= world or local_rank >= world:
-            raise MobileNetError(
-                f"RANK={rank} and LOCAL_RANK={local_rank} must be below WORLD_SIZE={world} (torchrun sets all three)"
-            )
-        return cls(rank, world, local_rank)
-
-
-def _env_count(name: str, default: str) -> int:
-    text = os.environ.get(name, default).strip() or default
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise MobileNetError(
-            f"the environment variable {name} is {text!r}; expected an integer >= 0 (torchrun sets it)"
-        )
-    return value
+        return cls(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def setup_distributed(dist_ctx: DistContext, device: torch.device) -> None:
