@@ -356,3 +356,24 @@ def test_a_close_call_is_timed_again_between_the_close_ones_only(measuring, monk
     far = _timer(monkeypatch, onnxruntime=2.0, torch_jit=2.5)  # 1.25x apart: decided in the first pass
     Predictor(model, num_threads=1, batch_size=3)
     assert len(far.calls) == 2
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda entry: entry.__setitem__("backend", ["torch-jit"]),  # unhashable: was TypeError in the lookup
+        lambda entry: entry["latency_ms"].__setitem__("torch-jit", 10**400),  # no float: was OverflowError
+        lambda entry: entry["latency_ms"].__setitem__("torch-jit", 1e300),  # no measurement takes that long
+    ],
+    ids=["backend-list", "latency-400-digits", "latency-1e300"],
+)
+def test_an_edited_cache_entry_is_measured_again_not_trusted(measuring, monkeypatch, model, edit):
+    timer = _timer(monkeypatch, onnxruntime=5.0, torch_jit=2.0)
+    Predictor(model, num_threads=1, batch_size=4)
+    calls = len(timer.calls)
+    data = json.loads(measuring.read_text())
+    for entry in data["entries"].values():
+        edit(entry)
+    measuring.write_text(json.dumps(data))
+    again = Predictor(model, num_threads=1, batch_size=4)
+    assert len(timer.calls) > calls and again.backend_reason.startswith("measured")

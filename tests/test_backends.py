@@ -237,3 +237,25 @@ def test_the_fused_int8_backend_refuses_files_and_other_devices(model, onnx_file
     with pytest.raises(MobileNetError, match="fused-int8 backend runs on the CPU"):
         BACKENDS["fused-int8"](load_source(model), device="cuda")
     assert "fused-int8" not in autotune.tier_candidates("int8", load_source(_int8))
+
+
+def _with_nan_classifier(model):
+    torch.nn.init.constant_(model.classifier.weight, float("nan"))
+    return model
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        (lambda m: m.double(), "torch.float64; expected float32 weights"),  # was a dtype mismatch on the first batch
+        (lambda m: m.half(), "torch.float16; expected float32 weights"),
+        (lambda m: m.to("meta"), "meta device"),  # was NotImplementedError
+        (lambda m: _with_nan_classifier(m), "NaN or infinite"),
+    ],
+    ids=["float64", "float16", "meta", "nan"],
+)
+def test_a_model_whose_weights_no_backend_runs_is_refused(change, words):
+    model = change(create_model("mobilenet_v1_0.25_128", resolution=32, small_input=True, num_classes=3))
+    for backend in ("torch", "fused"):
+        with pytest.raises(MobileNetError, match=words):
+            Predictor(model, backend=backend)

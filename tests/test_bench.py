@@ -277,3 +277,29 @@ def test_the_default_pause_outlasts_every_backends_idle_spin():
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
     assert parser.parse_args(["bench"]).pause_ms == DEFAULT_PAUSE_S * 1e3
+
+
+@pytest.mark.parametrize(
+    ("settings", "words"),
+    [
+        ({"gemm_size": 1_000_000}, "gemm size must be at most 8192"),  # was the allocator's RuntimeError (4 TB)
+        ({"pause": 1e9}, "at most 60 s"),  # slept 1e9 s before the first timed call: a hang
+        ({"batch_sizes": None}, "batch sizes must be text"),  # TypeError: not iterable
+        ({"batch_sizes": 5}, "batch sizes must be text"),
+        ({"int8": True, "calibration": 5}, "calibration must be a directory path"),  # TypeError in os.fspath
+    ],
+    ids=["gemm-huge", "pause-huge", "batch-none", "batch-int", "calibration-int"],
+)
+def test_bench_refuses_settings_it_cannot_run_before_measuring(settings, words):
+    from mobilenet.bench import bench
+
+    arguments = {"backends": "eager", "batch_sizes": [1], "rounds": 1, "warmup": 0, "gemm_size": 32, "pause": 0.0}
+    with pytest.raises(MobileNetError, match=words):
+        bench(["mobilenet_v1_0.25_128"], **{**arguments, **settings})
+
+
+@pytest.mark.parametrize(("option", "value"), [("--pause-ms", "1e12"), ("--gemm-size", "1000000")])
+def test_cli_bench_refuses_a_pause_or_gemm_it_could_not_run(option, value, capsys):
+    assert main(["bench", "mobilenet_v1_0.25_128", "--backends", "eager", option, value, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ("at most 8192" in err or "from 0 to 60000" in err), err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 import pytest
 
@@ -92,3 +93,20 @@ def test_mobilenets_own_warnings_are_one_line_and_others_keep_pythons_format(tmp
         assert warnings.showwarning is warnings._showwarning_orig  # restored after the command
     assert [str(w.message) for w in caught] == ["from elsewhere"] and caught[0].filename == __file__
     assert "mobilenet models: warning" not in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("argv", [["models"], ["cost", "mobilenet_v1_0.25_128", "--format", "json"]])
+def test_an_output_that_cannot_be_written_is_one_line_not_a_traceback(argv):
+    """`mobilenet models > /dev/full`: the write fails with ENOSPC (in print for a long listing, at the final flush
+    for a short one); it was an OSError traceback with exit code 1."""
+    import subprocess
+    import sys
+
+    with open("/dev/full", "w") as full:
+        process = subprocess.run(
+            [sys.executable, "-m", "mobilenet", *argv], stdout=full, stderr=subprocess.PIPE, text=True, timeout=120
+        )
+    assert process.returncode == 2, process.stderr
+    lines = process.stderr.splitlines()
+    assert lines == [f"mobilenet {argv[0]}: error: cannot write the output: No space left on device"], lines

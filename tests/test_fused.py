@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import pytest
 import torch
@@ -962,3 +963,47 @@ def test_int8_network_agrees_with_pytorch_on_a_trained_model(trained_digits_mode
         got = fused.FusedNetwork(model, threads=2, isa=isa, precision="int8")(images)
         assert 1e-5 < _relative_error(got, expected) < 2 * INT8_TOLERANCE
         assert float((got.argmax(dim=1) == expected.argmax(dim=1)).float().mean()) >= 0.95
+
+
+def test_an_instruction_set_from_the_environment_is_named_as_such(monkeypatch):
+    """A MOBILENET_FUSED_ISA set long ago and forgotten: the refusal says where the name came from."""
+    module = inverted_residual(24, 17, 6, 1)
+    monkeypatch.setenv(fused.ISA_ENV, "AVX512 ")
+    with pytest.raises(MobileNetError, match=f"'AVX512 ' \\(from the environment variable {fused.ISA_ENV}\\)"):
+        check_block(module, 9, isa=None)
+    with pytest.raises(MobileNetError) as error:
+        check_block(module, 9, isa="sse9")
+    assert fused.ISA_ENV not in str(error.value)  # asked for in the call, not by the environment
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_network_refuses_tensors_the_model_would_not_take(precision):
+    """The eager model refuses integer, boolean and complex batches; the fused network read them as float32 (a
+    complex batch lost its imaginary part silently), and a meta tensor raised NotImplementedError. An empty batch
+    was refused by its internal NHWC shape."""
+    if precision == "int8" and not fused.has_vnni():
+        pytest.skip("int8 needs VNNI or ARM dot products")
+    network = fused.FusedNetwork(_model_with_statistics("mobilenet_v1_1.0_224", alpha=0.25), precision=precision)
+    network(torch.zeros(1, 3, 32, 32))  # a shape seen before: later calls may take the fast path
+    for batch in (
+        torch.zeros(1, 3, 32, 32, dtype=torch.uint8),
+        torch.zeros(1, 3, 32, 32, dtype=torch.int64),
+        torch.zeros(1, 3, 32, 32, dtype=torch.bool),
+        torch.zeros(1, 3, 32, 32, dtype=torch.complex64),
+        torch.zeros(1, 3, 32, 32, device="meta"),
+    ):
+        with pytest.raises(MobileNetError, match=f"float NCHW batch with 3 channels, got a {batch.dtype} tensor"):
+            network(batch)
+    with pytest.raises(MobileNetError, match=re.escape("got (0, 3, 32, 32)")):
+        network(torch.zeros(0, 3, 32, 32))
+
+
+def test_packing_refuses_weights_it_cannot_run():
+    """A complex matrix was packed without its imaginary part and a meta one raised NotImplementedError; a Linear
+    with no in or out features packed, and its first call raised the kernel's ValueError."""
+    for matrix in (torch.zeros(4, 4, dtype=torch.complex64), torch.zeros(4, 4, device="meta")):
+        with pytest.raises(MobileNetError, match=f"real float weights, got a {matrix.dtype} matrix"):
+            fused.pack_int8(matrix)
+    for features in ((0, 3), (4, 0)):
+        with pytest.raises(MobileNetError, match="in and out features >= 1"):
+            fused.pack_linear(nn.Linear(*features))

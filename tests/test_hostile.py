@@ -1647,3 +1647,74 @@ def test_eval_checks_the_plot_before_quantizing(where, files, small_data, tmp_pa
     code, _, err = cli([*argv, "--calibration", calibration, "--plot", plot], capsys, monkeypatch)
     assert_clean_error(code, err, "--plot")
     assert "calibrating" not in err and tree_digests(calibration) == before
+
+
+# --------------------------------------------------------------------------------------------------------------
+# --- predict, bench, select, cost, API (sweep 7)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _jpeg_bytes(side: int = 64) -> bytes:
+    from PIL import Image
+
+    pixels = bytes(range(256)) * (side * side * 3 // 256 + 1)
+    buffer = io.BytesIO()
+    Image.frombytes("RGB", (side, side), pixels[: side * side * 3]).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def test_predict_refuses_a_truncated_jpeg_in_one_line(files, tmp_path, capsys, monkeypatch):
+    """libjpeg decodes a JPEG cut short (closed with an end-of-image marker) with grey rows and a warning on
+    stderr; predict reports it as unreadable and predicts the complete one."""
+    data = _jpeg_bytes()
+    good, cut = tmp_path / "good.jpg", tmp_path / "cut.jpg"
+    good.write_bytes(data)
+    cut.write_bytes(data[: len(data) // 2] + b"\xff\xd9")
+    code, out, err = cli(["predict", files.ck, good, cut, "--format", "json"], capsys, monkeypatch)
+    assert code == 1, err
+    assert [p["error"] is None for p in json.loads(out)] == [True, False]
+    lines = error_lines(err)
+    assert len(lines) == 2 and "cut.jpg" in lines[0] and "truncated or damaged" in lines[0], lines
+    assert not err.startswith("Corrupt JPEG data")  # libjpeg's warning is the error's reason, not a stray line
+
+
+def test_predict_table_shows_paths_and_class_names_as_text(tmp_path, capsys, monkeypatch):
+    """A path or class name holding rich markup ("[/b]" crashed the table with MarkupError, "[bold]" vanished) is
+    shown as it is, and a path holding a newline is quoted on one row."""
+    model = mobilenet.create_model(TINY, num_classes=3, resolution=32, small_input=True)
+    ck = tmp_path / "ck.safetensors"
+    mobilenet.save(model, ck, classes=["[/x]", "[bold]y", "z"])
+    monkeypatch.chdir(tmp_path)  # short relative paths: the table folds long ones
+    Path("d[", "b]").mkdir(parents=True)
+    marked, newline = Path("d[/b]/[bold]m.png"), Path("a\nb.png")
+    for image in (marked, newline):
+        image.write_bytes(png_bytes(32, 32, 32))
+    code, out, err = cli(["predict", ck, marked, newline, "--topk", "3"], capsys, monkeypatch)
+    assert code == 0, err
+    assert "d[/b]/[bold]m.png" in out and "'a\\nb.png'" in out
+    assert "[/x] (0)" in out and "[bold]y (1)" in out
+    rows = [line for line in out.splitlines() if " 1 │" in line]
+    assert len(rows) == 2, out  # one first-rank row per image: the newline did not split one
+
+
+def test_success_lines_quote_an_output_path_holding_a_newline(tmp_path, capsys, monkeypatch):
+    out_path = tmp_path / "cost\nout.md"
+    code, out, err = cli(["cost", TINY, "--format", "markdown", "--output", out_path], capsys, monkeypatch)
+    assert code == 0, err
+    assert out_path.is_file() and out == ""
+    assert err == f"wrote {str(out_path)!r}\n"
+
+
+def test_bench_plot_path_with_markup_or_newline_is_one_line(files, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # short relative paths: the table folds long ones
+    Path("m[", "b]").mkdir(parents=True)
+    ck = Path("m[/b]/ck.safetensors")
+    ck.write_bytes(files.ck.read_bytes())
+    plot = Path("p[", "i]", "bench\n.png")
+    argv = ["bench", ck, "--backends", "eager", "--batch-sizes", "1", "--rounds", "1", "--warmup", "0"]
+    argv += ["--gemm-size", "64", "--pause-ms", "0", "--quiet", "--plot", plot]
+    code, out, err = cli(argv, capsys, monkeypatch)
+    assert code == 0, err
+    assert plot.is_file()
+    assert f"plot: {str(plot)!r}" in out.splitlines()
+    assert f"{TINY} at 32px" in out

@@ -68,3 +68,11 @@ def test_a_pack_header_nested_too_deeply_is_a_damaged_header(tmp_path):
     (tmp_path / "deep.pack").write_bytes(b"MNPACK01" + struct.pack("<Q", len(header)) + header)
     with pytest.raises(MobileNetError, match="header is damaged"):
         read_pack(tmp_path / "deep.pack")
+
+
+def test_a_truncated_jpeg_in_a_pack_is_refused_not_padded(tmp_path):
+    good = _jpegs(2, size=64)
+    cut = good[1][: len(good[1]) // 2] + b"\xff\xd9"  # libjpeg pads the missing rows with grey and only warns
+    write_pack(tmp_path / "p.pack", name="toy", classes=["x"], splits={"test": ([good[0], cut], [0, 0])})
+    with pytest.raises(MobileNetError, match="truncated or damaged JPEG"):
+        decode_split(read_pack(tmp_path / "p.pack").splits["test"])

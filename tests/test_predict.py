@@ -4,6 +4,7 @@ bad files reported without stopping the others, and the CLI's exit codes."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -219,3 +220,58 @@ def test_top_classes_equal_torchs_softmax_and_topk():
     assert abs(probabilities - reference.values.numpy()).max() < 1e-12
     huge = torch.full((1, 4), 1e30)  # no overflow: max-subtracted
     assert top_classes(huge, 4)[1].tolist() == [[0.25] * 4]
+
+
+@pytest.mark.parametrize(
+    ("call", "words"),
+    [
+        (lambda p: p.logits([[0.0]]), "got a list"),
+        (lambda p: p.logits(np.zeros((1, 3, 32, 32), np.float32)), "got a ndarray"),
+        (lambda p: p.logits(torch.zeros(3, 32, 32)), "got (3, 32, 32)"),
+        (lambda p: p.logits(torch.zeros(1, 4, 32, 32)), "got (1, 4, 32, 32)"),
+        (lambda p: p.logits(torch.zeros(1, 3, 0, 32)), "got (1, 3, 0, 32)"),
+        (lambda p: p.logits(torch.zeros(1, 3, 32, 32, dtype=torch.int64)), "float batch, got torch.int64"),
+        (lambda p: p.logits(torch.zeros(1, 3, 32, 32, device="meta")), "on meta"),
+        (lambda p: p.predict(None), "cannot predict NoneType"),
+        (lambda p: p.predict(5), "cannot predict int"),
+    ],
+)
+def test_predictor_refuses_what_is_not_a_batch_or_images(checkpoint, call, words):
+    """These were torch's or Python's tracebacks (scalar type Long, 4 channels for groups=1, 'int' object is not
+    iterable)."""
+    with pytest.raises(MobileNetError, match=re.escape(words)) as error:
+        call(Predictor(checkpoint, backend="torch"))
+    assert "expected" in str(error.value)
+
+
+def test_predictor_logits_take_any_float_dtype_and_layout(checkpoint, model):
+    predictor = Predictor(checkpoint, backend="torch")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(x)
+    for batch in (
+        x.double(),  # was "expected scalar type Double but found Float"
+        x.to(memory_format=torch.channels_last),
+        torch.stack([x, x], dim=4)[..., 0],  # not contiguous
+        x.clone().requires_grad_(True),
+    ):
+        torch.testing.assert_close(predictor.logits(batch), expected)
+    assert predictor.logits(x[:0]).shape == (0, 10)
+
+
+def test_onnxruntime_predictor_names_its_input_size(checkpoint):
+    pytest.importorskip("onnxruntime")
+    predictor = Predictor(checkpoint, backend="onnxruntime", num_threads=1)
+    with pytest.raises(MobileNetError, match="runs 32x32 images, got \\(1, 3, 40, 40\\)"):
+        predictor.logits(torch.zeros(1, 3, 40, 40))  # was ONNX Runtime's InvalidArgument traceback
+    assert predictor.logits(torch.zeros(0, 3, 32, 32)).shape == (0, 10)
+
+
+def test_predictor_refuses_odd_backend_device_and_tensor_images(checkpoint):
+    with pytest.raises(MobileNetError, match="unknown backend"):
+        Predictor(checkpoint, backend=["torch"])  # was "unhashable type: 'list'"
+    with pytest.raises(MobileNetError, match="--device must be"):
+        Predictor(checkpoint, device="cpu:5")  # was "could not be read as safetensors (device cpu:5 is invalid)"
+    for tensor in (torch.zeros(3, 8, 8, device="meta"), torch.zeros(3, 8, 8, dtype=torch.complex64)):
+        with pytest.raises(BadImageError, match="expected real pixels"):
+            decode_image(tensor)  # meta: NotImplementedError; complex: imaginary parts dropped silently

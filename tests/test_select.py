@@ -277,3 +277,28 @@ def test_bf16_selection_is_refused_where_it_cannot_run(monkeypatch):
     monkeypatch.setattr(backends, "has_native_bf16", lambda: False)
     with pytest.raises(MobileNetError, match="AVX512-BF16 or AMX"):
         select.select_model(5.0, precision="bf16", families="v1")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("latency_ms", 10**400),  # no float: was OverflowError
+        ("latency_ms", 1e300),  # no measurement takes that long: was "the fastest is ... at 1e300 ms"
+        ("p90_ms", "fast"),  # passed into the JSON report as it was
+        ("p90_ms", float("nan")),  # written as NaN, which is not JSON
+        ("measured_at", ["yesterday"]),
+        ("measured_at", "line\nbreak"),
+    ],
+    ids=["latency-400-digits", "latency-1e300", "p90-text", "p90-nan", "measured-at-list", "measured-at-newline"],
+)
+def test_an_edited_cache_entry_is_measured_again_not_trusted(timer, tmp_path, field, value):
+    cache = tmp_path / "c.json"
+    select.select_model(10, cache_path=cache, threads=1)
+    data = json.loads(cache.read_text())
+    for entry in data["entries"].values():
+        entry[field] = value
+    cache.write_text(json.dumps(data))
+    result = select.select_model(10, cache_path=cache, threads=1)
+    assert len(result.measured) == 10 and len(timer.calls) == 2
+    assert all(math.isfinite(p["latency_ms"]) and p["latency_ms"] < 1e3 for p in result.points)
+    json.loads(json.dumps(result.to_dict(), allow_nan=False))  # a strict JSON document

@@ -144,3 +144,8 @@ def test_small_input_allows_the_cifar_resolution_multiplier():
         ModelConfig("v1", resolution=7, small_input=True)
     with pytest.raises(MobileNetError, match=r">= 32 \(>= 8 with small_input\), got 20"):
         ModelConfig("v1", resolution=20)
+
+
+def test_list_models_refuses_a_pattern_that_is_not_text():
+    with pytest.raises(MobileNetError, match="got int"):  # was "argument of type 'int' is not iterable"
+        list_models(5)

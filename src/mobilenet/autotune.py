@@ -58,10 +58,10 @@ from mobilenet.errors import INSTALL_HINTS, MobileNetError
 from mobilenet.parity import seeded_batch
 from mobilenet.runtime import (
     describe_machine,
-    finite_positive,
     has_int8_dot,
     has_native_bf16,
     machine_identity,
+    plausible_latency_ms,
     read_cache,
     user_cache_path,
     write_cache,
@@ -391,14 +391,15 @@ def _short(error: Exception) -> str:
 
 
 def _valid_entry(entry: Any) -> bool:
-    """A cached choice: a known backend, its medians (finite, > 0), batch, threads and when it was measured."""
-    if not isinstance(entry, dict) or entry.get("backend") not in BACKENDS:
+    """A cached choice: a known backend, its medians (finite, > 0, at most an hour), batch, threads and when it was
+    measured."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("backend"), str) or entry["backend"] not in BACKENDS:
         return False
     latency = entry.get("latency_ms")
     return (
         isinstance(latency, dict)
         and bool(latency)
-        and all(isinstance(name, str) and finite_positive(ms) for name, ms in latency.items())
+        and all(isinstance(name, str) and plausible_latency_ms(ms) for name, ms in latency.items())
         and all(isinstance(entry.get(k), int) for k in ("batch", "threads"))
         and isinstance(entry.get("measured_at"), str)
     )

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mobilenet.checkpoint import Checkpoint, load_checkpoint
+from mobilenet.checkpoint import Checkpoint, check_finite, load_checkpoint, shorten
 from mobilenet.data import resolve_preprocessing
 from mobilenet.errors import INSTALL_HINTS, MobileNetError
 from mobilenet.export import (
@@ -105,6 +105,25 @@ class ModelSource:
     random_weights: bool = False
 
 
+def _check_model_weights(model: nn.Module) -> None:
+    """Refuse a model given in memory whose weights no backend runs as they are: meta tensors (no values), another
+    float dtype than the float32 every runtime is fed (torch's own error was a dtype mismatch on the first batch),
+    NaN, infinity or negative BatchNorm variances (as a checkpoint holding them is refused when loaded)."""
+    tensors = model.state_dict()
+    meta = [key for key, tensor in tensors.items() if tensor.device.type == "meta"]
+    if meta:
+        raise MobileNetError(
+            f"the model's tensors {shorten(meta)} are on the meta device (no values); expected a model with weights"
+        )
+    other = [key for key, tensor in tensors.items() if tensor.is_floating_point() and tensor.dtype != torch.float32]
+    if other:
+        dtype = tensors[other[0]].dtype
+        raise MobileNetError(
+            f"the model's tensors {shorten(other)} are {dtype}; expected float32 weights (model.float())"
+        )
+    check_finite(tensors, "the model")
+
+
 def load_source(source: Any, *, device: str = "cpu") -> ModelSource:
     """Resolve what the user gave: a :class:`~mobilenet.models.MobileNet`, a :class:`mobilenet.checkpoint.Checkpoint`,
     a ``.safetensors`` checkpoint path, an ``.onnx`` file written by ``mobilenet export``/``quantize``, a ``.ts``,
@@ -128,6 +147,7 @@ def load_source(source: Any, *, device: str = "cpu") -> ModelSource:
             raise MobileNetError(
                 f"expected a mobilenet model (with a ModelConfig in .config), got {type(source).__name__}"
             )
+        _check_model_weights(source)
         return ModelSource(
             name=str(getattr(source, "name", "") or ""),
             config=config,
@@ -661,6 +681,6 @@ def pick_backend(backend: str, source: ModelSource, device: str = "cpu") -> str:
         if str(device).split(":")[0] != "cpu":
             return "torch"
         return "onnxruntime" if onnxruntime_available() else "torch-jit"
-    if backend not in BACKENDS:
+    if not isinstance(backend, str) or backend not in BACKENDS:  # a list is unhashable: not looked up
         raise MobileNetError(f"unknown backend {backend!r}; expected one of auto, {', '.join(BACKENDS)}")
     return backend

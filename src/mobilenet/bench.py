@@ -60,6 +60,8 @@ __all__ = [
     "BENCH_BACKENDS",
     "DEFAULT_BACKENDS",
     "DEFAULT_PAUSE_S",
+    "MAX_GEMM_SIZE",
+    "MAX_PAUSE_S",
     "BenchReport",
     "Candidate",
     "bench",
@@ -120,6 +122,11 @@ DEFAULT_BACKENDS = (
 )
 #: Images the int8 model is calibrated on when no directory is given (uniform noise: measures speed, not accuracy).
 RANDOM_CALIBRATION_IMAGES = 16
+#: The largest side of the GEMM-peak matrices: three float32 matrices of 8192^2 take 768 MiB, far past any cache.
+MAX_GEMM_SIZE = 8192
+#: The longest pause before a timed call, in seconds: far longer than any runtime's idle threads spin (a pause of
+#: years would hang the run).
+MAX_PAUSE_S = 60.0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -129,6 +136,8 @@ RANDOM_CALIBRATION_IMAGES = 16
 
 def parse_batch_sizes(text: str | Sequence[int]) -> tuple[int, ...]:
     """``"1,32"`` -> ``(1, 32)``; each an integer >= 1, no duplicates (else :class:`MobileNetError`)."""
+    if not isinstance(text, str | Sequence):
+        raise MobileNetError(f"batch sizes must be text such as '1,32' or a list of integers, got {text!r}")
     items = [s.strip() for s in text.split(",")] if isinstance(text, str) else list(text)
     sizes: list[int] = []
     for item in items:
@@ -489,12 +498,16 @@ def _check_settings(
     for value, what in ((rounds, "rounds"), (gemm_size, "gemm size")):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise MobileNetError(f"{what} must be an integer >= 1, got {value!r}")
+    if gemm_size > MAX_GEMM_SIZE:  # torch.mm's matrices would not fit in memory: an allocator traceback
+        raise MobileNetError(f"gemm size must be at most {MAX_GEMM_SIZE}, got {gemm_size}")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise MobileNetError(f"warmup must be an integer >= 0, got {warmup!r}")
     if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 32):
         raise MobileNetError(f"resolution must be an integer >= 32, got {resolution!r}")
     if isinstance(pause, bool) or not isinstance(pause, int | float) or not (math.isfinite(pause) and pause >= 0):
         raise MobileNetError(f"the pause between timed calls must be a number of seconds >= 0, got {pause!r}")
+    if pause > MAX_PAUSE_S:
+        raise MobileNetError(f"the pause between timed calls must be at most {MAX_PAUSE_S:g} s, got {pause!r}")
 
 
 def _check_calibration(calibration: str | os.PathLike[str] | None, backends: Sequence[str]) -> None:
@@ -502,6 +515,8 @@ def _check_calibration(calibration: str | os.PathLike[str] | None, backends: Seq
     would otherwise be left out with a note and the run would still succeed)."""
     if calibration is None:
         return
+    if not isinstance(calibration, str | os.PathLike):
+        raise MobileNetError(f"calibration must be a directory path, got {type(calibration).__name__}")
     if "onnxruntime-int8" not in backends:
         raise MobileNetError("--calibration applies to the int8 backend only; add --int8")
     calibration_files(calibration, None)

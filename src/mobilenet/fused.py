@@ -125,12 +125,16 @@ def best_isa() -> str:
 def _isa_code(isa: str | None) -> int:
     """``isa``, else ``$MOBILENET_FUSED_ISA``, else the best one, as the kernel's code; refuses one this CPU lacks."""
     name = isa if isa is not None else (os.environ.get(ISA_ENV) or "auto")
+    # A name from the environment may have been set long before: the message says where it came from.
+    where = "" if isa is not None else f" (from the environment variable {ISA_ENV})"
     if not isinstance(name, str) or name not in _ISA_CODES:
         raise MobileNetError(
-            f"unknown instruction set {name!r} for the fused kernel; expected one of {list(_ISA_CODES)}"
+            f"unknown instruction set {name!r}{where} for the fused kernel; expected one of {list(_ISA_CODES)}"
         )
     if name != "auto" and name not in supported_isas():
-        raise MobileNetError(f"this CPU does not run the fused kernel's {name} build; it runs {supported_isas()}")
+        raise MobileNetError(
+            f"this CPU does not run the fused kernel's {name} build{where}; it runs {supported_isas()}"
+        )
     return _ISA_CODES[name]
 
 
@@ -250,6 +254,8 @@ def pack_int8(matrix: torch.Tensor) -> Int8Weights:
     round(W / scale) in [-127, 127]; an all-zero channel has scale 0) and pack it (:class:`Int8Weights`)."""
     if not isinstance(matrix, torch.Tensor) or matrix.dim() != 2 or min(matrix.shape) < 1:
         raise MobileNetError(f"pack_int8 takes a non-empty (K, N) weight matrix, got {_describe(matrix)}")
+    if not matrix.is_floating_point() or matrix.device.type == "meta":
+        raise MobileNetError(f"pack_int8 takes real float weights, got a {matrix.dtype} matrix on {matrix.device}")
     matrix = matrix.detach().float().cpu()
     if not bool(torch.isfinite(matrix).all()):
         raise MobileNetError("pack_int8: the weight matrix holds NaN or infinite values")
@@ -665,6 +671,8 @@ def pack_linear(linear: nn.Module, precision: str = "fp32") -> FusedHead:
     check_precision(precision)
     if not isinstance(linear, nn.Linear):
         raise MobileNetError(f"the fused classifier is an nn.Linear, got {type(linear).__name__}")
+    if min(linear.weight.shape) < 1:  # the kernel would refuse the empty matrix only when called
+        raise MobileNetError(f"the fused classifier needs in and out features >= 1, got {linear}")
     weight = linear.weight.detach().float().cpu()
     out_features, in_features = int(weight.shape[0]), int(weight.shape[1])
     bias = linear.bias.detach().float().cpu() if linear.bias is not None else torch.zeros(out_features)
@@ -840,12 +848,22 @@ class FusedNetwork:
             self._buffers[key] = ([torch.empty(size) for size in sizes], plan)
         return self._buffers[key]
 
+    def _checked_batch(self, x: Any) -> torch.Tensor:
+        """``x`` as the kernel reads it (float32, on the CPU, detached), after checking that it is what the model
+        takes: a non-empty NCHW batch of real numbers with the model's channels (the model refuses integer,
+        boolean and complex tensors too; a meta tensor holds no pixels)."""
+        channels = self.model.config.in_channels
+        expected = f"expected a non-empty float NCHW batch with {channels} channels"
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != channels or 0 in x.shape:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise MobileNetError(f"{expected}, got {shape}")
+        if not x.is_floating_point() or x.device.type == "meta":
+            raise MobileNetError(f"{expected}, got a {x.dtype} tensor on {x.device}")
+        return x.detach().to("cpu", torch.float32)
+
     def _run_body(self, x: torch.Tensor) -> torch.Tensor:
         """The stem and the blocks (and any stage left in torch) on a float32 NCHW batch: an NHWC tensor."""
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.model.config.in_channels:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise MobileNetError(f"expected an NCHW batch with {self.model.config.in_channels} channels, got {shape}")
-        x = x.detach().to("cpu", torch.float32)
+        x = self._checked_batch(x)
         buffers, _ = self._plan(int(x.shape[0]), int(x.shape[2]), int(x.shape[3]))
         stem = self.stem
         if stem is not None:
@@ -909,11 +927,8 @@ class FusedNetwork:
     def _checked_arguments(self, x: torch.Tensor) -> tuple[_Steps, tuple[Any, ...], torch.Tensor]:
         """The steps for ``x``'s shape, the first block's arguments, built and checked, and the image they point to
         (``x``, or its float32 contiguous copy, which the caller keeps alive until the kernel has run)."""
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.model.config.in_channels:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise MobileNetError(f"expected an NCHW batch with {self.model.config.in_channels} channels, got {shape}")
+        x = self._checked_batch(x)
         steps = self._steps((int(x.shape[0]), int(x.shape[2]), int(x.shape[3])))
-        x = x.detach().to("cpu", torch.float32)
         if self.stem is not None:
             image = x.contiguous()  # NCHW: the fused stem reads it directly
         else:

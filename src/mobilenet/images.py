@@ -12,7 +12,10 @@ Validation comes before decoding, because decoders are C code that trusts what a
 - JPEG, WebP and GIF are decoded by torchvision.io (libjpeg-turbo: fast, CMYK-aware); PNG and every other format by
   PIL, whose PNG reader reports a malformed stream as a Python exception, where libpng's error path inside
   torchvision can take the whole process down. A PNG whose image data holds fewer rows than its header declares
-  is refused by :func:`png_data_is_complete` instead of being padded with zeros.
+  is refused by :func:`png_data_is_complete` instead of being padded with zeros;
+- a JPEG whose scan data ends before every pixel its header declares (libjpeg pads the rest with grey and only
+  prints a warning on stderr) is refused: libjpeg's warnings are read from stderr around the decode
+  (:func:`mobilenet.io.libjpeg_warnings`), and one that says data was lost or damaged refuses the image.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from torchvision.io import ImageReadMode
 from torchvision.io import decode_image as tv_decode_image
 
 from mobilenet.errors import MobileNetError
-from mobilenet.io import regular_file_size
+from mobilenet.io import libjpeg_lost_data, libjpeg_warnings, regular_file_size
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -126,10 +129,17 @@ def decode_bytes(data: bytes, label: str) -> torch.Tensor:
     _check_pixels(size, label)
     if image_format in _TORCHVISION_FORMATS:
         try:
-            decoded = tv_decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB)
+            with libjpeg_warnings() as warnings:
+                decoded = tv_decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB)
         except (RuntimeError, ValueError):
             pass  # a corrupt stream: PIL decodes it or says why in one line
         else:
+            lost = libjpeg_lost_data(warnings)
+            if lost:
+                raise BadImageError(
+                    f"cannot decode image {label}: its JPEG data is truncated or damaged (libjpeg: {lost}); "
+                    "expected a complete image file"
+                )
             # An animated GIF decodes to every frame (N, 3, H, W): the image is its first frame, as in PIL.
             return _to_uint8(decoded[0] if decoded.ndim == 4 else decoded)
     if image_format == "PNG" and not png_data_is_complete(data):
@@ -256,6 +266,8 @@ def _tensor_to_rgb(tensor: torch.Tensor, label: str) -> torch.Tensor:
         raise BadImageError(
             f"image {label} has shape {tuple(tensor.shape)}; expected a (C, H, W) tensor with C = 1, 3 or 4"
         )
+    if tensor.device.type == "meta" or tensor.is_complex():
+        raise BadImageError(f"image {label} is a {tensor.dtype} tensor on {tensor.device}; expected real pixels")
     return _channels_to_rgb(_to_uint8(tensor.detach().cpu()), label)
 
 

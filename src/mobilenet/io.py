@@ -12,7 +12,8 @@ Nothing is lost either when a long job cannot write its result at the end: :func
 a file, a directory that cannot be written, an input about to be overwritten); :func:`regular_file_size` refuses an
 input that is not a regular file (a FIFO would block a reader forever), :func:`read_regular_file` reads a small one
 within a size limit, and :func:`loads_json` parses JSON from a file without letting a hostile document escape as
-anything but a malformed one.
+anything but a malformed one. :func:`libjpeg_warnings` collects the warnings libjpeg prints on stderr (a JPEG
+whose data ends early decodes with grey padding and only that warning), for the decoders to refuse such a file.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ import os
 import re
 import secrets
 import stat
+import sys
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -40,6 +43,8 @@ __all__ = [
     "check_output_file",
     "check_outside_directory",
     "json_safe",
+    "libjpeg_lost_data",
+    "libjpeg_warnings",
     "loads_json",
     "read_regular_file",
     "regular_file_size",
@@ -50,6 +55,49 @@ __all__ = [
 _ACTIVE: set[Path] = set()
 # ".<name>.<pid>-<hex>.tmp"; and mkstemp's ".<name>.<8 characters>.tmp" of earlier versions, whose writer is gone.
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?:(?P<pid>\d+)-[0-9a-f]+|[a-z0-9_]{8})\.tmp$")
+
+
+# libjpeg warnings that mean pixels were made up: the scan data ended early (the rest is grey) or is damaged.
+_LIBJPEG_LOST_DATA = ("premature end", "bad huffman code", "instead of rst", "invalid sos parameters")
+# libjpeg's other warnings (such as extraneous bytes before a marker) leave every pixel decoded: not repeated.
+_LIBJPEG_PREFIXES = ("corrupt jpeg data", "premature end of jpeg file", "warning:", "invalid sos parameters")
+# One capture of file descriptor 2 at a time (decoding threads would otherwise swap it under each other).
+_STDERR_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def libjpeg_warnings() -> Iterator[list[str]]:
+    """Collect what the C code inside the block writes to stderr (libjpeg prints its warnings there, with no other
+    way to see them): libjpeg's lines go into the list yielded; anything else, written meanwhile by another thread,
+    is written on to stderr afterwards. Without a usable file descriptor 2 nothing is collected."""
+    lines: list[str] = []
+    with _STDERR_LOCK, tempfile.TemporaryFile() as capture:
+        try:
+            sys.stderr.flush()
+            saved = os.dup(2)
+        except (OSError, ValueError, AttributeError):
+            saved = -1
+        if saved < 0:
+            yield lines
+            return
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        capture.seek(0)
+        said = capture.read(1 << 20).decode("utf-8", "replace")
+    others = []
+    for line in filter(None, (line.strip() for line in said.splitlines())):
+        (lines if line.lower().startswith(_LIBJPEG_PREFIXES) else others).append(line)
+    if others:
+        os.write(2, ("\n".join(others) + "\n").encode())
+
+
+def libjpeg_lost_data(warnings: Iterable[str]) -> str | None:
+    """The first of libjpeg's ``warnings`` (from :func:`libjpeg_warnings`) that means pixels were made up, or None."""
+    return next((line for line in warnings if any(sign in line.lower() for sign in _LIBJPEG_LOST_DATA)), None)
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from mobilenet.errors import MobileNetError
-from mobilenet.io import atomic_write_bytes, loads_json, regular_file_size
+from mobilenet.io import atomic_write_bytes, libjpeg_lost_data, libjpeg_warnings, loads_json, regular_file_size
 
 __all__ = ["MAGIC", "ImagePack", "PackSplit", "decode_split", "read_pack", "write_pack"]
 
@@ -131,12 +131,19 @@ def decode_split(split: PackSplit, *, device: torch.device | str | None = None) 
     for first in range(0, len(split), DECODE_CHUNK):
         encoded = [split.encoded(i) for i in range(first, min(first + DECODE_CHUNK, len(split)))]
         try:
-            images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=target)
+            with libjpeg_warnings() as warnings:
+                images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=target)
         except RuntimeError as error:
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise MobileNetError(
                 f"an image of the pack (from index {first}) is not a decodable JPEG: {reason}"
             ) from None
+        lost = libjpeg_lost_data(warnings)
+        if lost:
+            raise MobileNetError(
+                f"an image of the pack (from index {first}) is a truncated or damaged JPEG (libjpeg: {lost}); "
+                "expected complete images"
+            )
         shapes = {tuple(image.shape) for image in images}
         if len(shapes) != 1:
             raise MobileNetError(f"the images of an image pack must share one size; found {sorted(shapes)[:3]}")

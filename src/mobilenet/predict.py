@@ -14,7 +14,7 @@ backend, measured once per model, batch size and thread count and cached; see :m
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +36,8 @@ __all__ = ["TORCH_BACKENDS", "Prediction", "Predictor"]
 
 #: Backends that run in torch's own thread pool (the Predictor's pre- and post-processing share it with them).
 TORCH_BACKENDS = ("torch", "torch-channels-last", "torch-jit", "torch-compile")
+#: Backends whose model was exported for one input size (any other size is the runtime's own error).
+FIXED_SIZE_BACKENDS = ("onnxruntime", "exported", "executorch")
 
 # ---------------------------------------------------------------------------------------------------------------
 # Predictions
@@ -185,8 +187,30 @@ class Predictor:
             raise BadImageError(f"image {label}: {error}") from None
 
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
-        """The backend's logits for a preprocessed float NCHW batch."""
+        """The backend's logits for a preprocessed float NCHW batch (any float dtype: it runs in float32; an empty
+        batch gives empty logits). Anything else is refused by :meth:`check_batch`."""
+        batch = self.check_batch(batch)
+        if batch.shape[0] == 0:
+            return torch.empty(0, self.num_classes)
         return self.backend(batch)
+
+    def check_batch(self, batch: Any) -> torch.Tensor:
+        """``batch`` as the backend takes it (float32, detached), or :class:`MobileNetError` saying what a
+        preprocessed batch is: a float tensor N x C x H x W with the model's channels and, for a runtime exported
+        for one input size (:data:`FIXED_SIZE_BACKENDS`), that size."""
+        channels, size = int(self.source.config.in_channels), int(self.source.preprocessing["input_size"])
+        expected = f"expected a float tensor N x {channels} x {size} x {size} (Predictor.preprocess makes one image)"
+        if not isinstance(batch, torch.Tensor):
+            raise MobileNetError(f"logits take a preprocessed batch, got a {type(batch).__name__}; {expected}")
+        shape = tuple(batch.shape)
+        fixed = self.backend_name in FIXED_SIZE_BACKENDS
+        if batch.ndim != 4 or shape[1] != channels or min(shape[2:], default=0) < 1:
+            raise MobileNetError(f"logits take a batch of shape N x C x H x W, got {shape}; {expected}")
+        if fixed and shape[2:] != (size, size):
+            raise MobileNetError(f"the {self.backend_name} backend runs {size}x{size} images, got {shape}; {expected}")
+        if not batch.is_floating_point() or batch.device.type == "meta":
+            raise MobileNetError(f"logits take a float batch, got {batch.dtype} on {batch.device}; {expected}")
+        return batch.detach().to(torch.float32)
 
     def predict(self, images: Any, topk: int = 5, *, progress: bool = False) -> list[Prediction]:
         """Top-k predictions for each image (a path, PIL image, array or tensor, or a list of them).
@@ -197,6 +221,11 @@ class Predictor:
         """
         if isinstance(images, str | os.PathLike | bytes | Image.Image) or hasattr(images, "shape"):
             images = [images]
+        if not isinstance(images, Iterable):
+            raise MobileNetError(
+                f"cannot predict {type(images).__name__}; expected an image (a path, bytes, PIL image, array or "
+                "tensor) or a list of them"
+            )
         items = list(images)
         missing = [str(item) for item in items if isinstance(item, str | os.PathLike) and not os.path.lexists(item)]
         if missing:

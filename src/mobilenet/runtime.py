@@ -56,6 +56,7 @@ except ImportError:  # pragma: no cover - Windows
 __all__ = [
     "BF16_FLAGS",
     "INT8_DOT_FLAGS",
+    "MAX_CACHED_LATENCY_MS",
     "NO_TUNING_ENV",
     "SIMD_FLAGS",
     "TRIM_THRESHOLD",
@@ -71,6 +72,7 @@ __all__ = [
     "machine_identity",
     "max_threads",
     "minor_faults",
+    "plausible_latency_ms",
     "read_cache",
     "resolve_device",
     "set_threads",
@@ -364,7 +366,7 @@ def resolve_device(name: str | torch.device = "auto", local_rank: int = 0) -> to
         device = torch.device(name)
     except RuntimeError:
         raise MobileNetError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {name!r}") from None
-    if device.type not in ("cpu", "cuda", "mps"):
+    if device.type not in ("cpu", "cuda", "mps") or (device.type == "cpu" and device.index not in (None, 0)):
         raise MobileNetError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MobileNetError(f"--device {name} was asked for but no CUDA GPU is available; use --device cpu or auto")
@@ -463,5 +465,23 @@ def _make_room_for_cache(path: Path, version: int, notes: list[str]) -> bool:
 
 
 def finite_positive(value: Any) -> bool:
-    """Whether ``value`` is a real number (not a bool), finite and > 0: a latency a cache may hold."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    """Whether ``value`` is a real number (not a bool), finite and > 0 as a float: a latency a cache may hold (a
+    JSON integer of 400 digits is no float)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        number = float(value)
+    except OverflowError:
+        return False
+    return math.isfinite(number) and number > 0
+
+
+#: The longest latency a measurement cache may hold, in milliseconds (an hour): no timed forward takes longer, so a
+#: larger figure is an edited or damaged cache, not a measurement.
+MAX_CACHED_LATENCY_MS = 3_600_000.0
+
+
+def plausible_latency_ms(value: Any) -> bool:
+    """Whether ``value`` may be a measured latency in a cache: :func:`finite_positive` and at most
+    :data:`MAX_CACHED_LATENCY_MS`."""
+    return finite_positive(value) and float(value) <= MAX_CACHED_LATENCY_MS

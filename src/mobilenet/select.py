@@ -40,8 +40,8 @@ from mobilenet.paper import V1_TABLE6, V1_TABLE7, V1_TABLE9, V2_TABLE4, PaperRow
 from mobilenet.plots import plot_latency_pareto
 from mobilenet.runtime import (
     describe_machine,
-    finite_positive,
     machine_identity,
+    plausible_latency_ms,
     read_cache,
     set_threads,
     user_cache_path,
@@ -170,7 +170,14 @@ def _read_cache(path: Path, notes: list[str]) -> dict[str, Any]:
 
 
 def _valid_entry(entry: Any) -> bool:
-    return isinstance(entry, dict) and finite_positive(entry.get("latency_ms"))
+    """A cached measurement: its median (a plausible latency) and, as this module writes them, its p90 (one too) and
+    when it was measured (text on one line); both pass into the report and the JSON as they are."""
+    if not isinstance(entry, dict) or not plausible_latency_ms(entry.get("latency_ms")):
+        return False
+    p90, measured_at = entry.get("p90_ms"), entry.get("measured_at")
+    return (p90 is None or plausible_latency_ms(p90)) and (
+        measured_at is None or (isinstance(measured_at, str) and measured_at.isprintable())
+    )
 
 
 def _write_cache(path: Path, entries: dict[str, Any], notes: list[str]) -> None:
@@ -363,6 +370,8 @@ def select_model(
     notes: list[str] = []
     backend = _resolve_backend(backend, grid, precision, batch, threads, notes)
     machine = describe_machine(threads)
+    if cache_path is not None and not isinstance(cache_path, str | os.PathLike):
+        raise MobileNetError(f"cache_path must be a file path, got {type(cache_path).__name__}")
     path = Path(cache_path) if cache_path is not None else default_cache_path()
     entries = _read_cache(path, notes)
     keys = {

@@ -666,6 +666,8 @@ MODELS: dict[str, ModelConfig] = {**_registry(), **BASELINES}
 def list_models(pattern: str = "", *, baselines: bool = False) -> list[str]:
     """The registered MobileNet names (with ``baselines=True`` also the V1 paper's comparison networks, VGG-16),
     optionally those containing ``pattern`` or matching it as a glob."""
+    if not isinstance(pattern, str):
+        raise MobileNetError(f"a model pattern is text (a part of a name or a glob), got {type(pattern).__name__}")
     names = [name for name in MODELS if baselines or name not in BASELINES]
     if not pattern:
         return names

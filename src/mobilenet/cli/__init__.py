@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import importlib
 import os
 import sys
@@ -89,7 +90,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         tune_allocator()
     try:
         with _one_line_warnings(args.command):
-            return int(args.handler(args) or 0)
+            code = int(args.handler(args) or 0)
+            sys.stdout.flush()  # a full disk is reported here, not as Python's complaint at exit
+            return code
     except MobileNetError as error:
         print(f"mobilenet {args.command}: error: {_one_line(str(error))}", file=sys.stderr)
         return 2
@@ -101,6 +104,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         # about the unflushed stdout at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except OSError as error:
+        if error.errno not in _WRITE_ERRNOS:
+            raise
+        # stdout is a full disk or a device that takes nothing (`> /dev/full`): say so once, drop what is left.
+        print(f"mobilenet {args.command}: error: cannot write the output: {error.strerror}", file=sys.stderr)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 2
+
+
+#: Errors of a write that failed for want of room or a working device: an output that cannot be written, not a bug.
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
+
+
+def shown_path(path: object) -> str:
+    """``path`` as a success line names it: as it is, or quoted with its control characters escaped (Python's
+    repr) when it holds any, since a newline in an --out or --plot path would split the line in two."""
+    text = str(path)
+    return text if text.isprintable() else repr(text)
 
 
 def _one_line(text: str) -> str:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mobilenet.cli import shown_path
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -68,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     import json
     import math
 
-    from mobilenet.bench import bench, parse_backends, parse_batch_sizes
+    from mobilenet.bench import MAX_PAUSE_S, bench, parse_backends, parse_batch_sizes
     from mobilenet.errors import MobileNetError
     from mobilenet.io import check_output_file
     from mobilenet.runtime import check_thread_count
@@ -83,8 +85,10 @@ def run(args: argparse.Namespace) -> int:
         raise MobileNetError(f"--rounds must be at least 1, got {args.rounds}")
     if args.warmup < 0:
         raise MobileNetError(f"--warmup must be at least 0, got {args.warmup}")
-    if not (math.isfinite(args.pause_ms) and args.pause_ms >= 0):
-        raise MobileNetError(f"--pause-ms must be a number of milliseconds >= 0, got {args.pause_ms}")
+    if not (math.isfinite(args.pause_ms) and 0 <= args.pause_ms <= 1e3 * MAX_PAUSE_S):
+        raise MobileNetError(
+            f"--pause-ms must be a number of milliseconds from 0 to {1e3 * MAX_PAUSE_S:g}, got {args.pause_ms}"
+        )
     if args.plot:
         check_output_file(args.plot, "--plot", inputs=args.models)
     backends = args.backends
@@ -124,12 +128,14 @@ def run(args: argparse.Namespace) -> int:
 
 def _print_table(data: dict) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 150)
     machine = data["machine"]
     console.print(
-        f"[bold]{machine['cpu']}[/bold], {machine['logical_cpus']} logical CPUs, SIMD {' '.join(machine['simd'])}, "
+        f"[bold]{escape(machine['cpu'])}[/bold], {machine['logical_cpus']} logical CPUs, "
+        f"SIMD {' '.join(machine['simd'])}, "
         f"{machine['threads']} threads; torch {machine['torch']} ({machine['torch_cpu_capability']}), onnxruntime "
         f"{machine['onnxruntime'] or '-'}, openvino {machine.get('openvino') or '-'}; "
         f"allocator: {machine['allocator']['reason']}; load average at start "
@@ -152,7 +158,9 @@ def _print_table(data: dict) -> None:
             for batch in dict.fromkeys(r["batch_size"] for r in rows)
         )
         table = Table(
-            title=f"{model['model']} at {model['resolution']}px: {model['macs_per_image'] / 1e6:.1f}M MACs per image",
+            # A model's path may hold "[/b]", which rich would read as markup.
+            title=f"{escape(model['model'])} at {model['resolution']}px: {model['macs_per_image'] / 1e6:.1f}M MACs "
+            "per image",
             caption=f"FLOP limit (2 * MACs * batch / GEMM peak): {limits}",
         )
         table.add_column("batch", justify="right")
@@ -183,6 +191,6 @@ def _print_table(data: dict) -> None:
                 )
         console.print(table)
     for note in data["notes"]:
-        console.print(f"note: {note}")
+        console.print(f"note: {note}", markup=False)
     if data.get("plot"):
-        console.print(f"plot: {data['plot']}")
+        console.print(f"plot: {shown_path(data['plot'])}", markup=False)

@@ -7,6 +7,8 @@ import argparse
 import json
 import sys
 
+from mobilenet.cli import shown_path
+
 FORMATS = ("table", "json")
 
 
@@ -72,5 +74,5 @@ def run(args: argparse.Namespace) -> int:
     )
     if report.top1:
         print("validation top-1: " + ", ".join(f"{key} {value:.2%}" for key, value in report.top1.items()))
-    print(f"wrote {report.out}")
+    print(f"wrote {shown_path(report.out)}")
     return 0

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from mobilenet.cli import shown_path
+
 SOURCES = ("torchvision", "timm")
 
 
@@ -73,5 +75,5 @@ def run(args: argparse.Namespace) -> int:
             f"logit check vs {report.reference}: max |ours - theirs| = {report.max_abs_diff:.3g} "
             f"(max |theirs| = {report.max_abs_reference:.3g}, tolerance {report.max_abs_reference * LOGIT_RTOL:.3g})"
         )
-    print(f"wrote {args.out}")
+    print(f"wrote {shown_path(args.out)}")
     return 0

@@ -20,6 +20,7 @@ import io
 import sys
 from typing import Any
 
+from mobilenet.cli import shown_path
 from mobilenet.errors import MobileNetError
 
 FORMATS = ("table", "json", "csv", "markdown")
@@ -114,7 +115,7 @@ def _emit(text: str, output: str | None) -> None:
         from mobilenet.io import atomic_write_text
 
         atomic_write_text(output, text)
-        print(f"wrote {output}", file=sys.stderr)
+        print(f"wrote {shown_path(output)}", file=sys.stderr)
     else:
         sys.stdout.write(text)
 

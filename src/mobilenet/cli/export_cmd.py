@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import math
 
+from mobilenet.cli import shown_path
+
 FORMATS = ("onnx", "torchscript", "pt2", "pte", "litert")
 
 
@@ -85,9 +87,9 @@ def run(args: argparse.Namespace) -> int:
         preprocessing=source.preprocessing,
         **options,
     )
-    print(f"wrote {result.path} ({result.path.stat().st_size / 1e6:.2f} MB, {result.format})")
+    print(f"wrote {shown_path(result.path)} ({result.path.stat().st_size / 1e6:.2f} MB, {result.format})")
     for extra in result.extra_files:
-        print(f"wrote {extra} (metadata)")
+        print(f"wrote {shown_path(extra)} (metadata)")
     for check in result.checks:
         print(f"  ok: {check}")
     return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mobilenet.cli import shown_path
+
 #: ``auto`` and the names of :data:`mobilenet.backends.BACKENDS` (spelled out: the CLI starts without torch).
 PREDICT_BACKENDS = (
     "auto",
@@ -119,7 +121,10 @@ def run(args: argparse.Namespace) -> int:
 def _print_table(predictions) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
+    # Paths and class names are shown as Text: as plain strings rich would read "[/b]" in them as markup; a path
+    # holding a newline is quoted (shown_path), or its row would be split.
     table = Table(show_lines=False)
     table.add_column("image", overflow="fold")
     table.add_column("rank", justify="right")
@@ -127,11 +132,12 @@ def _print_table(predictions) -> None:
     table.add_column("probability", justify="right")
     for prediction in predictions:
         if not prediction.ok:
-            table.add_row(prediction.source, "-", "[red]could not be read[/red]", "-")
+            table.add_row(Text(shown_path(prediction.source)), "-", "[red]could not be read[/red]", "-")
             continue
         for rank, (index, label, probability) in enumerate(
             zip(prediction.indices, prediction.labels, prediction.probabilities, strict=True), start=1
         ):
             name = f"{label} ({index})" if label is not None else str(index)
-            table.add_row(prediction.source if rank == 1 else "", str(rank), name, f"{probability:.4f}")
+            source = Text(shown_path(prediction.source) if rank == 1 else "")
+            table.add_row(source, str(rank), Text(name), f"{probability:.4f}")
     Console(soft_wrap=False).print(table)

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from mobilenet.cli import shown_path
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -167,7 +169,7 @@ def _run_executorch(args: argparse.Namespace, checkpoint: Path) -> int:
             progress=sys.stderr.isatty(),
         )
     _report(result, f"int8 XNNPACK, {result.settings['weights']}", "fp32 XNNPACK", PT2E_CALIBRATION)
-    print(f"wrote {result.path}.json (metadata: precision int8)")
+    print(f"wrote {shown_path(f'{result.path}.json')} (metadata: precision int8)")
     return 0
 
 
@@ -186,9 +188,9 @@ def _warnings_to_stderr() -> Iterator[None]:
 def _report(result: Any, what: str, fp32_what: str, method: str) -> None:
     for problem in result.skipped:
         print(f"mobilenet quantize: warning: skipped a calibration file: {problem}", file=sys.stderr)
-    print(f"wrote {result.path} ({result.path.stat().st_size / 1e6:.2f} MB, {what})")
+    print(f"wrote {shown_path(result.path)} ({result.path.stat().st_size / 1e6:.2f} MB, {what})")
     if result.fp32_path is not None:
-        print(f"wrote {result.fp32_path} ({result.fp32_path.stat().st_size / 1e6:.2f} MB, {fp32_what})")
+        print(f"wrote {shown_path(result.fp32_path)} ({result.fp32_path.stat().st_size / 1e6:.2f} MB, {fp32_what})")
     print(f"  calibrated on {result.calibration_images} image(s) ({method})")
     if result.int8_agreement is not None:
         print(f"  int8 top-1 equals fp32 top-1 on {100 * result.int8_agreement:.1f}% of the calibration images")

@@ -9,6 +9,8 @@ import math
 import sys
 from typing import TYPE_CHECKING
 
+from mobilenet.cli import shown_path
+
 if TYPE_CHECKING:
     from mobilenet.select import SelectResult
 
@@ -116,8 +118,8 @@ def _write_plot(result: SelectResult, path: str) -> str:
     try:
         written = write_plot(result, path)
     except (OSError, ValueError) as error:
-        return f"the plot could not be written to {path}: {getattr(error, 'strerror', None) or error}"
-    return f"Pareto plot written to {written}"
+        return f"the plot could not be written to {shown_path(path)}: {getattr(error, 'strerror', None) or error}"
+    return f"Pareto plot written to {shown_path(written)}"
 
 
 def _report(result: SelectResult) -> str:
