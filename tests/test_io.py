@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import stat
@@ -16,6 +17,8 @@ from mobilenet.io import (
     atomic_path,
     atomic_write_text,
     json_safe,
+    libjpeg_lost_data,
+    libjpeg_warnings,
     loads_json,
     read_regular_file,
     remove_stale_temporaries,
@@ -285,3 +288,25 @@ def test_a_write_that_finds_no_room_is_one_error_and_leaves_the_file(tmp_path, m
     with pytest.raises(OSError) as error:
         mobilenet.io.atomic_write_bytes(target, b"new")
     assert not isinstance(error.value, MobileNetError)
+
+
+def test_libjpeg_warnings_leave_python_writes_to_stderr_where_they_go(capfd):
+    """Only the C library's stream is swapped: a progress bar drawn by Python meanwhile shows at once, not after."""
+    with libjpeg_warnings() as lines:
+        sys.stderr.write("progress 3/10\n")
+        sys.stderr.flush()
+        assert capfd.readouterr().err == "progress 3/10\n"
+    assert lines == []
+
+
+def test_libjpeg_warnings_collects_libjpeg_lines_and_passes_the_rest_on(capfd):
+    libc = ctypes.CDLL(None)
+    libc.fputs.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
+    with libjpeg_warnings() as lines:
+        stream = ctypes.c_void_p.in_dll(libc, "stderr").value
+        libc.fputs(b"Corrupt JPEG data: premature end of data segment\n", stream)
+        libc.fputs(b"some other library's note\n", stream)
+        assert capfd.readouterr().err == ""  # held until the block ends
+    assert lines == ["Corrupt JPEG data: premature end of data segment"]
+    assert libjpeg_lost_data(lines) == lines[0]
+    assert capfd.readouterr().err == "some other library's note\n"

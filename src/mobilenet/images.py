@@ -14,8 +14,8 @@ Validation comes before decoding, because decoders are C code that trusts what a
   torchvision can take the whole process down. A PNG whose image data holds fewer rows than its header declares
   is refused by :func:`png_data_is_complete` instead of being padded with zeros;
 - a JPEG whose scan data ends before every pixel its header declares (libjpeg pads the rest with grey and only
-  prints a warning on stderr) is refused: libjpeg's warnings are read from stderr around the decode
-  (:func:`mobilenet.io.libjpeg_warnings`), and one that says data was lost or damaged refuses the image.
+  prints a warning on stderr) is refused: the C library's stderr is swapped for a buffer around the decode
+  (:func:`mobilenet.io.libjpeg_warnings`), and a warning that says data was lost or damaged refuses the image.
 """
 
 from __future__ import annotations

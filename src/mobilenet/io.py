@@ -12,21 +12,23 @@ Nothing is lost either when a long job cannot write its result at the end: :func
 a file, a directory that cannot be written, an input about to be overwritten); :func:`regular_file_size` refuses an
 input that is not a regular file (a FIFO would block a reader forever), :func:`read_regular_file` reads a small one
 within a size limit, and :func:`loads_json` parses JSON from a file without letting a hostile document escape as
-anything but a malformed one. :func:`libjpeg_warnings` collects the warnings libjpeg prints on stderr (a JPEG
-whose data ends early decodes with grey padding and only that warning), for the decoders to refuse such a file.
+anything but a malformed one. :func:`libjpeg_warnings` collects the warnings libjpeg prints through the C
+library's stderr (a JPEG whose data ends early decodes with grey padding and only that warning), for the decoders
+to refuse such a file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import functools
 import json
 import math
 import os
 import re
 import secrets
 import stat
-import sys
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator
@@ -61,33 +63,58 @@ _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?:(?P<pid>\d+)-[0-9a-f]+|[a-z0-9_]{8
 _LIBJPEG_LOST_DATA = ("premature end", "bad huffman code", "instead of rst", "invalid sos parameters")
 # libjpeg's other warnings (such as extraneous bytes before a marker) leave every pixel decoded: not repeated.
 _LIBJPEG_PREFIXES = ("corrupt jpeg data", "premature end of jpeg file", "warning:", "invalid sos parameters")
-# One capture of file descriptor 2 at a time (decoding threads would otherwise swap it under each other).
+# One capture at a time: the C library's stderr is one variable of the process.
 _STDERR_LOCK = threading.Lock()
+
+
+@functools.cache
+def _c_stdio() -> tuple[Any, ctypes.c_void_p] | None:
+    """The C library and its ``stderr`` variable (glibc's name, or macOS's ``__stderrp``), or None where either
+    cannot be found (then nothing is captured)."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.open_memstream.restype = ctypes.c_void_p
+        libc.open_memstream.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_size_t)]
+        libc.fclose.argtypes = [ctypes.c_void_p]
+        libc.free.argtypes = [ctypes.c_void_p]
+    except (OSError, AttributeError):
+        return None
+    for name in ("stderr", "__stderrp"):
+        try:
+            return libc, ctypes.c_void_p.in_dll(libc, name)
+        except ValueError:
+            continue
+    return None
 
 
 @contextlib.contextmanager
 def libjpeg_warnings() -> Iterator[list[str]]:
-    """Collect what the C code inside the block writes to stderr (libjpeg prints its warnings there, with no other
-    way to see them): libjpeg's lines go into the list yielded; anything else, written meanwhile by another thread,
-    is written on to stderr afterwards. Without a usable file descriptor 2 nothing is collected."""
+    """Collect the lines that C code inside the block prints through the C library's ``stderr`` (libjpeg prints its
+    warnings there, with no other way to see them): libjpeg's go into the list yielded, anything else is written on
+    to stderr afterwards. Only the C library's stream is swapped, for an in-memory one, never file descriptor 2:
+    Python's own writes (a progress bar drawn by another thread) go where they always go. Where the C library's
+    stream cannot be reached, nothing is collected."""
     lines: list[str] = []
-    with _STDERR_LOCK, tempfile.TemporaryFile() as capture:
-        try:
-            sys.stderr.flush()
-            saved = os.dup(2)
-        except (OSError, ValueError, AttributeError):
-            saved = -1
-        if saved < 0:
+    stdio = _c_stdio()
+    if stdio is None:
+        yield lines
+        return
+    libc, stream_variable = stdio
+    buffer, size = ctypes.c_void_p(), ctypes.c_size_t()
+    with _STDERR_LOCK:
+        memory = libc.open_memstream(ctypes.byref(buffer), ctypes.byref(size))
+        if not memory:
             yield lines
             return
-        os.dup2(capture.fileno(), 2)
+        saved = stream_variable.value
+        stream_variable.value = memory
         try:
             yield lines
         finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-        capture.seek(0)
-        said = capture.read(1 << 20).decode("utf-8", "replace")
+            stream_variable.value = saved
+            libc.fclose(memory)  # flushes: buffer and size now hold everything written
+            said = ctypes.string_at(buffer.value, size.value).decode("utf-8", "replace") if buffer.value else ""
+            libc.free(buffer)
     others = []
     for line in filter(None, (line.strip() for line in said.splitlines())):
         (lines if line.lower().startswith(_LIBJPEG_PREFIXES) else others).append(line)
