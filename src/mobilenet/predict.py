@@ -152,6 +152,9 @@ class Predictor:
         self._torch_threads = None if self.backend_name in TORCH_BACKENDS else 1
         self.batch_size = batch_size
         self.transform = build_eval_transform(self.source.preprocessing)
+        # The batch the backend takes: the model's channels, and the one input size of an exported runtime (else 0).
+        fixed = input_size if self.backend_name in FIXED_SIZE_BACKENDS else 0
+        self._batch_layout = (int(self.source.config.in_channels), fixed)
 
     @property
     def name(self) -> str:
@@ -197,20 +200,28 @@ class Predictor:
     def check_batch(self, batch: Any) -> torch.Tensor:
         """``batch`` as the backend takes it (float32, detached), or :class:`MobileNetError` saying what a
         preprocessed batch is: a float tensor N x C x H x W with the model's channels and, for a runtime exported
-        for one input size (:data:`FIXED_SIZE_BACKENDS`), that size."""
-        channels, size = int(self.source.config.in_channels), int(self.source.preprocessing["input_size"])
-        expected = f"expected a float tensor N x {channels} x {size} x {size} (Predictor.preprocess makes one image)"
+        for one input size (:data:`FIXED_SIZE_BACKENDS`), that size. A float32 batch without gradients is passed as
+        it is: this runs on every call, before the runtime."""
         if not isinstance(batch, torch.Tensor):
-            raise MobileNetError(f"logits take a preprocessed batch, got a {type(batch).__name__}; {expected}")
-        shape = tuple(batch.shape)
-        fixed = self.backend_name in FIXED_SIZE_BACKENDS
-        if batch.ndim != 4 or shape[1] != channels or min(shape[2:], default=0) < 1:
-            raise MobileNetError(f"logits take a batch of shape N x C x H x W, got {shape}; {expected}")
-        if fixed and shape[2:] != (size, size):
-            raise MobileNetError(f"the {self.backend_name} backend runs {size}x{size} images, got {shape}; {expected}")
-        if not batch.is_floating_point() or batch.device.type == "meta":
-            raise MobileNetError(f"logits take a float batch, got {batch.dtype} on {batch.device}; {expected}")
-        return batch.detach().to(torch.float32)
+            raise MobileNetError(f"logits take a preprocessed batch, got a {type(batch).__name__}; {self._expected()}")
+        shape = batch.shape
+        channels, size = self._batch_layout
+        if len(shape) != 4 or shape[1] != channels or shape[2] < 1 or shape[3] < 1:
+            raise MobileNetError(f"logits take a batch of shape N x C x H x W, got {tuple(shape)}; {self._expected()}")
+        if size and (shape[2] != size or shape[3] != size):
+            raise MobileNetError(
+                f"the {self.backend_name} backend runs {size}x{size} images, got {tuple(shape)}; {self._expected()}"
+            )
+        if batch.is_meta or not batch.is_floating_point():
+            raise MobileNetError(f"logits take a float batch, got {batch.dtype} on {batch.device}; {self._expected()}")
+        if batch.dtype != torch.float32:
+            batch = batch.to(torch.float32)
+        return batch.detach() if batch.requires_grad else batch
+
+    def _expected(self) -> str:
+        size = int(self.source.preprocessing["input_size"])
+        channels = self._batch_layout[0]
+        return f"expected a float tensor N x {channels} x {size} x {size} (Predictor.preprocess makes one image)"
 
     def predict(self, images: Any, topk: int = 5, *, progress: bool = False) -> list[Prediction]:
         """Top-k predictions for each image (a path, PIL image, array or tensor, or a list of them).
