@@ -1718,3 +1718,26 @@ def test_bench_plot_path_with_markup_or_newline_is_one_line(files, tmp_path, cap
     assert plot.is_file()
     assert f"plot: {str(plot)!r}" in out.splitlines()
     assert f"{TINY} at 32px" in out
+
+
+def test_eval_table_shows_data_paths_and_class_names_as_text(tmp_path, capsys, monkeypatch):
+    """eval's summary and per-class table print the user's folder and class names as they are: "[/x]" raised
+    rich's MarkupError, "[bold]" vanished, and a plot path holding a newline split its line."""
+    classes = ["[bold]y", "[red]z", "w"]
+    model = mobilenet.create_model(TINY, num_classes=3, resolution=32, small_input=True)
+    ck = tmp_path / "ck.safetensors"
+    mobilenet.save(model, ck, classes=classes)
+    monkeypatch.chdir(tmp_path)
+    data = Path("d[", "b]")
+    for name in classes:
+        (data / name).mkdir(parents=True)
+        for index in range(2):
+            (data / name / f"{index}.png").write_bytes(png_bytes(32, 32, 32 + 40 * index))
+    plot = Path("conf\nusion.png")
+    argv = ["eval", ck, "--data", Path("d[/b]"), "--device", "cpu", "--num-workers", "0", "--plot", plot]
+    code, out, err = cli(argv, capsys, monkeypatch)
+    assert code == 0, err
+    assert "on d[/b] (" in out
+    table = "\n".join(line for line in out.splitlines() if "│" in line)
+    assert "[bold]y" in table and "[red]z" in table
+    assert f"confusion matrix: {str(plot)!r}" in out.splitlines()

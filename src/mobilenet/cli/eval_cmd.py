@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from mobilenet.cli import shown_path
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("eval", help="evaluate a checkpoint: top-1/top-5, per-class, confusion matrix")
@@ -156,18 +158,22 @@ def _evaluate(args: argparse.Namespace, model: str, plot_path: Path | None) -> i
         print(json.dumps(result, indent=2))
         return 0
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
+    # Names and paths are the user's text: escaped, so a folder named "[/b]" prints as itself instead of as markup.
     console = Console()
     console.print(
-        f"[bold]{result['model']}[/bold] on {result['data']} ({result['split']}, {result['images']} images): "
+        f"[bold]{escape(result['model'])}[/bold] on {escape(str(result['data']))} ({result['split']}, "
+        f"{result['images']} images): "
         f"top-1 [bold]{result['top1']:.2%}[/bold]  "
         + (f"top-5 {result['top5']:.2%}  " if len(result["classes"]) > 5 else "")
         + f"loss {result['loss']:.4f}"
     )
     if "reference" in result:
         console.print(
-            f"reference {result['reference']['checkpoint']}: top-1 {result['reference']['top1']:.2%}; "
+            f"reference {escape(str(result['reference']['checkpoint']))}: top-1 {result['reference']['top1']:.2%}; "
             f"difference {100 * result['top1_difference']:+.2f} points"
         )
     if "precision_check" in result:
@@ -177,8 +183,8 @@ def _evaluate(args: argparse.Namespace, model: str, plot_path: Path | None) -> i
         )
     table = Table("class", "images", "accuracy")
     for name, accuracy in result["per_class"].items():
-        table.add_row(name, str(result["per_class_count"][name]), "-" if accuracy is None else f"{accuracy:.2%}")
+        table.add_row(Text(name), str(result["per_class_count"][name]), "-" if accuracy is None else f"{accuracy:.2%}")
     console.print(table)
     if "confusion_plot" in result:
-        console.print(f"confusion matrix: {result['confusion_plot']}")
+        console.print(Text(f"confusion matrix: {shown_path(result['confusion_plot'])}"))
     return 0
