@@ -31,3 +31,12 @@ def test_progress_bar_advances_and_can_be_off():
     with progress_bar(4, "x", transient=True) as advance:
         advance(2)
         advance(2)
+
+
+def test_a_description_holding_markup_is_shown_as_it_is(monkeypatch):
+    """A data folder named "d[/b]" in "decoding d[/b]" raised rich's MarkupError on a terminal."""
+    console = Console(width=120, record=True, force_terminal=True)
+    monkeypatch.setattr("mobilenet.progress.Console", lambda **_: console)
+    with progress_bar(2, "decoding d[/b]/[bold]x", transient=False) as advance:
+        advance(2)
+    assert "decoding d[/b]/[bold]x" in console.export_text()

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -80,7 +81,7 @@ def progress_bar(
         yield lambda _n: None
         return
     with new_progress("rate", transient=transient) as bar:
-        task = bar.add_task(description, total=total, rate="")
+        task = bar.add_task(escape(description), total=total, rate="")  # a folder named "d[/b]" is not markup
         started = time.perf_counter()
 
         def advance(n: int) -> None:
