@@ -1524,3 +1524,46 @@ def test_checkpoint_with_any_header_bytes_is_refused_in_one_line(junk, tmp_path_
     with pytest.raises(MobileNetError) as error:
         mobilenet.load(path)
     assert "\n" not in str(error.value)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# --- export, quantize, convert, compress (sweep 7)
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ck_other_input_size(files) -> Path:
+    """A checkpoint whose preprocessing's input size (40 px) is not its config's resolution (32): legitimate, and
+    its exports take 40 px images."""
+    path = files.root / "input40.safetensors"
+    preprocessing = {"input_size": 40, "resize_size": 44, "mean": [0.5] * 3, "std": [0.5] * 3, "style": "small"}
+    mobilenet.save(mobilenet.load(files.ck), path, classes=CLASSES, preprocessing=preprocessing)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_bench_runs_an_export_at_its_input_size(fmt, ck_other_input_size, tmp_path, capsys, monkeypatch):
+    """bench fed an exported file batches at the config's resolution, not at the input size its graph takes: ONNX
+    Runtime's INVALID_ARGUMENT or torch.export's guard failure as a traceback."""
+    from mobilenet.export import export_model
+
+    path = export_model(mobilenet.load(ck_other_input_size), tmp_path / f"m.{fmt}", format=fmt).path
+    argv = [
+        "bench",
+        path,
+        "--rounds",
+        "1",
+        "--warmup",
+        "0",
+        "--batch-sizes",
+        "1",
+        "--gemm-size",
+        "64",
+        "--format",
+        "json",
+    ]
+    code, out, err = cli(argv, capsys, monkeypatch)
+    assert code == 0 and "Traceback" not in err, err
+    assert json.loads(out)["models"][0]["resolution"] == 40
+    code, _, err = cli([*argv, "--resolution", "32"], capsys, monkeypatch)
+    assert_clean_error(code, err, "its own input size (40 px)", "--resolution")
