@@ -1567,3 +1567,37 @@ def test_bench_runs_an_export_at_its_input_size(fmt, ck_other_input_size, tmp_pa
     assert json.loads(out)["models"][0]["resolution"] == 40
     code, _, err = cli([*argv, "--resolution", "32"], capsys, monkeypatch)
     assert_clean_error(code, err, "its own input size (40 px)", "--resolution")
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "pt2"])
+def test_export_whose_metadata_claims_other_classes_is_refused(fmt, files, tmp_path, capsys, monkeypatch):
+    """An exported file whose metadata says 10 classes (no names) where its graph gives 3 logits was used as it
+    stood: predict ranked the 3 logits as classes 0..2 and eval said the file 'has 10 outputs'. It is refused."""
+    from mobilenet.backends import load_source
+    from mobilenet.export import EXPORT_FORMATS, export_model
+
+    good = export_model(mobilenet.load(files.ck), tmp_path / f"good{EXPORT_FORMATS[fmt]}", format=fmt).path
+
+    def ten_classes(metadata: dict) -> None:
+        metadata["config"]["num_classes"] = 10
+        metadata["classes"] = None
+
+    path = tmp_path / f"edited{good.suffix}"
+    if fmt == "onnx":
+        _edit_onnx(good, path, lambda graph, metadata: ten_classes(metadata))
+    else:
+
+        def edit(name: str, data: bytes) -> bytes:
+            if not name.endswith("mobilenet.json"):
+                return data
+            metadata = json.loads(data)
+            ten_classes(metadata)
+            return json.dumps(metadata).encode()
+
+        _edit_archive(good, path, edit, {})
+    with pytest.raises(MobileNetError, match="metadata describes") as error:
+        load_source(path)
+    assert "\n" not in str(error.value) and "10]" in str(error.value)
+    code, _, err = cli(["predict", path, files.good], capsys, monkeypatch)
+    assert_clean_error(code, err, path.name, "10]")
+    assert load_source(good).config.num_classes == 3

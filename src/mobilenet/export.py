@@ -427,26 +427,37 @@ def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def _check_onnx_signature(file: Path, graph: Any, metadata: dict[str, Any]) -> None:
     """Refuse an ONNX graph that does not take what its metadata describes (one NCHW input :data:`INPUT_NAME` with
-    the config's channels at the preprocessing's input size, an output :data:`OUTPUT_NAME`): every runtime would
-    fail on the first batch. A symbolic dimension accepts any size; a value of the wrong type in the metadata is
+    the config's channels at the preprocessing's input size, an output :data:`OUTPUT_NAME` of the config's
+    ``num_classes`` logits per image): every runtime would fail on the first batch, or its logits would be read
+    against the wrong classes. A symbolic dimension accepts any size; a value of the wrong type in the metadata is
     left to the config's own checks."""
     weights = {initializer.name for initializer in graph.initializer}
     inputs = [value for value in graph.input if value.name not in weights]
-    outputs = [value.name for value in graph.output]
+    outputs = {value.name: value for value in graph.output}
     config, preprocessing = metadata["config"], metadata.get("preprocessing")
     side = (preprocessing.get("input_size") if isinstance(preprocessing, dict) else None) or config.get("resolution")
     expected = ["batch", config.get("in_channels", 3), side, side]
+    expected_out = ["batch", config.get("num_classes", 1000)]
     found = _input_dims(inputs[0]) if len(inputs) == 1 else []
-    fits = len(found) == 4 and all(
+    found_out = _input_dims(outputs[OUTPUT_NAME]) if OUTPUT_NAME in outputs else []
+    if [value.name for value in inputs] != [INPUT_NAME] or not (
+        _dims_fit(found, expected) and _dims_fit(found_out, expected_out)
+    ):
+        shown = ", ".join(f"{value.name!r} {_input_dims(value)}" for value in inputs) or "nothing"
+        gives = ", ".join(f"{name!r} {_input_dims(value)}" for name, value in outputs.items()) or "nothing"
+        raise MobileNetError(
+            f"{file} takes {shown} and gives {gives}, not what its metadata describes ({INPUT_NAME!r} {expected} "
+            f"-> {OUTPUT_NAME!r} {expected_out}); expected a file written by `mobilenet export` or `mobilenet "
+            "quantize`"
+        )
+
+
+def _dims_fit(found: list[int | str], expected: list[Any]) -> bool:
+    """Whether a graph value's dimensions fit the metadata's: as many, and equal where both are sizes."""
+    return len(found) == len(expected) and all(
         not isinstance(want, int) or isinstance(want, bool) or not isinstance(have, int) or have == want
         for have, want in zip(found, expected, strict=True)
     )
-    if [value.name for value in inputs] != [INPUT_NAME] or OUTPUT_NAME not in outputs or not fits:
-        shown = ", ".join(f"{value.name!r} {_input_dims(value)}" for value in inputs) or "nothing"
-        raise MobileNetError(
-            f"{file} takes {shown} and gives {outputs}, not what its metadata describes ({INPUT_NAME!r} {expected} "
-            f"-> {OUTPUT_NAME!r}); expected a file written by `mobilenet export` or `mobilenet quantize`"
-        )
 
 
 def _input_dims(value: Any) -> list[int | str]:
@@ -1003,11 +1014,12 @@ def _load_pt2(file: Path) -> LoadedExport:
 
 
 def _checked_program(loaded: LoadedExport) -> LoadedExport:
-    """``loaded`` once its program has run one input shaped as its metadata describes (channels, input size): a
-    program and metadata that disagree would otherwise fail on the first batch, deep in the runtime."""
+    """``loaded`` once its program has run one input shaped as its metadata describes (channels, input size) and
+    given one row of the config's ``num_classes`` logits: a program and metadata that disagree would otherwise fail
+    on the first batch, deep in the runtime, or have their logits read against the wrong classes."""
     try:
         with torch.no_grad():
-            loaded.run(_check_input(loaded.metadata, 1))
+            logits = loaded.run(_check_input(loaded.metadata, 1))
     except Exception as error:  # the program's own failure (a shape guard, a conv's channel check) or bad metadata
         # TorchScript's message starts with its interpreter's frames; the reason is its last line.
         reason = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
@@ -1015,6 +1027,13 @@ def _checked_program(loaded: LoadedExport) -> LoadedExport:
             f"{loaded.path}'s program does not take what its metadata describes ({reason[-1][:300]}); expected a "
             "file written by `mobilenet export`"
         ) from None
+    expected = [1, loaded.metadata["config"].get("num_classes", 1000)]
+    found = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+    if found != expected:
+        raise MobileNetError(
+            f"{loaded.path}'s program gives logits of shape {found} for one image, not the {expected} its metadata "
+            "describes; expected a file written by `mobilenet export`"
+        )
     return loaded
 
 
