@@ -1601,3 +1601,49 @@ def test_export_whose_metadata_claims_other_classes_is_refused(fmt, files, tmp_p
     code, _, err = cli(["predict", path, files.good], capsys, monkeypatch)
     assert_clean_error(code, err, path.name, "10]")
     assert load_source(good).config.num_classes == 3
+
+
+def sweep7_suffix_cases(f: Files) -> dict[str, tuple[list[str], tuple[str, ...]]]:
+    """Outputs named so that predict, eval and bench (which tell an exported file's format by its suffix) could never
+    read them back: each was written, exit 0."""
+    ck, out = str(f.ck), str(f.root / "out")
+    calibration = str(f.data / "train")
+    return {
+        "export-out-unknown-suffix": (
+            ["export", ck, "--format", "torchscript", "--out", out + "/m.torchscript"],
+            ("--out", ".torchscript", "expected a name ending in .ts"),
+        ),
+        "export-out-no-suffix": (["export", ck, "--out", out + "/model"], ("--out", "no suffix", ".onnx")),
+        "quantize-out-bin": (["quantize", ck, "-c", calibration, "--out", out + "/q.bin"], ("--out", ".bin", ".onnx")),
+        "quantize-out-pt2": (["quantize", ck, "-c", calibration, "--out", out + "/q.pt2"], ("--out", "pt2 files")),
+        "quantize-keep-fp32-bin": (
+            ["quantize", ck, "-c", calibration, "--out", out + "/q.onnx", "--keep-fp32", out + "/f.bin"],
+            ("--keep-fp32", ".bin", ".onnx"),
+        ),
+    }
+
+
+def _sweep7_ids(table: Callable[[Files], dict]) -> list[str]:
+    placeholder = Files.__new__(Files)
+    placeholder.ck, placeholder.root, placeholder.data = Path("ck"), Path("root"), Path("data")
+    return sorted(table(placeholder))
+
+
+@pytest.mark.parametrize("case", _sweep7_ids(sweep7_suffix_cases))
+def test_export_and_quantize_refuse_an_output_named_for_no_reader(case, files, capsys, monkeypatch):
+    argv, words = sweep7_suffix_cases(files)[case]
+    before = files.snapshot()
+    code, _, err = cli(argv, capsys, monkeypatch)
+    assert_clean_error(code, err, *words)
+    assert files.snapshot() == before
+    assert not (files.root / "out").exists()
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "pt2"])
+def test_export_api_refuses_a_path_without_the_format_suffix(fmt, files, tmp_path):
+    from mobilenet.export import export_model
+
+    with pytest.raises(MobileNetError, match="expected a name ending in") as error:
+        export_model(mobilenet.load(files.ck), tmp_path / "m.bin", format=fmt)
+    assert "\n" not in str(error.value)
+    assert list(tmp_path.iterdir()) == []

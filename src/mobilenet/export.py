@@ -70,6 +70,7 @@ __all__ = [
     "TfliteRunner",
     "check_opset",
     "check_pte_max_batch",
+    "check_suffix",
     "export_executorch",
     "export_for_pte",
     "export_litert",
@@ -160,6 +161,25 @@ class ExportResult:
 # ---------------------------------------------------------------------------------------------------------------
 # BatchNorm folding
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def check_suffix(path: str | os.PathLike[str], suffix: str, what: str, *, given_as: str = "") -> None:
+    """Refuse an output ``path`` for a ``suffix`` file that is not named with that suffix: predict, eval, bench and
+    the export readers tell an exported file's format by its suffix alone, so an ONNX model written as ``m.bin`` or
+    ``m.pt2`` could never be read back. ``what`` names the output (``--out``); ``given_as`` says where the format
+    came from (``--format onnx``), for the message."""
+    owners = {ending: name for name, ending in EXPORT_FORMATS.items()}
+    owners[".safetensors"] = "checkpoint"
+    found = Path(path).suffix.lower()
+    if found == suffix:
+        return
+    because = f", but {given_as}" if given_as else ""
+    if found in owners:
+        named = f"ends in {found}, the suffix of {owners[found]} files{because}"
+    else:
+        ending = f"ends in {found}" if found else "has no suffix"
+        named = f"{ending}, which predict, eval and bench do not read as an exported model{because}"
+    raise MobileNetError(f"{what} {path} {named}; expected a name ending in {suffix}")
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
@@ -323,6 +343,7 @@ def export_onnx(
     if exporter not in ("torchscript", "dynamo"):
         raise MobileNetError(f"unknown ONNX exporter {exporter!r}; expected 'torchscript' or 'dynamo'")
     check_opset(opset)
+    check_suffix(path, ".onnx", "ONNX output")
     target = check_output_file(path, "ONNX output")
     metadata = metadata_for(model, classes=classes, preprocessing=preprocessing)
     folded = fold_batchnorm(model).float().cpu()
@@ -514,6 +535,7 @@ def export_torchscript(
 ) -> ExportResult:
     """Write a traced TorchScript module (BatchNorm folded; loads with ``torch.jit.load`` without this library)
     with ``mobilenet.json`` among its extra files, then reload it and compare logits at batch 2 and 3."""
+    check_suffix(path, ".ts", "TorchScript output")
     target = check_output_file(path, "TorchScript output")
     metadata = metadata_for(model, classes=classes, preprocessing=preprocessing)
     folded = fold_batchnorm(model).float().cpu()
@@ -549,6 +571,7 @@ def export_pt2(
 ) -> ExportResult:
     """Write a ``torch.export`` ExportedProgram (``.pt2``, BatchNorm folded, dynamic batch 1..4096) with
     ``mobilenet.json`` among its extra files; reload it with ``torch.export.load`` and compare logits."""
+    check_suffix(path, ".pt2", ".pt2 output")
     target = check_output_file(path, ".pt2 output")
     metadata = metadata_for(model, classes=classes, preprocessing=preprocessing)
     program = _exported_program(model, metadata, max_batch=4096)
@@ -601,6 +624,7 @@ def pte_output_paths(path: str | os.PathLike[str], inputs: Sequence[Any] = ()) -
 
 def sidecar_paths(path: str | os.PathLike[str], suffix: str, inputs: Sequence[Any] = ()) -> tuple[Path, Path]:
     """A ``suffix`` file to write and its metadata sidecar ``<path>.json``, both checked as writable outputs."""
+    check_suffix(path, suffix, f"{suffix} output")
     target = check_output_file(path, f"{suffix} output", inputs=inputs)
     return target, check_output_file(target.with_name(target.name + ".json"), f"{suffix} metadata", inputs=inputs)
 
