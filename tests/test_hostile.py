@@ -1647,3 +1647,32 @@ def test_export_api_refuses_a_path_without_the_format_suffix(fmt, files, tmp_pat
         export_model(mobilenet.load(files.ck), tmp_path / "m.bin", format=fmt)
     assert "\n" not in str(error.value)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "dtype, suffix", [("float8_e4m3fn", ".safetensors"), ("float8_e5m2", ".pth"), ("complex64", ".pth")]
+)
+def test_convert_refuses_8_bit_float_and_complex_weights_by_name(dtype, suffix, tmp_path, capsys, monkeypatch):
+    """A weight stored as an 8-bit float was a NotImplementedError traceback from the finiteness check ('isfinite'
+    not implemented for 'Float8_e4m3fn'); a complex one was called an integer or a boolean."""
+    import torch
+    from safetensors.torch import save_file
+
+    from mobilenet.convert import read_foreign_state_dict
+
+    state = _tiny_torchvision_state()
+    key = "classifier.1.weight"
+    state[key] = state[key].to(getattr(torch, dtype))
+    path = tmp_path / f"w{suffix}"
+    if suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    with pytest.raises(MobileNetError, match="8-bit floats") as error:
+        read_foreign_state_dict(path)
+    assert f"{key} {dtype}" in str(error.value) and "\n" not in str(error.value)
+    out = tmp_path / "c.safetensors"
+    argv = ["convert", path, "--from", "torchvision", "--model", "mobilenet_v2_0.5_224", "--out", out]
+    code, _, err = cli(argv, capsys, monkeypatch)
+    assert_clean_error(code, err, key, "expected the float32")
+    assert not out.exists()
