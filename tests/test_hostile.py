@@ -1676,3 +1676,47 @@ def test_convert_refuses_8_bit_float_and_complex_weights_by_name(dtype, suffix, 
     code, _, err = cli(argv, capsys, monkeypatch)
     assert_clean_error(code, err, key, "expected the float32")
     assert not out.exists()
+
+
+def test_checkpoint_suffixes_are_the_export_formats():
+    from mobilenet.checkpoint import EXPORTED_MODEL_SUFFIXES
+    from mobilenet.export import EXPORT_FORMATS
+
+    assert sorted(EXPORTED_MODEL_SUFFIXES) == sorted(EXPORT_FORMATS.values())
+
+
+def sweep7_checkpoint_out_cases(f: Files) -> dict[str, tuple[list[str], tuple[str, ...]]]:
+    """A checkpoint written under an exported model's suffix: predict, eval and bench then read it as that format
+    ('conv.onnx is not a readable ONNX model'). Each was written, exit 0."""
+    ck, out = str(f.ck), str(f.root / "out")
+    return {
+        "compress-out-onnx": (["compress", ck, "--classifier-rank", "2", "--out", out + "/c.onnx"], ("--out", ".onnx")),
+        "compress-out-pt2-upper": (
+            ["compress", ck, "--classifier-rank", "2", "--out", out + "/c.PT2"],
+            ("--out", ".pt2", ".safetensors"),
+        ),
+        "convert-out-tflite": (
+            ["convert", ck, "--from", "torchvision", "--model", "mobilenet_v2_0.5_224", "--out", out + "/c.tflite"],
+            ("--out", ".tflite", "expected a name ending in .safetensors"),
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", _sweep7_ids(sweep7_checkpoint_out_cases))
+def test_checkpoint_outputs_refuse_an_exported_model_suffix(case, files, capsys, monkeypatch):
+    argv, words = sweep7_checkpoint_out_cases(files)[case]
+    before = files.snapshot()
+    code, _, err = cli(argv, capsys, monkeypatch)
+    assert_clean_error(code, err, *words)
+    assert files.snapshot() == before
+    assert not (files.root / "out").exists()
+
+
+def test_save_and_compress_api_refuse_an_exported_model_suffix(files, tmp_path):
+    from mobilenet.compress import compress_checkpoint
+
+    with pytest.raises(MobileNetError, match=r"expected a name ending in \.safetensors"):
+        mobilenet.save(mobilenet.load(files.ck), tmp_path / "m.onnx")
+    with pytest.raises(MobileNetError, match=r"expected a name ending in \.safetensors"):
+        compress_checkpoint(files.ck, 2, tmp_path / "m.ts")
+    assert list(tmp_path.iterdir()) == []

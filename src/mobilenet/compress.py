@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from mobilenet.checkpoint import Checkpoint, load_checkpoint, save
+from mobilenet.checkpoint import Checkpoint, check_checkpoint_path, load_checkpoint, save
 from mobilenet.cost import count_costs, factored_fc_cost
 from mobilenet.data import DataBundle, Preprocessing, iterate_loader, load_data
 from mobilenet.errors import MobileNetError
@@ -334,6 +334,7 @@ def compress_checkpoint(
     validation top-1 before and after and, with ``fine_tune_epochs``, fine-tune (:func:`fine_tune`); write the
     result to ``out`` with the same classes and preprocessing. ``load(out)`` rebuilds the factored model."""
     _check_options(fine_tune_epochs, data, batch_size)
+    check_checkpoint_path(out, "--out")
     source = load_checkpoint(checkpoint)
     torch.manual_seed(seed)
     model, factorisation = factor_with_report(source.model, rank)

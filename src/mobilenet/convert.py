@@ -28,6 +28,7 @@ from torch import nn
 
 from mobilenet.checkpoint import (
     HEADER_KEY,
+    check_checkpoint_path,
     check_finite,
     is_pytorch_file,
     read_raw_header,
@@ -644,6 +645,7 @@ def convert(
     """``mobilenet convert``: a torchvision/timm checkpoint file becomes our ``.safetensors`` checkpoint ``out``
     (with classes, preprocessing and the conversion report in its metadata), after the logit check passes."""
     _validate_source(source)
+    check_checkpoint_path(out, "--out")
     check_output_file(out, "--out", inputs=[path])
     state_dict = read_foreign_state_dict(path)
     model, report = convert_state_dict(state_dict, source, name, keep_background=keep_background, check=check)
