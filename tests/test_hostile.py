@@ -1720,3 +1720,20 @@ def test_save_and_compress_api_refuse_an_exported_model_suffix(files, tmp_path):
     with pytest.raises(MobileNetError, match=r"expected a name ending in \.safetensors"):
         compress_checkpoint(files.ck, 2, tmp_path / "m.ts")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "option, words",
+    [
+        (["--lr", "-1"], ("--lr", "positive", "-1.0")),  # was torch's ValueError('Invalid learning rate') traceback
+        (["--lr", "nan"], ("--lr", "nan")),  # was taken: NaN weights
+        (["--lr", "1e39"], ("--lr", "float32")),
+        (["--seed", str(2**70)], ("--seed", "64-bit")),  # was 'Overflow when unpacking long long' traceback
+    ],
+)
+def test_compress_refuses_fine_tune_options_out_of_range(option, words, files, capsys, monkeypatch):
+    out = files.root / "out" / "c.safetensors"
+    argv = ["compress", files.ck, "--classifier-rank", "2", "--out", out, "--data", files.data]
+    code, _, err = cli([*argv, "--fine-tune-epochs", "1", "--batch-size", "2", *option], capsys, monkeypatch)
+    assert_clean_error(code, err, *words)
+    assert not out.exists()
