@@ -1737,3 +1737,31 @@ def test_compress_refuses_fine_tune_options_out_of_range(option, words, files, c
     code, _, err = cli([*argv, "--fine-tune-epochs", "1", "--batch-size", "2", *option], capsys, monkeypatch)
     assert_clean_error(code, err, *words)
     assert not out.exists()
+
+
+def _flip_member_byte(source: Path, target: Path, member: str) -> Path:
+    """Copy a zip archive with one byte of ``member``'s stored data flipped in place (its CRC-32 left as it was),
+    as a damaged disk or download leaves it."""
+    data = bytearray(source.read_bytes())
+    with zipfile.ZipFile(source) as archive:
+        info = next(i for i in archive.infolist() if i.filename.split("/", 1)[1] == member)
+    name_length, extra_length = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
+    data[info.header_offset + 30 + name_length + extra_length + info.file_size // 2] ^= 0x40
+    target.write_bytes(bytes(data))
+    return target
+
+
+@pytest.mark.parametrize("fmt, member", [("torchscript", "constants/0"), ("pt2", "data/weights/weight_0")])
+def test_exported_archive_with_a_damaged_member_is_refused(fmt, member, files, tmp_path, capsys, monkeypatch):
+    """A .ts or .pt2 with one flipped byte in a weight was run as it stood (torch's zip reader does not check the
+    members' CRC-32): predict answered with the damaged weights, exit 0."""
+    from mobilenet.export import EXPORT_FORMATS, export_model, load_export
+
+    good = export_model(mobilenet.load(files.ck), tmp_path / f"good{EXPORT_FORMATS[fmt]}", format=fmt).path
+    path = _flip_member_byte(good, tmp_path / f"damaged{good.suffix}", member)
+    with pytest.raises(MobileNetError, match="does not match its checksum") as error:
+        load_export(path)
+    assert member in str(error.value) and "\n" not in str(error.value)
+    code, _, err = cli(["predict", path, files.good], capsys, monkeypatch)
+    assert_clean_error(code, err, path.name, "corrupt")
+    assert load_export(good).format == fmt

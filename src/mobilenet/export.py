@@ -30,6 +30,7 @@ import os
 import re
 import warnings
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,7 +115,7 @@ OUTPUT_NAME = "logits"
 METADATA_FILE = "mobilenet.json"
 #: The most bytes a .pte/.tflite metadata file beside the program may hold (a few KiB are written).
 SIDECAR_MAX_BYTES = 16 * 1024 * 1024
-#: The most bytes a .pt2 may hold to be read (it is read whole, then checked): far above any MobileNet's weights.
+#: The most bytes a .pt2 or .ts may hold to be read (it is read whole, then checked): far above any MobileNet's weights.
 PT2_MAX_BYTES = 4 * 1024**3
 #: The members of a .pt2 archive that :func:`export_pt2` writes (``torch.export.save`` of one program "model").
 _PT2_RECORD = re.compile(
@@ -1005,11 +1006,13 @@ def load_export(path: str | os.PathLike[str]) -> LoadedExport:
     if not file.is_file():
         raise MobileNetError(f"exported model {file} does not exist or is not a file")
     if suffix == ".ts":
+        data = read_regular_file(file, ".ts export", "a .ts file written by `mobilenet export`", limit=PT2_MAX_BYTES)
+        _check_zip_crcs(file, data)
         extra = {METADATA_FILE: ""}
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch.jit is deprecated upstream
-                module = torch.jit.load(str(file), map_location="cpu", _extra_files=extra)
+                module = torch.jit.load(io.BytesIO(data), map_location="cpu", _extra_files=extra)
         except (RuntimeError, ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as error:
             raise MobileNetError(f"{file} is not a readable {suffix} export ({_first_line(error)})") from None
         return _checked_program(LoadedExport(file, "torchscript", _metadata_text(file, extra[METADATA_FILE]), module))
@@ -1026,6 +1029,7 @@ def _load_pt2(file: Path) -> LoadedExport:
     """A ``.pt2`` read once into memory, its archive checked by :func:`_check_pt2_archive`, then loaded from those
     same bytes (a file swapped after the check is never what torch reads)."""
     data = read_regular_file(file, ".pt2 export", "a .pt2 file written by `mobilenet export`", limit=PT2_MAX_BYTES)
+    _check_zip_crcs(file, data)
     _check_pt2_archive(file, data)
     extra = {METADATA_FILE: ""}
     try:
@@ -1059,6 +1063,21 @@ def _checked_program(loaded: LoadedExport) -> LoadedExport:
             "describes; expected a file written by `mobilenet export`"
         )
     return loaded
+
+
+def _check_zip_crcs(file: Path, data: bytes) -> None:
+    """Refuse a ``.ts`` or ``.pt2`` archive whose members do not match their zip CRC-32 (a flipped bit, a damaged
+    copy): torch's reader does not check them, and would run the damaged weights as they stand."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, zlib.error) as error:
+        raise MobileNetError(f"{file} is not a readable {file.suffix} export ({_first_line(error)})") from None
+    if damaged is not None:
+        raise MobileNetError(
+            f"{file} is corrupt: its member {damaged.split('/', 1)[-1]} does not match its checksum (a damaged "
+            "copy?); export the model again"
+        )
 
 
 def _check_pt2_archive(file: Path, data: bytes) -> None:
