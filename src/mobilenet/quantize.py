@@ -165,11 +165,11 @@ def check_outputs(out: Any, keep_fp32: Any, model_or_checkpoint: Any) -> None:
     """Refuse, before calibrating, outputs that could not be written in the end: a directory, a path below a
     file, an unwritable place, the input checkpoint itself, ``keep_fp32`` naming the same file as ``out``, or a
     name without the .onnx suffix (the readers tell an ONNX file by it)."""
-    check_suffix(out, ".onnx", "--out")
     check_output_file(out, "--out", inputs=[model_or_checkpoint])
+    check_suffix(out, ".onnx", "--out")
     if keep_fp32 is not None:
-        check_suffix(keep_fp32, ".onnx", "--keep-fp32")
         check_output_file(keep_fp32, "--keep-fp32", inputs=[model_or_checkpoint, out])
+        check_suffix(keep_fp32, ".onnx", "--keep-fp32")
 
 
 def calibration_files(directory: str | os.PathLike[str], limit: int | None, seed: int = 0) -> list[Path]:
