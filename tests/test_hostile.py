@@ -1741,3 +1741,244 @@ def test_eval_table_shows_data_paths_and_class_names_as_text(tmp_path, capsys, m
     table = "\n".join(line for line in out.splitlines() if "│" in line)
     assert "[bold]y" in table and "[red]z" in table
     assert f"confusion matrix: {str(plot)!r}" in out.splitlines()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# --- export, quantize, convert, compress (sweep 7)
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ck_other_input_size(files) -> Path:
+    """A checkpoint whose preprocessing's input size (40 px) is not its config's resolution (32): legitimate, and
+    its exports take 40 px images."""
+    path = files.root / "input40.safetensors"
+    preprocessing = {"input_size": 40, "resize_size": 44, "mean": [0.5] * 3, "std": [0.5] * 3, "style": "small"}
+    mobilenet.save(mobilenet.load(files.ck), path, classes=CLASSES, preprocessing=preprocessing)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_bench_runs_an_export_at_its_input_size(fmt, ck_other_input_size, tmp_path, capsys, monkeypatch):
+    """bench fed an exported file batches at the config's resolution, not at the input size its graph takes: ONNX
+    Runtime's INVALID_ARGUMENT or torch.export's guard failure as a traceback."""
+    from mobilenet.export import export_model
+
+    path = export_model(mobilenet.load(ck_other_input_size), tmp_path / f"m.{fmt}", format=fmt).path
+    argv = [
+        "bench",
+        path,
+        "--rounds",
+        "1",
+        "--warmup",
+        "0",
+        "--batch-sizes",
+        "1",
+        "--gemm-size",
+        "64",
+        "--format",
+        "json",
+    ]
+    code, out, err = cli(argv, capsys, monkeypatch)
+    assert code == 0 and "Traceback" not in err, err
+    assert json.loads(out)["models"][0]["resolution"] == 40
+    code, _, err = cli([*argv, "--resolution", "32"], capsys, monkeypatch)
+    assert_clean_error(code, err, "its own input size (40 px)", "--resolution")
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "pt2"])
+def test_export_whose_metadata_claims_other_classes_is_refused(fmt, files, tmp_path, capsys, monkeypatch):
+    """An exported file whose metadata says 10 classes (no names) where its graph gives 3 logits was used as it
+    stood: predict ranked the 3 logits as classes 0..2 and eval said the file 'has 10 outputs'. It is refused."""
+    from mobilenet.backends import load_source
+    from mobilenet.export import EXPORT_FORMATS, export_model
+
+    good = export_model(mobilenet.load(files.ck), tmp_path / f"good{EXPORT_FORMATS[fmt]}", format=fmt).path
+
+    def ten_classes(metadata: dict) -> None:
+        metadata["config"]["num_classes"] = 10
+        metadata["classes"] = None
+
+    path = tmp_path / f"edited{good.suffix}"
+    if fmt == "onnx":
+        _edit_onnx(good, path, lambda graph, metadata: ten_classes(metadata))
+    else:
+
+        def edit(name: str, data: bytes) -> bytes:
+            if not name.endswith("mobilenet.json"):
+                return data
+            metadata = json.loads(data)
+            ten_classes(metadata)
+            return json.dumps(metadata).encode()
+
+        _edit_archive(good, path, edit, {})
+    with pytest.raises(MobileNetError, match="metadata describes") as error:
+        load_source(path)
+    assert "\n" not in str(error.value) and "10]" in str(error.value)
+    code, _, err = cli(["predict", path, files.good], capsys, monkeypatch)
+    assert_clean_error(code, err, path.name, "10]")
+    assert load_source(good).config.num_classes == 3
+
+
+def sweep7_suffix_cases(f: Files) -> dict[str, tuple[list[str], tuple[str, ...]]]:
+    """Outputs named so that predict, eval and bench (which tell an exported file's format by its suffix) could never
+    read them back: each was written, exit 0."""
+    ck, out = str(f.ck), str(f.root / "out")
+    calibration = str(f.data / "train")
+    return {
+        "export-out-unknown-suffix": (
+            ["export", ck, "--format", "torchscript", "--out", out + "/m.torchscript"],
+            ("--out", ".torchscript", "expected a name ending in .ts"),
+        ),
+        "export-out-no-suffix": (["export", ck, "--out", out + "/model"], ("--out", "no suffix", ".onnx")),
+        "quantize-out-bin": (["quantize", ck, "-c", calibration, "--out", out + "/q.bin"], ("--out", ".bin", ".onnx")),
+        "quantize-out-pt2": (["quantize", ck, "-c", calibration, "--out", out + "/q.pt2"], ("--out", "pt2 files")),
+        "quantize-keep-fp32-bin": (
+            ["quantize", ck, "-c", calibration, "--out", out + "/q.onnx", "--keep-fp32", out + "/f.bin"],
+            ("--keep-fp32", ".bin", ".onnx"),
+        ),
+    }
+
+
+def _sweep7_ids(table: Callable[[Files], dict]) -> list[str]:
+    placeholder = Files.__new__(Files)
+    placeholder.ck, placeholder.root, placeholder.data = Path("ck"), Path("root"), Path("data")
+    return sorted(table(placeholder))
+
+
+@pytest.mark.parametrize("case", _sweep7_ids(sweep7_suffix_cases))
+def test_export_and_quantize_refuse_an_output_named_for_no_reader(case, files, capsys, monkeypatch):
+    argv, words = sweep7_suffix_cases(files)[case]
+    before = files.snapshot()
+    code, _, err = cli(argv, capsys, monkeypatch)
+    assert_clean_error(code, err, *words)
+    assert files.snapshot() == before
+    assert not (files.root / "out").exists()
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "pt2"])
+def test_export_api_refuses_a_path_without_the_format_suffix(fmt, files, tmp_path):
+    from mobilenet.export import export_model
+
+    with pytest.raises(MobileNetError, match="expected a name ending in") as error:
+        export_model(mobilenet.load(files.ck), tmp_path / "m.bin", format=fmt)
+    assert "\n" not in str(error.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "dtype, suffix", [("float8_e4m3fn", ".safetensors"), ("float8_e5m2", ".pth"), ("complex64", ".pth")]
+)
+def test_convert_refuses_8_bit_float_and_complex_weights_by_name(dtype, suffix, tmp_path, capsys, monkeypatch):
+    """A weight stored as an 8-bit float was a NotImplementedError traceback from the finiteness check ('isfinite'
+    not implemented for 'Float8_e4m3fn'); a complex one was called an integer or a boolean."""
+    import torch
+    from safetensors.torch import save_file
+
+    from mobilenet.convert import read_foreign_state_dict
+
+    state = _tiny_torchvision_state()
+    key = "classifier.1.weight"
+    state[key] = state[key].to(getattr(torch, dtype))
+    path = tmp_path / f"w{suffix}"
+    if suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    with pytest.raises(MobileNetError, match="8-bit floats") as error:
+        read_foreign_state_dict(path)
+    assert f"{key} {dtype}" in str(error.value) and "\n" not in str(error.value)
+    out = tmp_path / "c.safetensors"
+    argv = ["convert", path, "--from", "torchvision", "--model", "mobilenet_v2_0.5_224", "--out", out]
+    code, _, err = cli(argv, capsys, monkeypatch)
+    assert_clean_error(code, err, key, "expected the float32")
+    assert not out.exists()
+
+
+def test_checkpoint_suffixes_are_the_export_formats():
+    from mobilenet.checkpoint import EXPORTED_MODEL_SUFFIXES
+    from mobilenet.export import EXPORT_FORMATS
+
+    assert sorted(EXPORTED_MODEL_SUFFIXES) == sorted(EXPORT_FORMATS.values())
+
+
+def sweep7_checkpoint_out_cases(f: Files) -> dict[str, tuple[list[str], tuple[str, ...]]]:
+    """A checkpoint written under an exported model's suffix: predict, eval and bench then read it as that format
+    ('conv.onnx is not a readable ONNX model'). Each was written, exit 0."""
+    ck, out = str(f.ck), str(f.root / "out")
+    return {
+        "compress-out-onnx": (["compress", ck, "--classifier-rank", "2", "--out", out + "/c.onnx"], ("--out", ".onnx")),
+        "compress-out-pt2-upper": (
+            ["compress", ck, "--classifier-rank", "2", "--out", out + "/c.PT2"],
+            ("--out", ".pt2", ".safetensors"),
+        ),
+        "convert-out-tflite": (
+            ["convert", ck, "--from", "torchvision", "--model", "mobilenet_v2_0.5_224", "--out", out + "/c.tflite"],
+            ("--out", ".tflite", "expected a name ending in .safetensors"),
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", _sweep7_ids(sweep7_checkpoint_out_cases))
+def test_checkpoint_outputs_refuse_an_exported_model_suffix(case, files, capsys, monkeypatch):
+    argv, words = sweep7_checkpoint_out_cases(files)[case]
+    before = files.snapshot()
+    code, _, err = cli(argv, capsys, monkeypatch)
+    assert_clean_error(code, err, *words)
+    assert files.snapshot() == before
+    assert not (files.root / "out").exists()
+
+
+def test_save_and_compress_api_refuse_an_exported_model_suffix(files, tmp_path):
+    from mobilenet.compress import compress_checkpoint
+
+    with pytest.raises(MobileNetError, match=r"expected a name ending in \.safetensors"):
+        mobilenet.save(mobilenet.load(files.ck), tmp_path / "m.onnx")
+    with pytest.raises(MobileNetError, match=r"expected a name ending in \.safetensors"):
+        compress_checkpoint(files.ck, 2, tmp_path / "m.ts")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "option, words",
+    [
+        (["--lr", "-1"], ("--lr", "positive", "-1.0")),  # was torch's ValueError('Invalid learning rate') traceback
+        (["--lr", "nan"], ("--lr", "nan")),  # was taken: NaN weights
+        (["--lr", "1e39"], ("--lr", "float32")),
+        (["--seed", str(2**70)], ("--seed", "64-bit")),  # was 'Overflow when unpacking long long' traceback
+    ],
+)
+def test_compress_refuses_fine_tune_options_out_of_range(option, words, files, capsys, monkeypatch):
+    out = files.root / "out" / "c.safetensors"
+    argv = ["compress", files.ck, "--classifier-rank", "2", "--out", out, "--data", files.data]
+    code, _, err = cli([*argv, "--fine-tune-epochs", "1", "--batch-size", "2", *option], capsys, monkeypatch)
+    assert_clean_error(code, err, *words)
+    assert not out.exists()
+
+
+def _flip_member_byte(source: Path, target: Path, member: str) -> Path:
+    """Copy a zip archive with one byte of ``member``'s stored data flipped in place (its CRC-32 left as it was),
+    as a damaged disk or download leaves it."""
+    data = bytearray(source.read_bytes())
+    with zipfile.ZipFile(source) as archive:
+        info = next(i for i in archive.infolist() if i.filename.split("/", 1)[1] == member)
+    name_length, extra_length = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
+    data[info.header_offset + 30 + name_length + extra_length + info.file_size // 2] ^= 0x40
+    target.write_bytes(bytes(data))
+    return target
+
+
+@pytest.mark.parametrize("fmt, member", [("torchscript", "constants/0"), ("pt2", "data/weights/weight_0")])
+def test_exported_archive_with_a_damaged_member_is_refused(fmt, member, files, tmp_path, capsys, monkeypatch):
+    """A .ts or .pt2 with one flipped byte in a weight was run as it stood (torch's zip reader does not check the
+    members' CRC-32): predict answered with the damaged weights, exit 0."""
+    from mobilenet.export import EXPORT_FORMATS, export_model, load_export
+
+    good = export_model(mobilenet.load(files.ck), tmp_path / f"good{EXPORT_FORMATS[fmt]}", format=fmt).path
+    path = _flip_member_byte(good, tmp_path / f"damaged{good.suffix}", member)
+    with pytest.raises(MobileNetError, match="does not match its checksum") as error:
+        load_export(path)
+    assert member in str(error.value) and "\n" not in str(error.value)
+    code, _, err = cli(["predict", path, files.good], capsys, monkeypatch)
+    assert_clean_error(code, err, path.name, "corrupt")
+    assert load_export(good).format == fmt

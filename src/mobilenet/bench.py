@@ -380,10 +380,16 @@ def _load_model(model: Any, resolution: int | None, batch_size: int) -> tuple[st
         warnings.simplefilter("ignore", RandomWeightsWarning)
         source = load_source(model)
     if source.model is None:
-        if resolution and resolution != source.config.resolution:
-            raise MobileNetError(f"{model} is an exported file: it runs at its own input size; drop --resolution")
-        check_fits_memory(source.config, batch_size=batch_size, name=str(model))
-        return source.name or str(model), source, source.config
+        # The file's graph takes its preprocessing's input size, which a checkpoint may set apart from the config's
+        # nominal resolution: batches (and the MACs counted) are at that size.
+        size = int(source.preprocessing["input_size"])
+        if resolution and resolution != size:
+            raise MobileNetError(
+                f"{model} is an exported file: it runs at its own input size ({size} px); drop --resolution"
+            )
+        config = dataclasses.replace(source.config, resolution=size)
+        check_fits_memory(config, batch_size=batch_size, name=str(model))
+        return source.name or str(model), source, config
     config = source.config
     if resolution:
         config = dataclasses.replace(config, resolution=resolution)

@@ -42,6 +42,7 @@ __all__ = [
     "HEADER_KEY",
     "STATE_FILE",
     "Checkpoint",
+    "check_checkpoint_path",
     "check_finite",
     "check_shapes",
     "check_state_dict",
@@ -69,6 +70,9 @@ STATE_FORMAT = 2
 FORMAT_VERSION = 1
 #: The safetensors header metadata key that holds this library's JSON.
 HEADER_KEY = "mobilenet"
+#: The suffixes of :mod:`mobilenet.export`'s formats, by which predict, eval and bench take a file for an exported
+#: model: a checkpoint named with one could never be read back by them.
+EXPORTED_MODEL_SUFFIXES = (".onnx", ".ts", ".pt2", ".pte", ".tflite")
 
 # safetensors refuses headers above 100 MB; a length beyond that means the file is not safetensors at all.
 _MAX_HEADER_BYTES = 100_000_000
@@ -126,6 +130,18 @@ class Checkpoint:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def check_checkpoint_path(path: str | os.PathLike[str], what: str = "checkpoint path") -> Path:
+    """``path`` as a checkpoint output: a writable file (:func:`mobilenet.io.check_output_file`) not named with an
+    exported model's suffix (:data:`EXPORTED_MODEL_SUFFIXES`)."""
+    suffix = Path(path).suffix.lower()
+    if suffix in EXPORTED_MODEL_SUFFIXES:
+        raise MobileNetError(
+            f"{what} {path} ends in {suffix}, which predict, eval and bench read as an exported model, not a "
+            "checkpoint; expected a name ending in .safetensors"
+        )
+    return check_output_file(path, what)
+
+
 def save(
     model: MobileNet,
     path: str | os.PathLike[str],
@@ -150,7 +166,7 @@ def save(
     """
     if not isinstance(path, str | os.PathLike):
         raise MobileNetError(f"a checkpoint path must be a str or os.PathLike, got {type(path).__name__} {path!r}")
-    check_output_file(path, "checkpoint path")
+    check_checkpoint_path(path)
     model = _unwrap(model)
     config = getattr(model, "config", None)
     if not isinstance(model, MobileNet) or not isinstance(config, ModelConfig):

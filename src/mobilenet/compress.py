@@ -33,14 +33,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from mobilenet.checkpoint import Checkpoint, load_checkpoint, save
+from mobilenet.checkpoint import Checkpoint, check_checkpoint_path, load_checkpoint, save
 from mobilenet.cost import count_costs, factored_fc_cost
-from mobilenet.data import DataBundle, Preprocessing, iterate_loader, load_data
+from mobilenet.data import DataBundle, Preprocessing, check_seed, iterate_loader, load_data
 from mobilenet.errors import MobileNetError
 from mobilenet.evaluate import accumulate, summarize
 from mobilenet.models import MobileNet, model_from_config
 from mobilenet.optim import build_optimizer, lr_at, resolve_recipe
 from mobilenet.runtime import resolve_device
+from mobilenet.train_config import FLOAT32_MAX
 
 __all__ = [
     "CompressionReport",
@@ -307,13 +308,18 @@ class CompressionReport:
         }
 
 
-def _check_options(fine_tune_epochs: Any, data: str | None, batch_size: Any) -> None:
+def _check_options(fine_tune_epochs: Any, data: str | None, batch_size: Any, lr: Any, seed: Any) -> None:
     if isinstance(fine_tune_epochs, bool) or not isinstance(fine_tune_epochs, int) or fine_tune_epochs < 0:
         raise MobileNetError(f"--fine-tune-epochs must be an integer >= 0, got {fine_tune_epochs!r}")
     if fine_tune_epochs and not data:
         raise MobileNetError("--fine-tune-epochs needs --data DIR, the data the model was trained on")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise MobileNetError(f"--batch-size must be an integer >= 1, got {batch_size!r}")
+    # The optimizer's own check raises ValueError for a negative rate and lets NaN through into the weights.
+    number = isinstance(lr, int | float) and not isinstance(lr, bool)
+    if lr is not None and not (number and math.isfinite(lr) and 0 < lr < FLOAT32_MAX):
+        raise MobileNetError(f"--lr must be a positive number below {FLOAT32_MAX:.4g} (a float32), got {lr!r}")
+    check_seed(seed, "--seed")
 
 
 def compress_checkpoint(
@@ -333,7 +339,8 @@ def compress_checkpoint(
     """Factor ``checkpoint``'s classifier to ``rank`` (:func:`factor_classifier`); with ``data``, measure the
     validation top-1 before and after and, with ``fine_tune_epochs``, fine-tune (:func:`fine_tune`); write the
     result to ``out`` with the same classes and preprocessing. ``load(out)`` rebuilds the factored model."""
-    _check_options(fine_tune_epochs, data, batch_size)
+    _check_options(fine_tune_epochs, data, batch_size, lr, seed)
+    check_checkpoint_path(out, "--out")
     source = load_checkpoint(checkpoint)
     torch.manual_seed(seed)
     model, factorisation = factor_with_report(source.model, rank)

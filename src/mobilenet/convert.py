@@ -28,6 +28,7 @@ from torch import nn
 
 from mobilenet.checkpoint import (
     HEADER_KEY,
+    check_checkpoint_path,
     check_finite,
     is_pytorch_file,
     read_raw_header,
@@ -380,10 +381,15 @@ def read_foreign_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Ten
     return state
 
 
+#: The dtypes a published checkpoint stores weights in, each cast exactly (or by rounding) to float32.
+_WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 def _check_plain_weights(file: Path, state: Mapping[str, torch.Tensor]) -> None:
     """Refuse tensors a published checkpoint never holds: sparse, quantized or data-less (meta) tensors, on which the
-    checks and the copy fail, and weights stored as integers or booleans, which ``load_state_dict`` would cast
-    silently into meaningless weights (BatchNorm's ``num_batches_tracked`` counter is an integer)."""
+    checks and the copy fail, and weights stored as integers, booleans, complex numbers or 8-bit floats, which
+    ``load_state_dict`` would cast silently into meaningless weights, or which the finiteness check cannot read
+    (BatchNorm's ``num_batches_tracked`` counter is an integer)."""
     odd = [key for key, value in state.items() if value.layout != torch.strided or value.is_quantized or value.is_meta]
     if odd:
         raise MobileNetError(
@@ -393,12 +399,12 @@ def _check_plain_weights(file: Path, state: Mapping[str, torch.Tensor]) -> None:
     integral = [
         f"{key} {value.dtype}".replace("torch.", "")
         for key, value in state.items()
-        if not value.is_floating_point() and not key.endswith("num_batches_tracked")
+        if value.dtype not in _WEIGHT_DTYPES and not key.endswith("num_batches_tracked")
     ]
     if integral:
         raise MobileNetError(
-            f"{file} stores weights as integers or booleans ({shorten(integral)}); expected the floating-point "
-            "weights torchvision/timm publish"
+            f"{file} stores weights as integers or booleans, complex numbers or 8-bit floats ({shorten(integral)}); "
+            "expected the float32, float16, bfloat16 or float64 weights torchvision/timm publish"
         )
 
 
@@ -639,6 +645,7 @@ def convert(
     """``mobilenet convert``: a torchvision/timm checkpoint file becomes our ``.safetensors`` checkpoint ``out``
     (with classes, preprocessing and the conversion report in its metadata), after the logit check passes."""
     _validate_source(source)
+    check_checkpoint_path(out, "--out")
     check_output_file(out, "--out", inputs=[path])
     state_dict = read_foreign_state_dict(path)
     model, report = convert_state_dict(state_dict, source, name, keep_background=keep_background, check=check)

@@ -30,6 +30,7 @@ import os
 import re
 import warnings
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,7 @@ __all__ = [
     "TfliteRunner",
     "check_opset",
     "check_pte_max_batch",
+    "check_suffix",
     "export_executorch",
     "export_for_pte",
     "export_litert",
@@ -113,7 +115,7 @@ OUTPUT_NAME = "logits"
 METADATA_FILE = "mobilenet.json"
 #: The most bytes a .pte/.tflite metadata file beside the program may hold (a few KiB are written).
 SIDECAR_MAX_BYTES = 16 * 1024 * 1024
-#: The most bytes a .pt2 may hold to be read (it is read whole, then checked): far above any MobileNet's weights.
+#: The most bytes a .pt2 or .ts may hold to be read (it is read whole, then checked): far above any MobileNet's weights.
 PT2_MAX_BYTES = 4 * 1024**3
 #: The members of a .pt2 archive that :func:`export_pt2` writes (``torch.export.save`` of one program "model").
 _PT2_RECORD = re.compile(
@@ -160,6 +162,25 @@ class ExportResult:
 # ---------------------------------------------------------------------------------------------------------------
 # BatchNorm folding
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def check_suffix(path: str | os.PathLike[str], suffix: str, what: str, *, given_as: str = "") -> None:
+    """Refuse an output ``path`` for a ``suffix`` file that is not named with that suffix: predict, eval, bench and
+    the export readers tell an exported file's format by its suffix alone, so an ONNX model written as ``m.bin`` or
+    ``m.pt2`` could never be read back. ``what`` names the output (``--out``); ``given_as`` says where the format
+    came from (``--format onnx``), for the message."""
+    owners = {ending: name for name, ending in EXPORT_FORMATS.items()}
+    owners[".safetensors"] = "checkpoint"
+    found = Path(path).suffix.lower()
+    if found == suffix:
+        return
+    because = f", but {given_as}" if given_as else ""
+    if found in owners:
+        named = f"ends in {found}, the suffix of {owners[found]} files{because}"
+    else:
+        ending = f"ends in {found}" if found else "has no suffix"
+        named = f"{ending}, which predict, eval and bench do not read as an exported model{because}"
+    raise MobileNetError(f"{what} {path} {named}; expected a name ending in {suffix}")
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
@@ -323,6 +344,7 @@ def export_onnx(
     if exporter not in ("torchscript", "dynamo"):
         raise MobileNetError(f"unknown ONNX exporter {exporter!r}; expected 'torchscript' or 'dynamo'")
     check_opset(opset)
+    check_suffix(path, ".onnx", "ONNX output")
     target = check_output_file(path, "ONNX output")
     metadata = metadata_for(model, classes=classes, preprocessing=preprocessing)
     folded = fold_batchnorm(model).float().cpu()
@@ -427,26 +449,37 @@ def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def _check_onnx_signature(file: Path, graph: Any, metadata: dict[str, Any]) -> None:
     """Refuse an ONNX graph that does not take what its metadata describes (one NCHW input :data:`INPUT_NAME` with
-    the config's channels at the preprocessing's input size, an output :data:`OUTPUT_NAME`): every runtime would
-    fail on the first batch. A symbolic dimension accepts any size; a value of the wrong type in the metadata is
+    the config's channels at the preprocessing's input size, an output :data:`OUTPUT_NAME` of the config's
+    ``num_classes`` logits per image): every runtime would fail on the first batch, or its logits would be read
+    against the wrong classes. A symbolic dimension accepts any size; a value of the wrong type in the metadata is
     left to the config's own checks."""
     weights = {initializer.name for initializer in graph.initializer}
     inputs = [value for value in graph.input if value.name not in weights]
-    outputs = [value.name for value in graph.output]
+    outputs = {value.name: value for value in graph.output}
     config, preprocessing = metadata["config"], metadata.get("preprocessing")
     side = (preprocessing.get("input_size") if isinstance(preprocessing, dict) else None) or config.get("resolution")
     expected = ["batch", config.get("in_channels", 3), side, side]
+    expected_out = ["batch", config.get("num_classes", 1000)]
     found = _input_dims(inputs[0]) if len(inputs) == 1 else []
-    fits = len(found) == 4 and all(
+    found_out = _input_dims(outputs[OUTPUT_NAME]) if OUTPUT_NAME in outputs else []
+    if [value.name for value in inputs] != [INPUT_NAME] or not (
+        _dims_fit(found, expected) and _dims_fit(found_out, expected_out)
+    ):
+        shown = ", ".join(f"{value.name!r} {_input_dims(value)}" for value in inputs) or "nothing"
+        gives = ", ".join(f"{name!r} {_input_dims(value)}" for name, value in outputs.items()) or "nothing"
+        raise MobileNetError(
+            f"{file} takes {shown} and gives {gives}, not what its metadata describes ({INPUT_NAME!r} {expected} "
+            f"-> {OUTPUT_NAME!r} {expected_out}); expected a file written by `mobilenet export` or `mobilenet "
+            "quantize`"
+        )
+
+
+def _dims_fit(found: list[int | str], expected: list[Any]) -> bool:
+    """Whether a graph value's dimensions fit the metadata's: as many, and equal where both are sizes."""
+    return len(found) == len(expected) and all(
         not isinstance(want, int) or isinstance(want, bool) or not isinstance(have, int) or have == want
         for have, want in zip(found, expected, strict=True)
     )
-    if [value.name for value in inputs] != [INPUT_NAME] or OUTPUT_NAME not in outputs or not fits:
-        shown = ", ".join(f"{value.name!r} {_input_dims(value)}" for value in inputs) or "nothing"
-        raise MobileNetError(
-            f"{file} takes {shown} and gives {outputs}, not what its metadata describes ({INPUT_NAME!r} {expected} "
-            f"-> {OUTPUT_NAME!r}); expected a file written by `mobilenet export` or `mobilenet quantize`"
-        )
 
 
 def _input_dims(value: Any) -> list[int | str]:
@@ -503,6 +536,7 @@ def export_torchscript(
 ) -> ExportResult:
     """Write a traced TorchScript module (BatchNorm folded; loads with ``torch.jit.load`` without this library)
     with ``mobilenet.json`` among its extra files, then reload it and compare logits at batch 2 and 3."""
+    check_suffix(path, ".ts", "TorchScript output")
     target = check_output_file(path, "TorchScript output")
     metadata = metadata_for(model, classes=classes, preprocessing=preprocessing)
     folded = fold_batchnorm(model).float().cpu()
@@ -538,6 +572,7 @@ def export_pt2(
 ) -> ExportResult:
     """Write a ``torch.export`` ExportedProgram (``.pt2``, BatchNorm folded, dynamic batch 1..4096) with
     ``mobilenet.json`` among its extra files; reload it with ``torch.export.load`` and compare logits."""
+    check_suffix(path, ".pt2", ".pt2 output")
     target = check_output_file(path, ".pt2 output")
     metadata = metadata_for(model, classes=classes, preprocessing=preprocessing)
     program = _exported_program(model, metadata, max_batch=4096)
@@ -590,6 +625,7 @@ def pte_output_paths(path: str | os.PathLike[str], inputs: Sequence[Any] = ()) -
 
 def sidecar_paths(path: str | os.PathLike[str], suffix: str, inputs: Sequence[Any] = ()) -> tuple[Path, Path]:
     """A ``suffix`` file to write and its metadata sidecar ``<path>.json``, both checked as writable outputs."""
+    check_suffix(path, suffix, f"{suffix} output")
     target = check_output_file(path, f"{suffix} output", inputs=inputs)
     return target, check_output_file(target.with_name(target.name + ".json"), f"{suffix} metadata", inputs=inputs)
 
@@ -970,11 +1006,13 @@ def load_export(path: str | os.PathLike[str]) -> LoadedExport:
     if not file.is_file():
         raise MobileNetError(f"exported model {file} does not exist or is not a file")
     if suffix == ".ts":
+        data = read_regular_file(file, ".ts export", "a .ts file written by `mobilenet export`", limit=PT2_MAX_BYTES)
+        _check_zip_crcs(file, data)
         extra = {METADATA_FILE: ""}
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch.jit is deprecated upstream
-                module = torch.jit.load(str(file), map_location="cpu", _extra_files=extra)
+                module = torch.jit.load(io.BytesIO(data), map_location="cpu", _extra_files=extra)
         except (RuntimeError, ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as error:
             raise MobileNetError(f"{file} is not a readable {suffix} export ({_first_line(error)})") from None
         return _checked_program(LoadedExport(file, "torchscript", _metadata_text(file, extra[METADATA_FILE]), module))
@@ -991,6 +1029,7 @@ def _load_pt2(file: Path) -> LoadedExport:
     """A ``.pt2`` read once into memory, its archive checked by :func:`_check_pt2_archive`, then loaded from those
     same bytes (a file swapped after the check is never what torch reads)."""
     data = read_regular_file(file, ".pt2 export", "a .pt2 file written by `mobilenet export`", limit=PT2_MAX_BYTES)
+    _check_zip_crcs(file, data)
     _check_pt2_archive(file, data)
     extra = {METADATA_FILE: ""}
     try:
@@ -1003,11 +1042,12 @@ def _load_pt2(file: Path) -> LoadedExport:
 
 
 def _checked_program(loaded: LoadedExport) -> LoadedExport:
-    """``loaded`` once its program has run one input shaped as its metadata describes (channels, input size): a
-    program and metadata that disagree would otherwise fail on the first batch, deep in the runtime."""
+    """``loaded`` once its program has run one input shaped as its metadata describes (channels, input size) and
+    given one row of the config's ``num_classes`` logits: a program and metadata that disagree would otherwise fail
+    on the first batch, deep in the runtime, or have their logits read against the wrong classes."""
     try:
         with torch.no_grad():
-            loaded.run(_check_input(loaded.metadata, 1))
+            logits = loaded.run(_check_input(loaded.metadata, 1))
     except Exception as error:  # the program's own failure (a shape guard, a conv's channel check) or bad metadata
         # TorchScript's message starts with its interpreter's frames; the reason is its last line.
         reason = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
@@ -1015,7 +1055,29 @@ def _checked_program(loaded: LoadedExport) -> LoadedExport:
             f"{loaded.path}'s program does not take what its metadata describes ({reason[-1][:300]}); expected a "
             "file written by `mobilenet export`"
         ) from None
+    expected = [1, loaded.metadata["config"].get("num_classes", 1000)]
+    found = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+    if found != expected:
+        raise MobileNetError(
+            f"{loaded.path}'s program gives logits of shape {found} for one image, not the {expected} its metadata "
+            "describes; expected a file written by `mobilenet export`"
+        )
     return loaded
+
+
+def _check_zip_crcs(file: Path, data: bytes) -> None:
+    """Refuse a ``.ts`` or ``.pt2`` archive whose members do not match their zip CRC-32 (a flipped bit, a damaged
+    copy): torch's reader does not check them, and would run the damaged weights as they stand."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, zlib.error) as error:
+        raise MobileNetError(f"{file} is not a readable {file.suffix} export ({_first_line(error)})") from None
+    if damaged is not None:
+        raise MobileNetError(
+            f"{file} is corrupt: its member {damaged.split('/', 1)[-1]} does not match its checksum (a damaged "
+            "copy?); export the model again"
+        )
 
 
 def _check_pt2_archive(file: Path, data: bytes) -> None:

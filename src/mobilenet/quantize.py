@@ -53,7 +53,7 @@ from torchvision.transforms.v2.functional import rgb_to_grayscale
 from mobilenet.backends import load_source
 from mobilenet.data import build_eval_transform
 from mobilenet.errors import INSTALL_HINTS, MobileNetError
-from mobilenet.export import INPUT_NAME, OUTPUT_NAME, export_onnx, ort_session
+from mobilenet.export import INPUT_NAME, OUTPUT_NAME, check_suffix, export_onnx, ort_session
 from mobilenet.images import BadImageError, decode_image, find_images
 from mobilenet.io import atomic_path, check_output_file
 from mobilenet.progress import progress_bar
@@ -163,10 +163,13 @@ def _require_ort() -> Any:
 
 def check_outputs(out: Any, keep_fp32: Any, model_or_checkpoint: Any) -> None:
     """Refuse, before calibrating, outputs that could not be written in the end: a directory, a path below a
-    file, an unwritable place, the input checkpoint itself, or ``keep_fp32`` naming the same file as ``out``."""
+    file, an unwritable place, the input checkpoint itself, ``keep_fp32`` naming the same file as ``out``, or a
+    name without the .onnx suffix (the readers tell an ONNX file by it)."""
     check_output_file(out, "--out", inputs=[model_or_checkpoint])
+    check_suffix(out, ".onnx", "--out")
     if keep_fp32 is not None:
         check_output_file(keep_fp32, "--keep-fp32", inputs=[model_or_checkpoint, out])
+        check_suffix(keep_fp32, ".onnx", "--keep-fp32")
 
 
 def calibration_files(directory: str | os.PathLike[str], limit: int | None, seed: int = 0) -> list[Path]:

@@ -40,10 +40,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mobilenet.checkpoint import check_checkpoint_path
     from mobilenet.compress import compress_checkpoint
     from mobilenet.io import check_output_file
 
     # Before the SVD and any fine-tuning: never over the checkpoint it reads, nor where it could not be written.
+    check_checkpoint_path(args.out, "--out")
     check_output_file(args.out, "--out", inputs=[args.checkpoint])
     log = (lambda message: print(message, file=sys.stderr)) if args.format == "json" else print
     report = compress_checkpoint(

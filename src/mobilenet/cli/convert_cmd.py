@@ -45,14 +45,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mobilenet.checkpoint import save
+    from mobilenet.checkpoint import check_checkpoint_path, save
     from mobilenet.convert import LOGIT_RTOL, convert, pretrained_with_report
     from mobilenet.errors import MobileNetError
     from mobilenet.io import check_output_file
 
     if args.download == (args.file is not None):
         raise MobileNetError("give either FILE or --download (not both, not neither)")
-    check_output_file(args.out, "--out", inputs=[args.file])  # before a download or a conversion starts
+    check_checkpoint_path(args.out, "--out")  # before a download or a conversion starts
+    check_output_file(args.out, "--out", inputs=[args.file])
     if args.download:
         model, report = pretrained_with_report(args.model, args.source, check=args.check)
         metadata = {"converted_from": f"{args.source} pretrained", **report.to_dict()}

@@ -96,21 +96,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check_out_suffix(out: str, fmt: str) -> None:
-    """Refuse an --out named as another format's file (predict, eval and bench tell formats by the suffix, so an
-    ONNX model named .pt2 would be read as a torch.export archive) or as a checkpoint."""
-    from pathlib import Path
+    """Refuse an --out not named with the format's suffix (predict, eval and bench tell formats by the suffix, so
+    an ONNX model named .pt2 would be read as a torch.export archive, one named .bin as a checkpoint)."""
+    from mobilenet.export import EXPORT_FORMATS, check_suffix
 
-    from mobilenet.errors import MobileNetError
-    from mobilenet.export import EXPORT_FORMATS
-
-    owners = {suffix: name for name, suffix in EXPORT_FORMATS.items()}
-    owners[".safetensors"] = "checkpoint"
-    suffix = Path(out).suffix.lower()
-    if owners.get(suffix, fmt) != fmt:
-        raise MobileNetError(
-            f"--out {out} ends in {suffix}, the suffix of {owners[suffix]} files, but --format is {fmt}; expected a "
-            f"name ending in {EXPORT_FORMATS[fmt]}"
-        )
+    check_suffix(out, EXPORT_FORMATS[fmt], "--out", given_as=f"--format is {fmt}")
 
 
 def _default_out(checkpoint: str, name: str, suffix: str):
