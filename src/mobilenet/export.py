@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import io
 import itertools
 import json
 import logging
 import os
 import re
+import struct
+import sys
 import warnings
 import zipfile
 import zlib
@@ -62,6 +65,7 @@ __all__ = [
     "EXPORT_FORMATS",
     "INPUT_NAME",
     "LITERT_BATCH",
+    "ONNX_WEIGHTS_KEY",
     "OUTPUT_NAME",
     "PTE_BATCH_LIMIT",
     "PTE_MAX_BATCH",
@@ -88,6 +92,7 @@ __all__ = [
     "max_onnx_opset",
     "metadata_for",
     "module_pte_runner",
+    "onnx_weights_digest",
     "ort_session",
     "pte_check_batches",
     "pte_metadata",
@@ -111,6 +116,8 @@ EXPORT_FORMATS: dict[str, str] = {
 #: The graph's input (float32 NCHW, preprocessed as the metadata says) and output (logits, before softmax).
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
+#: The ``metadata_props`` key of an exported or quantized ONNX file's weights digest (:func:`onnx_weights_digest`).
+ONNX_WEIGHTS_KEY = "weights_sha256"
 #: Name of the JSON with name/config/classes/preprocessing inside TorchScript and .pt2 archives.
 METADATA_FILE = "mobilenet.json"
 #: The most bytes a .pte/.tflite metadata file beside the program may hold (a few KiB are written).
@@ -337,8 +344,9 @@ def export_onnx(
         rtol: plus this fraction of the largest |logit| (0 by default: the check is absolute; float32 sums of
             models with logits in the hundreds differ by more than 1e-4 in any two runtimes).
 
-    ``metadata_props`` holds ``mobilenet`` (the whole JSON of :func:`metadata_for`) and, for readers that want
-    one field, ``name``, ``config``, ``classes`` and ``preprocessing`` (each JSON).
+    ``metadata_props`` holds ``mobilenet`` (the whole JSON of :func:`metadata_for`), for readers that want
+    one field, ``name``, ``config``, ``classes`` and ``preprocessing`` (each JSON), and ``weights_sha256``
+    (:func:`onnx_weights_digest`), which :func:`read_onnx_metadata` checks.
     """
     onnx, _ = _require_onnx()
     if exporter not in ("torchscript", "dynamo"):
@@ -414,7 +422,7 @@ def _onnx_set_metadata(graph: Any, metadata: dict[str, Any]) -> None:
         "preprocessing": json.dumps(metadata["preprocessing"]),
     }
     del graph.metadata_props[:]
-    for key, value in props.items():
+    for key, value in {**props, ONNX_WEIGHTS_KEY: onnx_weights_digest(graph)}.items():
         entry = graph.metadata_props.add()
         entry.key, entry.value = key, value
     graph.producer_name = "mobilenet"
@@ -424,9 +432,96 @@ def _onnx_set_metadata(graph: Any, metadata: dict[str, Any]) -> None:
     )
 
 
+def onnx_weights_digest(model: Any) -> str:
+    """The SHA-256 (hex) of every weight an ONNX model runs: its initializers (and sparse ones) in graph order, then
+    each node's tensor attributes (the Constant nodes torch.onnx writes for Clip's bounds) and every attribute of a
+    Constant node, subgraphs included. Each tensor counts by its name, data type, dims and values as little-endian
+    bytes (``onnx.numpy_helper.to_array``), so the digest does not depend on how it is stored (``raw_data`` or
+    ``float_data``...): protobuf has no checksum, and a flipped byte in a weight would otherwise load and run.
+
+    Raises ``ValueError`` (or onnx's own error) for a tensor whose values cannot be read from the file itself
+    (stored as external data, or fewer bytes than its dims)."""
+    digest = hashlib.sha256()
+    for label, tensor in _weight_tensors(model.graph):
+        if isinstance(tensor, bytes):  # a Constant's scalar or list attribute, serialized
+            _digest_entry(digest, label, -1, [], tensor)
+        else:
+            _digest_entry(digest, label, tensor.data_type, list(tensor.dims), _tensor_bytes(tensor))
+    return digest.hexdigest()
+
+
+def _weight_tensors(graph: Any, scope: str = "") -> Iterator[tuple[str, Any]]:
+    """(label, TensorProto or serialized attribute) of every weight in ``graph``, in graph order (see
+    :func:`onnx_weights_digest`)."""
+    for tensor in graph.initializer:
+        yield f"{scope}{tensor.name}", tensor
+    for sparse in graph.sparse_initializer:
+        yield f"{scope}{sparse.values.name}", sparse.values
+        yield f"{scope}{sparse.values.name}/indices", sparse.indices
+    for index, node in enumerate(graph.node):
+        where = f"{scope}{index}:{node.name or ','.join(node.output)}/"
+        for attribute in node.attribute:
+            label = where + attribute.name
+            if attribute.HasField("t"):
+                yield label, attribute.t
+            if attribute.HasField("sparse_tensor"):
+                yield label, attribute.sparse_tensor.values
+                yield label + "/indices", attribute.sparse_tensor.indices
+            yield from ((label, tensor) for tensor in attribute.tensors)
+            subgraphs = ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs)
+            for number, subgraph in enumerate(subgraphs):
+                yield from _weight_tensors(subgraph, f"{label}#{number}/")
+            if node.op_type == "Constant" and attribute.type not in (attribute.TENSOR, attribute.SPARSE_TENSOR):
+                yield label, attribute.SerializeToString(deterministic=True)
+
+
+def _tensor_bytes(tensor: Any) -> Any:
+    """A tensor's values as little-endian bytes (a buffer), whichever field of the TensorProto holds them."""
+    from onnx import numpy_helper
+
+    if tensor.data_type == tensor.STRING:
+        return b"".join(struct.pack("<Q", len(value)) + value for value in tensor.string_data)
+    array = np.ascontiguousarray(numpy_helper.to_array(tensor))
+    if array.dtype.byteorder == ">" or (array.dtype.byteorder == "=" and sys.byteorder == "big"):
+        array = array.byteswap()
+    return array.reshape(-1).view(np.uint8)
+
+
+def _digest_entry(digest: Any, label: str, data_type: int, dims: list[int], payload: Any) -> None:
+    """Feed one weight to ``digest``, each field length-prefixed so that no two weights' fields can run together."""
+    name = label.encode("utf-8", errors="surrogatepass")
+    size = memoryview(payload).nbytes
+    digest.update(struct.pack(f"<Q{len(name)}siQ{len(dims)}qQ", len(name), name, data_type, len(dims), *dims, size))
+    digest.update(payload)
+
+
+def _check_onnx_weights(file: Path, model: Any, props: dict[str, str]) -> None:
+    """Refuse an ONNX file whose weights do not match the digest :func:`export_onnx` or
+    :func:`mobilenet.quantize.quantize_onnx` stored under :data:`ONNX_WEIGHTS_KEY` (a flipped bit, a damaged copy:
+    protobuf has no checksum, and ONNX Runtime would run the damaged weights). A file without the key (written by an
+    older version of this library, or by another tool) is not checked."""
+    if ONNX_WEIGHTS_KEY not in props:
+        return
+    try:
+        found = onnx_weights_digest(model)
+    except Exception as error:  # onnx's to_array raises ValueError/TypeError/...: the weights cannot be read
+        raise MobileNetError(
+            f"{file} is corrupt: its weights cannot be read to check them against the digest written when it was "
+            f"exported ({type(error).__name__}: {_first_line(error)}); export the model again"
+        ) from None
+    if found != props[ONNX_WEIGHTS_KEY]:
+        raise MobileNetError(
+            f"{file} is corrupt: its weights do not match the digest ({ONNX_WEIGHTS_KEY}) written when it was "
+            "exported (a damaged copy?); export the model again"
+        )
+
+
 def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The ``mobilenet`` JSON stored in an ONNX file's ``metadata_props`` (by :func:`export_onnx` or
-    :func:`mobilenet.quantize.quantize_onnx`)."""
+    :func:`mobilenet.quantize.quantize_onnx`), once the file's weights match the digest stored with them
+    (:func:`_check_onnx_weights`; a file without one, from an older version or another tool, loads unchecked).
+    Every reader of an ``.onnx`` (predict, eval, bench, quantize, cost, :class:`mobilenet.predict.Predictor`) comes
+    through here."""
     onnx, _ = _require_onnx()
     file = Path(path)
     regular_file_size(file, "ONNX file", "an .onnx file written by `mobilenet export` or `mobilenet quantize`")
@@ -435,6 +530,7 @@ def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     except Exception as error:  # onnx raises DecodeError/ValueError/...: any failure means "not an ONNX model"
         raise MobileNetError(f"{file} is not a readable ONNX model ({type(error).__name__}: {error})") from None
     props = {entry.key: entry.value for entry in graph.metadata_props}
+    _check_onnx_weights(file, graph, props)
     if "mobilenet" not in props:
         raise MobileNetError(f"{file} has no mobilenet metadata; expected a file written by `mobilenet export`")
     try:

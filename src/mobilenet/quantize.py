@@ -31,7 +31,8 @@ low-precision computation"; its output range [0, 6] is known before calibration.
 
 The result is an ordinary ONNX file that :class:`mobilenet.predict.Predictor` runs (``backend="onnxruntime"`` or
 ``"auto"``); its ``metadata_props`` keep the name, config, classes and preprocessing of the fp32 export plus a
-``quantization`` entry describing how it was made.
+``quantization`` entry describing how it was made, and the digest of its int8 weights (``weights_sha256``), which
+every reader checks.
 """
 
 from __future__ import annotations
@@ -53,7 +54,15 @@ from torchvision.transforms.v2.functional import rgb_to_grayscale
 from mobilenet.backends import load_source
 from mobilenet.data import build_eval_transform
 from mobilenet.errors import INSTALL_HINTS, MobileNetError
-from mobilenet.export import INPUT_NAME, OUTPUT_NAME, check_suffix, export_onnx, ort_session
+from mobilenet.export import (
+    INPUT_NAME,
+    ONNX_WEIGHTS_KEY,
+    OUTPUT_NAME,
+    check_suffix,
+    export_onnx,
+    onnx_weights_digest,
+    ort_session,
+)
 from mobilenet.images import BadImageError, decode_image, find_images
 from mobilenet.io import atomic_path, check_output_file
 from mobilenet.progress import progress_bar
@@ -364,7 +373,8 @@ def _quantize_static(
 
 def _store_metadata(fp32: Path, quantized_path: Path, settings: dict[str, Any]) -> None:
     """Carry the fp32 export's metadata (name, config, classes, preprocessing) into the int8 file, with the
-    quantization settings added, then check the result."""
+    quantization settings added and the digest of the int8 file's own weights in place of the fp32 one's
+    (:func:`mobilenet.export.onnx_weights_digest`, checked by every reader), then check the result."""
     import onnx
 
     quantized = onnx.load(str(quantized_path))
@@ -373,6 +383,7 @@ def _store_metadata(fp32: Path, quantized_path: Path, settings: dict[str, Any]) 
     metadata["quantization"] = settings
     original["mobilenet"] = json.dumps(metadata)
     original["quantization"] = json.dumps(settings)
+    original[ONNX_WEIGHTS_KEY] = onnx_weights_digest(quantized)
     del quantized.metadata_props[:]
     for key, value in original.items():
         entry = quantized.metadata_props.add()
