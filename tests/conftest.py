@@ -122,3 +122,20 @@ def write_images(dataset, folder: Path, indices) -> tuple[list[Path], list[int]]
         files.append(path)
         labels.append(label)
     return files, labels
+
+
+def flip_onnx_weight_byte(source: Path, target: Path) -> Path:
+    """Copy an .onnx file with one byte of its largest initializer's stored values flipped in place, as a damaged
+    disk or download leaves it: the tensor's bytes are found by searching the file for them (once, whole), so the
+    protobuf around them stays parseable."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(source))
+    values = numpy_helper.to_array(max(model.graph.initializer, key=lambda t: numpy_helper.to_array(t).nbytes))
+    pattern, data = values.tobytes(), bytearray(source.read_bytes())
+    at = data.find(pattern)
+    assert at >= 0 and data.find(pattern, at + 1) < 0, "the weight's bytes are not stored once, as they are"
+    data[at + len(pattern) // 2] ^= 0x40
+    target.write_bytes(bytes(data))
+    return target

@@ -125,6 +125,118 @@ def test_onnx_metadata_nested_too_deeply_is_corrupt_metadata(onnx_file, tmp_path
         read_onnx_metadata(deep)
 
 
+def _props(path) -> dict[str, str]:
+    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+
+
+def _with_props(source, target, edit) -> object:
+    """Copy an .onnx file (parsed, not its weights' bytes) with its metadata_props (a dict) edited."""
+    proto = onnx.load(str(source))
+    props = {p.key: p.value for p in proto.metadata_props}
+    edit(props)
+    del proto.metadata_props[:]
+    for key, value in props.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(target))
+    return target
+
+
+def test_onnx_stores_a_weights_digest_beside_the_unchanged_metadata(onnx_file):
+    from mobilenet.export import ONNX_WEIGHTS_KEY, onnx_weights_digest
+
+    path, _ = onnx_file
+    props = _props(path)
+    assert re.fullmatch(r"[0-9a-f]{64}", props[ONNX_WEIGHTS_KEY])
+    assert props[ONNX_WEIGHTS_KEY] == onnx_weights_digest(onnx.load(str(path)))
+    assert ONNX_WEIGHTS_KEY not in json.loads(props["mobilenet"])  # the JSON readers know is as it was
+    assert read_onnx_metadata(path) == json.loads(props["mobilenet"])
+
+
+def test_onnx_with_a_flipped_weight_byte_is_refused_as_corrupt(onnx_file, tmp_path):
+    """One flipped byte in an initializer loaded and ran (protobuf has no checksum); it is refused when read, by
+    the Predictor too, and the undamaged file's logits are ONNX Runtime's own."""
+    from conftest import flip_onnx_weight_byte
+    from mobilenet.predict import Predictor
+
+    path, _ = onnx_file
+    damaged = flip_onnx_weight_byte(path, tmp_path / "damaged.onnx")
+    for read in (read_onnx_metadata, Predictor):
+        with pytest.raises(MobileNetError, match="is corrupt: its weights do not match the digest") as error:
+            read(damaged)
+        assert "damaged.onnx" in str(error.value) and "\n" not in str(error.value)
+    batch = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 3, 32, 32), dtype=np.float32))
+    expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": batch.numpy()})
+    got = Predictor(path, backend="onnxruntime").logits(batch).numpy()
+    np.testing.assert_allclose(got, expected[0], rtol=0, atol=1e-5)
+
+
+def test_onnx_without_the_digest_key_loads_unchecked(onnx_file, tmp_path):
+    """A file from an older version or another tool has no digest: it loads as before, damaged or not."""
+    from conftest import flip_onnx_weight_byte
+    from mobilenet.export import ONNX_WEIGHTS_KEY
+    from mobilenet.predict import Predictor
+
+    path, _ = onnx_file
+    damaged = flip_onnx_weight_byte(path, tmp_path / "damaged.onnx")
+    for source in (path, damaged):
+        older = _with_props(source, tmp_path / f"older-{source.name}", lambda props: props.pop(ONNX_WEIGHTS_KEY))
+        assert read_onnx_metadata(older)["classes"] == CLASSES
+        assert Predictor(older).num_classes == len(CLASSES)
+
+
+def test_onnx_whose_digest_was_edited_is_refused(onnx_file, tmp_path):
+    import hashlib
+
+    from mobilenet.export import ONNX_WEIGHTS_KEY
+
+    path, _ = onnx_file
+    other = hashlib.sha256(b"another model").hexdigest()
+    for value in (other, other.upper(), "", "not hex"):
+        edited = _with_props(path, tmp_path / "edited.onnx", lambda props, v=value: props.update({ONNX_WEIGHTS_KEY: v}))
+        with pytest.raises(MobileNetError, match=r"edited\.onnx is corrupt"):
+            read_onnx_metadata(edited)
+
+
+def test_onnx_weights_digest_does_not_depend_on_how_a_tensor_is_stored(onnx_file, tmp_path):
+    """The same values as raw_data or float_data give the same digest (a tool that re-saves a file may store
+    them either way); another value does not."""
+    from mobilenet.export import onnx_weights_digest
+
+    path, _ = onnx_file
+    proto = onnx.load(str(path))
+    before = onnx_weights_digest(proto)
+    tensor = max(proto.graph.initializer, key=lambda t: len(t.raw_data))
+    values = onnx.numpy_helper.to_array(tensor).copy()
+    tensor.ClearField("raw_data")
+    tensor.float_data.extend(values.reshape(-1).tolist())
+    assert not tensor.HasField("raw_data")
+    assert onnx_weights_digest(proto) == before
+    resaved = tmp_path / "float_data.onnx"
+    onnx.save(proto, str(resaved))
+    assert read_onnx_metadata(resaved)["classes"] == CLASSES  # the reader agrees
+    tensor.float_data[len(values.reshape(-1)) // 2] += 1.0
+    assert onnx_weights_digest(proto) != before
+
+
+def test_onnx_weights_digest_covers_the_constant_nodes(onnx_file, tmp_path):
+    """torch.onnx writes ReLU6's bounds as Constant nodes: an edited bound (6 -> 7) is refused like a weight."""
+    path, _ = onnx_file
+    proto = onnx.load(str(path))
+    six = np.array(6.0, dtype=np.float32)
+    bounds = [
+        node.attribute[0].t
+        for node in proto.graph.node
+        if node.op_type == "Constant" and np.array_equal(onnx.numpy_helper.to_array(node.attribute[0].t), six)
+    ]
+    assert bounds, "expected ReLU6's upper bound as a Constant node"
+    bounds[0].CopyFrom(onnx.numpy_helper.from_array(np.array(7.0, dtype=np.float32), bounds[0].name))
+    edited = tmp_path / "seven.onnx"
+    onnx.save(proto, str(edited))
+    with pytest.raises(MobileNetError, match=r"seven\.onnx is corrupt"):
+        read_onnx_metadata(edited)
+
+
 def test_a_runtime_files_metadata_nested_too_deeply_is_no_metadata(tmp_path):
     from mobilenet.errors import MobileNetError
     from mobilenet.export import _metadata_text
