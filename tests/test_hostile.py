@@ -1982,3 +1982,50 @@ def test_exported_archive_with_a_damaged_member_is_refused(fmt, member, files, t
     code, _, err = cli(["predict", path, files.good], capsys, monkeypatch)
     assert_clean_error(code, err, path.name, "corrupt")
     assert load_export(good).format == fmt
+
+
+# --------------------------------------------------------------------------------------------------------------
+# --- onnx weights digest (sweep 7)
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def good_int8_onnx(files) -> Path:
+    from mobilenet.quantize import quantize_onnx
+
+    train = files.data / "train"
+    return quantize_onnx(files.ck, files.root / "good.int8.onnx", train, num_calibration=8).path
+
+
+@pytest.mark.parametrize("kind", ["exported", "quantized"])
+def test_onnx_with_a_flipped_weight_byte_is_refused_by_every_command(
+    kind, good_onnx, good_int8_onnx, files, tmp_path, capsys, monkeypatch
+):
+    """An .onnx (fp32 export or int8 quantized) with one flipped byte in a weight was run as it stood (protobuf
+    has no checksum): predict answered with the damaged weights, exit 0. predict, eval and bench refuse it in one
+    line naming the file; the undamaged file and one whose digest key was removed (an older export) still run."""
+    import onnx
+
+    from conftest import flip_onnx_weight_byte
+    from mobilenet.export import ONNX_WEIGHTS_KEY
+
+    good = good_onnx if kind == "exported" else good_int8_onnx
+    damaged = flip_onnx_weight_byte(good, tmp_path / f"damaged-{kind}.onnx")
+    commands = {
+        "predict": ["predict", damaged, files.good],
+        "eval": ["eval", damaged, "--data", files.data, "--no-plot", "--device", "cpu"],
+        "bench": ["bench", damaged, "--rounds", "1", "--warmup", "0", "--batch-sizes", "1", "--gemm-size", "64"],
+    }
+    for argv in commands.values():
+        code, _, err = cli(argv, capsys, monkeypatch)
+        assert_clean_error(code, err, damaged.name, "corrupt", "digest")
+    code, _, err = cli(["predict", good, files.good], capsys, monkeypatch)
+    assert code == 0 and "Traceback" not in err, err
+    proto = onnx.load(str(good))
+    kept = [entry for entry in proto.metadata_props if entry.key != ONNX_WEIGHTS_KEY]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    older = tmp_path / f"older-{kind}.onnx"
+    onnx.save(proto, str(older))
+    code, _, err = cli(["predict", older, files.good], capsys, monkeypatch)
+    assert code == 0 and "Traceback" not in err, err

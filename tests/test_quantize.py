@@ -148,3 +148,34 @@ def test_target_sets_activations_and_weight_range(setup, tmp_path, capsys):
     out = tmp_path / "here.onnx"
     assert main(["quantize", str(setup["checkpoint"]), "-c", calibration, "-n", "16", "-o", str(out)]) == 0
     assert f"target: {this_machine_target()} (this machine)" in capsys.readouterr().out
+
+
+def test_quantized_file_with_a_flipped_weight_byte_is_refused_as_corrupt(setup, tmp_path):
+    """The int8 file stores the digest of its own (int8) weights, not the fp32 export's it copies the metadata of:
+    undamaged, it loads and its logits are ONNX Runtime's own; one flipped byte in a weight is refused when read."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    from conftest import flip_onnx_weight_byte
+    from mobilenet.errors import MobileNetError
+    from mobilenet.export import ONNX_WEIGHTS_KEY, onnx_weights_digest, read_onnx_metadata
+    from mobilenet.quantize import quantize_onnx
+
+    out, fp32 = tmp_path / "q.int8.onnx", tmp_path / "q.fp32.onnx"
+    quantize_onnx(setup["checkpoint"], out, setup["root"] / "calibration", num_calibration=16, keep_fp32=fp32)
+    digests = [{p.key: p.value for p in onnx.load(str(f)).metadata_props}[ONNX_WEIGHTS_KEY] for f in (out, fp32)]
+    assert digests[0] == onnx_weights_digest(onnx.load(str(out))) and digests[0] != digests[1]
+    predictor = Predictor(out)
+    size = predictor.preprocessing["input_size"]
+    batch = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 3, size, size), dtype=np.float32))
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    expected = session.run(None, {session.get_inputs()[0].name: batch.numpy()})[0]
+    np.testing.assert_allclose(predictor.logits(batch).numpy(), expected, rtol=0, atol=1e-5)
+
+    damaged = flip_onnx_weight_byte(out, tmp_path / "damaged.int8.onnx")
+    for read in (read_onnx_metadata, Predictor):
+        with pytest.raises(MobileNetError, match="is corrupt: its weights do not match the digest") as error:
+            read(damaged)
+        assert "damaged.int8.onnx" in str(error.value) and "\n" not in str(error.value)
