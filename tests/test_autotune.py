@@ -135,6 +135,21 @@ def test_the_key_changes_with_threads_batch_cpu_and_versions_not_with_load_or_we
     assert key not in others and len(set(others)) == len(others)
 
 
+def test_the_key_names_an_instruction_set_forced_on_the_fused_kernel(model, monkeypatch):
+    """A choice measured with MOBILENET_FUSED_ISA=avx2 (the fused kernel slower than it can be) is not the choice
+    for the best instruction set, nor the other way round; unset, the key is what it always was."""
+    source = load_source(model)
+    machine = describe_machine(2)
+    monkeypatch.delenv("MOBILENET_FUSED_ISA", raising=False)
+    plain = autotune.auto_cache_key(source, batch=1, threads=2, machine=machine)
+    assert "fused_isa" not in json.loads(plain)  # caches written before keep their entries
+    keys = {plain}
+    for isa in ("avx2", "portable"):
+        monkeypatch.setenv("MOBILENET_FUSED_ISA", isa)
+        keys.add(autotune.auto_cache_key(source, batch=1, threads=2, machine=machine))
+    assert len(keys) == 3
+
+
 @pytest.mark.parametrize(
     "content",
     [

@@ -55,6 +55,7 @@ from mobilenet.backends import (
     source_precision,
 )
 from mobilenet.errors import INSTALL_HINTS, MobileNetError
+from mobilenet.fused import ISA_ENV
 from mobilenet.parity import seeded_batch
 from mobilenet.runtime import (
     describe_machine,
@@ -156,7 +157,8 @@ def auto_cache_key(
     source: ModelSource, *, batch: int, threads: int, machine: dict[str, Any], precision: str = "fp32"
 ) -> str:
     """The identity of one choice: the architecture, precision tier, batch size, threads, CPU and library versions
-    (an ONNX file is measured as such: a file and a PyTorch model of one architecture have different candidates)."""
+    (an ONNX file is measured as such: a file and a PyTorch model of one architecture have different candidates),
+    and the fused kernel's instruction set where ``$MOBILENET_FUSED_ISA`` forces one."""
     fields = {
         "model": architecture_digest(source),
         "precision": precision,
@@ -164,8 +166,16 @@ def auto_cache_key(
         "batch": batch,
         "threads": threads,
         **machine_identity(machine),
+        **forced_kernel_isa(),
     }
     return json.dumps(fields, sort_keys=True)
+
+
+def forced_kernel_isa() -> dict[str, str]:
+    """``{"fused_isa": NAME}`` where ``$MOBILENET_FUSED_ISA`` forces the fused kernel's instruction set (it then runs
+    slower than it can: a measurement of its own), else nothing, so a cache key without it stays as it was."""
+    forced = os.environ.get(ISA_ENV)
+    return {"fused_isa": forced} if forced else {}
 
 
 def resolve_precision(precision: str | None, source: ModelSource) -> str:

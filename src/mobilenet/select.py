@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from mobilenet.autotune import choose_backend
+from mobilenet.autotune import choose_backend, forced_kernel_isa
 from mobilenet.backends import BACKENDS, ModelSource, require_native_bf16
 from mobilenet.cost import check_fits_memory, count_costs
 from mobilenet.data import resolve_preprocessing
@@ -151,7 +151,8 @@ def default_cache_path() -> Path:
 def cache_key(
     model: str, *, resolution: int, batch: int, threads: int, backend: str, precision: str, machine: dict[str, Any]
 ) -> str:
-    """The identity of one measurement: what ran, how, and on which CPU and library versions."""
+    """The identity of one measurement: what ran, how (the fused kernel's forced instruction set too), and on which
+    CPU and library versions."""
     fields = {
         "model": model,
         "resolution": resolution,
@@ -160,6 +161,7 @@ def cache_key(
         "backend": backend,
         "precision": precision,
         **machine_identity(machine),
+        **forced_kernel_isa(),
     }
     return json.dumps(fields, sort_keys=True)
 
