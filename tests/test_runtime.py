@@ -178,3 +178,19 @@ def test_cli_tunes_the_allocator_only_for_commands_that_run_models(monkeypatch, 
     assert calls == [1]
     capsys.readouterr()
     assert set(MODEL_COMMANDS) == {"demo", "train", "eval", "predict", "compress", "bench", "reproduce", "select"}
+
+
+def test_the_cache_directory_follows_an_absolute_xdg_cache_home_only(tmp_path, monkeypatch):
+    """The XDG Base Directory specification: a relative $XDG_CACHE_HOME is invalid and ignored (it would scatter
+    caches into whatever directory a command starts in); empty or unset means ~/.cache."""
+    from mobilenet.runtime import user_cache_path
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    default = tmp_path / "home" / ".cache" / "mobilenet" / "c.json"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert user_cache_path("c.json") == tmp_path / "xdg" / "mobilenet" / "c.json"
+    for value in ("relative/dir", ".", ""):
+        monkeypatch.setenv("XDG_CACHE_HOME", value)
+        assert user_cache_path("c.json") == default
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert user_cache_path("c.json") == default

@@ -384,8 +384,11 @@ def resolve_device(name: str | torch.device = "auto", local_rank: int = 0) -> to
 
 
 def user_cache_path(filename: str) -> Path:
-    """``$XDG_CACHE_HOME/mobilenet/<filename>``, else ``~/.cache/mobilenet/<filename>``."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    """``$XDG_CACHE_HOME/mobilenet/<filename>``, else ``~/.cache/mobilenet/<filename>``. A relative
+    ``$XDG_CACHE_HOME`` is ignored, as the XDG Base Directory specification asks (it would put a cache in whatever
+    directory a command happens to start in)."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = xdg if os.path.isabs(xdg) else str(Path.home() / ".cache")
     return Path(base) / "mobilenet" / filename
 
 
