@@ -106,6 +106,9 @@ def test_small_input_ends_on_4x4(family):
         ({"num_classes": -1}, "num_classes"),
         ({"dropout": 1.0}, "dropout"),
         ({"variant": "deep"}, "variant"),
+        ({"small_input": "no"}, "small_input must be True or False"),  # a non-empty string was taken as True
+        ({"small_input": 2}, "small_input must be True or False"),
+        ({"small_input": None}, "small_input must be True or False"),
     ],
 )
 def test_bad_options_are_named(options, message):

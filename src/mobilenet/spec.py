@@ -230,6 +230,8 @@ class ModelConfig:
             raise MobileNetError(
                 f"alpha (width multiplier) must be a finite number > 0 and at most {MAX_ALPHA:g}, got {alpha!r}"
             )
+        if not isinstance(self.small_input, bool | int) or self.small_input not in (0, 1):  # "no" would be true
+            raise MobileNetError(f"small_input must be True or False, got {self.small_input!r}")
         minimum = MIN_RESOLUTION_SMALL_INPUT if self.small_input else MIN_RESOLUTION
         if isinstance(self.resolution, bool) or not isinstance(self.resolution, int):
             raise MobileNetError(f"resolution must be an integer >= {minimum}, got {self.resolution!r}")
