@@ -194,3 +194,19 @@ def test_the_cache_directory_follows_an_absolute_xdg_cache_home_only(tmp_path, m
         assert user_cache_path("c.json") == default
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert user_cache_path("c.json") == default
+
+
+def test_a_cache_write_keeps_what_another_process_wrote_meanwhile(tmp_path):
+    """Two commands measuring at once: each read the cache before measuring, and the last to write replaced the
+    other's entries with its own (the file stayed whole, the other's measurements were lost)."""
+    from mobilenet.runtime import read_cache, write_cache
+
+    path, notes = tmp_path / "c.json", []
+    write_cache(path, {"shared": {"ms": 9.0}}, version=3, notes=notes)
+    ours = read_cache(path, version=3, valid=lambda _entry: True, notes=notes, what="test")
+    write_cache(path, {"shared": {"ms": 9.0}, "theirs": {"ms": 2.0}}, version=3, notes=notes)  # while we measured
+    ours.update(mine={"ms": 1.0}, shared={"ms": 8.0})
+    write_cache(path, ours, version=3, notes=notes)
+    final = read_cache(path, version=3, valid=lambda _entry: True, notes=notes, what="test")
+    assert final == {"shared": {"ms": 8.0}, "theirs": {"ms": 2.0}, "mine": {"ms": 1.0}}  # ours win a tie
+    assert notes == []

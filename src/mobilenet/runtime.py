@@ -437,11 +437,14 @@ def write_cache(path: Path, entries: dict[str, Any], *, version: int, notes: lis
     """Write ``entries`` to ``path`` atomically; a failure is a line in ``notes``. What was at ``path`` is never
     lost: a FIFO, a device, a socket or a directory there is left as it is (nothing is written), and a regular file
     that is not a version-``version`` cache (a file named by mistake, a damaged cache) is first renamed to
-    ``NAME.unusable``. A symbolic link is replaced, never what it points to."""
+    ``NAME.unusable``. A symbolic link is replaced, never what it points to. Entries another process wrote since
+    ``entries`` were read (two commands measuring at once) are kept beside them; for the same key, ``entries`` win."""
     try:
         if not _make_room_for_cache(path, version, notes):
             return
-        atomic_write_text(path, json.dumps({"version": version, "entries": json_safe(entries)}, indent=1))
+        written_meanwhile = _cache_entries(path, version, "measurement")[0] if os.path.lexists(path) else None
+        merged = {**(written_meanwhile or {}), **entries}
+        atomic_write_text(path, json.dumps({"version": version, "entries": json_safe(merged)}, indent=1))
     except OSError as error:
         notes.append(f"the cache {path} could not be written ({error.strerror or error}): the next call measures again")
 
