@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -274,3 +276,22 @@ def test_a_run_record_or_budget_file_that_is_not_ours_neither_hangs_nor_crashes(
     assert A.key in again.trained and len(counter.calls) > calls_before
     assert json.loads(record.read_text())["budget"]["training"] == SMOKE.training_fields()
     assert json.loads(budget_file.read_text())["name"] == "smoke"
+
+
+def test_a_reproduce_out_is_written_by_one_process_at_a_time(tmp_path):
+    """A second `reproduce` into an --out that another process is writing would train the same runs beside it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    code = "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); "
+    code += "print('held', flush=True); time.sleep(120)"
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        config = ReproduceConfig(data="digits", out=str(out), experiments=[ONE], budget=SMOKE)
+        with pytest.raises(MobileNetError, match="in use by another process"):
+            run_reproduce(config, progress=False, log=None, report_only=True)
+        assert list(out.iterdir()) == []
+    finally:
+        holder.kill()
+        holder.wait()
+    run_reproduce(config, progress=False, log=None, report_only=True)  # free once the holder is gone

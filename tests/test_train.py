@@ -7,6 +7,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -458,3 +460,42 @@ def test_device_data_resumes_mid_epoch_exactly(tmp_path):
     a, b = _final_weights(tmp_path / "straight"), _final_weights(tmp_path / "resumed")
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def _hold_lock(directory: Path) -> subprocess.Popen:
+    """Another process holding ``directory``'s flock, as a second `mobilenet train` into it would (plain fcntl: the
+    lock is the system's, not something of ours that a test could fake)."""
+    code = "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); "
+    code += "print('held', flush=True); time.sleep(120)"
+    holder = subprocess.Popen([sys.executable, "-c", code, str(directory)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_run_directory_is_written_by_one_process_at_a_time(data_dir, tmp_path):
+    """Two `train` processes into one --out (a second terminal, or a --resume while the run still goes) wrote the
+    same checkpoints and state in turns. The second is refused at once and changes nothing; once the first ends,
+    however it ends (here kill -9), the run resumes."""
+    run = tmp_path / "run"
+    train(tiny_config(data_dir, run, epochs=1), progress=False, log=None)
+    before = {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()}
+    holder = _hold_lock(run)
+    try:
+        with pytest.raises(MobileNetError, match=r"--out .*run is in use by another process .* choose another --out"):
+            train(tiny_config(data_dir, run, epochs=2, resume=True), progress=False, log=None)
+        fresh = tmp_path / "fresh"
+        fresh.mkdir()
+        other = _hold_lock(fresh)
+        try:
+            with pytest.raises(MobileNetError, match="in use by another process"):
+                train(tiny_config(data_dir, fresh, epochs=1), progress=False, log=None)
+        finally:
+            other.kill()
+            other.wait()
+        assert fresh.is_dir() and list(fresh.iterdir()) == []  # the holder's directory: left as it was
+        assert {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()} == before
+    finally:
+        holder.kill()  # SIGKILL: the system drops its lock
+        holder.wait()
+    result = train(tiny_config(data_dir, run, epochs=2, resume=True), progress=False, log=None)
+    assert read_state(run / "train_state.safetensors")[1]["epoch"] == 2 and result.best_checkpoint.is_file()

@@ -37,6 +37,11 @@ from typing import Any
 
 from mobilenet.errors import MobileNetError, OutputWriteError
 
+try:  # POSIX: run directories are locked with flock
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
 __all__ = [
     "atomic_path",
     "atomic_write_bytes",
@@ -44,6 +49,7 @@ __all__ = [
     "check_output_dir",
     "check_output_file",
     "check_outside_directory",
+    "directory_lock",
     "json_safe",
     "libjpeg_lost_data",
     "libjpeg_warnings",
@@ -125,6 +131,37 @@ def libjpeg_warnings() -> Iterator[list[str]]:
 def libjpeg_lost_data(warnings: Iterable[str]) -> str | None:
     """The first of libjpeg's ``warnings`` (from :func:`libjpeg_warnings`) that means pixels were made up, or None."""
     return next((line for line in warnings if any(sign in line.lower() for sign in _LIBJPEG_LOST_DATA)), None)
+
+
+@contextlib.contextmanager
+def directory_lock(directory: str | os.PathLike[str], what: str) -> Iterator[Path]:
+    """Hold an exclusive lock on ``directory`` (created if missing) for the block, so that two processes never
+    write one run directory at once; a second process asking for it gets :class:`MobileNetError` at once instead
+    of waiting. The lock is ``flock`` on the directory itself: no lock file is left behind, and the system releases
+    it when the process ends however it ends (no stale lock after a crash or ``kill -9``). A directory created here
+    and still empty at the end is removed again. Where ``fcntl`` is missing (Windows) or the filesystem cannot
+    lock, nothing is locked."""
+    target = Path(directory)
+    created = not target.exists()
+    target.mkdir(parents=True, exist_ok=True)
+    fd = os.open(target, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise MobileNetError(
+                    f"{what} {target} is in use by another process that is writing a run there; wait for it to "
+                    f"finish (then --resume it if it was stopped) or choose another {what}"
+                ) from None
+            except OSError:
+                pass  # a filesystem without locks: run unlocked, as before
+        yield target
+    finally:
+        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):
+                target.rmdir()  # only if empty: nothing was written
 
 
 @contextlib.contextmanager

@@ -35,6 +35,7 @@ from mobilenet.io import (
     atomic_write_text,
     check_output_dir,
     check_outside_directory,
+    directory_lock,
     loads_json,
     read_regular_file,
 )
@@ -438,9 +439,14 @@ def run_reproduce(
     if str(config.data) not in BUILTIN_DATA:  # a run directory in a data folder is one more class of images
         check_outside_directory(config.out, "--out", config.data, "the --data folder")
     data_source = _Data.lazy(str(config.data), budget.all_seeds[0])
-    if len(budget.all_seeds) == 1:
-        return _reproduce_seed(config, chosen, budget, data_source, progress=progress, log=log, report_only=report_only)
-    return _reproduce_seeds(config, chosen, budget, data_source, progress=progress, log=log, report_only=report_only)
+    with directory_lock(config.out, "--out"):  # two reproduce commands into one --out would train the same runs
+        if len(budget.all_seeds) == 1:
+            return _reproduce_seed(
+                config, chosen, budget, data_source, progress=progress, log=log, report_only=report_only
+            )
+        return _reproduce_seeds(
+            config, chosen, budget, data_source, progress=progress, log=log, report_only=report_only
+        )
 
 
 def _reproduce_seeds(

@@ -28,7 +28,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -69,6 +69,7 @@ from mobilenet.io import (
     atomic_write_text,
     check_output_dir,
     check_outside_directory,
+    directory_lock,
     json_safe,
     remove_stale_temporaries,
 )
@@ -204,20 +205,22 @@ def train(
     Raises :class:`TrainingDiverged` when the loss turns NaN/inf (the last good checkpoint stays in place) and
     :class:`MobileNetError` for any mistake in the inputs.
     """
-    run = _prepare(config, log=log, data=data)
-    _remove_stale_temporaries(run)
-    state = _resume(run) if config.resume else _Progress()
-    if run.dist_ctx.enabled:  # after the resume: DDP broadcasts rank 0's (loaded) weights when it is built
-        run.train_model = wrap_distributed(run.model, run.device, sync_bn=config.sync_bn)
-    _write_config(run)
-    run.say(_describe(run))
-    interrupted = _run_epochs(run, state, progress=progress, on_step=on_step)
-    return _finish(run, state, interrupted=interrupted)
+    with ExitStack() as held:  # the run directory's lock, from its check to the end of the run
+        run = _prepare(config, log=log, data=data, held=held)
+        _remove_stale_temporaries(run)
+        state = _resume(run) if config.resume else _Progress()
+        if run.dist_ctx.enabled:  # after the resume: DDP broadcasts rank 0's (loaded) weights when it is built
+            run.train_model = wrap_distributed(run.model, run.device, sync_bn=config.sync_bn)
+        _write_config(run)
+        run.say(_describe(run))
+        interrupted = _run_epochs(run, state, progress=progress, on_step=on_step)
+        return _finish(run, state, interrupted=interrupted)
 
 
-def _prepare(config: TrainConfig, *, log: Callable[[str], None] | None, data: Any) -> _Run:
-    """Set up this process (threads, device, process group), check the run directory, load the data, build the
-    model on the device with its optimizer, EMA, loss scaler and loss."""
+def _prepare(config: TrainConfig, *, log: Callable[[str], None] | None, data: Any, held: ExitStack) -> _Run:
+    """Set up this process (threads, device, process group), check and lock the run directory (the lock joins
+    ``held``: one writer per run directory, rank 0 for a distributed run), load the data, build the model on the
+    device with its optimizer, EMA, loss scaler and loss."""
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     dist_ctx = DistContext.from_env()
@@ -227,6 +230,8 @@ def _prepare(config: TrainConfig, *, log: Callable[[str], None] | None, data: An
     say = log if dist_ctx.is_main and log is not None else _silent
     run_dir = Path(config.out)
     _check_run_dir(run_dir, resume=config.resume, data=None if data is not None else config.data)
+    if dist_ctx.is_main:
+        held.enter_context(directory_lock(run_dir, "--out"))
 
     torch.manual_seed(config.seed)
     bundle = (
