@@ -2028,3 +2028,31 @@ def test_onnx_with_a_flipped_weight_byte_is_refused_by_every_command(
     onnx.save(proto, str(older))
     code, _, err = cli(["predict", older, files.good], capsys, monkeypatch)
     assert code == 0 and "Traceback" not in err, err
+
+
+# --------------------------------------------------------------------------------------------------------------
+# --- interruptions, pipes, encodings, path limits (sweep 8)
+# --------------------------------------------------------------------------------------------------------------
+
+#: A file name over NAME_MAX (255 bytes) and a path over PATH_MAX (4096 bytes) of names that are each short enough.
+LONG_NAME = "x" * 300
+LONG_PATH = "/".join(["0" * 250] * 20)
+
+
+@pytest.mark.parametrize("long", ["name", "path"])
+@pytest.mark.parametrize("command", ["predict-image", "predict-model", "eval-data", "export-in", "bench", "quantize"])
+def test_a_path_over_the_system_limits_is_one_line(command, long, files, tmp_path, capsys, monkeypatch):
+    """An input path whose name is over 255 bytes or whose whole is over 4096 was an ENAMETOOLONG OSError traceback
+    (Path.exists() raises it); every command refuses it in one line naming the limits."""
+    bad = str(tmp_path / (LONG_NAME if long == "name" else LONG_PATH))
+    argv = {
+        "predict-image": ["predict", files.ck, bad + ".png"],
+        "predict-model": ["predict", bad + ".safetensors", files.good],
+        "eval-data": ["eval", files.ck, "--data", bad, "--no-plot"],
+        "export-in": ["export", bad + ".safetensors", "--out", tmp_path / "m.onnx"],
+        "bench": ["bench", bad + ".onnx", "--rounds", "1", "--warmup", "0", "--gemm-size", "64"],
+        "quantize": ["quantize", files.ck, "--out", tmp_path / "q.onnx", "--calibration", bad],
+    }[command]
+    code, _, err = cli(argv, capsys, monkeypatch)
+    assert_clean_error(code, err, "too long", "255 bytes", "4096")
+    assert not list(tmp_path.iterdir())

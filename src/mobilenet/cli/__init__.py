@@ -105,6 +105,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except OSError as error:
+        if error.errno == errno.ENAMETOOLONG:
+            # Any path of any command (an input Path.exists() stats, an output): the system's limit, not a bug.
+            print(f"mobilenet {args.command}: error: {_name_too_long(error)}", file=sys.stderr)
+            return 2
         if error.errno not in _WRITE_ERRNOS:
             raise
         # stdout is a full disk or a device that takes nothing (`> /dev/full`): say so once, drop what is left.
@@ -115,6 +119,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 #: Errors of a write that failed for want of room or a working device: an output that cannot be written, not a bug.
 _WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
+
+
+def _name_too_long(error: OSError) -> str:
+    """The one line for a path the system refuses as too long (ENAMETOOLONG), naming it and the limits."""
+    name = error.filename if error.filename is not None else "a path"
+    shown = shown_path(name)
+    if len(shown) > 120:  # the path itself can be kilobytes: its start and end say which one it is
+        shown = f"{shown[:60]}...{shown[-40:]} ({len(os.fsencode(str(name))):,} bytes)"
+    return (
+        f"{shown}: {error.strerror or 'File name too long'}; expected a path whose every name is at most 255 bytes "
+        "and whose whole is at most 4096 bytes"
+    )
 
 
 def shown_path(path: object) -> str:
