@@ -2056,3 +2056,46 @@ def test_a_path_over_the_system_limits_is_one_line(command, long, files, tmp_pat
     code, _, err = cli(argv, capsys, monkeypatch)
     assert_clean_error(code, err, "too long", "255 bytes", "4096")
     assert not list(tmp_path.iterdir())
+
+
+def run_sweep8(args: list[object], cwd: Path, *, env: dict[str, str] | None = None, **options) -> subprocess.Popen:
+    """``python -m mobilenet ARGS`` started (not waited for), with ``env`` added to the environment; ``options``
+    go to Popen (stdout, preexec_fn...). Text mode: stdout and stderr are decoded as UTF-8 with escapes."""
+    environment = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    environment.update({"MOBILENET_NO_MALLOC_TUNING": "1", **(env or {})})
+    options.setdefault("stdout", subprocess.PIPE)
+    options.setdefault("stderr", subprocess.PIPE)
+    options.setdefault("stdin", subprocess.DEVNULL)
+    return subprocess.Popen(
+        [sys.executable, "-m", "mobilenet", *map(str, args)],
+        cwd=cwd,
+        env=environment,
+        text=True,
+        encoding="utf-8",
+        errors="backslashreplace",
+        **options,
+    )
+
+
+def finish(process: subprocess.Popen, timeout: float = TIMEOUT) -> tuple[int, str, str]:
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        pytest.fail(f"{process.args} hung (no exit within {timeout} s)")
+    return process.returncode, out or "", err or ""
+
+
+def test_stdout_in_ascii_escapes_what_it_cannot_encode(tmp_path):
+    """Under PYTHONIOENCODING=ascii (or a locale whose encoding lacks the characters), predict's table of an image
+    named 'imagé.png' of a class 'é' was a UnicodeEncodeError traceback, exit 1, after the work; stdout now escapes
+    what it cannot encode (\\xe9), as Python's stderr does, and the command succeeds."""
+    checkpoint = tmp_path / "ck.safetensors"
+    model = mobilenet.create_model(TINY, num_classes=3, resolution=32, small_input=True)
+    mobilenet.save(model, checkpoint, classes=["a", "b", "é"])
+    image = tmp_path / "imagé.png"
+    image.write_bytes(png_bytes(32, 32, 32))
+    code, out, err = finish(run_sweep8(["predict", checkpoint, image], tmp_path, env={"PYTHONIOENCODING": "ascii"}))
+    assert "Traceback" not in err and code == 0, (code, err)
+    assert "imag\\xe9.png" in out and "\\xe9 (2)" in out, out

@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    _escape_unencodable_output()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
@@ -115,6 +116,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mobilenet {args.command}: error: cannot write the output: {error.strerror}", file=sys.stderr)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 2
+
+
+def _escape_unencodable_output() -> None:
+    """Let stdout escape what its encoding cannot write (``\\xe9``), as Python's stderr already does: under
+    PYTHONIOENCODING=ascii or a non-UTF-8 locale, a file or class name such as 'é' in a table or a 'wrote PATH'
+    line was a UnicodeEncodeError traceback, after the work was done. UTF-8 streams write everything already."""
+    stream = sys.stdout
+    encoding = getattr(stream, "encoding", None) or ""
+    if encoding.lower().replace("-", "").replace("_", "") in ("utf8", "utf8sig"):
+        return
+    reconfigure = getattr(stream, "reconfigure", None)
+    if reconfigure is not None and getattr(stream, "errors", None) == "strict":
+        with contextlib.suppress(ValueError, OSError):
+            reconfigure(errors="backslashreplace")
 
 
 #: Errors of a write that failed for want of room or a working device: an output that cannot be written, not a bug.
