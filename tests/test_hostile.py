@@ -2099,3 +2099,23 @@ def test_stdout_in_ascii_escapes_what_it_cannot_encode(tmp_path):
     code, out, err = finish(run_sweep8(["predict", checkpoint, image], tmp_path, env={"PYTHONIOENCODING": "ascii"}))
     assert "Traceback" not in err and code == 0, (code, err)
     assert "imag\\xe9.png" in out and "\\xe9 (2)" in out, out
+
+
+def _close_stdout() -> None:
+    os.close(1)
+
+
+def _close_stderr() -> None:
+    os.close(2)
+
+
+@pytest.mark.parametrize("argv", [["models"], ["cost", "--paper"]], ids=["models", "cost"])
+def test_a_closed_stdout_is_one_line(argv, tmp_path):
+    """Started with stdout closed (``>&-``), Python's sys.stdout is None and every command was an AttributeError
+    traceback ('NoneType' object has no attribute 'flush' / 'isatty'), exit 1; now one line before any work, exit
+    2. With stderr closed too (``2>&-``) it still exits 2, silently, instead of writing its message on stdout."""
+    process = run_sweep8(argv, tmp_path, stdout=None, preexec_fn=_close_stdout)
+    code, _, err = finish(process)
+    assert_clean_error(code, err, "stdout is closed")
+    code, out, err = finish(run_sweep8(["models", "zzz"], tmp_path, preexec_fn=_close_stderr, stderr=None))
+    assert code == 2 and out == "", (code, out)

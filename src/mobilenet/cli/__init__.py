@@ -79,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if sys.stderr is None:  # started with 2>&-: messages go nowhere (print(file=None) would put them on stdout)
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - the process's stderr, open until it exits
+    if sys.stdout is None:  # started with >&-: every command prints; refuse before any work rather than crash after
+        print(
+            "mobilenet: error: stdout is closed; expected an open standard output (>/dev/null to discard it)",
+            file=sys.stderr,
+        )
+        return 2
     _escape_unencodable_output()
     parser = build_parser()
     args = parser.parse_args(argv)
