@@ -2119,3 +2119,58 @@ def test_a_closed_stdout_is_one_line(argv, tmp_path):
     assert_clean_error(code, err, "stdout is closed")
     code, out, err = finish(run_sweep8(["models", "zzz"], tmp_path, preexec_fn=_close_stderr, stderr=None))
     assert code == 2 and out == "", (code, out)
+
+
+#: Runs mobilenet with os.replace patched: the rename of a finished temporary onto the file named by
+#: SWEEP8_TARGET first gets the signal SWEEP8_SIGNAL, the moment an interruption costs most (the whole file written).
+INTERRUPTING_DRIVER = """
+import os, signal, sys, time
+real_replace = os.replace
+def replace(source, target, *args, **kwargs):
+    if os.path.basename(os.fspath(target)) == os.environ["SWEEP8_TARGET"]:
+        os.kill(os.getpid(), getattr(signal, os.environ["SWEEP8_SIGNAL"]))
+        time.sleep(30)  # the signal's handler runs first; without one the process ends here
+    return real_replace(source, target, *args, **kwargs)
+os.replace = replace
+from mobilenet.cli import main
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize(
+    ("command", "sig"),
+    [("export", "SIGTERM"), ("export", "SIGINT"), ("quantize", "SIGTERM"), ("eval", "SIGTERM"), ("cost", "SIGTERM")],
+)
+def test_an_interrupted_write_leaves_the_existing_output_and_no_temporary(command, sig, files, tmp_path):
+    """SIGTERM killed every command outright (Python's default): interrupted at the rename of its output, export,
+    quantize, eval --plot and cost -o left their temporary file (.NAME.<pid>-<hex>.tmp) beside the output, exit
+    -15. Now SIGTERM stops a command as Ctrl-C does: 'interrupted', exit 130 (as train does), the temporary
+    removed and the existing output as it was."""
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    name = {"export": "m.onnx", "quantize": "q.onnx", "eval": "plot.png", "cost": "cost.txt"}[command]
+    output = out_dir / name
+    output.write_bytes(b"the previous output")
+    argv = {
+        "export": ["export", files.ck, "--out", output],
+        "quantize": ["quantize", files.ck, "--out", output, "--calibration", files.data / "train"],
+        "eval": ["eval", files.ck, "--data", files.data, "--plot", output, "--on-bad-image", "skip"],
+        "cost": ["cost", TINY, "-o", output],
+    }[command]
+    environment = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    environment.update(MOBILENET_NO_MALLOC_TUNING="1", SWEEP8_TARGET=name, SWEEP8_SIGNAL=sig)
+    process = subprocess.Popen(
+        [sys.executable, "-c", INTERRUPTING_DRIVER, *map(str, argv)],
+        cwd=tmp_path,
+        env=environment,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    code, _, err = finish(process, timeout=60)
+    assert "Traceback" not in err, err
+    assert code == 130, (code, err)
+    assert error_lines(err)[-1] == f"mobilenet {command}: interrupted", err
+    assert sorted(path.name for path in out_dir.iterdir()) == [name]
+    assert output.read_bytes() == b"the previous output"

@@ -13,7 +13,9 @@ import contextlib
 import errno
 import importlib
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -98,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         tune_allocator()
     try:
-        with _one_line_warnings(args.command):
+        with _one_line_warnings(args.command), _terminate_as_interrupt():
             code = int(args.handler(args) or 0)
             sys.stdout.flush()  # a full disk is reported here, not as Python's complaint at exit
             return code
@@ -166,6 +168,27 @@ def shown_path(path: object) -> str:
 def _one_line(text: str) -> str:
     """``text`` on one line: a path may hold a newline, and a message on stderr is one line per problem."""
     return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (``kill``, a job scheduler, a container stop) stops a command as Ctrl-C does: a KeyboardInterrupt,
+    so an output being written is removed (atomic writes clean up on it) and the command says 'interrupted', exit
+    130, as ``train`` does for both signals. Python's default let SIGTERM kill the process outright, leaving the
+    temporary file of an interrupted write beside its output. Only where SIGTERM still has its default handling
+    (an embedding program's own handler is kept), and the previous handling is restored afterwards."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @contextlib.contextmanager
