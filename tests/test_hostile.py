@@ -2174,3 +2174,17 @@ def test_an_interrupted_write_leaves_the_existing_output_and_no_temporary(comman
     assert error_lines(err)[-1] == f"mobilenet {command}: interrupted", err
     assert sorted(path.name for path in out_dir.iterdir()) == [name]
     assert output.read_bytes() == b"the previous output"
+
+
+def test_stdout_in_strict_utf8_escapes_a_name_that_is_not_utf8(tmp_path):
+    """Under a UTF-8 locale whose stdout is strict (PYTHONIOENCODING=utf-8, en_US.UTF-8), eval's summary of a data
+    folder named b'd\\xff' (held as 'd\\udcff') was a UnicodeEncodeError traceback, exit 1, after the evaluation;
+    the name is now written escaped."""
+    checkpoint = tmp_path / "ck.safetensors"
+    model = mobilenet.create_model(TINY, num_classes=3, resolution=32, small_input=True)
+    mobilenet.save(model, checkpoint, classes=CLASSES)
+    data = tiny_folder(tmp_path / os.fsdecode(b"d\xff"), per_class=2)
+    process = run_sweep8(["eval", checkpoint, "--data", data, "--no-plot"], tmp_path, env={"PYTHONIOENCODING": "utf-8"})
+    code, out, err = finish(process)
+    assert "Traceback" not in err and code == 0, (code, err)
+    assert "d\\udcff" in out, out

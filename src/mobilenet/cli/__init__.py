@@ -131,11 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _escape_unencodable_output() -> None:
     """Let stdout escape what its encoding cannot write (``\\xe9``), as Python's stderr already does: under
     PYTHONIOENCODING=ascii or a non-UTF-8 locale, a file or class name such as 'é' in a table or a 'wrote PATH'
-    line was a UnicodeEncodeError traceback, after the work was done. UTF-8 streams write everything already."""
+    line was a UnicodeEncodeError traceback, after the work was done; so was, in UTF-8, a name that is not valid
+    UTF-8 bytes (Python holds b'\\xff' as the lone surrogate '\\udcff', which no strict encoder writes)."""
     stream = sys.stdout
-    encoding = getattr(stream, "encoding", None) or ""
-    if encoding.lower().replace("-", "").replace("_", "") in ("utf8", "utf8sig"):
-        return
     reconfigure = getattr(stream, "reconfigure", None)
     if reconfigure is not None and getattr(stream, "errors", None) == "strict":
         with contextlib.suppress(ValueError, OSError):
