@@ -2188,3 +2188,17 @@ def test_stdout_in_strict_utf8_escapes_a_name_that_is_not_utf8(tmp_path):
     code, out, err = finish(process)
     assert "Traceback" not in err and code == 0, (code, err)
     assert "d\\udcff" in out, out
+
+
+def test_a_data_folder_named_in_bytes_that_are_not_utf8_is_plotted(tmp_path, capsys, monkeypatch):
+    """A data folder whose name is not valid UTF-8 (b'd\\xff', which Python holds as 'd\\udcff') went into the
+    confusion plot's title, and matplotlib's font code raised a TypeError traceback after the whole evaluation;
+    the title shows it escaped and the plot is written."""
+    checkpoint = tmp_path / "ck.safetensors"
+    model = mobilenet.create_model(TINY, num_classes=3, resolution=32, small_input=True)
+    mobilenet.save(model, checkpoint, classes=CLASSES)
+    data = tiny_folder(tmp_path / os.fsdecode(b"d\xff"), per_class=2)
+    plot = tmp_path / "plot.png"
+    code, _, err = cli(["eval", checkpoint, "--data", data, "--plot", plot], capsys, monkeypatch)
+    assert code == 0 and "Traceback" not in err, (code, err)
+    assert plot.read_bytes().startswith(b"\x89PNG")
