@@ -2028,3 +2028,197 @@ def test_onnx_with_a_flipped_weight_byte_is_refused_by_every_command(
     onnx.save(proto, str(older))
     code, _, err = cli(["predict", older, files.good], capsys, monkeypatch)
     assert code == 0 and "Traceback" not in err, err
+
+
+# --------------------------------------------------------------------------------------------------------------
+# --- interruptions, pipes, encodings, path limits (sweep 8)
+# --------------------------------------------------------------------------------------------------------------
+
+#: A file name over NAME_MAX (255 bytes) and a path over PATH_MAX (4096 bytes) of names that are each short enough.
+LONG_NAME = "x" * 300
+LONG_PATH = "/".join(["0" * 250] * 20)
+
+
+@pytest.mark.parametrize("long", ["name", "path"])
+@pytest.mark.parametrize("command", ["predict-image", "predict-model", "eval-data", "export-in", "bench", "quantize"])
+def test_a_path_over_the_system_limits_is_one_line(command, long, files, tmp_path, capsys, monkeypatch):
+    """An input path whose name is over 255 bytes or whose whole is over 4096 was an ENAMETOOLONG OSError traceback
+    (Path.exists() raises it); every command refuses it in one line naming the limits."""
+    bad = str(tmp_path / (LONG_NAME if long == "name" else LONG_PATH))
+    argv = {
+        "predict-image": ["predict", files.ck, bad + ".png"],
+        "predict-model": ["predict", bad + ".safetensors", files.good],
+        "eval-data": ["eval", files.ck, "--data", bad, "--no-plot"],
+        "export-in": ["export", bad + ".safetensors", "--out", tmp_path / "m.onnx"],
+        "bench": ["bench", bad + ".onnx", "--rounds", "1", "--warmup", "0", "--gemm-size", "64"],
+        "quantize": ["quantize", files.ck, "--out", tmp_path / "q.onnx", "--calibration", bad],
+    }[command]
+    code, _, err = cli(argv, capsys, monkeypatch)
+    assert_clean_error(code, err, "too long", "255 bytes", "4096")
+    assert not list(tmp_path.iterdir())
+
+
+def run_sweep8(args: list[object], cwd: Path, *, env: dict[str, str] | None = None, **options) -> subprocess.Popen:
+    """``python -m mobilenet ARGS`` started (not waited for), with ``env`` added to the environment; ``options``
+    go to Popen (stdout, preexec_fn...). Text mode: stdout and stderr are decoded as UTF-8 with escapes."""
+    environment = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    environment.update({"MOBILENET_NO_MALLOC_TUNING": "1", **(env or {})})
+    options.setdefault("stdout", subprocess.PIPE)
+    options.setdefault("stderr", subprocess.PIPE)
+    options.setdefault("stdin", subprocess.DEVNULL)
+    return subprocess.Popen(
+        [sys.executable, "-m", "mobilenet", *map(str, args)],
+        cwd=cwd,
+        env=environment,
+        text=True,
+        encoding="utf-8",
+        errors="backslashreplace",
+        **options,
+    )
+
+
+def finish(process: subprocess.Popen, timeout: float = TIMEOUT) -> tuple[int, str, str]:
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        pytest.fail(f"{process.args} hung (no exit within {timeout} s)")
+    return process.returncode, out or "", err or ""
+
+
+def test_stdout_in_ascii_escapes_what_it_cannot_encode(tmp_path):
+    """Under PYTHONIOENCODING=ascii (or a locale whose encoding lacks the characters), predict's table of an image
+    named 'imagé.png' of a class 'é' was a UnicodeEncodeError traceback, exit 1, after the work; stdout now escapes
+    what it cannot encode (\\xe9), as Python's stderr does, and the command succeeds."""
+    checkpoint = tmp_path / "ck.safetensors"
+    model = mobilenet.create_model(TINY, num_classes=3, resolution=32, small_input=True)
+    mobilenet.save(model, checkpoint, classes=["a", "b", "é"])
+    image = tmp_path / "imagé.png"
+    image.write_bytes(png_bytes(32, 32, 32))
+    code, out, err = finish(run_sweep8(["predict", checkpoint, image], tmp_path, env={"PYTHONIOENCODING": "ascii"}))
+    assert "Traceback" not in err and code == 0, (code, err)
+    assert "imag\\xe9.png" in out and "\\xe9 (2)" in out, out
+
+
+def _close_stdout() -> None:
+    os.close(1)
+
+
+def _close_stderr() -> None:
+    os.close(2)
+
+
+@pytest.mark.parametrize("argv", [["models"], ["cost", "--paper"]], ids=["models", "cost"])
+def test_a_closed_stdout_is_one_line(argv, tmp_path):
+    """Started with stdout closed (``>&-``), Python's sys.stdout is None and every command was an AttributeError
+    traceback ('NoneType' object has no attribute 'flush' / 'isatty'), exit 1; now one line before any work, exit
+    2. With stderr closed too (``2>&-``) it still exits 2, silently, instead of writing its message on stdout."""
+    process = run_sweep8(argv, tmp_path, stdout=None, preexec_fn=_close_stdout)
+    code, _, err = finish(process)
+    assert_clean_error(code, err, "stdout is closed")
+    code, out, err = finish(run_sweep8(["models", "zzz"], tmp_path, preexec_fn=_close_stderr, stderr=None))
+    assert code == 2 and out == "", (code, out)
+
+
+#: Runs mobilenet with os.replace patched: the rename of a finished temporary onto the file named by
+#: SWEEP8_TARGET first gets the signal SWEEP8_SIGNAL, the moment an interruption costs most (the whole file written).
+INTERRUPTING_DRIVER = """
+import os, signal, sys, time
+real_replace = os.replace
+def replace(source, target, *args, **kwargs):
+    if os.path.basename(os.fspath(target)) == os.environ["SWEEP8_TARGET"]:
+        os.kill(os.getpid(), getattr(signal, os.environ["SWEEP8_SIGNAL"]))
+        time.sleep(30)  # the signal's handler runs first; without one the process ends here
+    return real_replace(source, target, *args, **kwargs)
+os.replace = replace
+from mobilenet.cli import main
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize(
+    ("command", "sig"),
+    [("export", "SIGTERM"), ("export", "SIGINT"), ("quantize", "SIGTERM"), ("eval", "SIGTERM"), ("cost", "SIGTERM")],
+)
+def test_an_interrupted_write_leaves_the_existing_output_and_no_temporary(command, sig, files, tmp_path):
+    """SIGTERM killed every command outright (Python's default): interrupted at the rename of its output, export,
+    quantize, eval --plot and cost -o left their temporary file (.NAME.<pid>-<hex>.tmp) beside the output, exit
+    -15. Now SIGTERM stops a command as Ctrl-C does: 'interrupted', exit 130 (as train does), the temporary
+    removed and the existing output as it was."""
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    name = {"export": "m.onnx", "quantize": "q.onnx", "eval": "plot.png", "cost": "cost.txt"}[command]
+    output = out_dir / name
+    output.write_bytes(b"the previous output")
+    argv = {
+        "export": ["export", files.ck, "--out", output],
+        "quantize": ["quantize", files.ck, "--out", output, "--calibration", files.data / "train"],
+        "eval": ["eval", files.ck, "--data", files.data, "--plot", output, "--on-bad-image", "skip"],
+        "cost": ["cost", TINY, "-o", output],
+    }[command]
+    environment = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    environment.update(MOBILENET_NO_MALLOC_TUNING="1", SWEEP8_TARGET=name, SWEEP8_SIGNAL=sig)
+    process = subprocess.Popen(
+        [sys.executable, "-c", INTERRUPTING_DRIVER, *map(str, argv)],
+        cwd=tmp_path,
+        env=environment,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    code, _, err = finish(process, timeout=60)
+    assert "Traceback" not in err, err
+    assert code == 130, (code, err)
+    assert error_lines(err)[-1] == f"mobilenet {command}: interrupted", err
+    assert sorted(path.name for path in out_dir.iterdir()) == [name]
+    assert output.read_bytes() == b"the previous output"
+
+
+def test_stdout_in_strict_utf8_escapes_a_name_that_is_not_utf8(tmp_path):
+    """Under a UTF-8 locale whose stdout is strict (PYTHONIOENCODING=utf-8, en_US.UTF-8), eval's summary of a data
+    folder named b'd\\xff' (held as 'd\\udcff') was a UnicodeEncodeError traceback, exit 1, after the evaluation;
+    the name is now written escaped."""
+    checkpoint = tmp_path / "ck.safetensors"
+    model = mobilenet.create_model(TINY, num_classes=3, resolution=32, small_input=True)
+    mobilenet.save(model, checkpoint, classes=CLASSES)
+    data = tiny_folder(tmp_path / os.fsdecode(b"d\xff"), per_class=2)
+    process = run_sweep8(["eval", checkpoint, "--data", data, "--no-plot"], tmp_path, env={"PYTHONIOENCODING": "utf-8"})
+    code, out, err = finish(process)
+    assert "Traceback" not in err and code == 0, (code, err)
+    assert "d\\udcff" in out, out
+
+
+def test_a_data_folder_named_in_bytes_that_are_not_utf8_is_plotted(tmp_path, capsys, monkeypatch):
+    """A data folder whose name is not valid UTF-8 (b'd\\xff', which Python holds as 'd\\udcff') went into the
+    confusion plot's title, and matplotlib's font code raised a TypeError traceback after the whole evaluation;
+    the title shows it escaped and the plot is written."""
+    checkpoint = tmp_path / "ck.safetensors"
+    model = mobilenet.create_model(TINY, num_classes=3, resolution=32, small_input=True)
+    mobilenet.save(model, checkpoint, classes=CLASSES)
+    data = tiny_folder(tmp_path / os.fsdecode(b"d\xff"), per_class=2)
+    plot = tmp_path / "plot.png"
+    code, _, err = cli(["eval", checkpoint, "--data", data, "--plot", plot], capsys, monkeypatch)
+    assert code == 0 and "Traceback" not in err, (code, err)
+    assert plot.read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("command", ["export-onnx", "export-torchscript", "quantize-out", "quantize-keep-fp32"])
+def test_an_output_named_in_bytes_that_are_not_utf8_is_one_line(command, files, tmp_path, capsys, monkeypatch):
+    """An --out whose name is not valid UTF-8 (b'm\\xff.onnx', held as 'm\\udcff.onnx') reached torch.onnx.export,
+    torch.jit.save or ONNX Runtime's quantizer, whose C++ takes text paths only: a TypeError traceback after the
+    export's work. Refused first, in one line; the .pt2 writer and every reader take such names."""
+    bad = tmp_path / os.fsdecode(b"m\xff")
+    argv = {
+        "export-onnx": ["export", files.ck, "--out", f"{bad}.onnx"],
+        "export-torchscript": ["export", files.ck, "--format", "torchscript", "--out", f"{bad}.ts"],
+        "quantize-out": ["quantize", files.ck, "--out", f"{bad}.onnx", "--calibration", files.data / "train"],
+        "quantize-keep-fp32": [
+            "quantize", files.ck, "--out", tmp_path / "q.onnx", "--keep-fp32", f"{bad}.onnx",
+            "--calibration", files.data / "train",
+        ],
+    }[command]  # fmt: skip
+    code, _, err = cli(argv, capsys, monkeypatch)
+    assert_clean_error(code, err, "not valid UTF-8", "m\\udcff")
+    assert not list(tmp_path.iterdir())

@@ -76,6 +76,7 @@ __all__ = [
     "check_opset",
     "check_pte_max_batch",
     "check_suffix",
+    "check_text_path",
     "export_executorch",
     "export_for_pte",
     "export_litert",
@@ -188,6 +189,22 @@ def check_suffix(path: str | os.PathLike[str], suffix: str, what: str, *, given_
         ending = f"ends in {found}" if found else "has no suffix"
         named = f"{ending}, which predict, eval and bench do not read as an exported model{because}"
     raise MobileNetError(f"{what} {path} {named}; expected a name ending in {suffix}")
+
+
+def check_text_path(path: str | os.PathLike[str], what: str, writer: str) -> None:
+    """Refuse an output ``path`` that is not valid UTF-8 text for a ``writer`` whose C++ code takes paths only as
+    text: a name of other bytes (b'm\\xff.onnx', held by Python as the lone surrogate '\\udcff') reached
+    torch.onnx.export, torch.jit.save or ONNX Runtime's quantizer as a TypeError traceback after the export's work."""
+    text = os.fspath(path)
+    if isinstance(text, str):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = text.encode("utf-8", "backslashreplace").decode("utf-8")
+            raise MobileNetError(
+                f"{what} {shown} is not valid UTF-8, which the {writer} writer cannot take as a path; expected a "
+                "name in UTF-8"
+            ) from None
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
@@ -353,6 +370,7 @@ def export_onnx(
         raise MobileNetError(f"unknown ONNX exporter {exporter!r}; expected 'torchscript' or 'dynamo'")
     check_opset(opset)
     check_suffix(path, ".onnx", "ONNX output")
+    check_text_path(path, "ONNX output", "ONNX")
     target = check_output_file(path, "ONNX output")
     metadata = metadata_for(model, classes=classes, preprocessing=preprocessing)
     folded = fold_batchnorm(model).float().cpu()
@@ -633,6 +651,7 @@ def export_torchscript(
     """Write a traced TorchScript module (BatchNorm folded; loads with ``torch.jit.load`` without this library)
     with ``mobilenet.json`` among its extra files, then reload it and compare logits at batch 2 and 3."""
     check_suffix(path, ".ts", "TorchScript output")
+    check_text_path(path, "TorchScript output", "TorchScript")
     target = check_output_file(path, "TorchScript output")
     metadata = metadata_for(model, classes=classes, preprocessing=preprocessing)
     folded = fold_batchnorm(model).float().cpu()

@@ -37,10 +37,29 @@ def _pyplot() -> Any:
 
 def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
     target = Path(path)
+    _escape_surrogates(fig)
     with atomic_path(target) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     _pyplot().close(fig)
     return target
+
+
+def _escape_surrogates(fig: Any) -> None:
+    """Escape lone surrogates in every text of ``fig`` (``\\udcff``): a file or folder name that is not valid UTF-8
+    reaches Python as such characters (a data folder in eval's title), and matplotlib's font code refuses them with
+    a TypeError when the figure is drawn, after the whole evaluation."""
+    from matplotlib.text import Text
+
+    for text in fig.findobj(Text):
+        content = text.get_text()
+        if isinstance(content, str) and any("\ud800" <= char <= "\udfff" for char in content):
+            text.set_text(content.encode("utf-8", "backslashreplace").decode("utf-8"))
+
+
+def _tight_layout(fig: Any) -> None:
+    """``fig.tight_layout()``, which draws the texts: their surrogates are escaped first."""
+    _escape_surrogates(fig)
+    fig.tight_layout()
 
 
 def plot_training_curves(history: Sequence[dict[str, Any]], path: str | os.PathLike[str], *, title: str = "") -> Path:
@@ -70,7 +89,7 @@ def plot_training_curves(history: Sequence[dict[str, Any]], path: str | os.PathL
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    _tight_layout(fig)
     return _save(fig, path)
 
 
@@ -106,7 +125,7 @@ def plot_confusion(
                         color="white" if normalised[i, j] > 0.5 else "black",
                     )
     ax.set_title(title or "confusion matrix")
-    fig.tight_layout()
+    _tight_layout(fig)
     return _save(fig, path)
 
 
@@ -134,7 +153,7 @@ def plot_comparison(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str]
         ax.grid(axis="y", alpha=0.3)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    _tight_layout(fig)
     return _save(fig, path)
 
 
@@ -170,7 +189,7 @@ def plot_bench(report: dict[str, Any], path: str | os.PathLike[str]) -> Path:
         )
         ax.legend(fontsize=7, loc="upper right")
         ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
+    _tight_layout(fig)
     return _save(fig, path)
 
 
@@ -208,7 +227,7 @@ def plot_scaling(result: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     ax_rate.legend(fontsize=8)
     ax_rate.grid(alpha=0.3, which="both")
     fig.suptitle(f"{result['model']}: alpha x resolution, {result['threads']} threads", fontsize=10)
-    fig.tight_layout()
+    _tight_layout(fig)
     return _save(fig, path)
 
 
@@ -227,7 +246,7 @@ def plot_separable_layers(result: dict[str, Any], path: str | os.PathLike[str]) 
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     ax.set_title(f"V1 Table 1 layers, batch {result['batch_size']}, {result['threads']} threads", fontsize=10)
-    fig.tight_layout()
+    _tight_layout(fig)
     return _save(fig, path)
 
 
@@ -279,7 +298,7 @@ def plot_accuracy_vs_cost(
         ax.legend(loc="lower right", fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
-    fig.tight_layout()
+    _tight_layout(fig)
     label_points(ax, [(p[x] / 1e6, 100 * p["top1"], p["label"]) for p in points])
     return _save(fig, path)
 
@@ -356,7 +375,7 @@ def plot_macs_by_operator(rows: Sequence[dict[str, Any]], path: str | os.PathLik
     ax_share.invert_yaxis()
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    _tight_layout(fig)
     return _save(fig, path)
 
 
@@ -449,7 +468,7 @@ def plot_latency_pareto(
     ax.legend(loc="lower right", fontsize=8)
     if title:
         ax.set_title(title, fontsize=9)
-    fig.tight_layout()
+    _tight_layout(fig)
     label = [
         (p["latency_ms"], p["top1"], f"{p['model'].removeprefix('mobilenet_')} {p['macs'] / 1e6:.0f}M MACs")
         for p in points

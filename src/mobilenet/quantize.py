@@ -59,6 +59,7 @@ from mobilenet.export import (
     ONNX_WEIGHTS_KEY,
     OUTPUT_NAME,
     check_suffix,
+    check_text_path,
     export_onnx,
     onnx_weights_digest,
     ort_session,
@@ -176,9 +177,11 @@ def check_outputs(out: Any, keep_fp32: Any, model_or_checkpoint: Any) -> None:
     name without the .onnx suffix (the readers tell an ONNX file by it)."""
     check_output_file(out, "--out", inputs=[model_or_checkpoint])
     check_suffix(out, ".onnx", "--out")
+    check_text_path(out, "--out", "ONNX")
     if keep_fp32 is not None:
         check_output_file(keep_fp32, "--keep-fp32", inputs=[model_or_checkpoint, out])
         check_suffix(keep_fp32, ".onnx", "--keep-fp32")
+        check_text_path(keep_fp32, "--keep-fp32", "ONNX")
 
 
 def calibration_files(directory: str | os.PathLike[str], limit: int | None, seed: int = 0) -> list[Path]:

@@ -13,7 +13,9 @@ import contextlib
 import errno
 import importlib
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -79,6 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if sys.stderr is None:  # started with 2>&-: messages go nowhere (print(file=None) would put them on stdout)
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - the process's stderr, open until it exits
+    if sys.stdout is None:  # started with >&-: every command prints; refuse before any work rather than crash after
+        print(
+            "mobilenet: error: stdout is closed; expected an open standard output (>/dev/null to discard it)",
+            file=sys.stderr,
+        )
+        return 2
+    _escape_unencodable_output()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
@@ -89,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         tune_allocator()
     try:
-        with _one_line_warnings(args.command):
+        with _one_line_warnings(args.command), _terminate_as_interrupt():
             code = int(args.handler(args) or 0)
             sys.stdout.flush()  # a full disk is reported here, not as Python's complaint at exit
             return code
@@ -105,6 +116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except OSError as error:
+        if error.errno == errno.ENAMETOOLONG:
+            # Any path of any command (an input Path.exists() stats, an output): the system's limit, not a bug.
+            print(f"mobilenet {args.command}: error: {_name_too_long(error)}", file=sys.stderr)
+            return 2
         if error.errno not in _WRITE_ERRNOS:
             raise
         # stdout is a full disk or a device that takes nothing (`> /dev/full`): say so once, drop what is left.
@@ -113,8 +128,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def _escape_unencodable_output() -> None:
+    """Let stdout escape what its encoding cannot write (``\\xe9``), as Python's stderr already does: under
+    PYTHONIOENCODING=ascii or a non-UTF-8 locale, a file or class name such as 'é' in a table or a 'wrote PATH'
+    line was a UnicodeEncodeError traceback, after the work was done; so was, in UTF-8, a name that is not valid
+    UTF-8 bytes (Python holds b'\\xff' as the lone surrogate '\\udcff', which no strict encoder writes)."""
+    stream = sys.stdout
+    reconfigure = getattr(stream, "reconfigure", None)
+    if reconfigure is not None and getattr(stream, "errors", None) == "strict":
+        with contextlib.suppress(ValueError, OSError):
+            reconfigure(errors="backslashreplace")
+
+
 #: Errors of a write that failed for want of room or a working device: an output that cannot be written, not a bug.
 _WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
+
+
+def _name_too_long(error: OSError) -> str:
+    """The one line for a path the system refuses as too long (ENAMETOOLONG), naming it and the limits."""
+    name = error.filename if error.filename is not None else "a path"
+    shown = shown_path(name)
+    if len(shown) > 120:  # the path itself can be kilobytes: its start and end say which one it is
+        shown = f"{shown[:60]}...{shown[-40:]} ({len(os.fsencode(str(name))):,} bytes)"
+    return (
+        f"{shown}: {error.strerror or 'File name too long'}; expected a path whose every name is at most 255 bytes "
+        "and whose whole is at most 4096 bytes"
+    )
 
 
 def shown_path(path: object) -> str:
@@ -127,6 +166,27 @@ def shown_path(path: object) -> str:
 def _one_line(text: str) -> str:
     """``text`` on one line: a path may hold a newline, and a message on stderr is one line per problem."""
     return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (``kill``, a job scheduler, a container stop) stops a command as Ctrl-C does: a KeyboardInterrupt,
+    so an output being written is removed (atomic writes clean up on it) and the command says 'interrupted', exit
+    130, as ``train`` does for both signals. Python's default let SIGTERM kill the process outright, leaving the
+    temporary file of an interrupted write beside its output. Only where SIGTERM still has its default handling
+    (an embedding program's own handler is kept), and the previous handling is restored afterwards."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @contextlib.contextmanager
