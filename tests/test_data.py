@@ -23,6 +23,7 @@ from mobilenet.data import (
     load_data,
     load_digits,
     normalize_batch,
+    scan_class_folders,
     stratified_split,
 )
 from mobilenet.errors import MobileNetError
@@ -347,3 +348,18 @@ def test_load_data_reads_an_image_pack(tmp_path):
     assert (len(bundle.train), len(bundle.val), bundle.val_name, bundle.native_size) == (4, 2, "test", 32)
     assert bundle.train.labels.tolist() == [0, 1, 0, 1] and bundle.mean == CIFAR10_MEAN
     assert abs(int(bundle.val.images[1].float().mean()) - 200) <= 2  # JPEG keeps a flat grey within a level or two
+
+
+@pytest.mark.parametrize("target", ["data folder", "folder above it"])
+def test_a_class_folder_linked_to_the_data_folder_or_above_is_refused(tmp_path, target):
+    """`data/cat -> /` made the scan walk the whole filesystem (a hang, in effect), and a link to the data folder or
+    any folder above it reads every class again as one more class."""
+    root = tmp_path / "top" / "data"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "0.png").write_bytes(encode_png(torch.zeros(3, 4, 4, dtype=torch.uint8)).numpy().tobytes())
+    (root / "b").symlink_to(root if target == "data folder" else tmp_path / "top", target_is_directory=True)
+    with pytest.raises(MobileNetError, match=r"class folder .*b is a link to .*, which holds the data folder"):
+        scan_class_folders(root)
+    (root / "b").unlink()
+    (root / "b").symlink_to(root / "a", target_is_directory=True)  # a link elsewhere is a class like any other
+    assert list(scan_class_folders(root)) == ["a", "b"]

@@ -557,6 +557,7 @@ def scan_class_folders(root: Path) -> dict[str, list[Path]]:
     found: dict[str, list[Path]] = {}
     for class_dir in class_dirs:
         _check_class_name(class_dir)
+        _check_not_an_ancestor(class_dir, root)
         files = image_files_under(class_dir)
         if not files:
             raise MobileNetError(
@@ -566,6 +567,20 @@ def scan_class_folders(root: Path) -> dict[str, list[Path]]:
     if len(found) < 2:
         raise MobileNetError(f"{root} has only one class folder ({class_dirs[0].name}); a classifier needs at least 2")
     return found
+
+
+def _check_not_an_ancestor(class_dir: Path, root: Path) -> None:
+    """A class folder that is a link to the data folder or to a folder above it (``cat -> /``) holds the data folder
+    itself: its scan would read every class again and everything beside them, the whole filesystem for ``/``."""
+    try:
+        target, data = class_dir.resolve(), root.resolve()
+    except (OSError, RuntimeError):  # a link that cannot be resolved (a loop) is reported by the scan
+        return
+    if target == data or target in data.parents:
+        raise MobileNetError(
+            f"class folder {class_dir} is a link to {target}, which holds the data folder {root} itself; "
+            "expected a folder of that class's images"
+        )
 
 
 def _check_class_name(class_dir: Path) -> None:
