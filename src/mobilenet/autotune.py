@@ -55,7 +55,6 @@ from mobilenet.backends import (
     source_precision,
 )
 from mobilenet.errors import INSTALL_HINTS, MobileNetError
-from mobilenet.fused import ISA_ENV
 from mobilenet.parity import seeded_batch
 from mobilenet.runtime import (
     describe_machine,
@@ -158,7 +157,7 @@ def auto_cache_key(
 ) -> str:
     """The identity of one choice: the architecture, precision tier, batch size, threads, CPU and library versions
     (an ONNX file is measured as such: a file and a PyTorch model of one architecture have different candidates),
-    and the fused kernel's instruction set where ``$MOBILENET_FUSED_ISA`` forces one."""
+    and the fused kernel's instruction set where one is forced (:func:`mobilenet.runtime.machine_identity`)."""
     fields = {
         "model": architecture_digest(source),
         "precision": precision,
@@ -166,16 +165,8 @@ def auto_cache_key(
         "batch": batch,
         "threads": threads,
         **machine_identity(machine),
-        **forced_kernel_isa(),
     }
     return json.dumps(fields, sort_keys=True)
-
-
-def forced_kernel_isa() -> dict[str, str]:
-    """``{"fused_isa": NAME}`` where ``$MOBILENET_FUSED_ISA`` forces the fused kernel's instruction set (it then runs
-    slower than it can: a measurement of its own), else nothing, so a cache key without it stays as it was."""
-    forced = os.environ.get(ISA_ENV)
-    return {"fused_isa": forced} if forced else {}
 
 
 def resolve_precision(precision: str | None, source: ModelSource) -> str:

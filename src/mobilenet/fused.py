@@ -42,6 +42,7 @@ from mobilenet.errors import MobileNetError
 from mobilenet.export import fold_batchnorm
 from mobilenet.layers import ConvBNAct, DepthwiseSeparable, InvertedResidual
 from mobilenet.models import MobileNet
+from mobilenet.runtime import FUSED_ISA_ENV
 
 try:
     from mobilenet import _fused_kernels as _kernels
@@ -76,7 +77,7 @@ BUILD_HINT = (
     "`pip install -e .` needs a C compiler (gcc); in a source checkout run `python setup.py build_ext --inplace`"
 )
 #: Forces the kernel's instruction set: portable, avx2 or avx512 (default: the best this CPU runs).
-ISA_ENV = "MOBILENET_FUSED_ISA"
+ISA_ENV = FUSED_ISA_ENV
 _ISA_CODES = {"auto": 0, "portable": 1, "avx2": 2, "avx512": 3}
 #: Bytes of ring buffer + depthwise tile per thread: half of a 1 MiB L2, so the tile stays there with the weights.
 CACHE_BUDGET = 512 * 1024

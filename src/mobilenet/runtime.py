@@ -55,6 +55,7 @@ except ImportError:  # pragma: no cover - Windows
 
 __all__ = [
     "BF16_FLAGS",
+    "FUSED_ISA_ENV",
     "INT8_DOT_FLAGS",
     "MAX_CACHED_LATENCY_MS",
     "NO_TUNING_ENV",
@@ -392,10 +393,16 @@ def user_cache_path(filename: str) -> Path:
     return Path(base) / "mobilenet" / filename
 
 
+#: Forces the fused kernel's instruction set (portable, avx2 or avx512; default: the best this CPU runs).
+FUSED_ISA_ENV = "MOBILENET_FUSED_ISA"
+
+
 def machine_identity(machine: dict[str, Any]) -> dict[str, Any]:
     """The fields of :func:`describe_machine` that a timing depends on and that stay fixed between runs (not the
-    load average): CPU model, SIMD flags, the versions of torch and of every runtime ``auto`` may measure."""
-    return {
+    load average): CPU model, SIMD flags, the versions of torch and of every runtime ``auto`` may measure, and the
+    fused kernel's instruction set where ``$MOBILENET_FUSED_ISA`` forces one (it then runs slower than it can; unset,
+    the field is absent, so identities without it stay as they were)."""
+    identity = {
         "cpu": machine.get("cpu"),
         "simd": list(machine.get("simd") or []),
         "torch": machine.get("torch"),
@@ -403,6 +410,10 @@ def machine_identity(machine: dict[str, Any]) -> dict[str, Any]:
         "openvino": machine.get("openvino"),
         "executorch": machine.get("executorch"),
     }
+    forced_isa = os.environ.get(FUSED_ISA_ENV)
+    if forced_isa:
+        identity["fused_isa"] = forced_isa
+    return identity
 
 
 def read_cache(

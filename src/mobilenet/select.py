@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from mobilenet.autotune import choose_backend, forced_kernel_isa
+from mobilenet.autotune import choose_backend
 from mobilenet.backends import BACKENDS, ModelSource, require_native_bf16
 from mobilenet.cost import check_fits_memory, count_costs
 from mobilenet.data import resolve_preprocessing
@@ -161,7 +161,6 @@ def cache_key(
         "backend": backend,
         "precision": precision,
         **machine_identity(machine),
-        **forced_kernel_isa(),
     }
     return json.dumps(fields, sort_keys=True)
 
