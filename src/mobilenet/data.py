@@ -44,6 +44,7 @@ from torchvision.transforms import InterpolationMode, v2
 
 from mobilenet.errors import INSTALL_HINTS, MobileNetError
 from mobilenet.images import IMAGE_SUFFIXES, BadImageError, decode_image, image_files_under, max_image_pixels
+from mobilenet.io import is_within
 from mobilenet.pack import decode_split, read_pack
 from mobilenet.progress import progress_bar
 
@@ -572,13 +573,9 @@ def scan_class_folders(root: Path) -> dict[str, list[Path]]:
 def _check_not_an_ancestor(class_dir: Path, root: Path) -> None:
     """A class folder that is a link to the data folder or to a folder above it (``cat -> /``) holds the data folder
     itself: its scan would read every class again and everything beside them, the whole filesystem for ``/``."""
-    try:
-        target, data = class_dir.resolve(), root.resolve()
-    except (OSError, RuntimeError):  # a link that cannot be resolved (a loop) is reported by the scan
-        return
-    if target == data or target in data.parents:
+    if is_within(root, class_dir):  # a link that cannot be resolved (a loop) is reported by the scan
         raise MobileNetError(
-            f"class folder {class_dir} is a link to {target}, which holds the data folder {root} itself; "
+            f"class folder {class_dir} is a link to {class_dir.resolve()}, which holds the data folder {root} itself; "
             "expected a folder of that class's images"
         )
 

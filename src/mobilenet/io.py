@@ -50,6 +50,7 @@ __all__ = [
     "check_output_file",
     "check_outside_directory",
     "directory_lock",
+    "is_within",
     "json_safe",
     "libjpeg_lost_data",
     "libjpeg_warnings",
@@ -367,6 +368,17 @@ def _refuse_input(target: Path, what: str, inputs: Iterable[str | os.PathLike[st
             )
 
 
+def is_within(path: str | os.PathLike[str], directory: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is ``directory`` or lies below it, both resolved (links followed); False where either cannot
+    be resolved (``Path.resolve`` raises RuntimeError on a symlink loop before Python 3.13: such a path is in no
+    folder)."""
+    try:
+        target, outer = Path(path).resolve(), Path(directory).resolve()
+    except (OSError, RuntimeError):
+        return False
+    return target == outer or outer in target.parents
+
+
 def check_outside_directory(
     path: str | os.PathLike[str], what: str, directory: str | os.PathLike[str] | None, directory_what: str
 ) -> None:
@@ -375,14 +387,10 @@ def check_outside_directory(
     a new image of that class, a run directory in a data folder a new class, a plot may overwrite an image)."""
     if directory is None:
         return
-    inside = False
-    # Path.resolve raises RuntimeError on a symlink loop (Python < 3.13): such a path is in no folder.
-    with contextlib.suppress(OSError, RuntimeError):
-        folder = Path(directory)
-        if folder.is_dir():
-            target, outer = Path(path).resolve(), folder.resolve()
-            inside = target == outer or outer in target.parents
-    if inside:
+    is_folder = False
+    with contextlib.suppress(OSError):
+        is_folder = Path(directory).is_dir()
+    if is_folder and is_within(path, directory):
         raise MobileNetError(
             f"{what} {path} is inside {directory_what} {directory}, which this command reads: writing there would "
             "change its images; choose a path outside it"
