@@ -913,8 +913,8 @@ def load_data(
     text = str(source)
     if not text:  # Path("") is the working directory, which was then read as the data folder
         raise MobileNetError(
-            f"the data source is empty ({text!r}); expected 'digits', 'cifar10', 'cifar100' or a directory of class "
-            "folders"
+            f"the data source is empty ({text!r}); expected {', '.join(map(repr, BUILTIN_DATA))} or a directory of "
+            "class folders"
         )
     if text == "digits":
         return load_digits(size=digits_size, val_fraction=0.2 if val_fraction is None else val_fraction, seed=seed)

@@ -43,6 +43,7 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 __all__ = [
+    "NO_ROOM_ERRNOS",
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -193,7 +194,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         for directory in created:
             with contextlib.suppress(OSError):  # not empty (another writer) or gone: leave it
                 directory.rmdir()
-        if isinstance(error, OSError) and error.errno in _NO_ROOM and not isinstance(error, OutputWriteError):
+        if isinstance(error, OSError) and error.errno in NO_ROOM_ERRNOS and not isinstance(error, OutputWriteError):
             raise _no_room(target, error) from None
         raise
     finally:
@@ -202,7 +203,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 #: Write failures that say the filesystem has no room or takes no writes, whatever was being written (reading a
 #: file never fails so): a disk full, a quota, a file too large for the filesystem, a filesystem mounted read-only.
-_NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+NO_ROOM_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 
 
 def _no_room(target: Path, error: OSError) -> OutputWriteError:

@@ -23,6 +23,7 @@ from typing import TextIO
 
 from mobilenet import __version__
 from mobilenet.errors import MobileNetError
+from mobilenet.io import NO_ROOM_ERRNOS
 
 #: Subcommand modules, in the order ``mobilenet --help`` lists them. A module that is missing is skipped, so a
 #: command can be developed without breaking the others.
@@ -141,7 +142,7 @@ def _escape_unencodable_output() -> None:
 
 
 #: Errors of a write that failed for want of room or a working device: an output that cannot be written, not a bug.
-_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
+_WRITE_ERRNOS = NO_ROOM_ERRNOS | {errno.EIO}
 
 
 def _name_too_long(error: OSError) -> str:
