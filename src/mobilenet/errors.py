@@ -6,9 +6,16 @@ in this library and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
+
 
 class MobileNetError(ValueError):
     """A user's input was wrong: the message names what was wrong and what is expected."""
+
+
+#: Write failures that say the filesystem has no room or takes no writes, whatever was being written (reading a
+#: file never fails so): a disk full, a quota, a file too large for the filesystem, a filesystem mounted read-only.
+NO_ROOM_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 
 
 class OutputWriteError(MobileNetError, OSError):

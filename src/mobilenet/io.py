@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import functools
 import json
 import math
@@ -35,7 +34,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from mobilenet.errors import MobileNetError, OutputWriteError
+from mobilenet.errors import NO_ROOM_ERRNOS, MobileNetError, OutputWriteError
 
 try:  # POSIX: run directories are locked with flock
     import fcntl
@@ -43,7 +42,6 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 __all__ = [
-    "NO_ROOM_ERRNOS",
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -199,11 +197,6 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise
     finally:
         _ACTIVE.discard(tmp)
-
-
-#: Write failures that say the filesystem has no room or takes no writes, whatever was being written (reading a
-#: file never fails so): a disk full, a quota, a file too large for the filesystem, a filesystem mounted read-only.
-NO_ROOM_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 
 
 def _no_room(target: Path, error: OSError) -> OutputWriteError:

@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import TextIO
 
 from mobilenet import __version__
-from mobilenet.errors import MobileNetError
-from mobilenet.io import NO_ROOM_ERRNOS
+from mobilenet.errors import NO_ROOM_ERRNOS, MobileNetError
 
 #: Subcommand modules, in the order ``mobilenet --help`` lists them. A module that is missing is skipped, so a
 #: command can be developed without breaking the others.
