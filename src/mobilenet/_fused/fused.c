@@ -737,17 +737,17 @@ static PyObject *py_run_head(PyObject *self, PyObject *args) {
 static PyObject *py_run_plan(PyObject *self, PyObject *args) {
     PyObject *list;
     if (!PyArg_ParseTuple(args, "O!", &PyList_Type, &list)) return NULL;
-    Py_ssize_t count = PyList_GET_SIZE(list);
+    Py_ssize_t count = PyList_Size(list);
     step_t *steps = count > 0 ? PyMem_Calloc((size_t)count, sizeof(step_t)) : NULL;
     if (count > 0 && !steps) return PyErr_NoMemory();
     for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *item = PyList_GET_ITEM(list, i);
+        PyObject *item = PyList_GetItem(list, i);
         if (!PyTuple_Check(item)) {
             PyErr_SetString(PyExc_TypeError, "run_plan: every step is a run_block or run_head argument tuple");
             PyMem_Free(steps);
             return NULL;
         }
-        int ok = PyTuple_GET_SIZE(item) <= 14 ? parse_head(item, &steps[i]) : parse_block(item, &steps[i]);
+        int ok = PyTuple_Size(item) <= 14 ? parse_head(item, &steps[i]) : parse_block(item, &steps[i]);
         if (ok != 0) {
             PyMem_Free(steps);
             return NULL;
