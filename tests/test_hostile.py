@@ -2222,3 +2222,93 @@ def test_an_output_named_in_bytes_that_are_not_utf8_is_one_line(command, files, 
     code, _, err = cli(argv, capsys, monkeypatch)
     assert_clean_error(code, err, "not valid UTF-8", "m\\udcff")
     assert not list(tmp_path.iterdir())
+
+
+def _edited_pack(tmp_path: Path, name: str, edit_header=None, train_labels=None, train_offsets=None) -> Path:
+    """A valid 2-class pack (4 train, 2 test images) with its header or the train split's arrays edited."""
+    import torch
+    from torchvision.io import encode_jpeg
+
+    from mobilenet.pack import MAGIC, write_pack
+
+    image = bytes(encode_jpeg(torch.randint(0, 255, (3, 8, 8), dtype=torch.uint8)).numpy().tobytes())
+    good = tmp_path / "good.pack"
+    splits = {"train": ([image] * 4, [0, 1, 0, 1]), "test": ([image] * 2, [0, 1])}
+    write_pack(good, name="edited", classes=["a", "b"], splits=splits)
+    raw = good.read_bytes()
+    (length,) = struct.unpack_from("<Q", raw, len(MAGIC))
+    header = json.loads(raw[len(MAGIC) + 8 : len(MAGIC) + 8 + length])
+    body = bytearray(raw[len(MAGIC) + 8 + length :])
+    where = header["splits"]["train"]
+    if train_labels is not None:
+        body[where["labels_at"] : where["labels_at"] + 32] = struct.pack("<4q", *train_labels)
+    if train_offsets is not None:
+        body[where["offsets_at"] : where["offsets_at"] + 40] = struct.pack(
+            "<5q", *[o * len(image) for o in train_offsets]
+        )
+    if edit_header is not None:
+        edit_header(header)
+    text = json.dumps(header).encode()
+    path = tmp_path / f"{name}.pack"
+    path.write_bytes(MAGIC + struct.pack("<Q", len(text)) + text + bytes(body))
+    return path
+
+
+def _set(*keys_and_value):
+    *keys, value = keys_and_value
+
+    def edit(header):
+        target = header
+        for key in keys[:-1]:
+            target = target[key]
+        target[keys[-1]] = value
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "name, edits, words",
+    [
+        # were AttributeError tracebacks
+        ("splits_list", dict(edit_header=_set("splits", [])), ("header is damaged", "'splits'")),
+        ("splits_text", dict(edit_header=_set("splits", "train")), ("header is damaged", "'splits'")),
+        ("split_not_object", dict(edit_header=_set("splits", "train", [1, 2])), ("header is damaged", "'train'")),
+        # were used as they came: list("ab") became two classes, a repeated name two outputs of one class
+        ("classes_text", dict(edit_header=_set("classes", "ab")), ("classes are not a list of names",)),
+        ("classes_repeat", dict(edit_header=_set("classes", ["a", "a"])), ("class names repeat",)),
+        # was a RuntimeError traceback from the classifier's shape
+        ("classes_empty", dict(edit_header=_set("classes", [])), ("classes are not a list of names",)),
+        ("name_not_text", dict(edit_header=_set("name", 5)), ("name is not text",)),
+        ("count_float", dict(edit_header=_set("splits", "train", "count", 4.0)), ("non-negative integer",)),
+        ("count_bool", dict(edit_header=_set("splits", "train", "count", True)), ("non-negative integer",)),
+        ("position_negative", dict(edit_header=_set("splits", "train", "offsets_at", -8)), ("non-negative",)),
+        # were IndexError tracebacks from the loss in the first training step
+        ("label_too_large", dict(train_labels=[0, 1, 5, 1]), ("labels from 0 to 5", "0 to 1")),
+        ("label_negative", dict(train_labels=[0, -1, 0, 1]), ("labels from -1 to 1",)),
+        ("label_huge", dict(train_labels=[0, 2**62, 0, 1]), ("expected class indices",)),
+        # were a JPEG decoder's message naming a C++ source path
+        ("offsets_decreasing", dict(train_offsets=[0, 1, 0, 2, 4]), ("truncated or its header is damaged",)),
+        ("offsets_not_from_zero", dict(train_offsets=[1, 1, 2, 3, 4]), ("truncated or its header is damaged",)),
+    ],
+)
+def test_an_edited_image_pack_is_one_clear_error(name, edits, words, tmp_path, capsys, monkeypatch):
+    from mobilenet.pack import read_pack
+
+    path = _edited_pack(tmp_path, name, **edits)
+    with pytest.raises(MobileNetError) as error:
+        read_pack(path)
+    assert "\n" not in str(error.value)
+    code, _, err = cli(
+        ["train", "--data", path, "--out", tmp_path / "run", "--model", TINY, "--epochs", "1"], capsys, monkeypatch
+    )
+    assert_clean_error(code, err, *words)
+    assert not (tmp_path / "run" / "last.safetensors").exists()
+
+
+def test_an_unedited_pack_from_the_same_helper_reads(tmp_path):
+    """The control for the edited packs above: the helper's pack itself is valid."""
+    from mobilenet.pack import decode_split, read_pack
+
+    pack = read_pack(_edited_pack(tmp_path, "plain"))
+    assert pack.classes == ["a", "b"] and pack.splits["train"].labels.tolist() == [0, 1, 0, 1]
+    assert decode_split(pack.splits["train"]).shape == (4, 3, 8, 8)

@@ -106,20 +106,64 @@ def read_pack(path: str | os.PathLike[str]) -> ImagePack:
     try:
         (length,) = _LENGTH.unpack_from(raw, len(MAGIC))
         header = loads_json(raw[start : start + length])
+    except (struct.error, ValueError):
+        raise MobileNetError(f"{path}: the image pack is truncated or its header is damaged") from None
+    problem = _header_problem(header)
+    if problem:
+        raise MobileNetError(
+            f"{path}: the image pack's header is damaged: {problem} (expected the header benchmarks/pack_cifar10.py "
+            "writes: a name, a list of distinct class names, and per split non-negative integer positions)"
+        )
+    name, classes, wheres = header["name"], header["classes"], header["splits"]
+    try:
         body = torch.frombuffer(bytearray(raw[start + length :]), dtype=torch.uint8)
-        splits = {split: _split(body, where) for split, where in header["splits"].items()}
-        return ImagePack(header["name"], list(header["classes"]), splits)
+        splits = {split: _split(body, where) for split, where in wheres.items()}
     except (struct.error, ValueError, KeyError, TypeError, IndexError, RuntimeError):
         raise MobileNetError(f"{path}: the image pack is truncated or its header is damaged") from None
+    for split_name, split in splits.items():
+        if len(split) and (int(split.labels.min()) < 0 or int(split.labels.max()) >= len(classes)):
+            raise MobileNetError(
+                f"{path}: split {split_name!r} holds labels from {int(split.labels.min())} to "
+                f"{int(split.labels.max())}; expected class indices 0 to {len(classes) - 1} ({len(classes)} classes)"
+            )
+    return ImagePack(name, classes, splits)
+
+
+def _header_problem(header: Any) -> str | None:
+    """What is wrong with a pack header's name, classes or split positions, or None where each has its type: one
+    or more distinct class names, and non-negative integer counts and positions."""
+    if not isinstance(header, dict) or not isinstance(header.get("splits"), dict):
+        return "it is not an object with a 'splits' object"
+    classes = header.get("classes")
+    if not isinstance(header.get("name"), str):
+        return "its name is not text"
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
+        return "its classes are not a list of names"
+    if len(set(classes)) != len(classes):
+        return "its class names repeat"
+    for split, where in header["splits"].items():
+        fields = (
+            [where.get(key) for key in ("count", "offsets_at", "labels_at", "data_at")]
+            if isinstance(where, dict)
+            else []
+        )
+        if not fields or not all(type(value) is int and value >= 0 for value in fields):
+            return f"split {split!r} lacks non-negative integer count, offsets_at, labels_at and data_at"
+    return None
 
 
 def _split(body: torch.Tensor, where: dict[str, int]) -> PackSplit:
-    """One split's arrays, checked against the header (counts, and data inside the file)."""
+    """One split's arrays, checked against the header (counts, offsets that start at 0 and never decrease, and data
+    inside the file)."""
     offsets = body[where["offsets_at"] : where["labels_at"]].view(torch.int64)
     labels = body[where["labels_at"] : where["data_at"]].view(torch.int64)
-    end = where["data_at"] + int(offsets[-1])
-    if offsets.shape[0] != where["count"] + 1 or labels.shape[0] != where["count"] or end > body.shape[0]:
+    if offsets.shape[0] != where["count"] + 1 or labels.shape[0] != where["count"]:
         raise ValueError("split inconsistent with the header")
+    if int(offsets[0]) != 0 or bool((offsets[1:] < offsets[:-1]).any()):
+        raise ValueError("image offsets out of order")
+    end = where["data_at"] + int(offsets[-1])
+    if end > body.shape[0]:
+        raise ValueError("image data beyond the end of the file")
     return PackSplit(body[where["data_at"] : end], offsets, labels.clone())
 
 
