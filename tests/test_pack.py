@@ -76,3 +76,21 @@ def test_a_truncated_jpeg_in_a_pack_is_refused_not_padded(tmp_path):
     write_pack(tmp_path / "p.pack", name="toy", classes=["x"], splits={"test": ([good[0], cut], [0, 0])})
     with pytest.raises(MobileNetError, match="truncated or damaged JPEG"):
         decode_split(read_pack(tmp_path / "p.pack").splits["test"])
+
+
+@pytest.mark.parametrize(
+    "classes, labels, words",
+    [
+        (["x", "x"], [0, 1], "class names repeat"),
+        ([], [0, 0], "classes are not a list of names"),
+        (["x", ""], [0, 1], "classes are not a list of names"),
+        (["x", "y"], [0, 2], "labels must be class indices 0 to 1"),
+        (["x", "y"], [-1, 0], "labels must be class indices"),
+        (["x", "y"], [0.0, 1], "labels must be class indices"),
+    ],
+)
+def test_a_pack_its_reader_would_refuse_is_not_written(tmp_path, classes, labels, words):
+    out = tmp_path / "p.pack"
+    with pytest.raises(MobileNetError, match=words):
+        write_pack(out, name="toy", classes=classes, splits={"train": (_jpegs(2), labels)})
+    assert not out.exists()

@@ -67,11 +67,18 @@ def write_pack(
 ) -> int:
     """Write ``splits`` (split name -> (encoded images, labels)) as one pack file; returns its size in bytes."""
     header: dict[str, Any] = {"format": 1, "name": name, "classes": list(classes), "splits": {}}
+    problem = _header_problem(header)
+    if problem:
+        raise MobileNetError(f"cannot write an image pack whose header is damaged: {problem}")
     chunks: list[bytes] = []
     position = 0
     for split, (images, labels) in splits.items():
         if len(images) != len(labels):
             raise MobileNetError(f"pack split {split!r}: {len(images)} images but {len(labels)} labels")
+        if any(type(label) is not int or not 0 <= label < len(classes) for label in labels):
+            raise MobileNetError(
+                f"pack split {split!r}: labels must be class indices 0 to {len(classes) - 1} ({len(classes)} classes)"
+            )
         offsets = [0]
         for image in images:
             offsets.append(offsets[-1] + len(image))
