@@ -7,6 +7,8 @@
 # fails, a limited-API build made here (gpu_run/_fused_kernels.abi3.so) is used, else the fused rows are left out.
 #
 #   python benchmarks/pack_cifar10.py                      # gpu_run/cifar10.pack, 53.6 MiB
+#   gcc -shared -fPIC -O3 -std=gnu11 -fno-math-errno -DPy_LIMITED_API=0x030B0000 $(python3-config --includes) \
+#       src/mobilenet/_fused/fused.c -o gpu_run/_fused_kernels.abi3.so -pthread   # the fallback, any Python >= 3.11
 #   device run, carry ["gpu_run"], timeout_s 600:  bash benchmarks/gpu_machine.sh
 #
 # Everything comes back as at most 8 files in $OUT (the tool's limit): log.txt, machine.txt, bench_cpu.txt,
