@@ -114,3 +114,45 @@ def test_cpu_rehearsal_probes_fits_trains_two_seeds_and_reports(tiny_pack, tmp_p
     assert not list(out.rglob("*.safetensors"))
     for name in ("results.md", "accuracy_vs_macs.png", "seed1/v1_shallow_1.0_32px/metrics.csv"):
         assert (out / name).is_file(), name
+
+
+def _tree_missing_a_test_class(root: Path) -> None:
+    jpeg_tree(root, train=1, test=1)
+    (root / "test" / "class9").rename(root / "moved")
+
+
+def _tree_with_a_gif(root: Path) -> None:
+    for split in ("train", "test"):
+        (root / split / "a").mkdir(parents=True)
+    (root / "train" / "a" / "0.jpg").write_bytes(b"GIF89a not a jpeg")
+
+
+@pytest.mark.parametrize(
+    "make_tree, extra, words",
+    [
+        (lambda root: None, [], "not a folder"),  # no train/ or test/
+        (_tree_missing_a_test_class, [], "lacks the classes ['class9']"),
+        (lambda root: jpeg_tree(root, train=1, test=1), ["--max-mib", "0.000001"], "nothing written"),
+        (lambda root: jpeg_tree(root, train=1, test=1), ["--out", "/proc/x.pack"], "cannot write the pack"),
+        (_tree_with_a_gif, [], "not a JPEG"),
+    ],
+)
+def test_the_pack_script_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, capsys, make_tree, extra, words):
+    root = tmp_path / "tree"
+    root.mkdir()
+    make_tree(root)
+    out = tmp_path / "p.pack"
+    argv = ["--src", str(root), "--out", str(out), *extra]
+    assert load_script("pack_cifar10").main(argv) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("limit", ["0", "-1", "x"])
+def test_the_pack_script_refuses_a_limit_that_is_not_a_positive_count(tmp_path, capsys, limit):
+    """--limit -1 used to slice off each class's last image and overwrite the default pack."""
+    with pytest.raises(SystemExit) as stop:
+        load_script("pack_cifar10").main(["--src", str(tmp_path), "--out", str(tmp_path / "p.pack"), "--limit", limit])
+    assert stop.value.code == 2 and "--limit" in capsys.readouterr().err
+    assert not (tmp_path / "p.pack").exists()
