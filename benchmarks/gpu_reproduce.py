@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -40,6 +42,7 @@ from typing import Any
 
 import torch
 
+from mobilenet.errors import MobileNetError
 from mobilenet.reproduce import BUDGETS, ReproduceConfig, plan_runs, run_reproduce, select_experiments
 
 
@@ -61,18 +64,58 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pack", required=True, help="the CIFAR-10 image pack (benchmarks/pack_cifar10.py)")
     parser.add_argument("--out", required=True, help="the output folder")
-    parser.add_argument("--time-budget-s", type=float, default=540.0, help="the whole script ends within this")
+    parser.add_argument("--time-budget-s", type=seconds, default=540.0, help="the whole script ends within this")
     parser.add_argument("--experiments", default=None, help="as mobilenet reproduce (default: all but table8)")
-    parser.add_argument("--seeds", default="0,1", help="comma-separated seeds, each trains the whole set")
-    parser.add_argument("--batch-size", type=int, default=BUDGETS["gpu"].batch_size)
-    parser.add_argument("--probe-batches", type=int, default=6, help="batches per probe epoch (2 epochs per model)")
-    parser.add_argument("--limit-batches", type=int, default=None, help="cap every epoch (rehearsals)")
-    parser.add_argument("--target-epochs", type=int, default=15, help="what the budget aims for (reported)")
-    parser.add_argument("--max-epochs", type=int, default=60)
-    parser.add_argument("--reserve-s", type=float, default=15.0, help="kept for the report and the clean-up")
+    parser.add_argument("--seeds", type=seed_list, default="0,1", help="comma-separated seeds, each trains the set")
+    parser.add_argument("--batch-size", type=count, default=BUDGETS["gpu"].batch_size)
+    parser.add_argument("--probe-batches", type=count, default=6, help="batches per probe epoch (2 epochs per model)")
+    parser.add_argument("--limit-batches", type=count, default=None, help="cap every epoch (rehearsals)")
+    parser.add_argument("--target-epochs", type=count, default=15, help="what the budget aims for (reported)")
+    parser.add_argument("--max-epochs", type=count, default=60)
+    parser.add_argument("--reserve-s", type=seconds, default=15.0, help="kept for the report and the clean-up")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--keep-checkpoints", action="store_true")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not Path(args.pack).is_file():
+        parser.error(f"--pack {args.pack}: not a file; expected the pack benchmarks/pack_cifar10.py writes")
+    try:
+        select_experiments(args.experiments)
+    except MobileNetError as error:
+        parser.error(f"--experiments: {error}")
+    return args
+
+
+def count(text: str) -> int:
+    """A positive whole number (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
+
+
+def seconds(text: str) -> float:
+    """A finite, non-negative number of seconds (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds")
+    return value
+
+
+def seed_list(text: str) -> list[int]:
+    """Comma-separated seeds, at least one, each a whole number from 0 to 2**63 - 1 (argparse type)."""
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or any(not 0 <= seed < 2**63 for seed in seeds):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of seeds (whole numbers >= 0)")
+    return seeds
 
 
 def elapsed() -> float:
@@ -166,7 +209,7 @@ def remove_checkpoints(out: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    seeds = args.seeds
     torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest convolutions once
     timings: dict[str, float] = {"startup_s": elapsed()}
     deadline = Deadline(args.time_budget_s - args.reserve_s)
@@ -255,5 +298,15 @@ def summarize(
     return summary
 
 
+def run_main(argv: list[str] | None = None) -> int:
+    """:func:`main` with a user's mistake (a damaged pack, an unwritable --out, an unknown experiment) as one line
+    and exit code 2."""
+    try:
+        return main(argv)
+    except MobileNetError as error:
+        print(f"gpu_reproduce: error: {error}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main())

@@ -156,3 +156,42 @@ def test_the_pack_script_refuses_a_limit_that_is_not_a_positive_count(tmp_path, 
         load_script("pack_cifar10").main(["--src", str(tmp_path), "--out", str(tmp_path / "p.pack"), "--limit", limit])
     assert stop.value.code == 2 and "--limit" in capsys.readouterr().err
     assert not (tmp_path / "p.pack").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        # were ValueError tracebacks
+        (["--seeds", "a"], "--seeds"),
+        (["--seeds", ","], "--seeds"),
+        # were accepted, then "the probe did not finish": nothing trained, exit 1
+        (["--batch-size", "0"], "--batch-size"),
+        (["--probe-batches", "0"], "--probe-batches"),
+        (["--time-budget-s", "-5"], "--time-budget-s"),
+        (["--time-budget-s", "nan"], "--time-budget-s"),
+        (["--reserve-s", "inf"], "--reserve-s"),
+        # was a MobileNetError traceback after the imports
+        (["--experiments", "nope"], "unknown experiment 'nope'"),
+    ],
+)
+def test_the_gpu_script_refuses_bad_options_before_any_work(tiny_pack, tmp_path, capsys, extra, words):
+    argv = ["--pack", str(tiny_pack), "--out", str(tmp_path / "out"), *extra]
+    with pytest.raises(SystemExit) as stop:
+        load_script("gpu_reproduce").run_main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and words in err.splitlines()[-1] and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("pack", ["missing.pack", "damaged.pack"])
+def test_the_gpu_script_names_a_missing_or_damaged_pack_in_one_line(tmp_path, capsys, pack):
+    """A missing pack was a MobileNetError traceback; a damaged one is the reader's one line."""
+    if pack == "damaged.pack":
+        (tmp_path / pack).write_bytes(b"MNPACK01" + b"\xff" * 8)
+    argv = ["--pack", str(tmp_path / pack), "--out", str(tmp_path / "out"), "--time-budget-s", "60"]
+    try:
+        code = load_script("gpu_reproduce").run_main(argv)
+    except SystemExit as stop:
+        code = stop.code
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and pack in err.splitlines()[-1]
