@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from mobilenet.errors import MobileNetError
+from mobilenet.pack import read_pack
 from mobilenet.reproduce import BUDGETS, ReproduceConfig, plan_runs, run_reproduce, select_experiments
 
 
@@ -208,6 +209,7 @@ def remove_checkpoints(out: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    read_pack(args.pack)  # a damaged pack is refused here, before the deadline and the probe start
     out = Path(args.out)
     seeds = args.seeds
     torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest convolutions once
