@@ -730,11 +730,10 @@ def _download_location(source: str, config: ModelConfig) -> tuple[str, str]:
         url = torchvision.models.MobileNet_V2_Weights.DEFAULT.url
         return url, str(_torchvision_cache_file(url).parent)
     url = f"https://huggingface.co/timm/{TIMM_NAMES.get((config.family, config.alpha), '')}"
-    try:  # timm's downloader; present whenever timm is
-        from huggingface_hub import constants
-    except ImportError:
-        return url, "the Hugging Face cache"
-    return url, constants.HF_HUB_CACHE
+    # huggingface_hub's own rule for its cache (HF_HUB_CACHE, else HF_HOME/hub, else XDG_CACHE_HOME/huggingface/hub).
+    cache_home = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
+    home = os.environ.get("HF_HOME", os.path.join(cache_home, "huggingface"))
+    return url, os.environ.get("HF_HUB_CACHE", os.path.join(home, "hub"))
 
 
 def _download_timm(config: ModelConfig) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
