@@ -2528,3 +2528,24 @@ def test_train_init_torchvision_with_a_damaged_cached_file_is_one_line(torchvisi
     code, _, err = cli([*argv, "--small-input", "--epochs", "1"], capsys, monkeypatch)
     assert_clean_error(code, err, str(torchvision_cache), "delete the file")
     assert torchvision_cache.read_text() == "<html>404</html>"
+
+
+def test_pretrained_from_a_sound_file_in_torch_hubs_cache_still_loads(torchvision_cache):
+    """The control for the damaged cache above: a torchvision state_dict there is used, never downloaded."""
+    import torch
+    import torchvision
+
+    reference = torchvision.models.mobilenet_v2().eval()
+    torch.save(reference.state_dict(), torchvision_cache)
+    model = mobilenet.create_model("mobilenet_v2_1.0_224", pretrained=True, resolution=64)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-4)
+
+
+def test_convert_download_offline_is_one_line_naming_the_url(torchvision_cache, capsys, monkeypatch):
+    out = torchvision_cache.parent / "out.safetensors"
+    argv = ["convert", "--from", "torchvision", "--download", "--model", "mobilenet_v2_1.0_224", "--out", out]
+    code, _, err = cli(argv, capsys, monkeypatch)
+    assert_clean_error(code, err, "https://download.pytorch.org/models/mobilenet_v2", str(torchvision_cache.parent))
+    assert not out.exists()
