@@ -2549,3 +2549,13 @@ def test_convert_download_offline_is_one_line_naming_the_url(torchvision_cache, 
     code, _, err = cli(argv, capsys, monkeypatch)
     assert_clean_error(code, err, "https://download.pytorch.org/models/mobilenet_v2", str(torchvision_cache.parent))
     assert not out.exists()
+
+
+def test_create_model_refuses_a_checkpoint_of_another_v1_variant(tmp_path):
+    """A separable V1 checkpoint given for the conv network of the same width came back as a separable model
+    named mobilenet_v1_conv_0.25_224."""
+    path = tmp_path / "separable.safetensors"
+    mobilenet.save(mobilenet.create_model("mobilenet_v1_0.25_224", num_classes=3), path)
+    with pytest.raises(MobileNetError, match=r"variant separable\), not mobilenet_v1_conv_0\.25_224"):
+        mobilenet.create_model("mobilenet_v1_conv_0.25_224", pretrained=path)
+    assert mobilenet.create_model("mobilenet_v1_0.25_224", pretrained=path).config.variant == "separable"  # control

@@ -112,10 +112,12 @@ def _donor(name: str, pretrained: bool | str | os.PathLike[str]) -> MobileNet:
         return published_weights(name, pretrained)
     if isinstance(pretrained, str | os.PathLike) and os.fspath(pretrained):
         donor = load(Path(pretrained))
-        if donor.config.family != model_config(name).family or donor.config.alpha != model_config(name).alpha:
+        wanted, held = model_config(name), donor.config
+        # The variant too: V1's conv and shallow networks (Tables 4 and 5) are other architectures of the same width.
+        if (held.family, held.alpha, held.variant) != (wanted.family, wanted.alpha, wanted.variant):
             raise MobileNetError(
-                f"pretrained={pretrained!s} holds {donor.name or donor.config.family} (alpha "
-                f"{donor.config.alpha:g}), not {name}; expected a checkpoint of the same architecture and width"
+                f"pretrained={pretrained!s} holds {donor.name or held.family} (alpha {held.alpha:g}, variant "
+                f"{held.variant}), not {name}; expected a checkpoint of the same architecture and width"
             )
         return donor
     raise MobileNetError(
