@@ -2312,3 +2312,250 @@ def test_an_unedited_pack_from_the_same_helper_reads(tmp_path):
     pack = read_pack(_edited_pack(tmp_path, "plain"))
     assert pack.classes == ["a", "b"] and pack.splits["train"].labels.tolist() == [0, 1, 0, 1]
     assert decode_split(pack.splits["train"]).shape == (4, 3, 8, 8)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sweep 8 (h1): the transfer-learning surface (create_model's pretrained, features_backbone, adapt_input_conv,
+# train --init with torch.hub's cache)
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_pretrained(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("pretrained") / "tiny.safetensors"
+    mobilenet.save(mobilenet.create_model(TINY, num_classes=3, resolution=32, small_input=True), path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ({"in_chans": True}, ("in_channels", "True")),  # int() made these 1, 1 and 3 channels
+        ({"in_chans": 1.5}, ("in_channels", "1.5")),
+        ({"in_channels": "3"}, ("in_channels", "'3'")),
+        ({"bogus": 1}, ("cannot override bogus",)),  # a TypeError from the config
+        ({"family": "v2"}, ("cannot override family",)),  # a RuntimeError from load_state_dict
+        ({"num_classes": 10**12}, ("GB of float32 weights",)),  # tried to allocate 1 PB
+    ],
+    ids=["in_chans-bool", "in_chans-float", "in_channels-str", "unknown-option", "family", "num_classes-huge"],
+)
+def test_create_model_with_pretrained_weights_refuses_bad_options(options, words, tiny_pretrained):
+    with pytest.raises(MobileNetError) as error:
+        mobilenet.create_model(TINY, pretrained=tiny_pretrained, **options)
+    for word in words:
+        assert word in str(error.value)
+
+
+def test_create_model_with_pretrained_weights_and_good_options_still_works(tiny_pretrained):
+    import torch
+
+    model = mobilenet.create_model(TINY, pretrained=str(tiny_pretrained), in_chans=4, num_classes=5, drop_rate=0.3)
+    assert (model.config.in_channels, model.config.num_classes, model.dropout.p) == (4, 5, 0.3)
+    assert model(torch.randn(2, 4, 32, 32)).shape == (2, 5)
+
+
+def test_create_model_refuses_an_empty_pretrained_path():
+    """``""`` was read as the working directory: "checkpoint . is a directory"."""
+    with pytest.raises(MobileNetError, match=r"pretrained must be True/False.*got ''"):
+        mobilenet.create_model(TINY, pretrained="")
+
+
+@pytest.mark.parametrize(
+    ("in_channels", "weight_shape", "words"),
+    [
+        (0, (8, 3, 3, 3), ("in_channels", ">= 1")),  # ZeroDivisionError
+        (False, (8, 3, 3, 3), ("in_channels", "False")),  # ZeroDivisionError
+        (True, (8, 3, 3, 3), ("in_channels", "True")),  # summed to one channel
+        (-1, (8, 3, 3, 3), ("in_channels", "-1")),  # an (8, 0, 3, 3) weight
+        (2.0, (8, 3, 3, 3), ("in_channels", "2.0")),  # TypeError
+        ("3", (8, 3, 3, 3), ("in_channels", "'3'")),  # TypeError
+        (10**12, (8, 3, 3, 3), ("GB of stem weights", "memory")),  # tried to allocate 288 TB
+        (4, (8,), ("4-D", "1-D")),  # IndexError
+        (4, (2, 3, 3, 3, 3), ("4-D", "5-D")),  # RuntimeError
+        (4, (8, 0, 3, 3), ("no input channels",)),  # ZeroDivisionError
+        (1, None, ("4-D", "None")),  # AttributeError
+    ],
+)
+def test_adapt_input_conv_refuses_bad_arguments(in_channels, weight_shape, words):
+    import torch
+
+    from mobilenet.hub import adapt_input_conv
+
+    weight = None if weight_shape is None else torch.zeros(weight_shape)
+    with pytest.raises(MobileNetError) as error:
+        adapt_input_conv(in_channels, weight)
+    for word in words:
+        assert word in str(error.value)
+
+
+def test_adapt_input_conv_refuses_integer_weights():
+    import torch
+
+    from mobilenet.hub import adapt_input_conv
+
+    with pytest.raises(MobileNetError, match="floating-point"):
+        adapt_input_conv(4, torch.zeros(8, 3, 3, 3, dtype=torch.int64))
+    assert adapt_input_conv(4, torch.ones(8, 3, 3, 3)).shape == (8, 4, 3, 3)  # control
+
+
+@pytest.mark.parametrize(
+    ("out_indices", "words"),
+    [
+        ((1, 1), ("repeats or reorders",)),  # one output instead of two
+        ((3, 1), ("repeats or reorders",)),  # channels listed 3, 1 but the outputs came 1, 3
+        (1, ("list or tuple", "int")),  # TypeError
+        (b"\x01", ("list or tuple", "bytes")),  # read as (1,)
+        ({1, 2}, ("list or tuple", "set")),
+        (iter([1, 2]), ("list or tuple",)),
+        ([7] * 100_000, ("7, 7, 7, 7, 7, ...", "100000 in all")),  # a message of the whole list
+        ([0] * 100_000, ("and 99995 more",)),
+        ((), ("is empty",)),
+    ],
+    ids=["repeat", "unsorted", "int", "bytes", "set", "iterator", "huge-out-of-range", "huge-repeats", "empty"],
+)
+def test_features_backbone_refuses_bad_out_indices(out_indices, words):
+    from mobilenet.hub import features_backbone
+
+    model = mobilenet.create_model(TINY, num_classes=3)
+    with pytest.raises(MobileNetError) as error:
+        features_backbone(model, out_indices)
+    message = str(error.value)
+    assert len(message) < 400, message
+    for word in words:
+        assert word in message
+
+
+def test_features_backbone_outputs_line_up_with_channels():
+    import torch
+
+    from mobilenet.hub import features_backbone
+
+    model = mobilenet.create_model(TINY, num_classes=3).eval()
+    backbone = features_backbone(model, range(1, 4))
+    outputs = backbone(torch.randn(1, 3, 64, 64))
+    assert [o.shape[1] for o in outputs.values()] == list(backbone.channels.values())
+    with pytest.raises(MobileNetError, match="out of order"):
+        mobilenet.create_backbone(TINY, out_stages=("stage4", "stage2"))
+    with pytest.raises(MobileNetError, match="takes a mobilenet model"):
+        features_backbone("mobilenet_v1")  # AttributeError
+
+
+@pytest.mark.parametrize(
+    ("make", "words"),
+    [
+        (lambda t: t.randn(3, 64, 64), ("(3, 64, 64)", "(N, 3, H, W)")),  # ValueError from conv2d
+        (lambda t: t.randn(1, 1, 64, 64), ("(1, 1, 64, 64)", "(N, 3, H, W)")),  # RuntimeError
+        (lambda t: t.randn(1, 3, 64, 64).double(), ("float64", "float32")),  # RuntimeError
+        (lambda t: t.zeros(1, 3, 64, 64, dtype=t.uint8), ("uint8", "float32")),  # RuntimeError
+        (lambda t: "image.png", ("tensor", "str")),  # TypeError
+    ],
+    ids=["3-d", "one-channel", "float64", "uint8", "str"],
+)
+def test_backbone_forward_refuses_the_wrong_input(make, words):
+    import torch
+
+    backbone = mobilenet.create_model(TINY, features_only=True).eval()
+    with pytest.raises(MobileNetError) as error:
+        backbone(make(torch))
+    for word in words:
+        assert word in str(error.value)
+    assert backbone(torch.randn(1, 3, 64, 64))["stage5"].shape == (1, 256, 2, 2)  # control
+
+
+@pytest.fixture
+def torchvision_cache(tmp_path, monkeypatch) -> Path:
+    """torch.hub's cache in ``tmp_path``; the download itself refused as offline (never the network)."""
+    import torch
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    url = torchvision.models.MobileNet_V2_Weights.DEFAULT.url
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[1]
+    cached.parent.mkdir(parents=True)
+
+    def download(url, dst, *args, **kwargs):
+        import urllib.error
+
+        raise urllib.error.URLError("[Errno 111] Connection refused")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    return cached
+
+
+def test_pretrained_offline_names_the_url_and_the_cache(torchvision_cache):
+    with pytest.raises(MobileNetError) as error:
+        mobilenet.create_model("mobilenet_v2_1.0_224", pretrained=True)
+    message = str(error.value)
+    assert "https://download.pytorch.org/models/mobilenet_v2" in message
+    assert str(torchvision_cache.parent) in message and "mobilenet convert" in message
+
+
+@pytest.mark.parametrize("kind", ["html", "empty", "fifo", "directory"])
+def test_pretrained_with_a_damaged_file_in_torch_hubs_cache_is_one_clear_error(kind, torchvision_cache):
+    """An HTML page or an empty file was an UnpicklingError (advising weights_only=False) or an EOFError; a FIFO
+    hung torch.load; a directory was blamed on the network."""
+    if kind == "html":
+        torchvision_cache.write_text("<html><body>Access denied</body></html>\n")
+    elif kind == "empty":
+        torchvision_cache.write_bytes(b"")
+    elif kind == "fifo":
+        os.mkfifo(torchvision_cache)
+    else:
+        torchvision_cache.mkdir()
+    pool = ThreadPoolExecutor(1)
+    future = pool.submit(mobilenet.create_model, "mobilenet_v2_1.0_224", pretrained="torchvision")
+    try:
+        future.result(timeout=60)
+    except MobileNetError as error:
+        message = str(error)
+    except TimeoutError:
+        # Let the blocked reader see end-of-file, so that the thread (and the test process) can end.
+        os.close(os.open(torchvision_cache, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("the cached FIFO was opened and read: the loader hung")
+    else:
+        pytest.fail("a damaged cached file was loaded")
+    finally:
+        pool.shutdown(wait=False)
+    assert str(torchvision_cache) in message and "weights_only" not in message
+    assert ("https://download.pytorch.org/models/" in message) and (kind != "directory" or "directory" in message)
+
+
+def test_train_init_torchvision_with_a_damaged_cached_file_is_one_line(torchvision_cache, capsys, monkeypatch):
+    torchvision_cache.write_text("<html>404</html>")
+    out = torchvision_cache.parent.parent.parent / "run"
+    argv = ["train", "--model", "mobilenet_v2_1.0_224", "--data", "digits", "--out", out, "--init", "torchvision"]
+    code, _, err = cli([*argv, "--small-input", "--epochs", "1"], capsys, monkeypatch)
+    assert_clean_error(code, err, str(torchvision_cache), "delete the file")
+    assert torchvision_cache.read_text() == "<html>404</html>"
+
+
+def test_pretrained_from_a_sound_file_in_torch_hubs_cache_still_loads(torchvision_cache):
+    """The control for the damaged cache above: a torchvision state_dict there is used, never downloaded."""
+    import torch
+    import torchvision
+
+    reference = torchvision.models.mobilenet_v2().eval()
+    torch.save(reference.state_dict(), torchvision_cache)
+    model = mobilenet.create_model("mobilenet_v2_1.0_224", pretrained=True, resolution=64)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-4)
+
+
+def test_convert_download_offline_is_one_line_naming_the_url(torchvision_cache, capsys, monkeypatch):
+    out = torchvision_cache.parent / "out.safetensors"
+    argv = ["convert", "--from", "torchvision", "--download", "--model", "mobilenet_v2_1.0_224", "--out", out]
+    code, _, err = cli(argv, capsys, monkeypatch)
+    assert_clean_error(code, err, "https://download.pytorch.org/models/mobilenet_v2", str(torchvision_cache.parent))
+    assert not out.exists()
+
+
+def test_create_model_refuses_a_checkpoint_of_another_v1_variant(tmp_path):
+    """A separable V1 checkpoint given for the conv network of the same width came back as a separable model
+    named mobilenet_v1_conv_0.25_224."""
+    path = tmp_path / "separable.safetensors"
+    mobilenet.save(mobilenet.create_model("mobilenet_v1_0.25_224", num_classes=3), path)
+    with pytest.raises(MobileNetError, match=r"variant separable\), not mobilenet_v1_conv_0\.25_224"):
+        mobilenet.create_model("mobilenet_v1_conv_0.25_224", pretrained=path)
+    assert mobilenet.create_model("mobilenet_v1_0.25_224", pretrained=path).config.variant == "separable"  # control

@@ -12,6 +12,7 @@ import math
 import os
 import pickle
 import urllib.error
+import urllib.parse
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -680,10 +681,11 @@ def pretrained_with_report(
         else:
             state_dict, prep = _download_timm(config)
     except (urllib.error.URLError, OSError, ConnectionError, TimeoutError) as error:
+        url, cache = _download_location(source, config)
         raise MobileNetError(
-            f"could not download the {source} weights for {name} (network unreachable? {type(error).__name__}: "
-            f"{error}); download the weights file elsewhere and run: mobilenet convert --from {source} FILE "
-            f"--model {name} --out OUT.safetensors"
+            f"could not download the {source} weights for {name} from {url} into {cache} (network unreachable? "
+            f"{type(error).__name__}: {error}); download the weights file elsewhere and run: mobilenet convert "
+            f"--from {source} FILE --model {name} --out OUT.safetensors"
         ) from None
     model, report = convert_state_dict(state_dict, source, name, check=check)
     model.preprocessing = prep
@@ -697,7 +699,17 @@ def _download_torchvision(config: ModelConfig) -> tuple[dict[str, torch.Tensor],
             "torchvision publishes ImageNet weights for MobileNet V2 alpha 1.0 only; use source='timm' for others"
         )
     weights = torchvision.models.MobileNet_V2_Weights.DEFAULT
-    state_dict = torch.hub.load_state_dict_from_url(weights.url, progress=True, check_hash=True, weights_only=True)
+    cached = _torchvision_cache_file(weights.url)
+    if os.path.lexists(cached):
+        # torch.hub loads a cached file without checking it: a FIFO there would block the read forever.
+        regular_file_size(cached, "the cached torchvision weights", f"the file downloaded from {weights.url}")
+    try:
+        state_dict = torch.hub.load_state_dict_from_url(weights.url, progress=True, check_hash=True, weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, zipfile.BadZipFile) as error:
+        raise MobileNetError(
+            f"the torchvision weights {cached} (from {weights.url}) could not be read ({_torch_reason(error)}); "
+            "delete the file to download it again"
+        ) from None
     transforms = weights.transforms()
     prep = dict(
         IMAGENET_PREPROCESSING,
@@ -705,6 +717,23 @@ def _download_torchvision(config: ModelConfig) -> tuple[dict[str, torch.Tensor],
         resize_size=int(transforms.resize_size[0]),
     )
     return dict(state_dict), prep
+
+
+def _torchvision_cache_file(url: str) -> Path:
+    """Where ``torch.hub.load_state_dict_from_url`` keeps ``url``'s file (``$TORCH_HOME/hub/checkpoints``)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlparse(url).path).name
+
+
+def _download_location(source: str, config: ModelConfig) -> tuple[str, str]:
+    """The URL the weights of ``source`` come from and the cache they are kept in, for the offline message."""
+    if source == "torchvision":
+        url = torchvision.models.MobileNet_V2_Weights.DEFAULT.url
+        return url, str(_torchvision_cache_file(url).parent)
+    url = f"https://huggingface.co/timm/{TIMM_NAMES.get((config.family, config.alpha), '')}"
+    # huggingface_hub's own rule for its cache (HF_HUB_CACHE, else HF_HOME/hub, else XDG_CACHE_HOME/huggingface/hub).
+    cache_home = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
+    home = os.environ.get("HF_HOME", os.path.join(cache_home, "huggingface"))
+    return url, os.environ.get("HF_HUB_CACHE", os.path.join(home, "hub"))
 
 
 def _download_timm(config: ModelConfig) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -10,6 +10,7 @@ weights adapted to another number of input channels (summed for one, repeated an
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from dataclasses import replace
@@ -18,12 +19,13 @@ from typing import Any
 
 import torch
 
-from mobilenet.checkpoint import load
+from mobilenet.checkpoint import load, shorten
 from mobilenet.convert import SOURCES, default_source
 from mobilenet.convert import pretrained as published_weights
+from mobilenet.cost import physical_memory_bytes
 from mobilenet.errors import MobileNetError
 from mobilenet.models import Backbone, MobileNet, model_from_config
-from mobilenet.spec import model_config, resolve_name
+from mobilenet.spec import OVERRIDABLE, model_config, resolve_name
 
 __all__ = ["adapt_input_conv", "create_model", "features_backbone"]
 
@@ -86,8 +88,12 @@ def _pretrained(
                 f"{weight_option} changes the weights' shapes, so it cannot be combined with pretrained weights; "
                 f"choose the registered name with that {weight_option} instead"
             )
+    unknown = sorted(set(overrides) - set(OVERRIDABLE))
+    if unknown:
+        raise MobileNetError(f"cannot override {', '.join(unknown)}; options that can be set: {', '.join(OVERRIDABLE)}")
     donor = _donor(name, pretrained)
-    in_channels = int(overrides.pop("in_channels", donor.config.in_channels))
+    # Not int(): True, 1.5 or "3" would become 1, 1 or 3; the config's own check refuses them.
+    in_channels = overrides.pop("in_channels", donor.config.in_channels)
     config = replace(donor.config, in_channels=in_channels, **overrides)
     model = model_from_config(config, name=name)
     state = donor.state_dict()
@@ -104,12 +110,14 @@ def _donor(name: str, pretrained: bool | str | os.PathLike[str]) -> MobileNet:
         return published_weights(name, default_source(model_config(name)))
     if isinstance(pretrained, str) and pretrained in SOURCES:
         return published_weights(name, pretrained)
-    if isinstance(pretrained, str | os.PathLike):
+    if isinstance(pretrained, str | os.PathLike) and os.fspath(pretrained):
         donor = load(Path(pretrained))
-        if donor.config.family != model_config(name).family or donor.config.alpha != model_config(name).alpha:
+        wanted, held = model_config(name), donor.config
+        # The variant too: V1's conv and shallow networks (Tables 4 and 5) are other architectures of the same width.
+        if (held.family, held.alpha, held.variant) != (wanted.family, wanted.alpha, wanted.variant):
             raise MobileNetError(
-                f"pretrained={pretrained!s} holds {donor.name or donor.config.family} (alpha "
-                f"{donor.config.alpha:g}), not {name}; expected a checkpoint of the same architecture and width"
+                f"pretrained={pretrained!s} holds {donor.name or held.family} (alpha {held.alpha:g}, variant "
+                f"{held.variant}), not {name}; expected a checkpoint of the same architecture and width"
             )
         return donor
     raise MobileNetError(
@@ -121,6 +129,7 @@ def adapt_input_conv(in_channels: int, weight: torch.Tensor) -> torch.Tensor:
     """The stem weights of an RGB model for ``in_channels`` inputs, as timm's ``adapt_input_conv``: summed over
     RGB for one channel (a grey image then gives what the RGB model gives for it in all three channels), repeated
     cyclically and scaled by 3 / ``in_channels`` for more (the activations keep their magnitude)."""
+    _check_adapt_arguments(in_channels, weight)
     if in_channels == weight.shape[1]:
         return weight
     if in_channels == 1:
@@ -129,14 +138,48 @@ def adapt_input_conv(in_channels: int, weight: torch.Tensor) -> torch.Tensor:
     return weight.repeat(1, repeats, 1, 1)[:, :in_channels] * (weight.shape[1] / in_channels)
 
 
+def _check_adapt_arguments(in_channels: int, weight: torch.Tensor) -> None:
+    if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+        raise MobileNetError(f"in_channels must be an integer >= 1, got {in_channels!r}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or not weight.is_floating_point():
+        described = f"a {weight.dim()}-D {weight.dtype} tensor" if isinstance(weight, torch.Tensor) else repr(weight)
+        raise MobileNetError(
+            f"weight must be a conv weight: a 4-D floating-point tensor (out, in, kh, kw), got {described}"
+        )
+    if weight.shape[1] < 1:
+        raise MobileNetError(f"weight {tuple(weight.shape)} has no input channels to adapt; expected at least one")
+    needed = weight[:, :1].numel() * in_channels * weight.element_size()
+    limit = physical_memory_bytes()
+    if limit is not None and needed > limit:
+        raise MobileNetError(
+            f"in_channels {in_channels:,} needs {needed / 1e9:,.1f} GB of stem weights, more than this machine's "
+            f"{limit / 1e9:,.1f} GB of memory; expected a smaller in_channels"
+        )
+
+
 def features_backbone(model: MobileNet, out_indices: tuple[int, ...] | list[int] | None = None) -> Backbone:
     """``model``'s stages as timm's ``features_only`` lists them, those at ``out_indices`` (default all)."""
+    if not isinstance(model, MobileNet):
+        raise MobileNetError(f"features_backbone takes a mobilenet model (MobileNet), got {type(model).__name__}")
     stages = model.network.stages(without_head_conv=True)
-    indices = tuple(range(len(stages))) if out_indices is None else tuple(out_indices)
-    bad = [i for i in indices if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(stages)]
-    if bad or not indices:
-        raise MobileNetError(
-            f"out_indices {list(indices)} must be stage indices from 0 to {len(stages) - 1} (this model has "
-            f"{len(stages)} stages)"
-        )
+    indices = tuple(range(len(stages))) if out_indices is None else _check_out_indices(out_indices, len(stages))
     return Backbone(model, tuple(stages[i].name for i in indices), feature_info=stages)
+
+
+def _check_out_indices(out_indices: Any, count: int) -> tuple[int, ...]:
+    """``out_indices`` as a tuple: increasing stage indices without repeats (the order the backbone returns its
+    outputs in, so that ``channels`` and the outputs line up), each from 0 to ``count - 1``."""
+    expected = f"expected increasing stage indices from 0 to {count - 1} (this model has {count} stages)"
+    if not isinstance(out_indices, list | tuple | range):
+        kind = type(out_indices).__name__
+        raise MobileNetError(f"out_indices must be a list or tuple of ints, got {kind}; {expected}")
+    indices = tuple(out_indices)
+    bad = [i for i in indices if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < count]
+    if bad or not indices:
+        shown = ", ".join(repr(i) for i in bad[:5]) + (f", ... ({len(bad)} in all)" if len(bad) > 5 else "")
+        raise MobileNetError(f"out_indices {'is empty' if not indices else f'has {shown}'}; {expected}")
+    if any(later <= earlier for earlier, later in itertools.pairwise(indices)):
+        raise MobileNetError(
+            f"out_indices {shorten([str(i) for i in indices])} repeats or reorders stages; {expected}, each once"
+        )
+    return indices

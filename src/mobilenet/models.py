@@ -6,6 +6,7 @@ count, stride and kernel comes from :func:`mobilenet.spec.build_network`, which 
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -130,8 +131,9 @@ class MobileNet(nn.Module):
         """Replace the classifier for fine-tuning on ``num_classes`` classes (the config is updated too; a
         factored classifier stays factored at the same rank when that rank still fits)."""
         config = replace(self.config, num_classes=num_classes)
-        self.network = build_network(config, name=self.name)
-        self.config = config
+        network = build_network(config, name=self.name)
+        check_fits_memory(network)
+        self.network, self.config = network, config
         self.info.classes = None
         self.classifier = build_classifier(self.network.classifier_layers)
         init_weights(self.classifier)
@@ -198,10 +200,18 @@ class Backbone(nn.Module):
         unknown = [stage for stage in wanted if stage not in available]
         if unknown:
             raise MobileNetError(f"unknown stage(s) {', '.join(unknown)}; this model has {', '.join(available)}")
+        order = [list(available).index(stage) for stage in wanted]
+        if any(later <= earlier for earlier, later in itertools.pairwise(order)):
+            # forward() returns the stages in the network's order: ``channels`` must list them the same way.
+            raise MobileNetError(
+                f"stages {', '.join(wanted)} repeat or are out of order; expected each once, in the network's order "
+                f"({', '.join(available)})"
+            )
         self.feature_info = tuple(available[stage] for stage in wanted)
         last = max(info.block_index for info in self.feature_info)
         self.features = nn.Sequential(*list(model.features.children())[: last + 1])
         self._taps = {info.block_index: info.name for info in self.feature_info}
+        self.in_channels = model.config.in_channels
 
     @property
     def channels(self) -> dict[str, int]:
@@ -212,12 +222,23 @@ class Backbone(nn.Module):
         return {info.name: info.reduction for info in self.feature_info}
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        self._check_input(x)
         outputs: OrderedDict[str, torch.Tensor] = OrderedDict()
         for index, block in enumerate(self.features):
             x = block(x)
             if index in self._taps:
                 outputs[self._taps[index]] = x
         return outputs
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        """A detection or segmentation head hands the backbone whatever its data gives: say what was wrong with it
+        rather than the first conv's error."""
+        weight = next(self.features.parameters())
+        expected = f"expected a {weight.dtype} batch (N, {self.in_channels}, H, W)"
+        if not isinstance(x, torch.Tensor):
+            raise MobileNetError(f"the backbone's input must be a tensor, got {type(x).__name__}; {expected}")
+        if x.dim() != 4 or x.shape[1] != self.in_channels or x.dtype != weight.dtype:
+            raise MobileNetError(f"the backbone's input is a {x.dtype} tensor of shape {tuple(x.shape)}; {expected}")
 
 
 def create_backbone(name: str, out_stages: tuple[str, ...] | None = None, **overrides: Any) -> Backbone:
