@@ -2559,3 +2559,116 @@ def test_create_model_refuses_a_checkpoint_of_another_v1_variant(tmp_path):
     with pytest.raises(MobileNetError, match=r"variant separable\), not mobilenet_v1_conv_0\.25_224"):
         mobilenet.create_model("mobilenet_v1_conv_0.25_224", pretrained=path)
     assert mobilenet.create_model("mobilenet_v1_0.25_224", pretrained=path).config.variant == "separable"  # control
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Files the library reads back from its own output directories (sweep 8, helper 2): reproduce's run records,
+# the training state's history, the measurement caches
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _reproduce_set():
+    from mobilenet.paper import PaperRow
+    from mobilenet.reproduce_experiments import Budget, Experiment, Row, RunSpec
+
+    budget = Budget("smoke", epochs=1, batches_per_epoch=2, batch_size=16, device="cpu", threads=1, latency_runs=2)
+    spec = RunSpec("a_v1_0.25_32px", "V1 0.25", "mobilenet_v1_1.0_224", 0.25, 32)
+    experiment = Experiment("one", "one model", "test", (Row(spec, PaperRow("p-a", 70.0, 100, 1.0)),), "-", "-")
+    return budget, spec, experiment
+
+
+@pytest.fixture(scope="module")
+def finished_reproduce(tmp_path_factory) -> Path:
+    """A reproduce OUT with its one run finished (copy it before editing)."""
+    from mobilenet.reproduce import ReproduceConfig, run_reproduce
+
+    budget, _, experiment = _reproduce_set()
+    out = tmp_path_factory.mktemp("reproduce") / "out"
+    run_reproduce(
+        ReproduceConfig(data="digits", out=str(out), experiments=[experiment], budget=budget), progress=False, log=None
+    )
+    return out
+
+
+def _record_edits() -> dict[str, Callable[[dict], None]]:
+    return {
+        "top1-as-text": lambda r: r.__setitem__("test_top1", "0.99"),
+        "top1-over-one": lambda r: r.__setitem__("test_top1", 57.0),
+        "top1-nan": lambda r: r.__setitem__("test_top1", float("nan")),
+        "top1-huge-int": lambda r: r.__setitem__("test_top1", 10**400),
+        "top1-missing": lambda r: r.pop("test_top1"),
+        "latency-missing": lambda r: r.pop("latency_ms"),
+        "latency-negative": lambda r: r.__setitem__("latency_ms", -1.0),
+        "epochs-bool": lambda r: r.__setitem__("epochs", True),
+        "macs-as-text": lambda r: r.__setitem__("macs", str(r["macs"])),
+        "macs-edited": lambda r: r.__setitem__("macs", r["macs"] // 2),
+        "by-op-number": lambda r: r.__setitem__("by_op", 5),
+        "another-runs-record": lambda r: r.update(key="b_v1_0.25_24px", resolution=24),
+        "classes-negative": lambda r: r.__setitem__("num_classes", -3),
+        "classes-huge": lambda r: r.__setitem__("num_classes", 10**12),
+        "only-the-budget": lambda r: [r.pop(key) for key in list(r) if key != "budget"],
+    }
+
+
+@pytest.mark.parametrize("edit", list(_record_edits()))
+def test_a_damaged_result_json_of_this_budget_is_not_a_finished_run(edit, finished_reproduce, tmp_path):
+    """A run's result.json that names this budget was trusted as it stood: a missing or mistyped field crashed
+    the report with a KeyError or TypeError, and a top-1 of 57 (5,700%), NaN, or another run's record landed in
+    results.json as this model's. A damaged record is now a run not finished, said in one line; the report lists
+    it as pending."""
+    import shutil
+
+    from mobilenet.reproduce import ReproduceConfig, run_reproduce
+
+    budget, spec, experiment = _reproduce_set()
+    out = tmp_path / "out"
+    shutil.copytree(finished_reproduce, out)
+    record_path = out / spec.key / "result.json"
+    record = json.loads(record_path.read_text())
+    _record_edits()[edit](record)
+    record_path.write_text(json.dumps(record))
+    said: list[str] = []
+    config = ReproduceConfig(data="digits", out=str(out), experiments=[experiment], budget=budget)
+    result = run_reproduce(config, progress=False, log=said.append, report_only=True)
+    assert result.reused == [] and result.pending == [spec.key]
+    assert any(str(record_path) in line and "damaged" in line for line in said), said
+    document = json.loads((out / "results.json").read_text())
+    assert document["models"][spec.key]["status"] == "pending" and document["models"][spec.key]["test_top1"] is None
+
+
+def test_a_damaged_result_json_is_written_again_from_the_saved_run_not_retrained(finished_reproduce, tmp_path):
+    """The way back from a damaged record: the run resumes from its training state, which holds its finished
+    epoch, so its weights stay and only the record (and its latency) is computed again."""
+    import shutil
+
+    from mobilenet.reproduce import ReproduceConfig, run_reproduce
+
+    budget, spec, experiment = _reproduce_set()
+    out = tmp_path / "out"
+    shutil.copytree(finished_reproduce, out)
+    record_path = out / spec.key / "result.json"
+    good = json.loads(record_path.read_text())
+    record_path.write_text(json.dumps({**good, "test_top1": 57.0}))
+    weights = (out / spec.key / "last.safetensors").read_bytes()
+    config = ReproduceConfig(data="digits", out=str(out), experiments=[experiment], budget=budget)
+    result = run_reproduce(config, progress=False, log=None)
+    assert result.trained == [spec.key] and not result.pending
+    assert (out / spec.key / "last.safetensors").read_bytes() == weights
+    again = json.loads(record_path.read_text())
+    assert again["test_top1"] == good["test_top1"] and again["epochs"] == good["epochs"]
+    assert json.loads((out / "results.json").read_text())["models"][spec.key]["test_top1"] == good["test_top1"]
+
+
+def test_an_unedited_result_json_is_still_a_finished_run(finished_reproduce, tmp_path):
+    """The control for the damaged records above."""
+    import shutil
+
+    from mobilenet.reproduce import ReproduceConfig, run_reproduce
+
+    budget, spec, experiment = _reproduce_set()
+    out = tmp_path / "out"
+    shutil.copytree(finished_reproduce, out)
+    said: list[str] = []
+    config = ReproduceConfig(data="digits", out=str(out), experiments=[experiment], budget=budget)
+    result = run_reproduce(config, progress=False, log=said.append)
+    assert result.reused == [spec.key] and result.trained == [] and not any("damaged" in line for line in said)
