@@ -2672,3 +2672,90 @@ def test_an_unedited_result_json_is_still_a_finished_run(finished_reproduce, tmp
     config = ReproduceConfig(data="digits", out=str(out), experiments=[experiment], budget=budget)
     result = run_reproduce(config, progress=False, log=said.append)
     assert result.reused == [spec.key] and result.trained == [] and not any("damaged" in line for line in said)
+
+
+def _history_edits() -> dict[str, tuple[Callable[[dict], None], str]]:
+    def row(change: Callable[[dict], None]) -> Callable[[dict], None]:
+        return lambda h: change(h["info"]["history"][0])
+
+    return {
+        "row-without-val-top5": (row(lambda r: r.pop("val_top5")), "val_top5"),
+        "row-without-epoch": (row(lambda r: r.pop("epoch")), "epoch"),
+        "row-without-epoch-seconds": (row(lambda r: r.pop("epoch_seconds")), "epoch_seconds"),
+        "row-of-another-epoch": (row(lambda r: r.__setitem__("epoch", 7)), "epoch"),
+        "row-lr-as-text": (row(lambda r: r.__setitem__("lr", "0.1")), "lr"),
+        "row-top1-over-one": (row(lambda r: r.__setitem__("val_top1", 57.0)), "val_top1"),
+        "row-top1-nan": (row(lambda r: r.__setitem__("val_top1", float("nan"))), "val_top1"),
+        "row-loss-negative": (row(lambda r: r.__setitem__("train_loss", -1.0)), "train_loss"),
+        "best-over-one": (lambda h: h["info"].__setitem__("best_top1", 57.0), "'best_top1' is 57.0"),
+        "best-nan": (lambda h: h["info"].__setitem__("best_top1", float("nan")), "'best_top1' is nan"),
+        "best-not-the-best": (lambda h: h["info"].__setitem__("best_top1", 0.999), "'best_top1' is 0.999"),
+        "partial-infinite": (lambda h: h["info"]["partial"].__setitem__("seconds", float("inf")), "'partial'"),
+        "ema-updates-text": (lambda h: h["info"].__setitem__("ema_updates", "x"), "'ema_updates'"),
+        "ema-updates-negative": (lambda h: h["info"].__setitem__("ema_updates", -9), "'ema_updates'"),
+    }
+
+
+_RESUME_ARGV = ["--data", "digits", "--limit-train-batches", "1", "--batch-size", "16", "--num-workers", "0"]
+_RESUME_ARGV += ["--device", "cpu", "--no-progress", "--ema-decay", "0.99"]
+
+
+@pytest.fixture(scope="module")
+def one_epoch_run(tmp_path_factory) -> Path:
+    """A run directory after one finished epoch, with EMA (copy it before editing)."""
+    out = tmp_path_factory.mktemp("one-epoch") / "run"
+    with pytest.MonkeyPatch.context() as patch:  # as cli() does: the allocator's decision does not leak out
+        patch.setenv("MOBILENET_NO_MALLOC_TUNING", "1")
+        patch.setattr(mobilenet.runtime, "_STATE", mobilenet.runtime._STATE)
+        assert main(["train", "--model", TINY, "--out", str(out), *_RESUME_ARGV, "--epochs", "1"]) == 0
+    return out
+
+
+def _edited_state_copy(source: Path, target: Path, change: Callable[[dict], None] | None) -> Path:
+    """``source`` copied to ``target`` with ``change`` applied to its training state's JSON header."""
+    import shutil
+
+    from mobilenet.checkpoint import STATE_KEY
+
+    shutil.copytree(source, target)
+    state = target / "train_state.safetensors"
+    if change is not None:
+        good = state.read_bytes()
+        (length,) = struct.unpack("<Q", good[:8])
+        header = json.loads(good[8 : 8 + length])
+        inner = json.loads(header["__metadata__"][STATE_KEY])
+        change(inner)
+        header["__metadata__"][STATE_KEY] = json.dumps(inner)
+        text = json.dumps(header).encode()
+        text += b" " * (-len(text) % 8)
+        state.write_bytes(struct.pack("<Q", len(text)) + text + good[8 + length :])
+    return target
+
+
+@pytest.mark.parametrize("edit", list(_history_edits()))
+def test_training_state_with_a_damaged_history_or_best_is_refused_on_resume(
+    edit, one_epoch_run, tmp_path, capsys, monkeypatch
+):
+    """Beyond the counters checked above: a history row without a field crashed the resume with a KeyError
+    (val_top5, epoch, train_loss) or later crashed `reproduce` (epoch_seconds); a top-1 of 57 or NaN, a best_top1
+    no epoch reached (best.safetensors then never written again) or a text ema_updates (a TypeError at the first
+    step) went on as they stood. Now one line naming the state and the field, and the run directory untouched."""
+    change, words = _history_edits()[edit]
+    out = _edited_state_copy(one_epoch_run, tmp_path / "run", change)
+    before = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}
+    code, _, err = cli(
+        ["train", "--model", TINY, "--out", out, *_RESUME_ARGV, "--epochs", "2", "--resume"], capsys, monkeypatch
+    )
+    assert_clean_error(code, err, str(out / "train_state.safetensors"), "corrupt training state", words)
+    assert {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()} == before
+
+
+def test_an_unedited_training_state_with_its_history_resumes(one_epoch_run, tmp_path, capsys, monkeypatch):
+    """The control for the damaged histories above."""
+    out = _edited_state_copy(one_epoch_run, tmp_path / "run", None)
+    code, _, err = cli(
+        ["train", "--model", TINY, "--out", out, *_RESUME_ARGV, "--epochs", "2", "--resume"], capsys, monkeypatch
+    )
+    assert code == 0, err
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1, 2]
