@@ -2759,3 +2759,76 @@ def test_an_unedited_training_state_with_its_history_resumes(one_epoch_run, tmp_
     assert code == 0, err
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in rows] == [1, 2]
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+@pytest.mark.parametrize("name", ["config.json", "metrics.jsonl", "metrics.csv", "curves.png"])
+def test_resume_with_a_directory_or_fifo_where_a_run_file_belongs_is_one_line(
+    name, kind, one_epoch_run, tmp_path, capsys, monkeypatch
+):
+    """A directory in the place of config.json, metrics.jsonl, metrics.csv or curves.png stopped the resumed run
+    with an IsADirectoryError traceback at its first write; a FIFO there was silently replaced. Both are now
+    refused before any work, as a directory or FIFO in the place of a checkpoint already was, and left as they
+    are."""
+    out = _edited_state_copy(one_epoch_run, tmp_path / "run", None)
+    target = out / name
+    target.unlink()
+    if kind == "directory":
+        target.mkdir()
+        (target / "kept").write_text("mine")
+    else:
+        os.mkfifo(target)
+    state = (out / "train_state.safetensors").read_bytes()
+    argv = ["train", "--model", TINY, "--out", out, *_RESUME_ARGV, "--epochs", "2", "--resume"]
+    code, _, err = cli(argv, capsys, monkeypatch)
+    assert_clean_error(code, err, str(target), "directory" if kind == "directory" else "not a regular file")
+    assert (target / "kept").read_text() == "mine" if kind == "directory" else stat.S_ISFIFO(os.lstat(target).st_mode)
+    assert (out / "train_state.safetensors").read_bytes() == state
+
+
+def test_resume_with_a_dangling_link_where_a_run_file_belongs_replaces_the_link(
+    one_epoch_run, tmp_path, capsys, monkeypatch
+):
+    """The control for the directory above: a symbolic link to nowhere is replaced by the file (never its target)."""
+    out = _edited_state_copy(one_epoch_run, tmp_path / "run", None)
+    (out / "metrics.csv").unlink()
+    (out / "metrics.csv").symlink_to(tmp_path / "nowhere")
+    argv = ["train", "--model", TINY, "--out", out, *_RESUME_ARGV, "--epochs", "2", "--resume"]
+    assert cli(argv, capsys, monkeypatch)[0] == 0
+    assert not (out / "metrics.csv").is_symlink() and len((out / "metrics.csv").read_text().splitlines()) == 3
+    assert not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.parametrize("report_only", [False, True], ids=["train", "report-only"])
+@pytest.mark.parametrize("name", ["results.json", "results.md", "macs_by_operator.png", "budget.json", "result.json"])
+def test_reproduce_with_a_directory_where_its_file_belongs_is_refused_before_training(
+    name, report_only, finished_reproduce, tmp_path, monkeypatch
+):
+    """A directory in the place of a report file (results.json, results.md, a plot), of budget.json or of a run's
+    result.json stopped reproduce with an IsADirectoryError traceback, for result.json only after the run had been
+    resumed. Now a MobileNetError naming it before any training; with --report-only a run's result.json or
+    budget.json, which that mode never writes, is no obstacle (the run is listed as pending)."""
+    import shutil
+
+    from mobilenet.reproduce import ReproduceConfig, run_reproduce
+
+    budget, spec, experiment = _reproduce_set()
+    out = tmp_path / "out"
+    shutil.copytree(finished_reproduce, out)
+    target = out / spec.key / name if name == "result.json" else out / name
+    target.unlink()
+    (out / spec.key / "result.json").unlink(missing_ok=True)  # so that the run is left to train
+    target.mkdir()
+    (target / "kept").write_text("mine")
+
+    def no_training(*_args, **_kwargs):
+        raise AssertionError("trained although a file could not be written")
+
+    monkeypatch.setattr("mobilenet.reproduce.train", no_training)
+    config = ReproduceConfig(data="digits", out=str(out), experiments=[experiment], budget=budget)
+    if report_only and name in ("budget.json", "result.json"):
+        assert run_reproduce(config, progress=False, log=None, report_only=True).pending == [spec.key]
+    else:
+        with pytest.raises(MobileNetError, match=re.escape(f"{target} is a directory")):
+            run_reproduce(config, progress=False, log=None, report_only=report_only)
+    assert (target / "kept").read_text() == "mine"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -56,7 +57,7 @@ from mobilenet.reproduce_experiments import (
     resolve_budget,
     select_experiments,
 )
-from mobilenet.reproduce_report import base_record, write_report
+from mobilenet.reproduce_report import REPORT_FILES, base_record, write_report
 from mobilenet.train import TrainConfig, TrainResult, train
 
 __all__ = [
@@ -226,6 +227,17 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     except (MobileNetError, ValueError):
         return None
     return value if isinstance(value, dict) else None
+
+
+def _refuse_directories(paths: Sequence[Path]) -> None:
+    """Refuse, before any work, a directory where this command writes one of its files: the atomic rename that
+    writes each file cannot replace a directory (a symbolic link there is replaced, never what it points to)."""
+    for path in paths:
+        if os.path.isdir(path) and not os.path.islink(path):
+            raise MobileNetError(
+                f"{path} is a directory where reproduce writes a file; expected a file there (move the directory "
+                "away, or choose another --out)"
+            )
 
 
 def _check_budget_file(out: Path, budget: Budget) -> None:
@@ -521,6 +533,7 @@ def _reproduce_seeds(
 ) -> ReproduceResult:
     """Every seed's set in turn (a later seed starts once the earlier one is complete), then the report of all."""
     out = Path(config.out)
+    _refuse_directories([out / name for name in REPORT_FILES])
     combined = ReproduceResult(out=out, results={})
     by_seed: dict[int, dict[str, dict[str, Any]]] = {}
     for seed in budget.all_seeds:
@@ -558,6 +571,10 @@ def _reproduce_seed(
     todo = [spec for spec in runs if spec.key not in finished]
     result = ReproduceResult(out=out, results={}, reused=[spec.key for spec in runs if spec.key in finished])
     train_now = bool(todo) and not report_only
+    writes = [out / name for name in REPORT_FILES]
+    if train_now:
+        writes += [out / BUDGET_FILE, *(out / spec.key / RESULT_FILE for spec in todo)]
+    _refuse_directories(writes)
     if train_now:
         _check_budget_file(out, budget)
         say(

@@ -68,6 +68,7 @@ from mobilenet.evaluate import accumulate, summarize
 from mobilenet.io import (
     atomic_write_text,
     check_output_dir,
+    check_output_file,
     check_outside_directory,
     directory_lock,
     json_safe,
@@ -320,6 +321,21 @@ def _check_run_dir(run_dir: Path, *, resume: bool, data: Any = None) -> None:
         )
     if resume and not run_dir.is_dir():
         raise MobileNetError(f"--resume: no {STATE_FILE} in {run_dir}; start a run there first (without --resume)")
+    for name in RUN_FILES:  # a directory there would stop the run at its first write, with a traceback
+        if os.path.lexists(run_dir / name):
+            check_output_file(run_dir / name, "the run's file")
+
+
+#: The files a run directory holds, each rewritten atomically as the run goes.
+RUN_FILES = (
+    STATE_FILE,
+    "last.safetensors",
+    "best.safetensors",
+    "config.json",
+    "metrics.jsonl",
+    "metrics.csv",
+    "curves.png",
+)
 
 
 def _remove_stale_temporaries(run: _Run) -> None:
