@@ -2832,3 +2832,18 @@ def test_reproduce_with_a_directory_where_its_file_belongs_is_refused_before_tra
         with pytest.raises(MobileNetError, match=re.escape(f"{target} is a directory")):
             run_reproduce(config, progress=False, log=None, report_only=report_only)
     assert (target / "kept").read_text() == "mine"
+
+
+def test_resume_leaves_a_directory_named_like_a_stale_temporary(one_epoch_run, tmp_path, capsys, monkeypatch):
+    """A resume removes the temporaries a killed write left; a directory whose name has their pattern (someone's
+    folder, a sync tool's) stopped the resume with an IsADirectoryError traceback. It is not one of ours: kept."""
+    out = _edited_state_copy(one_epoch_run, tmp_path / "run", None)
+    folder = out / ".metrics.jsonl.999999999-0123abcd.tmp"
+    folder.mkdir()
+    (folder / "kept").write_text("mine")
+    stale = out / ".config.json.999999999-89abcdef.tmp"  # a killed writer's file of that pattern: removed
+    stale.write_text("{")
+    argv = ["train", "--model", TINY, "--out", out, *_RESUME_ARGV, "--epochs", "2", "--resume"]
+    code, _, err = cli(argv, capsys, monkeypatch)
+    assert code == 0 and "Traceback" not in err, err
+    assert (folder / "kept").read_text() == "mine" and not stale.exists()
