@@ -2693,6 +2693,14 @@ def _history_edits() -> dict[str, tuple[Callable[[dict], None], str]]:
         "partial-infinite": (lambda h: h["info"]["partial"].__setitem__("seconds", float("inf")), "'partial'"),
         "ema-updates-text": (lambda h: h["info"].__setitem__("ema_updates", "x"), "'ema_updates'"),
         "ema-updates-negative": (lambda h: h["info"].__setitem__("ema_updates", -9), "'ema_updates'"),
+        "best-record-without-epoch": (
+            lambda h: h["info"]["checkpoints"].__setitem__("best", {"sha256": "0" * 64}),
+            "'checkpoints'",
+        ),
+        "last-record-of-a-later-epoch": (
+            lambda h: h["info"]["checkpoints"]["last"].__setitem__("epoch", 10**6),
+            "'checkpoints'",
+        ),
     }
 
 
@@ -2739,7 +2747,8 @@ def test_training_state_with_a_damaged_history_or_best_is_refused_on_resume(
     """Beyond the counters checked above: a history row without a field crashed the resume with a KeyError
     (val_top5, epoch, train_loss) or later crashed `reproduce` (epoch_seconds); a top-1 of 57 or NaN, a best_top1
     no epoch reached (best.safetensors then never written again) or a text ema_updates (a TypeError at the first
-    step) went on as they stood. Now one line naming the state and the field, and the run directory untouched."""
+    step) went on as they stood; a checkpoint record without its epoch crashed the repair of best.safetensors with
+    a KeyError. Now one line naming the state and the field, and the run directory untouched."""
     change, words = _history_edits()[edit]
     out = _edited_state_copy(one_epoch_run, tmp_path / "run", change)
     before = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}

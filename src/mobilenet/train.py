@@ -629,9 +629,18 @@ def _check_state(path: Path, tree: Any, info: Any) -> None:
         raise _corrupt_state(path, f"'ema_updates' must be an integer >= 0, got {info.get('ema_updates')!r}")
     checkpoints = info.get("checkpoints")
     if checkpoints is not None and (
-        not isinstance(checkpoints, dict) or not all(isinstance(entry, dict) for entry in checkpoints.values())
+        not isinstance(checkpoints, dict)
+        or not all(
+            isinstance(entry, dict)
+            and count(entry.get("epoch"))
+            and entry["epoch"] <= info["epoch"]
+            and (entry.get("sha256") is None or isinstance(entry["sha256"], str))
+            for entry in checkpoints.values()
+        )
     ):
-        raise _corrupt_state(path, "'checkpoints' must map file names to records")
+        raise _corrupt_state(
+            path, "'checkpoints' must map file names to records of an epoch (at most the state's) and a digest"
+        )
     classes = info.get("classes")
     if classes is not None and (not isinstance(classes, list) or not all(isinstance(c, str) for c in classes)):
         raise _corrupt_state(path, "'classes' must be a list of class names")
