@@ -2740,7 +2740,30 @@ def _edited_state_copy(source: Path, target: Path, change: Callable[[dict], None
     return target
 
 
-@pytest.mark.parametrize("edit", list(_history_edits()))
+def _rng_edit(value: object) -> Callable[[dict], None]:
+    """The training state's RNG states (in its structure, which the tensors' checksum does not cover) set to
+    ``value`` (None: removed), in a state saved mid-epoch so that a resume restores them."""
+
+    def change(header: dict) -> None:
+        pairs = header["structure"]["__dict__"]
+        header["structure"]["__dict__"] = [pair for pair in pairs if pair[0] != "rng"]
+        if value is not None:
+            header["structure"]["__dict__"].append(["rng", value])
+        header["info"]["step_in_epoch"] = 1
+
+    return change
+
+
+_RNG_EDITS = {
+    "rng-removed": (_rng_edit(None), "'rng'"),
+    "rng-a-text": (_rng_edit(["x"]), "'rng'"),
+    "rng-cpu-a-float": (_rng_edit([{"__dict__": [["cpu", {"__float__": "1.0"}]]}]), "'rng'"),
+    "rng-cpu-missing": (_rng_edit([{"__dict__": [["cuda", None]]}]), "'rng'"),
+    "rng-cpu-a-weight": (_rng_edit([{"__dict__": [["cpu", {"__tensor__": "s.model.classifier.weight"}]]}]), "'rng'"),
+}
+
+
+@pytest.mark.parametrize("edit", [*_history_edits(), *_RNG_EDITS])
 def test_training_state_with_a_damaged_history_or_best_is_refused_on_resume(
     edit, one_epoch_run, tmp_path, capsys, monkeypatch
 ):
@@ -2748,8 +2771,9 @@ def test_training_state_with_a_damaged_history_or_best_is_refused_on_resume(
     (val_top5, epoch, train_loss) or later crashed `reproduce` (epoch_seconds); a top-1 of 57 or NaN, a best_top1
     no epoch reached (best.safetensors then never written again) or a text ema_updates (a TypeError at the first
     step) went on as they stood; a checkpoint record without its epoch crashed the repair of best.safetensors with
-    a KeyError. Now one line naming the state and the field, and the run directory untouched."""
-    change, words = _history_edits()[edit]
+    a KeyError; RNG states removed, or of the wrong kind, crashed a mid-epoch resume with a KeyError or TypeError.
+    Now one line naming the state and the field, and the run directory untouched."""
+    change, words = {**_history_edits(), **_RNG_EDITS}[edit]
     out = _edited_state_copy(one_epoch_run, tmp_path / "run", change)
     before = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}
     code, _, err = cli(

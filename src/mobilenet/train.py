@@ -646,6 +646,24 @@ def _check_state(path: Path, tree: Any, info: Any) -> None:
         raise _corrupt_state(path, "'classes' must be a list of class names")
     if not isinstance(tree.get("model"), dict) or not isinstance(tree.get("optimizer"), dict):
         raise _corrupt_state(path, "it holds no model or optimizer tensors")
+    rng = tree.get("rng")
+    if not isinstance(rng, list) or not all(_is_rng_state(entry) for entry in rng):
+        raise _corrupt_state(path, "'rng' must be a list of each process's RNG states (uint8 tensors)")
+
+
+def _is_rng_state(entry: Any) -> bool:
+    """Whether ``entry`` is what :func:`_rng_states` saves for one process: the CPU generator's state (a uint8
+    tensor of the size torch's is) and the GPU's (one too) or None."""
+
+    def byte_tensor(value: Any) -> bool:
+        return isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.dim() == 1
+
+    return (
+        isinstance(entry, dict)
+        and byte_tensor(entry.get("cpu"))
+        and entry["cpu"].numel() == torch.get_rng_state().numel()
+        and (entry.get("cuda") is None or byte_tensor(entry["cuda"]))
+    )
 
 
 def _is_count(value: Any) -> bool:
