@@ -2559,3 +2559,324 @@ def test_create_model_refuses_a_checkpoint_of_another_v1_variant(tmp_path):
     with pytest.raises(MobileNetError, match=r"variant separable\), not mobilenet_v1_conv_0\.25_224"):
         mobilenet.create_model("mobilenet_v1_conv_0.25_224", pretrained=path)
     assert mobilenet.create_model("mobilenet_v1_0.25_224", pretrained=path).config.variant == "separable"  # control
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Files the library reads back from its own output directories (sweep 8, helper 2): reproduce's run records,
+# the training state's history, the measurement caches
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _reproduce_set():
+    from mobilenet.paper import PaperRow
+    from mobilenet.reproduce_experiments import Budget, Experiment, Row, RunSpec
+
+    budget = Budget("smoke", epochs=1, batches_per_epoch=2, batch_size=16, device="cpu", threads=1, latency_runs=2)
+    spec = RunSpec("a_v1_0.25_32px", "V1 0.25", "mobilenet_v1_1.0_224", 0.25, 32)
+    experiment = Experiment("one", "one model", "test", (Row(spec, PaperRow("p-a", 70.0, 100, 1.0)),), "-", "-")
+    return budget, spec, experiment
+
+
+@pytest.fixture(scope="module")
+def finished_reproduce(tmp_path_factory) -> Path:
+    """A reproduce OUT with its one run finished (copy it before editing)."""
+    from mobilenet.reproduce import ReproduceConfig, run_reproduce
+
+    budget, _, experiment = _reproduce_set()
+    out = tmp_path_factory.mktemp("reproduce") / "out"
+    run_reproduce(
+        ReproduceConfig(data="digits", out=str(out), experiments=[experiment], budget=budget), progress=False, log=None
+    )
+    return out
+
+
+def _record_edits() -> dict[str, Callable[[dict], None]]:
+    return {
+        "top1-as-text": lambda r: r.__setitem__("test_top1", "0.99"),
+        "top1-over-one": lambda r: r.__setitem__("test_top1", 57.0),
+        "top1-nan": lambda r: r.__setitem__("test_top1", float("nan")),
+        "top1-huge-int": lambda r: r.__setitem__("test_top1", 10**400),
+        "top1-missing": lambda r: r.pop("test_top1"),
+        "latency-missing": lambda r: r.pop("latency_ms"),
+        "latency-negative": lambda r: r.__setitem__("latency_ms", -1.0),
+        "epochs-bool": lambda r: r.__setitem__("epochs", True),
+        "macs-as-text": lambda r: r.__setitem__("macs", str(r["macs"])),
+        "macs-edited": lambda r: r.__setitem__("macs", r["macs"] // 2),
+        "by-op-number": lambda r: r.__setitem__("by_op", 5),
+        "another-runs-record": lambda r: r.update(key="b_v1_0.25_24px", resolution=24),
+        "classes-negative": lambda r: r.__setitem__("num_classes", -3),
+        "classes-huge": lambda r: r.__setitem__("num_classes", 10**12),
+        "only-the-budget": lambda r: [r.pop(key) for key in list(r) if key != "budget"],
+    }
+
+
+@pytest.mark.parametrize("edit", list(_record_edits()))
+def test_a_damaged_result_json_of_this_budget_is_not_a_finished_run(edit, finished_reproduce, tmp_path):
+    """A run's result.json that names this budget was trusted as it stood: a missing or mistyped field crashed
+    the report with a KeyError or TypeError, and a top-1 of 57 (5,700%), NaN, or another run's record landed in
+    results.json as this model's. A damaged record is now a run not finished, said in one line; the report lists
+    it as pending."""
+    import shutil
+
+    from mobilenet.reproduce import ReproduceConfig, run_reproduce
+
+    budget, spec, experiment = _reproduce_set()
+    out = tmp_path / "out"
+    shutil.copytree(finished_reproduce, out)
+    record_path = out / spec.key / "result.json"
+    record = json.loads(record_path.read_text())
+    _record_edits()[edit](record)
+    record_path.write_text(json.dumps(record))
+    said: list[str] = []
+    config = ReproduceConfig(data="digits", out=str(out), experiments=[experiment], budget=budget)
+    result = run_reproduce(config, progress=False, log=said.append, report_only=True)
+    assert result.reused == [] and result.pending == [spec.key]
+    assert any(str(record_path) in line and "damaged" in line for line in said), said
+    document = json.loads((out / "results.json").read_text())
+    assert document["models"][spec.key]["status"] == "pending" and document["models"][spec.key]["test_top1"] is None
+
+
+def test_a_damaged_result_json_is_written_again_from_the_saved_run_not_retrained(finished_reproduce, tmp_path):
+    """The way back from a damaged record: the run resumes from its training state, which holds its finished
+    epoch, so its weights stay and only the record (and its latency) is computed again."""
+    import shutil
+
+    from mobilenet.reproduce import ReproduceConfig, run_reproduce
+
+    budget, spec, experiment = _reproduce_set()
+    out = tmp_path / "out"
+    shutil.copytree(finished_reproduce, out)
+    record_path = out / spec.key / "result.json"
+    good = json.loads(record_path.read_text())
+    record_path.write_text(json.dumps({**good, "test_top1": 57.0}))
+    weights = (out / spec.key / "last.safetensors").read_bytes()
+    config = ReproduceConfig(data="digits", out=str(out), experiments=[experiment], budget=budget)
+    result = run_reproduce(config, progress=False, log=None)
+    assert result.trained == [spec.key] and not result.pending
+    assert (out / spec.key / "last.safetensors").read_bytes() == weights
+    again = json.loads(record_path.read_text())
+    assert again["test_top1"] == good["test_top1"] and again["epochs"] == good["epochs"]
+    assert json.loads((out / "results.json").read_text())["models"][spec.key]["test_top1"] == good["test_top1"]
+
+
+def test_an_unedited_result_json_is_still_a_finished_run(finished_reproduce, tmp_path):
+    """The control for the damaged records above."""
+    import shutil
+
+    from mobilenet.reproduce import ReproduceConfig, run_reproduce
+
+    budget, spec, experiment = _reproduce_set()
+    out = tmp_path / "out"
+    shutil.copytree(finished_reproduce, out)
+    said: list[str] = []
+    config = ReproduceConfig(data="digits", out=str(out), experiments=[experiment], budget=budget)
+    result = run_reproduce(config, progress=False, log=said.append)
+    assert result.reused == [spec.key] and result.trained == [] and not any("damaged" in line for line in said)
+
+
+def _history_edits() -> dict[str, tuple[Callable[[dict], None], str]]:
+    def row(change: Callable[[dict], None]) -> Callable[[dict], None]:
+        return lambda h: change(h["info"]["history"][0])
+
+    return {
+        "row-without-val-top5": (row(lambda r: r.pop("val_top5")), "val_top5"),
+        "row-without-epoch": (row(lambda r: r.pop("epoch")), "epoch"),
+        "row-without-epoch-seconds": (row(lambda r: r.pop("epoch_seconds")), "epoch_seconds"),
+        "row-of-another-epoch": (row(lambda r: r.__setitem__("epoch", 7)), "epoch"),
+        "row-lr-as-text": (row(lambda r: r.__setitem__("lr", "0.1")), "lr"),
+        "row-top1-over-one": (row(lambda r: r.__setitem__("val_top1", 57.0)), "val_top1"),
+        "row-top1-nan": (row(lambda r: r.__setitem__("val_top1", float("nan"))), "val_top1"),
+        "row-loss-negative": (row(lambda r: r.__setitem__("train_loss", -1.0)), "train_loss"),
+        "best-over-one": (lambda h: h["info"].__setitem__("best_top1", 57.0), "'best_top1' is 57.0"),
+        "best-nan": (lambda h: h["info"].__setitem__("best_top1", float("nan")), "'best_top1' is nan"),
+        "best-not-the-best": (lambda h: h["info"].__setitem__("best_top1", 0.999), "'best_top1' is 0.999"),
+        "partial-infinite": (lambda h: h["info"]["partial"].__setitem__("seconds", float("inf")), "'partial'"),
+        "ema-updates-text": (lambda h: h["info"].__setitem__("ema_updates", "x"), "'ema_updates'"),
+        "ema-updates-negative": (lambda h: h["info"].__setitem__("ema_updates", -9), "'ema_updates'"),
+        "best-record-without-epoch": (
+            lambda h: h["info"]["checkpoints"].__setitem__("best", {"sha256": "0" * 64}),
+            "'checkpoints'",
+        ),
+        "last-record-of-a-later-epoch": (
+            lambda h: h["info"]["checkpoints"]["last"].__setitem__("epoch", 10**6),
+            "'checkpoints'",
+        ),
+    }
+
+
+_RESUME_ARGV = ["--data", "digits", "--limit-train-batches", "1", "--batch-size", "16", "--num-workers", "0"]
+_RESUME_ARGV += ["--device", "cpu", "--no-progress", "--ema-decay", "0.99"]
+
+
+@pytest.fixture(scope="module")
+def one_epoch_run(tmp_path_factory) -> Path:
+    """A run directory after one finished epoch, with EMA (copy it before editing)."""
+    out = tmp_path_factory.mktemp("one-epoch") / "run"
+    with pytest.MonkeyPatch.context() as patch:  # as cli() does: the allocator's decision does not leak out
+        patch.setenv("MOBILENET_NO_MALLOC_TUNING", "1")
+        patch.setattr(mobilenet.runtime, "_STATE", mobilenet.runtime._STATE)
+        assert main(["train", "--model", TINY, "--out", str(out), *_RESUME_ARGV, "--epochs", "1"]) == 0
+    return out
+
+
+def _edited_state_copy(source: Path, target: Path, change: Callable[[dict], None] | None) -> Path:
+    """``source`` copied to ``target`` with ``change`` applied to its training state's JSON header."""
+    import shutil
+
+    from mobilenet.checkpoint import STATE_KEY
+
+    shutil.copytree(source, target)
+    state = target / "train_state.safetensors"
+    if change is not None:
+        good = state.read_bytes()
+        (length,) = struct.unpack("<Q", good[:8])
+        header = json.loads(good[8 : 8 + length])
+        inner = json.loads(header["__metadata__"][STATE_KEY])
+        change(inner)
+        header["__metadata__"][STATE_KEY] = json.dumps(inner)
+        text = json.dumps(header).encode()
+        text += b" " * (-len(text) % 8)
+        state.write_bytes(struct.pack("<Q", len(text)) + text + good[8 + length :])
+    return target
+
+
+def _rng_edit(value: object) -> Callable[[dict], None]:
+    """The training state's RNG states (in its structure, which the tensors' checksum does not cover) set to
+    ``value`` (None: removed), in a state saved mid-epoch so that a resume restores them."""
+
+    def change(header: dict) -> None:
+        pairs = header["structure"]["__dict__"]
+        header["structure"]["__dict__"] = [pair for pair in pairs if pair[0] != "rng"]
+        if value is not None:
+            header["structure"]["__dict__"].append(["rng", value])
+        header["info"]["step_in_epoch"] = 1
+
+    return change
+
+
+_RNG_EDITS = {
+    "rng-removed": (_rng_edit(None), "'rng'"),
+    "rng-a-text": (_rng_edit(["x"]), "'rng'"),
+    "rng-cpu-a-float": (_rng_edit([{"__dict__": [["cpu", {"__float__": "1.0"}]]}]), "'rng'"),
+    "rng-cpu-missing": (_rng_edit([{"__dict__": [["cuda", None]]}]), "'rng'"),
+    "rng-cpu-a-weight": (_rng_edit([{"__dict__": [["cpu", {"__tensor__": "s.model.classifier.weight"}]]}]), "'rng'"),
+}
+
+
+@pytest.mark.parametrize("edit", [*_history_edits(), *_RNG_EDITS])
+def test_training_state_with_a_damaged_history_or_best_is_refused_on_resume(
+    edit, one_epoch_run, tmp_path, capsys, monkeypatch
+):
+    """Beyond the counters checked above: a history row without a field crashed the resume with a KeyError
+    (val_top5, epoch, train_loss) or later crashed `reproduce` (epoch_seconds); a top-1 of 57 or NaN, a best_top1
+    no epoch reached (best.safetensors then never written again) or a text ema_updates (a TypeError at the first
+    step) went on as they stood; a checkpoint record without its epoch crashed the repair of best.safetensors with
+    a KeyError; RNG states removed, or of the wrong kind, crashed a mid-epoch resume with a KeyError or TypeError.
+    Now one line naming the state and the field, and the run directory untouched."""
+    change, words = {**_history_edits(), **_RNG_EDITS}[edit]
+    out = _edited_state_copy(one_epoch_run, tmp_path / "run", change)
+    before = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}
+    code, _, err = cli(
+        ["train", "--model", TINY, "--out", out, *_RESUME_ARGV, "--epochs", "2", "--resume"], capsys, monkeypatch
+    )
+    assert_clean_error(code, err, str(out / "train_state.safetensors"), "corrupt training state", words)
+    assert {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()} == before
+
+
+def test_an_unedited_training_state_with_its_history_resumes(one_epoch_run, tmp_path, capsys, monkeypatch):
+    """The control for the damaged histories above."""
+    out = _edited_state_copy(one_epoch_run, tmp_path / "run", None)
+    code, _, err = cli(
+        ["train", "--model", TINY, "--out", out, *_RESUME_ARGV, "--epochs", "2", "--resume"], capsys, monkeypatch
+    )
+    assert code == 0, err
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1, 2]
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+@pytest.mark.parametrize("name", ["config.json", "metrics.jsonl", "metrics.csv", "curves.png"])
+def test_resume_with_a_directory_or_fifo_where_a_run_file_belongs_is_one_line(
+    name, kind, one_epoch_run, tmp_path, capsys, monkeypatch
+):
+    """A directory in the place of config.json, metrics.jsonl, metrics.csv or curves.png stopped the resumed run
+    with an IsADirectoryError traceback at its first write; a FIFO there was silently replaced. Both are now
+    refused before any work, as a directory or FIFO in the place of a checkpoint already was, and left as they
+    are."""
+    out = _edited_state_copy(one_epoch_run, tmp_path / "run", None)
+    target = out / name
+    target.unlink()
+    if kind == "directory":
+        target.mkdir()
+        (target / "kept").write_text("mine")
+    else:
+        os.mkfifo(target)
+    state = (out / "train_state.safetensors").read_bytes()
+    argv = ["train", "--model", TINY, "--out", out, *_RESUME_ARGV, "--epochs", "2", "--resume"]
+    code, _, err = cli(argv, capsys, monkeypatch)
+    assert_clean_error(code, err, str(target), "directory" if kind == "directory" else "not a regular file")
+    assert (target / "kept").read_text() == "mine" if kind == "directory" else stat.S_ISFIFO(os.lstat(target).st_mode)
+    assert (out / "train_state.safetensors").read_bytes() == state
+
+
+def test_resume_with_a_dangling_link_where_a_run_file_belongs_replaces_the_link(
+    one_epoch_run, tmp_path, capsys, monkeypatch
+):
+    """The control for the directory above: a symbolic link to nowhere is replaced by the file (never its target)."""
+    out = _edited_state_copy(one_epoch_run, tmp_path / "run", None)
+    (out / "metrics.csv").unlink()
+    (out / "metrics.csv").symlink_to(tmp_path / "nowhere")
+    argv = ["train", "--model", TINY, "--out", out, *_RESUME_ARGV, "--epochs", "2", "--resume"]
+    assert cli(argv, capsys, monkeypatch)[0] == 0
+    assert not (out / "metrics.csv").is_symlink() and len((out / "metrics.csv").read_text().splitlines()) == 3
+    assert not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.parametrize("report_only", [False, True], ids=["train", "report-only"])
+@pytest.mark.parametrize("name", ["results.json", "results.md", "macs_by_operator.png", "budget.json", "result.json"])
+def test_reproduce_with_a_directory_where_its_file_belongs_is_refused_before_training(
+    name, report_only, finished_reproduce, tmp_path, monkeypatch
+):
+    """A directory in the place of a report file (results.json, results.md, a plot), of budget.json or of a run's
+    result.json stopped reproduce with an IsADirectoryError traceback, for result.json only after the run had been
+    resumed. Now a MobileNetError naming it before any training; with --report-only a run's result.json or
+    budget.json, which that mode never writes, is no obstacle (the run is listed as pending)."""
+    import shutil
+
+    from mobilenet.reproduce import ReproduceConfig, run_reproduce
+
+    budget, spec, experiment = _reproduce_set()
+    out = tmp_path / "out"
+    shutil.copytree(finished_reproduce, out)
+    target = out / spec.key / name if name == "result.json" else out / name
+    target.unlink()
+    (out / spec.key / "result.json").unlink(missing_ok=True)  # so that the run is left to train
+    target.mkdir()
+    (target / "kept").write_text("mine")
+
+    def no_training(*_args, **_kwargs):
+        raise AssertionError("trained although a file could not be written")
+
+    monkeypatch.setattr("mobilenet.reproduce.train", no_training)
+    config = ReproduceConfig(data="digits", out=str(out), experiments=[experiment], budget=budget)
+    if report_only and name in ("budget.json", "result.json"):
+        assert run_reproduce(config, progress=False, log=None, report_only=True).pending == [spec.key]
+    else:
+        with pytest.raises(MobileNetError, match=re.escape(f"{target} is a directory")):
+            run_reproduce(config, progress=False, log=None, report_only=report_only)
+    assert (target / "kept").read_text() == "mine"
+
+
+def test_resume_leaves_a_directory_named_like_a_stale_temporary(one_epoch_run, tmp_path, capsys, monkeypatch):
+    """A resume removes the temporaries a killed write left; a directory whose name has their pattern (someone's
+    folder, a sync tool's) stopped the resume with an IsADirectoryError traceback. It is not one of ours: kept."""
+    out = _edited_state_copy(one_epoch_run, tmp_path / "run", None)
+    folder = out / ".metrics.jsonl.999999999-0123abcd.tmp"
+    folder.mkdir()
+    (folder / "kept").write_text("mine")
+    stale = out / ".config.json.999999999-89abcdef.tmp"  # a killed writer's file of that pattern: removed
+    stale.write_text("{")
+    argv = ["train", "--model", TINY, "--out", out, *_RESUME_ARGV, "--epochs", "2", "--resume"]
+    code, _, err = cli(argv, capsys, monkeypatch)
+    assert code == 0 and "Traceback" not in err, err
+    assert (folder / "kept").read_text() == "mine" and not stale.exists()

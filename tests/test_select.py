@@ -291,8 +291,17 @@ def test_bf16_selection_is_refused_where_it_cannot_run(monkeypatch):
         ("p90_ms", float("nan")),  # written as NaN, which is not JSON
         ("measured_at", ["yesterday"]),
         ("measured_at", "line\nbreak"),
+        ("p90_ms", 1e-9),  # below its own median: was reported as it stood
     ],
-    ids=["latency-400-digits", "latency-1e300", "p90-text", "p90-nan", "measured-at-list", "measured-at-newline"],
+    ids=[
+        "latency-400-digits",
+        "latency-1e300",
+        "p90-text",
+        "p90-nan",
+        "measured-at-list",
+        "measured-at-newline",
+        "p90-below-median",
+    ],
 )
 def test_an_edited_cache_entry_is_measured_again_not_trusted(timer, tmp_path, field, value):
     cache = tmp_path / "c.json"

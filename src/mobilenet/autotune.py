@@ -303,6 +303,8 @@ def _measured_choice(
     notes: list[str] = []
     entries = read_cache(path, version=CACHE_VERSION, valid=_valid_entry, notes=notes, what="auto-backend")
     cached = entries.get(key)
+    if cached is not None and (cached["batch"], cached["threads"]) != (batch, threads):
+        cached = None  # measured under other settings than its key's: edited, or copied from another entry
     if cached is not None and cached["backend"] in installed:
         try:
             runner = BACKENDS[cached["backend"]](source, device="cpu", num_threads=num_threads)
@@ -392,15 +394,17 @@ def _short(error: Exception) -> str:
 
 
 def _valid_entry(entry: Any) -> bool:
-    """A cached choice: a known backend, its medians (finite, > 0, at most an hour), batch, threads and when it was
-    measured."""
+    """A cached choice: a known backend that is the fastest of its medians (each finite, > 0, at most an hour),
+    batch and threads (integers >= 1) and when it was measured (text on one line: it goes into a status line)."""
     if not isinstance(entry, dict) or not isinstance(entry.get("backend"), str) or entry["backend"] not in BACKENDS:
         return False
-    latency = entry.get("latency_ms")
+    latency, measured_at = entry.get("latency_ms"), entry.get("measured_at")
     return (
         isinstance(latency, dict)
         and bool(latency)
         and all(isinstance(name, str) and plausible_latency_ms(ms) for name, ms in latency.items())
-        and all(isinstance(entry.get(k), int) for k in ("batch", "threads"))
-        and isinstance(entry.get("measured_at"), str)
+        and latency.get(entry["backend"]) == min(latency.values())
+        and all(type(entry.get(k)) is int and entry[k] >= 1 for k in ("batch", "threads"))
+        and isinstance(measured_at, str)
+        and measured_at.isprintable()
     )

@@ -243,6 +243,8 @@ def remove_stale_temporaries(directory: str | os.PathLike[str], *, name: str | N
             continue
         if match["pid"] is not None and _process_alive(int(match["pid"])):
             continue
+        if entry.is_dir() and not entry.is_symlink():  # the temporaries are files: a directory so named is not one
+            continue
         with contextlib.suppress(FileNotFoundError):
             entry.unlink()
             removed.append(entry)

@@ -16,6 +16,8 @@ The names of the experiments and report modules listed in ``__all__`` are re-exp
 from __future__ import annotations
 
 import json
+import math
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -55,7 +57,7 @@ from mobilenet.reproduce_experiments import (
     resolve_budget,
     select_experiments,
 )
-from mobilenet.reproduce_report import base_record, write_report
+from mobilenet.reproduce_report import REPORT_FILES, base_record, write_report
 from mobilenet.train import TrainConfig, TrainResult, train
 
 __all__ = [
@@ -227,6 +229,17 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+def _refuse_directories(paths: Sequence[Path]) -> None:
+    """Refuse, before any work, a directory where this command writes one of its files: the atomic rename that
+    writes each file cannot replace a directory (a symbolic link there is replaced, never what it points to)."""
+    for path in paths:
+        if os.path.isdir(path) and not os.path.islink(path):
+            raise MobileNetError(
+                f"{path} is a directory where reproduce writes a file; expected a file there (move the directory "
+                "away, or choose another --out)"
+            )
+
+
 def _check_budget_file(out: Path, budget: Budget) -> None:
     """A directory's runs all use one budget: refuse to mix (resuming a quick run with full's epochs would give a
     run trained under two schedules)."""
@@ -252,16 +265,75 @@ def _progress_display(enabled: bool) -> Progress:
     return new_progress(enabled=enabled, stderr=False)
 
 
-def _finished_runs(out: Path, runs: Sequence[RunSpec], budget: Budget) -> dict[str, dict[str, Any]]:
+def _finished_runs(
+    out: Path, runs: Sequence[RunSpec], budget: Budget, say: Callable[[str], None]
+) -> dict[str, dict[str, Any]]:
     """The records of the runs already finished under this budget's training settings (a run finished under
-    other settings is trained again)."""
+    other settings is trained again). A record of these settings that is damaged (:func:`_record_problem`) counts
+    as not finished, with a line in ``say``: training it again resumes from its saved state, which holds the
+    finished epochs, so only the record is computed again; trusting it would put its numbers in the report."""
     finished: dict[str, dict[str, Any]] = {}
     for spec in runs:
-        stored = _read_json(out / spec.key / RESULT_FILE)
+        path = out / spec.key / RESULT_FILE
+        stored = _read_json(path)
         recorded = stored.get("budget") if stored is not None else None
         if isinstance(recorded, dict) and recorded.get("training") == budget.training_fields():
-            finished[spec.key] = stored
+            problem = _record_problem(stored, spec)
+            if problem is None:
+                finished[spec.key] = stored
+            else:
+                say(f"{path} is damaged ({problem}): the run counts as not finished and its record is written again")
     return finished
+
+
+#: The numbers of a run's record beyond its cost model's: (field, lowest, highest, whether an integer).
+_RECORD_NUMBERS = (
+    ("test_top1", 0.0, 1.0, False),
+    ("best_top1", 0.0, 1.0, False),
+    ("epochs", 1, None, True),
+    ("train_images", 1, None, True),
+    ("images_seen", 1, None, True),
+    ("train_seconds", 0.0, None, False),
+    ("images_per_s", 0.0, None, False),
+    ("wall_seconds", 0.0, None, False),
+    ("latency_ms", 0.0, None, False),
+    ("latency_threads", 1, None, True),
+)
+
+#: More classes than any data set this command trains on: a larger count in a record is damage, never a data set.
+_MAX_RECORD_CLASSES = 100_000
+
+
+def _record_problem(record: dict[str, Any], spec: RunSpec) -> str | None:
+    """What is wrong with a finished run's ``result.json`` (None when nothing): the model's fields must be the
+    cost model's for ``spec`` (:func:`base_record`: another run's record copied here, or an edited figure, is
+    refused), and each of :data:`_RECORD_NUMBERS` a finite number in its range."""
+    num_classes = record.get("num_classes")
+    if type(num_classes) is not int or not 2 <= num_classes <= _MAX_RECORD_CLASSES:
+        return f"'num_classes' is {num_classes!r}, expected an integer from 2 to {_MAX_RECORD_CLASSES:,}"
+    expected = json.loads(json.dumps(base_record(spec, spec.cost(num_classes), num_classes)))
+    differing = [key for key, value in expected.items() if record.get(key) != value]
+    if differing:
+        return (
+            f"{', '.join(differing)} not those of {spec.key} ({spec.model}, alpha {spec.alpha:g}, {spec.resolution}px)"
+        )
+    for key, low, high, integer in _RECORD_NUMBERS:
+        value = record.get(key)
+        if not _number_in_range(value, low, high, integer=integer):
+            kind = "an integer" if integer else "a finite number"
+            return f"'{key}' is {value!r}, expected {kind} >= {low:g}" + ("" if high is None else f" and <= {high:g}")
+    return None
+
+
+def _number_in_range(value: Any, low: float, high: float | None, *, integer: bool) -> bool:
+    """Whether ``value`` is a JSON number (not a bool; an int when ``integer``), finite, within ``low``..``high``."""
+    if isinstance(value, bool) or not isinstance(value, int if integer else int | float):
+        return False
+    try:
+        number = float(value)
+    except OverflowError:  # an integer of hundreds of digits
+        return False
+    return math.isfinite(number) and number >= low and (high is None or number <= high)
 
 
 @dataclass
@@ -461,6 +533,7 @@ def _reproduce_seeds(
 ) -> ReproduceResult:
     """Every seed's set in turn (a later seed starts once the earlier one is complete), then the report of all."""
     out = Path(config.out)
+    _refuse_directories([out / name for name in REPORT_FILES])
     combined = ReproduceResult(out=out, results={})
     by_seed: dict[int, dict[str, dict[str, Any]]] = {}
     for seed in budget.all_seeds:
@@ -494,10 +567,14 @@ def _reproduce_seed(
     say = log if log is not None else (lambda _message: None)
     out = Path(config.out)
     runs = plan_runs(chosen)
-    finished = _finished_runs(out, runs, budget)
+    finished = _finished_runs(out, runs, budget, say)
     todo = [spec for spec in runs if spec.key not in finished]
     result = ReproduceResult(out=out, results={}, reused=[spec.key for spec in runs if spec.key in finished])
     train_now = bool(todo) and not report_only
+    writes = [out / name for name in REPORT_FILES]
+    if train_now:
+        writes += [out / BUDGET_FILE, *(out / spec.key / RESULT_FILE for spec in todo)]
+    _refuse_directories(writes)
     if train_now:
         _check_budget_file(out, budget)
         say(

@@ -26,6 +26,7 @@ __all__ = [
     "ABOUT_ONE_POINT",
     "CLAIMS",
     "NOISE_POINTS",
+    "REPORT_FILES",
     "Claim",
     "base_record",
     "claims",
@@ -33,6 +34,9 @@ __all__ = [
     "mean_records",
     "write_report",
 ]
+
+#: The files of a report, written into its directory by :func:`write_report`.
+REPORT_FILES = ("results.json", "results.md", "accuracy_vs_macs.png", "accuracy_vs_params.png", "macs_by_operator.png")
 
 #: A difference in top-1 smaller than this (percentage points) is called a tie: one seed of a short run, and the
 #: 10,000-image test set's own standard error (docs/reproduce.md).

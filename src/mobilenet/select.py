@@ -171,12 +171,13 @@ def _read_cache(path: Path, notes: list[str]) -> dict[str, Any]:
 
 
 def _valid_entry(entry: Any) -> bool:
-    """A cached measurement: its median (a plausible latency) and, as this module writes them, its p90 (one too) and
-    when it was measured (text on one line); both pass into the report and the JSON as they are."""
+    """A cached measurement: its median (a plausible latency) and, as this module writes them, its p90 (one too,
+    not below the median) and when it was measured (text on one line); both pass into the report and the JSON as
+    they are."""
     if not isinstance(entry, dict) or not plausible_latency_ms(entry.get("latency_ms")):
         return False
     p90, measured_at = entry.get("p90_ms"), entry.get("measured_at")
-    return (p90 is None or plausible_latency_ms(p90)) and (
+    return (p90 is None or (plausible_latency_ms(p90) and p90 >= entry["latency_ms"])) and (
         measured_at is None or (isinstance(measured_at, str) and measured_at.isprintable())
     )
 

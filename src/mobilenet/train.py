@@ -68,6 +68,7 @@ from mobilenet.evaluate import accumulate, summarize
 from mobilenet.io import (
     atomic_write_text,
     check_output_dir,
+    check_output_file,
     check_outside_directory,
     directory_lock,
     json_safe,
@@ -320,6 +321,21 @@ def _check_run_dir(run_dir: Path, *, resume: bool, data: Any = None) -> None:
         )
     if resume and not run_dir.is_dir():
         raise MobileNetError(f"--resume: no {STATE_FILE} in {run_dir}; start a run there first (without --resume)")
+    for name in RUN_FILES:  # a directory there would stop the run at its first write, with a traceback
+        if os.path.lexists(run_dir / name):
+            check_output_file(run_dir / name, "the run's file")
+
+
+#: The files a run directory holds, each rewritten atomically as the run goes.
+RUN_FILES = (
+    STATE_FILE,
+    "last.safetensors",
+    "best.safetensors",
+    "config.json",
+    "metrics.jsonl",
+    "metrics.csv",
+    "curves.png",
+)
 
 
 def _remove_stale_temporaries(run: _Run) -> None:
@@ -592,12 +608,7 @@ def _check_state(path: Path, tree: Any, info: Any) -> None:
     """The JSON of a training state, which its tensors' checksum does not cover, before any of it is used: every
     counter a count, one history row per finished epoch, the tensors a model and an optimizer."""
 
-    def count(value: Any) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-    def number(value: Any) -> bool:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-
+    count = _is_count
     if not isinstance(info, dict) or not isinstance(tree, dict):
         raise _corrupt_state(path, "its header is not a JSON object")
     model = info.get("model")
@@ -610,27 +621,98 @@ def _check_state(path: Path, tree: Any, info: Any) -> None:
     for key in ("epoch", "step_in_epoch", "global_step"):
         if not count(info.get(key)):
             raise _corrupt_state(path, f"'{key}' must be an integer >= 0, got {info.get(key)!r}")
-    history, partial = info.get("history"), info.get("partial")
-    if not isinstance(history, list) or not all(
-        isinstance(row, dict) and number(row.get("val_top1")) for row in history
-    ):
-        raise _corrupt_state(path, "'history' must be a list of epoch rows")
-    if len(history) != info["epoch"]:
-        raise _corrupt_state(path, f"'epoch' is {info['epoch']} but 'history' holds {len(history)} finished epochs")
-    if not number(info.get("best_top1")):
-        raise _corrupt_state(path, f"'best_top1' must be a number, got {info.get('best_top1')!r}")
-    if not isinstance(partial, dict) or not all(number(partial.get(key)) for key in _fresh_partial()):
-        raise _corrupt_state(path, f"'partial' must hold the numbers {', '.join(_fresh_partial())}")
+    _check_history(path, info)
+    partial = info.get("partial")
+    if not isinstance(partial, dict) or not all(_is_measure(partial.get(key)) for key in _fresh_partial()):
+        raise _corrupt_state(path, f"'partial' must hold the finite numbers >= 0 {', '.join(_fresh_partial())}")
+    if not count(info.get("ema_updates", 0)):
+        raise _corrupt_state(path, f"'ema_updates' must be an integer >= 0, got {info.get('ema_updates')!r}")
     checkpoints = info.get("checkpoints")
     if checkpoints is not None and (
-        not isinstance(checkpoints, dict) or not all(isinstance(entry, dict) for entry in checkpoints.values())
+        not isinstance(checkpoints, dict)
+        or not all(
+            isinstance(entry, dict)
+            and count(entry.get("epoch"))
+            and entry["epoch"] <= info["epoch"]
+            and (entry.get("sha256") is None or isinstance(entry["sha256"], str))
+            for entry in checkpoints.values()
+        )
     ):
-        raise _corrupt_state(path, "'checkpoints' must map file names to records")
+        raise _corrupt_state(
+            path, "'checkpoints' must map file names to records of an epoch (at most the state's) and a digest"
+        )
     classes = info.get("classes")
     if classes is not None and (not isinstance(classes, list) or not all(isinstance(c, str) for c in classes)):
         raise _corrupt_state(path, "'classes' must be a list of class names")
     if not isinstance(tree.get("model"), dict) or not isinstance(tree.get("optimizer"), dict):
         raise _corrupt_state(path, "it holds no model or optimizer tensors")
+    rng = tree.get("rng")
+    if not isinstance(rng, list) or not all(_is_rng_state(entry) for entry in rng):
+        raise _corrupt_state(path, "'rng' must be a list of each process's RNG states (uint8 tensors)")
+
+
+def _is_rng_state(entry: Any) -> bool:
+    """Whether ``entry`` is what :func:`_rng_states` saves for one process: the CPU generator's state (a uint8
+    tensor of the size torch's is) and the GPU's (one too) or None."""
+
+    def byte_tensor(value: Any) -> bool:
+        return isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.dim() == 1
+
+    return (
+        isinstance(entry, dict)
+        and byte_tensor(entry.get("cpu"))
+        and entry["cpu"].numel() == torch.get_rng_state().numel()
+        and (entry.get("cuda") is None or byte_tensor(entry["cuda"]))
+    )
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_measure(value: Any) -> bool:
+    """A JSON number (not a bool) that is finite and >= 0: what every figure of an epoch's metrics row is."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value)) and value >= 0
+    except OverflowError:  # an integer of hundreds of digits
+        return False
+
+
+#: The fields of an epoch's metrics row that are fractions of the images (0 to 1).
+_FRACTION_FIELDS = ("train_top1", "val_top1", "val_top5")
+
+
+def _check_history(path: Path, info: dict[str, Any]) -> None:
+    """The finished epochs' rows (rewritten into the metrics files, plotted, read by ``mobilenet reproduce``):
+    row ``i`` is epoch ``i + 1`` with every field of :data:`METRIC_FIELDS` a finite number >= 0, the top-1 and
+    top-5 fractions at most 1; one row per finished epoch; and ``best_top1`` the highest validation top-1 among
+    them (-1 before the first), since it decides which later epoch is written to best.safetensors."""
+    history = info.get("history")
+    if not isinstance(history, list):
+        raise _corrupt_state(path, "'history' must be a list of epoch rows")
+    for index, row in enumerate(history):
+        bad = (
+            ["the row"]
+            if not isinstance(row, dict)
+            else [key for key in METRIC_FIELDS if not _is_measure(row.get(key))]
+            + [key for key in _FRACTION_FIELDS if _is_measure(row.get(key)) and row[key] > 1]
+            + (["epoch"] if _is_measure(row.get("epoch")) and row["epoch"] != index + 1 else [])
+        )
+        if bad:
+            raise _corrupt_state(
+                path,
+                f"'history' row {index} (epoch {index + 1}) has a missing or wrong {', '.join(bad)}; expected "
+                f"the fields {', '.join(METRIC_FIELDS)}, finite numbers >= 0, top-1 and top-5 at most 1",
+            )
+    if len(history) != info["epoch"]:
+        raise _corrupt_state(path, f"'epoch' is {info['epoch']} but 'history' holds {len(history)} finished epochs")
+    best = max((row["val_top1"] for row in history), default=-1.0)
+    if info.get("best_top1") != best:
+        raise _corrupt_state(
+            path, f"'best_top1' is {info.get('best_top1')!r}, expected the best val_top1 of 'history' ({best!r})"
+        )
 
 
 def _legacy_checkpoints(info: dict[str, Any]) -> dict[str, dict[str, Any]]:
