@@ -303,6 +303,21 @@ def assert_clean_error(returncode: int, stderr: str, *words: str) -> str:
     return lines[0]
 
 
+def rewrite_state_json(state: Path, good: bytes, change: Callable[[dict], None]) -> None:
+    """Write ``good`` (a training state's bytes) to ``state`` with ``change`` applied to its JSON (the part its
+    tensors' checksum does not cover), the header padded to 8 bytes as safetensors writes it."""
+    from mobilenet.checkpoint import STATE_KEY
+
+    (length,) = struct.unpack("<Q", good[:8])
+    header = json.loads(good[8 : 8 + length])
+    inner = json.loads(header["__metadata__"][STATE_KEY])
+    change(inner)
+    header["__metadata__"][STATE_KEY] = json.dumps(inner)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    state.write_bytes(struct.pack("<Q", len(text)) + text + good[8 + length :])
+
+
 def cli(argv: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
     """``mobilenet ARGV`` in this process: exit code, stdout, stderr (argparse's exits included). The allocator's
     opt-out is set for the call, and the process's allocator decision (made once, by the first command that gets
@@ -1337,7 +1352,6 @@ def test_class_folder_whose_name_is_not_a_label_is_refused(name, files, tmp_path
 def test_training_state_with_edited_json_is_refused_on_resume(tmp_path, capsys, monkeypatch):
     """The checksum of a training state covers its tensors, not its JSON: an edited or damaged counter, history or
     structure crashed the resume with a KeyError or TypeError, or was used as it stood (an epoch of 10^6)."""
-    from mobilenet.checkpoint import STATE_KEY
 
     out = tmp_path / "run"
     argv = ["train", "--model", TINY, "--data", "digits", "--out", out, "--limit-train-batches", "1"]
@@ -1348,14 +1362,7 @@ def test_training_state_with_edited_json_is_refused_on_resume(tmp_path, capsys, 
     good = state.read_bytes()
 
     def edit_state(change: Callable[[dict], None]) -> None:
-        (length,) = struct.unpack("<Q", good[:8])
-        header = json.loads(good[8 : 8 + length])
-        inner = json.loads(header["__metadata__"][STATE_KEY])
-        change(inner)
-        header["__metadata__"][STATE_KEY] = json.dumps(inner)
-        text = json.dumps(header).encode()
-        text += b" " * (-len(text) % 8)
-        state.write_bytes(struct.pack("<Q", len(text)) + text + good[8 + length :])
+        rewrite_state_json(state, good, change)
 
     edits = {
         "epoch-missing": (lambda h: h["info"].pop("epoch"), "'epoch' must be an integer"),
@@ -2723,20 +2730,10 @@ def _edited_state_copy(source: Path, target: Path, change: Callable[[dict], None
     """``source`` copied to ``target`` with ``change`` applied to its training state's JSON header."""
     import shutil
 
-    from mobilenet.checkpoint import STATE_KEY
-
     shutil.copytree(source, target)
     state = target / "train_state.safetensors"
     if change is not None:
-        good = state.read_bytes()
-        (length,) = struct.unpack("<Q", good[:8])
-        header = json.loads(good[8 : 8 + length])
-        inner = json.loads(header["__metadata__"][STATE_KEY])
-        change(inner)
-        header["__metadata__"][STATE_KEY] = json.dumps(inner)
-        text = json.dumps(header).encode()
-        text += b" " * (-len(text) % 8)
-        state.write_bytes(struct.pack("<Q", len(text)) + text + good[8 + length :])
+        rewrite_state_json(state, state.read_bytes(), change)
     return target
 
 
