@@ -406,7 +406,7 @@ def test_an_edited_cache_entry_is_measured_again_not_trusted(measuring, monkeypa
     ids=["not-the-fastest", "no-median-of-its-choice", "other-batch", "threads-bool", "measured-at-escapes"],
 )
 def test_a_cache_entry_that_contradicts_itself_or_its_key_is_measured_again(measuring, monkeypatch, model, edit):
-    """Sweep 8: a cached choice was trusted whatever its own figures said: a backend slower than another by its own
+    """A cached choice was trusted whatever its own figures said: a backend slower than another by its own
     medians was used, a batch of 999 or threads `true` were printed as the measurement's settings, and a
     measured_at holding a newline and terminal escapes went into predict's one status line."""
     timer = _timer(monkeypatch, onnxruntime=5.0, torch_jit=2.0)
