@@ -1534,7 +1534,7 @@ def test_checkpoint_with_any_header_bytes_is_refused_in_one_line(junk, tmp_path_
     assert "\n" not in str(error.value)
 
 
-# --- training, evaluation, reproduce (sweep 7)
+# --- training, evaluation, reproduce
 
 
 def tree_digests(root: Path) -> dict[str, str]:
@@ -1657,7 +1657,7 @@ def test_eval_checks_the_plot_before_quantizing(where, files, small_data, tmp_pa
 
 
 # --------------------------------------------------------------------------------------------------------------
-# --- predict, bench, select, cost, API (sweep 7)
+# --- predict, bench, select, cost, API
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -1751,7 +1751,7 @@ def test_eval_table_shows_data_paths_and_class_names_as_text(tmp_path, capsys, m
 
 
 # --------------------------------------------------------------------------------------------------------------
-# --- export, quantize, convert, compress (sweep 7)
+# --- export, quantize, convert, compress
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -1992,7 +1992,7 @@ def test_exported_archive_with_a_damaged_member_is_refused(fmt, member, files, t
 
 
 # --------------------------------------------------------------------------------------------------------------
-# --- onnx weights digest (sweep 7)
+# --- onnx weights digest
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -2038,7 +2038,7 @@ def test_onnx_with_a_flipped_weight_byte_is_refused_by_every_command(
 
 
 # --------------------------------------------------------------------------------------------------------------
-# --- interruptions, pipes, encodings, path limits (sweep 8)
+# --- interruptions, pipes, encodings, path limits
 # --------------------------------------------------------------------------------------------------------------
 
 #: A file name over NAME_MAX (255 bytes) and a path over PATH_MAX (4096 bytes) of names that are each short enough.
@@ -2322,7 +2322,7 @@ def test_an_unedited_pack_from_the_same_helper_reads(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Sweep 8 (h1): the transfer-learning surface (create_model's pretrained, features_backbone, adapt_input_conv,
+# The transfer-learning surface (create_model's pretrained, features_backbone, adapt_input_conv,
 # train --init with torch.hub's cache)
 # --------------------------------------------------------------------------------------------------------------
 
@@ -2569,7 +2569,7 @@ def test_create_model_refuses_a_checkpoint_of_another_v1_variant(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Files the library reads back from its own output directories (sweep 8, helper 2): reproduce's run records,
+# Files the library reads back from its own output directories: reproduce's run records,
 # the training state's history, the measurement caches
 # --------------------------------------------------------------------------------------------------------------
 
