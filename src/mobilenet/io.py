@@ -49,6 +49,7 @@ __all__ = [
     "check_output_file",
     "check_outside_directory",
     "directory_lock",
+    "finite_json_number",
     "is_within",
     "json_safe",
     "libjpeg_lost_data",
@@ -475,6 +476,19 @@ def loads_json(text: str | bytes) -> Any:
         return json.loads(text)
     except RecursionError:
         raise json.JSONDecodeError("nested too deeply to parse", text if isinstance(text, str) else "", 0) from None
+
+
+def finite_json_number(value: Any, *, integer: bool = False) -> float | None:
+    """``value`` as a float where it is a number read from JSON (an int where ``integer``; never a bool) that is
+    finite as a float, else None: a file's JSON may hold NaN, Infinity, ``true`` or an integer of hundreds of
+    digits, which ``float()`` cannot take."""
+    if isinstance(value, bool) or not isinstance(value, int if integer else int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _fsync_directory(directory: Path) -> None:

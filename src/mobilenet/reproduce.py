@@ -16,7 +16,6 @@ The names of the experiments and report modules listed in ``__all__`` are re-exp
 from __future__ import annotations
 
 import json
-import math
 import os
 import statistics
 import time
@@ -38,6 +37,7 @@ from mobilenet.io import (
     check_output_dir,
     check_outside_directory,
     directory_lock,
+    finite_json_number,
     loads_json,
     read_regular_file,
 )
@@ -327,13 +327,8 @@ def _record_problem(record: dict[str, Any], spec: RunSpec) -> str | None:
 
 def _number_in_range(value: Any, low: float, high: float | None, *, integer: bool) -> bool:
     """Whether ``value`` is a JSON number (not a bool; an int when ``integer``), finite, within ``low``..``high``."""
-    if isinstance(value, bool) or not isinstance(value, int if integer else int | float):
-        return False
-    try:
-        number = float(value)
-    except OverflowError:  # an integer of hundreds of digits
-        return False
-    return math.isfinite(number) and number >= low and (high is None or number <= high)
+    number = finite_json_number(value, integer=integer)
+    return number is not None and number >= low and (high is None or number <= high)
 
 
 @dataclass

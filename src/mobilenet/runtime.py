@@ -34,7 +34,6 @@ import ctypes
 import ctypes.util
 import importlib.metadata
 import json
-import math
 import os
 import platform
 import stat
@@ -46,7 +45,7 @@ from typing import Any
 import torch
 
 from mobilenet.errors import MobileNetError
-from mobilenet.io import atomic_write_text, json_safe, loads_json, read_regular_file
+from mobilenet.io import atomic_write_text, finite_json_number, json_safe, loads_json, read_regular_file
 
 try:
     import resource
@@ -484,13 +483,8 @@ def _make_room_for_cache(path: Path, version: int, notes: list[str]) -> bool:
 def finite_positive(value: Any) -> bool:
     """Whether ``value`` is a real number (not a bool), finite and > 0 as a float: a latency a cache may hold (a
     JSON integer of 400 digits is no float)."""
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        return False
-    try:
-        number = float(value)
-    except OverflowError:
-        return False
-    return math.isfinite(number) and number > 0
+    number = finite_json_number(value)
+    return number is not None and number > 0
 
 
 #: The longest latency a measurement cache may hold, in milliseconds (an hour): no timed forward takes longer, so a

@@ -71,6 +71,7 @@ from mobilenet.io import (
     check_output_file,
     check_outside_directory,
     directory_lock,
+    finite_json_number,
     json_safe,
     remove_stale_temporaries,
 )
@@ -672,12 +673,8 @@ def _is_count(value: Any) -> bool:
 
 def _is_measure(value: Any) -> bool:
     """A JSON number (not a bool) that is finite and >= 0: what every figure of an epoch's metrics row is."""
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        return False
-    try:
-        return math.isfinite(float(value)) and value >= 0
-    except OverflowError:  # an integer of hundreds of digits
-        return False
+    number = finite_json_number(value)
+    return number is not None and number >= 0
 
 
 #: The fields of an epoch's metrics row that are fractions of the images (0 to 1).
