@@ -730,10 +730,11 @@ def _download_location(source: str, config: ModelConfig) -> tuple[str, str]:
         url = torchvision.models.MobileNet_V2_Weights.DEFAULT.url
         return url, str(_torchvision_cache_file(url).parent)
     url = f"https://huggingface.co/timm/{TIMM_NAMES.get((config.family, config.alpha), '')}"
-    # huggingface_hub's own rule for its cache (HF_HUB_CACHE, else HF_HOME/hub, else XDG_CACHE_HOME/huggingface/hub).
-    cache_home = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
-    home = os.environ.get("HF_HOME", os.path.join(cache_home, "huggingface"))
-    return url, os.environ.get("HF_HUB_CACHE", os.path.join(home, "hub"))
+    try:  # timm downloads through huggingface_hub, which resolves its cache from the environment
+        from huggingface_hub.constants import HF_HUB_CACHE
+    except ImportError:
+        return url, "huggingface_hub's cache"
+    return url, HF_HUB_CACHE
 
 
 def _download_timm(config: ModelConfig) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
