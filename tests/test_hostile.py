@@ -2558,6 +2558,24 @@ def test_convert_download_offline_is_one_line_naming_the_url(torchvision_cache, 
     assert not out.exists()
 
 
+def test_convert_download_offline_from_timm_names_the_repository_timm_downloads(tmp_path, capsys, monkeypatch):
+    """The timm offline message named https://huggingface.co/timm/mobilenetv1_100, a page that does not exist: timm
+    downloads a tagged repository, which its own pretrained config names, into huggingface_hub's cache."""
+    timm = pytest.importorskip("timm")
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    def offline(*_args, **_kwargs):
+        raise OSError("network unreachable (test)")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    out = tmp_path / "out.safetensors"
+    argv = ["convert", "--from", "timm", "--download", "--model", "mobilenet_v1_1.0_224", "--out", out]
+    code, _, err = cli(argv, capsys, monkeypatch)
+    repository = timm.models.get_pretrained_cfg("mobilenetv1_100").hf_hub_id
+    assert_clean_error(code, err, f"https://huggingface.co/{repository} ", HF_HUB_CACHE)
+    assert not out.exists()
+
+
 def test_create_model_refuses_a_checkpoint_of_another_v1_variant(tmp_path):
     """A separable V1 checkpoint given for the conv network of the same width came back as a separable model
     named mobilenet_v1_conv_0.25_224."""

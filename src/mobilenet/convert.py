@@ -729,7 +729,12 @@ def _download_location(source: str, config: ModelConfig) -> tuple[str, str]:
     if source == "torchvision":
         url = torchvision.models.MobileNet_V2_Weights.DEFAULT.url
         return url, str(_torchvision_cache_file(url).parent)
-    url = f"https://huggingface.co/timm/{TIMM_NAMES.get((config.family, config.alpha), '')}"
+    name = TIMM_NAMES.get((config.family, config.alpha), "")
+    import timm  # only reached after a timm download failed, so it is installed
+
+    pretrained_cfg = timm.models.get_pretrained_cfg(name) if name else None
+    hub_id = getattr(pretrained_cfg, "hf_hub_id", None) or f"timm/{name}"  # the tagged repository timm downloads
+    url = f"https://huggingface.co/{hub_id}"
     try:  # timm downloads through huggingface_hub, which resolves its cache from the environment
         from huggingface_hub.constants import HF_HUB_CACHE
     except ImportError:
