@@ -379,36 +379,27 @@ def test_a_close_call_is_timed_again_between_the_close_ones_only(measuring, monk
         lambda entry: entry.__setitem__("backend", ["torch-jit"]),  # unhashable: was TypeError in the lookup
         lambda entry: entry["latency_ms"].__setitem__("torch-jit", 10**400),  # no float: was OverflowError
         lambda entry: entry["latency_ms"].__setitem__("torch-jit", 1e300),  # no measurement takes that long
-    ],
-    ids=["backend-list", "latency-400-digits", "latency-1e300"],
-)
-def test_an_edited_cache_entry_is_measured_again_not_trusted(measuring, monkeypatch, model, edit):
-    timer = _timer(monkeypatch, onnxruntime=5.0, torch_jit=2.0)
-    Predictor(model, num_threads=1, batch_size=4)
-    calls = len(timer.calls)
-    data = json.loads(measuring.read_text())
-    for entry in data["entries"].values():
-        edit(entry)
-    measuring.write_text(json.dumps(data))
-    again = Predictor(model, num_threads=1, batch_size=4)
-    assert len(timer.calls) > calls and again.backend_reason.startswith("measured")
-
-
-@pytest.mark.parametrize(
-    "edit",
-    [
+        # Trusted whatever their own figures said: a backend slower than another by its own medians was used, a
+        # batch of 999 or threads `true` were printed as the measurement's settings, and a measured_at holding a
+        # newline and terminal escapes went into predict's one status line.
         lambda entry: entry.__setitem__("backend", "onnxruntime"),  # the slower of its own medians
         lambda entry: entry["latency_ms"].pop("torch-jit"),  # a choice without its own median
         lambda entry: entry.__setitem__("batch", 999),  # another key's settings
         lambda entry: entry.__setitem__("threads", True),
         lambda entry: entry.__setitem__("measured_at", "2026-01-01\n\x1b[2Jmobilenet: all good"),
     ],
-    ids=["not-the-fastest", "no-median-of-its-choice", "other-batch", "threads-bool", "measured-at-escapes"],
+    ids=[
+        "backend-list",
+        "latency-400-digits",
+        "latency-1e300",
+        "not-the-fastest",
+        "no-median-of-its-choice",
+        "other-batch",
+        "threads-bool",
+        "measured-at-escapes",
+    ],
 )
-def test_a_cache_entry_that_contradicts_itself_or_its_key_is_measured_again(measuring, monkeypatch, model, edit):
-    """A cached choice was trusted whatever its own figures said: a backend slower than another by its own
-    medians was used, a batch of 999 or threads `true` were printed as the measurement's settings, and a
-    measured_at holding a newline and terminal escapes went into predict's one status line."""
+def test_an_edited_cache_entry_is_measured_again_not_trusted(measuring, monkeypatch, model, edit):
     timer = _timer(monkeypatch, onnxruntime=5.0, torch_jit=2.0)
     first = Predictor(model, num_threads=1, batch_size=4)
     assert first.backend_name == "torch-jit"
