@@ -18,8 +18,8 @@ PACKAGE = ROOT / "src" / "mobilenet"
 # Where a function-level import is the rule's stated exception (README, "Design"):
 # - the CLI imports a subcommand's module only when that subcommand runs, so `mobilenet cost` starts without torch;
 # - optional extras (onnx, onnxruntime, onnxscript, openvino, executorch and its torchao, litert_torch and
-#   ai_edge_litert, timm, sklearn) are imported where used, so the package works without them and says which extra
-#   to install;
+#   ai_edge_litert, timm and its huggingface_hub, sklearn) are imported where used, so the package works without
+#   them and says which extra to install;
 # - matplotlib's pyplot is imported when a plot is drawn, so importing the library never switches a notebook's
 #   matplotlib backend.
 OPTIONAL = {
@@ -32,6 +32,7 @@ OPTIONAL = {
     "litert_torch",
     "ai_edge_litert",
     "timm",
+    "huggingface_hub",
     "sklearn",
     "matplotlib",
     "resource",
